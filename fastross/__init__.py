@@ -1,0 +1,3 @@
+"""fastross: a high-throughput trainer for ROSS vision-language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,192 @@
+"""Typed configuration: one dataclass per component, YAML as serialisation, `key.sub=value` overrides.
+
+Unknown keys, wrong types and impossible combinations are rejected before any work
+starts, with the offending key named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DenoiserConfig:
+    kind: str = "dit"  # "dit" (adaLN-Zero transformer over one image) or "mlp" (per-token MLP)
+    depth: int = 3  # blocks; the reference pairs 3 -> width 1024, 8 -> 1280, 12 -> 1536
+    width: int = 1024  # hidden width W
+    heads: int = 16  # attention heads (dit only)
+    replicas: int = 4  # (condition, target) replicas per image, each with its own t and noise
+
+
+@dataclass
+class ModelConfig:
+    vision_path: str = ""  # local folder of a SigLIP vision model (+ its image processor)
+    llm_path: str = ""  # local folder of a causal LM (+ its tokenizer), Qwen2 first
+    vae_path: str = ""  # AutoencoderKL folder; needed only when the shards hold no latent moments
+    select_layer: int = -2  # vision layer whose output feeds the projector
+    llm_attention: str = "sdpa"  # Hugging Face attention implementation: "sdpa" or "eager"
+    latent_channels: int = 16  # VAE latent channels, used when vae_path is empty (FLUX's)
+    latent_shift: float = 0.1159  # VAE shift factor, used when vae_path is empty (FLUX's)
+    latent_scale: float = 0.3611  # VAE scaling factor, used when vae_path is empty (FLUX's)
+    recon_weight: float = 1.0  # lambda in L = L_text + lambda * L_recon
+    init_from: str = ""  # a run folder or checkpoint folder whose model weights start this run (stage 2 from stage 1)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # folder of MDS shards written by `python -m fastross.data.convert`
+    global_batch: int = 128  # samples per optimizer step, all ranks together
+    micro_batch: int = 4  # samples per micro-batch, packed into one sequence
+    shuffle: bool = True  # streaming's deterministic shuffle
+    seed: int = 0  # shuffle seed
+
+
+@dataclass
+class OptimConfig:
+    lr_projector: float = 2e-5  # peak learning rate of the projector
+    lr_denoiser: float = 2e-5  # peak learning rate of the denoiser
+    lr_llm: float = 2e-5  # peak learning rate of the LLM
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_ratio: float = 0.03  # share of the steps with linear warm-up from 0
+    grad_clip: float = 1.0  # max global gradient norm (0 disables)
+
+
+@dataclass
+class TrainConfig:
+    trainable: list = field(default_factory=lambda: ["projector", "llm", "denoiser"])  # parts that train
+    epochs: int = 1  # passes over the shards
+    max_steps: int = 0  # stop after this many optimizer steps (0: all the epochs' steps)
+    dtype: str = "bf16"  # "bf16" (FSDP2 mixed precision, fp32 reduction) or "fp32"
+    seed: int = 0  # model init and noise keys
+    log_every: int = 10  # optimizer steps between log lines
+    ckpt_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
+    run_dir: str = "runs/default"  # metrics, config and checkpoints; a run resumes from it
+    activation_checkpointing: bool = True  # recompute each LLM decoder layer in backward
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+PARTS = ("projector", "llm", "denoiser")
+
+
+def _build(cls, raw: dict, where: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown key '{where}{key}'; known: {', '.join(sorted(names))}")
+    kw = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        key, val, typ = f"{where}{f.name}", raw[f.name], hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            kw[f.name] = _build(typ, val, key + ".")
+        else:
+            kw[f.name] = _check(key, val, typ)
+    return cls(**kw)
+
+
+def _check(key: str, val, typ):
+    if typ is float and isinstance(val, int) and not isinstance(val, bool):
+        return float(val)
+    if typ is float and isinstance(val, str):  # PyYAML reads 1e-4 (no dot) as a string
+        try:
+            return float(val)
+        except ValueError:
+            pass
+    base = typing.get_origin(typ) or typ
+    if isinstance(base, types.UnionType):
+        base = tuple(typing.get_args(typ))
+    if base is int and isinstance(val, bool) or not isinstance(val, base):
+        raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {val!r} ({type(val).__name__})")
+    return val
+
+
+def _set(raw: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {p} is not a section")
+    node[parts[-1]] = value
+
+
+def load(path: str | None, overrides: list[str] = ()) -> Config:
+    raw = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        raw = yaml.safe_load(p.read_text()) or {}
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError(f"override {o!r} is not of the form key.sub=value")
+        k, v = o.split("=", 1)
+        _set(raw, k.strip(), yaml.safe_load(v))
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    for key, path in (("model.vision_path", m.vision_path), ("model.llm_path", m.llm_path), ("data.shards", d.shards)):
+        if not path:
+            raise ConfigError(f"{key} is empty: point it at a local folder")
+        if not Path(path).is_dir():
+            raise ConfigError(f"{key}: {path} is not a folder")
+    if m.vae_path and not Path(m.vae_path).is_dir():
+        raise ConfigError(f"model.vae_path: {m.vae_path} is not a folder")
+    if m.denoiser.kind not in ("dit", "mlp"):
+        raise ConfigError(f"model.denoiser.kind must be 'dit' or 'mlp', got {m.denoiser.kind!r}")
+    if m.denoiser.kind == "dit" and (m.denoiser.width % m.denoiser.heads or m.denoiser.width % 4):
+        raise ConfigError("model.denoiser.width must be divisible by model.denoiser.heads and by 4")
+    if m.denoiser.replicas < 1 or m.denoiser.depth < 1:
+        raise ConfigError("model.denoiser.replicas and model.denoiser.depth must be >= 1")
+    if m.llm_attention not in ("sdpa", "eager"):
+        raise ConfigError(f"model.llm_attention must be 'sdpa' or 'eager', got {m.llm_attention!r}")
+    if d.global_batch < 1 or d.micro_batch < 1:
+        raise ConfigError("data.global_batch and data.micro_batch must be >= 1")
+    bad = [p for p in t.trainable if p not in PARTS]
+    if bad or not t.trainable:
+        raise ConfigError(f"train.trainable: {bad or 'empty'}; choose from {', '.join(PARTS)}")
+    if t.dtype not in ("bf16", "fp32"):
+        raise ConfigError(f"train.dtype must be 'bf16' or 'fp32', got {t.dtype!r}")
+    if len(o.betas) != 2:
+        raise ConfigError("optim.betas must have two entries")
+    if not 0 <= o.warmup_ratio < 1:
+        raise ConfigError("optim.warmup_ratio must be in [0, 1)")
+    if t.log_every < 1 or t.ckpt_every < 1 or t.keep_checkpoints < 1:
+        raise ConfigError("train.log_every, train.ckpt_every and train.keep_checkpoints must be >= 1")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,155 @@
+"""The ROSS denoiser (ROSS_SPEC.md section 3): a DiT over one image's tokens, or a per-token MLP.
+
+Both take noisy latent tokens x_t (n, R, N, 64), integer timesteps t (n, R) and the
+condition (n, N, H), the LLM's normed hidden states at the image's visual tokens, and
+predict eps (n, R, N, 64). The condition embedding is computed once per image and
+broadcast over its R replicas.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def sincos_2d(width: int, grid: int) -> torch.Tensor:
+    """Fixed (grid * grid, width) embedding: first half encodes the column, last half the row."""
+    quarter = width // 4
+    omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    pos = torch.arange(grid, dtype=torch.float64)
+    col = pos.repeat(grid)  # row-major: token = row * grid + col
+    row = pos.repeat_interleave(grid)
+
+    def enc(p):
+        a = p[:, None] * omega[None]
+        return torch.cat([torch.sin(a), torch.cos(a)], dim=1)
+
+    return torch.cat([enc(col), enc(row)], dim=1).float()
+
+
+def timestep_features(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of integer timesteps, cos half first."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, width: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_features(t, self.freq_dim).to(self.mlp[0].weight.dtype))
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=True)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, n, w))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attn = Attention(width, heads)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
+        w = x.shape[-1]
+        x = x + g1 * self.attn(modulate(F.layer_norm(x, (w,), eps=1e-6), sh1, sc1))
+        return x + g2 * self.mlp(modulate(F.layer_norm(x, (w,), eps=1e-6), sh2, sc2))
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        sh, sc, g = self.ada(c).chunk(3, dim=-1)
+        return x + g * self.mlp(modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), sh, sc))
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, width: int, out_channels: int):
+        super().__init__()
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.linear = nn.Linear(width, out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        sh, sc = self.ada(c).chunk(2, dim=-1)
+        return self.linear(modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), sh, sc))
+
+
+class Denoiser(nn.Module):
+    """kind="dit": adaLN-Zero DiT blocks with attention over one image; kind="mlp": per-token blocks."""
+
+    def __init__(self, kind: str, cond_width: int, width: int, depth: int, heads: int, grid: int, channels: int = 64):
+        super().__init__()
+        if kind not in ("dit", "mlp"):
+            raise ValueError(f"model.denoiser.kind must be 'dit' or 'mlp', got {kind!r}")
+        self.kind = kind
+        self.x_embed = nn.Linear(channels, width)
+        self.t_embed = TimestepEmbedder(width)
+        self.c_embed = nn.Sequential(nn.SiLU(), nn.Linear(cond_width, width))
+        if kind == "dit":
+            self.blocks = nn.ModuleList(DiTBlock(width, heads) for _ in range(depth))
+            self.register_buffer("pos_embed", sincos_2d(width, grid), persistent=False)
+        else:
+            self.blocks = nn.ModuleList(MLPBlock(width) for _ in range(depth))
+            self.pos_embed = None
+        self.final = FinalLayer(width, channels)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
+            nn.init.normal_(lin.weight, std=0.02)
+        # adaLN-Zero: every modulation projection and the output layer start at zero.
+        for blk in self.blocks:
+            nn.init.zeros_(blk.ada[-1].weight)
+            nn.init.zeros_(blk.ada[-1].bias)
+        for lin in (self.final.ada[-1], self.final.linear):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        if self.pos_embed is not None:
+            self.pos_embed.copy_(sincos_2d(self.pos_embed.shape[1], int(math.isqrt(self.pos_embed.shape[0]))))
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """x_t (n, R, N, C), t (n, R), cond (n, N, H) -> predicted eps (n * R, N, C), replica-major per image."""
+        n, r, tokens, ch = x_t.shape
+        dtype = self.x_embed.weight.dtype
+        x = self.x_embed(x_t.to(dtype))
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(dtype)
+        c = self.c_embed(cond.to(dtype))[:, None] + self.t_embed(t)[:, :, None]  # (n, R, N, W), cond once per image
+        x = x.reshape(n * r, tokens, -1)
+        c = c.reshape(n * r, tokens, -1)
+        for blk in self.blocks:
+            x = blk(x, c)
+        return self.final(x, c)  # not reshaped here: FSDP2 warns about modules that return views

@@ -1,0 +1,97 @@
+"""The diffusion objective of ROSS_SPEC.md sections 2 and 4: latent targets and the eps loss.
+
+Noise is keyed, not drawn from a global generator: every image's timesteps, eps and
+posterior draw come from a generator seeded by (run seed, step, the sample's global index),
+so the loss of a sample does not depend on which rank or micro-batch it landed on, and a
+resumed run draws exactly what the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+NUM_STEPS = 1000
+
+
+def cosine_alphas_cumprod(num_steps: int = NUM_STEPS) -> torch.Tensor:
+    """alpha_bar_t for t = 0 .. num_steps - 1 of the cosine schedule, computed in float64."""
+
+    def f(s: float) -> float:
+        return math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = torch.tensor(
+        [min(1 - f((i + 1) / num_steps) / f(i / num_steps), 0.999) for i in range(num_steps)],
+        dtype=torch.float64,
+    )
+    return torch.cumprod(1 - betas, dim=0)
+
+
+def fold_latents(z: torch.Tensor) -> torch.Tensor:
+    """(n, C, 2g, 2g) latents -> (n, g * g, 4C) tokens.
+
+    Each 2 x 2 window becomes one token, channel-major: channel c * 4 + 2 * row + col.
+    Tokens are in row-major order, aligned with the vision tower's patches.
+    """
+    n, c, h, w = z.shape
+    g = h // 2
+    z = z.reshape(n, c, g, 2, g, 2).permute(0, 2, 4, 1, 3, 5)  # n, gy, gx, c, dy, dx
+    return z.reshape(n, g * g, c * 4)
+
+
+def vae_input(pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
+    """Normalised pixel values (mean 0.5, std 0.5) -> the VAE's input in [-1, 1] at 16 x grid pixels."""
+    x = (pixel_values * 0.5 + 0.5) * 2 - 1
+    x = x.clamp(-1, 1)
+    return F.interpolate(x, size=(16 * grid, 16 * grid), mode="bilinear", align_corners=False)
+
+
+@torch.no_grad()
+def latent_moments(vae, pixel_values: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior's mean and std, (n, C, 2g, 2g) each, in fp32."""
+    x = vae_input(pixel_values.float(), grid).to(vae.dtype)
+    dist = vae.encode(x).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def latent_target(mean: torch.Tensor, std: torch.Tensor, xi: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
+    """One posterior draw mean + std * xi, shifted and scaled, folded into tokens (n, g * g, 4C)."""
+    return fold_latents((mean + std * xi - shift) * scale)
+
+
+def draw_noise(keys: torch.Tensor, replicas: int, latent_shape: tuple[int, ...], tokens: int, channels: int):
+    """Per image: `replicas` timesteps, eps for every replica, and xi for the posterior draw.
+
+    keys: int64 (n,), one generator seed per image. Returns t (n, R) int64,
+    eps (n, R, tokens, channels) and xi (n, *latent_shape), all drawn on the CPU.
+    """
+    n = keys.numel()
+    t = torch.empty(n, replicas, dtype=torch.long)
+    eps = torch.empty(n, replicas, tokens, channels)
+    xi = torch.empty(n, *latent_shape)
+    g = torch.Generator()
+    # Host loop over images: this runs in the data path (collation), not in the step.
+    for i, k in enumerate(keys.tolist()):
+        g.manual_seed(k)
+        t[i] = torch.randint(0, NUM_STEPS, (replicas,), generator=g)
+        eps[i] = torch.randn(replicas, tokens, channels, generator=g)
+        xi[i] = torch.randn(latent_shape, generator=g)
+    return t, eps, xi
+
+
+def noise_key(seed: int, step: int, index: int) -> int:
+    """A 63-bit generator seed for one sample at one step (splitmix64 of the three)."""
+    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    return x & (2**63 - 1)
+
+
+def eps_loss_per_image(eps_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """(n, R, tokens, C) prediction and noise -> per-image loss (n,): mean over elements, then replicas."""
+    return (eps_hat.float() - eps.float()).pow(2).mean(dim=(2, 3)).mean(dim=1)

@@ -1,0 +1,112 @@
+"""The ROSS model: vision tower -> projector -> LLM, plus the denoiser on the visual hidden states.
+
+Composed from Hugging Face parts, never subclassed. `forward` takes one packed micro-batch
+(fastross.data.batch.MicroBatch) and returns loss *sums* with their counts; the trainer
+divides by counts over the whole global batch (ROSS_SPEC.md section 5).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastross.model import diffusion
+from fastross.model.denoiser import Denoiser
+from fastross.model.projector import Projector
+from fastross.model.vision import VisionTower
+
+
+@dataclass
+class LossSums:
+    text: torch.Tensor  # summed CE over the micro-batch's supervised tokens (fp32 scalar)
+    recon: torch.Tensor  # summed per-image reconstruction loss over real images (fp32 scalar)
+
+
+class RossModel(nn.Module):
+    def __init__(self, cfg):
+        """cfg: fastross.config.ModelConfig."""
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.vision = VisionTower(cfg.vision_path, cfg.select_layer)
+        self.llm = AutoModelForCausalLM.from_pretrained(
+            cfg.llm_path, dtype=torch.float32, attn_implementation=cfg.llm_attention
+        )
+        self.llm.config.use_cache = False
+        hidden = self.llm.config.hidden_size
+        self.projector = Projector(self.vision.hidden_size, hidden)
+        self.vae = None
+        if cfg.vae_path:
+            from diffusers import AutoencoderKL
+
+            self.vae = AutoencoderKL.from_pretrained(cfg.vae_path, torch_dtype=torch.float32)
+            self.vae.requires_grad_(False)
+            self.latent_channels = int(self.vae.config.latent_channels)
+            self.latent_shift = float(self.vae.config.shift_factor or 0.0)
+            self.latent_scale = float(self.vae.config.scaling_factor)
+        else:
+            self.latent_channels = cfg.latent_channels
+            self.latent_shift, self.latent_scale = cfg.latent_shift, cfg.latent_scale
+        d = cfg.denoiser
+        self.denoiser = Denoiser(
+            d.kind, hidden, d.width, d.depth, d.heads, self.vision.grid, channels=4 * self.latent_channels
+        )
+        self.replicas = d.replicas
+        ab = diffusion.cosine_alphas_cumprod()
+        self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
+        self.register_buffer("sqrt_1m_ab", (1 - ab).sqrt().float(), persistent=False)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.vision.num_tokens
+
+    def hidden_states(self, mb) -> torch.Tensor:
+        """The LLM's final hidden states (T, H), after its final norm, with the image tokens merged in."""
+        llm = self.llm
+        embeds = llm.get_input_embeddings()(mb.input_ids)  # (1, T, H)
+        with torch.no_grad():
+            feats = self.vision(mb.pixel_values)  # a dummy image when the micro-batch has none
+        vis = self.projector(feats.to(self.projector[0].weight.dtype))
+        if mb.num_images:  # a host int from the collator, not a device sync
+            merged = embeds[0].index_copy(0, mb.visual_pos, vis.flatten(0, 1).to(embeds.dtype))[None]
+        else:  # keep the projector in the graph so every rank reduces the same gradients
+            merged = embeds + 0 * vis.sum().to(embeds.dtype)
+        # attention_mask=None with restarting position_ids: Qwen2 isolates the packed samples.
+        h = llm.model(inputs_embeds=merged, position_ids=mb.position_ids, attention_mask=None, use_cache=False)
+        return h.last_hidden_state[0]
+
+    def forward(self, mb) -> LossSums:
+        llm = self.llm
+        n_img = mb.num_images
+        h = self.hidden_states(mb)
+
+        logits = llm.get_output_embeddings()(h.index_select(0, mb.text_pos)).float()
+        text = F.cross_entropy(logits, mb.text_targets, reduction="sum", ignore_index=-100)
+
+        tokens = self.num_visual_tokens
+        if n_img:
+            cond = h.index_select(0, mb.visual_pos).view(n_img, tokens, -1)
+        else:
+            cond = h.new_zeros(1, tokens, h.shape[-1])
+        cond = F.layer_norm(cond.float(), (cond.shape[-1],), eps=1e-5)
+        x0 = self.latent_x0(mb)  # (n, N, 64)
+        t = mb.t
+        a = self.sqrt_ab[t][..., None, None]
+        s = self.sqrt_1m_ab[t][..., None, None]
+        x_t = a * x0[:, None] + s * mb.eps
+        eps_hat = self.denoiser(x_t, t, cond).view_as(mb.eps)
+        per_image = diffusion.eps_loss_per_image(eps_hat, mb.eps)
+        recon = (per_image * mb.image_weight).sum()
+        return LossSums(text=text, recon=recon)
+
+    def latent_x0(self, mb) -> torch.Tensor:
+        if mb.latent_mean is not None:
+            mean, std = mb.latent_mean.float(), mb.latent_std.float()
+        else:
+            if self.vae is None:
+                raise RuntimeError("the shards hold no latent moments and model.vae_path is empty: set model.vae_path")
+            mean, std = diffusion.latent_moments(self.vae, mb.pixel_values, self.vision.grid)
+        return diffusion.latent_target(mean, std, mb.xi, self.latent_shift, self.latent_scale)

@@ -1,0 +1,81 @@
+"""The frozen SigLIP vision tower and the image preprocessing both stages share.
+
+`preprocess_image` is used by the converter (to compute VAE latent moments offline) and by
+the trainer (to make pixel values), so the reconstruction target always matches what the
+vision tower sees (ROSS_SPEC.md section 2, step 0).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+
+def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Centre `img` on a square canvas of colour `fill` (LLaVA's `expand2square`)."""
+    w, h = img.size
+    if w == h:
+        return img
+    side = max(w, h)
+    canvas = Image.new(img.mode, (side, side), fill)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def preprocess_image(img: Image.Image, processor, aspect: str) -> torch.Tensor:
+    """PIL image -> normalised pixel values (3, S, S) as the vision tower sees them.
+
+    aspect: "pad" pads to a square with the processor's mean colour first (stage 2);
+    "square" lets the processor resize as given (stage 1).
+    """
+    img = img.convert("RGB")
+    if aspect == "pad":
+        img = pad_to_square(img, tuple(int(m * 255) for m in processor.image_mean))
+    elif aspect != "square":
+        raise ValueError(f"image aspect must be 'pad' or 'square', got {aspect!r}")
+    out = processor(images=img, return_tensors="np")["pixel_values"][0]
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+
+
+def load_processor(path: str):
+    from transformers import SiglipImageProcessor
+
+    return SiglipImageProcessor.from_pretrained(path)
+
+
+class VisionTower(nn.Module):
+    """SigLIP without its pooling head, truncated after the selected layer.
+
+    `select_layer=-2` keeps the output of the second-to-last encoder layer: the layers after
+    it are dropped, so they cost nothing. The post-layernorm is never applied.
+    """
+
+    def __init__(self, path: str, select_layer: int = -2):
+        super().__init__()
+        from transformers import SiglipVisionModel
+
+        model = SiglipVisionModel.from_pretrained(path, vision_use_head=False)
+        vm = model.vision_model
+        n = len(vm.encoder.layers)
+        keep = n + 1 + select_layer if select_layer < 0 else select_layer
+        if not 1 <= keep <= n:
+            raise ValueError(f"model.select_layer={select_layer} is out of range for {n} layers in {path}")
+        vm.encoder.layers = vm.encoder.layers[:keep]
+        self.embeddings = vm.embeddings
+        self.encoder = vm.encoder
+        self.hidden_size = model.config.hidden_size
+        self.image_size = model.config.image_size
+        self.patch_size = model.config.patch_size
+        self.grid = self.image_size // self.patch_size
+        self.num_tokens = self.grid * self.grid
+        self.requires_grad_(False)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(n, 3, S, S) -> patch features (n, grid * grid, width), row-major patch order."""
+        x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))
+        for layer in self.encoder.layers:
+            x = layer(x, attention_mask=None)
+            x = x[0] if isinstance(x, tuple) else x
+        return x

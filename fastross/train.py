@@ -1,0 +1,232 @@
+"""The training entry point.
+
+    torchrun --nproc-per-node 8 -m fastross.train configs/7b.yaml [key.sub=value ...]
+
+`Trainer.train_step` reads top to bottom: collate the rank's samples into packed
+micro-batches, agree on the global normalisers, forward/backward each micro-batch, clip,
+step. A run folder that holds a checkpoint is resumed from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fastross import checkpoint, config, distributed
+from fastross.data.batch import Collator
+from fastross.data.stream import StepStream
+from fastross.metrics import MetricsLogger
+from fastross.model.ross import RossModel
+from fastross.model.vision import load_processor
+
+
+def cosine_with_warmup(warmup: int, total: int):
+    """Linear warm-up from 0, then cosine decay to 0 (the reference's Hugging Face schedule)."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        progress = (step - warmup) / max(1, total - warmup)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg: config.Config, world: distributed.World):
+        self.cfg, self.world = cfg, world
+        m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+        self.run_dir = Path(t.run_dir)
+        if world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(t.seed)
+
+        per_rank = d.global_batch // world.size
+        if d.global_batch % world.size:
+            raise config.ConfigError(f"data.global_batch={d.global_batch} is not divisible by {world.size} ranks")
+        self.stream = StepStream(d.shards, d.global_batch, world.size, d.shuffle, d.seed)
+        meta = self.stream.meta
+
+        model = RossModel(m)
+        self._check_shards(meta, model)
+        model.requires_grad_(False)
+        for part in t.trainable:
+            getattr(model, part).requires_grad_(True)
+        model.vision.requires_grad_(False)
+        model.to(world.device)
+        self.model = distributed.parallelize(model, world, t.dtype, t.activation_checkpointing)
+        if m.init_from:
+            src = checkpoint.load_model_weights(m.init_from, self.model)
+            self._say(f"model weights from {src}")
+
+        lrs = {"projector": o.lr_projector, "denoiser": o.lr_denoiser, "llm": o.lr_llm}
+        groups = []
+        for part in t.trainable:
+            params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
+            groups.append({"params": params, "lr": lrs[part], "name": part})
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(
+            groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, foreach=True
+        )
+        steps = t.epochs * self.stream.steps_per_epoch
+        self.total_steps = min(steps, t.max_steps) if t.max_steps else steps
+        warmup = math.ceil(o.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(warmup, self.total_steps))
+
+        self.collate = Collator(
+            meta=meta, processor=load_processor(m.vision_path), latent_channels=model.latent_channels,
+            replicas=m.denoiser.replicas, seed=t.seed,
+        )
+        self.per_rank = per_rank
+        self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, t.keep_checkpoints)
+        self.metrics = MetricsLogger(self.run_dir, world.is_main, world.size, world.local_rank)
+        self.step = 0
+        latest = self.checkpointer.latest()
+        if latest is not None:
+            state = self.checkpointer.load(latest, self.model, self.optimizer)
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.stream.load_state_dict(state["data"])
+            self.step = state["step"]
+            self._say(f"resumed from {latest} at step {self.step}")
+            if world.is_main:
+                self._truncate_metrics(self.step)
+        if world.is_main:
+            (self.run_dir / "config.yaml").write_text(config.dump(cfg))
+        n = sum(p.numel() for p in self.params)
+        self._say(
+            f"{world.size} rank(s) on {world.device.type}, {d.global_batch} samples/step in micro-batches of "
+            f"{d.micro_batch}, {self.total_steps} steps ({self.stream.steps_per_epoch}/epoch), "
+            f"training {', '.join(t.trainable)} ({n / 1e6:.2f}M params, this rank's shards)"
+        )
+
+    def _say(self, msg: str) -> None:
+        if self.world.is_main:
+            print(f"train: {msg}", flush=True)
+
+    def _check_shards(self, meta: dict, model: RossModel) -> None:
+        shards = self.cfg.data.shards
+        if meta["grid"] != model.vision.grid:
+            raise config.ConfigError(
+                f"data.shards: {shards} was converted for a {meta['grid']}x{meta['grid']} patch grid, "
+                f"but model.vision_path has {model.vision.grid}x{model.vision.grid}: convert again with this vision tower"
+            )
+        vocab = model.llm.get_input_embeddings().num_embeddings
+        if meta["image_token_id"] >= vocab:
+            raise config.ConfigError(
+                f"data.shards: image token id {meta['image_token_id']} is outside model.llm_path's vocabulary ({vocab})"
+            )
+        if not meta["latents"] and model.vae is None:
+            raise config.ConfigError(
+                f"data.shards: {shards} holds no latent moments: set model.vae_path to encode images on the fly"
+            )
+        if meta["latents"] and meta["latent_channels"] != model.latent_channels:
+            raise config.ConfigError(
+                f"data.shards: latents have {meta['latent_channels']} channels, the model expects {model.latent_channels}"
+            )
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop log lines past the checkpoint: those steps are about to run again."""
+        path = self.metrics.path
+        if path.exists():
+            lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+            path.write_text("".join(ln + "\n" for ln in lines))
+
+    def train_step(self, samples: list[dict]) -> dict:
+        cfg, world, device = self.cfg, self.world, self.world.device
+        m = cfg.data.micro_batch
+        mbs = [self.collate(samples[i : i + m], self.step) for i in range(0, len(samples), m)]
+
+        # The global normalisers (ROSS_SPEC.md section 5): supervised tokens and images of
+        # the whole global batch, all micro-batches and all ranks.
+        counts = torch.tensor(
+            [sum(b.num_text_tokens for b in mbs), sum(b.num_images for b in mbs)], dtype=torch.float32, device=device
+        )
+        distributed.all_reduce_sum(counts)
+        n_text, n_img = counts[0].clamp(min=1), counts[1].clamp(min=1)
+
+        sums = torch.zeros(2, device=device)
+        for mb in mbs:
+            out = self.model(mb.to(device))
+            loss = out.text / n_text + cfg.model.recon_weight * out.recon / n_img
+            # FSDP2 averages gradients over ranks; the loss is already a global mean.
+            (loss * world.size).backward()
+            sums += torch.stack([out.text.detach(), out.recon.detach()])
+
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        tokens = sum(b.num_tokens for b in mbs)
+        return {"sums": sums, "counts": counts, "grad_norm": grad_norm, "tokens": tokens}
+
+    def log(self, result: dict, lr: float) -> None:
+        sums = distributed.all_reduce_sum(result["sums"])
+        counts = result["counts"].clamp(min=1)
+        grad_norm = result["grad_norm"]
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        text, recon = (sums / counts).tolist()  # host sync: logging steps only
+        self.metrics.log(self.step, self.total_steps, {
+            "text_loss": text, "recon_loss": recon, "lr": lr, "grad_norm": float(grad_norm),
+            "text_tokens": int(result["counts"][0]), "images": int(result["counts"][1]),
+        })
+
+    def fit(self) -> None:
+        t = self.cfg.train
+        if self.step >= self.total_steps:
+            self._say(f"already complete: {self.step}/{self.total_steps} steps in {self.run_dir}")
+            return
+        self.model.train()
+        self.model.vision.eval()
+        start, first = time.perf_counter(), self.step
+        while self.step < self.total_steps:
+            lr = self.scheduler.get_last_lr()[0]
+            samples = self.stream.next_step()
+            result = self.train_step(samples)
+            tokens = torch.tensor([result["tokens"]], dtype=torch.float64)
+            self.metrics.count(self.cfg.data.global_batch, int(distributed.all_reduce_sum(tokens)))
+            if self.step % t.log_every == 0 or self.step == self.total_steps:
+                self.log(result, lr)
+            if self.step % t.ckpt_every == 0 or self.step == self.total_steps:
+                self.save()
+        wall = time.perf_counter() - start
+        self._say(f"done: steps {first} -> {self.step} in {wall:.1f} s; checkpoint in {self.checkpointer.latest()}")
+
+    def save(self) -> None:
+        state = {
+            "step": self.step, "data": self.stream.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "world_size": self.world.size,
+        }
+        self.checkpointer.save(self.step, self.model, self.optimizer, state, config.dump(self.cfg))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Train a ROSS model (see configs/ and README.md).")
+    p.add_argument("config", help="YAML recipe, e.g. configs/tiny.yaml")
+    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
+    a = p.parse_args(argv)
+    try:
+        cfg = config.load(a.config, a.overrides)
+    except config.ConfigError as e:
+        print(f"train: config error: {e}", file=sys.stderr)
+        return 2
+    world = distributed.init()
+    try:
+        Trainer(cfg, world).fit()
+    except config.ConfigError as e:
+        print(f"train: config error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny model folders and bundled data, made once per session.
+
+TRITON_INTERPRET must be set before any module defining a @triton.jit kernel is imported.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Streaming leaves shared memory and lock files in TMPDIR: give the session its own.
+_TMP = tempfile.mkdtemp(prefix="fastross-tests-")
+os.environ["TMPDIR"] = _TMP
+tempfile.tempdir = _TMP
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    from fastross.tools.make_tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    from fastross.data.synth import write_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    write_dataset(out, seed=0, n_train=60, n_eval=8)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_models):
+    from fastross.data.templates import load_tokenizer
+
+    return load_tokenizer(str(tiny_models / "llm"))
+
+
+def convert(models: Path, data: Path, out: Path, template: str, json_name: str, vae: bool = True) -> Path:
+    from fastross.data.convert import main
+
+    argv = ["--json", str(data / json_name), "--images", str(data / "images"), "--tokenizer", str(models / "llm"),
+            "--vision", str(models / "vision"), "--template", template, "--out", str(out), "--quiet"]
+    if vae:
+        argv += ["--vae", str(models / "vae")]
+    assert main(argv) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage2_shards(tiny_models, synth_data, tmp_path_factory) -> Path:
+    return convert(tiny_models, synth_data, tmp_path_factory.mktemp("shards") / "stage2", "qwen2_ross", "stage2.json")
+
+
+@pytest.fixture(scope="session")
+def stage2_samples(stage2_shards) -> list:
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=str(stage2_shards), shuffle=False, batch_size=1)
+    return [ds[i] for i in range(ds.num_samples)]

@@ -1,0 +1,57 @@
+"""Config loading: overrides, and errors that name the offending key before any work starts."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fastross import config
+
+
+@pytest.fixture
+def base(tmp_path, tiny_models, stage2_shards):
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        f"model: {{vision_path: {tiny_models / 'vision'}, llm_path: {tiny_models / 'llm'}}}\n"
+        f"data: {{shards: {stage2_shards}}}\n"
+    )
+    return p
+
+
+def test_defaults_and_overrides(base):
+    cfg = config.load(str(base), ["train.max_steps=7", "model.denoiser.kind=mlp", "optim.lr_llm=1e-4"])
+    assert cfg.train.max_steps == 7 and cfg.model.denoiser.kind == "mlp" and cfg.optim.lr_llm == 1e-4
+    assert cfg.model.select_layer == -2 and cfg.model.denoiser.replicas == 4 and cfg.model.recon_weight == 1.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.denoiser.widht=3", "unknown key 'model.denoiser.widht'"),
+        ("train.max_steps=many", "train.max_steps: expected int"),
+        ("train.dtype=fp8", "train.dtype must be"),
+        ("train.trainable=[vision]", "train.trainable"),
+        ("model.denoiser.heads=5", "model.denoiser.width must be divisible"),
+        ("data.shards=/nonexistent", "data.shards: /nonexistent is not a folder"),
+        ("train.activation_checkpointing=3", "train.activation_checkpointing: expected bool"),
+        ("nokey", "is not of the form key.sub=value"),
+    ],
+)
+def test_bad_config_names_the_key(base, override, message):
+    with pytest.raises(config.ConfigError, match=None) as e:
+        config.load(str(base), [override])
+    assert message in str(e.value)
+
+
+def test_yaml_round_trip(base, tmp_path):
+    cfg = config.load(str(base), ["train.log_every=3"])
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(config.dump(cfg))
+    assert config.load(str(dumped)) == cfg
+
+
+def test_train_cli_rejects_bad_key_before_work(base):
+    p = subprocess.run([sys.executable, "-m", "fastross.train", str(base), "optim.lr=1"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "unknown key 'optim.lr'" in p.stderr
