@@ -34,7 +34,6 @@ class ModelConfig:
     llm_path: str = ""  # local folder of a causal LM (+ its tokenizer), Qwen2 first
     vae_path: str = ""  # AutoencoderKL folder; needed only when the shards hold no latent moments
     select_layer: int = -2  # vision layer whose output feeds the projector
-    llm_attention: str = "sdpa"  # Hugging Face attention implementation: "sdpa" or "eager"
     latent_channels: int = 16  # VAE latent channels, used when vae_path is empty (FLUX's)
     latent_shift: float = 0.1159  # VAE shift factor, used when vae_path is empty (FLUX's)
     latent_scale: float = 0.3611  # VAE scaling factor, used when vae_path is empty (FLUX's)
@@ -47,9 +46,14 @@ class ModelConfig:
 class DataConfig:
     shards: str = ""  # folder of MDS shards written by `python -m fastross.data.convert`
     global_batch: int = 128  # samples per optimizer step, all ranks together
-    micro_batch: int = 4  # samples per micro-batch, packed into one sequence
+    max_tokens: int = 16384  # tokens per packed micro-batch, visual tokens counted
     shuffle: bool = True  # streaming's deterministic shuffle
     seed: int = 0  # shuffle seed
+
+
+@dataclass
+class AttentionConfig:
+    backend: str = "auto"  # auto (flash > varlen on GPU, sdpa on CPU), flash, varlen, flex or sdpa
 
 
 @dataclass
@@ -82,6 +86,7 @@ class TrainConfig:
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -167,10 +172,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.denoiser.width must be divisible by model.denoiser.heads and by 4")
     if m.denoiser.replicas < 1 or m.denoiser.depth < 1:
         raise ConfigError("model.denoiser.replicas and model.denoiser.depth must be >= 1")
-    if m.llm_attention not in ("sdpa", "eager"):
-        raise ConfigError(f"model.llm_attention must be 'sdpa' or 'eager', got {m.llm_attention!r}")
-    if d.global_batch < 1 or d.micro_batch < 1:
-        raise ConfigError("data.global_batch and data.micro_batch must be >= 1")
+    if cfg.attention.backend not in ("auto", "flash", "varlen", "flex", "sdpa"):
+        raise ConfigError(f"attention.backend must be auto, flash, varlen, flex or sdpa, got {cfg.attention.backend!r}")
+    if d.max_tokens < 1:
+        raise ConfigError("data.max_tokens must be >= 1")
+    if d.global_batch < 1:
+        raise ConfigError("data.global_batch must be >= 1")
     bad = [p for p in t.trainable if p not in PARTS]
     if bad or not t.trainable:
         raise ConfigError(f"train.trainable: {bad or 'empty'}; choose from {', '.join(PARTS)}")

@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 
 from fastross import checkpoint, config, distributed
+from fastross.model import attention
 from fastross.data.batch import Collator
-from fastross.data.stream import StepStream
+from fastross.data.planner import attention_cost_tokens
+from fastross.data.stream import Step, StepStream
 from fastross.metrics import MetricsLogger
 from fastross.model.ross import RossModel
 from fastross.model.vision import load_processor
@@ -38,6 +40,13 @@ def cosine_with_warmup(warmup: int, total: int):
     return f
 
 
+def llm_attention_cost_tokens(llm) -> float:
+    """The planner's attention cost scale for this LLM (fastross.data.planner)."""
+    c = llm.config
+    params = sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    return attention_cost_tokens(params, c.num_hidden_layers, c.hidden_size)
+
+
 class Trainer:
     def __init__(self, cfg: config.Config, world: distributed.World):
         self.cfg, self.world = cfg, world
@@ -47,13 +56,15 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(t.seed)
 
-        per_rank = d.global_batch // world.size
-        if d.global_batch % world.size:
-            raise config.ConfigError(f"data.global_batch={d.global_batch} is not divisible by {world.size} ranks")
-        self.stream = StepStream(d.shards, d.global_batch, world.size, d.shuffle, d.seed)
+        if d.global_batch < world.size:
+            raise config.ConfigError(f"data.global_batch={d.global_batch} is smaller than the {world.size} ranks")
+        self.attention = attention.resolve(cfg.attention.backend, world.device)
+        model = RossModel(m, self.attention)
+        self.stream = StepStream(
+            d.shards, d.global_batch, world.rank, world.size, d.shuffle, d.seed,
+            max_tokens=d.max_tokens, attn_tokens=llm_attention_cost_tokens(model.llm),
+        )
         meta = self.stream.meta
-
-        model = RossModel(m)
         self._check_shards(meta, model)
         model.requires_grad_(False)
         for part in t.trainable:
@@ -83,7 +94,6 @@ class Trainer:
             meta=meta, processor=load_processor(m.vision_path), latent_channels=model.latent_channels,
             replicas=m.denoiser.replicas, seed=t.seed,
         )
-        self.per_rank = per_rank
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, t.keep_checkpoints)
         self.metrics = MetricsLogger(self.run_dir, world.is_main, world.size, world.local_rank)
         self.step = 0
@@ -100,8 +110,9 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(config.dump(cfg))
         n = sum(p.numel() for p in self.params)
         self._say(
-            f"{world.size} rank(s) on {world.device.type}, {d.global_batch} samples/step in micro-batches of "
-            f"{d.micro_batch}, {self.total_steps} steps ({self.stream.steps_per_epoch}/epoch), "
+            f"{world.size} rank(s) on {world.device.type}, {d.global_batch} samples/step packed into micro-batches "
+            f"of <= {d.max_tokens} tokens, attention {self.attention}, {self.total_steps} steps "
+            f"({self.stream.steps_per_epoch}/epoch), "
             f"training {', '.join(t.trainable)} ({n / 1e6:.2f}M params, this rank's shards)"
         )
 
@@ -137,10 +148,10 @@ class Trainer:
             lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
             path.write_text("".join(ln + "\n" for ln in lines))
 
-    def train_step(self, samples: list[dict]) -> dict:
+    def train_step(self, step: Step) -> dict:
         cfg, world, device = self.cfg, self.world, self.world.device
-        m = cfg.data.micro_batch
-        mbs = [self.collate(samples[i : i + m], self.step) for i in range(0, len(samples), m)]
+        # Every rank runs the same number of micro-batches (the plan pads with empty ones).
+        mbs = [self.collate(samples, self.step) for samples in step.micro_batches]
 
         # The global normalisers (ROSS_SPEC.md section 5): supervised tokens and images of
         # the whole global batch, all micro-batches and all ranks.
@@ -188,8 +199,7 @@ class Trainer:
         start, first = time.perf_counter(), self.step
         while self.step < self.total_steps:
             lr = self.scheduler.get_last_lr()[0]
-            samples = self.stream.next_step()
-            result = self.train_step(samples)
+            result = self.train_step(self.stream.next_step())
             tokens = torch.tensor([result["tokens"]], dtype=torch.float64)
             self.metrics.count(self.cfg.data.global_batch, int(distributed.all_reduce_sum(tokens)))
             if self.step % t.log_every == 0 or self.step == self.total_steps:

@@ -24,6 +24,8 @@ class MicroBatch:
     input_ids: torch.Tensor  # (1, T) int64, each `<image>` expanded to its visual tokens
     position_ids: torch.Tensor  # (1, T) int64, restarting at 0 for every sample
     cu_seqlens: torch.Tensor  # (B + 1,) int32 sample boundaries in the packed sequence
+    doc_ids: torch.Tensor  # (T,) int64 the sample each token belongs to
+    max_seqlen: int  # the longest sample's length (host int, for varlen kernels)
     text_pos: torch.Tensor  # (K,) positions whose next token is supervised (at least one entry)
     text_targets: torch.Tensor  # (K,) the supervised next tokens (-100 for a dummy entry)
     visual_pos: torch.Tensor  # (n * N,) positions of the visual tokens, image-major, row-major patches
@@ -36,7 +38,7 @@ class MicroBatch:
     latent_std: torch.Tensor | None
     num_images: int  # n, real images
     num_text_tokens: int  # supervised tokens (the dummy entry not counted)
-    num_tokens: int  # T
+    num_tokens: int  # T (a micro-batch with no samples holds one padding token that nothing attends to)
     sample_index: torch.Tensor  # (B,) int64 the samples' dataset indices
 
     def to(self, device) -> "MicroBatch":
@@ -97,6 +99,13 @@ class Collator:
             pos.append(np.arange(n))
             offset += n
             cu.append(offset)
+        if not samples:  # an empty micro-batch keeps this rank in step with the others; adds nothing
+            ids.append(np.zeros(1, np.int64))
+            pos.append(np.zeros(1, np.int64))
+            tpos.append(np.zeros(0, np.int64))
+            ttgt.append(np.zeros(0, np.int64))
+            offset = 1
+            cu.append(1)
         if means and len(means) != n_img:
             raise ValueError("some samples of this micro-batch have stored latent moments and some do not")
 
@@ -126,6 +135,8 @@ class Collator:
             input_ids=torch.from_numpy(np.concatenate(ids))[None],
             position_ids=torch.from_numpy(np.concatenate(pos))[None],
             cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+            doc_ids=torch.from_numpy(np.repeat(np.arange(len(cu) - 1), np.diff(cu))),
+            max_seqlen=int(np.diff(cu).max()),
             text_pos=torch.from_numpy(tpos_a),
             text_targets=torch.from_numpy(ttgt_a),
             visual_pos=torch.from_numpy(np.concatenate(vpos)) if vpos else torch.zeros(0, dtype=torch.long),

@@ -27,7 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastross.data import templates
-from fastross.data.schema import COLUMNS, META_FILE
+from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE
 
 SKIP_REASONS = (
     "malformed", "missing_image", "bad_image", "placeholder_without_image",
@@ -162,6 +162,7 @@ class Converter:
         if out.exists() and any(out.iterdir()):
             raise ConvertError(f"{out} is not empty: choose a new --out folder")
         pending: list[dict] = []
+        lengths: list[int] = []
 
         def flush(writer):
             self.latents(pending)
@@ -169,6 +170,7 @@ class Converter:
                 s.pop("_pil")
                 s["index"] = report.written
                 writer.write(s)
+                lengths.append(s["length"])
                 report.written += 1
             pending.clear()
 
@@ -185,6 +187,7 @@ class Converter:
                     flush(writer)
             flush(writer)
         assert report.written + sum(report.skipped.values()) == report.read
+        np.save(out / LENGTHS_FILE, np.asarray(lengths, dtype=np.int32))
         meta = {
             "source": str(a.json), "template": a.template, "image_aspect": self.aspect,
             "grid": self.grid, "num_visual_tokens": self.num_visual, "image_token_id": self.image_token_id,

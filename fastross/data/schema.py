@@ -34,3 +34,6 @@ def decode_latent(raw: bytes, meta: dict):
     side = 2 * meta["grid"]
     arr = np.frombuffer(raw, dtype=meta["latent_dtype"]).reshape(meta["latent_channels"], side, side)
     return arr.astype(np.float32)
+
+
+LENGTHS_FILE = "lengths.npy"  # int32 total length (text + visual tokens) of every sample, in order

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastross.model import diffusion
+from fastross.model.attention import block_causal_mask
+from fastross.model.attention import register as register_attention
 from fastross.model.denoiser import Denoiser
 from fastross.model.projector import Projector
 from fastross.model.vision import VisionTower
@@ -26,14 +28,16 @@ class LossSums:
 
 
 class RossModel(nn.Module):
-    def __init__(self, cfg):
-        """cfg: fastross.config.ModelConfig."""
+    def __init__(self, cfg, attention: str = "sdpa"):
+        """cfg: fastross.config.ModelConfig; attention: a resolved fastross.model.attention backend."""
         super().__init__()
         from transformers import AutoModelForCausalLM
 
+        register_attention()
+        self.attention = attention
         self.vision = VisionTower(cfg.vision_path, cfg.select_layer)
         self.llm = AutoModelForCausalLM.from_pretrained(
-            cfg.llm_path, dtype=torch.float32, attn_implementation=cfg.llm_attention
+            cfg.llm_path, dtype=torch.float32, attn_implementation=f"fastross_{attention}"
         )
         self.llm.config.use_cache = False
         hidden = self.llm.config.hidden_size
@@ -74,8 +78,13 @@ class RossModel(nn.Module):
             merged = embeds[0].index_copy(0, mb.visual_pos, vis.flatten(0, 1).to(embeds.dtype))[None]
         else:  # keep the projector in the graph so every rank reduces the same gradients
             merged = embeds + 0 * vis.sum().to(embeds.dtype)
-        # attention_mask=None with restarting position_ids: Qwen2 isolates the packed samples.
-        h = llm.model(inputs_embeds=merged, position_ids=mb.position_ids, attention_mask=None, use_cache=False)
+        # fastross's attention keeps every packed sample to itself (fastross/model/attention.py)
+        mask = block_causal_mask(mb.doc_ids) if self.attention == "sdpa" else None  # once, for all layers
+        h = llm.model(
+            inputs_embeds=merged, position_ids=mb.position_ids, attention_mask=None, use_cache=False,
+            fastross_cu_seqlens=mb.cu_seqlens, fastross_max_seqlen=mb.max_seqlen,
+            fastross_doc_ids=mb.doc_ids, fastross_mask=mask,
+        )
         return h.last_hidden_state[0]
 
     def forward(self, mb) -> LossSums:

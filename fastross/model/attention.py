@@ -1,0 +1,104 @@
+"""LLM attention over packed sequences that never crosses a sample boundary.
+
+Registered with transformers' AttentionInterface as `fastross_<backend>`, so the Hugging
+Face decoder layers call it in place of their own attention. The micro-batch's boundaries
+arrive as keyword arguments that Qwen2 passes through its layers untouched:
+`fastross_cu_seqlens` (B + 1,) int32, `fastross_max_seqlen` (host int) and, for the sdpa
+and flex backends, `fastross_doc_ids` (T,) the sample of every token.
+
+Backends:
+- flash:  flash-attn's varlen kernel (when the package is importable);
+- varlen: PyTorch's `torch.nn.attention.varlen.varlen_attn` (FlashAttention inside PyTorch, GPU);
+- flex:   FlexAttention with a document mask (forward and backward on GPU; forward only on CPU);
+- sdpa:   PyTorch SDPA with a block-diagonal causal mask: works everywhere, the reference.
+Qwen2's grouped KV heads are handled on every path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("auto", "flash", "varlen", "flex", "sdpa")
+
+
+def resolve(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"attention.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend != "auto":
+        return backend
+    if device.type != "cuda":
+        return "sdpa"
+    return "flash" if importlib.util.find_spec("flash_attn") is not None else "varlen"
+
+
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(T,) sample ids -> (T, T) bool: query i may see key j iff same sample and j <= i."""
+    t = doc_ids.shape[0]
+    causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril_()
+    return causal & (doc_ids[:, None] == doc_ids[None, :])
+
+
+def _sdpa(q, k, v, scaling, doc_ids, mask=None):
+    # q (1, H, T, D), k/v (1, KVH, T, D)
+    if mask is None:
+        mask = block_causal_mask(doc_ids)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+
+
+def _flex(q, k, v, scaling, doc_ids):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def document_causal(b, h, qi, ki):
+        return (doc_ids[qi] == doc_ids[ki]) & (ki <= qi)
+
+    t = q.shape[2]
+    block = create_block_mask(document_causal, None, None, t, t, device=q.device)
+    return flex_attention(q, k, v, block_mask=block, scale=scaling, enable_gqa=True)
+
+
+def _varlen(q, k, v, scaling, cu, max_len):
+    from torch.nn.attention.varlen import varlen_attn
+
+    # (1, H, T, D) -> (T, H, D); window (-1, 0) is causal
+    qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))
+    out = varlen_attn(qt, kt, vt, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), enable_gqa=True)
+    return out.transpose(0, 1)[None]
+
+
+def _flash(q, k, v, scaling, cu, max_len):
+    from flash_attn import flash_attn_varlen_func
+
+    qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))
+    out = flash_attn_varlen_func(qt, kt, vt, cu, cu, max_len, max_len, softmax_scale=scaling, causal=True)
+    return out.transpose(0, 1)[None]
+
+
+def make_forward(backend: str):
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if query.shape[0] != 1:
+            raise ValueError("packed attention expects one packed sequence per micro-batch (batch size 1)")
+        cu, max_len = kwargs.get("fastross_cu_seqlens"), kwargs.get("fastross_max_seqlen")
+        doc_ids = kwargs.get("fastross_doc_ids")
+        if cu is None:
+            raise ValueError("packed attention needs fastross_cu_seqlens: call the LLM through RossModel")
+        if backend == "sdpa":
+            out = _sdpa(query, key, value, scaling, doc_ids, kwargs.get("fastross_mask"))
+        elif backend == "flex":
+            out = _flex(query, key, value, scaling, doc_ids)
+        elif backend == "varlen":
+            out = _varlen(query, key, value, scaling, cu, max_len)
+        else:
+            out = _flash(query, key, value, scaling, cu, max_len)
+        return out.transpose(1, 2).contiguous(), None  # (1, T, H, D) as the HF layers expect
+
+    return forward
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    for name in BACKENDS[1:]:
+        AttentionInterface.register(f"fastross_{name}", make_forward(name))
