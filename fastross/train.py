@@ -175,8 +175,11 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        tokens = sum(b.num_tokens for b in mbs)
-        return {"sums": sums, "counts": counts, "grad_norm": grad_norm, "tokens": tokens}
+        return {
+            "sums": sums, "counts": counts, "grad_norm": grad_norm,
+            "tokens": int(self.stream.lengths[step.ids].sum()),  # the global batch's tokens, known to every rank
+            "micro_batches": step.plan.num_micro_batches, "imbalance": step.plan.imbalance(),
+        }
 
     def log(self, result: dict, lr: float) -> None:
         sums = distributed.all_reduce_sum(result["sums"])
@@ -187,6 +190,7 @@ class Trainer:
         self.metrics.log(self.step, self.total_steps, {
             "text_loss": text, "recon_loss": recon, "lr": lr, "grad_norm": float(grad_norm),
             "text_tokens": int(result["counts"][0]), "images": int(result["counts"][1]),
+            "micro_batches": result["micro_batches"], "rank_imbalance": result["imbalance"],
         })
 
     def fit(self) -> None:
@@ -200,8 +204,7 @@ class Trainer:
         while self.step < self.total_steps:
             lr = self.scheduler.get_last_lr()[0]
             result = self.train_step(self.stream.next_step())
-            tokens = torch.tensor([result["tokens"]], dtype=torch.float64)
-            self.metrics.count(self.cfg.data.global_batch, int(distributed.all_reduce_sum(tokens)))
+            self.metrics.count(self.cfg.data.global_batch, result["tokens"])
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 self.log(result, lr)
             if self.step % t.ckpt_every == 0 or self.step == self.total_steps:

@@ -53,10 +53,11 @@ def tokenizer(tiny_models):
     return load_tokenizer(str(tiny_models / "llm"))
 
 
-def convert(models: Path, data: Path, out: Path, template: str, json_name: str, vae: bool = True) -> Path:
+def convert(models: Path, data: Path, out: Path, template: str, json_name: str, vae: bool = True,
+            images: Path | None = None) -> Path:
     from fastross.data.convert import main
 
-    argv = ["--json", str(data / json_name), "--images", str(data / "images"), "--tokenizer", str(models / "llm"),
+    argv = ["--json", str(data / json_name), "--images", str(images or data / "images"), "--tokenizer", str(models / "llm"),
             "--vision", str(models / "vision"), "--template", template, "--out", str(out), "--quiet"]
     if vae:
         argv += ["--vae", str(models / "vae")]
@@ -75,3 +76,24 @@ def stage2_samples(stage2_shards) -> list:
 
     ds = StreamingDataset(local=str(stage2_shards), shuffle=False, batch_size=1)
     return [ds[i] for i in range(ds.num_samples)]
+
+
+@pytest.fixture(scope="session")
+def skewed_shards(tiny_models, synth_data, tmp_path_factory) -> Path:
+    """Stage-2 shards with very unequal lengths: the bundled records plus long text-only ones."""
+    import json
+    import random
+
+    rng = random.Random(1)
+    records = json.loads((synth_data / "stage2.json").read_text())
+    words = "red green blue yellow circle square triangle left right top bottom centre shape".split()
+    for i in range(24):
+        n = rng.choice([40, 150, 400, 900])
+        q = " ".join(rng.choice(words) for _ in range(n))
+        records.append({"id": f"long_{i}", "conversations": [
+            {"from": "human", "value": f"Repeat after me: {q}"}, {"from": "gpt", "value": q}]})
+    rng.shuffle(records)
+    src = tmp_path_factory.mktemp("skewed") / "skewed.json"
+    src.write_text(json.dumps(records))
+    return convert(tiny_models, src.parent, src.parent / "shards", "qwen2_ross", "skewed.json",
+                   images=synth_data / "images")

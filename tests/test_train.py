@@ -61,19 +61,24 @@ def final_weights(run_dir: Path, tmp: Path) -> dict:
     return torch.load(out, weights_only=False)["model"]
 
 
-def test_two_ranks_match_one_rank(tiny_models, stage2_shards, tmp_path):
+def test_two_ranks_match_one_rank(tiny_models, skewed_shards, tmp_path):
+    """The same global batches on 1 rank unpacked-in-one vs 2 ranks in small packed micro-batches."""
     runs = {}
-    for n in (1, 2):
+    for n, max_tokens in ((1, 100000), (2, 256)):
         rd = tmp_path / f"run{n}"
-        cfg = write_config(tmp_path / f"c{n}.yaml", tiny_models, stage2_shards, rd, max_steps=2, ckpt_every=10)
-        run(n, cfg)
+        cfg = write_config(tmp_path / f"c{n}.yaml", tiny_models, skewed_shards, rd, max_steps=2, ckpt_every=10)
+        run(n, cfg, f"data.max_tokens={max_tokens}")
         runs[n] = rd
     m1, m2 = metrics(runs[1]), metrics(runs[2])
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2]
-    for a, b in zip(m1, m2):
+    # Step 1 sees identical weights: fp32 tolerance. Step 2 sees weights after one Adam step,
+    # which turns gradient rounding on near-zero-gradient elements into O(lr) differences
+    # (see below), so its losses agree to 1e-4.
+    for a, b, rel in zip(m1, m2, (1e-5, 1e-4)):
         assert a["text_tokens"] == b["text_tokens"] and a["images"] == b["images"]
         for key in ("text_loss", "recon_loss", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+            assert b[key] == pytest.approx(a[key], rel=rel), (a["step"], key)
+    assert m1[0]["micro_batches"] == 1 and m2[0]["micro_batches"] > 2  # packed differently
     w1, w2 = final_weights(runs[1], tmp_path), final_weights(runs[2], tmp_path)
     assert w1.keys() == w2.keys()
     # Adam divides by sqrt(v): on elements whose gradient is ~0, fp32 rounding of the gradient
@@ -113,13 +118,14 @@ def final_weights_at_start(models: Path) -> dict:
             if not k.startswith("lm_head")}  # tied to the embedding
 
 
-def test_sigkill_and_resume_is_exact(tiny_models, stage2_shards, tmp_path):
+def test_sigkill_and_resume_is_exact(tiny_models, skewed_shards, tmp_path):
+    """2 ranks on data of very unequal lengths (ranks read different numbers of samples)."""
     steps = dict(max_steps=9, ckpt_every=3)
     ref_dir = tmp_path / "uninterrupted"
-    run(2, write_config(tmp_path / "ref.yaml", tiny_models, stage2_shards, ref_dir, **steps))
+    run(2, write_config(tmp_path / "ref.yaml", tiny_models, skewed_shards, ref_dir, **steps))
 
     rd = tmp_path / "killed"
-    cfg = write_config(tmp_path / "killed.yaml", tiny_models, stage2_shards, rd, **steps)
+    cfg = write_config(tmp_path / "killed.yaml", tiny_models, skewed_shards, rd, **steps)
     proc = subprocess.Popen(torchrun_cmd(2, cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     latest = rd / "checkpoints" / "latest"

@@ -4,7 +4,7 @@ Registered with transformers' AttentionInterface as `fastross_<backend>`, so the
 Face decoder layers call it in place of their own attention. The micro-batch's boundaries
 arrive as keyword arguments that Qwen2 passes through its layers untouched:
 `fastross_cu_seqlens` (B + 1,) int32, `fastross_max_seqlen` (host int) and, for the sdpa
-and flex backends, `fastross_doc_ids` (T,) the sample of every token.
+and flex backends, `fastross_mask` (see `build_mask`), built once per micro-batch.
 
 Backends:
 - flash:  flash-attn's varlen kernel (when the package is importable);
@@ -41,22 +41,44 @@ def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return causal & (doc_ids[:, None] == doc_ids[None, :])
 
 
-def _sdpa(q, k, v, scaling, doc_ids, mask=None):
-    # q (1, H, T, D), k/v (1, KVH, T, D)
-    if mask is None:
-        mask = block_causal_mask(doc_ids)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-
-
-def _flex(q, k, v, scaling, doc_ids):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def document_block_mask(doc_ids: torch.Tensor):
+    """FlexAttention's BlockMask for causal attention within each packed sample."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def document_causal(b, h, qi, ki):
         return (doc_ids[qi] == doc_ids[ki]) & (ki <= qi)
 
-    t = q.shape[2]
-    block = create_block_mask(document_causal, None, None, t, t, device=q.device)
-    return flex_attention(q, k, v, block_mask=block, scale=scaling, enable_gqa=True)
+    t = doc_ids.shape[0]
+    return create_block_mask(document_causal, None, None, t, t, device=doc_ids.device)
+
+
+def build_mask(backend: str, doc_ids: torch.Tensor):
+    """The mask a backend needs, built once per micro-batch and shared by every layer (or None)."""
+    if backend == "sdpa":
+        return block_causal_mask(doc_ids)
+    if backend == "flex":
+        return document_block_mask(doc_ids)
+    return None
+
+
+def _sdpa(q, k, v, scaling, mask):
+    # q (1, H, T, D), k/v (1, KVH, T, D); mask from block_causal_mask
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+
+
+_compiled_flex = None
+
+
+def _flex(q, k, v, scaling, block_mask):
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = flex_attention
+    if q.is_cuda:  # the fused kernel needs torch.compile; eager flex materialises the scores
+        if _compiled_flex is None:
+            _compiled_flex = torch.compile(flex_attention, dynamic=True)
+        fn = _compiled_flex
+    return fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=True)
 
 
 def _varlen(q, k, v, scaling, cu, max_len):
@@ -81,13 +103,13 @@ def make_forward(backend: str):
         if query.shape[0] != 1:
             raise ValueError("packed attention expects one packed sequence per micro-batch (batch size 1)")
         cu, max_len = kwargs.get("fastross_cu_seqlens"), kwargs.get("fastross_max_seqlen")
-        doc_ids = kwargs.get("fastross_doc_ids")
-        if cu is None:
-            raise ValueError("packed attention needs fastross_cu_seqlens: call the LLM through RossModel")
+        mask = kwargs.get("fastross_mask")
+        if cu is None or (backend in ("sdpa", "flex") and mask is None):
+            raise ValueError("packed attention needs fastross_cu_seqlens and fastross_mask: call the LLM through RossModel")
         if backend == "sdpa":
-            out = _sdpa(query, key, value, scaling, doc_ids, kwargs.get("fastross_mask"))
+            out = _sdpa(query, key, value, scaling, mask)
         elif backend == "flex":
-            out = _flex(query, key, value, scaling, doc_ids)
+            out = _flex(query, key, value, scaling, mask)
         elif backend == "varlen":
             out = _varlen(query, key, value, scaling, cu, max_len)
         else:
