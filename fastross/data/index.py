@@ -2,12 +2,15 @@
 
     python -m fastross.data.index SHARDS
 
-The converter writes the index itself; this reads every sample's `length` column once.
+The converter writes the index itself. For other shards this reads every sample's `length`
+column: natively from the shard files when they are uncompressed (fastross._native, which
+never decodes images or token arrays), else through streaming's reader with a progress bar.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,14 +20,42 @@ from tqdm import tqdm
 from fastross.data.schema import LENGTHS_FILE
 
 
-def build(shards: str | Path) -> np.ndarray:
-    from streaming import StreamingDataset
+def native_layout(shards: Path, column: str = "length"):
+    """(files, num_var, num_var_before, fixed_before) for the native reader, or None if it cannot read them."""
+    index = json.loads((shards / "index.json").read_text())
+    files, layout = [], None
+    for shard in index["shards"]:
+        if shard.get("compression") or shard.get("format") != "mds" or column not in shard["column_names"]:
+            return None
+        c = shard["column_names"].index(column)
+        sizes = shard["column_sizes"]
+        if shard["column_encodings"][c] != "int" or sizes[c] != 8:
+            return None
+        this = (sum(s is None for s in sizes), sum(s is None for s in sizes[:c]), sum(s or 0 for s in sizes[:c]))
+        if layout not in (None, this):
+            return None
+        layout = this
+        files.append(str(shards / shard["raw_data"]["basename"]))
+    return (files, *layout) if layout else None
 
-    ds = StreamingDataset(local=str(shards), shuffle=False, batch_size=1)
-    lengths = np.empty(ds.num_samples, dtype=np.int32)
-    for i in tqdm(range(ds.num_samples), desc="index", unit="sample"):
-        lengths[i] = ds[i]["length"]
-    np.save(Path(shards) / LENGTHS_FILE, lengths)
+
+def build(shards: str | Path) -> np.ndarray:
+    shards = Path(shards)
+    layout = native_layout(shards)
+    try:
+        from fastross import _native
+    except ImportError:
+        _native = None
+    if layout is not None and _native is not None:
+        lengths = _native.read_mds_int_column(*layout).astype(np.int32)
+    else:
+        from streaming import StreamingDataset
+
+        ds = StreamingDataset(local=str(shards), shuffle=False, batch_size=1)
+        lengths = np.empty(ds.num_samples, dtype=np.int32)
+        for i in tqdm(range(ds.num_samples), desc="index", unit="sample"):
+            lengths[i] = ds[i]["length"]
+    np.save(shards / LENGTHS_FILE, lengths)
     return lengths
 
 

@@ -1,6 +1,8 @@
 """Plan one optimizer step: assign the global batch's samples to ranks and pack micro-batches.
 
-The plain-Python reference planner (a native twin may replace it; plans must stay identical).
+`plan_step_ref` is the plain-Python reference. `plan_step` and `plan_epoch` use the native twin
+(fastross._native, built from native/ by CMakeLists.txt) when it is importable, which gives
+identical plans (tests/test_planner_native.py), and fall back to the reference otherwise.
 
 Cost model: a sample of L tokens (visual tokens included) costs L + L^2 / attn_tokens, the
 linear layers' work plus its causal attention over its own length; attn_tokens is the
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+
+import numpy as np
 
 
 @dataclass
@@ -48,7 +52,7 @@ def sample_cost(length: int, attn_tokens: float) -> float:
     return length + length * length / attn_tokens
 
 
-def plan_step(lengths: list[int], ranks: int, max_tokens: int, attn_tokens: float) -> StepPlan:
+def plan_step_ref(lengths: list[int], ranks: int, max_tokens: int, attn_tokens: float) -> StepPlan:
     if ranks < 1 or max_tokens < 1:
         raise ValueError(f"ranks={ranks} and max_tokens={max_tokens} must be >= 1")
     costs = [sample_cost(n, attn_tokens) for n in lengths]
@@ -82,3 +86,50 @@ def plan_step(lengths: list[int], ranks: int, max_tokens: int, attn_tokens: floa
     for bins in plans:
         bins.extend([] for _ in range(m - len(bins)))
     return StepPlan(micro_batches=plans, costs=rank_cost)
+
+
+try:  # the native twin; absent only when the package was not built (e.g. run from a bare checkout)
+    from fastross import _native
+except ImportError:  # pragma: no cover - exercised by the fallback test through NATIVE = None
+    _native = None
+NATIVE = _native
+
+
+def plan_step(lengths, ranks: int, max_tokens: int, attn_tokens: float) -> StepPlan:
+    if NATIVE is None:
+        return plan_step_ref(np.asarray(lengths, dtype=np.int64).tolist(), ranks, max_tokens, attn_tokens)
+    if ranks < 1 or max_tokens < 1:
+        raise ValueError(f"ranks={ranks} and max_tokens={max_tokens} must be >= 1")
+    bins, costs = NATIVE.plan_step(np.asarray(lengths, dtype=np.int64), ranks, max_tokens, attn_tokens)
+    return StepPlan(micro_batches=bins, costs=costs)
+
+
+@dataclass
+class EpochSummary:
+    micro_batches: np.ndarray  # (steps,) micro-batches per rank
+    imbalance: np.ndarray  # (steps,) max rank cost / mean rank cost
+    tokens: np.ndarray  # (steps,) real tokens
+    slots: np.ndarray  # (steps,) computed token slots (an empty micro-batch counts 1)
+
+
+def plan_epoch_ref(lengths: np.ndarray, global_batch: int, ranks: int, max_tokens: int, attn_tokens: float):
+    steps = len(lengths) // global_batch
+    out = EpochSummary(np.zeros(steps, np.int32), np.ones(steps), np.zeros(steps, np.int64), np.zeros(steps, np.int64))
+    for k in range(steps):
+        step = lengths[k * global_batch : (k + 1) * global_batch].tolist()
+        plan = plan_step_ref(step, ranks, max_tokens, attn_tokens)
+        sizes = [sum(step[i] for i in mb) for mbs in plan.micro_batches for mb in mbs]
+        out.micro_batches[k] = plan.num_micro_batches
+        out.imbalance[k] = plan.imbalance()
+        out.tokens[k] = sum(sizes)
+        out.slots[k] = sum(max(n, 1) for n in sizes)
+    return out
+
+
+def plan_epoch(lengths: np.ndarray, global_batch: int, ranks: int, max_tokens: int, attn_tokens: float,
+               threads: int = 1) -> EpochSummary:
+    """Plan every global batch of `lengths` (already in epoch order); per-step summaries only."""
+    if NATIVE is None:
+        return plan_epoch_ref(lengths, global_batch, ranks, max_tokens, attn_tokens)
+    d = NATIVE.plan_epoch(np.asarray(lengths, dtype=np.int64), global_batch, ranks, max_tokens, attn_tokens, threads)
+    return EpochSummary(d["micro_batches"], d["imbalance"], d["tokens"], d["slots"])

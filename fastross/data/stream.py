@@ -82,7 +82,7 @@ class StepStream:
     def plan(self, epoch: int, step_in_epoch: int) -> tuple[np.ndarray, StepPlan]:
         b = self.global_batch
         ids = self.epoch_order(epoch)[step_in_epoch * b : (step_in_epoch + 1) * b]
-        return ids, plan_step(self.lengths[ids].tolist(), self.world, self.max_tokens, self.attn_tokens)
+        return ids, plan_step(self.lengths[ids], self.world, self.max_tokens, self.attn_tokens)
 
     def read(self, sample_id: int) -> dict:
         s = self.ds[int(sample_id)]

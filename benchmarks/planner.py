@@ -1,0 +1,103 @@
+"""Planner benchmark: the native planner (fastross._native) against the plain-Python reference.
+
+    python benchmarks/planner.py [--sizes 1000000 10000000 100000000] [--threads 2]
+
+Plans whole epochs of lengths drawn from benchmarks/packing.py's distribution (7B recipe:
+global batch 128, 8 ranks, max_tokens 16384), timing `plan_epoch` (every step planned, per-step
+summaries kept) with the native twin and with the Python reference. The reference runs only
+where its estimate is under a minute and is extrapolated linearly beyond (marked so). Where both
+ran, their summaries must be identical. Ends with `planner: n100M_native_s S speedup_1M X` and
+appends CSV rows to benchmarks/results/planner.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from packing import QWEN2_7B, draw  # noqa: E402
+
+from fastross.data import planner  # noqa: E402
+
+
+def lengths_of(n: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    out = np.empty(n, dtype=np.int64)
+    for first in range(0, n, 10_000_000):  # in chunks: bounded temporaries at 100M
+        last = min(n, first + 10_000_000)
+        out[first:last] = draw(rng, last - first)[0]
+    return out
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000])
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--global-batch", type=int, default=128)
+    p.add_argument("--ranks", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=16384)
+    p.add_argument("--reference-budget-s", type=float, default=60.0)
+    a = p.parse_args(argv)
+    if planner.NATIVE is None:
+        print("planner: error: fastross._native is not built; run `pip install -e .`", file=sys.stderr)
+        return 2
+    attn = planner.attention_cost_tokens(**QWEN2_7B)
+    args = (a.global_batch, a.ranks, a.max_tokens, attn)
+    rows, ref_rate = [], None
+    print(f"{'samples':>12} {'native s':>10} {'reference s':>12} {'speedup':>8}  note")
+    for n in sorted(a.sizes):
+        lengths = lengths_of(n, seed=n)
+        native_s, summary = timed(lambda: planner.plan_epoch(lengths, *args, threads=a.threads), 3 if n <= 10**7 else 1)
+        estimate = ref_rate * n if ref_rate else 0.0
+        if estimate < a.reference_budget_s:
+            ref_s, ref = timed(lambda: planner.plan_epoch_ref(lengths, *args), 1)
+            for field in ("micro_batches", "imbalance", "tokens", "slots"):
+                if not np.array_equal(getattr(summary, field), getattr(ref, field)):
+                    print(f"planner: error: native and reference plans differ ({field}) at {n} samples", file=sys.stderr)
+                    return 1
+            ref_rate, note = ref_s / n, "measured; plans identical"
+        else:
+            ref_s, note = estimate, "reference extrapolated"
+        rows.append((n, native_s, ref_s, note))
+        print(f"{n:>12} {native_s:>10.3f} {ref_s:>12.3f} {ref_s / native_s:>8.1f}  {note}")
+        del lengths
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    out = Path(__file__).parent / "results" / "planner.csv"
+    out.parent.mkdir(exist_ok=True)
+    new = not out.exists()
+    with open(out, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["date", "commit", "device", "threads", "samples", "native_s", "reference_s", "note"])
+        for n, ns, rs, note in rows:
+            w.writerow([datetime.date.today().isoformat(), commit, f"cpu {platform.machine()} x{os.cpu_count()}",
+                        a.threads, n, f"{ns:.4f}", f"{rs:.4f}", note])
+    by = {n: (ns, rs) for n, ns, rs, _ in rows}
+    s100 = by.get(100_000_000, (float("nan"), 0))[0]
+    x1 = by[1_000_000][1] / by[1_000_000][0] if 1_000_000 in by else float("nan")
+    print(f"planner: n100M_native_s {s100:.2f} speedup_1M {x1:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
