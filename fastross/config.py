@@ -26,6 +26,7 @@ class DenoiserConfig:
     width: int = 1024  # hidden width W
     heads: int = 16  # attention heads (dit only)
     replicas: int = 4  # (condition, target) replicas per image, each with its own t and noise
+    impl: str = "torch"  # "torch" (eager PyTorch, the reference) or "triton" (fastross.kernels' fused kernels)
 
 
 @dataclass
@@ -170,6 +171,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"model.denoiser.kind must be 'dit' or 'mlp', got {m.denoiser.kind!r}")
     if m.denoiser.kind == "dit" and (m.denoiser.width % m.denoiser.heads or m.denoiser.width % 4):
         raise ConfigError("model.denoiser.width must be divisible by model.denoiser.heads and by 4")
+    if m.denoiser.impl not in ("torch", "triton"):
+        raise ConfigError(f"model.denoiser.impl must be 'torch' or 'triton', got {m.denoiser.impl!r}")
     if m.denoiser.replicas < 1 or m.denoiser.depth < 1:
         raise ConfigError("model.denoiser.replicas and model.denoiser.depth must be >= 1")
     if cfg.attention.backend not in ("auto", "flash", "varlen", "flex", "sdpa"):

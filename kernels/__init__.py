@@ -2,4 +2,24 @@
 
 One file per fused kernel: a design comment, the Triton kernels, their launchers, an
 autograd.Function, and a plain-torch `*_ref` beside them. Nothing here imports fastross.
+
+| file | kernel |
+|---|---|
+| `diffusion_loss.py` | keyed Philox noise, x_t from the stored latent moments, the eps loss regenerating eps |
+| `ln_modulate.py` | LayerNorm (no affine) fused with the adaLN modulation, forward and backward |
+| `adaln.py` | SiLU(condition embedding + timestep embedding), once for every adaLN projection |
+| `linear_epilogue.py` | a matmul with fused epilogues (bias + activation, bias + gated residual, activation grad) |
+| `fused_mlp.py` | the modulated MLP branch and the gated attention projection, built from the two above |
+
+CPU machines run these kernels in Triton's interpreter. TRITON_INTERPRET must be set before
+any module that defines a @triton.jit kernel is imported, so it is set here, before the
+kernel modules are imported, when no CUDA device is present and the caller has not chosen.
 """
+
+import os
+
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"

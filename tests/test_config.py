@@ -32,6 +32,7 @@ def test_defaults_and_overrides(base):
         ("train.dtype=fp8", "train.dtype must be"),
         ("train.trainable=[vision]", "train.trainable"),
         ("model.denoiser.heads=5", "model.denoiser.width must be divisible"),
+        ("model.denoiser.impl=cuda", "model.denoiser.impl must be 'torch' or 'triton'"),
         ("data.shards=/nonexistent", "data.shards: /nonexistent is not a folder"),
         ("train.activation_checkpointing=3", "train.activation_checkpointing: expected bool"),
         ("nokey", "is not of the form key.sub=value"),

@@ -41,9 +41,9 @@ def test_fold_latents_channel_major_2x2():
 
 def test_latent_target_shift_scale_and_posterior_draw():
     mean, std, xi = torch.randn(2, 16, 4, 4), torch.rand(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
-    got = diffusion.latent_target(mean, std, xi, 0.1159, 0.3611)
+    got = diffusion.latent_target(mean, std, diffusion.fold_latents(xi), 0.1159, 0.3611)  # xi comes folded
     direct = diffusion.fold_latents((mean + std * xi - 0.1159) * 0.3611)
-    torch.testing.assert_close(got, direct, rtol=0, atol=0)
+    torch.testing.assert_close(got, direct, rtol=0, atol=1e-7)
 
 
 def test_vae_input_and_moments_match_direct_computation(tiny_models):
@@ -64,7 +64,7 @@ def test_vae_input_and_moments_match_direct_computation(tiny_models):
     torch.testing.assert_close(mean, dist.mean, rtol=0, atol=0)
     torch.testing.assert_close(std, dist.std, rtol=0, atol=0)
     # (z - shift) * scale folded: 64 channels per token, 8 x 8 tokens
-    assert diffusion.latent_target(mean, std, torch.zeros_like(mean), 0.1159, 0.3611).shape == (2, 64, 64)
+    assert diffusion.latent_target(mean, std, torch.zeros(2, 64, 64), 0.1159, 0.3611).shape == (2, 64, 64)
 
 
 def test_sincos_2d_layout():
@@ -124,8 +124,11 @@ def test_condition_embedding_once_per_image():
 
 def test_noise_is_keyed_by_sample_not_by_order():
     keys = torch.tensor([diffusion.noise_key(0, 3, i) for i in (5, 9)])
-    t1, e1, x1 = diffusion.draw_noise(keys, 4, (16, 4, 4), 4, 64)
-    t2, e2, x2 = diffusion.draw_noise(keys.flip(0), 4, (16, 4, 4), 4, 64)
+    t1, t2 = diffusion.draw_timesteps(keys, 4), diffusion.draw_timesteps(keys.flip(0), 4)
+    e1, e2 = diffusion.keyed_eps(keys, 4, 4, 64), diffusion.keyed_eps(keys.flip(0), 4, 4, 64)
+    x1, x2 = diffusion.keyed_xi(keys, 4, 64), diffusion.keyed_xi(keys.flip(0), 4, 64)
     assert torch.equal(t1, t2.flip(0)) and torch.equal(e1, e2.flip(0)) and torch.equal(x1, x2.flip(0))
     assert not torch.equal(e1[0], e1[1])
+    # replica r's noise does not depend on how many replicas there are
+    assert torch.equal(diffusion.keyed_eps(keys, 2, 4, 64), e1[:, :2])
     assert diffusion.noise_key(0, 3, 5) != diffusion.noise_key(0, 4, 5) != diffusion.noise_key(1, 3, 5)

@@ -28,17 +28,16 @@ class MicroBatch:
     max_seqlen: int  # the longest sample's length (host int, for varlen kernels)
     text_pos: torch.Tensor  # (K,) positions whose next token is supervised (at least one entry)
     text_targets: torch.Tensor  # (K,) the supervised next tokens (-100 for a dummy entry)
-    visual_pos: torch.Tensor  # (n * N,) positions of the visual tokens, image-major, row-major patches
+    visual_pos: torch.Tensor  # (max(n, 1) * N,) visual token positions, image-major, row-major patches
     pixel_values: torch.Tensor  # (max(n, 1), 3, S, S); a zero dummy when n == 0
     image_weight: torch.Tensor  # (max(n, 1),) 1 for a real image, 0 for the dummy
-    t: torch.Tensor  # (max(n, 1), R) int64 timesteps
-    eps: torch.Tensor  # (max(n, 1), R, N, 4C) noise
-    xi: torch.Tensor  # (max(n, 1), C, 2g, 2g) the posterior draw's standard normal
+    t: torch.Tensor  # (max(n, 1), R) int64 timesteps, drawn on the host from noise_keys
+    noise_keys: torch.Tensor  # (max(n, 1),) int64 per-image key of eps and the posterior draw (0: dummy)
     latent_mean: torch.Tensor | None  # (max(n, 1), C, 2g, 2g) stored moments, or None: VAE on the fly
     latent_std: torch.Tensor | None
     num_images: int  # n, real images
     num_text_tokens: int  # supervised tokens (the dummy entry not counted)
-    num_tokens: int  # T (a micro-batch with no samples holds one padding token that nothing attends to)
+    num_tokens: int  # T, the dummy image sample's tokens included
     sample_index: torch.Tensor  # (B,) int64 the samples' dataset indices
 
     def to(self, device) -> "MicroBatch":
@@ -99,13 +98,18 @@ class Collator:
             pos.append(np.arange(n))
             offset += n
             cu.append(offset)
-        if not samples:  # an empty micro-batch keeps this rank in step with the others; adds nothing
-            ids.append(np.zeros(1, np.int64))
-            pos.append(np.zeros(1, np.int64))
+        if n_img == 0:
+            # A weight-0 dummy image sample, its visual tokens alone: the micro-batch then has the
+            # same graph as any other (vision, projector scatter, LLM, denoiser on hidden states),
+            # so FSDP's collectives run in the same order on every rank. An empty micro-batch
+            # (a rank with less work this step) is this dummy alone. It adds nothing to any loss.
+            ids.append(np.full(nv, self.image_token_id))
+            pos.append(np.arange(nv))
+            vpos.append(offset + np.arange(nv))
             tpos.append(np.zeros(0, np.int64))
             ttgt.append(np.zeros(0, np.int64))
-            offset = 1
-            cu.append(1)
+            offset += nv
+            cu.append(offset)
         if means and len(means) != n_img:
             raise ValueError("some samples of this micro-batch have stored latent moments and some do not")
 
@@ -116,13 +120,14 @@ class Collator:
         g, c = self.grid, self.latent_channels
         lat_shape = (c, 2 * g, 2 * g)
         if n_img:
-            t, eps, xi = diffusion.draw_noise(torch.tensor(keys), self.replicas, lat_shape, nv, 4 * c)
+            noise_keys = torch.tensor(keys, dtype=torch.long)
+            t = diffusion.draw_timesteps(noise_keys, self.replicas)  # eps, xi: drawn in the model from the keys
             pixel_values = torch.stack(pix)
             weight = torch.ones(n_img)
-        else:  # a dummy image keeps every rank's vision/denoiser collectives in step; weight 0
+        else:  # the dummy image sample's pixels, noise and latents; weight 0
             size = self.image_size()
             t = torch.zeros(1, self.replicas, dtype=torch.long)
-            eps, xi = torch.zeros(1, self.replicas, nv, 4 * c), torch.zeros(1, *lat_shape)
+            noise_keys = torch.zeros(1, dtype=torch.long)
             pixel_values = torch.zeros(1, 3, size, size)
             weight = torch.zeros(1)
         if means:
@@ -139,10 +144,10 @@ class Collator:
             max_seqlen=int(np.diff(cu).max()),
             text_pos=torch.from_numpy(tpos_a),
             text_targets=torch.from_numpy(ttgt_a),
-            visual_pos=torch.from_numpy(np.concatenate(vpos)) if vpos else torch.zeros(0, dtype=torch.long),
+            visual_pos=torch.from_numpy(np.concatenate(vpos)),
             pixel_values=pixel_values,
             image_weight=weight,
-            t=t, eps=eps, xi=xi, latent_mean=mean, latent_std=std,
+            t=t, noise_keys=noise_keys, latent_mean=mean, latent_std=std,
             num_images=n_img, num_text_tokens=n_text, num_tokens=offset,
             sample_index=torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
         )

@@ -4,6 +4,21 @@ Both take noisy latent tokens x_t (n, R, N, 64), integer timesteps t (n, R) and 
 condition (n, N, H), the LLM's normed hidden states at the image's visual tokens, and
 predict eps (n, R, N, 64). The condition embedding is computed once per image and
 broadcast over its R replicas.
+
+Two implementations share every parameter (one state dict, switchable at any checkpoint):
+impl="torch" is eager PyTorch, the reference; impl="triton" runs the same maths through
+fastross.kernels: SiLU(c) once for all adaLN projections, LayerNorm + modulation fused, the
+MLP branch and the attention output projection with their gated residuals fused into the
+matmul epilogues (attention itself is PyTorch SDPA).
+
+Plan at the 7B shapes (16 images x 4 replicas x 729 tokens = 46656 rows, W 1024, H 3584, bf16;
+H100 790 TFLOP/s, 3 TB/s): one DiT step (forward + backward) is 18.0 TFLOP of matmuls, 23 ms at
+peak (per block forward: adaLN 0.59, qkv + proj 0.39, attention 0.14, MLP 0.78 TFLOP); the MLP
+variant 5.3 TFLOP. Everything else is traffic over (rows, W) tensors of 95.6 MB each. Per DiT
+block eager bf16 keeps ~35 such rows of W for backward; impl "triton" keeps ~18 (x, qkv, the
+attention output, both branch outputs, x after attention, h = fc1's pre-activation, and the
+adaLN output shared with the projection's backward), so its peak should sit near half of eager.
+benchmarks/kernels/bench_denoiser.py measures both against the floor on a lent GPU.
 """
 
 from __future__ import annotations
@@ -13,6 +28,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fastross.kernels.adaln import adaln_chunks, silu_cond
+from fastross.kernels.fused_mlp import fused_mlp_branch, gated_linear
+from fastross.kernels.ln_modulate import ln_modulate
+
+LN_EPS = 1e-6  # the blocks' and the final layer's LayerNorm
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -59,11 +80,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width, bias=True)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def core(self, x: torch.Tensor) -> torch.Tensor:
+        """qkv and SDPA, before the output projection: (b, n, w) -> (b, n, w)."""
         b, n, w = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)
-        return self.proj(y.transpose(1, 2).reshape(b, n, w))
+        return y.transpose(1, 2).reshape(b, n, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.core(x))
 
 
 class DiTBlock(nn.Module):
@@ -76,8 +101,16 @@ class DiTBlock(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
         w = x.shape[-1]
-        x = x + g1 * self.attn(modulate(F.layer_norm(x, (w,), eps=1e-6), sh1, sc1))
-        return x + g2 * self.mlp(modulate(F.layer_norm(x, (w,), eps=1e-6), sh2, sc2))
+        x = x + g1 * self.attn(modulate(F.layer_norm(x, (w,), eps=LN_EPS), sh1, sc1))
+        return x + g2 * self.mlp(modulate(F.layer_norm(x, (w,), eps=LN_EPS), sh2, sc2))
+
+    def forward_fused(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The same block through fastross.kernels; s = SiLU(c), shared by every block."""
+        sh1, sc1, g1, sh2, sc2, g2 = adaln_chunks(s, self.ada[-1], 6)
+        y = self.attn.core(ln_modulate(x, sh1, sc1, LN_EPS))
+        x = gated_linear(y, self.attn.proj.weight, self.attn.proj.bias, g1, x)
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        return fused_mlp_branch(x, sh2, sc2, g2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu_tanh", LN_EPS)
 
 
 class MLPBlock(nn.Module):
@@ -88,7 +121,12 @@ class MLPBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         sh, sc, g = self.ada(c).chunk(3, dim=-1)
-        return x + g * self.mlp(modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), sh, sc))
+        return x + g * self.mlp(modulate(F.layer_norm(x, (x.shape[-1],), eps=LN_EPS), sh, sc))
+
+    def forward_fused(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        sh, sc, g = adaln_chunks(s, self.ada[-1], 3)
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        return fused_mlp_branch(x, sh, sc, g, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "silu", LN_EPS)
 
 
 class FinalLayer(nn.Module):
@@ -99,17 +137,25 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         sh, sc = self.ada(c).chunk(2, dim=-1)
-        return self.linear(modulate(F.layer_norm(x, (x.shape[-1],), eps=1e-6), sh, sc))
+        return self.linear(modulate(F.layer_norm(x, (x.shape[-1],), eps=LN_EPS), sh, sc))
+
+    def forward_fused(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        sh, sc = adaln_chunks(s, self.ada[-1], 2)
+        return self.linear(ln_modulate(x, sh, sc, LN_EPS))
 
 
 class Denoiser(nn.Module):
     """kind="dit": adaLN-Zero DiT blocks with attention over one image; kind="mlp": per-token blocks."""
 
-    def __init__(self, kind: str, cond_width: int, width: int, depth: int, heads: int, grid: int, channels: int = 64):
+    def __init__(self, kind: str, cond_width: int, width: int, depth: int, heads: int, grid: int, channels: int = 64,
+                 impl: str = "torch"):
         super().__init__()
         if kind not in ("dit", "mlp"):
             raise ValueError(f"model.denoiser.kind must be 'dit' or 'mlp', got {kind!r}")
+        if impl not in ("torch", "triton"):
+            raise ValueError(f"model.denoiser.impl must be 'torch' or 'triton', got {impl!r}")
         self.kind = kind
+        self.impl = impl
         self.x_embed = nn.Linear(channels, width)
         self.t_embed = TimestepEmbedder(width)
         self.c_embed = nn.Sequential(nn.SiLU(), nn.Linear(cond_width, width))
@@ -147,8 +193,14 @@ class Denoiser(nn.Module):
         x = self.x_embed(x_t.to(dtype))
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(dtype)
-        c = self.c_embed(cond.to(dtype))[:, None] + self.t_embed(t)[:, :, None]  # (n, R, N, W), cond once per image
         x = x.reshape(n * r, tokens, -1)
+        if self.impl == "triton":
+            s = silu_cond(self.c_embed(cond.to(dtype)), self.t_embed(t))  # SiLU(c) (n, R, N, W), cond once per image
+            s = s.view(n * r, tokens, -1)
+            for blk in self.blocks:
+                x = blk.forward_fused(x, s)
+            return self.final.forward_fused(x, s)
+        c = self.c_embed(cond.to(dtype))[:, None] + self.t_embed(t)[:, :, None]  # (n, R, N, W), cond once per image
         c = c.reshape(n * r, tokens, -1)
         for blk in self.blocks:
             x = blk(x, c)

@@ -1,9 +1,13 @@
 """The diffusion objective of ROSS_SPEC.md sections 2 and 4: latent targets and the eps loss.
 
 Noise is keyed, not drawn from a global generator: every image's timesteps, eps and
-posterior draw come from a generator seeded by (run seed, step, the sample's global index),
+posterior draw come from generators keyed by (run seed, step, the sample's global index),
 so the loss of a sample does not depend on which rank or micro-batch it landed on, and a
-resumed run draws exactly what the uninterrupted one did.
+resumed run draws exactly what the uninterrupted one did. The timesteps are drawn on the
+host (torch.Generator seeded by the key); eps and xi come from the counter-based generator
+of fastross.kernels.diffusion_loss, keyed by the same key and indexed in the folded token
+layout: the `triton` path draws them inside its kernels and never stores them, the `torch`
+path materialises the very same numbers with `keyed_eps` / `keyed_xi`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from fastross.kernels.diffusion_loss import keyed_eps, keyed_xi  # noqa: F401  (re-exported for the model)
 
 NUM_STEPS = 1000
 
@@ -57,28 +63,26 @@ def latent_moments(vae, pixel_values: torch.Tensor, grid: int) -> tuple[torch.Te
 
 
 def latent_target(mean: torch.Tensor, std: torch.Tensor, xi: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
-    """One posterior draw mean + std * xi, shifted and scaled, folded into tokens (n, g * g, 4C)."""
-    return fold_latents((mean + std * xi - shift) * scale)
+    """One posterior draw, shifted and scaled, as tokens (n, g * g, 4C).
 
-
-def draw_noise(keys: torch.Tensor, replicas: int, latent_shape: tuple[int, ...], tokens: int, channels: int):
-    """Per image: `replicas` timesteps, eps for every replica, and xi for the posterior draw.
-
-    keys: int64 (n,), one generator seed per image. Returns t (n, R) int64,
-    eps (n, R, tokens, channels) and xi (n, *latent_shape), all drawn on the CPU.
+    mean, std: (n, C, 2g, 2g); xi: (n, g * g, 4C), the standard normal draw in the folded
+    layout (as keyed_xi gives it). Equal to fold_latents((mean + std * unfold(xi) - shift) * scale).
     """
-    n = keys.numel()
-    t = torch.empty(n, replicas, dtype=torch.long)
-    eps = torch.empty(n, replicas, tokens, channels)
-    xi = torch.empty(n, *latent_shape)
+    return (fold_latents(mean) + fold_latents(std) * xi - shift) * scale
+
+
+def draw_timesteps(keys: torch.Tensor, replicas: int) -> torch.Tensor:
+    """Per image, `replicas` timesteps uniform in [0, NUM_STEPS): (n, R) int64, drawn on the CPU.
+
+    keys: int64 (n,), one generator seed per image (the same key then keys its noise).
+    """
+    t = torch.empty(keys.numel(), replicas, dtype=torch.long)
     g = torch.Generator()
     # Host loop over images: this runs in the data path (collation), not in the step.
     for i, k in enumerate(keys.tolist()):
         g.manual_seed(k)
         t[i] = torch.randint(0, NUM_STEPS, (replicas,), generator=g)
-        eps[i] = torch.randn(replicas, tokens, channels, generator=g)
-        xi[i] = torch.randn(latent_shape, generator=g)
-    return t, eps, xi
+    return t
 
 
 def noise_key(seed: int, step: int, index: int) -> int:

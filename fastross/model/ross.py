@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastross.kernels import diffusion_loss
 from fastross.model import diffusion
-from fastross.model.attention import block_causal_mask
+from fastross.model.attention import build_mask
 from fastross.model.attention import register as register_attention
 from fastross.model.denoiser import Denoiser
 from fastross.model.projector import Projector
@@ -56,8 +57,9 @@ class RossModel(nn.Module):
             self.latent_shift, self.latent_scale = cfg.latent_shift, cfg.latent_scale
         d = cfg.denoiser
         self.denoiser = Denoiser(
-            d.kind, hidden, d.width, d.depth, d.heads, self.vision.grid, channels=4 * self.latent_channels
+            d.kind, hidden, d.width, d.depth, d.heads, self.vision.grid, channels=4 * self.latent_channels, impl=d.impl
         )
+        self.impl = d.impl
         self.replicas = d.replicas
         ab = diffusion.cosine_alphas_cumprod()
         self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
@@ -72,50 +74,63 @@ class RossModel(nn.Module):
         llm = self.llm
         embeds = llm.get_input_embeddings()(mb.input_ids)  # (1, T, H)
         with torch.no_grad():
-            feats = self.vision(mb.pixel_values)  # a dummy image when the micro-batch has none
+            feats = self.vision(mb.pixel_values)
         vis = self.projector(feats.to(self.projector[0].weight.dtype))
-        if mb.num_images:  # a host int from the collator, not a device sync
-            merged = embeds[0].index_copy(0, mb.visual_pos, vis.flatten(0, 1).to(embeds.dtype))[None]
-        else:  # keep the projector in the graph so every rank reduces the same gradients
-            merged = embeds + 0 * vis.sum().to(embeds.dtype)
+        # One vectorised scatter. A micro-batch without images carries a weight-0 dummy image
+        # sample, so every micro-batch has the same graph and every rank the same collectives.
+        merged = embeds[0].index_copy(0, mb.visual_pos, vis.flatten(0, 1).to(embeds.dtype))[None]
         # fastross's attention keeps every packed sample to itself (fastross/model/attention.py)
-        mask = block_causal_mask(mb.doc_ids) if self.attention == "sdpa" else None  # once, for all layers
         h = llm.model(
             inputs_embeds=merged, position_ids=mb.position_ids, attention_mask=None, use_cache=False,
             fastross_cu_seqlens=mb.cu_seqlens, fastross_max_seqlen=mb.max_seqlen,
-            fastross_doc_ids=mb.doc_ids, fastross_mask=mask,
+            fastross_mask=build_mask(self.attention, mb.doc_ids),  # once, for all layers
         )
         return h.last_hidden_state[0]
 
     def forward(self, mb) -> LossSums:
         llm = self.llm
-        n_img = mb.num_images
         h = self.hidden_states(mb)
 
         logits = llm.get_output_embeddings()(h.index_select(0, mb.text_pos)).float()
         text = F.cross_entropy(logits, mb.text_targets, reduction="sum", ignore_index=-100)
 
-        tokens = self.num_visual_tokens
-        if n_img:
-            cond = h.index_select(0, mb.visual_pos).view(n_img, tokens, -1)
-        else:
-            cond = h.new_zeros(1, tokens, h.shape[-1])
+        slots = mb.pixel_values.shape[0]  # real images, or the one dummy (weight 0)
+        cond = h.index_select(0, mb.visual_pos).view(slots, self.num_visual_tokens, -1)
         cond = F.layer_norm(cond.float(), (cond.shape[-1],), eps=1e-5)
-        x0 = self.latent_x0(mb)  # (n, N, 64)
-        t = mb.t
-        a = self.sqrt_ab[t][..., None, None]
-        s = self.sqrt_1m_ab[t][..., None, None]
-        x_t = a * x0[:, None] + s * mb.eps
-        eps_hat = self.denoiser(x_t, t, cond).view_as(mb.eps)
-        per_image = diffusion.eps_loss_per_image(eps_hat, mb.eps)
+        per_image = self.recon_per_image(mb, cond)
         recon = (per_image * mb.image_weight).sum()
         return LossSums(text=text, recon=recon)
 
-    def latent_x0(self, mb) -> torch.Tensor:
+    def recon_per_image(self, mb, cond: torch.Tensor) -> torch.Tensor:
+        """Per-image eps loss (n,) fp32 given the normed condition (n, N, H); ROSS_SPEC.md section 4.
+
+        Both impls draw the same keyed noise (fastross.kernels.diffusion_loss): `triton` inside its
+        fused kernels, never stored; `torch` materialised, as the reference.
+        """
+        t, keys = mb.t, mb.noise_keys
+        n, r = t.shape
+        tokens, ch = self.num_visual_tokens, 4 * self.latent_channels
+        a, s = self.sqrt_ab[t], self.sqrt_1m_ab[t]  # (n, R)
+        if self.impl == "triton":
+            mean, std = self.latent_moments(mb)
+            x_t = diffusion_loss.diffusion_xt(mean, std, keys, a, s, self.latent_shift, self.latent_scale)
+            eps_hat = self.denoiser(x_t, t, cond)
+            return diffusion_loss.eps_loss(eps_hat.view(n, r, tokens, ch), keys)
+        eps = diffusion.keyed_eps(keys, r, tokens, ch)
+        x_t = a[..., None, None] * self.latent_x0(mb)[:, None] + s[..., None, None] * eps
+        eps_hat = self.denoiser(x_t, t, cond).view_as(eps)
+        return diffusion.eps_loss_per_image(eps_hat, eps)
+
+    def latent_moments(self, mb) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior's mean and std (n, C, 2g, 2g) fp32: stored with the sample, or from the VAE."""
         if mb.latent_mean is not None:
-            mean, std = mb.latent_mean.float(), mb.latent_std.float()
-        else:
-            if self.vae is None:
-                raise RuntimeError("the shards hold no latent moments and model.vae_path is empty: set model.vae_path")
-            mean, std = diffusion.latent_moments(self.vae, mb.pixel_values, self.vision.grid)
-        return diffusion.latent_target(mean, std, mb.xi, self.latent_shift, self.latent_scale)
+            return mb.latent_mean.float(), mb.latent_std.float()
+        if self.vae is None:
+            raise RuntimeError("the shards hold no latent moments and model.vae_path is empty: set model.vae_path")
+        return diffusion.latent_moments(self.vae, mb.pixel_values, self.vision.grid)
+
+    def latent_x0(self, mb) -> torch.Tensor:
+        """The reconstruction target x0 (n, N, 4C) with the keyed posterior draw, materialised (torch path)."""
+        mean, std = self.latent_moments(mb)
+        xi = diffusion.keyed_xi(mb.noise_keys, self.num_visual_tokens, 4 * self.latent_channels)
+        return diffusion.latent_target(mean, std, xi, self.latent_shift, self.latent_scale)
