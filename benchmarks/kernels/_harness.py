@@ -245,3 +245,17 @@ def run_all(args, bench: str, cases: Callable[[str, str], Case | None], matmul_f
 def compiled(module_or_fn):
     """torch.compile, the `torch_bf16_compiled` provider."""
     return torch.compile(module_or_fn)
+
+
+def memory_bound_main(description: str, bench: str, shapes: dict, cases, bytes_moved, argv=None) -> int:
+    """main() of a memory-bound kernel's benchmark: every provider, then fastross's share of copy bandwidth."""
+    args = parse_args(description, [k for k in shapes if k != "smoke"], argv)
+    rep = run_all(args, bench, cases, lambda shape, mode: 0.0, bytes_moved)
+    for shape in args.shapes:
+        parts = []
+        for mode in args.modes:
+            row = rep.find(shape, "fastross", mode)
+            if row:
+                parts.append(f"{mode} {row['gbps']:.0f} GB/s = {100 * row['gbps'] / row['copy_gbps']:.0f}% of copy")
+        print(f"{bench} {shape}: fastross " + ", ".join(parts))
+    return 0

@@ -52,16 +52,7 @@ def cases(shape: str, provider: str) -> H.Case:
 
 
 def main(argv=None) -> int:
-    args = H.parse_args(__doc__.splitlines()[0], [k for k in SHAPES if k != "smoke"], argv)
-    rep = H.run_all(args, "adaln", cases, lambda shape, mode: 0.0, bytes_moved)
-    for shape in args.shapes:
-        parts = []
-        for mode in args.modes:
-            row = rep.find(shape, "fastross", mode)
-            if row:
-                parts.append(f"{mode} {row['gbps']:.0f} GB/s = {100 * row['gbps'] / row['copy_gbps']:.0f}% of copy")
-        print(f"adaln {shape}: fastross " + ", ".join(parts))
-    return 0
+    return H.memory_bound_main(__doc__.splitlines()[0], "adaln", SHAPES, cases, bytes_moved, argv)
 
 
 if __name__ == "__main__":

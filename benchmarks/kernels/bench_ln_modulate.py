@@ -38,16 +38,7 @@ def cases(shape: str, provider: str) -> H.Case:
 
 
 def main(argv=None) -> int:
-    args = H.parse_args(__doc__.splitlines()[0], [k for k in SHAPES if k != "smoke"], argv)
-    rep = H.run_all(args, "ln_modulate", cases, lambda shape, mode: 0.0, bytes_moved)
-    for shape in args.shapes:
-        parts = []
-        for mode in args.modes:
-            row = rep.find(shape, "fastross", mode)
-            if row:
-                parts.append(f"{mode} {row['gbps']:.0f} GB/s = {100 * row['gbps'] / row['copy_gbps']:.0f}% of copy")
-        print(f"ln_modulate {shape}: fastross " + ", ".join(parts))
-    return 0
+    return H.memory_bound_main(__doc__.splitlines()[0], "ln_modulate", SHAPES, cases, bytes_moved, argv)
 
 
 if __name__ == "__main__":
