@@ -75,7 +75,3 @@ def parallelize(model, world: World, dtype: str, activation_checkpointing: bool)
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
-
-
-def barrier() -> None:
-    dist.barrier()

@@ -247,15 +247,23 @@ def compiled(module_or_fn):
     return torch.compile(module_or_fn)
 
 
-def memory_bound_main(description: str, bench: str, shapes: dict, cases, bytes_moved, argv=None) -> int:
-    """main() of a memory-bound kernel's benchmark: every provider, then fastross's share of copy bandwidth."""
+def report_main(description: str, bench: str, shapes: dict, cases, matmul_flops, bytes_moved, label: str,
+                metric, argv=None, setup=None) -> int:
+    """main() of a kernel benchmark: every provider, then one summary line per shape for fastross.
+
+    metric(row) -> str formats one mode's figure (share of copy bandwidth, or of the matmul floor).
+    """
     args = parse_args(description, [k for k in shapes if k != "smoke"], argv)
-    rep = run_all(args, bench, cases, lambda shape, mode: 0.0, bytes_moved)
+    if setup is not None:
+        setup()
+    rep = run_all(args, bench, cases, matmul_flops, bytes_moved)
     for shape in args.shapes:
-        parts = []
-        for mode in args.modes:
-            row = rep.find(shape, "fastross", mode)
-            if row:
-                parts.append(f"{mode} {row['gbps']:.0f} GB/s = {100 * row['gbps'] / row['copy_gbps']:.0f}% of copy")
-        print(f"{bench} {shape}: fastross " + ", ".join(parts))
+        parts = [f"{mode} {metric(row)}" for mode in args.modes if (row := rep.find(shape, "fastross", mode))]
+        print(f"{bench} {shape}: fastross {label}" + ", ".join(parts))
     return 0
+
+
+def memory_bound_main(description: str, bench: str, shapes: dict, cases, bytes_moved, argv=None) -> int:
+    """main() of a memory-bound kernel's benchmark: fastross's share of the copy bandwidth."""
+    return report_main(description, bench, shapes, cases, lambda shape, mode: 0.0, bytes_moved, "",
+                       lambda row: f"{row['gbps']:.0f} GB/s = {100 * row['gbps'] / row['copy_gbps']:.0f}% of copy", argv)

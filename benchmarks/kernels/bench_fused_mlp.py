@@ -51,17 +51,11 @@ def cases(shape: str, provider: str) -> H.Case:
 
 
 def main(argv=None) -> int:
-    args = H.parse_args(__doc__.splitlines()[0], [k for k in SHAPES if k != "smoke"], argv)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    rep = H.run_all(args, "fused_mlp", cases, matmul_flops)
-    for shape in args.shapes:
-        parts = []
-        for mode in args.modes:
-            row = rep.find(shape, "fastross", mode)
-            if row:
-                parts.append(f"{mode} {row['floor_ms'] / row['ms']:.2f}")
-        print(f"fused_mlp {shape}: fastross of_floor " + ", ".join(parts))
-    return 0
+    def allow_tf32():  # the reference provider runs fp32 matmuls as the reference recipe does
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    return H.report_main(__doc__.splitlines()[0], "fused_mlp", SHAPES, cases, matmul_flops, None, "of_floor ",
+                         lambda row: f"{row['floor_ms'] / row['ms']:.2f}", argv, setup=allow_tf32)
 
 
 if __name__ == "__main__":

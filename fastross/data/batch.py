@@ -37,8 +37,6 @@ class MicroBatch:
     latent_std: torch.Tensor | None
     num_images: int  # n, real images
     num_text_tokens: int  # supervised tokens (the dummy entry not counted)
-    num_tokens: int  # T, the dummy image sample's tokens included
-    sample_index: torch.Tensor  # (B,) int64 the samples' dataset indices
 
     def to(self, device) -> "MicroBatch":
         kw = {}
@@ -148,6 +146,5 @@ class Collator:
             pixel_values=pixel_values,
             image_weight=weight,
             t=t, noise_keys=noise_keys, latent_mean=mean, latent_std=std,
-            num_images=n_img, num_text_tokens=n_text, num_tokens=offset,
-            sample_index=torch.tensor([int(s["index"]) for s in samples], dtype=torch.long),
+            num_images=n_img, num_text_tokens=n_text,
         )
