@@ -11,6 +11,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import yaml
 
@@ -21,12 +22,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class DenoiserConfig:
-    kind: str = "dit"  # "dit" (adaLN-Zero transformer over one image) or "mlp" (per-token MLP)
+    kind: Literal["dit", "mlp"] = "dit"  # adaLN-Zero transformer over one image, or a per-token MLP
     depth: int = 3  # blocks; the reference pairs 3 -> width 1024, 8 -> 1280, 12 -> 1536
     width: int = 1024  # hidden width W
     heads: int = 16  # attention heads (dit only)
     replicas: int = 4  # (condition, target) replicas per image, each with its own t and noise
-    impl: str = "torch"  # "torch" (eager PyTorch, the reference) or "triton" (fastross.kernels' fused kernels)
+    impl: Literal["torch", "triton"] = "torch"  # eager PyTorch (the reference) or fastross.kernels' fused kernels
 
 
 @dataclass
@@ -54,7 +55,7 @@ class DataConfig:
 
 @dataclass
 class AttentionConfig:
-    backend: str = "auto"  # auto (flash > varlen on GPU, sdpa on CPU), flash, varlen, flex or sdpa
+    backend: Literal["auto", "flash", "varlen", "flex", "sdpa"] = "auto"  # auto: flash > varlen on GPU, sdpa on CPU
 
 
 @dataclass
@@ -74,7 +75,7 @@ class TrainConfig:
     trainable: list = field(default_factory=lambda: ["projector", "llm", "denoiser"])  # parts that train
     epochs: int = 1  # passes over the shards
     max_steps: int = 0  # stop after this many optimizer steps (0: all the epochs' steps)
-    dtype: str = "bf16"  # "bf16" (FSDP2 mixed precision, fp32 reduction) or "fp32"
+    dtype: Literal["bf16", "fp32"] = "bf16"  # bf16: FSDP2 mixed precision with fp32 reduction
     seed: int = 0  # model init and noise keys
     log_every: int = 10  # optimizer steps between log lines
     ckpt_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
@@ -115,7 +116,17 @@ def _build(cls, raw: dict, where: str):
     return cls(**kw)
 
 
+def choices(cls, name: str) -> tuple:
+    """The allowed values of a Literal field, e.g. choices(AttentionConfig, "backend")."""
+    return typing.get_args(typing.get_type_hints(cls)[name])
+
+
 def _check(key: str, val, typ):
+    if typing.get_origin(typ) is Literal:
+        allowed = typing.get_args(typ)
+        if val not in allowed or isinstance(val, bool) != isinstance(allowed[0], bool):
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {val!r}")
+        return val
     if typ is float and isinstance(val, int) and not isinstance(val, bool):
         return float(val)
     if typ is float and isinstance(val, str):  # PyYAML reads 1e-4 (no dot) as a string
@@ -167,16 +178,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {path} is not a folder")
     if m.vae_path and not Path(m.vae_path).is_dir():
         raise ConfigError(f"model.vae_path: {m.vae_path} is not a folder")
-    if m.denoiser.kind not in ("dit", "mlp"):
-        raise ConfigError(f"model.denoiser.kind must be 'dit' or 'mlp', got {m.denoiser.kind!r}")
     if m.denoiser.kind == "dit" and (m.denoiser.width % m.denoiser.heads or m.denoiser.width % 4):
         raise ConfigError("model.denoiser.width must be divisible by model.denoiser.heads and by 4")
-    if m.denoiser.impl not in ("torch", "triton"):
-        raise ConfigError(f"model.denoiser.impl must be 'torch' or 'triton', got {m.denoiser.impl!r}")
     if m.denoiser.replicas < 1 or m.denoiser.depth < 1:
         raise ConfigError("model.denoiser.replicas and model.denoiser.depth must be >= 1")
-    if cfg.attention.backend not in ("auto", "flash", "varlen", "flex", "sdpa"):
-        raise ConfigError(f"attention.backend must be auto, flash, varlen, flex or sdpa, got {cfg.attention.backend!r}")
     if d.max_tokens < 1:
         raise ConfigError("data.max_tokens must be >= 1")
     if d.global_batch < 1:
@@ -184,8 +189,6 @@ def validate(cfg: Config) -> None:
     bad = [p for p in t.trainable if p not in PARTS]
     if bad or not t.trainable:
         raise ConfigError(f"train.trainable: {bad or 'empty'}; choose from {', '.join(PARTS)}")
-    if t.dtype not in ("bf16", "fp32"):
-        raise ConfigError(f"train.dtype must be 'bf16' or 'fp32', got {t.dtype!r}")
     if len(o.betas) != 2:
         raise ConfigError("optim.betas must have two entries")
     if not 0 <= o.warmup_ratio < 1:

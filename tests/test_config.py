@@ -29,10 +29,11 @@ def test_defaults_and_overrides(base):
     [
         ("model.denoiser.widht=3", "unknown key 'model.denoiser.widht'"),
         ("train.max_steps=many", "train.max_steps: expected int"),
-        ("train.dtype=fp8", "train.dtype must be"),
+        ("train.dtype=fp8", "train.dtype must be one of 'bf16', 'fp32', got 'fp8'"),
         ("train.trainable=[vision]", "train.trainable"),
         ("model.denoiser.heads=5", "model.denoiser.width must be divisible"),
-        ("model.denoiser.impl=cuda", "model.denoiser.impl must be 'torch' or 'triton'"),
+        ("model.denoiser.impl=cuda", "model.denoiser.impl must be one of 'torch', 'triton', got 'cuda'"),
+        ("attention.backend=xformers", "attention.backend must be one of 'auto', 'flash'"),
         ("data.shards=/nonexistent", "data.shards: /nonexistent is not a folder"),
         ("train.activation_checkpointing=3", "train.activation_checkpointing: expected bool"),
         ("nokey", "is not of the form key.sub=value"),

@@ -21,7 +21,9 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "flash", "varlen", "flex", "sdpa")
+from fastross.config import AttentionConfig, choices
+
+BACKENDS = choices(AttentionConfig, "backend")  # declared once, on the config field
 
 
 def resolve(backend: str, device: torch.device) -> str:
