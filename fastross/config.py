@@ -41,6 +41,8 @@ class ModelConfig:
     latent_scale: float = 0.3611  # VAE scaling factor, used when vae_path is empty (FLUX's)
     recon_weight: float = 1.0  # lambda in L = L_text + lambda * L_recon
     init_from: str = ""  # a run folder or checkpoint folder whose model weights start this run (stage 2 from stage 1)
+    fused_ce: bool = True  # text loss through Liger's fused linear cross-entropy: full-vocabulary logits never exist
+    liger_kernels: bool = False  # Liger's RMSNorm, SwiGLU MLP and RoPE in the LLM (GPU; RMSNorm and SwiGLU fail in the CPU interpreter)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
 
 
@@ -81,7 +83,12 @@ class TrainConfig:
     ckpt_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
     run_dir: str = "runs/default"  # metrics, config and checkpoints; a run resumes from it
-    activation_checkpointing: bool = True  # recompute each LLM decoder layer in backward
+    # Recompute in backward, per LLM decoder layer: "none", "full" (the whole layer) or "selective" (keep the
+    # matmul and attention outputs, recompute the cheap ops). One policy for every layer, or a list with one
+    # entry per layer, where "policy*N" stands for N layers in a row: [full*8, selective*8, none*12].
+    activation_checkpointing: str | list = "full"
+    compile: bool = False  # torch.compile each LLM decoder layer and each denoiser block, before FSDP
+    fsdp_prefetch: int = 0  # decoder layers whose all-gather is issued ahead explicitly (0: FSDP's implicit one-ahead)
 
 
 @dataclass
@@ -94,6 +101,30 @@ class Config:
 
 
 PARTS = ("projector", "llm", "denoiser")
+CHECKPOINT_POLICIES = ("none", "full", "selective")
+
+
+def checkpoint_policies(spec: str | list, num_layers: int | None = None) -> list[str]:
+    """train.activation_checkpointing -> one policy per decoder layer (or the expanded list, without a count).
+
+    "full" -> [full] * num_layers; [full*2, none, selective] -> [full, full, none, selective].
+    """
+    key = "train.activation_checkpointing"
+    entries = [spec] if isinstance(spec, str) else list(spec)
+    out = []
+    for e in entries:
+        name, _, count = str(e).partition("*")
+        if name not in CHECKPOINT_POLICIES or (count and not (count.isdigit() and int(count) > 0)):
+            raise ConfigError(
+                f"{key}: bad entry {e!r}; use {', '.join(CHECKPOINT_POLICIES)}, optionally as 'policy*N' in a list"
+            )
+        out += [name] * (int(count) if count else 1)
+    if num_layers is not None:
+        if isinstance(spec, str) and "*" not in spec:
+            return out * num_layers
+        if len(out) != num_layers:
+            raise ConfigError(f"{key}: {spec!r} names {len(out)} layers, but the LLM has {num_layers}")
+    return out
 
 
 def _build(cls, raw: dict, where: str):
@@ -193,6 +224,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optim.betas must have two entries")
     if not 0 <= o.warmup_ratio < 1:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
+    checkpoint_policies(t.activation_checkpointing)
+    if t.fsdp_prefetch < 0:
+        raise ConfigError("train.fsdp_prefetch must be >= 0")
     if t.log_every < 1 or t.ckpt_every < 1 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every, train.ckpt_every and train.keep_checkpoints must be >= 1")
 

@@ -1,4 +1,4 @@
-"""Process group, device, and parallelize(): activation checkpointing, then FSDP2.
+"""Process group, device, and parallelize(): activation checkpointing, then compile, then FSDP2.
 
 torchrun's rendezvous sets up the ranks; a plain `python -m fastross.train` runs as a
 world of one. NCCL on GPUs, gloo on CPU.
@@ -12,8 +12,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from fastross.config import checkpoint_policies
 
 
 @dataclass
@@ -52,23 +56,98 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def parallelize(model, world: World, dtype: str, activation_checkpointing: bool):
-    """One FSDP2 unit per LLM decoder layer, the vision tower, the denoiser, the VAE; the root last."""
-    if activation_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    mesh = init_device_mesh(world.device.type, (world.size,))
-    mp = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16 if dtype == "bf16" else None, reduce_dtype=torch.float32
-    )
-    kw = dict(mesh=mesh, mp_policy=mp)
+def apply_activation_checkpointing(layers: nn.ModuleList, spec) -> list[str]:
+    """Wrap each decoder layer by its policy (config.checkpoint_policies); returns the policies applied.
+
+    `full` recomputes the whole layer in backward. `selective` is op-level: the outputs of matmuls and
+    attention (the expensive ops) are kept, everything else (norms, activations, RoPE, casts) is recomputed.
+    torch's `checkpoint_wrapper` keeps the layer's state-dict names (its prefix is stripped on save and load).
+    """
+    policies = checkpoint_policies(spec, len(layers))
+    for i, policy in enumerate(policies):
+        if policy == "full":
+            layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False)
+        elif policy == "selective":
+            layers[i] = checkpoint_wrapper(layers[i], preserve_rng_state=False, context_fn=_keep_matmuls)
+    return policies
+
+
+def _save_ops() -> set:
+    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+           torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_mm.default}
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                 "_flash_attention_forward", "_efficient_attention_forward"):
+        if hasattr(torch.ops.aten, name):
+            ops.add(getattr(torch.ops.aten, name).default)
+    try:  # torch.nn.attention.varlen's op (fastross's `varlen` backend)
+        ops.add(torch.ops.torch_attn._varlen_attn.default)
+    except (AttributeError, RuntimeError):
+        pass
+    return ops
+
+
+def _keep_matmuls():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    save = _save_ops()
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
+
+
+def compile_blocks(model) -> int:
+    """torch.compile each LLM decoder layer and each denoiser block in place (names unchanged); returns the count.
+
+    Packed micro-batches change length every step, and with it the number of samples (cu_seqlens), the longest
+    sample (an int) and the mask: the decoder layers are compiled with every size symbolic from the start
+    (`dynamic=True`; automatic dynamic shapes would recompile each time another of them first changes).
+    Identical layers share one compiled graph (parameters are graph inputs). tests/test_compile.py bounds
+    the compiles.
+    """
     for layer in model.llm.model.layers:
+        layer.compile(dynamic=True)
+    for block in model.denoiser.blocks:
+        block.compile()
+    return len(model.llm.model.layers) + len(model.denoiser.blocks)
+
+
+def parallelize(model, world: World, cfg):
+    """Activation checkpointing, then compile, then FSDP2 (cfg: fastross.config.Config), as torchtitan orders them.
+
+    FSDP2 units: one per LLM decoder layer, the denoiser, the root (projector, embeddings, final norm, lm_head).
+    The frozen vision tower and VAE are left out of FSDP (`ignored_params`): each rank keeps a full replica,
+    so they cost no all-gather and no reshard per micro-batch (they never get a gradient to reduce). Their
+    dtype is set here, since FSDP's mixed precision does not cover them.
+    The gradient is reduced as a sum (`set_gradient_divide_factor(1.0)`): the trainer's loss is already the
+    global mean over tokens and images (ROSS_SPEC.md section 5), so FSDP must not divide again.
+    """
+    t = cfg.train
+    layers = model.llm.model.layers
+    apply_activation_checkpointing(layers, t.activation_checkpointing)
+    if t.compile:
+        compile_blocks(model)
+    mesh = init_device_mesh(world.device.type, (world.size,))
+    param_dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype if t.dtype == "bf16" else None, reduce_dtype=torch.float32)
+    kw = dict(mesh=mesh, mp_policy=mp)
+    for layer in layers:
         fully_shard(layer, **kw)
-    fully_shard(model.vision, **kw)
     fully_shard(model.denoiser, **kw)
-    if model.vae is not None:
-        fully_shard(model.vae, **kw)
-        register_fsdp_forward_method(model.vae, "encode")  # encode() is called instead of forward()
-    fully_shard(model, **kw)
+    frozen = [model.vision] + ([model.vae] if model.vae is not None else [])
+    for part in frozen:
+        part.to(device=world.device, dtype=param_dtype)
+    fully_shard(model, ignored_params={p for part in frozen for p in part.parameters()}, **kw)
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+    if t.fsdp_prefetch:
+        k = t.fsdp_prefetch
+        for i, layer in enumerate(layers):
+            layer.set_modules_to_forward_prefetch(list(layers[i + 1 : i + 1 + k]))
+            layer.set_modules_to_backward_prefetch(list(layers[max(0, i - k) : i])[::-1])
     return model
 
 

@@ -71,7 +71,7 @@ class Trainer:
             getattr(model, part).requires_grad_(True)
         model.vision.requires_grad_(False)
         model.to(world.device)
-        self.model = distributed.parallelize(model, world, t.dtype, t.activation_checkpointing)
+        self.model = distributed.parallelize(model, world, cfg)
         if m.init_from:
             src = checkpoint.load_model_weights(m.init_from, self.model)
             self._say(f"model weights from {src}")
@@ -82,8 +82,10 @@ class Trainer:
             params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
             groups.append({"params": params, "lr": lrs[part], "name": part})
         self.params = [p for g in groups for p in g["params"]]
+        # One fused kernel per parameter group on GPUs; the multi-tensor (foreach) path elsewhere.
+        fused = world.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, foreach=True
+            groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused, foreach=not fused
         )
         steps = t.epochs * self.stream.steps_per_epoch
         self.total_steps = min(steps, t.max_steps) if t.max_steps else steps
@@ -164,9 +166,9 @@ class Trainer:
         sums = torch.zeros(2, device=device)
         for mb in mbs:
             out = self.model(mb.to(device))
+            # Already the global mean: FSDP sums the ranks' gradients (distributed.parallelize).
             loss = out.text / n_text + cfg.model.recon_weight * out.recon / n_img
-            # FSDP2 averages gradients over ranks; the loss is already a global mean.
-            (loss * world.size).backward()
+            loss.backward()
             sums += torch.stack([out.text.detach(), out.recon.detach()])
 
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")

@@ -40,9 +40,10 @@ def tiny_models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     from fastross.data.synth import write_dataset
+    from fastross.tools.golden import SYNTH
 
     out = tmp_path_factory.mktemp("synth")
-    write_dataset(out, seed=0, n_train=60, n_eval=8)
+    write_dataset(out, **SYNTH)
     return out
 
 

@@ -35,7 +35,9 @@ def test_defaults_and_overrides(base):
         ("model.denoiser.impl=cuda", "model.denoiser.impl must be one of 'torch', 'triton', got 'cuda'"),
         ("attention.backend=xformers", "attention.backend must be one of 'auto', 'flash'"),
         ("data.shards=/nonexistent", "data.shards: /nonexistent is not a folder"),
-        ("train.activation_checkpointing=3", "train.activation_checkpointing: expected bool"),
+        ("train.activation_checkpointing=3", "train.activation_checkpointing: expected str | list"),
+        ("train.activation_checkpointing=partial", "train.activation_checkpointing: bad entry 'partial'"),
+        ("train.activation_checkpointing=[full*0]", "train.activation_checkpointing: bad entry 'full*0'"),
         ("nokey", "is not of the form key.sub=value"),
     ],
 )
@@ -57,3 +59,10 @@ def test_train_cli_rejects_bad_key_before_work(base):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "unknown key 'optim.lr'" in p.stderr
+
+
+def test_checkpoint_policies_expand():
+    assert config.checkpoint_policies("selective", 3) == ["selective"] * 3
+    assert config.checkpoint_policies(["full*2", "none", "selective*1"], 4) == ["full", "full", "none", "selective"]
+    with pytest.raises(config.ConfigError, match="names 3 layers, but the LLM has 4"):
+        config.checkpoint_policies(["full*2", "none"], 4)

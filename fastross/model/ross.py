@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastross.kernels import diffusion_loss
-from fastross.model import diffusion
+from fastross.model import diffusion, liger, text_loss
 from fastross.model.attention import build_mask
 from fastross.model.attention import register as register_attention
 from fastross.model.denoiser import Denoiser
@@ -41,6 +41,9 @@ class RossModel(nn.Module):
             cfg.llm_path, dtype=torch.float32, attn_implementation=f"fastross_{attention}"
         )
         self.llm.config.use_cache = False
+        if cfg.liger_kernels:
+            liger.apply(self.llm)
+        self.text_loss = text_loss.build(cfg.fused_ce)
         hidden = self.llm.config.hidden_size
         self.projector = Projector(self.vision.hidden_size, hidden)
         self.vae = None
@@ -78,7 +81,8 @@ class RossModel(nn.Module):
         vis = self.projector(feats.to(self.projector[0].weight.dtype))
         # One vectorised scatter. A micro-batch without images carries a weight-0 dummy image
         # sample, so every micro-batch has the same graph and every rank the same collectives.
-        merged = embeds[0].index_copy(0, mb.visual_pos, vis.flatten(0, 1).to(embeds.dtype))[None]
+        # (index_copy on the batch-1 tensor itself: a view here would give a compiled first layer other guards)
+        merged = embeds.index_copy(1, mb.visual_pos, vis.flatten(0, 1)[None].to(embeds.dtype))
         # fastross's attention keeps every packed sample to itself (fastross/model/attention.py)
         h = llm.model(
             inputs_embeds=merged, position_ids=mb.position_ids, attention_mask=None, use_cache=False,
@@ -91,8 +95,9 @@ class RossModel(nn.Module):
         llm = self.llm
         h = self.hidden_states(mb)
 
-        logits = llm.get_output_embeddings()(h.index_select(0, mb.text_pos)).float()
-        text = F.cross_entropy(logits, mb.text_targets, reduction="sum", ignore_index=-100)
+        # lm_head belongs to the FSDP root, unsharded during this forward: a fused kernel sees the whole weight.
+        head = llm.get_output_embeddings()
+        text = self.text_loss(h.index_select(0, mb.text_pos), head.weight, head.bias, mb.text_targets)
 
         slots = mb.pixel_values.shape[0]  # real images, or the one dummy (weight 0)
         cond = h.index_select(0, mb.visual_pos).view(slots, self.num_visual_tokens, -1)
