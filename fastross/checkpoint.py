@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -51,6 +52,18 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+def load_rng(path: Path) -> dict:
+    """Read an `rng_rank{r}.pt`: tensors only, so a crafted pickle cannot run code."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise pickle.UnpicklingError(
+            f"{path}: refused to load, it holds more than tensors (fastross writes RNG states as plain tensors); "
+            f"this checkpoint was not written by fastross or was tampered with: delete its folder or point "
+            f"`latest` at another checkpoint. ({str(e).splitlines()[0]})"
+        ) from e
 
 
 class Checkpointer:
@@ -103,7 +116,7 @@ class Checkpointer:
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng = path / f"rng_rank{self.rank}.pt"
         if rng.exists():  # absent when resuming on a different number of ranks
-            set_rng_state(torch.load(rng, weights_only=False))
+            set_rng_state(load_rng(rng))
         return json.loads((path / "trainer.json").read_text())
 
 
