@@ -36,11 +36,11 @@ def world_of_one(tmp_path):
     dist.destroy_process_group()
 
 
-def tiny_trained(seed: int):
+def tiny_trained(seed: int, device: str = "cpu"):
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3))
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model(torch.randn(4, 5)).square().sum().backward()
+    model(torch.randn(4, 5, device=device)).square().sum().backward()
     opt.step()
     return model, opt
 
@@ -72,16 +72,17 @@ class HeldWrite:
         monkeypatch.setattr(filesystem._FileSystemWriter, "write_data", write_data)
 
 
-def test_async_save_moves_latest_only_when_complete(world_of_one, tmp_path, monkeypatch):
-    model, opt = tiny_trained(0)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])  # cuda: pinned staging
+def test_async_save_moves_latest_only_when_complete(world_of_one, tmp_path, monkeypatch, device):
+    model, opt = tiny_trained(0, device)
     ck = Checkpointer(tmp_path / "run", rank=0, keep=1, async_save=True)
     ck.save(1, model, opt, {"step": 1}, "a: 1\n")
     ck.wait()
     assert ck.latest() == ck.root / "step_00000001"
 
-    model(torch.randn(4, 5)).square().sum().backward()
+    model(torch.randn(4, 5, device=device)).square().sum().backward()
     opt.step()
-    expected = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = {k: v.cpu().clone() for k, v in model.state_dict().items()}
     expected_rng = torch.get_rng_state()
     held = HeldWrite(monkeypatch, "step_00000002.tmp")
     report = ck.save(2, model, opt, {"step": 2}, "a: 2\n")
@@ -97,7 +98,7 @@ def test_async_save_moves_latest_only_when_complete(world_of_one, tmp_path, monk
     # While the write is held: `latest` and the previous checkpoint are untouched and loadable.
     assert (ck.root / "latest").read_text() == "step_00000001"
     assert sorted(p.name for p in ck.root.iterdir()) == ["latest", "step_00000001", "step_00000002.tmp"]
-    other, other_opt = tiny_trained(1)
+    other, other_opt = tiny_trained(1, device)
     assert ck.load(ck.latest(), other, other_opt) == {"step": 1}
 
     held.release.set()
