@@ -203,7 +203,7 @@ class Checkpointer:
         self._prune()
 
     def wait(self) -> float:
-        """Block until the in-flight write (if any) is complete and, on rank 0, finalised; returns the seconds waited."""
+        """Block until the in-flight write (if any) is complete and, on rank 0, finalised; returns seconds waited."""
         job, self._inflight = self._inflight, None
         if job is None:
             return 0.0
@@ -224,7 +224,7 @@ class Checkpointer:
         return time.perf_counter() - t0
 
     def close(self) -> float:
-        """Finish the last write (before a run reports done) and free the staging buffers; returns the seconds waited."""
+        """Finish the last write (before a run reports done), free the staging buffers; returns seconds waited."""
         waited = self.wait()
         dist.barrier()  # no rank leaves while rank 0 may still be finalising
         if self._stager is not None:

@@ -45,7 +45,7 @@ class MetricsLogger:
         self._pending: dict[str, float] = {}
 
     def add(self, key: str, value: float) -> None:
-        """Add `value` to a field of the next logged record (e.g. `ckpt_blocked_s`, summed over the saves since the last record)."""
+        """Add `value` to a field of the next logged record (`ckpt_blocked_s`: summed over the saves since the last)."""
         self._pending[key] = self._pending.get(key, 0.0) + value
 
     def count(self, samples: int, tokens: int) -> None:
