@@ -82,6 +82,7 @@ class TrainConfig:
     log_every: int = 10  # optimizer steps between log lines
     ckpt_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
+    async_checkpoint: bool = False  # stage to host memory, write in the background; the step waits only for the copy
     run_dir: str = "runs/default"  # metrics, config and checkpoints; a run resumes from it
     # Recompute in backward, per LLM decoder layer: "none", "full" (the whole layer) or "selective" (keep the
     # matmul and attention outputs, recompute the cheap ops). One policy for every layer, or a list with one

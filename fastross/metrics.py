@@ -42,6 +42,11 @@ class MetricsLogger:
         self._t = time.perf_counter()
         self._samples = 0
         self._tokens = 0
+        self._pending: dict[str, float] = {}
+
+    def add(self, key: str, value: float) -> None:
+        """Add `value` to a field of the next logged record (`ckpt_blocked_s`: summed over the saves since the last)."""
+        self._pending[key] = self._pending.get(key, 0.0) + value
 
     def count(self, samples: int, tokens: int) -> None:
         """Add one step's global samples and tokens (host integers known before the step)."""
@@ -54,10 +59,11 @@ class MetricsLogger:
         rec = {
             "step": step,
             **values,
+            **self._pending,
             "samples_per_s": self._samples / dt,
             "tokens_per_s_per_rank": self._tokens / dt / self.world,
         }
-        self._t, self._samples, self._tokens = now, 0, 0
+        self._t, self._samples, self._tokens, self._pending = now, 0, 0, {}
         if not self.enabled:
             return None
         rec.update(self.gpu.read())

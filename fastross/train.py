@@ -96,7 +96,7 @@ class Trainer:
             meta=meta, processor=load_processor(m.vision_path), latent_channels=model.latent_channels,
             replicas=m.denoiser.replicas, seed=t.seed,
         )
-        self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, t.keep_checkpoints)
+        self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, t.keep_checkpoints, t.async_checkpoint)
         self.metrics = MetricsLogger(self.run_dir, world.is_main, world.size, world.local_rank)
         self.step = 0
         latest = self.checkpointer.latest()
@@ -207,10 +207,15 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             result = self.train_step(self.stream.next_step())
             self.metrics.count(self.cfg.data.global_batch, result["tokens"])
+            # Log before saving: a checkpoint of step N implies its record is written. A save's
+            # blocked time therefore goes on the next record (the last save's: console only).
             if self.step % t.log_every == 0 or self.step == self.total_steps:
                 self.log(result, lr)
             if self.step % t.ckpt_every == 0 or self.step == self.total_steps:
                 self.save()
+        waited = self.checkpointer.close()  # the last checkpoint is complete before the run says done
+        if self.cfg.train.async_checkpoint:
+            self._say(f"waited {waited:.2f} s at the end for the last checkpoint's write")
         wall = time.perf_counter() - start
         self._say(f"done: steps {first} -> {self.step} in {wall:.1f} s; checkpoint in {self.checkpointer.latest()}")
 
@@ -219,7 +224,10 @@ class Trainer:
             "step": self.step, "data": self.stream.state_dict(),
             "scheduler": self.scheduler.state_dict(), "world_size": self.world.size,
         }
-        self.checkpointer.save(self.step, self.model, self.optimizer, state, config.dump(self.cfg))
+        saved = self.checkpointer.save(self.step, self.model, self.optimizer, state, config.dump(self.cfg))
+        self.metrics.add("ckpt_blocked_s", saved.blocked_s)
+        how = "staged (writing in the background)" if self.cfg.train.async_checkpoint else "written"
+        self._say(f"checkpoint {saved.path.name} {how}; the step was blocked {saved.blocked_s:.3f} s")
 
 
 def main(argv=None) -> int:
