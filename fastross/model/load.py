@@ -181,11 +181,11 @@ def load_sharded(model: nn.Module, sources: list[Source], fresh_rules: dict[str,
         for t in [*model.parameters(), *persistent]:
             local, where = local_part(t)
             tnames = names[id(t)]
-            rule = next((fresh_rules[n] for n in tnames if n in fresh_rules), None)
-            if rule is not None:
+            fresh_name = next((n for n in tnames if n in fresh_rules), None)
+            if fresh_name is not None:
                 n_fresh += 1
                 if local.numel():
-                    local.copy_(init.fresh(rule, t.shape, seed, tnames[0])[where])
+                    local.copy_(init.fresh(fresh_rules[fresh_name], t.shape, seed, fresh_name)[where])
                 continue
             found = file_key(tnames, sources, folders)
             if found is None:
