@@ -66,8 +66,23 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
+def compare(model, reference: dict) -> tuple[list[str], int]:
+    """Names whose whole value differs from reference's, and how many were sharded."""
+    differ, sharded = [], 0
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if isinstance(t, DTensor):
+            sharded += 1
+            t = t.full_tensor()  # a collective: every rank walks the same names in the same order
+        if t.shape != reference[name].shape or not torch.equal(t, reference[name]):
+            differ.append(name)
+    return differ, sharded
+
+
 def main(models: str, out_dir: str) -> None:
-    from fastross import distributed
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    from fastross import checkpoint, distributed
     from fastross.config import DenoiserConfig, ModelConfig
     from fastross.model import load
     from fastross.model.ross import RossModel
@@ -90,16 +105,20 @@ def main(models: str, out_dir: str) -> None:
         report = model.load_weights(world.device)
 
     reference = {**dict(eager.named_parameters()), **dict(eager.named_buffers())}
-    differ, sharded = [], 0
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        if isinstance(t, DTensor):
-            sharded += 1
-            t = t.full_tensor()  # a collective: every rank walks the same names in the same order
-        if t.shape != reference[name].shape or not torch.equal(t, reference[name]):
-            differ.append(name)
+    differ, sharded = compare(model, reference)
     untied = model.llm.lm_head.weight is not model.llm.model.embed_tokens.weight
+
+    # model.init_from: a DCP checkpoint still loads over a meta-loaded model (other fresh seed first).
+    ckpt = Path(out_dir, "ckpt")
+    dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(ckpt))
+    other = distributed.parallelize(RossModel(cfg, seed=6, meta=True), world, "fp32", False)
+    other.load_weights(world.device)
+    fresh_differ_before, _ = compare(other, reference)
+    checkpoint.load_model_weights(ckpt, other)
+    init_from_differ, _ = compare(other, reference)
     Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps({
         "differ": differ, "sharded": sharded, "untied": untied,
+        "fresh_differ_before": fresh_differ_before, "init_from_differ": init_from_differ,
         "checked": len(list(model.named_parameters())) + len(list(model.named_buffers())),
         "peak_bytes": counter.peak, "held_bytes": report.held_bytes,
         "shard_bytes": predicted.shard_bytes, "largest_bytes": predicted.largest_bytes,

@@ -57,6 +57,9 @@ def test_sharded_load_equals_eager_build(ranks_run):
         assert r["differ"] == [], r["differ"]  # torch.equal on every parameter and buffer, gathered whole
         assert r["checked"] == reports[0]["checked"] and r["sharded"] > 0
         assert not r["untied"]  # the tiny Qwen2 ties lm_head to embed_tokens; loading keeps them one tensor
+        # model.init_from over a meta-loaded model: another seed's fresh tensors differ, the checkpoint restores all
+        assert r["fresh_differ_before"] and all(n.split(".")[0] in RossModel.FRESH for n in r["fresh_differ_before"])
+        assert r["init_from_differ"] == []
     # Each rank read about its share of the files (a whole 0-d or 1-row tensor is read by every rank).
     assert sum(r["bytes_read"] for r in reports) < reports[0]["full_bytes"] * (1 + 0.01 * (n - 1))
 
@@ -158,3 +161,4 @@ def test_readme_states_the_7b_figures():
     line = summary(str(root / "configs" / "7b.yaml"), ranks=8)
     assert line in (root / "README.md").read_text()
     assert "32.4 GB whole model" in line  # the figure for today's per-rank copy
+
