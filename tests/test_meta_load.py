@@ -162,3 +162,20 @@ def test_readme_states_the_7b_figures():
     assert line in (root / "README.md").read_text()
     assert "32.4 GB whole model" in line  # the issue's figure for today's per-rank copy
 
+
+def test_wrapped_layers_load_under_their_plain_names(tiny_models):
+    """parallelize may wrap layers (activation checkpointing, torch.compile); names in files and rules have no wrappers."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    cfg = model_cfg(tiny_models)
+    eager = RossModel(cfg, seed=2)
+    meta = RossModel(cfg, seed=2, meta=True)
+    meta.llm.model.layers[0] = checkpoint_wrapper(meta.llm.model.layers[0])
+    meta.denoiser.blocks[0] = torch.compile(meta.denoiser.blocks[0])
+    assert any("_checkpoint_wrapped_module" in n for n, _ in meta.named_parameters())
+    assert any("_orig_mod" in n for n, _ in meta.named_parameters())
+    meta.load_weights(torch.device("cpu"))
+    ref = {**dict(eager.named_parameters()), **dict(eager.named_buffers())}
+    got = {load.plain_name(n): t for n, t in [*meta.named_parameters(), *meta.named_buffers()]}
+    assert got.keys() == ref.keys()
+    assert [n for n in ref if not torch.equal(got[n], ref[n])] == []

@@ -86,6 +86,17 @@ def local_part(t: torch.Tensor) -> tuple[torch.Tensor, tuple[slice, ...]]:
     return t, tuple(slice(0, s) for s in t.shape)
 
 
+# Module wrappers that parallelize may add (activation checkpointing, torch.compile): their
+# attribute is not part of the name a file or an init rule knows the tensor by.
+WRAPPER_SEGMENTS = ("_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def plain_name(name: str) -> str:
+    for seg in WRAPPER_SEGMENTS:
+        name = name.replace(seg, "")
+    return name
+
+
 def aliases(model: nn.Module) -> dict[int, list[str]]:
     """Every name of every parameter and buffer object (tied weights have several), by object id."""
     names: dict[int, list[str]] = {}
@@ -169,6 +180,7 @@ def storage_bytes(model: nn.Module) -> int:
 def load_sharded(model: nn.Module, sources: list[Source], fresh_rules: dict[str, init.Rule], seed: int,
                  device: torch.device) -> LoadReport:
     """Materialise `model` (built on meta, sharded or not) on `device` and fill it; see the module's header."""
+    fresh_rules = {plain_name(n): rule for n, rule in fresh_rules.items()}
     names = aliases(model)
     tied = [n for n in names.values() if len(n) > 1]
     model.to_empty(device=device)
@@ -180,7 +192,7 @@ def load_sharded(model: nn.Module, sources: list[Source], fresh_rules: dict[str,
         folders = {src.folder: SafetensorsFolder(src.folder, stack) for src in sources}
         for t in [*model.parameters(), *persistent]:
             local, where = local_part(t)
-            tnames = names[id(t)]
+            tnames = [plain_name(n) for n in names[id(t)]]
             fresh_name = next((n for n in tnames if n in fresh_rules), None)
             if fresh_name is not None:
                 n_fresh += 1
