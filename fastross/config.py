@@ -166,9 +166,11 @@ def _check(key: str, val, typ):
             return float(val)
         except ValueError:
             pass
-    base = typing.get_origin(typ) or typ
-    if isinstance(base, types.UnionType):
-        base = tuple(typing.get_args(typ))
+    origin = typing.get_origin(typ)
+    if origin in (types.UnionType, typing.Union):  # str | list: any of the members' base types
+        base = tuple(typing.get_origin(a) or a for a in typing.get_args(typ))
+    else:
+        base = origin or typ
     if base is int and isinstance(val, bool) or not isinstance(val, base):
         raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {val!r} ({type(val).__name__})")
     return val

@@ -119,8 +119,8 @@ def parallelize(model, world: World, cfg):
 
     FSDP2 units: one per LLM decoder layer, the denoiser, the root (projector, embeddings, final norm, lm_head).
     The frozen vision tower and VAE are left out of FSDP (`ignored_params`): each rank keeps a full replica,
-    so they cost no all-gather and no reshard per micro-batch (they never get a gradient to reduce). Their
-    dtype is set here, since FSDP's mixed precision does not cover them.
+    so they cost no all-gather and no reshard per micro-batch (they never get a gradient to reduce). FSDP's
+    mixed precision does not cover them: `cast_frozen` sets their dtype once their weights are loaded.
     The gradient is reduced as a sum (`set_gradient_divide_factor(1.0)`): the trainer's loss is already the
     global mean over tokens and images (ROSS_SPEC.md section 5), so FSDP must not divide again.
     """
@@ -130,16 +130,12 @@ def parallelize(model, world: World, cfg):
     if t.compile:
         compile_blocks(model)
     mesh = init_device_mesh(world.device.type, (world.size,))
-    param_dtype = torch.bfloat16 if t.dtype == "bf16" else torch.float32
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype if t.dtype == "bf16" else None, reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if t.dtype == "bf16" else None, reduce_dtype=torch.float32)
     kw = dict(mesh=mesh, mp_policy=mp)
     for layer in layers:
         fully_shard(layer, **kw)
     fully_shard(model.denoiser, **kw)
-    frozen = [model.vision] + ([model.vae] if model.vae is not None else [])
-    for part in frozen:
-        part.to(device=world.device, dtype=param_dtype)
-    fully_shard(model, ignored_params={p for part in frozen for p in part.parameters()}, **kw)
+    fully_shard(model, ignored_params={p for part in frozen_parts(model) for p in part.parameters()}, **kw)
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
@@ -149,6 +145,17 @@ def parallelize(model, world: World, cfg):
             layer.set_modules_to_forward_prefetch(list(layers[i + 1 : i + 1 + k]))
             layer.set_modules_to_backward_prefetch(list(layers[max(0, i - k) : i])[::-1])
     return model
+
+
+def frozen_parts(model) -> list[nn.Module]:
+    """The frozen pretrained parts that every rank keeps whole: the vision tower and the VAE."""
+    return [model.vision] + ([model.vae] if model.vae is not None else [])
+
+
+def cast_frozen(model, dtype: str) -> None:
+    """Give the frozen parts the compute dtype (train.dtype) that FSDP's mixed precision gives the others."""
+    for part in frozen_parts(model):
+        part.to(torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

@@ -59,7 +59,8 @@ class Trainer:
         if d.global_batch < world.size:
             raise config.ConfigError(f"data.global_batch={d.global_batch} is smaller than the {world.size} ranks")
         self.attention = attention.resolve(cfg.attention.backend, world.device)
-        model = RossModel(m, self.attention)
+        # Built on the meta device: no rank ever holds the whole model (fastross/model/load.py).
+        model = RossModel(m, self.attention, seed=t.seed, meta=True)
         self.stream = StepStream(
             d.shards, d.global_batch, world.rank, world.size, d.shuffle, d.seed,
             max_tokens=d.max_tokens, attn_tokens=llm_attention_cost_tokens(model.llm),
@@ -70,8 +71,11 @@ class Trainer:
         for part in t.trainable:
             getattr(model, part).requires_grad_(True)
         model.vision.requires_grad_(False)
-        model.to(world.device)
         self.model = distributed.parallelize(model, world, cfg)
+        loaded = self.model.load_weights(world.device)  # each rank's shards only
+        distributed.cast_frozen(self.model, t.dtype)
+        self._say(f"weights: {loaded.from_files} tensors read from the folders, {loaded.fresh} fresh; "
+                  f"{loaded.held_bytes / 2**20:.1f} MiB held per rank")
         if m.init_from:
             src = checkpoint.load_model_weights(m.init_from, self.model)
             self._say(f"model weights from {src}")

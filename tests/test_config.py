@@ -66,3 +66,11 @@ def test_checkpoint_policies_expand():
     assert config.checkpoint_policies(["full*2", "none", "selective*1"], 4) == ["full", "full", "none", "selective"]
     with pytest.raises(config.ConfigError, match="names 3 layers, but the LLM has 4"):
         config.checkpoint_policies(["full*2", "none"], 4)
+
+
+@pytest.mark.parametrize("recipe", ["tiny_pretrain", "tiny", "7b_pretrain", "7b"])
+def test_shipped_configs_load(recipe, tiny_models, stage2_shards):
+    """Every recipe in configs/ passes the type checks (its folders pointed at the test's own)."""
+    cfg = config.load(f"configs/{recipe}.yaml", [f"model.vision_path={tiny_models / 'vision'}",
+                                                 f"model.llm_path={tiny_models / 'llm'}", f"data.shards={stage2_shards}"])
+    assert config.checkpoint_policies(cfg.train.activation_checkpointing, 2) == ["full", "full"]

@@ -32,6 +32,7 @@ from torch import nn
 from fastross.kernels.adaln import adaln_chunks, silu_cond
 from fastross.kernels.fused_mlp import fused_mlp_branch, gated_linear
 from fastross.kernels.ln_modulate import ln_modulate
+from fastross.model import init
 
 LN_EPS = 1e-6  # the blocks' and the final layer's LayerNorm
 
@@ -168,21 +169,27 @@ class Denoiser(nn.Module):
         self.final = FinalLayer(width, channels)
         self.reset_parameters()
 
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        for m in self.modules():
+    def init_rules(self) -> dict[str, init.Rule]:
+        """Each parameter's init: xavier_uniform weights and zero biases, normal(0.02) for the timestep MLP,
+        zeros for every adaLN output projection and the final Linear (adaLN-Zero)."""
+        zero = [blk.ada[-1] for blk in self.blocks] + [self.final.ada[-1], self.final.linear]
+        t_mlp = [self.t_embed.mlp[0], self.t_embed.mlp[2]]
+        rules = {}
+        for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for lin in (self.t_embed.mlp[0], self.t_embed.mlp[2]):
-            nn.init.normal_(lin.weight, std=0.02)
-        # adaLN-Zero: every modulation projection and the output layer start at zero.
-        for blk in self.blocks:
-            nn.init.zeros_(blk.ada[-1].weight)
-            nn.init.zeros_(blk.ada[-1].bias)
-        for lin in (self.final.ada[-1], self.final.linear):
-            nn.init.zeros_(lin.weight)
-            nn.init.zeros_(lin.bias)
+                weight = init.zeros if any(m is z for z in zero) else (
+                    init.normal(0.02) if any(m is t for t in t_mlp) else init.xavier_uniform)
+                rules[f"{name}.weight"], rules[f"{name}.bias"] = weight, init.zeros
+        return rules
+
+    @torch.no_grad()
+    def reset_parameters(self, seed: int | None = None, prefix: str = "") -> None:
+        """seed None: torch's global RNG; else fastross.model.init's keyed draws for this module at `prefix`."""
+        init.apply_rules(self, self.init_rules(), seed, prefix)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
         if self.pos_embed is not None:
             self.pos_embed.copy_(sincos_2d(self.pos_embed.shape[1], int(math.isqrt(self.pos_embed.shape[0]))))
 

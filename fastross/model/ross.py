@@ -7,6 +7,7 @@ divides by counts over the whole global batch (ROSS_SPEC.md section 5).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastross.kernels import diffusion_loss
-from fastross.model import diffusion, liger, text_loss
+from fastross.model import diffusion, init, liger, load, text_loss
 from fastross.model.attention import build_mask
 from fastross.model.attention import register as register_attention
 from fastross.model.denoiser import Denoiser
@@ -29,29 +30,56 @@ class LossSums:
 
 
 class RossModel(nn.Module):
-    def __init__(self, cfg, attention: str = "sdpa"):
-        """cfg: fastross.config.ModelConfig; attention: a resolved fastross.model.attention backend."""
+    """Two builds that give equal weights (tests/test_meta_load.py):
+
+    - eager (`meta=False`, tests and tools): every pretrained part through Hugging Face's
+      from_pretrained, whole, on the host;
+    - meta (`meta=True`, the trainer): every part built from its folder's config on the meta
+      device, no storage at all; after `fully_shard`, `load_weights(device)` materialises each
+      rank's shards and fills them from the safetensors files (fastross.model.load).
+
+    Fresh parts (projector, denoiser) are drawn in both builds from generators keyed by
+    (seed, parameter name) (fastross.model.init), so their values do not depend on the build,
+    the rank count or the order of construction.
+    """
+
+    FRESH = ("projector", "denoiser")  # parts not read from any folder
+
+    def __init__(self, cfg, attention: str = "sdpa", seed: int = 0, meta: bool = False):
+        """cfg: fastross.config.ModelConfig; attention: a resolved fastross.model.attention backend;
+        seed: train.seed, keys the fresh parameters; meta: build on the meta device (see the class)."""
         super().__init__()
-        from transformers import AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM
 
         register_attention()
         self.attention = attention
-        self.vision = VisionTower(cfg.vision_path, cfg.select_layer)
-        self.llm = AutoModelForCausalLM.from_pretrained(
-            cfg.llm_path, dtype=torch.float32, attn_implementation=f"fastross_{attention}"
-        )
+        self.seed = seed
+        on_meta = torch.device("meta") if meta else contextlib.nullcontext()
+        self.vision = VisionTower(cfg.vision_path, cfg.select_layer, meta=meta)
+        llm_kw = dict(dtype=torch.float32, attn_implementation=f"fastross_{attention}")
+        if meta:
+            with on_meta:
+                self.llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.llm_path), **llm_kw)
+        else:
+            self.llm = AutoModelForCausalLM.from_pretrained(cfg.llm_path, **llm_kw)
         self.llm.config.use_cache = False
         if cfg.liger_kernels:
             liger.apply(self.llm)
         self.text_loss = text_loss.build(cfg.fused_ce)
         hidden = self.llm.config.hidden_size
-        self.projector = Projector(self.vision.hidden_size, hidden)
+        # Where each pretrained part's weights live: (prefix here, folder, the files' key prefix).
+        self.sources = [load.Source("vision.", cfg.vision_path, "vision_model."), load.Source("llm.", cfg.llm_path, "")]
         self.vae = None
         if cfg.vae_path:
             from diffusers import AutoencoderKL
 
-            self.vae = AutoencoderKL.from_pretrained(cfg.vae_path, torch_dtype=torch.float32)
+            if meta:
+                with on_meta:
+                    self.vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg.vae_path))
+            else:
+                self.vae = AutoencoderKL.from_pretrained(cfg.vae_path, torch_dtype=torch.float32)
             self.vae.requires_grad_(False)
+            self.sources.append(load.Source("vae.", cfg.vae_path, ""))
             self.latent_channels = int(self.vae.config.latent_channels)
             self.latent_shift = float(self.vae.config.shift_factor or 0.0)
             self.latent_scale = float(self.vae.config.scaling_factor)
@@ -59,14 +87,35 @@ class RossModel(nn.Module):
             self.latent_channels = cfg.latent_channels
             self.latent_shift, self.latent_scale = cfg.latent_shift, cfg.latent_scale
         d = cfg.denoiser
-        self.denoiser = Denoiser(
-            d.kind, hidden, d.width, d.depth, d.heads, self.vision.grid, channels=4 * self.latent_channels, impl=d.impl
-        )
+        with on_meta:
+            self.projector = Projector(self.vision.hidden_size, hidden)
+            self.denoiser = Denoiser(
+                d.kind, hidden, d.width, d.depth, d.heads, self.vision.grid, channels=4 * self.latent_channels,
+                impl=d.impl,
+            )
+            self.register_buffer("sqrt_ab", torch.empty(diffusion.NUM_STEPS), persistent=False)
+            self.register_buffer("sqrt_1m_ab", torch.empty(diffusion.NUM_STEPS), persistent=False)
         self.impl = d.impl
         self.replicas = d.replicas
+        if not meta:
+            for part in self.FRESH:
+                init.apply_rules(getattr(self, part), getattr(self, part).init_rules(), seed, f"{part}.")
+            self.reset_buffers()
+
+    def fresh_rules(self) -> dict[str, init.Rule]:
+        """The init rule of every fresh parameter, by its name in this model."""
+        return {n: r for part in self.FRESH for n, r in init.prefixed(f"{part}.", getattr(self, part).init_rules()).items()}
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """Recompute this module's own buffers, which no file holds: the noise schedule (float64 -> fp32)."""
         ab = diffusion.cosine_alphas_cumprod()
-        self.register_buffer("sqrt_ab", ab.sqrt().float(), persistent=False)
-        self.register_buffer("sqrt_1m_ab", (1 - ab).sqrt().float(), persistent=False)
+        self.sqrt_ab.copy_(ab.sqrt())
+        self.sqrt_1m_ab.copy_((1 - ab).sqrt())
+
+    def load_weights(self, device: torch.device) -> load.LoadReport:
+        """Materialise a meta-built model on `device` (after fully_shard: only this rank's shards) and fill it."""
+        return load.load_sharded(self, self.sources, self.fresh_rules(), self.seed, device)
 
     @property
     def num_visual_tokens(self) -> int:

@@ -52,16 +52,24 @@ class VisionTower(nn.Module):
     it are dropped, so they cost nothing. The post-layernorm is never applied.
     """
 
-    def __init__(self, path: str, select_layer: int = -2):
+    def __init__(self, path: str, select_layer: int = -2, meta: bool = False):
+        """meta: build only the kept layers from the folder's config, parameters on the meta device
+        (fastross.model.load fills them later); else load the weights with from_pretrained."""
         super().__init__()
-        from transformers import SiglipVisionModel
+        from transformers import SiglipVisionConfig, SiglipVisionModel
 
-        model = SiglipVisionModel.from_pretrained(path, vision_use_head=False)
-        vm = model.vision_model
-        n = len(vm.encoder.layers)
+        config = SiglipVisionConfig.from_pretrained(path, vision_use_head=False)
+        n = config.num_hidden_layers
         keep = n + 1 + select_layer if select_layer < 0 else select_layer
         if not 1 <= keep <= n:
             raise ValueError(f"model.select_layer={select_layer} is out of range for {n} layers in {path}")
+        if meta:
+            config.num_hidden_layers = keep
+            with torch.device("meta"):
+                model = SiglipVisionModel(config)
+        else:
+            model = SiglipVisionModel.from_pretrained(path, vision_use_head=False)
+        vm = model.vision_model
         vm.encoder.layers = vm.encoder.layers[:keep]
         self.embeddings = vm.embeddings
         self.encoder = vm.encoder
