@@ -15,6 +15,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+from fastross.model.denoiser import mp_policy as denoiser_mp_policy
+
 
 @dataclass
 class World:
@@ -64,7 +66,7 @@ def parallelize(model, world: World, dtype: str, activation_checkpointing: bool)
     for layer in model.llm.model.layers:
         fully_shard(layer, **kw)
     fully_shard(model.vision, **kw)
-    fully_shard(model.denoiser, **kw)
+    fully_shard(model.denoiser, mesh=mesh, mp_policy=denoiser_mp_policy(model.denoiser.precision))  # model.denoiser.dtype
     if model.vae is not None:
         fully_shard(model.vae, **kw)
         register_fsdp_forward_method(model.vae, "encode")  # encode() is called instead of forward()
