@@ -33,14 +33,12 @@ benchmarks/kernels/bench_denoiser.py measures both against the floor on a lent G
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from dataclasses import dataclass
-from typing import Callable
-
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from fastross.kernels.adaln import adaln_chunks, silu_cond, silu_cond_ref
@@ -76,7 +74,13 @@ def mp_policy(dtype: str) -> MixedPrecisionPolicy:
 def compile_block(block: nn.Module, **compile_kw) -> nn.Module:
     """torch.compile one block in place (state dict unchanged), its rows dimension (n * R, which changes
     with the images in a micro-batch) marked dynamic so that varying n does not recompile. compile_kw go to
-    torch.compile (e.g. backend=, fullgraph=)."""
+    torch.compile (e.g. backend=, fullgraph=).
+
+    The block's `forward` becomes an instance attribute that marks the inputs (outside the compiled region,
+    where marking is allowed) and calls the compiled bound method. Trade-off against torch.compile(block):
+    no `_orig_mod.` in the state dict; but copy.deepcopy of a compiled block keeps calling the original
+    block's forward, so copy before compiling. Blocks of one class share Dynamo's graph (their parameters
+    are graph inputs), so depth does not multiply compile time."""
     compiled = torch.compile(block.forward, **compile_kw)
 
     def forward(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
