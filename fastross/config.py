@@ -28,6 +28,7 @@ class DenoiserConfig:
     heads: int = 16  # attention heads (dit only)
     replicas: int = 4  # (condition, target) replicas per image, each with its own t and noise
     impl: Literal["torch", "triton"] = "torch"  # eager PyTorch (the reference) or fastross.kernels' fused kernels
+    dtype: Literal["fp32", "bf16"] = "fp32"  # the denoiser's own FSDP2 precision, whatever train.dtype (fp32: the reference)
 
 
 @dataclass

@@ -18,6 +18,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fastross.config import checkpoint_policies
+from fastross.model.denoiser import compile_blocks as compile_denoiser_blocks
+from fastross.model.denoiser import mp_policy as denoiser_mp_policy
+
+from fastross.model.denoiser import mp_policy as denoiser_mp_policy
 
 
 @dataclass
@@ -99,7 +103,8 @@ def _keep_matmuls():
 
 
 def compile_blocks(model) -> int:
-    """torch.compile each LLM decoder layer and each denoiser block in place (names unchanged); returns the count.
+    """torch.compile each LLM decoder layer, each denoiser block and its final layer in place (names unchanged);
+    returns how many were compiled.
 
     Packed micro-batches change length every step, and with it the number of samples (cu_seqlens), the longest
     sample (an int) and the mask: the decoder layers are compiled with every size symbolic from the start
@@ -109,9 +114,8 @@ def compile_blocks(model) -> int:
     """
     for layer in model.llm.model.layers:
         layer.compile(dynamic=True)
-    for block in model.denoiser.blocks:
-        block.compile()
-    return len(model.llm.model.layers) + len(model.denoiser.blocks)
+    compile_denoiser_blocks(model.denoiser)  # its rows (images x replicas) marked dynamic
+    return len(model.llm.model.layers) + len(model.denoiser.blocks) + 1
 
 
 def parallelize(model, world: World, cfg):
@@ -134,7 +138,8 @@ def parallelize(model, world: World, cfg):
     kw = dict(mesh=mesh, mp_policy=mp)
     for layer in layers:
         fully_shard(layer, **kw)
-    fully_shard(model.denoiser, **kw)
+    # model.denoiser.dtype: its own mixed precision, whatever train.dtype says
+    fully_shard(model.denoiser, mesh=mesh, mp_policy=denoiser_mp_policy(model.denoiser.precision))
     fully_shard(model, ignored_params={p for part in frozen_parts(model) for p in part.parameters()}, **kw)
     for m in model.modules():
         if isinstance(m, FSDPModule):

@@ -1,7 +1,15 @@
 """fastross's Triton kernels, importable as `fastross.kernels` (mapped in pyproject.toml).
 
-One file per fused kernel: a design comment, the Triton kernels, their launchers, an
-autograd.Function, and a plain-torch `*_ref` beside them. Nothing here imports fastross.
+One file per fused kernel: a design comment, the Triton kernels, their launchers, the operators,
+and a plain-torch `*_ref` beside them (same signature). Nothing here imports fastross.
+
+The operators are `torch.library.custom_op`s in the `fastross::` namespace, each with a fake
+(shape-only) implementation and, where it has a gradient, a backward that is itself a custom op
+(registered with `register_autograd`). So torch.compile (Dynamo + AOTAutograd) treats every
+launch as one opaque call and never traces into Triton: a compiled block composes with these
+kernels on the GPU and under the CPU interpreter alike (an autograd.Function launching Triton
+cannot be traced under the interpreter). The cost: Inductor cannot fuse across the op boundary,
+which is the fusion these kernels already do by hand.
 
 | file | kernel |
 |---|---|

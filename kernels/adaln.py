@@ -23,7 +23,7 @@ bound and go to cuBLAS unchanged; the condition embedding c_embed (2 n N H W = 8
 once per image, not once per replica (4x less than the reference recipe).
 Known cost left: autograd's backward of the chunk split concatenates the chunk gradients
 into one (M, kW) tensor (one extra write); avoiding it needs the whole block in one
-autograd.Function.
+operator.
 """
 
 from __future__ import annotations
@@ -101,38 +101,64 @@ def _blocks(w: int) -> tuple[int, int]:
     return row_block(w, elementwise_target())
 
 
-class SiluCond(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, cc: torch.Tensor, te: torch.Tensor) -> torch.Tensor:
-        if cc.dim() != 3 or te.dim() != 3 or cc.shape[0] != te.shape[0] or cc.shape[2] != te.shape[2]:
-            raise ValueError(f"c_cond must be (n, N, W) and t_emb (n, R, W), got {tuple(cc.shape)}, {tuple(te.shape)}")
-        check_device(cc, te)
-        cc, te = cc.contiguous(), te.contiguous()
-        n, tokens, w = cc.shape
-        r = te.shape[1]
-        dtype = torch.promote_types(cc.dtype, te.dtype)
-        s = torch.empty(n, r, tokens, w, device=cc.device, dtype=dtype)
-        bt, bw = _blocks(w)
-        _silu_cond_fwd_kernel[(n, triton.cdiv(tokens, bt))](cc, te, s, r, tokens, w, BLOCK_T=bt, BLOCK_W=bw)
-        ctx.save_for_backward(cc, te)
-        return s
+def _check(cc: torch.Tensor, te: torch.Tensor) -> None:
+    if cc.dim() != 3 or te.dim() != 3 or cc.shape[0] != te.shape[0] or cc.shape[2] != te.shape[2]:
+        raise ValueError(f"c_cond must be (n, N, W) and t_emb (n, R, W), got {tuple(cc.shape)}, {tuple(te.shape)}")
 
-    @staticmethod
-    def backward(ctx, ds: torch.Tensor):
-        cc, te = ctx.saved_tensors
-        n, tokens, w = cc.shape
-        r = te.shape[1]
-        bt, bw = _blocks(w)
-        nb = triton.cdiv(tokens, bt)
-        dcc = torch.empty_like(cc)
-        part = torch.empty(n, r, nb, w, device=cc.device, dtype=torch.float32)
-        _silu_cond_bwd_kernel[(n, nb)](ds.contiguous(), cc, te, dcc, part, r, tokens, w, nb, BLOCK_T=bt, BLOCK_W=bw)
-        return dcc, part.sum(dim=2).to(te.dtype)
+
+# torch.library custom ops (opaque to torch.compile, with fake implementations), see ln_modulate.py.
+@torch.library.custom_op("fastross::silu_cond", mutates_args=())
+def silu_cond_op(cc: torch.Tensor, te: torch.Tensor) -> torch.Tensor:
+    _check(cc, te)
+    check_device(cc, te)
+    cc, te = cc.contiguous(), te.contiguous()
+    n, tokens, w = cc.shape
+    r = te.shape[1]
+    s = torch.empty(n, r, tokens, w, device=cc.device, dtype=torch.promote_types(cc.dtype, te.dtype))
+    bt, bw = _blocks(w)
+    _silu_cond_fwd_kernel[(n, triton.cdiv(tokens, bt))](cc, te, s, r, tokens, w, BLOCK_T=bt, BLOCK_W=bw)
+    return s
+
+
+@silu_cond_op.register_fake
+def _(cc, te):
+    _check(cc, te)
+    return cc.new_empty((cc.shape[0], te.shape[1], cc.shape[1], cc.shape[2]),
+                        dtype=torch.promote_types(cc.dtype, te.dtype))
+
+
+@torch.library.custom_op("fastross::silu_cond_bwd", mutates_args=())
+def silu_cond_bwd_op(ds: torch.Tensor, cc: torch.Tensor, te: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    cc, te = cc.contiguous(), te.contiguous()
+    n, tokens, w = cc.shape
+    r = te.shape[1]
+    bt, bw = _blocks(w)
+    nb = triton.cdiv(tokens, bt)
+    dcc = torch.empty_like(cc)
+    part = torch.empty(n, r, nb, w, device=cc.device, dtype=torch.float32)
+    _silu_cond_bwd_kernel[(n, nb)](ds.contiguous(), cc, te, dcc, part, r, tokens, w, nb, BLOCK_T=bt, BLOCK_W=bw)
+    return dcc, part.sum(dim=2).to(te.dtype)
+
+
+@silu_cond_bwd_op.register_fake
+def _(ds, cc, te):
+    return cc.new_empty(cc.shape), te.new_empty(te.shape)
+
+
+def _silu_cond_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _silu_cond_backward(ctx, ds):
+    return silu_cond_bwd_op(ds, *ctx.saved_tensors)
+
+
+silu_cond_op.register_autograd(_silu_cond_backward, setup_context=_silu_cond_setup)
 
 
 def silu_cond(c_cond: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:
     """SiLU(c_cond[:, None] + t_emb[:, :, None]): (n, N, W) and (n, R, W) -> (n, R, N, W)."""
-    return SiluCond.apply(c_cond, t_emb)
+    return silu_cond_op(c_cond, t_emb)
 
 
 def silu_cond_ref(c_cond: torch.Tensor, t_emb: torch.Tensor) -> torch.Tensor:

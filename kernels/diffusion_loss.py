@@ -164,13 +164,28 @@ def _check_keys(keys: torch.Tensor) -> torch.Tensor:
     return keys.contiguous()
 
 
-def _randn(keys: torch.Tensor, per_image: int, stream: int) -> torch.Tensor:
+# torch.library custom ops (opaque to torch.compile, with fake implementations): the noise, x_t and
+# the loss can sit inside a compiled region, also under the Triton interpreter.
+
+
+@torch.library.custom_op("fastross::keyed_randn", mutates_args=())
+def keyed_randn_op(keys: torch.Tensor, per_image: int, stream: int) -> torch.Tensor:
+    """(n, per_image) fp32: randn(keys[i], stream << 32 | e)."""
     keys = _check_keys(keys)
     check_device(keys)
     out = torch.empty(keys.numel(), per_image, device=keys.device, dtype=torch.float32)
     block = min(elementwise_target(), triton.next_power_of_2(per_image))
     _randn_kernel[(keys.numel(), triton.cdiv(per_image, block))](keys, out, per_image, STREAM=stream, BLOCK=block)
     return out
+
+
+@keyed_randn_op.register_fake
+def _(keys, per_image, stream):
+    return keys.new_empty((keys.shape[0], per_image), dtype=torch.float32)
+
+
+def _randn(keys: torch.Tensor, per_image: int, stream: int) -> torch.Tensor:
+    return keyed_randn_op(keys, per_image, stream)
 
 
 def keyed_eps(keys: torch.Tensor, replicas: int, tokens: int, channels: int) -> torch.Tensor:
@@ -181,6 +196,42 @@ def keyed_eps(keys: torch.Tensor, replicas: int, tokens: int, channels: int) -> 
 def keyed_xi(keys: torch.Tensor, tokens: int, channels: int) -> torch.Tensor:
     """Materialise the posterior draw's xi the fused kernels draw: (n, N, 4C) fp32, folded layout."""
     return _randn(keys, tokens * channels, XI_STREAM).view(keys.numel(), tokens, channels)
+
+
+def _check_xt(mean, std, keys, sqrt_ab, sqrt_1m_ab) -> None:
+    if mean.shape != std.shape or mean.dim() != 4 or mean.shape[2] != mean.shape[3] or mean.shape[2] % 2:
+        raise ValueError(f"latent moments must be (n, C, 2g, 2g), got {tuple(mean.shape)} and {tuple(std.shape)}")
+    n, r = mean.shape[0], sqrt_ab.shape[1]
+    if keys.dim() != 1 or keys.shape[0] != n or sqrt_ab.shape != (n, r) or sqrt_1m_ab.shape != (n, r):
+        raise ValueError(f"keys {tuple(keys.shape)}, sqrt_ab {tuple(sqrt_ab.shape)}, sqrt_1m_ab "
+                         f"{tuple(sqrt_1m_ab.shape)} do not match {n} images")
+
+
+@torch.library.custom_op("fastross::diffusion_xt", mutates_args=())
+def diffusion_xt_op(mean: torch.Tensor, std: torch.Tensor, keys: torch.Tensor, sqrt_ab: torch.Tensor,
+                    sqrt_1m_ab: torch.Tensor, shift: float, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    keys = _check_keys(keys)
+    _check_xt(mean, std, keys, sqrt_ab, sqrt_1m_ab)
+    check_device(mean, std, keys, sqrt_ab, sqrt_1m_ab)
+    n, c, side, _ = mean.shape
+    r = sqrt_ab.shape[1]
+    g = side // 2
+    c4, tokens = 4 * c, g * g
+    nc4 = tokens * c4
+    xt = torch.empty(n, r, tokens, c4, device=mean.device, dtype=dtype)
+    block = min(elementwise_target(), triton.next_power_of_2(nc4))
+    _xt_kernel[(n, triton.cdiv(nc4, block))](
+        mean.contiguous(), std.contiguous(), keys, sqrt_ab.float().contiguous(), sqrt_1m_ab.float().contiguous(),
+        xt, float(shift), float(scale), r, g, nc4, C4=c4, BLOCK=block,
+    )
+    return xt
+
+
+@diffusion_xt_op.register_fake
+def _(mean, std, keys, sqrt_ab, sqrt_1m_ab, shift, scale, dtype):
+    _check_xt(mean, std, keys, sqrt_ab, sqrt_1m_ab)
+    n, c, side, _ = mean.shape
+    return mean.new_empty((n, sqrt_ab.shape[1], (side // 2) ** 2, 4 * c), dtype=dtype)
 
 
 def diffusion_xt(
@@ -194,62 +245,70 @@ def diffusion_xt(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """x_t (n, R, g*g, 4C) from the posterior moments (n, C, 2g, 2g), keys (n,) and the schedule at t (n, R)."""
-    keys = _check_keys(keys)
-    if mean.shape != std.shape or mean.dim() != 4 or mean.shape[2] != mean.shape[3] or mean.shape[2] % 2:
-        raise ValueError(f"latent moments must be (n, C, 2g, 2g), got {tuple(mean.shape)} and {tuple(std.shape)}")
-    n, c, side, _ = mean.shape
-    r = sqrt_ab.shape[1]
-    if keys.numel() != n or sqrt_ab.shape != (n, r) or sqrt_1m_ab.shape != (n, r):
-        raise ValueError(f"keys {tuple(keys.shape)}, sqrt_ab {tuple(sqrt_ab.shape)}, sqrt_1m_ab "
-                         f"{tuple(sqrt_1m_ab.shape)} do not match {n} images")
-    check_device(mean, std, keys, sqrt_ab, sqrt_1m_ab)
-    g = side // 2
-    c4, tokens = 4 * c, g * g
-    nc4 = tokens * c4
-    xt = torch.empty(n, r, tokens, c4, device=mean.device, dtype=dtype)
-    block = min(elementwise_target(), triton.next_power_of_2(nc4))
-    _xt_kernel[(n, triton.cdiv(nc4, block))](
-        mean.contiguous(), std.contiguous(), keys, sqrt_ab.float().contiguous(), sqrt_1m_ab.float().contiguous(),
-        xt, float(shift), float(scale), r, g, nc4, C4=c4, BLOCK=block,
-    )
-    return xt
+    return diffusion_xt_op(mean, std, keys, sqrt_ab, sqrt_1m_ab, float(shift), float(scale), dtype)
 
 
-class EpsLoss(torch.autograd.Function):
+def _loss_block(nc4: int) -> int:
+    return min(elementwise_target(), triton.next_power_of_2(nc4))
+
+
+@torch.library.custom_op("fastross::eps_loss", mutates_args=())
+def eps_loss_op(eps_hat: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Per-image mean squared error of eps_hat (n, R, N, 4C) against the keyed eps; fp32 (n,)."""
+    keys = _check_keys(keys)
+    if eps_hat.dim() != 4 or eps_hat.shape[0] != keys.numel():
+        raise ValueError(f"eps_hat must be (n, R, N, 4C) with n = {keys.numel()}, got {tuple(eps_hat.shape)}")
+    check_device(eps_hat, keys)
+    n, r, tokens, c4 = eps_hat.shape
+    nc4 = tokens * c4
+    eh = eps_hat.contiguous()
+    block = _loss_block(nc4)
+    nb = triton.cdiv(nc4, block)
+    partial = torch.empty(n * r, nb, device=eh.device, dtype=torch.float32)
+    _eps_loss_fwd_kernel[(n * r, nb)](eh, keys, partial, r, nc4, nb, BLOCK=block)
+    return partial.view(n, r * nb).sum(dim=1) / (r * nc4)
 
-    @staticmethod
-    def forward(ctx, eps_hat: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        keys = _check_keys(keys)
-        if eps_hat.dim() != 4 or eps_hat.shape[0] != keys.numel():
-            raise ValueError(f"eps_hat must be (n, R, N, 4C) with n = {keys.numel()}, got {tuple(eps_hat.shape)}")
-        check_device(eps_hat, keys)
-        n, r, tokens, c4 = eps_hat.shape
-        nc4 = tokens * c4
-        eh = eps_hat.contiguous()
-        block = min(elementwise_target(), triton.next_power_of_2(nc4))
-        nb = triton.cdiv(nc4, block)
-        partial = torch.empty(n * r, nb, device=eh.device, dtype=torch.float32)
-        _eps_loss_fwd_kernel[(n * r, nb)](eh, keys, partial, r, nc4, nb, BLOCK=block)
-        ctx.save_for_backward(eh, keys)
-        ctx.block = block
-        return partial.view(n, r * nb).sum(dim=1) / (r * nc4)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        eh, keys = ctx.saved_tensors
-        n, r, tokens, c4 = eh.shape
-        nc4 = tokens * c4
-        out = torch.empty_like(eh)
-        _eps_loss_bwd_kernel[(n * r, triton.cdiv(nc4, ctx.block))](
-            eh, keys, grad.float().contiguous(), out, r, nc4, 1.0 / (r * nc4), BLOCK=ctx.block
-        )
-        return out, None
+@eps_loss_op.register_fake
+def _(eps_hat, keys):
+    if eps_hat.dim() != 4:
+        raise ValueError(f"eps_hat must be (n, R, N, 4C), got {tuple(eps_hat.shape)}")
+    return eps_hat.new_empty((eps_hat.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastross::eps_loss_bwd", mutates_args=())
+def eps_loss_bwd_op(grad: torch.Tensor, eps_hat: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """d loss / d eps_hat, eps regenerated from the keys (never stored); eps_hat's shape and dtype."""
+    eh = eps_hat.contiguous()
+    n, r, tokens, c4 = eh.shape
+    nc4 = tokens * c4
+    block = _loss_block(nc4)
+    out = torch.empty_like(eh)
+    _eps_loss_bwd_kernel[(n * r, triton.cdiv(nc4, block))](
+        eh, keys.contiguous(), grad.float().contiguous(), out, r, nc4, 1.0 / (r * nc4), BLOCK=block
+    )
+    return out
+
+
+@eps_loss_bwd_op.register_fake
+def _(grad, eps_hat, keys):
+    return eps_hat.new_empty(eps_hat.shape)
+
+
+def _eps_loss_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _eps_loss_backward(ctx, grad):
+    return eps_loss_bwd_op(grad, *ctx.saved_tensors), None
+
+
+eps_loss_op.register_autograd(_eps_loss_backward, setup_context=_eps_loss_setup)
 
 
 def eps_loss(eps_hat: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Per-image loss (n,) fp32: mean over (R, N, 4C) of (eps_hat - eps)^2, eps regenerated from keys."""
-    return EpsLoss.apply(eps_hat, keys)
+    return eps_loss_op(eps_hat, keys)
 
 
 # ----------------------------------------------------------------------------- references

@@ -146,28 +146,65 @@ def ln_modulate_bwd(dy, x, scale, mean, rstd, dres=None):
     return dx, dsc
 
 
-class LNModulate(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, shift, scale, eps):
-        w = x.shape[-1]
-        x2, sh2, sc2 = rows2d(x, w, "x"), rows2d(shift, w, "shift"), rows2d(scale, w, "scale")
-        y, mean, rstd = ln_modulate_fwd(x2, sh2, sc2, eps)
-        ctx.save_for_backward(x2, sc2, mean, rstd)
-        ctx.shapes = (x.shape, shift.shape, scale.shape)
-        return y.view(x.shape)
+# ----------------------------------------------------------------------------- operators
+# torch.library custom ops (not an autograd.Function): torch.compile treats them as opaque calls
+# with a fake (shape-only) implementation, so a compiled block can hold them, also under the
+# Triton interpreter. The forward op returns what backward needs (the statistics) as extra,
+# non-differentiable outputs; the backward op is a custom op too, so AOTAutograd can trace the
+# backward formula without entering a Triton launch.
 
-    @staticmethod
-    def backward(ctx, dy):
-        x2, sc2, mean, rstd = ctx.saved_tensors
-        xs, shs, scs = ctx.shapes
-        dx, dsc = ln_modulate_bwd(dy.reshape(x2.shape), x2, sc2, mean, rstd)
-        dsh = dy.reshape(shs) if ctx.needs_input_grad[1] else None
-        return dx.view(xs), dsh, dsc.view(scs) if ctx.needs_input_grad[2] else None, None
+
+@torch.library.custom_op("fastross::ln_modulate", mutates_args=())
+def ln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y shaped like x, row means, row rstd) with the statistics shaped x.shape[:-1], fp32."""
+    w = x.shape[-1]
+    y, mean, rstd = ln_modulate_fwd(rows2d(x, w, "x"), rows2d(shift, w, "shift"), rows2d(scale, w, "scale"), eps)
+    return y.view(x.shape), mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+@ln_modulate_op.register_fake
+def _(x, shift, scale, eps):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return x.new_empty(x.shape), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("fastross::ln_modulate_bwd", mutates_args=())
+def ln_modulate_bwd_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
+                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx shaped like x, dscale shaped like scale); dshift is dy itself."""
+    w = x.shape[-1]
+    x2, sc2 = rows2d(x, w, "x"), rows2d(scale, w, "scale")
+    dx, dsc = ln_modulate_bwd(dy.reshape(x2.shape), x2, sc2, mean.reshape(-1), rstd.reshape(-1))
+    return dx.view(x.shape), dsc.view(scale.shape)
+
+
+@ln_modulate_bwd_op.register_fake
+def _(dy, x, scale, mean, rstd):
+    return x.new_empty(x.shape), scale.new_empty(scale.shape)
+
+
+def _ln_modulate_setup(ctx, inputs, output):
+    x, shift, scale, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.shift_shape = shift.shape
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the statistics
+
+
+def _ln_modulate_backward(ctx, dy, _dmean, _drstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dsc = ln_modulate_bwd_op(dy, x, scale, mean, rstd)
+    return dx, dy.reshape(ctx.shift_shape) if ctx.needs_input_grad[1] else None, dsc, None
+
+
+ln_modulate_op.register_autograd(_ln_modulate_backward, setup_context=_ln_modulate_setup)
 
 
 def ln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """LN(x) (no affine) * (1 + scale) + shift over the last dimension; shift, scale shaped like x."""
-    return LNModulate.apply(x, shift, scale, eps)
+    return ln_modulate_op(x, shift, scale, eps)[0]
 
 
 def ln_modulate_ref(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

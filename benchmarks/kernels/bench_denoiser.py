@@ -58,10 +58,10 @@ def matmul_flops(shape: str, mode: str) -> float:
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
-def build(shape: str, seed: int = 0) -> Denoiser:
+def build(shape: str, seed: int = 0, impl: str = "torch") -> Denoiser:
     s = SHAPES[shape]
     torch.manual_seed(seed)
-    d = Denoiser(s["kind"], s["cond"], s["width"], s["depth"], s["heads"], s["grid"], channels=s["ch"])
+    d = Denoiser(s["kind"], s["cond"], s["width"], s["depth"], s["heads"], s["grid"], channels=s["ch"], impl=impl)
     with torch.no_grad():  # open the adaLN-Zero gates: a trained denoiser, not an all-zero one
         for p in d.parameters():
             if torch.count_nonzero(p) == 0:
@@ -77,7 +77,7 @@ def cases(shape: str, provider: str) -> H.Case:
     x_t = torch.randn(n, r, tokens, s["ch"], generator=g).to(dev)
     t = torch.randint(0, 1000, (n, r), generator=g).to(dev)
     cond = torch.randn(n, tokens, s["cond"], generator=g).to(dev)
-    model = build(shape)
+    model = build(shape, impl="triton" if provider == "fastross" else "torch")  # same seed: the same parameters
     if provider == "reference":
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -89,8 +89,6 @@ def cases(shape: str, provider: str) -> H.Case:
         return H.Case(fwd, [cond, *model.parameters()])
     model = model.bfloat16()
     cond = cond.bfloat16().requires_grad_(True)
-    if provider == "fastross":
-        model.impl = "triton"
     run = H.compiled(model) if provider == "torch_bf16_compiled" else model
     return H.Case(lambda: run(x_t, t, cond), [cond, *model.parameters()])
 

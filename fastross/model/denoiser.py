@@ -5,11 +5,20 @@ condition (n, N, H), the LLM's normed hidden states at the image's visual tokens
 predict eps (n, R, N, 64). The condition embedding is computed once per image and
 broadcast over its R replicas.
 
-Two implementations share every parameter (one state dict, switchable at any checkpoint):
-impl="torch" is eager PyTorch, the reference; impl="triton" runs the same maths through
-fastross.kernels: SiLU(c) once for all adaLN projections, LayerNorm + modulation fused, the
-MLP branch and the attention output projection with their gated residuals fused into the
-matmul epilogues (attention itself is PyTorch SDPA).
+Two implementations share every parameter (one state dict, switchable at any checkpoint),
+and the one built decides which ops run (STYLE.md 9): every block holds a `DenoiserOps`, the
+fastross.kernels operators or their `*_ref` twins (same signatures), fixed at construction,
+and has a single forward. impl="torch" holds the refs, eager PyTorch with the maths of the
+reference (the condition's SiLU computed once and shared by every adaLN projection, which
+gives the same numbers as applying it inside each block); impl="triton" holds the kernels:
+SiLU(c) once for all adaLN projections, LayerNorm + modulation fused, the MLP branch and the
+attention output projection with their gated residuals fused into the matmul epilogues
+(attention itself is PyTorch SDPA). The kernels are torch.library custom ops, so
+`compile_blocks` can compile each block with either impl.
+
+Precision (`model.denoiser.dtype`): `mp_policy` gives the denoiser its own FSDP2
+MixedPrecisionPolicy whatever `train.dtype` is: fp32 (the reference; the default) or bf16
+parameters and compute with fp32 gradient reduction. The loss stays fp32 either way.
 
 Plan at the 7B shapes (16 images x 4 replicas x 729 tokens = 46656 rows, W 1024, H 3584, bf16;
 H100 790 TFLOP/s, 3 TB/s): one DiT step (forward + backward) is 18.0 TFLOP of matmuls, 23 ms at
@@ -24,21 +33,73 @@ benchmarks/kernels/bench_denoiser.py measures both against the floor on a lent G
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from fastross.kernels.adaln import adaln_chunks, silu_cond
-from fastross.kernels.fused_mlp import fused_mlp_branch, gated_linear
-from fastross.kernels.ln_modulate import ln_modulate
+from fastross.kernels.adaln import adaln_chunks, silu_cond, silu_cond_ref
+from fastross.kernels.fused_mlp import fused_mlp_branch, fused_mlp_branch_ref, gated_linear, gated_linear_ref
+from fastross.kernels.ln_modulate import ln_modulate, ln_modulate_ref
 from fastross.model import init
 
 LN_EPS = 1e-6  # the blocks' and the final layer's LayerNorm
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
+@dataclass(frozen=True)
+class DenoiserOps:
+    """The ops a denoiser runs, chosen once by impl; the kernels and their refs share signatures."""
+
+    silu_cond: Callable  # (c_cond (n, N, W), t_emb (n, R, W)) -> SiLU(c) (n, R, N, W)
+    ln_modulate: Callable  # (x, shift, scale, eps) -> LN(x) * (1 + scale) + shift
+    gated_linear: Callable  # (y, w, bias, gate, res) -> res + gate * (y @ w^T + bias)
+    mlp_branch: Callable  # (x, shift, scale, gate, w1, b1, w2, b2, act, eps) -> x + gate * fc2(act(fc1(LN-mod(x))))
+
+
+OPS = {
+    "torch": DenoiserOps(silu_cond_ref, ln_modulate_ref, gated_linear_ref, fused_mlp_branch_ref),
+    "triton": DenoiserOps(silu_cond, ln_modulate, gated_linear, fused_mlp_branch),
+}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # model.denoiser.dtype -> FSDP2 param_dtype (None: as stored)
+
+
+def mp_policy(dtype: str) -> MixedPrecisionPolicy:
+    """The denoiser's own FSDP2 policy for model.denoiser.dtype: parameters and compute in fp32 or bf16,
+    gradients reduced in fp32, whatever train.dtype is."""
+    return MixedPrecisionPolicy(param_dtype=DTYPES[dtype], reduce_dtype=torch.float32)
+
+
+def compile_block(block: nn.Module, **compile_kw) -> nn.Module:
+    """torch.compile one block in place (state dict unchanged), its rows dimension (n * R, which changes
+    with the images in a micro-batch) marked dynamic so that varying n does not recompile. compile_kw go to
+    torch.compile (e.g. backend=, fullgraph=).
+
+    The block's `forward` becomes an instance attribute that marks the inputs (outside the compiled region,
+    where marking is allowed) and calls the compiled bound method. Trade-off against torch.compile(block):
+    no `_orig_mod.` in the state dict; but copy.deepcopy of a compiled block keeps calling the original
+    block's forward, so copy before compiling. Blocks of one class share Dynamo's graph (their parameters
+    are graph inputs), so depth does not multiply compile time."""
+    compiled = torch.compile(block.forward, **compile_kw)
+
+    def forward(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        # outside the compiled region: marks the inputs, then enters it
+        torch._dynamo.maybe_mark_dynamic(x, 0)
+        torch._dynamo.maybe_mark_dynamic(s, 0)
+        return compiled(x, s)
+
+    block.forward = forward
+    return block
+
+
+def compile_blocks(denoiser: "Denoiser", **compile_kw) -> "Denoiser":
+    """Compile each block and the final layer one by one, in place (call before fully_shard, as torchtitan
+    does). The embedders and SiLU(c) stay eager: they run once per step and are small."""
+    for block in (*denoiser.blocks, denoiser.final):
+        compile_block(block, **compile_kw)
+    return denoiser
 
 
 def sincos_2d(width: int, grid: int) -> torch.Tensor:
@@ -93,80 +154,76 @@ class Attention(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, width: int, heads: int):
+    def __init__(self, width: int, heads: int, ops: DenoiserOps):
         super().__init__()
+        self.ops = ops
         self.attn = Attention(width, heads)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(approximate="tanh"), nn.Linear(4 * width, width))
+        # ada[0] (the SiLU) is not called: s = SiLU(c) comes in, computed once for every block. It keeps
+        # the state dict's names (ada.1.*) those of the reference's Sequential(SiLU, Linear).
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        sh1, sc1, g1, sh2, sc2, g2 = self.ada(c).chunk(6, dim=-1)
-        w = x.shape[-1]
-        x = x + g1 * self.attn(modulate(F.layer_norm(x, (w,), eps=LN_EPS), sh1, sc1))
-        return x + g2 * self.mlp(modulate(F.layer_norm(x, (w,), eps=LN_EPS), sh2, sc2))
-
-    def forward_fused(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """The same block through fastross.kernels; s = SiLU(c), shared by every block."""
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x (b, N, W) and s = SiLU(c) (b, N, W) -> (b, N, W)."""
+        ops = self.ops
         sh1, sc1, g1, sh2, sc2, g2 = adaln_chunks(s, self.ada[-1], 6)
-        y = self.attn.core(ln_modulate(x, sh1, sc1, LN_EPS))
-        x = gated_linear(y, self.attn.proj.weight, self.attn.proj.bias, g1, x)
+        y = self.attn.core(ops.ln_modulate(x, sh1, sc1, LN_EPS))
+        x = ops.gated_linear(y, self.attn.proj.weight, self.attn.proj.bias, g1, x)
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        return fused_mlp_branch(x, sh2, sc2, g2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu_tanh", LN_EPS)
+        return ops.mlp_branch(x, sh2, sc2, g2, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "gelu_tanh", LN_EPS)
 
 
 class MLPBlock(nn.Module):
-    def __init__(self, width: int):
+    def __init__(self, width: int, ops: DenoiserOps):
         super().__init__()
+        self.ops = ops
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))  # ada[0] unused, as in DiTBlock
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        sh, sc, g = self.ada(c).chunk(3, dim=-1)
-        return x + g * self.mlp(modulate(F.layer_norm(x, (x.shape[-1],), eps=LN_EPS), sh, sc))
-
-    def forward_fused(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         sh, sc, g = adaln_chunks(s, self.ada[-1], 3)
         fc1, fc2 = self.mlp[0], self.mlp[2]
-        return fused_mlp_branch(x, sh, sc, g, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "silu", LN_EPS)
+        return self.ops.mlp_branch(x, sh, sc, g, fc1.weight, fc1.bias, fc2.weight, fc2.bias, "silu", LN_EPS)
 
 
 class FinalLayer(nn.Module):
-    def __init__(self, width: int, out_channels: int):
+    def __init__(self, width: int, out_channels: int, ops: DenoiserOps):
         super().__init__()
-        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.ops = ops
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))  # ada[0] unused, as in DiTBlock
         self.linear = nn.Linear(width, out_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        sh, sc = self.ada(c).chunk(2, dim=-1)
-        return self.linear(modulate(F.layer_norm(x, (x.shape[-1],), eps=LN_EPS), sh, sc))
-
-    def forward_fused(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         sh, sc = adaln_chunks(s, self.ada[-1], 2)
-        return self.linear(ln_modulate(x, sh, sc, LN_EPS))
+        return self.linear(self.ops.ln_modulate(x, sh, sc, LN_EPS))
 
 
 class Denoiser(nn.Module):
     """kind="dit": adaLN-Zero DiT blocks with attention over one image; kind="mlp": per-token blocks."""
 
     def __init__(self, kind: str, cond_width: int, width: int, depth: int, heads: int, grid: int, channels: int = 64,
-                 impl: str = "torch"):
+                 impl: str = "torch", dtype: str = "fp32"):
         super().__init__()
         if kind not in ("dit", "mlp"):
             raise ValueError(f"model.denoiser.kind must be 'dit' or 'mlp', got {kind!r}")
-        if impl not in ("torch", "triton"):
-            raise ValueError(f"model.denoiser.impl must be 'torch' or 'triton', got {impl!r}")
+        if impl not in OPS:
+            raise ValueError(f"model.denoiser.impl must be one of {', '.join(map(repr, OPS))}, got {impl!r}")
         self.kind = kind
-        self.impl = impl
+        self.impl = impl  # a record of what was built; nothing branches on it
+        self.ops = ops = OPS[impl]
+        if dtype not in DTYPES:
+            raise ValueError(f"model.denoiser.dtype must be one of {', '.join(map(repr, DTYPES))}, got {dtype!r}")
+        self.precision = dtype  # model.denoiser.dtype: applied by mp_policy when the model is sharded
         self.x_embed = nn.Linear(channels, width)
         self.t_embed = TimestepEmbedder(width)
         self.c_embed = nn.Sequential(nn.SiLU(), nn.Linear(cond_width, width))
         if kind == "dit":
-            self.blocks = nn.ModuleList(DiTBlock(width, heads) for _ in range(depth))
+            self.blocks = nn.ModuleList(DiTBlock(width, heads, ops) for _ in range(depth))
             self.register_buffer("pos_embed", sincos_2d(width, grid), persistent=False)
         else:
-            self.blocks = nn.ModuleList(MLPBlock(width) for _ in range(depth))
+            self.blocks = nn.ModuleList(MLPBlock(width, ops) for _ in range(depth))
             self.pos_embed = None
-        self.final = FinalLayer(width, channels)
+        self.final = FinalLayer(width, channels, ops)
         self.reset_parameters()
 
     def init_rules(self) -> dict[str, init.Rule]:
@@ -201,14 +258,8 @@ class Denoiser(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(dtype)
         x = x.reshape(n * r, tokens, -1)
-        if self.impl == "triton":
-            s = silu_cond(self.c_embed(cond.to(dtype)), self.t_embed(t))  # SiLU(c) (n, R, N, W), cond once per image
-            s = s.view(n * r, tokens, -1)
-            for blk in self.blocks:
-                x = blk.forward_fused(x, s)
-            return self.final.forward_fused(x, s)
-        c = self.c_embed(cond.to(dtype))[:, None] + self.t_embed(t)[:, :, None]  # (n, R, N, W), cond once per image
-        c = c.reshape(n * r, tokens, -1)
+        s = self.ops.silu_cond(self.c_embed(cond.to(dtype)), self.t_embed(t))  # SiLU(c) (n, R, N, W), cond once per image
+        s = s.reshape(n * r, tokens, -1)
         for blk in self.blocks:
-            x = blk(x, c)
-        return self.final(x, c)  # not reshaped here: FSDP2 warns about modules that return views
+            x = blk(x, s)
+        return self.final(x, s)  # not reshaped here: FSDP2 warns about modules that return views

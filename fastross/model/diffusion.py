@@ -6,8 +6,10 @@ so the loss of a sample does not depend on which rank or micro-batch it landed o
 resumed run draws exactly what the uninterrupted one did. The timesteps are drawn on the
 host (torch.Generator seeded by the key); eps and xi come from the counter-based generator
 of fastross.kernels.diffusion_loss, keyed by the same key and indexed in the folded token
-layout: the `triton` path draws them inside its kernels and never stores them, the `torch`
-path materialises the very same numbers with `keyed_eps` / `keyed_xi`.
+layout. The per-image loss comes in two forms with one signature, chosen once by
+`model.denoiser.impl` (EPS_LOSSES): `eps_loss_fused` ("triton") draws the noise inside its
+kernels and never stores it; `eps_loss_materialised` ("torch", the reference) materialises
+the very same numbers with `keyed_eps` / `keyed_xi` and computes in eager PyTorch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastross.kernels import diffusion_loss
 from fastross.kernels.diffusion_loss import keyed_eps, keyed_xi  # noqa: F401  (re-exported for the model)
 
 NUM_STEPS = 1000
@@ -99,3 +102,29 @@ def noise_key(seed: int, step: int, index: int) -> int:
 def eps_loss_per_image(eps_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """(n, R, tokens, C) prediction and noise -> per-image loss (n,): mean over elements, then replicas."""
     return (eps_hat.float() - eps.float()).pow(2).mean(dim=(2, 3)).mean(dim=1)
+
+
+def eps_loss_materialised(denoiser, mean, std, keys, t, sqrt_ab, sqrt_1m_ab, cond, shift: float, scale: float):
+    """Per-image eps loss (n,) fp32 with the keyed noise materialised (the reference).
+
+    mean, std: the posterior moments (n, C, 2g, 2g); keys (n,) int64; t (n, R); sqrt_ab, sqrt_1m_ab: the
+    schedule at t (n, R); cond: the normed condition (n, g * g, H); shift, scale: the VAE's factors.
+    """
+    n, c, side, _ = mean.shape
+    tokens, ch = (side // 2) ** 2, 4 * c
+    eps = keyed_eps(keys, t.shape[1], tokens, ch)
+    x0 = latent_target(mean, std, keyed_xi(keys, tokens, ch), shift, scale)
+    x_t = sqrt_ab[..., None, None] * x0[:, None] + sqrt_1m_ab[..., None, None] * eps
+    eps_hat = denoiser(x_t, t, cond).view_as(eps)
+    return eps_loss_per_image(eps_hat, eps)
+
+
+def eps_loss_fused(denoiser, mean, std, keys, t, sqrt_ab, sqrt_1m_ab, cond, shift: float, scale: float):
+    """eps_loss_materialised through the keyed-noise kernels: x_t and the loss draw eps and xi, never stored."""
+    n, c, side, _ = mean.shape
+    x_t = diffusion_loss.diffusion_xt(mean, std, keys, sqrt_ab, sqrt_1m_ab, shift, scale)
+    eps_hat = denoiser(x_t, t, cond)
+    return diffusion_loss.eps_loss(eps_hat.view(n, t.shape[1], (side // 2) ** 2, 4 * c), keys)
+
+
+EPS_LOSSES = {"torch": eps_loss_materialised, "triton": eps_loss_fused}  # by model.denoiser.impl

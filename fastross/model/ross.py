@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastross.kernels import diffusion_loss
 from fastross.model import diffusion, init, liger, load, text_loss
 from fastross.model.attention import build_mask
 from fastross.model.attention import register as register_attention
@@ -91,11 +90,11 @@ class RossModel(nn.Module):
             self.projector = Projector(self.vision.hidden_size, hidden)
             self.denoiser = Denoiser(
                 d.kind, hidden, d.width, d.depth, d.heads, self.vision.grid, channels=4 * self.latent_channels,
-                impl=d.impl,
+                impl=d.impl, dtype=d.dtype,
             )
             self.register_buffer("sqrt_ab", torch.empty(diffusion.NUM_STEPS), persistent=False)
             self.register_buffer("sqrt_1m_ab", torch.empty(diffusion.NUM_STEPS), persistent=False)
-        self.impl = d.impl
+        self.eps_loss = diffusion.EPS_LOSSES[d.impl]  # chosen once: fused keyed-noise kernels or materialised noise
         self.replicas = d.replicas
         if not meta:
             for part in self.FRESH:
@@ -158,22 +157,12 @@ class RossModel(nn.Module):
     def recon_per_image(self, mb, cond: torch.Tensor) -> torch.Tensor:
         """Per-image eps loss (n,) fp32 given the normed condition (n, N, H); ROSS_SPEC.md section 4.
 
-        Both impls draw the same keyed noise (fastross.kernels.diffusion_loss): `triton` inside its
+        Both impls draw the same keyed noise (fastross.model.diffusion.EPS_LOSSES): `triton` inside its
         fused kernels, never stored; `torch` materialised, as the reference.
         """
-        t, keys = mb.t, mb.noise_keys
-        n, r = t.shape
-        tokens, ch = self.num_visual_tokens, 4 * self.latent_channels
-        a, s = self.sqrt_ab[t], self.sqrt_1m_ab[t]  # (n, R)
-        if self.impl == "triton":
-            mean, std = self.latent_moments(mb)
-            x_t = diffusion_loss.diffusion_xt(mean, std, keys, a, s, self.latent_shift, self.latent_scale)
-            eps_hat = self.denoiser(x_t, t, cond)
-            return diffusion_loss.eps_loss(eps_hat.view(n, r, tokens, ch), keys)
-        eps = diffusion.keyed_eps(keys, r, tokens, ch)
-        x_t = a[..., None, None] * self.latent_x0(mb)[:, None] + s[..., None, None] * eps
-        eps_hat = self.denoiser(x_t, t, cond).view_as(eps)
-        return diffusion.eps_loss_per_image(eps_hat, eps)
+        mean, std = self.latent_moments(mb)
+        return self.eps_loss(self.denoiser, mean, std, mb.noise_keys, mb.t, self.sqrt_ab[mb.t], self.sqrt_1m_ab[mb.t],
+                             cond, self.latent_shift, self.latent_scale)
 
     def latent_moments(self, mb) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior's mean and std (n, C, 2g, 2g) fp32: stored with the sample, or from the VAE."""

@@ -1,31 +1,71 @@
-"""The assembled denoiser: impl="triton" against impl="torch" on the same parameters, and in training."""
+"""The assembled denoiser: impl="triton" against impl="torch" on the same parameters, and in training;
+impl="torch" against a copy of the eager forward it replaced (the reference must not move)."""
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from fastross.model.denoiser import Denoiser
+from fastross.model.denoiser import OPS, Denoiser
 from kernel_checks import rel_err
 
 
-def make_pair(kind, seed=0):
+def build(kind, impl, seed=0):
+    """A small denoiser with its adaLN-Zero gates opened (so every path carries signal), by impl."""
     torch.manual_seed(seed)
-    ref = Denoiser(kind, cond_width=24, width=40, depth=2, heads=4, grid=3, channels=20, impl="torch")
-    with torch.no_grad():  # open the adaLN-Zero gates so every path carries signal
-        for p in ref.parameters():
+    m = Denoiser(kind, cond_width=24, width=40, depth=2, heads=4, grid=3, channels=20, impl=impl)
+    with torch.no_grad():
+        for p in m.parameters():
             if torch.count_nonzero(p) == 0:
                 p.normal_(0, 0.2)
-    fused = copy.deepcopy(ref)
-    fused.impl = "triton"
+    return m
+
+
+def make_pair(kind, seed=0):
+    """impl "torch" and impl "triton" built by impl, the second loading the first's state dict."""
+    ref = build(kind, "torch", seed)
+    fused = Denoiser(kind, cond_width=24, width=40, depth=2, heads=4, grid=3, channels=20, impl="triton")
+    fused.load_state_dict(ref.state_dict())  # strict: the state dicts name the same tensors
     assert fused.state_dict().keys() == ref.state_dict().keys()
+    assert all(blk.ops is OPS["triton"] for blk in fused.blocks) and fused.final.ops is OPS["triton"]
     return ref, fused
 
 
-def run(model, x, t, cond, grad_out):
+def eager_forward_67b00dd(m, x_t, t, cond):
+    """The impl="torch" forward as it was at 67b00dd (per-block adaLN with its own SiLU, modulate), copied."""
+
+    def modulate(x, shift, scale):
+        return x * (1 + scale) + shift
+
+    def ln(x):
+        return F.layer_norm(x, (x.shape[-1],), eps=1e-6)
+
+    n, r, tokens, ch = x_t.shape
+    dtype = m.x_embed.weight.dtype
+    x = m.x_embed(x_t.to(dtype))
+    if m.pos_embed is not None:
+        x = x + m.pos_embed.to(dtype)
+    x = x.reshape(n * r, tokens, -1)
+    c = m.c_embed(cond.to(dtype))[:, None] + m.t_embed(t)[:, :, None]
+    c = c.reshape(n * r, tokens, -1)
+    for blk in m.blocks:
+        if m.kind == "dit":
+            sh1, sc1, g1, sh2, sc2, g2 = blk.ada(c).chunk(6, dim=-1)
+            x = x + g1 * blk.attn(modulate(ln(x), sh1, sc1))
+            x = x + g2 * blk.mlp(modulate(ln(x), sh2, sc2))
+        else:
+            sh, sc, g = blk.ada(c).chunk(3, dim=-1)
+            x = x + g * blk.mlp(modulate(ln(x), sh, sc))
+    sh, sc = m.final.ada(c).chunk(2, dim=-1)
+    return m.final.linear(modulate(ln(x), sh, sc))
+
+
+def run(model, x, t, cond, grad_out, forward=None):
     model.zero_grad()
     cond = cond.clone().requires_grad_(True)
-    out = model(x, t, cond)
+    out = forward(model, x, t, cond) if forward else model(x, t, cond)
     out.backward(grad_out.to(out.dtype))
     grads = {n: p.grad.float() for n, p in model.named_parameters()}
     grads["cond"] = cond.grad.float()
@@ -38,6 +78,21 @@ def inputs(dtype, seed=1):
     t = torch.randint(0, 1000, (2, 3), generator=g)
     cond = torch.randn(2, 9, 24, generator=g).to(dtype)
     return x, t, cond, torch.randn(6, 9, 20, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["dit", "mlp"])
+def test_torch_impl_is_the_previous_eager_forward(kind):
+    """The ops-holding impl="torch" computes what the eager forward it replaced did: the output bit for bit
+    (the same ops in the same order: SiLU(c) once instead of per block gives the same numbers), every
+    gradient to fp32 rounding (the shared SiLU sums the blocks' adaLN gradients before its backward,
+    not after: a different summation order)."""
+    m = build(kind, "torch")
+    x, t, cond, gout = inputs(torch.float32)
+    got, got_g = run(m, x, t, cond, gout)
+    want, want_g = run(m, x, t, cond, gout, forward=eager_forward_67b00dd)
+    assert torch.equal(got, want)
+    for name in want_g:
+        assert rel_err(got_g[name], want_g[name]) <= 1e-6, name
 
 
 @pytest.mark.parametrize("kind", ["dit", "mlp"])
@@ -85,8 +140,8 @@ def test_tiny_ross_trains_the_same_with_triton_and_torch(tiny_models, stage2_sha
     cfg = ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"),
                       denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4, impl="torch"))
     models = {"torch": RossModel(cfg)}
-    models["triton"] = copy.deepcopy(models["torch"])
-    models["triton"].impl = models["triton"].denoiser.impl = "triton"
+    models["triton"] = RossModel(replace(cfg, denoiser=replace(cfg.denoiser, impl="triton")))
+    models["triton"].load_state_dict(models["torch"].state_dict())
     collate = Collator(meta=read_meta(stage2_shards), processor=load_processor(str(tiny_models / "vision")),
                        latent_channels=16, replicas=4, seed=0)
     img = [s for s in stage2_samples if len(s["image"])]
