@@ -26,7 +26,7 @@ def write_config(path: Path, models: Path, shards: Path, run_dir: Path, **train)
             "vision_path": str(models / "vision"), "llm_path": str(models / "llm"),
             "denoiser": {"kind": "dit", "depth": 1, "width": 32, "heads": 4, "replicas": 4},
         },
-        "data": {"shards": str(shards), "global_batch": 8, "max_tokens": 256},
+        "data": {"shards": str(shards), "global_batch": 8, "max_tokens": 256, "workers": 2},  # loader workers on
         "optim": {"lr_projector": 1e-3, "lr_denoiser": 1e-3, "lr_llm": 1e-3, "warmup_ratio": 0.0},
         "train": {"trainable": ["projector", "llm", "denoiser"], "dtype": "fp32", "log_every": 1,
                   "run_dir": str(run_dir), **train},
