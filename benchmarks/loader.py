@@ -3,10 +3,10 @@
     python benchmarks/loader.py [--samples 2000] [--backend pil|torchvision] [--save]
 
 Writes `--samples` samples to a temporary folder through MosaicML's MDSWriter with fastross's
-own columns (fastross.data.schema.COLUMNS), as the converter writes them: 640x480 JPEGs (crops
-of scikit-image's photos, quality 90), 100-400 text tokens each with one `<image>`, and latent
-moments of 16x54x54 float32 (random arrays of the right shape: the VAE's cost belongs to the
-converter). The image processor is SigLIP-so400m's (384 px, mean and std 0.5), the grid 27x27,
+own columns (fastross.data.schema.COLUMNS), as the converter writes them: 640x480 JPEGs (64 random
+crops of scikit-image's photos, quality 90, reused), 100-400 text tokens each with one `<image>`, and latent
+moments of 16x54x54 float32 (16 random arrays of the right shape, reused: the VAE's cost
+belongs to the converter). The image processor is SigLIP-so400m's (384 px, mean and std 0.5), the grid 27x27,
 the aspect "pad" (stage 2). Then, through fastross.data.loader.Loader on one rank:
 
 - P (per_worker): samples/s with one worker and the default image path, the consumer draining;
@@ -76,16 +76,18 @@ def write_shards(out: Path, n: int, seed: int) -> None:
 
     rng = np.random.default_rng(seed)
     sources, side, lengths = photos(), 2 * GRID, []
+    # Pools reused across samples: writing stays quick, and every sample is still decoded on its own.
+    jpegs = [jpeg(rng, sources) for _ in range(64)]
+    moments = [rng.standard_normal((2, CHANNELS, side, side), dtype=np.float32) for _ in range(16)]
     with MDSWriter(out=str(out), columns=COLUMNS, size_limit=1 << 26, progress_bar=False) as w:
         for i in range(n):
             text = int(rng.integers(100, 401))
             ids = rng.integers(0, 150000, text).astype(np.int32)
             ids[int(rng.integers(0, 20))] = IMAGE_TOKEN
             labels = np.where(np.arange(text) > text // 2, ids, -100).astype(np.int32)
-            moments = rng.standard_normal((2, CHANNELS, side, side), dtype=np.float32)
-            w.write({"id": f"bench_{i}", "index": i, "input_ids": ids, "labels": labels, "image": jpeg(rng, sources),
-                     "length": text - 1 + GRID * GRID, "latent_mean": moments[0].tobytes(),
-                     "latent_std": np.abs(moments[1]).tobytes()})
+            m = moments[i % len(moments)]
+            w.write({"id": f"bench_{i}", "index": i, "input_ids": ids, "labels": labels, "image": jpegs[i % len(jpegs)],
+                     "length": text - 1 + GRID * GRID, "latent_mean": m[0].tobytes(), "latent_std": np.abs(m[1]).tobytes()})
             lengths.append(text - 1 + GRID * GRID)
     np.save(out / LENGTHS_FILE, np.asarray(lengths, dtype=np.int32))
     (out / META_FILE).write_text(json.dumps({
