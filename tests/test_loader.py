@@ -180,3 +180,44 @@ def test_shards_open_from_four_processes_at_once_repeatedly(skewed_shards):
     # every open worked and read every sample by its id, with no shared memory mapped (nothing to race on or leak)
     assert results == [(list(range(n)), [])] * (4 * rounds)
     assert all(p.exitcode == 0 for p in procs)
+
+
+def test_loader_workers_die_with_the_training_process(skewed_shards, tiny_models):
+    """SIGKILL the process that owns the loader (as tests/test_train.py kills a rank): its workers exit."""
+    import signal
+    import time
+
+    code = (
+        "import os, sys, time, torch\n"
+        "from fastross.config import DataConfig\n"
+        "from fastross.data.images import ImageSpec\n"
+        "from fastross.data.loader import Loader\n"
+        "from fastross.data.stream import Position\n"
+        f"cfg = DataConfig(shards={str(skewed_shards)!r}, global_batch=8, max_tokens=300, workers=2)\n"
+        f"ld = Loader(cfg, rank=0, world=1, attn_tokens=1e4, image=ImageSpec.from_pretrained({str(tiny_models / 'vision')!r}),\n"
+        "            latent_channels=16, replicas=4, seed=0, device=torch.device('cpu'))\n"
+        "it = ld.steps(Position(), 0, 10)\n"
+        "next(it)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        workers = [int(c) for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
+        assert len(workers) == 2
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    deadline = time.time() + 60  # the DataLoader's watchdog checks its parent every few seconds
+    while time.time() < deadline and any(map(_alive, workers)):
+        time.sleep(0.5)
+    assert [w for w in workers if _alive(w)] == []
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an exited worker is reaped by init once its parent is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
