@@ -54,6 +54,9 @@ class DataConfig:
     max_tokens: int = 16384  # tokens per packed micro-batch, visual tokens counted
     shuffle: bool = True  # streaming's deterministic shuffle
     seed: int = 0  # shuffle seed
+    workers: int = 2  # loader worker processes per rank that prepare steps ahead (0: inline, in the trainer)
+    prefetch: int = 2  # steps each loader worker prepares ahead (the DataLoader's prefetch_factor)
+    image_backend: Literal["pil", "torchvision"] = "pil"  # pil: bit-exact with the HF processor; torchvision: faster, JPEG only, within 2/255
 
 
 @dataclass
@@ -221,6 +224,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("data.max_tokens must be >= 1")
     if d.global_batch < 1:
         raise ConfigError("data.global_batch must be >= 1")
+    if d.workers < 0 or d.prefetch < 1:
+        raise ConfigError(f"data.workers must be >= 0 (got {d.workers}) and data.prefetch >= 1 (got {d.prefetch})")
     bad = [p for p in t.trainable if p not in PARTS]
     if bad or not t.trainable:
         raise ConfigError(f"train.trainable: {bad or 'empty'}; choose from {', '.join(PARTS)}")

@@ -2,8 +2,8 @@
 
     torchrun --nproc-per-node 8 -m fastross.train configs/7b.yaml [key.sub=value ...]
 
-`Trainer.train_step` reads top to bottom: collate the rank's samples into packed
-micro-batches, agree on the global normalisers, forward/backward each micro-batch, clip,
+`Trainer.train_step` reads top to bottom: take the loader's finished micro-batches
+(fastross.data.loader), agree on the global normalisers, forward/backward each micro-batch, clip,
 step. A run folder that holds a checkpoint is resumed from it.
 """
 
@@ -20,12 +20,13 @@ import torch
 
 from fastross import checkpoint, config, distributed
 from fastross.model import attention
-from fastross.data.batch import Collator
+from fastross.data.images import ImageSpec
+from fastross.data.loader import Loader, StepBatch
 from fastross.data.planner import attention_cost_tokens
-from fastross.data.stream import Step, StepStream
+from fastross.data.schema import ShardMeta
+from fastross.data.stream import Position
 from fastross.metrics import MetricsLogger
 from fastross.model.ross import RossModel
-from fastross.model.vision import load_processor
 
 
 def cosine_with_warmup(warmup: int, total: int):
@@ -61,12 +62,12 @@ class Trainer:
         self.attention = attention.resolve(cfg.attention.backend, world.device)
         # Built on the meta device: no rank ever holds the whole model (fastross/model/load.py).
         model = RossModel(m, self.attention, seed=t.seed, meta=True)
-        self.stream = StepStream(
-            d.shards, d.global_batch, world.rank, world.size, d.shuffle, d.seed,
-            max_tokens=d.max_tokens, attn_tokens=llm_attention_cost_tokens(model.llm),
+        self.loader = Loader(
+            d, rank=world.rank, world=world.size, attn_tokens=llm_attention_cost_tokens(model.llm),
+            image=ImageSpec.from_pretrained(m.vision_path), latent_channels=model.latent_channels,
+            replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
         )
-        meta = self.stream.meta
-        self._check_shards(meta, model)
+        self._check_shards(self.loader.meta, model)
         model.requires_grad_(False)
         for part in t.trainable:
             getattr(model, part).requires_grad_(True)
@@ -91,23 +92,19 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused, foreach=not fused
         )
-        steps = t.epochs * self.stream.steps_per_epoch
+        steps = t.epochs * self.loader.steps_per_epoch
         self.total_steps = min(steps, t.max_steps) if t.max_steps else steps
         warmup = math.ceil(o.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(warmup, self.total_steps))
 
-        self.collate = Collator(
-            meta=meta, processor=load_processor(m.vision_path), latent_channels=model.latent_channels,
-            replicas=m.denoiser.replicas, seed=t.seed,
-        )
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, t.keep_checkpoints, t.async_checkpoint)
         self.metrics = MetricsLogger(self.run_dir, world.is_main, world.size, world.local_rank)
-        self.step = 0
+        self.step, self.data_position = 0, Position()
         latest = self.checkpointer.latest()
         if latest is not None:
             state = self.checkpointer.load(latest, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
-            self.stream.load_state_dict(state["data"])
+            self.data_position = Position(**state["data"])
             self.step = state["step"]
             self._say(f"resumed from {latest} at step {self.step}")
             if world.is_main:
@@ -118,7 +115,7 @@ class Trainer:
         self._say(
             f"{world.size} rank(s) on {world.device.type}, {d.global_batch} samples/step packed into micro-batches "
             f"of <= {d.max_tokens} tokens, attention {self.attention}, {self.total_steps} steps "
-            f"({self.stream.steps_per_epoch}/epoch), "
+            f"({self.loader.steps_per_epoch}/epoch), "
             f"training {', '.join(t.trainable)} ({n / 1e6:.2f}M params, this rank's shards)"
         )
 
@@ -126,25 +123,25 @@ class Trainer:
         if self.world.is_main:
             print(f"train: {msg}", flush=True)
 
-    def _check_shards(self, meta: dict, model: RossModel) -> None:
+    def _check_shards(self, meta: ShardMeta, model: RossModel) -> None:
         shards = self.cfg.data.shards
-        if meta["grid"] != model.vision.grid:
+        if meta.grid != model.vision.grid:
             raise config.ConfigError(
-                f"data.shards: {shards} was converted for a {meta['grid']}x{meta['grid']} patch grid, "
+                f"data.shards: {shards} was converted for a {meta.grid}x{meta.grid} patch grid, "
                 f"but model.vision_path has {model.vision.grid}x{model.vision.grid}: convert again with this vision tower"
             )
         vocab = model.llm.get_input_embeddings().num_embeddings
-        if meta["image_token_id"] >= vocab:
+        if meta.image_token_id >= vocab:
             raise config.ConfigError(
-                f"data.shards: image token id {meta['image_token_id']} is outside model.llm_path's vocabulary ({vocab})"
+                f"data.shards: image token id {meta.image_token_id} is outside model.llm_path's vocabulary ({vocab})"
             )
-        if not meta["latents"] and model.vae is None:
+        if not meta.latents and model.vae is None:
             raise config.ConfigError(
                 f"data.shards: {shards} holds no latent moments: set model.vae_path to encode images on the fly"
             )
-        if meta["latents"] and meta["latent_channels"] != model.latent_channels:
+        if meta.latents and meta.latent_channels != model.latent_channels:
             raise config.ConfigError(
-                f"data.shards: latents have {meta['latent_channels']} channels, the model expects {model.latent_channels}"
+                f"data.shards: latents have {meta.latent_channels} channels, the model expects {model.latent_channels}"
             )
 
     def _truncate_metrics(self, step: int) -> None:
@@ -154,10 +151,11 @@ class Trainer:
             lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
             path.write_text("".join(ln + "\n" for ln in lines))
 
-    def train_step(self, step: Step) -> dict:
+    def train_step(self, step: StepBatch) -> dict:
         cfg, world, device = self.cfg, self.world, self.world.device
-        # Every rank runs the same number of micro-batches (the plan pads with empty ones).
-        mbs = [self.collate(samples, self.step) for samples in step.micro_batches]
+        # The loader's finished micro-batches, already on the device; every rank runs the same
+        # number of them (the plan pads with empty ones).
+        mbs, self.data_position = step.micro_batches, step.position
 
         # The global normalisers (ROSS_SPEC.md section 5): supervised tokens and images of
         # the whole global batch, all micro-batches and all ranks.
@@ -169,7 +167,7 @@ class Trainer:
 
         sums = torch.zeros(2, device=device)
         for mb in mbs:
-            out = self.model(mb.to(device))
+            out = self.model(mb)  # on the device already (fastross.data.loader)
             # Already the global mean: FSDP sums the ranks' gradients (distributed.parallelize).
             loss = out.text / n_text + cfg.model.recon_weight * out.recon / n_img
             loss.backward()
@@ -183,8 +181,8 @@ class Trainer:
         self.step += 1
         return {
             "sums": sums, "counts": counts, "grad_norm": grad_norm,
-            "tokens": int(self.stream.lengths[step.ids].sum()),  # the global batch's tokens, known to every rank
-            "micro_batches": step.plan.num_micro_batches, "imbalance": step.plan.imbalance(),
+            "tokens": step.tokens,  # the global batch's tokens, known to every rank
+            "micro_batches": step.num_micro_batches, "imbalance": step.imbalance,
         }
 
     def log(self, result: dict, lr: float) -> None:
@@ -207,9 +205,9 @@ class Trainer:
         self.model.train()
         self.model.vision.eval()
         start, first = time.perf_counter(), self.step
-        while self.step < self.total_steps:
+        for batch in self.loader.steps(self.data_position, self.step, self.total_steps):
             lr = self.scheduler.get_last_lr()[0]
-            result = self.train_step(self.stream.next_step())
+            result = self.train_step(batch)
             self.metrics.count(self.cfg.data.global_batch, result["tokens"])
             # Log before saving: a checkpoint of step N implies its record is written. A save's
             # blocked time therefore goes on the next record (the last save's: console only).
@@ -225,7 +223,7 @@ class Trainer:
 
     def save(self) -> None:
         state = {
-            "step": self.step, "data": self.stream.state_dict(),
+            "step": self.step, "data": self.data_position.to_dict(),
             "scheduler": self.scheduler.state_dict(), "world_size": self.world.size,
         }
         saved = self.checkpointer.save(self.step, self.model, self.optimizer, state, config.dump(self.cfg))

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from fastross.data import convert
-from fastross.data.schema import decode_latent, read_meta
+from fastross.data.schema import ShardMeta, read_meta
 
 IGNORE = -100
 END = "<|im_end|>"
@@ -173,7 +173,8 @@ def test_qwen2_ross_round_trip(tmp_path, tiny_models, images, tokenizer, capsys)
         assert (ids == image_id).sum() == 1
         assert s["length"] == len(ids) - 1 + NUM_VISUAL
         assert s["image"] == (images / image).read_bytes()
-        mean, std = decode_latent(s["latent_mean"], meta), decode_latent(s["latent_std"], meta)
+        typed = ShardMeta.read(out)
+        mean, std = typed.decode_latent(s["latent_mean"]), typed.decode_latent(s["latent_std"])
         for arr in (mean, std):
             assert arr.shape == (16, 16, 16) and arr.dtype == np.float32 and np.isfinite(arr).all()
         assert (std > 0).all()
@@ -183,14 +184,13 @@ def test_qwen2_ross_round_trip(tmp_path, tiny_models, images, tokenizer, capsys)
     import torch
     from diffusers import AutoencoderKL
 
-    from fastross.model.diffusion import latent_moments
-    from fastross.model.vision import load_processor, preprocess_image
+    from fastross.data.images import ImageSpec, latent_moments, preprocess_pil
 
     vae = AutoencoderKL.from_pretrained(str(tiny_models / "vae"), torch_dtype=torch.float32).eval()
-    proc = load_processor(str(tiny_models / "vision"))
+    spec = ImageSpec.from_pretrained(str(tiny_models / "vision"))
     with torch.no_grad():
         for image, mean, std in moments:
-            pix = preprocess_image(Image.open(images / image), proc, "pad")[None]
+            pix = preprocess_pil(Image.open(images / image), spec, "pad")[None]
             m, d = latent_moments(vae, pix, 8)
             np.testing.assert_allclose(mean, m[0].numpy(), rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(std, d[0].numpy(), rtol=1e-4, atol=1e-5)

@@ -21,7 +21,7 @@ def restore_rope(monkeypatch):
 
 
 def cfg(tiny_models, **kw):
-    return ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"),
+    return ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
                        denoiser=DenoiserConfig(kind="dit", depth=1, width=32, heads=4), **kw)
 
 

@@ -5,9 +5,9 @@ import torch
 
 from fastross.config import DenoiserConfig, ModelConfig
 from fastross.data.batch import Collator
-from fastross.data.schema import read_meta
+from fastross.data.images import ImageSpec
+from fastross.data.schema import ShardMeta
 from fastross.model.ross import RossModel
-from fastross.model.vision import load_processor
 
 
 @pytest.fixture(scope="module")
@@ -15,7 +15,7 @@ def model(tiny_models):
     torch.manual_seed(0)
     cfg = ModelConfig(
         vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), vae_path=str(tiny_models / "vae"),
-        denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4),
+        denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4), fused_ce=False,
     )
     m = RossModel(cfg)
     # Open the adaLN-Zero gates so the denoiser's output depends on everything it sees.
@@ -28,7 +28,7 @@ def model(tiny_models):
 
 @pytest.fixture(scope="module")
 def collate(stage2_shards, tiny_models, model):
-    return Collator(meta=read_meta(stage2_shards), processor=load_processor(str(tiny_models / "vision")),
+    return Collator(meta=ShardMeta.read(stage2_shards), image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
                     latent_channels=16, replicas=4, seed=0)
 
 
@@ -123,7 +123,7 @@ def test_batch_layout(collate, stage2_samples):
     assert mb.cu_seqlens.tolist() == [0, n[0], n[0] + n[1], sum(n)]
     assert mb.position_ids[0, : n[0]].tolist() == list(range(n[0]))
     assert mb.position_ids[0, n[0]].item() == 0
-    assert (mb.input_ids[0, mb.visual_pos] == collate.image_token_id).all()
+    assert (mb.input_ids[0, mb.visual_pos] == collate.meta.image_token_id).all()
     assert mb.visual_pos.numel() == 2 * 64
     assert [s["length"] for s in samples] == n
     # every supervised target is the label of the next position within the same sample

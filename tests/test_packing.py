@@ -80,45 +80,46 @@ def test_plan_balances_skewed_steps():
 
 
 def test_stream_positions_are_exact_and_partition_the_batch(skewed_shards):
-    from fastross.data.stream import StepStream
+    from fastross.data.stream import Position, StepStream
 
-    def stream(rank, **kw):
-        return StepStream(str(skewed_shards), 8, rank, 2, True, 3, max_tokens=300, attn_tokens=1e4, **kw)
+    def stream(rank):
+        return StepStream(str(skewed_shards), 8, rank, 2, True, 3, max_tokens=300, attn_tokens=1e4)
 
     a0, a1 = stream(0), stream(1)
-    steps = a0.steps_per_epoch + 3  # across an epoch boundary
+    per_epoch = a0.steps_per_epoch
+    steps = per_epoch + 3  # across an epoch boundary
     ref = []
-    for _ in range(steps):
-        s0, s1 = a0.next_step(), a1.next_step()
+    for k in range(steps):
+        s0, s1 = a0.step(k), a1.step(k)
         assert len(s0.micro_batches) == len(s1.micro_batches)
         got = sorted(int(x["index"]) for mb in s0.micro_batches + s1.micro_batches for x in mb)
         assert got == sorted(s0.ids.tolist())  # the two ranks together read the global batch, once
+        assert s0.tokens == s1.tokens == int(a0.lengths[s0.ids].sum())
         ref.append((s0.ids.tolist(), s0.plan))
-    assert sorted(sum((r[0] for r in ref[: a0.steps_per_epoch]), [])) == sorted(set(sum((r[0] for r in ref), [])))
-    for k in (1, a0.steps_per_epoch - 1, a0.steps_per_epoch + 1):
-        b = stream(1)
-        b.load_state_dict(stream_state(k, a0.steps_per_epoch))
+    assert sorted(sum((r[0] for r in ref[:per_epoch]), [])) == sorted(set(sum((r[0] for r in ref), [])))
+    assert ref[per_epoch][0] != ref[0][0]  # the next epoch is reshuffled
+    for k in (1, per_epoch - 1, per_epoch, per_epoch + 1):
+        b = stream(1)  # a fresh stream (a resumed run) jumps straight to step k
+        pos = a0.position(k)
+        assert pos == Position(k // per_epoch, k % per_epoch) and b.index(pos) == k
         for j in range(k, steps):
-            s = b.next_step()
+            s = b.step(j)
             assert s.ids.tolist() == ref[j][0] and s.plan == ref[j][1]
-
-
-def stream_state(k: int, per_epoch: int) -> dict:
-    return {"epoch": k // per_epoch, "step_in_epoch": k % per_epoch}
+    assert a0.index(Position(0, per_epoch)) == per_epoch  # an epoch's end, as older checkpoints wrote it
 
 
 def test_same_global_batch_split_any_way_gives_same_losses_and_grads(tiny_models, skewed_shards):
     from fastross.config import DenoiserConfig, ModelConfig
     from fastross.data.batch import Collator
-    from fastross.data.schema import read_meta
+    from fastross.data.schema import ShardMeta
     from fastross.data.stream import StepStream
     from fastross.model.ross import RossModel
-    from fastross.model.vision import load_processor
+    from fastross.data.images import ImageSpec
 
     torch.manual_seed(0)
-    model = RossModel(ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"),
+    model = RossModel(ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
                                   denoiser=DenoiserConfig(depth=1, width=32, heads=4)))
-    collate = Collator(meta=read_meta(skewed_shards), processor=load_processor(str(tiny_models / "vision")),
+    collate = Collator(meta=ShardMeta.read(skewed_shards), image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
                        latent_channels=16, replicas=4, seed=0)
     ref = StepStream(str(skewed_shards), 12, 0, 1, True, 0, max_tokens=10**6, attn_tokens=1e4)
     ids, _ = ref.plan(0, 2)

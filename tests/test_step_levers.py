@@ -12,10 +12,10 @@ import torch
 
 from fastross.config import DenoiserConfig, ModelConfig
 from fastross.data.batch import Collator
-from fastross.data.schema import read_meta
+from fastross.data.images import ImageSpec
+from fastross.data.schema import ShardMeta
 from fastross.distributed import apply_activation_checkpointing, compile_blocks
 from fastross.model.ross import RossModel
-from fastross.model.vision import load_processor
 
 
 def build(tiny_models, **kw):
@@ -34,7 +34,7 @@ def build(tiny_models, **kw):
 
 @pytest.fixture(scope="module")
 def collate(stage2_shards, tiny_models):
-    return Collator(meta=read_meta(stage2_shards), processor=load_processor(str(tiny_models / "vision")),
+    return Collator(meta=ShardMeta.read(stage2_shards), image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
                     latent_channels=16, replicas=4, seed=0)
 
 

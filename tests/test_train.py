@@ -27,7 +27,7 @@ def write_config(path: Path, models: Path, shards: Path, run_dir: Path, **train)
             "denoiser": {"kind": "dit", "depth": 1, "width": 32, "heads": 4, "replicas": 4},
             "fused_ce": False,  # slow in Triton's CPU interpreter; tests/test_golden.py runs it on 2 ranks
         },
-        "data": {"shards": str(shards), "global_batch": 8, "max_tokens": 256},
+        "data": {"shards": str(shards), "global_batch": 8, "max_tokens": 256, "workers": 2},  # loader workers on
         "optim": {"lr_projector": 1e-3, "lr_denoiser": 1e-3, "lr_llm": 1e-3, "warmup_ratio": 0.0},
         "train": {"trainable": ["projector", "llm", "denoiser"], "dtype": "fp32", "log_every": 1,
                   "run_dir": str(run_dir), **train},

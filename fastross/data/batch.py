@@ -1,22 +1,25 @@
 """Samples -> one packed micro-batch: a single sequence, positions restarting per sample.
 
-Everything that needs a Python loop over samples happens here, in the data path, so the
-training step itself never loops over samples or syncs with the host.
+Two parts, composed by `Collator`: `pack_text` (token ids, positions, boundaries, supervised
+positions, where the visual tokens go) and `image_batch` (pixel values, noise keys, timesteps,
+latent moments). A micro-batch without a real image gets one weight-0 dummy image sample, made
+in one place (`Collator.__call__`) from a dummy text part and `dummy_images`.
+
+Everything that needs a Python loop over samples happens here, in the loader's workers, so
+the training step itself never loops over samples or syncs with the host.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
-from PIL import Image
 
-from fastross.data.schema import decode_latent
+from fastross.data.images import ImageSpec, preprocess
+from fastross.data.noise import draw_timesteps, noise_key
+from fastross.data.schema import ShardMeta
 from fastross.data.templates import IGNORE
-from fastross.model import diffusion
-from fastross.model.vision import preprocess_image
 
 
 @dataclass
@@ -38,113 +41,143 @@ class MicroBatch:
     num_images: int  # n, real images
     num_text_tokens: int  # supervised tokens (the dummy entry not counted)
 
-    def to(self, device) -> "MicroBatch":
-        kw = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            kw[f.name] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
-        return MicroBatch(**kw)
+    def _map(self, fn) -> "MicroBatch":
+        return MicroBatch(**{
+            f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)
+        })
+
+    def to(self, device, non_blocking: bool = True) -> "MicroBatch":
+        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "MicroBatch":
+        """Called by DataLoader's pin-memory thread (CUDA only): page-locked, so `.to` copies asynchronously."""
+        return self._map(lambda v: v.pin_memory())
+
+
+@dataclass
+class TextSample:
+    id: str  # for error messages
+    input_ids: np.ndarray  # int64, one `<image>` id where the image goes
+    labels: np.ndarray  # int64, -100 where unsupervised
+    has_image: bool
+
+    @classmethod
+    def of(cls, s: dict) -> "TextSample":
+        return cls(str(s["id"]), np.asarray(s["input_ids"], np.int64), np.asarray(s["labels"], np.int64),
+                   len(s["image"]) > 0)
+
+
+@dataclass
+class PackedText:
+    input_ids: np.ndarray  # (T,)
+    position_ids: np.ndarray  # (T,)
+    cu_seqlens: np.ndarray  # (B + 1,)
+    text_pos: np.ndarray  # (K,) supervised positions (a dummy entry when none)
+    text_targets: np.ndarray  # (K,)
+    visual_pos: np.ndarray  # (n * N,)
+    num_text_tokens: int  # K without the dummy entry
+
+
+def pack_text(samples: list[TextSample], image_token_id: int, num_visual: int) -> PackedText:
+    """Concatenate samples into one sequence, each `<image>` expanded to `num_visual` tokens."""
+    ids, pos, tpos, ttgt, vpos = [], [], [], [], []
+    offset, cu = 0, [0]
+    for s in samples:
+        x, y = s.input_ids, s.labels
+        at = np.flatnonzero(x == image_token_id)
+        if len(at) != int(s.has_image):
+            raise ValueError(f"sample {s.id!r}: {len(at)} <image> tokens for {int(s.has_image)} images")
+        if s.has_image:
+            p = int(at[0])
+            x = np.concatenate([x[:p], np.full(num_visual, image_token_id), x[p + 1:]])
+            y = np.concatenate([y[:p], np.full(num_visual, IGNORE), y[p + 1:]])
+            vpos.append(offset + p + np.arange(num_visual))
+        target = np.append(y[1:], IGNORE)  # next-token targets, never across samples
+        sup = np.flatnonzero(target != IGNORE)
+        tpos.append(offset + sup)
+        ttgt.append(target[sup])
+        ids.append(x)
+        pos.append(np.arange(len(x)))
+        offset += len(x)
+        cu.append(offset)
+    tpos_a, ttgt_a = np.concatenate(tpos), np.concatenate(ttgt)
+    n_text = len(tpos_a)
+    if n_text == 0:  # a dummy entry keeps lm_head in the graph; target -100 adds nothing
+        tpos_a, ttgt_a = np.zeros(1, np.int64), np.full(1, IGNORE)
+    return PackedText(
+        np.concatenate(ids), np.concatenate(pos), np.asarray(cu, np.int32), tpos_a, ttgt_a,
+        np.concatenate(vpos) if vpos else np.zeros(0, np.int64), n_text,
+    )
+
+
+@dataclass
+class ImageBatch:
+    pixel_values: torch.Tensor  # (n, 3, S, S)
+    image_weight: torch.Tensor  # (n,)
+    t: torch.Tensor  # (n, R)
+    noise_keys: torch.Tensor  # (n,)
+    latent_mean: torch.Tensor | None  # (n, C, 2g, 2g), None: the VAE encodes on the fly
+    latent_std: torch.Tensor | None
+    num_images: int  # real images (0 for the dummy)
+
+
+def image_batch(samples: list[dict], step: int, *, meta: ShardMeta, spec: ImageSpec, backend: str,
+                seed: int, replicas: int) -> ImageBatch:
+    """The images of `samples` (all with an image): decoded, preprocessed, keyed for `step`."""
+    pix = torch.stack([preprocess(s["image"], spec, meta.image_aspect, backend) for s in samples])
+    stored = [len(s["latent_mean"]) > 0 for s in samples]
+    if any(stored) and not all(stored):
+        raise ValueError("some samples of this micro-batch have stored latent moments and some do not")
+    mean = std = None
+    if all(stored):
+        mean = torch.from_numpy(np.stack([meta.decode_latent(s["latent_mean"]) for s in samples]))
+        std = torch.from_numpy(np.stack([meta.decode_latent(s["latent_std"]) for s in samples]))
+    keys = torch.tensor([noise_key(seed, step, int(s["index"])) for s in samples], dtype=torch.long)
+    t = draw_timesteps(keys, replicas)  # eps, xi: drawn in the model from the keys
+    return ImageBatch(pix, torch.ones(len(samples)), t, keys, mean, std, len(samples))
+
+
+def dummy_images(*, spec: ImageSpec, grid: int, latent_channels: int, replicas: int) -> ImageBatch:
+    """One weight-0 image sample: zero pixels, key 0, timesteps 0, zero latents."""
+    lat = torch.zeros(1, latent_channels, 2 * grid, 2 * grid)
+    return ImageBatch(torch.zeros(1, 3, spec.height, spec.width), torch.zeros(1),
+                      torch.zeros(1, replicas, dtype=torch.long), torch.zeros(1, dtype=torch.long), lat, lat.clone(), 0)
 
 
 class Collator:
-    def __init__(self, *, meta: dict, processor, latent_channels: int, replicas: int, seed: int):
-        """meta: the shards' fastross.json (template settings, grid, image token, latent layout)."""
-        self.meta = meta
-        self.processor = processor
-        self.aspect = meta["image_aspect"]
-        self.image_token_id = meta["image_token_id"]
-        grid = meta["grid"]
-        self.grid = grid
-        self.num_visual = grid * grid
-        self.latent_channels = latent_channels
-        self.replicas = replicas
-        self.seed = seed
-
-    def image_size(self) -> int:
-        size = self.processor.size
-        return size["height"] if isinstance(size, dict) else int(size)
+    def __init__(self, *, meta: ShardMeta, image: ImageSpec, latent_channels: int, replicas: int, seed: int,
+                 image_backend: str = "pil"):
+        self.meta, self.image, self.backend = meta, image, image_backend
+        self.latent_channels, self.replicas, self.seed = latent_channels, replicas, seed
 
     def __call__(self, samples: list[dict], step: int) -> MicroBatch:
-        nv = self.num_visual
-        ids, pos, tpos, ttgt, vpos, pix, means, stds, keys = [], [], [], [], [], [], [], [], []
-        offset, n_img, cu = 0, 0, [0]
-        for s in samples:
-            x = np.asarray(s["input_ids"], dtype=np.int64)
-            y = np.asarray(s["labels"], dtype=np.int64)
-            at = np.flatnonzero(x == self.image_token_id)
-            has_image = len(s["image"]) > 0
-            if len(at) != int(has_image):
-                raise ValueError(f"sample {s['id']!r}: {len(at)} <image> tokens for {int(has_image)} images")
-            if has_image:
-                p = int(at[0])
-                x = np.concatenate([x[:p], np.full(nv, self.image_token_id), x[p + 1:]])
-                y = np.concatenate([y[:p], np.full(nv, IGNORE), y[p + 1:]])
-                vpos.append(offset + p + np.arange(nv))
-                img = Image.open(io.BytesIO(s["image"]))
-                pix.append(preprocess_image(img, self.processor, self.aspect))
-                if len(s["latent_mean"]):
-                    means.append(torch.from_numpy(decode_latent(s["latent_mean"], self.meta)))
-                    stds.append(torch.from_numpy(decode_latent(s["latent_std"], self.meta)))
-                keys.append(diffusion.noise_key(self.seed, step, int(s["index"])))
-                n_img += 1
-            n = len(x)
-            target = np.append(y[1:], IGNORE)  # next-token targets, never across samples
-            sup = np.flatnonzero(target != IGNORE)
-            tpos.append(offset + sup)
-            ttgt.append(target[sup])
-            ids.append(x)
-            pos.append(np.arange(n))
-            offset += n
-            cu.append(offset)
-        if n_img == 0:
+        meta = self.meta
+        text = [TextSample.of(s) for s in samples]
+        with_image = [s for s in samples if len(s["image"])]
+        if with_image:
+            images = image_batch(with_image, step, meta=meta, spec=self.image, backend=self.backend,
+                                 seed=self.seed, replicas=self.replicas)
+        else:
             # A weight-0 dummy image sample, its visual tokens alone: the micro-batch then has the
             # same graph as any other (vision, projector scatter, LLM, denoiser on hidden states),
             # so FSDP's collectives run in the same order on every rank. An empty micro-batch
             # (a rank with less work this step) is this dummy alone. It adds nothing to any loss.
-            ids.append(np.full(nv, self.image_token_id))
-            pos.append(np.arange(nv))
-            vpos.append(offset + np.arange(nv))
-            tpos.append(np.zeros(0, np.int64))
-            ttgt.append(np.zeros(0, np.int64))
-            offset += nv
-            cu.append(offset)
-        if means and len(means) != n_img:
-            raise ValueError("some samples of this micro-batch have stored latent moments and some do not")
-
-        tpos_a, ttgt_a = np.concatenate(tpos), np.concatenate(ttgt)
-        n_text = len(tpos_a)
-        if n_text == 0:  # a dummy entry keeps lm_head in the graph; target -100 adds nothing
-            tpos_a, ttgt_a = np.zeros(1, np.int64), np.full(1, IGNORE)
-        g, c = self.grid, self.latent_channels
-        lat_shape = (c, 2 * g, 2 * g)
-        if n_img:
-            noise_keys = torch.tensor(keys, dtype=torch.long)
-            t = diffusion.draw_timesteps(noise_keys, self.replicas)  # eps, xi: drawn in the model from the keys
-            pixel_values = torch.stack(pix)
-            weight = torch.ones(n_img)
-        else:  # the dummy image sample's pixels, noise and latents; weight 0
-            size = self.image_size()
-            t = torch.zeros(1, self.replicas, dtype=torch.long)
-            noise_keys = torch.zeros(1, dtype=torch.long)
-            pixel_values = torch.zeros(1, 3, size, size)
-            weight = torch.zeros(1)
-        if means:
-            mean, std = torch.stack(means), torch.stack(stds)
-        elif n_img == 0:
-            mean, std = torch.zeros(1, *lat_shape), torch.zeros(1, *lat_shape)
-        else:
-            mean = std = None
+            text.append(TextSample("(dummy image)", np.full(1, meta.image_token_id), np.full(1, IGNORE), True))
+            images = dummy_images(spec=self.image, grid=meta.grid, latent_channels=self.latent_channels,
+                                  replicas=self.replicas)
+        packed = pack_text(text, meta.image_token_id, meta.num_visual_tokens)
+        cu = packed.cu_seqlens
         return MicroBatch(
-            input_ids=torch.from_numpy(np.concatenate(ids))[None],
-            position_ids=torch.from_numpy(np.concatenate(pos))[None],
-            cu_seqlens=torch.tensor(cu, dtype=torch.int32),
+            input_ids=torch.from_numpy(packed.input_ids)[None],
+            position_ids=torch.from_numpy(packed.position_ids)[None],
+            cu_seqlens=torch.from_numpy(cu),
             doc_ids=torch.from_numpy(np.repeat(np.arange(len(cu) - 1), np.diff(cu))),
             max_seqlen=int(np.diff(cu).max()),
-            text_pos=torch.from_numpy(tpos_a),
-            text_targets=torch.from_numpy(ttgt_a),
-            visual_pos=torch.from_numpy(np.concatenate(vpos)),
-            pixel_values=pixel_values,
-            image_weight=weight,
-            t=t, noise_keys=noise_keys, latent_mean=mean, latent_std=std,
-            num_images=n_img, num_text_tokens=n_text,
+            text_pos=torch.from_numpy(packed.text_pos),
+            text_targets=torch.from_numpy(packed.text_targets),
+            visual_pos=torch.from_numpy(packed.visual_pos),
+            pixel_values=images.pixel_values,
+            image_weight=images.image_weight,
+            t=images.t, noise_keys=images.noise_keys, latent_mean=images.latent_mean, latent_std=images.latent_std,
+            num_images=images.num_images, num_text_tokens=packed.num_text_tokens,
         )

@@ -27,6 +27,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastross.data import templates
+from fastross.data.images import ImageSpec, latent_moments, preprocess_pil
 from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE
 
 SKIP_REASONS = (
@@ -88,12 +89,10 @@ def read_records(path: Path):
 
 class Converter:
     def __init__(self, a):
-        from fastross.model.vision import load_processor
-
         self.a = a
         self.tokenizer = templates.load_tokenizer(a.tokenizer)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(templates.IMAGE_TOKEN)
-        self.processor = load_processor(a.vision)
+        self.image_spec = ImageSpec.from_pretrained(a.vision)
         vcfg = json.loads((Path(a.vision) / "config.json").read_text())
         vcfg = vcfg.get("vision_config", vcfg)
         self.grid = vcfg["image_size"] // vcfg["patch_size"]
@@ -140,12 +139,9 @@ class Converter:
         return {"id": rid_out, "input_ids": ids, "labels": labels, "image": data, "length": length, "_pil": pil}
 
     def latents(self, samples: list[dict]) -> None:
-        from fastross.model.diffusion import latent_moments
-        from fastross.model.vision import preprocess_image
-
         with_image = [s for s in samples if s["_pil"] is not None]
         if self.vae is not None and with_image:
-            pix = torch.stack([preprocess_image(s["_pil"], self.processor, self.aspect) for s in with_image])
+            pix = torch.stack([preprocess_pil(s["_pil"], self.image_spec, self.aspect) for s in with_image])
             mean, std = latent_moments(self.vae, pix, self.grid)
             for s, m, d in zip(with_image, mean.numpy(), std.numpy()):
                 s["latent_mean"] = m.astype(self.latent_dtype).tobytes()

@@ -1,9 +1,13 @@
-"""The MDS shard columns fastross writes and reads, and the metadata file beside them."""
+"""The MDS shard columns fastross writes and reads, and the metadata file beside them
+(`read_meta`: the converter's whole report as a dict; `ShardMeta`: the typed facts training uses)."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, fields
 from pathlib import Path
+
+import numpy as np
 
 COLUMNS = {
     "id": "str",  # the record's id from the source JSON (or its line/position)
@@ -27,13 +31,37 @@ def read_meta(shards: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def decode_latent(raw: bytes, meta: dict):
-    """Stored latent moment bytes -> float32 array (C, 2g, 2g)."""
-    import numpy as np
+@dataclass(frozen=True)
+class ShardMeta:
+    """The facts about a shard folder that training needs, typed (read from its fastross.json)."""
 
-    side = 2 * meta["grid"]
-    arr = np.frombuffer(raw, dtype=meta["latent_dtype"]).reshape(meta["latent_channels"], side, side)
-    return arr.astype(np.float32)
+    template: str  # prompt template the converter used
+    image_aspect: str  # "pad" (mean-colour square first) or "square"
+    grid: int  # vision patch grid g: an image is g * g visual tokens
+    image_token_id: int  # the `<image>` token id
+    latents: bool  # the samples carry VAE latent moments
+    latent_channels: int | None  # C of the stored moments (None without latents)
+    latent_dtype: str  # numpy dtype of the stored moments
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.grid * self.grid
+
+    @classmethod
+    def read(cls, shards: str | Path) -> "ShardMeta":
+        meta = read_meta(shards)
+        try:
+            return cls(**{f.name: meta[f.name] for f in fields(cls)})
+        except KeyError as e:
+            raise ValueError(
+                f"{Path(shards) / META_FILE} has no {e.args[0]!r}: convert the data again with "
+                "`python -m fastross.data.convert`"
+            ) from None
+
+    def decode_latent(self, raw: bytes) -> np.ndarray:
+        """Stored latent moment bytes -> float32 array (C, 2g, 2g)."""
+        side = 2 * self.grid
+        return np.frombuffer(raw, dtype=self.latent_dtype).reshape(self.latent_channels, side, side).astype(np.float32)
 
 
 LENGTHS_FILE = "lengths.npy"  # int32 total length (text + visual tokens) of every sample, in order

@@ -1,11 +1,12 @@
-"""Per-step sample streams over MDS shards, planned into packed micro-batches, with an exact position.
+"""Per-step sample plans over MDS shards, with an exact, random-access position.
 
 Every rank computes the same epoch order (a seeded permutation of the dataset), takes the
 step's global batch from it, and plans it with fastross.data.planner using the shards'
 length index (`lengths.npy`, written by the converter). Each rank then reads only its own
-samples, by id, from a `streaming.StreamingDataset`. Ranks may consume different numbers of
-samples, yet the data position is simply (epoch, step in epoch): the plan of any step can be
-recomputed exactly, which is what makes resuming mid-epoch exact under packing.
+samples, by id (fastross.data.shards). Ranks may consume different numbers of samples, yet
+the data position is simply (epoch, step in epoch), and any step can be recomputed from its
+index alone: that is what makes resuming mid-epoch exact under packing, and what lets the
+loader's workers prepare steps in any process, in any order.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from fastross.data.planner import StepPlan, plan_step
-from fastross.data.schema import LENGTHS_FILE, read_meta
+from fastross.data.schema import LENGTHS_FILE
+from fastross.data.shards import MDSShards
 
 
-@dataclass
+@dataclass(frozen=True)
 class Position:
     epoch: int = 0  # epochs finished
     step_in_epoch: int = 0  # optimizer steps taken in the current epoch
@@ -33,6 +35,7 @@ class Step:
     ids: np.ndarray  # the global batch's sample ids, in epoch order
     plan: StepPlan  # every rank's micro-batches (positions into ids)
     micro_batches: list[list[dict]]  # this rank's samples, micro-batch by micro-batch
+    tokens: int  # the global batch's tokens (text + visual), the same on every rank
 
 
 def load_lengths(shards: str | Path) -> np.ndarray:
@@ -47,15 +50,12 @@ def load_lengths(shards: str | Path) -> np.ndarray:
 class StepStream:
     def __init__(self, shards: str, global_batch: int, rank: int, world: int, shuffle: bool, seed: int,
                  max_tokens: int, attn_tokens: float):
-        from streaming import StreamingDataset
-
-        self.meta = read_meta(shards)
         self.lengths = load_lengths(shards)
-        self.ds = StreamingDataset(local=shards, shuffle=False, batch_size=1, replication=None)
-        if self.ds.num_samples != len(self.lengths):
+        self.shards = MDSShards(shards)
+        if len(self.shards) != len(self.lengths):
             raise ValueError(
                 f"{shards}: {LENGTHS_FILE} lists {len(self.lengths)} samples but the shards hold "
-                f"{self.ds.num_samples}: rebuild it with `python -m fastross.data.index {shards}`"
+                f"{len(self.shards)}: rebuild it with `python -m fastross.data.index {shards}`"
             )
         self.global_batch, self.rank, self.world = global_batch, rank, world
         self.shuffle, self.seed = shuffle, seed
@@ -63,14 +63,15 @@ class StepStream:
         self.steps_per_epoch = len(self.lengths) // global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{shards} holds {len(self.lengths)} samples, fewer than data.global_batch={global_batch}")
-        self.position = Position()
         self._order: tuple[int, np.ndarray] | None = None
 
-    def state_dict(self) -> dict:
-        return self.position.to_dict()
+    def position(self, index: int) -> Position:
+        """The data position after `index` steps."""
+        return Position(index // self.steps_per_epoch, index % self.steps_per_epoch)
 
-    def load_state_dict(self, state: dict) -> None:
-        self.position = Position(**state)
+    def index(self, position: Position) -> int:
+        """Steps taken at `position` (also accepts the (epoch, steps_per_epoch) form of an epoch's end)."""
+        return position.epoch * self.steps_per_epoch + position.step_in_epoch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -85,15 +86,14 @@ class StepStream:
         return ids, plan_step(self.lengths[ids], self.world, self.max_tokens, self.attn_tokens)
 
     def read(self, sample_id: int) -> dict:
-        s = self.ds[int(sample_id)]
+        s = self.shards.read(int(sample_id))
         if s["index"] != sample_id:
             raise ValueError(f"sample {sample_id} of the shards carries index {s['index']}: the shards are inconsistent")
         return s
 
-    def next_step(self) -> Step:
-        if self.position.step_in_epoch == self.steps_per_epoch:
-            self.position = Position(self.position.epoch + 1, 0)
-        ids, plan = self.plan(self.position.epoch, self.position.step_in_epoch)
+    def step(self, index: int) -> Step:
+        """Step number `index` (0-based, counted across epochs): its plan and this rank's samples."""
+        pos = self.position(index)
+        ids, plan = self.plan(pos.epoch, pos.step_in_epoch)
         mine = [[self.read(ids[i]) for i in mb] for mb in plan.micro_batches[self.rank]]
-        self.position.step_in_epoch += 1
-        return Step(ids=ids, plan=plan, micro_batches=mine)
+        return Step(ids=ids, plan=plan, micro_batches=mine, tokens=int(self.lengths[ids].sum()))

@@ -3,8 +3,8 @@
 Noise is keyed, not drawn from a global generator: every image's timesteps, eps and
 posterior draw come from generators keyed by (run seed, step, the sample's global index),
 so the loss of a sample does not depend on which rank or micro-batch it landed on, and a
-resumed run draws exactly what the uninterrupted one did. The timesteps are drawn on the
-host (torch.Generator seeded by the key); eps and xi come from the counter-based generator
+resumed run draws exactly what the uninterrupted one did. Keys and timesteps are drawn on the
+host by the loader (fastross.data.noise, re-exported here); eps and xi come from the counter-based generator
 of fastross.kernels.diffusion_loss, keyed by the same key and indexed in the folded token
 layout. The per-image loss comes in two forms with one signature, chosen once by
 `model.denoiser.impl` (EPS_LOSSES): `eps_loss_fused` ("triton") draws the noise inside its
@@ -17,13 +17,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from fastross.kernels import diffusion_loss
+from fastross.data.images import latent_moments, vae_input  # noqa: F401  (re-exported; they live on the data side)
+from fastross.data.noise import NUM_STEPS, draw_timesteps, noise_key  # noqa: F401  (likewise)
 from fastross.kernels.diffusion_loss import keyed_eps, keyed_xi  # noqa: F401  (re-exported for the model)
-
-NUM_STEPS = 1000
-
 
 def cosine_alphas_cumprod(num_steps: int = NUM_STEPS) -> torch.Tensor:
     """alpha_bar_t for t = 0 .. num_steps - 1 of the cosine schedule, computed in float64."""
@@ -37,7 +35,6 @@ def cosine_alphas_cumprod(num_steps: int = NUM_STEPS) -> torch.Tensor:
     )
     return torch.cumprod(1 - betas, dim=0)
 
-
 def fold_latents(z: torch.Tensor) -> torch.Tensor:
     """(n, C, 2g, 2g) latents -> (n, g * g, 4C) tokens.
 
@@ -49,22 +46,6 @@ def fold_latents(z: torch.Tensor) -> torch.Tensor:
     z = z.reshape(n, c, g, 2, g, 2).permute(0, 2, 4, 1, 3, 5)  # n, gy, gx, c, dy, dx
     return z.reshape(n, g * g, c * 4)
 
-
-def vae_input(pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
-    """Normalised pixel values (mean 0.5, std 0.5) -> the VAE's input in [-1, 1] at 16 x grid pixels."""
-    x = (pixel_values * 0.5 + 0.5) * 2 - 1
-    x = x.clamp(-1, 1)
-    return F.interpolate(x, size=(16 * grid, 16 * grid), mode="bilinear", align_corners=False)
-
-
-@torch.no_grad()
-def latent_moments(vae, pixel_values: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The VAE posterior's mean and std, (n, C, 2g, 2g) each, in fp32."""
-    x = vae_input(pixel_values.float(), grid).to(vae.dtype)
-    dist = vae.encode(x).latent_dist
-    return dist.mean.float(), dist.std.float()
-
-
 def latent_target(mean: torch.Tensor, std: torch.Tensor, xi: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
     """One posterior draw, shifted and scaled, as tokens (n, g * g, 4C).
 
@@ -72,32 +53,6 @@ def latent_target(mean: torch.Tensor, std: torch.Tensor, xi: torch.Tensor, shift
     layout (as keyed_xi gives it). Equal to fold_latents((mean + std * unfold(xi) - shift) * scale).
     """
     return (fold_latents(mean) + fold_latents(std) * xi - shift) * scale
-
-
-def draw_timesteps(keys: torch.Tensor, replicas: int) -> torch.Tensor:
-    """Per image, `replicas` timesteps uniform in [0, NUM_STEPS): (n, R) int64, drawn on the CPU.
-
-    keys: int64 (n,), one generator seed per image (the same key then keys its noise).
-    """
-    t = torch.empty(keys.numel(), replicas, dtype=torch.long)
-    g = torch.Generator()
-    # Host loop over images: this runs in the data path (collation), not in the step.
-    for i, k in enumerate(keys.tolist()):
-        g.manual_seed(k)
-        t[i] = torch.randint(0, NUM_STEPS, (replicas,), generator=g)
-    return t
-
-
-def noise_key(seed: int, step: int, index: int) -> int:
-    """A 63-bit generator seed for one sample at one step (splitmix64 of the three)."""
-    x = (seed * 0x9E3779B97F4A7C15 + step * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) & (2**64 - 1)
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & (2**64 - 1)
-    x ^= x >> 31
-    return x & (2**63 - 1)
-
 
 def eps_loss_per_image(eps_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """(n, R, tokens, C) prediction and noise -> per-image loss (n,): mean over elements, then replicas."""

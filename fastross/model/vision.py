@@ -1,42 +1,21 @@
-"""The frozen SigLIP vision tower and the image preprocessing both stages share.
+"""The frozen SigLIP vision tower.
 
-`preprocess_image` is used by the converter (to compute VAE latent moments offline) and by
-the trainer (to make pixel values), so the reconstruction target always matches what the
-vision tower sees (ROSS_SPEC.md section 2, step 0).
+Its image preprocessing lives on the data side (fastross.data.images: one path for the
+converter, the loader and the exported processor); `preprocess_image` here is a thin wrapper.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
-
-def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
-    """Centre `img` on a square canvas of colour `fill` (LLaVA's `expand2square`)."""
-    w, h = img.size
-    if w == h:
-        return img
-    side = max(w, h)
-    canvas = Image.new(img.mode, (side, side), fill)
-    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
-    return canvas
+from fastross.data.images import ImageSpec, pad_to_square, preprocess_pil  # noqa: F401  (pad_to_square re-exported)
 
 
 def preprocess_image(img: Image.Image, processor, aspect: str) -> torch.Tensor:
-    """PIL image -> normalised pixel values (3, S, S) as the vision tower sees them.
-
-    aspect: "pad" pads to a square with the processor's mean colour first (stage 2);
-    "square" lets the processor resize as given (stage 1).
-    """
-    img = img.convert("RGB")
-    if aspect == "pad":
-        img = pad_to_square(img, tuple(int(m * 255) for m in processor.image_mean))
-    elif aspect != "square":
-        raise ValueError(f"image aspect must be 'pad' or 'square', got {aspect!r}")
-    out = processor(images=img, return_tensors="np")["pixel_values"][0]
-    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+    """PIL image -> normalised pixel values (3, S, S): fastross.data.images' path for an HF processor."""
+    return preprocess_pil(img, ImageSpec.from_processor(processor), aspect)
 
 
 def load_processor(path: str):

@@ -132,17 +132,17 @@ def test_tiny_ross_trains_the_same_with_triton_and_torch(tiny_models, stage2_sha
     """20 optimizer steps of the tiny ROSS model, fp32, same data and keys: the losses agree step by step."""
     from fastross.config import DenoiserConfig, ModelConfig
     from fastross.data.batch import Collator
-    from fastross.data.schema import read_meta
+    from fastross.data.schema import ShardMeta
     from fastross.model.ross import RossModel
-    from fastross.model.vision import load_processor
+    from fastross.data.images import ImageSpec
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"),
+    cfg = ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
                       denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4, impl="torch"))
     models = {"torch": RossModel(cfg)}
     models["triton"] = RossModel(replace(cfg, denoiser=replace(cfg.denoiser, impl="triton")))
     models["triton"].load_state_dict(models["torch"].state_dict())
-    collate = Collator(meta=read_meta(stage2_shards), processor=load_processor(str(tiny_models / "vision")),
+    collate = Collator(meta=ShardMeta.read(stage2_shards), image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
                        latent_channels=16, replicas=4, seed=0)
     img = [s for s in stage2_samples if len(s["image"])]
     txt = [s for s in stage2_samples if not len(s["image"])]
