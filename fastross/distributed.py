@@ -144,6 +144,7 @@ def parallelize(model, world: World, cfg):
     for m in model.modules():
         if isinstance(m, FSDPModule):
             m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM: gloo has no PREMUL_SUM, NCCL copies less
     if t.fsdp_prefetch:
         k = t.fsdp_prefetch
         for i, layer in enumerate(layers):

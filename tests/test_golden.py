@@ -15,24 +15,22 @@ from fastross.tools import golden
 
 pytestmark = pytest.mark.slow
 
-LEVERS = ["train.compile=true", "train.activation_checkpointing=[full, selective]", "data.workers=2",
-          "model.denoiser.impl=triton", "train.async_checkpoint=true"]
+# The levers that run on CPU, flipped from the recipe (which has full checkpointing, 2 loader workers, the
+# torch denoiser, synchronous saves, plain CE and no compile).
+CHEAP = ["train.activation_checkpointing=[none, selective]", "data.workers=0", "model.denoiser.impl=triton",
+         "train.async_checkpoint=true"]
 
 VARIANTS = {
-    # The recipe again: the same code on the same machine kind is deterministic (fixed reduction orders, keyed
-    # noise); 1e-6 leaves room for another CPU's vector width changing fp32 summation order.
+    # The recipe again: the same code on the same kind of machine is deterministic (fixed reduction orders, keyed
+    # noise), seen exactly 0; 1e-6 leaves room for another CPU's vector width changing fp32 summation order.
     "recipe": ([], 1e-6),
-    # Every lever off: recomputation changes nothing in fp32 (test_step_levers: bit-identical), nor do the
-    # loader's workers (the same bytes in the same order); so the reference lands on the golden file as well.
-    "reference": (["train.activation_checkpointing=none", "data.workers=0", "model.denoiser.impl=torch"], 1e-6),
-    # Compile (Inductor fuses and reorders fp32 reductions, ~1e-7 relative per op) and the Triton denoiser
-    # (kernels against their references: 1e-5 relative at worst, tests/kernels) perturb rounding; 20 Adam
-    # steps at lr 1e-3 amplify such perturbations on near-zero gradients (Adam divides by sqrt(v)).
-    "levers": (LEVERS, 2e-3),
-    # Fused CE on top, 3 steps (the kernel is ~30x slower than plain CE in Triton's CPU interpreter). With
-    # train.max_steps=3 the warm-up is still one step (ceil(0.03 * 3)) and the second step's learning rate is
-    # cos(0) = 1 of the peak, as in the 20-step recipe: the first 3 losses are the golden ones.
-    "levers+fused_ce": (LEVERS + ["model.fused_ce=true", "train.max_steps=3", "train.ckpt_every=3"], 1e-3),
+    # Recomputation and the loader's workers change nothing in fp32 (bit-identical: test_step_levers,
+    # test_loader); the Triton denoiser's kernels differ from their references by rounding (1e-5 relative at
+    # worst, tests/kernels), which 20 Adam steps at lr 1e-3 can amplify on near-zero gradients (Adam divides
+    # by sqrt(v)). Seen with compile on top: 9e-8 (`python -m fastross.tools.golden ...`); the bound keeps 100x.
+    # Compile and fused CE are held to eager in one process (tests/test_compile.py, tests/test_step_levers.py):
+    # on 2 CPU ranks they cost minutes here (compiling; the interpreter's CE), so the golden tool runs them.
+    "levers": (CHEAP, 1e-5),
 }
 
 
@@ -46,9 +44,9 @@ def test_variant_reproduces_the_golden_losses(variant, tiny_models, stage2_shard
     overrides, tol = VARIANTS[variant]
     got = golden.losses(golden.train(tiny_models, stage2_shards, tmp_path / "run", overrides))
     want = golden_losses[: len(got)]
-    assert len(got) == (3 if "train.max_steps=3" in overrides else golden.STEPS)
+    assert len(got) == golden.STEPS
     worst = max(max(d["text_loss"], d["recon_loss"]) for d in golden.deviation(got, want))
     assert worst <= tol, (variant, worst, got, want)
     # and the recipe learns: the golden curve itself falls (a broken golden file would not)
     if variant == "recipe":
-        assert want[-1]["text_loss"] < 0.8 * want[0]["text_loss"]
+        assert want[-1]["text_loss"] < 0.9 * want[0]["text_loss"] and want[-1]["recon_loss"] < 0.95 * want[0]["recon_loss"]

@@ -88,6 +88,7 @@ def test_compile_blocks_in_place_keeps_the_state_dict_and_the_numbers():
     """compile_blocks (what parallelize calls) compiles every block and the final layer in place: the state
     dict's names are unchanged (no `_orig_mod.`), so checkpoints load either way, and the output is eager's
     (backend "eager": Dynamo's capture only, no codegen, so the numbers are equal bit for bit)."""
+    torch._dynamo.reset()  # count from a clean cache: earlier tests' compiles and dynamic-shape memory stay otherwise
     m, ref = build("dit", "torch", depth=2), build("dit", "torch", depth=2)
     keys = list(m.state_dict())
     counter = CompileCounterWithBackend("eager")
