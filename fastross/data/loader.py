@@ -97,6 +97,9 @@ class Loader:
             self.dataset(position, step, total_steps), batch_size=None, shuffle=False, collate_fn=_as_is,
             num_workers=workers, prefetch_factor=self.cfg.prefetch if workers else None,
             pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+            # Its own generator: starting the workers would otherwise draw their base seed from the global RNG,
+            # so a resumed run's saved RNG state would differ from the uninterrupted run's (nothing here is random).
+            generator=torch.Generator().manual_seed(0),
         )
         for batch in loader:
             yield batch.to(self.device)
