@@ -60,8 +60,10 @@ def test_sharded_load_equals_eager_build(ranks_run):
         # model.init_from over a meta-loaded model: another seed's fresh tensors differ, the checkpoint restores all
         assert r["fresh_differ_before"] and all(n.split(".")[0] in RossModel.FRESH for n in r["fresh_differ_before"])
         assert r["init_from_differ"] == []
-    # Each rank read about its share of the files (a whole 0-d or 1-row tensor is read by every rank).
-    assert sum(r["bytes_read"] for r in reports) < reports[0]["full_bytes"] * (1 + 0.01 * (n - 1))
+    # Each rank read its share of the files and no more: the ranks together read at most what they hold (their
+    # padded shards, the replicated frozen tower and VAE whole on each), 1% for whole 0-d or 1-row tensors.
+    # A rank that read the whole model would exceed it (each rank holds < 0.6 of it, asserted below).
+    assert sum(r["bytes_read"] for r in reports) <= 1.01 * sum(r["shard_bytes"] for r in reports)
 
 
 @pytest.mark.slow
