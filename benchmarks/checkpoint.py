@@ -14,8 +14,6 @@ Checkpoints go to a temp dir; --save appends a CSV row to benchmarks/results/che
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 import statistics
 import subprocess
@@ -27,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from fastross.checkpoint import Checkpointer
+from fastross.tools import results as R
 
 
 def build(params_mb: float, width: int = 1024):
@@ -85,20 +84,12 @@ def main() -> None:
     ratio = res["sync"]["blocked"] / res["async"]["blocked"]
     print(f"checkpoint: blocked sync/async {ratio:.2f}x ({state_mb:.0f} MB state, median of {a.saves} saves)")
     if a.save:
-        out = Path(__file__).parent / "results" / "checkpoint.csv"
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
         device = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-        new = not out.exists()
-        with open(out, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["date", "commit", "device", "state_mb", "saves", "sync_blocked_s", "async_blocked_s",
-                            "async_complete_s", "ratio"])
-            w.writerow([datetime.date.today().isoformat(), commit, device, round(state_mb), a.saves,
-                        f"{res['sync']['blocked']:.4f}", f"{res['async']['blocked']:.4f}",
-                        f"{res['async']['complete']:.4f}", f"{ratio:.3f}"])
-
+        out = R.append_csv("checkpoint.csv", ["date", "commit", "device", "state_mb", "saves", "sync_blocked_s",
+                                              "async_blocked_s", "async_complete_s", "ratio"],
+                           [[R.today(), R.commit(), device, round(state_mb), a.saves, f"{res['sync']['blocked']:.4f}",
+                             f"{res['async']['blocked']:.4f}", f"{res['async']['complete']:.4f}", f"{ratio:.3f}"]])
+        print(f"appended to {out}")
 
 if __name__ == "__main__":
     main()

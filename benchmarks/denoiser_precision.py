@@ -46,6 +46,8 @@ from pathlib import Path
 
 import yaml
 
+from fastross.tools import results as R
+
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = 20
 RUNS = {"fp32_a": ("fp32", 0), "fp32_b": ("fp32", 1), "bf16_a": ("bf16", 0)}  # name: (denoiser dtype, train.seed)
@@ -80,7 +82,7 @@ def launch(work: Path, shards: Path, name: str, dtype: str, seed: int, steps: in
     cfg = {
         "model": {"vision_path": str(models / "vision"), "llm_path": str(models / "llm"),
                   "denoiser": {"kind": "dit", "depth": 2, "width": 64, "heads": 4, "replicas": 4, "dtype": dtype},
-                  "fused_ce": False},  # Liger's CE is ~30x slower in Triton's CPU interpreter
+                  "fused_ce": False},  # Liger's CE is ~35x slower in Triton's CPU interpreter
         "data": {"shards": str(shards), "global_batch": 8, "max_tokens": 512},
         "optim": {"lr_denoiser": 1e-3, "warmup_ratio": 0.03},
         "train": {"trainable": ["denoiser"], "dtype": "fp32", "seed": seed, "epochs": 100, "max_steps": steps,
@@ -138,11 +140,6 @@ def device_name() -> str:
     return torch.cuda.get_device_name().replace(" ", "_") if torch.cuda.is_available() else "cpu"
 
 
-def commit() -> str:
-    p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    return p.stdout.strip() or "unknown"
-
-
 def write(out: Path, curves: dict, v: dict, header: str) -> tuple[Path, Path]:
     out.mkdir(parents=True, exist_ok=True)
     dev = device_name()
@@ -186,7 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="", help="work folder (models, shards, runs), reused when given; default a temp dir")
     p.add_argument("--save", action="store_true", help="write the CSV and PNG to benchmarks/results/ (committed)")
     a = p.parse_args(argv)
-    t0, head = time.perf_counter(), commit()  # the code the runs import
+    t0, head = time.perf_counter(), R.commit()  # the code the runs import
     with tempfile.TemporaryDirectory(prefix="fastross-precision-work-") as tmp:
         work = Path(a.work).resolve() if a.work else Path(tmp)
         shards = prepare(work)

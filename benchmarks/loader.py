@@ -24,13 +24,8 @@ written outside the temporary folder.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import io
 import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +40,7 @@ from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader
 from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE
 from fastross.data.stream import Position
+from fastross.tools import results as R
 
 GRID, CHANNELS, IMAGE_TOKEN = 27, 16, 151646
 DEMAND = 44.0  # samples/s per rank the sleeping consumer implies
@@ -106,10 +102,11 @@ def run(shards: Path, n: int, workers: int, backend: str, sleep: bool, batch: in
     it = ld.steps(Position(), 0, n // batch)
     t0 = time.perf_counter()
     first = next(it)
-    t1 = time.perf_counter()
-    samples, waited, start = 0, 0.0, t1
+    first_s = time.perf_counter() - t0
     if sleep:
         time.sleep(sum(mb.num_images for mb in first.micro_batches) / DEMAND)
+    t1 = time.perf_counter()  # the figures start once the first step is done
+    samples, waited, start = 0, 0.0, t1
     for step in it:
         t = time.perf_counter()
         waited += t - start
@@ -119,13 +116,7 @@ def run(shards: Path, n: int, workers: int, backend: str, sleep: bool, batch: in
             time.sleep(k / DEMAND)  # the "GPU step"
         start = time.perf_counter()
     wall = time.perf_counter() - t1
-    return {"samples_per_s": samples / wall, "data_wait": waited / wall, "first_step_s": t1 - t0}
-
-
-def machine() -> str:
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor() or "cpu")
-    return f"{model} x{os.cpu_count()}"
+    return {"samples_per_s": samples / wall, "data_wait": waited / wall, "first_step_s": first_s}
 
 
 def main(argv=None) -> int:
@@ -152,17 +143,10 @@ def main(argv=None) -> int:
     s, pw, d = many["samples_per_s"], one["samples_per_s"], fed["data_wait"]
     print(f"loader: samples_per_s {s:.1f} per_worker {pw:.1f} workers {a.workers} data_wait {d:.4f}")
     if a.save:
-        out = Path(__file__).parent / "results" / "loader.csv"
-        new = not out.exists()
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-        with open(out, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["date", "commit", "machine", "backend", "samples", "samples_per_s", "per_worker",
-                            "workers", "data_wait"])
-            w.writerow([datetime.date.today().isoformat(), commit, machine(), a.backend, a.samples,
-                        f"{s:.1f}", f"{pw:.1f}", a.workers, f"{d:.4f}"])
+        out = R.append_csv("loader.csv", ["date", "commit", "machine", "backend", "samples", "samples_per_s", "per_worker",
+                                          "workers", "data_wait"],
+                           [[R.today(), R.commit(), R.machine(), a.backend, a.samples, f"{s:.1f}", f"{pw:.1f}",
+                             a.workers, f"{d:.4f}"]])
         print(f"appended to {out}")
     return 0
 

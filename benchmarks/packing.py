@@ -3,7 +3,7 @@
     python benchmarks/packing.py [--steps 200] [--ranks 8] [--global-batch 128] [--max-tokens 16384]
 
 Simulates the 7B instruction-tuning recipe on the CPU (no model runs): each step draws a global
-batch from the length distribution below, and three strategies turn it into micro-batches:
+batch from the stated default stage-2 mix (fastross/data/mix.py), and three strategies turn it into micro-batches:
 
 - fastross: fastross.data.planner.plan_step, the planner the trainer uses: samples assigned to
   ranks by estimated compute, packed into varlen micro-batches of <= max_tokens tokens; a
@@ -17,47 +17,21 @@ batch from the length distribution below, and three strategies turn it into micr
 E (efficiency) = real tokens / computed token slots, where a padded micro-batch computes
 4 x its longest sample and a packed one its own tokens. I (imbalance) = mean over steps of
 (max rank compute / mean rank compute), compute = tokens + attention term as in the planner.
-Ends with `packing: efficiency E padded P grouped G imbalance I` and appends a CSV row to
+Ends with `packing: efficiency E padded P grouped G imbalance I`; --save appends a CSV row to
 benchmarks/results/packing.csv.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 
 from fastross.data import planner
+from fastross.data.mix import QWEN2_7B, VISUAL, draw
 from fastross.data.planner import attention_cost_tokens, plan_step, sample_cost
-
-VISUAL = 729  # tokens per image in the 7B recipe (27 x 27 SigLIP patches)
-# (share, kind, has image, text-token sampler) — LLaVA-665K / Cambrian-737K-like instruction data
-DISTRIBUTION = [
-    (0.35, "image + short answer", True, lambda r, n: r.integers(30, 120, n)),
-    (0.40, "image + multi-turn", True, lambda r, n: np.clip(r.lognormal(np.log(280), 0.7, n), 60, 2500)),
-    (0.08, "image + long description", True, lambda r, n: r.integers(200, 800, n)),
-    (0.17, "text-only conversation", False, lambda r, n: np.clip(r.lognormal(np.log(650), 0.9, n), 40, 7000)),
-]
-QWEN2_7B = dict(non_embedding_params=6.53e9, layers=28, hidden=3584)
-
-
-def draw(rng, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """n sample lengths (visual tokens included) and whether each has an image."""
-    shares = np.array([d[0] for d in DISTRIBUTION])
-    kind = rng.choice(len(DISTRIBUTION), size=n, p=shares / shares.sum())
-    lengths = np.zeros(n, dtype=np.int64)
-    image = np.zeros(n, dtype=bool)
-    for k, (_, _, has_image, text) in enumerate(DISTRIBUTION):
-        idx = np.flatnonzero(kind == k)
-        lengths[idx] = np.asarray(text(rng, len(idx))).astype(np.int64) + (VISUAL if has_image else 0)
-        image[idx] = has_image
-    return lengths, image
-
+from fastross.tools import results as R
 
 def padded_slots(micro_batches: list[list[int]], lengths) -> int:
     return sum(len(mb) * max(lengths[i] for i in mb) for mb in micro_batches if mb)
@@ -106,6 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--micro-batch", type=int, default=4, help="samples per padded micro-batch (reference)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save", action="store_true", help="append a row to benchmarks/results/packing.csv")
     a = p.parse_args(argv)
     rng = np.random.default_rng(a.seed)
     attn = attention_cost_tokens(**QWEN2_7B)
@@ -140,19 +115,14 @@ def main(argv=None) -> int:
     print(f"{'grouped':<10} {g:>10.4f} {np.mean(imb_g):>15.4f} {a.global_batch / a.ranks / a.micro_batch:>19.2f}")
     impl = "native" if planner.NATIVE is not None else "plain Python"
     print(f"planner: {plan_s / a.steps * 1e3:.3f} ms per step ({impl})")
-    out = Path(__file__).parent / "results" / "packing.csv"
-    out.parent.mkdir(exist_ok=True)
-    new = not out.exists()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    with open(out, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["date", "commit", "device", "steps", "ranks", "global_batch", "max_tokens",
-                        "efficiency", "padded", "grouped", "imbalance", "padded_imbalance", "grouped_imbalance"])
-        w.writerow([datetime.date.today().isoformat(), commit, "cpu (simulation)", a.steps, a.ranks, a.global_batch,
-                    a.max_tokens, f"{e:.4f}", f"{pp:.4f}", f"{g:.4f}", f"{i:.4f}", f"{np.mean(imb_p):.4f}",
-                    f"{np.mean(imb_g):.4f}"])
+    if a.save:
+        out = R.append_csv("packing.csv", ["date", "commit", "device", "steps", "ranks", "global_batch", "max_tokens",
+                                           "efficiency", "padded", "grouped", "imbalance", "padded_imbalance",
+                                           "grouped_imbalance"],
+                           [[R.today(), R.commit(), "cpu (simulation)", a.steps, a.ranks, a.global_batch, a.max_tokens,
+                             f"{e:.4f}", f"{pp:.4f}", f"{g:.4f}", f"{i:.4f}", f"{np.mean(imb_p):.4f}",
+                             f"{np.mean(imb_g):.4f}"]])
+        print(f"appended to {out}")
     print(f"packing: efficiency {e:.4f} padded {pp:.4f} grouped {g:.4f} imbalance {i:.4f}")
     return 0
 

@@ -2,32 +2,27 @@
 
     python benchmarks/planner.py [--sizes 1000000 10000000 100000000] [--threads 2]
 
-Plans whole epochs of lengths drawn from benchmarks/packing.py's distribution (7B recipe:
+Plans whole epochs of lengths drawn from the default stage-2 mix (fastross/data/mix.py) (7B recipe:
 global batch 128, 8 ranks, max_tokens 16384), timing `plan_epoch` (every step planned, per-step
 summaries kept) with the native twin and with the Python reference. The reference runs only
 where its estimate is under a minute and is extrapolated linearly beyond (marked so). Where both
-ran, their summaries must be identical. Ends with `planner: n100M_native_s S speedup_1M X` and
-appends CSV rows to benchmarks/results/planner.csv.
+ran, their summaries must be identical. Ends with `planner: n100M_native_s S speedup_1M X`;
+--save appends CSV rows to benchmarks/results/planner.csv.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 import platform
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from packing import QWEN2_7B, draw  # noqa: E402
-
-from fastross.data import planner  # noqa: E402
+from fastross.data import planner
+from fastross.data.mix import QWEN2_7B, draw
+from fastross.tools import results as R
 
 
 def lengths_of(n: int, seed: int) -> np.ndarray:
@@ -56,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--ranks", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=16384)
     p.add_argument("--reference-budget-s", type=float, default=60.0)
+    p.add_argument("--save", action="store_true", help="append rows to benchmarks/results/planner.csv")
     a = p.parse_args(argv)
     if planner.NATIVE is None:
         print("planner: error: fastross._native is not built; run `pip install -e .`", file=sys.stderr)
@@ -80,18 +76,12 @@ def main(argv=None) -> int:
         rows.append((n, native_s, ref_s, note))
         print(f"{n:>12} {native_s:>10.3f} {ref_s:>12.3f} {ref_s / native_s:>8.1f}  {note}")
         del lengths
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    out = Path(__file__).parent / "results" / "planner.csv"
-    out.parent.mkdir(exist_ok=True)
-    new = not out.exists()
-    with open(out, "a", newline="") as f:
-        w = csv.writer(f)
-        if new:
-            w.writerow(["date", "commit", "device", "threads", "samples", "native_s", "reference_s", "note"])
-        for n, ns, rs, note in rows:
-            w.writerow([datetime.date.today().isoformat(), commit, f"cpu {platform.machine()} x{os.cpu_count()}",
-                        a.threads, n, f"{ns:.4f}", f"{rs:.4f}", note])
+    if a.save:
+        out = R.append_csv("planner.csv", ["date", "commit", "device", "threads", "samples", "native_s", "reference_s",
+                                           "note"],
+                           [[R.today(), R.commit(), f"cpu {platform.machine()} x{os.cpu_count()}", a.threads, n,
+                             f"{ns:.4f}", f"{rs:.4f}", note] for n, ns, rs, note in rows])
+        print(f"appended to {out}")
     by = {n: (ns, rs) for n, ns, rs, _ in rows}
     s100 = by.get(100_000_000, (float("nan"), 0))[0]
     x1 = by[1_000_000][1] / by[1_000_000][0] if 1_000_000 in by else float("nan")

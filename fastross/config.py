@@ -81,6 +81,9 @@ class TrainConfig:
     trainable: list = field(default_factory=lambda: ["projector", "llm", "denoiser"])  # parts that train
     epochs: int = 1  # passes over the shards
     max_steps: int = 0  # stop after this many optimizer steps (0: all the epochs' steps)
+    # End this invocation after this step, checkpointed; the run's length and learning-rate schedule stay those of
+    # epochs/max_steps, so starting it again resumes where it stopped (0: run to the end).
+    stop_after: int = 0
     dtype: Literal["bf16", "fp32"] = "bf16"  # bf16: FSDP2 mixed precision with fp32 reduction
     seed: int = 0  # model init and noise keys
     log_every: int = 10  # optimizer steps between log lines

@@ -6,6 +6,7 @@ world of one. NCCL on GPUs, gloo on CPU.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import dataclass
@@ -76,7 +77,9 @@ def apply_activation_checkpointing(layers: nn.ModuleList, spec) -> list[str]:
     return policies
 
 
-def _save_ops() -> set:
+@functools.cache
+def _save_ops() -> frozenset:
+    """The ops whose outputs a selectively checkpointed layer keeps (built once: it runs every forward)."""
     ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
            torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_mm.default}
     for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
@@ -88,7 +91,7 @@ def _save_ops() -> set:
         ops.add(torch.ops.torch_attn._varlen_attn.default)
     except (AttributeError, RuntimeError):
         pass
-    return ops
+    return frozenset(ops)
 
 
 def _keep_matmuls():

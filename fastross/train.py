@@ -199,21 +199,23 @@ class Trainer:
 
     def fit(self) -> None:
         t = self.cfg.train
-        if self.step >= self.total_steps:
-            self._say(f"already complete: {self.step}/{self.total_steps} steps in {self.run_dir}")
+        end = min(t.stop_after, self.total_steps) if t.stop_after else self.total_steps
+        if self.step >= end:
+            self._say(f"already complete: {self.step}/{self.total_steps} steps in {self.run_dir}"
+                      + (f" (train.stop_after={t.stop_after})" if end < self.total_steps else ""))
             return
         self.model.train()
         self.model.vision.eval()
         start, first = time.perf_counter(), self.step
-        for batch in self.loader.steps(self.data_position, self.step, self.total_steps):
+        for batch in self.loader.steps(self.data_position, self.step, end):
             lr = self.scheduler.get_last_lr()[0]
             result = self.train_step(batch)
             self.metrics.count(self.cfg.data.global_batch, result["tokens"])
             # Log before saving: a checkpoint of step N implies its record is written. A save's
             # blocked time therefore goes on the next record (the last save's: console only).
-            if self.step % t.log_every == 0 or self.step == self.total_steps:
+            if self.step % t.log_every == 0 or self.step == end:
                 self.log(result, lr)
-            if self.step % t.ckpt_every == 0 or self.step == self.total_steps:
+            if self.step % t.ckpt_every == 0 or self.step == end:
                 self.save()
         waited = self.checkpointer.close()  # the last checkpoint is complete before the run says done
         if self.cfg.train.async_checkpoint:

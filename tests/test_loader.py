@@ -118,6 +118,34 @@ def flatten(batch) -> list:
     return out
 
 
+def test_a_step_crosses_from_a_worker_as_one_buffer_and_unpacks_to_the_collators_batches(skewed_shards, tiny_models):
+    """PackedStep: the trainer gets exactly the collator's micro-batches (every field, dtype and shape), as views
+    of one shared buffer, each tensor 256-byte aligned in it."""
+    import dataclasses
+
+    from fastross.data.loader import PackedStep, StepBatch
+    from fastross.data.stream import Position
+
+    ld = loader(skewed_shards, tiny_models, rank=0, workers=2)
+    want = [ld.collate(samples, 0) for samples in ld.stream.step(0).micro_batches]
+    assert len(want) >= 2
+    got = next(iter(ld.steps(Position(), 0, 1)))
+    assert isinstance(got, StepBatch) and len(got.micro_batches) == len(want)
+    storages = set()
+    for g, w in zip(got.micro_batches, want):
+        for f in dataclasses.fields(w):
+            a, b = getattr(g, f.name), getattr(w, f.name)
+            if isinstance(b, torch.Tensor):
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), f.name
+                storages.add(a.untyped_storage().data_ptr())
+                assert (a.data_ptr() - a.untyped_storage().data_ptr()) % 256 == 0, f.name
+            else:
+                assert a == b, f.name
+    assert len(storages) == 1  # one buffer for the whole step
+    packed = PackedStep.pack(StepBatch(want, 0, len(want), 1.0, Position()), shared=False)
+    assert packed.buffer.dtype == torch.uint8 and packed.buffer.dim() == 1
+
+
 def test_loader_is_identical_with_0_1_and_4_workers_and_from_any_resume_point(skewed_shards, tiny_models):
     from fastross.data.noise import draw_timesteps, noise_key
     from fastross.data.stream import Position

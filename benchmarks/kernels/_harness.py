@@ -1,5 +1,6 @@
 """What benchmarks/kernels/bench_*.py share: arguments, timing, peak memory, the device's own
-bf16 matmul rate and copy bandwidth (measured in the same run), a readable table, CSV rows.
+bf16 matmul rate and copy bandwidth (measured in the same run), a readable table, CSV rows
+(appended only with --save, or to the file --csv names).
 
 Providers (the issue's ladder): `reference` (fp32 eager, TF32 matmuls allowed, the reference
 recipe's way of doing it), `torch_bf16` (eager bf16), `torch_bf16_compiled` (torch.compile of
@@ -16,9 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import os
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,9 +26,11 @@ from typing import Callable
 
 import torch
 
+from fastross.tools import results as R
+
 PROVIDERS = ("reference", "torch_bf16", "fastross", "torch_bf16_compiled")  # run in this order: compiling is slowest
 MODES = ("forward", "backward", "full")
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "kernels.csv"
+RESULTS = R.RESULTS / "kernels.csv"
 FIELDS = ["date", "commit", "device", "bench", "shape", "provider", "mode", "ms", "peak_mib", "tflops", "gbps",
           "floor_ms", "copy_gbps", "matmul_tflops"]
 
@@ -40,8 +41,11 @@ def parse_args(description: str, shapes: list[str], argv=None) -> argparse.Names
     p.add_argument("--shapes", default=",".join(shapes), help=f"comma-separated, of: {', '.join(shapes)}")
     p.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ", ".join(PROVIDERS))
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ", ".join(MODES))
-    p.add_argument("--csv", default=str(RESULTS), help="CSV file the rows are appended to ('' for none)")
+    p.add_argument("--save", action="store_true", help=f"append the rows to {RESULTS.relative_to(R.REPO)}")
+    p.add_argument("--csv", default="", help="another CSV file the rows are appended to (gpu_check.sh's)")
     a = p.parse_args(argv)
+    if a.save and not a.csv:
+        a.csv = str(RESULTS)
     a.shapes = ["smoke"] if a.smoke else a.shapes.split(",")
     a.providers = a.providers.split(",")
     a.modes = a.modes.split(",")
@@ -63,20 +67,6 @@ def device() -> torch.device:
 
 def device_name() -> str:
     return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (smoke, Triton interpreter)"
-
-
-def commit() -> str:
-    if os.environ.get("FASTROSS_COMMIT"):
-        return os.environ["FASTROSS_COMMIT"]
-    try:
-        root = Path(__file__).resolve().parents[2]
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def sync() -> None:
@@ -166,7 +156,7 @@ class Report:
     def __init__(self, bench: str, csv_path: str):
         self.bench, self.csv_path = bench, csv_path
         self.rows: list[dict] = []
-        self.device, self.commit = device_name(), commit()
+        self.device, self.commit = device_name(), R.commit()
         self.date = datetime.datetime.now().isoformat(timespec="seconds")
 
     def add(self, **row) -> dict:
@@ -203,7 +193,8 @@ class Report:
                 cells.append(f"{v:>{w}.3f}" if isinstance(v, float) else f"{v!s:>{w}}")
             print("  ".join(cells))
 
-    def write_csv(self) -> None:
+    def print_saved(self) -> None:
+        """Say where the rows went (add() appended each as it came)."""
         if self.csv_path:
             print(f"{len(self.rows)} rows appended to {self.csv_path}")
 
@@ -238,7 +229,7 @@ def run_all(args, bench: str, cases: Callable[[str, str], Case | None], matmul_f
         if after_shape is not None:
             after_shape(rep, shape)
     rep.print_table()
-    rep.write_csv()
+    rep.print_saved()
     return rep
 
 

@@ -41,17 +41,14 @@ class MicroBatch:
     num_images: int  # n, real images
     num_text_tokens: int  # supervised tokens (the dummy entry not counted)
 
-    def _map(self, fn) -> "MicroBatch":
+    def map_tensors(self, fn, kind: type = torch.Tensor) -> "MicroBatch":
+        """A copy with `fn` applied to every field of type `kind` (the tensors; the loader's slots)."""
         return MicroBatch(**{
-            f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v for f in fields(self)
+            f.name: fn(v) if isinstance(v := getattr(self, f.name), kind) else v for f in fields(self)
         })
 
     def to(self, device, non_blocking: bool = True) -> "MicroBatch":
-        return self._map(lambda v: v.to(device, non_blocking=non_blocking))
-
-    def pin_memory(self) -> "MicroBatch":
-        """Called by DataLoader's pin-memory thread (CUDA only): page-locked, so `.to` copies asynchronously."""
-        return self._map(lambda v: v.pin_memory())
+        return self.map_tensors(lambda v: v.to(device, non_blocking=non_blocking))
 
 
 @dataclass

@@ -21,11 +21,7 @@ from tqdm import tqdm
 
 from fastross.data import planner
 from fastross.data.schema import LENGTHS_FILE
-
-
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The order fastross.data.stream.StepStream uses."""
-    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+from fastross.data.stream import epoch_order
 
 
 def main(argv=None) -> int:

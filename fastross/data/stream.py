@@ -47,6 +47,11 @@ def load_lengths(shards: str | Path) -> np.ndarray:
     return np.load(path)
 
 
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
+    """The order of the n samples in `epoch` (training's, and `python -m fastross.data.plan`'s)."""
+    return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+
+
 class StepStream:
     def __init__(self, shards: str, global_batch: int, rank: int, world: int, shuffle: bool, seed: int,
                  max_tokens: int, attn_tokens: float):
@@ -75,9 +80,7 @@ class StepStream:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
-            n = len(self.lengths)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._order = (epoch, order)
+            self._order = (epoch, epoch_order(len(self.lengths), self.seed, epoch, self.shuffle))
         return self._order[1]
 
     def plan(self, epoch: int, step_in_epoch: int) -> tuple[np.ndarray, StepPlan]:

@@ -47,20 +47,22 @@ def prepare(work: Path) -> tuple[Path, Path]:
     return models, shards
 
 
-def overrides(models: Path, shards: Path, run_dir: Path) -> list[str]:
-    """configs/tiny.yaml pointed at these folders, from fresh weights, for STEPS steps."""
+def overrides(models: Path, shards: Path, run_dir: Path, steps: int = STEPS) -> list[str]:
+    """configs/tiny.yaml pointed at these folders, from fresh weights: the first `steps` of the golden run's STEPS
+    (train.stop_after keeps the learning-rate schedule of all STEPS)."""
     return [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}", "model.init_from=''",
             f"data.shards={shards}", f"train.run_dir={run_dir}", f"train.max_steps={STEPS}", "train.epochs=10",
-            "train.log_every=1", f"train.ckpt_every={STEPS}"]
+            "train.log_every=1", f"train.ckpt_every={STEPS}", f"train.stop_after={steps}"]
 
 
-def train(models: Path, shards: Path, run_dir: Path, variant: list[str], timeout: int = 1200) -> list[dict]:
-    """Run the recipe with `variant` overrides on RANKS ranks; returns its metrics records (judged by what it wrote:
-    about 1 gloo run in 20 aborts at interpreter exit after finishing, CPU_AND_GPU.md)."""
+def train(models: Path, shards: Path, run_dir: Path, variant: list[str], timeout: int = 1200,
+          steps: int = STEPS) -> list[dict]:
+    """Run the recipe's first `steps` steps with `variant` overrides on RANKS ranks; returns its metrics records
+    (judged by what it wrote: about 1 gloo run in 20 aborts at interpreter exit after finishing, CPU_AND_GPU.md)."""
     with tempfile.TemporaryDirectory(prefix="fastross-golden-") as tmp:
         env = {**os.environ, "TMPDIR": tmp}  # streaming's shared-memory lock files stay in here
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
-               "-m", "fastross.train", str(CONFIG), *overrides(models, shards, run_dir), *variant]
+               "-m", "fastross.train", str(CONFIG), *overrides(models, shards, run_dir, steps), *variant]
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     out = p.stdout + p.stderr
     if "train: done" not in out:
@@ -88,13 +90,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variant", nargs="*", help="key.sub=value overrides on top of the recipe")
     p.add_argument("--write", action="store_true", help=f"write the recipe's losses to {GOLDEN.relative_to(REPO)}")
+    p.add_argument("--steps", type=int, default=STEPS, help="compare the first STEPS steps only")
+    p.add_argument("--timeout", type=int, default=3600, help="seconds the run may take")
     a = p.parse_args(argv)
+    if a.write and (a.variant or a.steps != STEPS):
+        p.error("--write records the recipe itself: give no overrides and all the steps")
     with tempfile.TemporaryDirectory(prefix="fastross-golden-work-") as work:
         models, shards = prepare(Path(work))
-        got = losses(train(models, shards, Path(work) / "run", a.variant))
+        got = losses(train(models, shards, Path(work) / "run", a.variant, timeout=a.timeout, steps=a.steps))
     if a.write:
-        if a.variant:
-            p.error("--write records the recipe itself: give no overrides")
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         import torch
 
@@ -103,7 +107,7 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "losses": got}, indent=1) + "\n")
         print(f"golden: wrote {len(got)} steps to {GOLDEN}")
         return 0
-    dev = deviation(got, read()["losses"])
+    dev = deviation(got, read()["losses"][: len(got)])
     print(f"{'step':>4} {'text_loss':>12} {'recon_loss':>12}   relative deviation from the golden file")
     for g, d in zip(got, dev):
         print(f"{g['step']:>4} {g['text_loss']:>12.6f} {g['recon_loss']:>12.6f}   {d['text_loss']:.1e} {d['recon_loss']:.1e}")
