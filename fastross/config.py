@@ -96,6 +96,7 @@ class TrainConfig:
     # entry per layer, where "policy*N" stands for N layers in a row: [full*8, selective*8, none*12].
     activation_checkpointing: str | list = "full"
     compile: bool = False  # torch.compile each LLM decoder layer and each denoiser block, before FSDP
+    peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU (0: fastross.flops' table by GPU name; CPU: measured)
     fsdp_prefetch: int = 0  # decoder layers whose all-gather is issued ahead explicitly (0: FSDP's implicit one-ahead)
 
 
@@ -237,6 +238,8 @@ def validate(cfg: Config) -> None:
     if not 0 <= o.warmup_ratio < 1:
         raise ConfigError("optim.warmup_ratio must be in [0, 1)")
     checkpoint_policies(t.activation_checkpointing)
+    if t.peak_tflops < 0:
+        raise ConfigError(f"train.peak_tflops must be >= 0 (0: from the device table), got {t.peak_tflops}")
     if t.fsdp_prefetch < 0:
         raise ConfigError("train.fsdp_prefetch must be >= 0")
     if t.log_every < 1 or t.ckpt_every < 1 or t.keep_checkpoints < 1:

@@ -16,17 +16,8 @@ import json
 import tempfile
 from pathlib import Path
 
-# Published config.json values (only what shapes the model; the rest are transformers' defaults).
-QWEN2_7B_INSTRUCT = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944,
-    "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
-    "max_position_embeddings": 32768, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "tie_word_embeddings": False,
-    "hidden_act": "silu",
-}
-SIGLIP_SO400M_384 = {
-    "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
-    "num_attention_heads": 16, "image_size": 384, "patch_size": 14, "hidden_act": "gelu_pytorch_tanh",
-}
+from fastross.model.presets import QWEN2_7B as QWEN2_7B_INSTRUCT  # Qwen2-7B-Instruct has Qwen2-7B's shapes
+from fastross.model.presets import SIGLIP_SO400M_384
 
 
 def footprint_7b(recipe: str = "configs/7b.yaml", ranks: int = 8):
