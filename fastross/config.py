@@ -194,7 +194,8 @@ def _set(raw: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
-def load(path: str | None, overrides: list[str] = ()) -> Config:
+def load(path: str | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
+    """check_paths=False: shapes-only tools (fastross.plan) that need no folder to exist."""
     raw = {}
     if path:
         p = Path(path)
@@ -207,18 +208,19 @@ def load(path: str | None, overrides: list[str] = ()) -> Config:
         k, v = o.split("=", 1)
         _set(raw, k.strip(), yaml.safe_load(v))
     cfg = _build(Config, raw, "")
-    validate(cfg)
+    validate(cfg, check_paths)
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, check_paths: bool = True) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    for key, path in (("model.vision_path", m.vision_path), ("model.llm_path", m.llm_path), ("data.shards", d.shards)):
+    folders = (("model.vision_path", m.vision_path), ("model.llm_path", m.llm_path), ("data.shards", d.shards))
+    for key, path in folders if check_paths else ():
         if not path:
             raise ConfigError(f"{key} is empty: point it at a local folder")
         if not Path(path).is_dir():
             raise ConfigError(f"{key}: {path} is not a folder")
-    if m.vae_path and not Path(m.vae_path).is_dir():
+    if check_paths and m.vae_path and not Path(m.vae_path).is_dir():
         raise ConfigError(f"model.vae_path: {m.vae_path} is not a folder")
     if m.denoiser.kind == "dit" and (m.denoiser.width % m.denoiser.heads or m.denoiser.width % 4):
         raise ConfigError("model.denoiser.width must be divisible by model.denoiser.heads and by 4")

@@ -1,0 +1,300 @@
+"""Plan a run from architectures alone: FLOPs by part, per-GPU peak memory by simulation, a checkpointing policy.
+
+    python -m fastross.plan CONFIG --gpus N [--gpu-gib 80] [key.sub=value ...]
+
+Needs no weights and no data: architectures come from the model folders' config.json when they exist,
+else from fastross.model.presets; the sample mix from the shards' length index when `data.shards` holds
+one, else the stated default stage-2 mix (fastross.data.mix.draw). Memory is simulated on the CPU: the
+recipe's RossModel built on the meta device, parallelized as the trainer does (checkpointing, FSDP2 over a
+fake process group of N ranks), materialised as fake tensors, and one training step tracked by
+FSDPMemTracker on the step's largest micro-batch (one untracked step first: AdamW's state created inside
+the tracked region is reported ~27x too large, CPU_AND_GPU.md).
+
+The planner picks the per-layer policy (train.activation_checkpointing) with the least recompute R
+(hardware / model FLOPs, fastross.flops) whose simulated peak fits the device less MARGIN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fastross import config, distributed, flops
+from fastross.data import mix, planner
+from fastross.data.schema import LENGTHS_FILE
+from fastross.model import presets
+
+GIB = 1 << 30
+# Kept free of the device's memory: CUDA context and NCCL buffers (2 GiB), and the caching allocator's
+# fragmentation (10% of the device).
+MARGIN_FIXED_GIB, MARGIN_SHARE = 2.0, 0.10
+SUPERVISED_SHARE = 0.5  # supervised share of a sample's text tokens when the index does not say (assistant answers)
+
+
+@dataclass
+class Mix:
+    lengths: np.ndarray  # tokens per sample, visual tokens included
+    images: np.ndarray  # bool
+    supervised: np.ndarray  # supervised tokens per sample
+    source: str
+
+
+def sample_mix(cfg: config.Config, visual_tokens: int, seed: int = 0) -> Mix:
+    """One global batch of samples: drawn from the shards' length index, or from the default stage-2 mix."""
+    rng = np.random.default_rng(seed)
+    n = cfg.data.global_batch
+    index = Path(cfg.data.shards) / LENGTHS_FILE if cfg.data.shards else None
+    if index is not None and index.is_file():
+        lengths = rng.choice(np.load(index).astype(np.int64), n)
+        images = lengths > visual_tokens  # the index holds total lengths only: longer than an image means one
+        source = f"{n} samples drawn from {index}"
+    else:
+        lengths, images = mix.draw(rng, n)
+        source = f"{n} samples of the default stage-2 mix (fastross/data/mix.py)"
+    text = lengths - images * visual_tokens
+    return Mix(lengths, images, np.maximum(1, (text * SUPERVISED_SHARE).astype(np.int64)), source)
+
+
+def largest_micro_batch(m: Mix, gpus: int, max_tokens: int, attn_tokens: float) -> list[int]:
+    """The samples of the step's largest micro-batch (most tokens, then most images) as the trainer packs them."""
+    plan = planner.plan_step(m.lengths.tolist(), gpus, max_tokens, attn_tokens)
+    bins = [b for rank in plan.micro_batches for b in rank]
+    return max(bins, key=lambda b: (int(m.lengths[b].sum()), int(m.images[b].sum())))
+
+
+@dataclass
+class Memory:
+    """A rank's simulated peak and its parts (bytes)."""
+
+    peak: int
+    parts: dict[str, int]  # parameters, gradients, optimizer, activations, temporaries
+    kinds: dict[str, int]  # FSDPMemTracker's own kinds at the peak ("Sharded Param", "OptState", ...; frozen parts not included)
+
+
+def _fake_micro_batch(model, lengths, images, supervised):
+    """A MicroBatch of these samples (stored latent moments: no VAE), real small tensors (the fake mode converts)."""
+    from fastross.data.batch import MicroBatch
+
+    n_vis = model.num_visual_tokens
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    vpos = np.concatenate([cu[i] + np.arange(n_vis) for i in range(len(lengths)) if images[i]] or [np.arange(n_vis)])
+    tpos = np.concatenate([cu[i] + np.arange(k) for i, k in enumerate(supervised)])
+    n_img = max(1, int(sum(images)))
+    size, g, c = model.vision.image_size, model.vision.grid, model.latent_channels
+    total = int(cu[-1])
+    return MicroBatch(
+        input_ids=torch.zeros(1, total, dtype=torch.long),
+        position_ids=torch.from_numpy(np.concatenate([np.arange(x) for x in lengths]))[None],
+        cu_seqlens=torch.from_numpy(cu), doc_ids=torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)),
+        max_seqlen=int(max(lengths)), text_pos=torch.from_numpy(tpos), text_targets=torch.zeros(len(tpos), dtype=torch.long),
+        visual_pos=torch.from_numpy(vpos), pixel_values=torch.zeros(n_img, 3, size, size), image_weight=torch.ones(n_img),
+        t=torch.zeros(n_img, model.replicas, dtype=torch.long), noise_keys=torch.arange(1, n_img + 1),
+        latent_mean=torch.zeros(n_img, c, 2 * g, 2 * g), latent_std=torch.ones(n_img, c, 2 * g, 2 * g),
+        num_images=int(sum(images)), num_text_tokens=len(tpos),
+    )
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """Liger's fused linear CE in plain torch, for the fake mode (Triton cannot run there): the same chunks
+    (rows / ceil(V / H), to a power of two), each chunk's logits and gradients formed in forward, only the
+    gradients of hidden and the fp32 weight gradient kept. Used only to simulate memory."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets):
+        k, h = hidden.shape
+        chunk = 1 << math.ceil(math.log2(max(1, math.ceil(k / math.ceil(weight.shape[0] / h)))))
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, k, chunk):
+            x = hidden[i:i + chunk]
+            logits = (x @ weight.t()).float()
+            loss = loss + torch.nn.functional.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
+            g = logits.softmax(-1)
+            grad_h[i:i + chunk] = (g.to(weight.dtype) @ weight)
+            grad_w += g.t() @ x.float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, (grad_w * grad_out).to(grad_h.dtype), None
+
+
+class _FusedCEStandIn(torch.nn.Module):
+    def forward(self, hidden, weight, bias, targets):
+        return _ChunkedLinearCE.apply(hidden, weight, targets)
+
+
+def init_fake_world(gpus: int) -> distributed.World:
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", rank=0, world_size=gpus, store=FakeStore())
+    return distributed.World(0, gpus, 0, torch.device("cpu"))
+
+
+def simulate(cfg: config.Config, model_cfg, world: distributed.World, policy, samples: tuple) -> Memory:
+    """Rank 0's peak over one tracked training step of the micro-batch `samples` = (lengths, images, supervised),
+    with train.activation_checkpointing = policy; model_cfg's folders hold config.json (presets.arch_folders)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    from fastross.model.ross import RossModel
+
+    t = dataclasses.replace(cfg.train, activation_checkpointing=policy, compile=False)
+    model = RossModel(model_cfg, attention="varlen", seed=t.seed, meta=True)
+    if model_cfg.fused_ce:
+        model.text_loss = _FusedCEStandIn()
+    model.requires_grad_(False)
+    for part in t.trainable:
+        getattr(model, part).requires_grad_(True)
+    model.vision.requires_grad_(False)
+    distributed.parallelize(model, world, dataclasses.replace(cfg, train=t))
+    distributed.cast_frozen(model, t.dtype)  # on meta: swapping a Conv2d's weight fails under the fake mode
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        params = [p for part in t.trainable for p in getattr(model, part).parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
+        mb = _fake_micro_batch(model, *samples)
+
+        def step():
+            out = model(mb)
+            (out.text + out.recon).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        step()  # AdamW's state exists before tracking
+        tracker = FSDPMemTracker(model, opt)
+        tracker.track_inputs((mb,))
+        with tracker:
+            step()
+        snap = tracker.get_tracker_snapshot("peak")
+    by = {getattr(k, "value", k): v for k, v in next(iter(snap.values())).items()}
+    groups = {"parameters": ("Sharded Param", "Unsharded Param", "Buffer"), "gradients": ("Sharded Grad", "Unsharded Grad"),
+              "optimizer": ("OptState",), "activations": ("Activation", "Inputs"),
+              "temporaries": ("Temp", "All Gather", "Reduce Scatter")}
+    parts = {name: sum(by.get(k, 0) for k in keys) for name, keys in groups.items()}
+    # The frozen parts (vision tower, VAE) are out of FSDP (ignored_params): the tracker does not see them, but
+    # every rank holds them whole for the whole step.
+    frozen = sum(p.numel() * p.element_size() for part in distributed.frozen_parts(model) for p in part.parameters())
+    parts["parameters"] += frozen
+    unknown = set(by) - {k for keys in groups.values() for k in keys} - {"Total"}
+    if unknown:
+        raise RuntimeError(f"FSDPMemTracker reported memory kinds fastross.plan does not group: {sorted(unknown)}")
+    return Memory(by["Total"] + frozen, parts, by)
+
+
+def budget_gib(gpu_gib: float) -> float:
+    """What a rank may use: the device less MARGIN_FIXED_GIB and MARGIN_SHARE of it."""
+    return gpu_gib * (1 - MARGIN_SHARE) - MARGIN_FIXED_GIB
+
+
+def policy_spec(n_full: int, n_sel: int, n_none: int) -> list[str] | str:
+    """The train.activation_checkpointing value for these counts, full layers first."""
+    runs = [f"{name}*{n}" for name, n in (("full", n_full), ("selective", n_sel), ("none", n_none)) if n]
+    return runs[0].split("*")[0] if len(runs) == 1 else runs
+
+
+def choose_policy(layers: int, base: float, per_sel: float, per_none: float, budget: float, recompute) -> tuple:
+    """(n_full, n_sel, n_none) with the least recompute(policies) whose predicted peak base + n_sel * per_sel +
+    n_none * per_none fits the budget (ties: the smaller peak); None when not even all-full fits."""
+    best = None
+    for n_full in range(layers + 1):
+        for n_sel in range(layers - n_full + 1):
+            n_none = layers - n_full - n_sel
+            peak = base + n_sel * per_sel + n_none * per_none
+            if peak > budget:
+                continue
+            key = (round(recompute(["full"] * n_full + ["selective"] * n_sel + ["none"] * n_none), 6), peak)
+            if best is None or key < best[0]:
+                best = (key, (n_full, n_sel, n_none))
+    return None if best is None else best[1]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config")
+    p.add_argument("--gpus", type=int, required=True, help="ranks (FSDP2 shards over all of them)")
+    p.add_argument("--gpu-gib", type=float, default=79.6, help="device memory, GiB (80 GB H100/A100: 79.6)")
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    a = p.parse_intermixed_args(argv)
+    t0 = time.perf_counter()
+    cfg = config.load(a.config, a.overrides, check_paths=False)
+    budget = budget_gib(a.gpu_gib)
+    world = init_fake_world(a.gpus)
+    try:
+        with presets.arch_folders(cfg.model) as (model_cfg, sources):
+            fake = flops.FakeModel(model_cfg, cfg.train.trainable)
+            arch = fake.arch
+            m = sample_mix(cfg, arch.visual_tokens)
+            attn_tokens = planner.attention_cost_tokens(arch.layer_linear * arch.llm_layers, arch.llm_layers, arch.hidden)
+            mb = largest_micro_batch(m, a.gpus, cfg.data.max_tokens, attn_tokens)
+            samples = (m.lengths[mb].tolist(), m.images[mb].tolist(), m.supervised[mb].tolist())
+            print(f"plan: {a.config} on {a.gpus} GPUs of {a.gpu_gib:g} GiB; architectures: "
+                  + ", ".join(f"{k} {v}" for k, v in sources.items()))
+            print(f"mix: {m.source}; simulated micro-batch (the step's largest): {sum(samples[0])} tokens, "
+                  f"{len(mb)} samples, {sum(samples[1])} images")
+
+            def step(policies):
+                return flops.step_flops(arch, m.lengths, m.images, m.supervised, cfg.train.trainable, policies)
+
+            layers = arch.llm_layers
+            configured = config.checkpoint_policies(cfg.train.activation_checkpointing, layers)
+            f = step(configured)
+            print(f"FLOPs per step by part, TFLOP (per GPU: / {a.gpus}); hardware with the config's policy:")
+            for part in flops.PARTS:
+                print(f"  {part:<11} model {f.model[part] / 1e12:10.1f}  hardware {f.hardware[part] / 1e12:10.1f}")
+            print(f"  {'total':<11} model {f.model_total / 1e12:10.1f}  hardware {f.hardware_total / 1e12:10.1f}")
+
+            sims = {}
+
+            def sim(policies):
+                key = str(policy_spec(*(policies.count(x) for x in ("full", "selective", "none")))) \
+                    if policies == sorted(policies, key=["full", "selective", "none"].index) else str(policies)
+                if key not in sims:
+                    sims[key] = simulate(cfg, model_cfg, world, policies, samples)
+                    mem = sims[key]
+                    print(f"  {key:<34} peak {mem.peak / GIB:6.1f} GiB: " + ", ".join(
+                        f"{k} {v / GIB:.1f}" for k, v in mem.parts.items()) + f"; recompute {step(policies).recompute:.3f}")
+                return sims[key]
+
+            print(f"memory of one rank (simulated: FakeTensorMode, fake process group, FSDPMemTracker), GiB:")
+            full, sel, none = (sim([x] * layers).peak / GIB for x in ("full", "selective", "none"))
+            per_sel, per_none = (sel - full) / layers, (none - full) / layers
+            print(f"  per decoder layer over full: selective +{per_sel:.2f} GiB, none +{per_none:.2f} GiB")
+            choice = choose_policy(layers, full, per_sel, per_none, budget, lambda ps: step(ps).recompute)
+            while choice is not None:
+                chosen = ["full"] * choice[0] + ["selective"] * choice[1] + ["none"] * choice[2]
+                if sim(chosen).peak / GIB <= budget or choice[0] == layers:
+                    break
+                choice = (choice[0] + 1, max(0, choice[1] - 1), choice[2] - (choice[1] == 0))  # one more full layer
+            if choice is None:
+                print(f"no policy fits {budget:.1f} GiB: lower data.max_tokens or add GPUs")
+            else:
+                spec = policy_spec(*choice)
+                text = spec if isinstance(spec, str) else "[" + ",".join(spec) + "]"
+                print(f"chosen (least recompute within the budget): train.activation_checkpointing={text}")
+            mem = sim(configured)
+            r = step(configured).recompute
+            fits = "yes" if mem.peak / GIB <= budget else "no"
+            print(f"budget: {a.gpu_gib:g} GiB less {MARGIN_FIXED_GIB:g} GiB (CUDA context, NCCL buffers) and "
+                  f"{MARGIN_SHARE:.0%} (fragmentation); {time.perf_counter() - t0:.0f} s")
+            print(f"plan: peak_gib {mem.peak / GIB:.1f} budget_gib {budget:.1f} fits {fits} recompute {r:.3f}")
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

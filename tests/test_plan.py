@@ -1,0 +1,83 @@
+"""fastross.plan: the memory simulation against hand arithmetic on the tiny models, the policy search, the CLI."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+
+from fastross import config, plan
+from fastross.model import presets
+
+SAMPLES = ([150, 90], [True, False], [20, 40])  # one micro-batch: an image sample (64 visual tokens) and a text one
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(tiny_models):
+    return config.load("configs/tiny.yaml", [f"model.vision_path={tiny_models / 'vision'}",
+                                             f"model.llm_path={tiny_models / 'llm'}"], check_paths=False)
+
+
+def test_simulated_state_equals_hand_arithmetic(tiny_cfg):
+    """2 fake ranks, fp32: each rank holds ceil(rows / 2) rows of every FSDP-sharded parameter, the frozen vision
+    tower whole (out of FSDP, unseen by the tracker: added), and AdamW's two fp32 states of its trainable shards."""
+    from fastross.model.ross import RossModel
+
+    world = plan.init_fake_world(2)
+    try:
+        with presets.arch_folders(tiny_cfg.model) as (mc, sources):
+            assert sources["llm"].startswith("folder")  # the folders' own config.json, not a preset
+            mem = plan.simulate(tiny_cfg, mc, world, "full", SAMPLES)
+            model = RossModel(mc, meta=True)
+    finally:
+        plan.dist.destroy_process_group()
+    vision = {id(p) for p in model.vision.parameters()}
+    shard = lambda p: math.ceil(p.shape[0] / 2) * math.prod(p.shape[1:]) * 4  # noqa: E731
+    sharded = sum(shard(p) for p in model.parameters() if id(p) not in vision)
+    frozen = sum(p.numel() * 4 for p in model.vision.parameters())
+    assert mem.kinds["Sharded Param"] == sharded
+    assert mem.parts["parameters"] == sharded + frozen + mem.kinds["Unsharded Param"] + mem.kinds["Buffer"]
+    trainable = sum(shard(p) for part in ("projector", "llm", "denoiser") for p in getattr(model, part).parameters())
+    steps = sum(1 for part in ("projector", "llm", "denoiser") for _ in getattr(model, part).parameters())
+    assert mem.kinds["OptState"] == 2 * trainable + 4 * steps  # exp_avg, exp_avg_sq, and a fp32 step count each
+    assert mem.peak == sum(mem.parts.values()) == mem.kinds["Total"] + frozen
+
+
+def test_checkpointing_cost_is_per_layer(tiny_cfg, tmp_path):
+    """The planner's model: each un-checkpointed layer adds the same activations; [full, none] sits halfway
+    between all-full and all-none (2 decoder layers), and none keeps more than full. A 512-word vocabulary,
+    so that activations, not the vocabulary, make the peak."""
+    (tmp_path / "llm").mkdir()
+    small = dict(presets.QWEN2_7B, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512)
+    (tmp_path / "llm" / "config.json").write_text(json.dumps(small))
+    world = plan.init_fake_world(2)
+    samples = ([400, 400], [True, True], [8, 8])
+    try:
+        with presets.arch_folders(dataclasses.replace(tiny_cfg.model, llm_path=str(tmp_path / "llm"))) as (mc, _):
+            peaks = {str(p): plan.simulate(tiny_cfg, mc, world, p, samples).kinds["Activation"]
+                     for p in ("full", "none", ["full", "none"])}
+    finally:
+        plan.dist.destroy_process_group()
+    assert peaks["none"] > peaks["full"]
+    assert peaks["['full', 'none']"] == pytest.approx((peaks["full"] + peaks["none"]) / 2, rel=0.02)
+
+
+def test_choose_policy_by_hand():
+    """28 layers, 30 GiB with all-full, +1.5 per selective, +3 per none, budget 60: 20 non-full layers fit
+    (20 x 1.5 = 30); selective recomputes no matmul, so the least recompute is 8 full, 20 selective."""
+    recompute = lambda ps: 1 + 0.01 * ps.count("full") + 0.0001 * ps.count("none")  # noqa: E731
+    assert plan.choose_policy(28, 30.0, 1.5, 3.0, 60.0, recompute) == (8, 20, 0)
+    assert plan.choose_policy(28, 30.0, 1.5, 3.0, 29.0, recompute) is None
+    assert plan.policy_spec(8, 20, 0) == ["full*8", "selective*20"] and plan.policy_spec(28, 0, 0) == "full"
+    assert plan.budget_gib(80.0) == pytest.approx(80 * 0.9 - 2)
+
+
+def test_cli_final_line(tiny_models, capsys):
+    plan.main(["configs/tiny.yaml", "--gpus", "2", "--gpu-gib", "8", f"model.vision_path={tiny_models / 'vision'}",
+               f"model.llm_path={tiny_models / 'llm'}"])
+    out = capsys.readouterr().out
+    assert "chosen (least recompute within the budget): train.activation_checkpointing=" in out
+    last = out.strip().splitlines()[-1].split()
+    assert last[0] == "plan:" and last[1] == "peak_gib" and last[3] == "budget_gib" and last[5] == "fits"
+    assert last[6] == ("yes" if float(last[2]) <= float(last[4]) else "no") and float(last[8]) >= 1.0
