@@ -73,4 +73,10 @@ def test_shipped_configs_load(recipe, tiny_models, stage2_shards):
     """Every recipe in configs/ passes the type checks (its folders pointed at the test's own)."""
     cfg = config.load(f"configs/{recipe}.yaml", [f"model.vision_path={tiny_models / 'vision'}",
                                                  f"model.llm_path={tiny_models / 'llm'}", f"data.shards={stage2_shards}"])
-    assert config.checkpoint_policies(cfg.train.activation_checkpointing, 2) == ["full", "full"]
+    if recipe.startswith("7b"):  # per-layer policies for the recipe's own LLM (fastross.plan chose 7b.yaml's)
+        from fastross.model.presets import QWEN2_7B
+
+        policies = config.checkpoint_policies(cfg.train.activation_checkpointing, QWEN2_7B["num_hidden_layers"])
+        assert policies == (["full"] * 28 if recipe == "7b_pretrain" else ["full"] * 8 + ["selective"] * 20)
+    else:
+        assert config.checkpoint_policies(cfg.train.activation_checkpointing, 2) == ["full", "full"]
