@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -200,10 +201,12 @@ def budget_gib(gpu_gib: float) -> float:
     return gpu_gib * (1 - MARGIN_SHARE) - MARGIN_FIXED_GIB
 
 
-def policy_spec(n_full: int, n_sel: int, n_none: int) -> list[str] | str:
-    """The train.activation_checkpointing value for these counts, full layers first."""
-    runs = [f"{name}*{n}" for name, n in (("full", n_full), ("selective", n_sel), ("none", n_none)) if n]
-    return runs[0].split("*")[0] if len(runs) == 1 else runs
+def override(policies: list[str]) -> str:
+    """One policy per layer -> the train.activation_checkpointing value: [full]*28 -> full; runs -> [full*8,none*20]."""
+    runs = [(name, len(list(group))) for name, group in itertools.groupby(policies)]
+    if len(runs) == 1:
+        return runs[0][0]
+    return "[" + ",".join(name if n == 1 else f"{name}*{n}" for name, n in runs) + "]"
 
 
 def choose_policy(layers: int, base: float, per_sel: float, per_none: float, budget: float, recompute) -> tuple:
@@ -260,8 +263,7 @@ def main(argv=None) -> int:
             sims = {}
 
             def sim(policies):
-                key = str(policy_spec(*(policies.count(x) for x in ("full", "selective", "none")))) \
-                    if policies == sorted(policies, key=["full", "selective", "none"].index) else str(policies)
+                key = override(policies)
                 if key not in sims:
                     sims[key] = simulate(cfg, model_cfg, world, policies, samples)
                     mem = sims[key]
@@ -269,7 +271,7 @@ def main(argv=None) -> int:
                         f"{k} {v / GIB:.1f}" for k, v in mem.parts.items()) + f"; recompute {step(policies).recompute:.3f}")
                 return sims[key]
 
-            print(f"memory of one rank (simulated: FakeTensorMode, fake process group, FSDPMemTracker), GiB:")
+            print("memory of one rank (simulated: FakeTensorMode, fake process group, FSDPMemTracker), GiB:")
             full, sel, none = (sim([x] * layers).peak / GIB for x in ("full", "selective", "none"))
             per_sel, per_none = (sel - full) / layers, (none - full) / layers
             print(f"  per decoder layer over full: selective +{per_sel:.2f} GiB, none +{per_none:.2f} GiB")
@@ -282,9 +284,7 @@ def main(argv=None) -> int:
             if choice is None:
                 print(f"no policy fits {budget:.1f} GiB: lower data.max_tokens or add GPUs")
             else:
-                spec = policy_spec(*choice)
-                text = spec if isinstance(spec, str) else "[" + ",".join(spec) + "]"
-                print(f"chosen (least recompute within the budget): train.activation_checkpointing={text}")
+                print(f"chosen (least recompute within the budget): train.activation_checkpointing={override(chosen)}")
             mem = sim(configured)
             r = step(configured).recompute
             fits = "yes" if mem.peak / GIB <= budget else "no"

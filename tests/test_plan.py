@@ -69,7 +69,9 @@ def test_choose_policy_by_hand():
     recompute = lambda ps: 1 + 0.01 * ps.count("full") + 0.0001 * ps.count("none")  # noqa: E731
     assert plan.choose_policy(28, 30.0, 1.5, 3.0, 60.0, recompute) == (8, 20, 0)
     assert plan.choose_policy(28, 30.0, 1.5, 3.0, 29.0, recompute) is None
-    assert plan.policy_spec(8, 20, 0) == ["full*8", "selective*20"] and plan.policy_spec(28, 0, 0) == "full"
+    assert plan.override(["full"] * 8 + ["selective"] * 20) == "[full*8,selective*20]"
+    assert plan.override(["full"] * 28) == "full" and plan.override(["none", "full", "full"]) == "[none,full*2]"
+    assert config.checkpoint_policies(["full*8", "selective*20"], 28) == ["full"] * 8 + ["selective"] * 20
     assert plan.budget_gib(80.0) == pytest.approx(80 * 0.9 - 2)
 
 
