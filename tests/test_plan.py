@@ -83,3 +83,17 @@ def test_cli_final_line(tiny_models, capsys):
     last = out.strip().splitlines()[-1].split()
     assert last[0] == "plan:" and last[1] == "peak_gib" and last[3] == "budget_gib" and last[5] == "fits"
     assert last[6] == ("yes" if float(last[2]) <= float(last[4]) else "no") and float(last[8]) >= 1.0
+
+
+def test_mix_from_the_length_index(tmp_path):
+    """data.shards with a length index: the step's samples are drawn from it; without one, the default mix."""
+    import numpy as np
+
+    np.save(tmp_path / "lengths.npy", np.array([100, 800, 2000], dtype=np.int32))
+    cfg = config.load("configs/7b.yaml", [f"data.shards={tmp_path}", "data.global_batch=64"], check_paths=False)
+    m = plan.sample_mix(cfg, visual_tokens=729)
+    assert set(m.lengths.tolist()) <= {100, 800, 2000} and len(m.lengths) == 64 and "lengths.npy" in m.source
+    assert (m.images == (m.lengths > 729)).all()
+    assert (m.supervised == np.maximum(1, ((m.lengths - 729 * m.images) * 0.5).astype(int))).all()
+    default = plan.sample_mix(config.load("configs/7b.yaml", ["data.shards=''"], check_paths=False), 729)
+    assert "default stage-2 mix" in default.source and len(default.lengths) == 128
