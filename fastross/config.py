@@ -29,6 +29,9 @@ class DenoiserConfig:
     replicas: int = 4  # (condition, target) replicas per image, each with its own t and noise
     impl: Literal["torch", "triton"] = "torch"  # eager PyTorch (the reference) or fastross.kernels' fused kernels
     dtype: Literal["fp32", "bf16"] = "fp32"  # the denoiser's own FSDP2 precision, whatever train.dtype (fp32: the reference)
+    # The reference's way: the condition repeated per replica before its embedding (R times the embedding's work);
+    # fastross embeds it once per image and broadcasts. The same numbers (benchmarks/throughput.py's first rung).
+    repeat_cond: bool = False
 
 
 @dataclass
@@ -44,6 +47,9 @@ class ModelConfig:
     init_from: str = ""  # a run folder or checkpoint folder whose model weights start this run (stage 2 from stage 1)
     fused_ce: bool = True  # text loss through Liger's fused linear cross-entropy: full-vocabulary logits never exist
     liger_kernels: bool = False  # Liger's RMSNorm, SwiGLU MLP and RoPE in the LLM (GPU; RMSNorm and SwiGLU fail in the CPU interpreter)
+    # Where the text loss forms logits: at the supervised positions only, or, as the reference does, at every position
+    # (padding included) with the unsupervised ones ignored. The same loss; "all" costs the logits of every token.
+    ce_positions: Literal["supervised", "all"] = "supervised"
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
 
 
@@ -57,6 +63,11 @@ class DataConfig:
     workers: int = 2  # loader worker processes per rank that prepare steps ahead (0: inline, in the trainer)
     prefetch: int = 2  # steps each loader worker prepares ahead (the DataLoader's prefetch_factor)
     image_backend: Literal["pil", "torchvision"] = "pil"  # pil: bit-exact with the HF processor; torchvision: faster, JPEG only, within 2/255
+    # packed: samples balanced over ranks by cost and packed into varlen micro-batches of <= max_tokens tokens.
+    # padded: the reference's way: each rank takes its contiguous share of the step's samples, in micro-batches of
+    # `padded_samples`, every sample padded to the longest of its micro-batch (the same losses, more tokens computed).
+    packing: Literal["packed", "padded"] = "packed"
+    padded_samples: int = 4  # samples per padded micro-batch (the reference's per-device batch size)
 
 
 @dataclass
