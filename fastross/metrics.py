@@ -110,7 +110,10 @@ class WandbSink:
         self.run.log({k: v for k, v in rec.items() if k != "step"}, step=step)
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # waits for W&B's service to finish writing: the run's files are complete on return
 
 
 class MetricsLogger:
@@ -121,14 +124,14 @@ class MetricsLogger:
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool, world: int, local_rank: int = 0, *,
-                 device: torch.device = torch.device("cpu"), loggers: list[str] = (), wandb_project: str = "",
+                 device: torch.device = torch.device("cpu"), loggers: list[str] | None = None, wandb_project: str = "",
                  config: dict | None = None, progress: bool = False, peak_tflops: float | None = None,
                  stream: TextIO | None = None):
         self.enabled, self.world, self.device = enabled, world, device
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.gpu = GPUStats(local_rank) if enabled else None
-        self.loggers, self.wandb_project, self.config = list(loggers), wandb_project, config or {}
+        self.loggers, self.wandb_project, self.config = loggers or [], wandb_project, config or {}
         self.peak_tflops = peak_tflops
         self.stream = stream or sys.stdout
         self.progress, self.bar, self.sinks = enabled and progress, None, []

@@ -239,3 +239,25 @@ def test_training_logs_the_split_tensorboard_profile_and_resumes(tiny_models, sk
     assert [r["step"] for r in again] == [1, 2, 3, 4]
     assert session_starts(rd) == [3]
     assert scalars(rd) == {r["step"]: pytest.approx(r["text_loss"]) for r in again}
+
+
+@pytest.mark.gpu
+def test_cuda_peaks_reset_at_each_record_and_the_profiler_sees_kernels(tmp_path):
+    dev = torch.device("cuda")
+    metrics.memory(dev)  # start from a reset peak
+    x = torch.empty(2**28, dtype=torch.uint8, device=dev)  # 0.25 GiB
+    first = metrics.memory(dev)
+    assert first["mem_peak_allocated_gib"] >= 0.25 and first["mem_peak_reserved_gib"] >= first["mem_peak_allocated_gib"]
+    del x
+    assert metrics.memory(dev)["mem_peak_allocated_gib"] < 0.25  # the peak was reset by the previous record
+    stats = metrics.GPUStats(torch.cuda.current_device()).read()
+    assert 0 <= stats["gpu_util"] <= 100 and stats["gpu_power_w"] > 0 and stats["gpu_sm_clock_mhz"] > 0
+    assert 0 < stats["gpu_temp_c"] < 110 and stats["gpu_mem_used_gib"] > 0
+    prof = metrics.profiler(0, 1, 1, 1, tmp_path, rank=0, first_step=0, device=dev)
+    y = torch.randn(512, 512, device=dev)
+    with prof:
+        for _ in range(3):
+            y = (y @ y).tanh()
+            prof.step()
+    events = json.loads((tmp_path / "profile" / "rank0_step2.json").read_text())["traceEvents"]
+    assert any(e.get("cat") == "kernel" for e in events)
