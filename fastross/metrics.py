@@ -227,7 +227,7 @@ def format_line(rec: dict, total_steps: int) -> str:
         parts.append(f"mfu {rec['mfu']:.1%}")
     split = " + ".join(f"{k.removesuffix('_s').replace('ckpt_blocked', 'ckpt')} {rec[k]:.3f}"
                        for k in STEP_TIMES if k in rec)
-    parts.append(f"step {rec['step_s']:.3f} s ({split})")
+    parts.append(f"step {rec['step_s']:.3f} s" + (f" ({split})" if split else ""))
     if "mem_peak_allocated_gib" in rec:
         parts.append(f"mem peak {rec['mem_peak_allocated_gib']:.1f}/{rec['mem_peak_reserved_gib']:.1f} GiB alloc/res")
     parts.append(f"rss {rec['host_peak_rss_gib']:.1f} GiB")

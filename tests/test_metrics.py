@@ -88,6 +88,8 @@ def test_console_line_shows_the_split_memory_and_gpu(clock):
     assert "step 0.300 s (data_wait 0.010 + compute 0.200 + ckpt 0.050)" in line
     assert "mem peak 10.0/12.0 GiB alloc/res" in line and "rss 1.5 GiB" in line
     assert "gpu 97% 650 W 1980 MHz 61 C 13.2 GiB" in line
+    bare = {k: v for k, v in rec.items() if k not in metrics.STEP_TIMES and not k.startswith(("gpu_", "mem_"))}
+    assert metrics.format_line(bare, 10).endswith("| step 0.300 s | rss 1.5 GiB")
 
 
 def test_tqdm_bar_with_eta_keeps_the_log_lines(tmp_path, clock):
