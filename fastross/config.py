@@ -88,6 +88,19 @@ class OptimConfig:
 
 
 @dataclass
+class ProfileConfig:
+    """torch.profiler's schedule over the step loop (fastross.metrics.profiler); off while active is 0."""
+
+    wait: int = 1  # steps skipped before each cycle
+    warmup: int = 1  # steps traced and dropped (the profiler's own start-up cost)
+    active: int = 0  # steps recorded per cycle into one trace per rank under run_dir/profile (0: no profiler)
+    repeat: int = 1  # cycles (0: cycles until the run ends)
+
+
+LOGGERS = ("tensorboard", "wandb")  # train.loggers' choices; each is an optional extra: pip install 'fastross[NAME]'
+
+
+@dataclass
 class TrainConfig:
     trainable: list = field(default_factory=lambda: ["projector", "llm", "denoiser"])  # parts that train
     epochs: int = 1  # passes over the shards
@@ -108,6 +121,12 @@ class TrainConfig:
     activation_checkpointing: str | list = "full"
     compile: bool = False  # torch.compile each LLM decoder layer and each denoiser block, before FSDP
     fsdp_prefetch: int = 0  # decoder layers whose all-gather is issued ahead explicitly (0: FSDP's implicit one-ahead)
+    loggers: list = field(default_factory=list)  # backends beside metrics.jsonl, from LOGGERS: [tensorboard, wandb]
+    wandb_project: str = "fastross"  # the W&B project of runs with "wandb" in train.loggers
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler traces per rank (off by default)
+    # Record the CUDA allocator's history from the start and dump it at the first log step to
+    # run_dir/memory_snapshot_rank{R}.pickle (pytorch.org/memory_viz); CUDA only: a CPU run refuses it.
+    memory_snapshot: bool = False
 
 
 @dataclass
@@ -250,6 +269,12 @@ def validate(cfg: Config) -> None:
     checkpoint_policies(t.activation_checkpointing)
     if t.fsdp_prefetch < 0:
         raise ConfigError("train.fsdp_prefetch must be >= 0")
+    bad = [x for x in t.loggers if x not in LOGGERS]
+    if bad:
+        raise ConfigError(f"train.loggers: {bad}; choose from {', '.join(LOGGERS)}")
+    pr = t.profile
+    if min(pr.wait, pr.warmup, pr.active, pr.repeat) < 0:
+        raise ConfigError("train.profile.wait, warmup, active and repeat must be >= 0")
     if t.log_every < 1 or t.ckpt_every < 1 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every, train.ckpt_every and train.keep_checkpoints must be >= 1")
 
