@@ -199,6 +199,10 @@ def export(src: str | Path, out: str | Path) -> Path:
     return out
 
 
+def is_export(folder: str | Path) -> bool:
+    return (Path(folder) / DENOISER_FILE).is_file() and (Path(folder) / CONFIG_FILE).is_file()
+
+
 def load_export(folder: str | Path) -> dict[str, torch.Tensor]:
     """An exported folder -> the model state under fastross's names (frozen VAE excluded: it comes from vae_path)."""
     from safetensors.torch import load_file
