@@ -145,7 +145,7 @@ def llava_weights(cfg: fconfig.Config, state: dict[str, torch.Tensor], tied: boo
     for name, t in state.items():
         theirs = llava_name(name)
         if theirs is not None and not (tied and theirs == "lm_head.weight"):
-            out[theirs] = t.contiguous()
+            out[theirs] = t.to(torch.float32).contiguous()  # the frozen tower may have been cast to train.dtype
     with ExitStack() as stack:
         folder = SafetensorsFolder(cfg.model.vision_path, stack)
         for key in folder.where:
@@ -206,21 +206,22 @@ def is_export(folder: str | Path) -> bool:
 def load_export(folder: str | Path) -> dict[str, torch.Tensor]:
     """An exported folder -> the model state under fastross's names (frozen VAE excluded: it comes from vae_path)."""
     from safetensors.torch import load_file
+    from transformers import SiglipVisionConfig
 
     folder = Path(folder)
     for f in ("model.safetensors", DENOISER_FILE, CONFIG_FILE):
         if not (folder / f).is_file():
             raise FileNotFoundError(f"{folder / f} is missing: {folder} was not written by `python -m fastross.export`")
     cfg = fconfig.load(str(folder / CONFIG_FILE))
-    from transformers import SiglipVisionConfig
-
     n = SiglipVisionConfig.from_pretrained(cfg.model.vision_path).num_hidden_layers
     keep = n + 1 + cfg.model.select_layer if cfg.model.select_layer < 0 else cfg.model.select_layer
     kept = tuple(f"vision.encoder.layers.{i}." for i in range(keep))
     ours_of = {theirs: ours for ours, theirs in NAMES}
     state = {}
     for key, t in load_file(str(folder / "model.safetensors")).items():
-        theirs = next(p for p in ours_of if key.startswith(p))
+        theirs = next((p for p in ours_of if key.startswith(p)), None)
+        if theirs is None:
+            raise KeyError(f"{folder / 'model.safetensors'}: {key} is no weight fastross.export writes")
         name = ours_of[theirs] + key[len(theirs):]
         if name.startswith("vision.") and not (name.startswith("vision.embeddings.") or name.startswith(kept)):
             continue  # the layers and post-layernorm fastross does not build

@@ -38,6 +38,16 @@ def test_chat_template_renders_the_training_prompt(template, tokenizer):
                                    add_generation_prompt=True) == prompt
 
 
+def test_bad_source_is_named(tmp_path):
+    from fastross.checkpoint import load_model_weights
+    from fastross.export import main
+
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        main([str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="no fastross export"):
+        load_model_weights(tmp_path, None)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tiny_models, stage2_shards, tmp_path_factory):
     from test_train import run, write_config
