@@ -66,7 +66,8 @@ _QWEN2_ROSS = (
     "{{- " + json.dumps(templates.ROSS_SYSTEM + " ") + " -}}"
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ASSISTANT:' }}"
-    "{%- else -%}{{ ' ' + message['content'] + '<|im_end|>' }}{%- endif -%}"
+    "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] + '<|im_end|>' }}"
+    "{%- else -%}{{ raise_exception('template qwen2_ross has user and assistant turns only') }}{%- endif -%}"
     "{%- endfor -%}"
 )
 # plain: the image of the first user turn, then the first answer (the caption) and a newline.
@@ -156,10 +157,23 @@ def llava_weights(cfg: fconfig.Config, state: dict[str, torch.Tensor], tied: boo
     return out
 
 
+def image_processor(spec: ImageSpec, aspect: str):
+    """The LlavaImageProcessor that computes fastross.data.images.preprocess(., spec, aspect) (pil backend)."""
+    from transformers import LlavaImageProcessor
+
+    if aspect not in ("pad", "square"):
+        raise ValueError(f"image aspect must be 'pad' or 'square', got {aspect!r}")
+    return LlavaImageProcessor(
+        do_pad=aspect == "pad", do_resize=True, size={"height": spec.height, "width": spec.width},
+        resample=spec.resample, do_center_crop=False, do_rescale=True, rescale_factor=spec.rescale_factor,
+        do_normalize=True, image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True,
+    )
+
+
 def export(src: str | Path, out: str | Path) -> Path:
     """Write the Llava folder for the newest checkpoint of `src` (a run folder or a checkpoint) into `out`."""
     from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlavaImageProcessor, LlavaProcessor
+    from transformers import GenerationConfig, LlavaProcessor
 
     ckpt, cfg, state = read_checkpoint(src)
     meta = ShardMeta.read(cfg.data.shards)
@@ -176,17 +190,11 @@ def export(src: str | Path, out: str | Path) -> Path:
               metadata={"format": "pt"})
     GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
 
-    spec = ImageSpec.from_pretrained(cfg.model.vision_path)
-    image_processor = LlavaImageProcessor(
-        do_pad=meta.image_aspect == "pad", do_resize=True, size={"height": spec.height, "width": spec.width},
-        resample=spec.resample, do_center_crop=False, do_rescale=True, rescale_factor=spec.rescale_factor,
-        do_normalize=True, image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True,
-    )
     tok.chat_template = chat_template(meta.template, tok)
     # Llava's forward takes no token_type_ids: a tokenizer that returns them would break `generate(**inputs)`.
     tok.model_input_names = tok.init_kwargs["model_input_names"] = ["input_ids", "attention_mask"]
     LlavaProcessor(
-        image_processor=image_processor, tokenizer=tok, patch_size=lcfg.vision_config.patch_size,
+        image_processor=image_processor(ImageSpec.from_pretrained(cfg.model.vision_path), meta.image_aspect), tokenizer=tok, patch_size=lcfg.vision_config.patch_size,
         vision_feature_select_strategy="full", num_additional_image_tokens=0, image_token=templates.IMAGE_TOKEN,
         chat_template=tok.chat_template,
     ).save_pretrained(out)

@@ -33,9 +33,24 @@ def test_chat_template_renders_the_training_prompt(template, tokenizer):
         assert tok.apply_chat_template(whole, tokenize=False) == templates.render(template, CONV, True, tokenizer).text
     prompt = tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
     assert tok(prompt, add_special_tokens=False).input_ids == prompt_tokens(template, tokenizer)
+    if template == "qwen2_ross":
+        with pytest.raises(Exception, match="user and assistant turns only"):
+            tok.apply_chat_template([{"role": "system", "content": "x"}, *USER], tokenize=False)
     # a plain string content is rendered as fastross renders it, too
     assert tok.apply_chat_template([{"role": "user", "content": f"<image>\n{QUESTION}"}], tokenize=False,
                                    add_generation_prompt=True) == prompt
+
+
+@pytest.mark.parametrize("aspect", ["pad", "square"])
+def test_image_processor_equals_fastross(aspect, tiny_models):
+    from fastross.data.images import ImageSpec, preprocess
+    from fastross.export import image_processor
+
+    spec = ImageSpec.from_pretrained(str(tiny_models / "vision"))
+    proc = image_processor(spec, aspect)
+    for data in images():
+        got = proc(Image.open(io.BytesIO(data)), return_tensors="pt").pixel_values[0]
+        assert torch.equal(got, preprocess(data, spec, aspect)), Image.open(io.BytesIO(data)).size
 
 
 def test_bad_source_is_named(tmp_path):
