@@ -263,11 +263,30 @@ def resolve(path: str | Path) -> Path | None:
 
 
 def load_model_weights(path: str | Path, model) -> Path:
-    """Load only the model's weights from a checkpoint (stage 2 starting from stage 1)."""
+    """Load only the model's weights from a checkpoint (stage 2 starting from stage 1) or a fastross.export folder."""
     ckpt = resolve(path)
     if ckpt is None:
-        raise FileNotFoundError(f"model.init_from: {path} holds no complete fastross checkpoint")
+        from fastross import export
+
+        if export.is_export(path):
+            return _load_export_weights(Path(path), model)
+        raise FileNotFoundError(f"model.init_from: {path} holds no complete fastross checkpoint and no fastross export")
     msd = get_model_state_dict(model)
     dcp.load({"model": msd}, checkpoint_id=str(ckpt))
     set_model_state_dict(model, msd, options=StateDictOptions(strict=True))
     return ckpt
+
+
+def _load_export_weights(folder: Path, model) -> Path:
+    """Every rank reads the whole export (fastross.export.load_export) and keeps its shards; the VAE stays as loaded."""
+    from fastross.export import load_export
+
+    state = load_export(folder)
+    have = set(get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)))
+    missing = sorted(k for k in have - state.keys() if not k.startswith("vae."))
+    extra = sorted(state.keys() - have)
+    if missing or extra:
+        raise KeyError(f"model.init_from: the export {folder} does not fit this model: missing {missing[:5]}, "
+                       f"unexpected {extra[:5]} (is model.* the export's fastross_config.yaml's?)")
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    return folder

@@ -29,6 +29,9 @@ class DenoiserConfig:
     replicas: int = 4  # (condition, target) replicas per image, each with its own t and noise
     impl: Literal["torch", "triton"] = "torch"  # eager PyTorch (the reference) or fastross.kernels' fused kernels
     dtype: Literal["fp32", "bf16"] = "fp32"  # the denoiser's own FSDP2 precision, whatever train.dtype (fp32: the reference)
+    # The reference's way: the condition repeated per replica before its embedding (R times the embedding's work);
+    # fastross embeds it once per image and broadcasts. The same numbers (benchmarks/throughput.py's first rung).
+    repeat_cond: bool = False
 
 
 @dataclass
@@ -44,6 +47,9 @@ class ModelConfig:
     init_from: str = ""  # a run folder or checkpoint folder whose model weights start this run (stage 2 from stage 1)
     fused_ce: bool = True  # text loss through Liger's fused linear cross-entropy: full-vocabulary logits never exist
     liger_kernels: bool = False  # Liger's RMSNorm, SwiGLU MLP and RoPE in the LLM (GPU; RMSNorm and SwiGLU fail in the CPU interpreter)
+    # Where the text loss forms logits: at the supervised positions only, or, as the reference does, at every position
+    # (padding included) with the unsupervised ones ignored. The same loss; "all" costs the logits of every token.
+    ce_positions: Literal["supervised", "all"] = "supervised"
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
 
 
@@ -57,6 +63,11 @@ class DataConfig:
     workers: int = 2  # loader worker processes per rank that prepare steps ahead (0: inline, in the trainer)
     prefetch: int = 2  # steps each loader worker prepares ahead (the DataLoader's prefetch_factor)
     image_backend: Literal["pil", "torchvision"] = "pil"  # pil: bit-exact with the HF processor; torchvision: faster, JPEG only, within 2/255
+    # packed: samples balanced over ranks by cost and packed into varlen micro-batches of <= max_tokens tokens.
+    # padded: the reference's way: each rank takes its contiguous share of the step's samples, in micro-batches of
+    # `padded_samples`, every sample padded to the longest of its micro-batch (the same losses, more tokens computed).
+    packing: Literal["packed", "padded"] = "packed"
+    padded_samples: int = 4  # samples per padded micro-batch (the reference's per-device batch size)
 
 
 @dataclass
@@ -74,6 +85,19 @@ class OptimConfig:
     eps: float = 1e-8  # AdamW epsilon
     warmup_ratio: float = 0.03  # share of the steps with linear warm-up from 0
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler's schedule over the step loop (fastross.metrics.profiler); off while active is 0."""
+
+    wait: int = 1  # steps skipped before each cycle
+    warmup: int = 1  # steps traced and dropped (the profiler's own start-up cost)
+    active: int = 0  # steps recorded per cycle into one trace per rank under run_dir/profile (0: no profiler)
+    repeat: int = 1  # cycles (0: cycles until the run ends)
+
+
+LOGGERS = ("tensorboard", "wandb")  # train.loggers' choices; each is an optional extra: pip install 'fastross[NAME]'
 
 
 @dataclass
@@ -98,6 +122,12 @@ class TrainConfig:
     compile: bool = False  # torch.compile each LLM decoder layer and each denoiser block, before FSDP
     peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU (0: fastross.flops' table by GPU name; CPU: measured)
     fsdp_prefetch: int = 0  # decoder layers whose all-gather is issued ahead explicitly (0: FSDP's implicit one-ahead)
+    loggers: list = field(default_factory=list)  # backends beside metrics.jsonl, from LOGGERS: [tensorboard, wandb]
+    wandb_project: str = "fastross"  # the W&B project of runs with "wandb" in train.loggers
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler traces per rank (off by default)
+    # Record the CUDA allocator's history from the start and dump it at the first log step to
+    # run_dir/memory_snapshot_rank{R}.pickle (pytorch.org/memory_viz); CUDA only: a CPU run refuses it.
+    memory_snapshot: bool = False
 
 
 @dataclass
@@ -244,6 +274,12 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"train.peak_tflops must be >= 0 (0: from the device table), got {t.peak_tflops}")
     if t.fsdp_prefetch < 0:
         raise ConfigError("train.fsdp_prefetch must be >= 0")
+    bad = [x for x in t.loggers if x not in LOGGERS]
+    if bad:
+        raise ConfigError(f"train.loggers: {bad}; choose from {', '.join(LOGGERS)}")
+    pr = t.profile
+    if min(pr.wait, pr.warmup, pr.active, pr.repeat) < 0:
+        raise ConfigError("train.profile.wait, warmup, active and repeat must be >= 0")
     if t.log_every < 1 or t.ckpt_every < 1 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every, train.ckpt_every and train.keep_checkpoints must be >= 1")
 

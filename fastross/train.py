@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastross import checkpoint, config, distributed
+from fastross import checkpoint, config, distributed, metrics
 from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
@@ -55,6 +55,18 @@ class Trainer:
         self.run_dir = Path(t.run_dir)
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = MetricsLogger(
+            self.run_dir, world.is_main, world.size, world.local_rank, device=world.device, loggers=t.loggers,
+            wandb_project=t.wandb_project, config=config.to_dict(cfg), progress=sys.stdout.isatty(),
+        )
+        if t.memory_snapshot:
+            if world.device.type != "cuda":
+                raise config.ConfigError(
+                    f"train.memory_snapshot records the CUDA allocator, and this run is on {world.device.type}: "
+                    "set it to false"
+                )
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000)  # from before the weights load
+        self.recording_memory = t.memory_snapshot
         torch.manual_seed(t.seed)
 
         if d.global_batch < world.size:
@@ -98,7 +110,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(warmup, self.total_steps))
 
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, t.keep_checkpoints, t.async_checkpoint)
-        self.metrics = MetricsLogger(self.run_dir, world.is_main, world.size, world.local_rank)
         self.step, self.data_position = 0, Position()
         latest = self.checkpointer.latest()
         if latest is not None:
@@ -121,7 +132,7 @@ class Trainer:
 
     def _say(self, msg: str) -> None:
         if self.world.is_main:
-            print(f"train: {msg}", flush=True)
+            self.metrics.say(f"train: {msg}")
 
     def _check_shards(self, meta: ShardMeta, model: RossModel) -> None:
         shards = self.cfg.data.shards
@@ -207,21 +218,61 @@ class Trainer:
         self.model.train()
         self.model.vision.eval()
         start, first = time.perf_counter(), self.step
-        for batch in self.loader.steps(self.data_position, self.step, end):
-            lr = self.scheduler.get_last_lr()[0]
-            result = self.train_step(batch)
-            self.metrics.count(self.cfg.data.global_batch, result["tokens"])
-            # Log before saving: a checkpoint of step N implies its record is written. A save's
-            # blocked time therefore goes on the next record (the last save's: console only).
-            if self.step % t.log_every == 0 or self.step == end:
-                self.log(result, lr)
-            if self.step % t.ckpt_every == 0 or self.step == end:
-                self.save()
-        waited = self.checkpointer.close()  # the last checkpoint is complete before the run says done
+        cuda = self.world.device.type == "cuda"
+        pr = t.profile
+        prof = metrics.profiler(pr.wait, pr.warmup, pr.active, pr.repeat, self.run_dir, self.world.rank, first,
+                                self.world.device) if pr.active else None
+        self.metrics.start(first, self.total_steps)
+        try:
+            if prof is not None:
+                prof.start()
+            for batch in self._timed(self.loader.steps(self.data_position, self.step, end)):
+                lr = self.scheduler.get_last_lr()[0]
+                t0 = time.perf_counter()
+                result = self.train_step(batch)
+                log_now = self.step % t.log_every == 0 or self.step == end
+                if log_now and cuda:
+                    torch.cuda.synchronize()  # host sync: logging steps only, so that compute_s holds the GPU's work
+                self.metrics.add("compute_s", time.perf_counter() - t0)
+                self.metrics.count(self.cfg.data.global_batch, result["tokens"])
+                if prof is not None:
+                    prof.step()
+                # Log before saving: a checkpoint of step N implies its record is written. A save's
+                # blocked time therefore goes on the next record (the last save's: console only).
+                if log_now:
+                    self.log(result, lr)
+                    if self.recording_memory:
+                        self._dump_memory_snapshot()
+                if self.step % t.ckpt_every == 0 or self.step == end:
+                    self.save()
+            waited = self.checkpointer.close()  # the last checkpoint is complete before the run says done
+        finally:
+            if prof is not None:
+                prof.stop()
+            self.metrics.close()
         if self.cfg.train.async_checkpoint:
             self._say(f"waited {waited:.2f} s at the end for the last checkpoint's write")
         wall = time.perf_counter() - start
         self._say(f"done: steps {first} -> {self.step} in {wall:.1f} s; checkpoint in {self.checkpointer.latest()}")
+
+    def _timed(self, steps):
+        """The loader's steps, with the time spent waiting in next() added to the record as data_wait_s."""
+        while True:
+            t0 = time.perf_counter()
+            batch = next(steps, None)
+            if batch is None:
+                return
+            self.metrics.add("data_wait_s", time.perf_counter() - t0)
+            yield batch
+
+    def _dump_memory_snapshot(self) -> None:
+        """The allocator's history up to the first record (model load and the first steps, where the peak is set);
+        recording stops here, so the rest of the run pays nothing for it."""
+        path = self.run_dir / f"memory_snapshot_rank{self.world.rank}.pickle"
+        torch.cuda.memory._dump_snapshot(str(path))
+        torch.cuda.memory._record_memory_history(enabled=None)
+        self.recording_memory = False
+        self._say(f"CUDA memory snapshot in {path} (open it at pytorch.org/memory_viz)")
 
     def save(self) -> None:
         state = {

@@ -162,10 +162,12 @@ def test_crafted_rng_file_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- torchrun, 2 ranks
 
+from fastross.metrics import STEP_TIMES  # noqa: E402
 from test_train import descendants, metrics, run, torchrun_cmd, write_config  # noqa: E402
 
 STEPS = dict(max_steps=9, ckpt_every=3, keep_checkpoints=2)
-TIMING = {"samples_per_s", "tokens_per_s_per_rank", "ckpt_blocked_s"}
+# The record's measured fields (fastross/metrics.py), which differ from run to run; the rest must match bit for bit.
+TIMING = {"samples_per_s", "tokens_per_s_per_rank", "step_s", "host_peak_rss_gib", *STEP_TIMES}
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ from fastross.distributed import apply_activation_checkpointing, compile_blocks
 from fastross.model.ross import RossModel
 
 
-def build(tiny_models, **kw):
+def build(tiny_models, repeat_cond: bool = False, **kw):
     torch.manual_seed(0)
     cfg = ModelConfig(
         vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"),
-        denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4), **kw,
+        denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4, repeat_cond=repeat_cond), **kw,
     )
     m = RossModel(cfg)
     with torch.no_grad():  # open the adaLN-Zero gates so the denoiser's gradients are not all zero
@@ -140,3 +140,40 @@ def test_fused_ce_on_two_fsdp2_ranks_matches_plain_ce_on_one(tiny_models, stage2
     for a, b in zip(metrics[False], metrics[True]):
         for key in ("text_loss", "recon_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key
+
+
+def test_the_reference_recipes_switches_train_the_same_model(tiny_models, collate, stage2_shards, stage2_samples):
+    """The first rung of benchmarks/throughput.py: padded micro-batches (data.packing=padded), logits at every
+    position (model.ce_positions=all) and the condition repeated per replica (model.denoiser.repeat_cond) compute
+    more, and give fastross's losses and gradients."""
+    fast = build(tiny_models, fused_ce=False)
+    ref = build(tiny_models, fused_ce=False, ce_positions="all", repeat_cond=True)
+    ref.load_state_dict(fast.state_dict())
+    img = [s for s in stage2_samples if len(s["image"])][:2]
+    txt = [s for s in stage2_samples if not len(s["image"])][:1]
+    samples = [img[0], txt[0], img[1]]
+    packed = collate(samples, step=5)
+    padded = Collator(meta=ShardMeta.read(stage2_shards), image=collate.image, latent_channels=16, replicas=4, seed=0,
+                      pad=True)(samples, step=5)
+    lengths = packed.cu_seqlens.diff()
+    assert padded.input_ids.shape[1] == 3 * int(lengths.max()) > packed.input_ids.shape[1]  # padded to the longest
+    assert padded.num_text_tokens == packed.num_text_tokens and torch.equal(padded.text_targets, packed.text_targets)
+    want, want_g = loss_and_grads(fast, packed, text_scale=1 / 7)
+    got, got_g = loss_and_grads(ref, padded, text_scale=1 / 7)
+    # The same terms summed in another order (CE over more rows, the ignored ones zero): fp32 rounding.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert got_g.keys() == want_g.keys()
+    for name in want_g:
+        scale = want_g[name].abs().max().item()
+        assert (got_g[name] - want_g[name]).abs().max().item() <= 1e-4 * scale + 1e-9, name
+
+
+def test_padded_plan_is_the_reference_split():
+    from fastross.data.planner import plan_padded_step, sample_cost
+
+    lengths = [10, 40, 20, 30, 5, 50, 60, 70]
+    plan = plan_padded_step(lengths, ranks=2, samples=3, attn_tokens=100.0)
+    assert plan.micro_batches == [[[0, 1, 2], [3]], [[4, 5, 6], [7]]]  # contiguous shares, in order
+    assert plan.costs[0] == pytest.approx(3 * sample_cost(40, 100.0) + sample_cost(30, 100.0))
+    with pytest.raises(ValueError, match="divisible"):
+        plan_padded_step(lengths[:7], ranks=2, samples=3, attn_tokens=100.0)

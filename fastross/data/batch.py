@@ -75,8 +75,13 @@ class PackedText:
     num_text_tokens: int  # K without the dummy entry
 
 
-def pack_text(samples: list[TextSample], image_token_id: int, num_visual: int) -> PackedText:
-    """Concatenate samples into one sequence, each `<image>` expanded to `num_visual` tokens."""
+def pack_text(samples: list[TextSample], image_token_id: int, num_visual: int, pad_to: int = 0,
+              pad_id: int = 0) -> PackedText:
+    """Concatenate samples into one sequence, each `<image>` expanded to `num_visual` tokens.
+
+    pad_to (data.packing=padded): every shorter sample is right-padded with `pad_id` to that length, the padding
+    unsupervised and inside the sample's own span, so under causal attention no real token sees it: the losses are
+    those of the unpadded batch, the compute that of the reference's padded batch."""
     ids, pos, tpos, ttgt, vpos = [], [], [], [], []
     offset, cu = 0, [0]
     for s in samples:
@@ -90,6 +95,9 @@ def pack_text(samples: list[TextSample], image_token_id: int, num_visual: int) -
             y = np.concatenate([y[:p], np.full(num_visual, IGNORE), y[p + 1:]])
             vpos.append(offset + p + np.arange(num_visual))
         target = np.append(y[1:], IGNORE)  # next-token targets, never across samples
+        if len(x) < pad_to:
+            target = np.append(target, np.full(pad_to - len(x), IGNORE))
+            x = np.append(x, np.full(pad_to - len(x), pad_id))
         sup = np.flatnonzero(target != IGNORE)
         tpos.append(offset + sup)
         ttgt.append(target[sup])
@@ -143,8 +151,9 @@ def dummy_images(*, spec: ImageSpec, grid: int, latent_channels: int, replicas: 
 
 class Collator:
     def __init__(self, *, meta: ShardMeta, image: ImageSpec, latent_channels: int, replicas: int, seed: int,
-                 image_backend: str = "pil"):
-        self.meta, self.image, self.backend = meta, image, image_backend
+                 image_backend: str = "pil", pad: bool = False):
+        """pad: the reference's padded micro-batches (data.packing=padded; `pack_text`)."""
+        self.meta, self.image, self.backend, self.pad = meta, image, image_backend, pad
         self.latent_channels, self.replicas, self.seed = latent_channels, replicas, seed
 
     def __call__(self, samples: list[dict], step: int) -> MicroBatch:
@@ -162,7 +171,10 @@ class Collator:
             text.append(TextSample("(dummy image)", np.full(1, meta.image_token_id), np.full(1, IGNORE), True))
             images = dummy_images(spec=self.image, grid=meta.grid, latent_channels=self.latent_channels,
                                   replicas=self.replicas)
-        packed = pack_text(text, meta.image_token_id, meta.num_visual_tokens)
+        n_vis, pad_to = meta.num_visual_tokens, 0
+        if self.pad and samples:  # the longest real sample, its image expanded
+            pad_to = max(len(t.input_ids) + (n_vis - 1) * t.has_image for t in text[: len(samples)])
+        packed = pack_text(text, meta.image_token_id, n_vis, pad_to=pad_to)
         cu = packed.cu_seqlens
         return MicroBatch(
             input_ids=torch.from_numpy(packed.input_ids)[None],

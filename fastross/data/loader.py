@@ -151,10 +151,12 @@ class Loader:
         """seed: the run seed that keys the noise (train.seed); cfg.seed orders the data."""
         self.cfg, self.device = cfg, device
         self.meta = ShardMeta.read(cfg.shards)
+        padded = cfg.packing == "padded"
         self.stream = StepStream(cfg.shards, cfg.global_batch, rank, world, cfg.shuffle, cfg.seed,
-                                 max_tokens=cfg.max_tokens, attn_tokens=attn_tokens)
+                                 max_tokens=cfg.max_tokens, attn_tokens=attn_tokens,
+                                 padded_samples=cfg.padded_samples if padded else 0)
         self.collate = Collator(meta=self.meta, image=image, latent_channels=latent_channels, replicas=replicas,
-                                seed=seed, image_backend=cfg.image_backend)
+                                seed=seed, image_backend=cfg.image_backend, pad=padded)
         self.steps_per_epoch = self.stream.steps_per_epoch
 
     def dataset(self, position: Position, step: int, total_steps: int) -> StepDataset:

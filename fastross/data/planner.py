@@ -104,6 +104,21 @@ def plan_step(lengths, ranks: int, max_tokens: int, attn_tokens: float) -> StepP
     return StepPlan(micro_batches=bins, costs=costs)
 
 
+def plan_padded_step(lengths, ranks: int, samples: int, attn_tokens: float) -> StepPlan:
+    """The reference recipe's split (data.packing=padded): rank r takes the r-th contiguous share of the step's
+    samples in order, in micro-batches of `samples`; each sample costs as if it were as long as the longest of its
+    micro-batch, to which it is padded."""
+    n = len(lengths)
+    if ranks < 1 or samples < 1 or n % ranks:
+        raise ValueError(f"padded micro-batches need data.global_batch ({n}) divisible by the ranks ({ranks}) "
+                         f"and data.padded_samples ({samples}) >= 1")
+    per = n // ranks
+    bins = [[list(range(r * per + j, r * per + min(j + samples, per))) for j in range(0, per, samples)]
+            for r in range(ranks)]
+    costs = [sum(len(mb) * sample_cost(max(int(lengths[i]) for i in mb), attn_tokens) for mb in rank) for rank in bins]
+    return StepPlan(micro_batches=bins, costs=costs)
+
+
 @dataclass
 class EpochSummary:
     micro_batches: np.ndarray  # (steps,) micro-batches per rank

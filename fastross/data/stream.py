@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastross.data.planner import StepPlan, plan_step
+from fastross.data.planner import StepPlan, plan_padded_step, plan_step
 from fastross.data.schema import LENGTHS_FILE
 from fastross.data.shards import MDSShards
 
@@ -54,7 +54,8 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 class StepStream:
     def __init__(self, shards: str, global_batch: int, rank: int, world: int, shuffle: bool, seed: int,
-                 max_tokens: int, attn_tokens: float):
+                 max_tokens: int, attn_tokens: float, padded_samples: int = 0):
+        """padded_samples > 0: the reference's padded micro-batches of that many samples (data.packing=padded)."""
         self.lengths = load_lengths(shards)
         self.shards = MDSShards(shards)
         if len(self.shards) != len(self.lengths):
@@ -64,7 +65,7 @@ class StepStream:
             )
         self.global_batch, self.rank, self.world = global_batch, rank, world
         self.shuffle, self.seed = shuffle, seed
-        self.max_tokens, self.attn_tokens = max_tokens, attn_tokens
+        self.max_tokens, self.attn_tokens, self.padded_samples = max_tokens, attn_tokens, padded_samples
         self.steps_per_epoch = len(self.lengths) // global_batch
         if self.steps_per_epoch == 0:
             raise ValueError(f"{shards} holds {len(self.lengths)} samples, fewer than data.global_batch={global_batch}")
@@ -86,6 +87,8 @@ class StepStream:
     def plan(self, epoch: int, step_in_epoch: int) -> tuple[np.ndarray, StepPlan]:
         b = self.global_batch
         ids = self.epoch_order(epoch)[step_in_epoch * b : (step_in_epoch + 1) * b]
+        if self.padded_samples:
+            return ids, plan_padded_step(self.lengths[ids], self.world, self.padded_samples, self.attn_tokens)
         return ids, plan_step(self.lengths[ids], self.world, self.max_tokens, self.attn_tokens)
 
     def read(self, sample_id: int) -> dict:

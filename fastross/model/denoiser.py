@@ -202,8 +202,11 @@ class Denoiser(nn.Module):
     """kind="dit": adaLN-Zero DiT blocks with attention over one image; kind="mlp": per-token blocks."""
 
     def __init__(self, kind: str, cond_width: int, width: int, depth: int, heads: int, grid: int, channels: int = 64,
-                 impl: str = "torch", dtype: str = "fp32"):
+                 impl: str = "torch", dtype: str = "fp32", repeat_cond: bool = False):
+        """repeat_cond: the reference's way, the condition repeated per replica and embedded R times
+        (model.denoiser.repeat_cond; the same numbers, more work)."""
         super().__init__()
+        self.repeat_cond = repeat_cond
         if kind not in ("dit", "mlp"):
             raise ValueError(f"model.denoiser.kind must be 'dit' or 'mlp', got {kind!r}")
         if impl not in OPS:
@@ -258,8 +261,11 @@ class Denoiser(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(dtype)
         x = x.reshape(n * r, tokens, -1)
-        s = self.ops.silu_cond(self.c_embed(cond.to(dtype)), self.t_embed(t))  # SiLU(c) (n, R, N, W), cond once per image
-        s = s.reshape(n * r, tokens, -1)
+        if self.repeat_cond:  # the reference: (n * R, N, H) conditions, each embedded
+            c = self.c_embed(cond.to(dtype).repeat_interleave(r, dim=0))
+            s = F.silu(c + self.t_embed(t).reshape(n * r, 1, -1))
+        else:  # SiLU(c) (n, R, N, W), the condition embedded once per image
+            s = self.ops.silu_cond(self.c_embed(cond.to(dtype)), self.t_embed(t)).reshape(n * r, tokens, -1)
         for blk in self.blocks:
             x = blk(x, s)
         return self.final(x, s)  # not reshaped here: FSDP2 warns about modules that return views

@@ -65,6 +65,7 @@ class RossModel(nn.Module):
         if cfg.liger_kernels:
             liger.apply(self.llm)
         self.text_loss = text_loss.build(cfg.fused_ce)
+        self.ce_all = cfg.ce_positions == "all"
         hidden = self.llm.config.hidden_size
         # Where each pretrained part's weights live: (prefix here, folder, the files' key prefix).
         self.sources = [load.Source("vision.", cfg.vision_path, "vision_model."), load.Source("llm.", cfg.llm_path, "")]
@@ -90,7 +91,7 @@ class RossModel(nn.Module):
             self.projector = Projector(self.vision.hidden_size, hidden)
             self.denoiser = Denoiser(
                 d.kind, hidden, d.width, d.depth, d.heads, self.vision.grid, channels=4 * self.latent_channels,
-                impl=d.impl, dtype=d.dtype,
+                impl=d.impl, dtype=d.dtype, repeat_cond=d.repeat_cond,
             )
             self.register_buffer("sqrt_ab", torch.empty(diffusion.NUM_STEPS), persistent=False)
             self.register_buffer("sqrt_1m_ab", torch.empty(diffusion.NUM_STEPS), persistent=False)
@@ -145,7 +146,11 @@ class RossModel(nn.Module):
 
         # lm_head belongs to the FSDP root, unsharded during this forward: a fused kernel sees the whole weight.
         head = llm.get_output_embeddings()
-        text = self.text_loss(h.index_select(0, mb.text_pos), head.weight, head.bias, mb.text_targets)
+        if self.ce_all:  # model.ce_positions=all, the reference's: logits at every position, the unsupervised ignored
+            targets = torch.full((h.shape[0],), text_loss.IGNORE, dtype=mb.text_targets.dtype, device=h.device)
+            text = self.text_loss(h, head.weight, head.bias, targets.index_copy(0, mb.text_pos, mb.text_targets))
+        else:
+            text = self.text_loss(h.index_select(0, mb.text_pos), head.weight, head.bias, mb.text_targets)
 
         slots = mb.pixel_values.shape[0]  # real images, or the one dummy (weight 0)
         cond = h.index_select(0, mb.visual_pos).view(slots, self.num_visual_tokens, -1)

@@ -1,0 +1,159 @@
+"""The ladder: from the reference recipe to fastross, one switch at a time, each rung a real training run.
+
+    python benchmarks/throughput.py [--steps 6] [--skip 2] [--rungs 1-8] [--save]
+
+Rungs (cumulative; every one trains the same model, so their step-1 losses agree):
+  1 reference   padded micro-batches (data.packing=padded), fp32 logits CE at every position
+                (model.ce_positions=all), the eager fp32 denoiser with the condition repeated per replica
+                (model.denoiser.repeat_cond), the VAE encoding on the fly (shards without latents), full
+                checkpointing, no compile, the data prepared inline (data.workers=0)
+  2 +packing    packed, rank-balanced varlen micro-batches
+  3 +fused CE   Liger's fused linear cross-entropy at the supervised positions only
+  4 +latents    the latent moments stored in the shards at conversion
+  5 +triton     fastross's fused denoiser kernels, the condition embedded once per image
+  6 +planned AC per-layer activation checkpointing as the planner chooses it
+  7 +compile    torch.compile of every decoder layer and denoiser block
+  8 +loader     2 loader workers per rank preparing steps ahead: fastross
+
+On CPU it trains configs/tiny.yaml on 2 ranks (torchrun, gloo) on the tests' tiny models and data; with a GPU
+the 7B shapes with K LLM layers are the next step (not yet here). Each rung runs `--steps` optimizer steps; its
+samples/s and tokens/s per rank are the medians of the logged steps after the first `--skip` (start-up and
+compiling). On CPU the Triton kernels run in the interpreter and compiling is slow: a rung may be slower than the
+one before it, and is reported as measured.
+
+Ends with `throughput: speedup X device D` (X: the last rung's samples/s over the first's);
+--save appends the table to benchmarks/results/throughput.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fastross.tools import results as R
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "configs" / "tiny.yaml"
+RANKS = 2
+
+REFERENCE = ["data.packing=padded", "data.padded_samples=4", "model.fused_ce=false", "model.ce_positions=all",
+             "model.denoiser.impl=torch", "model.denoiser.repeat_cond=true", "train.activation_checkpointing=full",
+             "train.compile=false", "data.workers=0"]
+RUNGS = [  # (name, overrides on top of the rung before; "LATENTS" switches to the shards with stored moments)
+    ("reference", REFERENCE),
+    ("+packing", ["data.packing=packed"]),
+    ("+fused CE", ["model.fused_ce=true", "model.ce_positions=supervised"]),
+    ("+latents", ["LATENTS"]),
+    ("+triton", ["model.denoiser.impl=triton", "model.denoiser.repeat_cond=false"]),
+    ("+planned AC", ["PLANNED"]),
+    ("+compile", ["train.compile=true"]),
+    ("+loader", ["data.workers=2"]),
+]
+# Rung 6's policy. Until `python -m fastross.plan` chooses it: none, since the tiny model's activations (a few MB
+# per micro-batch) fit any CPU rank, so the memory planner has nothing to trade.
+TINY_PLANNED_POLICY = "train.activation_checkpointing=none"
+
+
+def prepare(work: Path) -> tuple[Path, Path, Path]:
+    """Tiny model folders, and the tests' stage-2 data converted twice: with latent moments and without."""
+    from fastross.data.convert import main as convert
+    from fastross.data.synth import write_dataset
+    from fastross.tools.golden import SYNTH
+    from fastross.tools.make_tiny import make_tiny
+
+    models = make_tiny(work / "models")
+    write_dataset(work / "synth", **SYNTH)
+    out = {}
+    for name, vae in (("latents", True), ("pixels", False)):
+        argv = ["--json", str(work / "synth" / "stage2.json"), "--images", str(work / "synth" / "images"),
+                "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"), "--template", "qwen2_ross",
+                "--out", str(work / name), "--quiet"] + (["--vae", str(models / "vae")] if vae else [])
+        if convert(argv) != 0:
+            raise RuntimeError(f"throughput: converting the tiny data set ({name}) failed")
+        out[name] = work / name
+    return models, out["latents"], out["pixels"]
+
+
+def train(models: Path, shards: Path, run_dir: Path, overrides: list[str], steps: int, vae: bool) -> list[dict]:
+    """One rung: configs/tiny.yaml from fresh weights for `steps` steps on RANKS ranks; its metrics records."""
+    base = [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}", "model.init_from=''",
+            "model.vae_path=" + (str(models / "vae") if vae else "''"), f"data.shards={shards}", f"train.run_dir={run_dir}",
+            f"train.max_steps={steps}", "train.epochs=10", "train.log_every=1", f"train.ckpt_every={10 * steps}"]
+    with tempfile.TemporaryDirectory(prefix="fastross-ladder-") as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
+               "-m", "fastross.train", str(CONFIG), *base, *overrides]
+        p = subprocess.run(cmd, cwd=REPO, env={**os.environ, "TMPDIR": tmp}, capture_output=True, text=True,
+                           timeout=3600)
+    out = p.stdout + p.stderr
+    if "train: done" not in out:
+        raise RuntimeError(f"throughput: the rung did not finish ({' '.join(overrides)}):\n{out[-4000:]}")
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=6, help="optimizer steps per rung")
+    p.add_argument("--skip", type=int, default=2, help="first steps left out of the rates (start-up, compiling)")
+    p.add_argument("--rungs", default=f"1-{len(RUNGS)}", help="which rungs to run, e.g. 1-8 or 1,2,8")
+    p.add_argument("--save", action="store_true", help="append the table to benchmarks/results/throughput.csv")
+    a = p.parse_args(argv)
+    if a.steps <= a.skip:
+        p.error("--steps must exceed --skip")
+    lo, _, hi = a.rungs.partition("-")
+    wanted = set(range(int(lo), int(hi) + 1)) if hi else {int(x) for x in a.rungs.split(",")}
+    device = R.machine()
+    rows, t0 = [], time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fastross-ladder-work-") as work:
+        models, latents, pixels = prepare(Path(work))
+        overrides, stored = [], False
+        print(f"{'rung':<12} {'samples/s':>10} {'tokens/s/rank':>14} {'step-1 text':>12} {'step-1 recon':>13} {'wall s':>7}")
+        for k, (name, delta) in enumerate(RUNGS, 1):
+            for o in delta:
+                if o == "LATENTS":
+                    stored = True
+                elif o == "PLANNED":
+                    overrides.append(TINY_PLANNED_POLICY)
+                else:
+                    overrides.append(o)
+            if k not in wanted:
+                continue
+            t = time.perf_counter()
+            recs = train(models, latents if stored else pixels, Path(work) / f"rung{k}", overrides, a.steps,
+                         vae=not stored)
+            timed = recs[a.skip:]
+            row = {"rung": k, "name": name, "samples_per_s": statistics.median(r["samples_per_s"] for r in timed),
+                   "tokens_per_s_per_rank": statistics.median(r["tokens_per_s_per_rank"] for r in timed),
+                   "text_loss_1": recs[0]["text_loss"], "recon_loss_1": recs[0]["recon_loss"],
+                   "wall_s": time.perf_counter() - t}
+            rows.append(row)
+            print(f"{name:<12} {row['samples_per_s']:>10.2f} {row['tokens_per_s_per_rank']:>14.0f} "
+                  f"{row['text_loss_1']:>12.6f} {row['recon_loss_1']:>13.6f} {row['wall_s']:>7.0f}", flush=True)
+    first = rows[0]
+    worst = max(max(abs(r["text_loss_1"] - first["text_loss_1"]) / first["text_loss_1"],
+                    abs(r["recon_loss_1"] - first["recon_loss_1"]) / first["recon_loss_1"]) for r in rows)
+    print(f"step-1 losses: largest relative difference from the first rung {worst:.1e} (the same model: <= 1e-4)")
+    if worst > 1e-4:
+        print("throughput: error: the rungs do not train the same model", file=sys.stderr)
+        return 1
+    speedup = rows[-1]["samples_per_s"] / first["samples_per_s"]
+    print(f"ladder: {len(rows)} rungs, {a.steps} steps each, {time.perf_counter() - t0:.0f} s")
+    print(f"throughput: speedup {speedup:.2f} device {device}")
+    if a.save:
+        out = R.append_csv("throughput.csv", ["date", "commit", "device", "rung", "name", "steps", "samples_per_s",
+                                              "tokens_per_s_per_rank", "text_loss_1", "recon_loss_1"],
+                           [[R.today(), R.commit(), device, r["rung"], r["name"], a.steps, f"{r['samples_per_s']:.3f}",
+                             f"{r['tokens_per_s_per_rank']:.1f}", f"{r['text_loss_1']:.6f}", f"{r['recon_loss_1']:.6f}"]
+                            for r in rows])
+        print(f"appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

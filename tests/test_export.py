@@ -1,0 +1,223 @@
+"""The exported Llava folder against fastross itself, on tiny random weights after one real training step:
+logits, the processor's pixel values, the chat template's prompt tokens, greedy answers, and the round trip."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastross.data import templates
+from fastross.export import chat_template
+
+QUESTION = "What shape is in the picture?"
+ANSWER = "A red circle at the top left."
+CONV = [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": ANSWER}]
+USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
+
+
+def prompt_tokens(template: str, tokenizer) -> list[int]:
+    """The training sample's tokens before its first supervised one: what the model sees before it answers."""
+    ids, labels = templates.tokenize(templates.render(template, CONV, True, tokenizer), tokenizer)
+    return ids[: int(np.flatnonzero(labels != templates.IGNORE)[0])].tolist()
+
+
+@pytest.mark.parametrize("template", templates.TEMPLATES)
+def test_chat_template_renders_the_training_prompt(template, tokenizer):
+    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tok.chat_template = chat_template(template, tokenizer)
+    whole = [*USER, {"role": "assistant", "content": ANSWER}]
+    if template != "plain":  # plain's text is the caption alone; its prompt is the image
+        assert tok.apply_chat_template(whole, tokenize=False) == templates.render(template, CONV, True, tokenizer).text
+    prompt = tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
+    assert tok(prompt, add_special_tokens=False).input_ids == prompt_tokens(template, tokenizer)
+    if template == "qwen2_ross":
+        with pytest.raises(Exception, match="user and assistant turns only"):
+            tok.apply_chat_template([{"role": "system", "content": "x"}, *USER], tokenize=False)
+    # a plain string content is rendered as fastross renders it, too
+    assert tok.apply_chat_template([{"role": "user", "content": f"<image>\n{QUESTION}"}], tokenize=False,
+                                   add_generation_prompt=True) == prompt
+
+
+@pytest.mark.parametrize("aspect", ["pad", "square"])
+def test_image_processor_equals_fastross(aspect, tiny_models):
+    from fastross.data.images import ImageSpec, preprocess
+    from fastross.export import image_processor
+
+    spec = ImageSpec.from_pretrained(str(tiny_models / "vision"))
+    proc = image_processor(spec, aspect)
+    for data in images():
+        got = proc(Image.open(io.BytesIO(data)), return_tensors="pt").pixel_values[0]
+        assert torch.equal(got, preprocess(data, spec, aspect)), Image.open(io.BytesIO(data)).size
+
+
+def test_bad_source_is_named(tmp_path):
+    from fastross.checkpoint import load_model_weights
+    from fastross.export import main
+
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        main([str(tmp_path), "--out", str(tmp_path / "out")])
+    with pytest.raises(FileNotFoundError, match="no fastross export"):
+        load_model_weights(tmp_path, None)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_models, stage2_shards, tmp_path_factory):
+    from test_train import run, write_config
+
+    tmp = tmp_path_factory.mktemp("export_run")
+    rd = tmp / "run"
+    run(1, write_config(tmp / "c.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10))
+    return rd
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    from fastross.export import main
+
+    out = tmp_path_factory.mktemp("exported") / "llava"
+    assert main([str(run_dir), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ours(run_dir):
+    """fastross's own model with the checkpoint's weights."""
+    from fastross.export import read_checkpoint
+    from fastross.model.ross import RossModel
+
+    _, cfg, state = read_checkpoint(run_dir)
+    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def theirs(exported):
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    model, info = AutoModelForImageTextToText.from_pretrained(exported, output_loading_info=True)
+    assert isinstance(model, LlavaForConditionalGeneration)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weight
+    return model.eval(), AutoProcessor.from_pretrained(exported, use_fast=False)
+
+
+def images():
+    """A non-square image (the padding matters) and a square one, as encoded bytes."""
+    rng = np.random.default_rng(0)
+    out = []
+    for w, h in ((53, 37), (64, 64)):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+@pytest.mark.slow
+def test_processor_pixel_values_equal_fastross(theirs, stage2_shards):
+    from fastross.data.images import ImageSpec, preprocess
+    from fastross.data.schema import ShardMeta
+
+    _, proc = theirs
+    meta = ShardMeta.read(stage2_shards)
+    spec = ImageSpec.from_processor(proc.image_processor)
+    assert meta.image_aspect == "pad" and proc.image_processor.do_pad
+    for data in images():
+        got = proc.image_processor(Image.open(io.BytesIO(data)), return_tensors="pt").pixel_values[0]
+        assert torch.equal(got, preprocess(data, spec, meta.image_aspect)), Image.open(io.BytesIO(data)).size
+
+
+@pytest.mark.slow
+def test_fast_processor_is_close(theirs, exported):
+    """transformers' fast (torchvision) processor, AutoProcessor's default in 5.x, is not exact: within 2/255."""
+    from transformers import AutoProcessor
+
+    _, slow = theirs
+    fast = AutoProcessor.from_pretrained(exported, use_fast=True).image_processor
+    for data in images():
+        img = Image.open(io.BytesIO(data))
+        diff = (fast(img, return_tensors="pt").pixel_values - slow.image_processor(img, return_tensors="pt").pixel_values)
+        levels = diff.abs().max().item() * slow.image_processor.image_std[0] * 255  # in 8-bit levels
+        print(f"export: fast processor, {img.size}: max |diff| {levels:.2f} levels of 255")
+        assert levels <= 2 + 1e-4, levels
+
+
+def inputs(theirs, tokenizer, data):
+    """The processor's inputs for the chat-template prompt, and fastross's micro-batch for the same tokens."""
+    from fastross.generate import micro_batch
+
+    model, proc = theirs
+    text = proc.apply_chat_template(USER, add_generation_prompt=True)
+    hf = proc(text=text, images=Image.open(io.BytesIO(data)), return_tensors="pt")
+    ids = prompt_tokens("qwen2_ross", tokenizer)
+    mb = micro_batch(ids, hf.pixel_values, model.config.image_token_id, model.config.image_seq_length)
+    assert torch.equal(hf.input_ids, mb.input_ids)  # the processor expands <image> as the loader does
+    return hf, ids, mb
+
+
+@pytest.mark.slow
+def test_logits_equal_fastross(ours, theirs, tokenizer):
+    model, _ = theirs
+    last = []
+    for data in images():
+        hf, _, mb = inputs(theirs, tokenizer, data)
+        with torch.no_grad():
+            want = ours.llm.get_output_embeddings()(ours.hidden_states(mb))
+            got = model(**hf).logits[0]
+        err = (got - want).abs().max().item()
+        print(f"export: logits max |diff| {err:.2e} (scale {want.abs().max().item():.2f})")
+        assert err <= 1e-4, err
+        last.append(want[-1])
+    assert (last[0] - last[1]).abs().max().item() > 1e-3  # the image reaches the answer: the check sees the tower
+
+
+@pytest.mark.slow
+def test_greedy_generate_equals_fastross(ours, theirs, tokenizer):
+    from fastross.generate import greedy
+
+    model, proc = theirs
+    new = 12
+    for data in images():
+        hf, ids, _ = inputs(theirs, tokenizer, data)
+        want = greedy(ours, ids, hf.pixel_values, model.config.image_token_id, new, eos_token_id=tokenizer.eos_token_id)
+        with torch.no_grad():
+            out = model.generate(**hf, max_new_tokens=new, do_sample=False)
+        got = out[0, hf.input_ids.shape[1]:].tolist()
+        print(f"export: greedy answer of {len(want)} tokens equal")
+        assert got == want, (got, want)
+        assert len(want) >= 2  # a one-token answer would prove little
+
+
+@pytest.mark.slow
+def test_export_round_trips_the_checkpoint(exported, run_dir):
+    """Every trained weight (denoiser included, from the sidecar) reads back bit for bit."""
+    from fastross.export import load_export, read_checkpoint
+
+    _, _, state = read_checkpoint(run_dir)
+    back = load_export(exported)
+    want = {k: v for k, v in state.items() if not k.startswith("vae.")}
+    assert back.keys() == want.keys()
+    for k in want:
+        assert torch.equal(back[k], want[k]), k
+    meta = json.loads((exported / "config.json").read_text())
+    assert meta["vision_feature_layer"] == -2 and meta["vision_feature_select_strategy"] == "full"
+
+
+@pytest.mark.slow
+def test_training_starts_from_an_export_as_from_the_checkpoint(exported, run_dir, tiny_models, stage2_shards, tmp_path):
+    """model.init_from = the export folder or the checkpoint it came from, on 2 ranks (each keeps its FSDP shards of
+    the export): the same first step, bit for bit."""
+    from test_train import metrics, run, write_config
+
+    firsts = []
+    for name, src in (("from_ckpt", run_dir), ("from_export", exported)):
+        rd = tmp_path / name
+        out = run(2, write_config(tmp_path / f"{name}.yaml", tiny_models, stage2_shards, rd, max_steps=1,
+                                  ckpt_every=10), f"model.init_from={src}")
+        assert f"model weights from {src}" in out
+        firsts.append(metrics(rd)[0])
+    for key in ("text_loss", "recon_loss", "grad_norm"):
+        assert firsts[0][key] == firsts[1][key], key
+    assert firsts[0]["text_loss"] != metrics(run_dir)[0]["text_loss"]  # the trained weights were loaded, not fresh ones
