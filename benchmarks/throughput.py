@@ -17,11 +17,13 @@ Rungs (cumulative; every one trains the same model, so their step-1 losses agree
 
 On CPU it trains configs/tiny.yaml on 2 ranks (torchrun, gloo) on the tests' tiny models and data; with a GPU
 the 7B shapes with K LLM layers are the next step (not yet here). Each rung runs `--steps` optimizer steps; its
-samples/s and tokens/s per rank are the medians of the logged steps after the first `--skip` (start-up and
-compiling). On CPU the Triton kernels run in the interpreter and compiling is slow: a rung may be slower than the
-one before it, and is reported as measured.
+samples/s, tokens/s per rank and MFU (model FLOPs over the device's peak; on CPU the measured matmul rate, see
+fastross/flops.py) are the medians of the logged steps after the first `--skip` (start-up and compiling). On CPU
+the Triton kernels run in the interpreter and compiling is slow: a rung may be slower than the one before it, and
+is reported as measured.
 
-Ends with `throughput: speedup X device D` (X: the last rung's samples/s over the first's);
+Ends with `throughput: speedup X mfu M device D` (X: the last rung's samples/s over the first's; M: its MFU).
+Not yet here: the peak-memory column (measured on a GPU, simulated on CPU) and the 7B slice on a GPU.
 --save appends the table to benchmarks/results/throughput.csv.
 """
 
@@ -113,7 +115,8 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastross-ladder-work-") as work:
         models, latents, pixels = prepare(Path(work))
         overrides, stored = [], False
-        print(f"{'rung':<12} {'samples/s':>10} {'tokens/s/rank':>14} {'step-1 text':>12} {'step-1 recon':>13} {'wall s':>7}")
+        print(f"{'rung':<12} {'samples/s':>10} {'tokens/s/rank':>14} {'MFU':>7} {'step-1 text':>12} {'step-1 recon':>13} "
+              f"{'wall s':>7}")
         for k, (name, delta) in enumerate(RUNGS, 1):
             for o in delta:
                 if o == "LATENTS":
@@ -130,10 +133,11 @@ def main(argv=None) -> int:
             timed = recs[a.skip:]
             row = {"rung": k, "name": name, "samples_per_s": statistics.median(r["samples_per_s"] for r in timed),
                    "tokens_per_s_per_rank": statistics.median(r["tokens_per_s_per_rank"] for r in timed),
+                   "mfu": statistics.median(r["mfu"] for r in timed),
                    "text_loss_1": recs[0]["text_loss"], "recon_loss_1": recs[0]["recon_loss"],
                    "wall_s": time.perf_counter() - t}
             rows.append(row)
-            print(f"{name:<12} {row['samples_per_s']:>10.2f} {row['tokens_per_s_per_rank']:>14.0f} "
+            print(f"{name:<12} {row['samples_per_s']:>10.2f} {row['tokens_per_s_per_rank']:>14.0f} {row['mfu']:>7.2%} "
                   f"{row['text_loss_1']:>12.6f} {row['recon_loss_1']:>13.6f} {row['wall_s']:>7.0f}", flush=True)
     first = rows[0]
     worst = max(max(abs(r["text_loss_1"] - first["text_loss_1"]) / first["text_loss_1"],
@@ -144,12 +148,13 @@ def main(argv=None) -> int:
         return 1
     speedup = rows[-1]["samples_per_s"] / first["samples_per_s"]
     print(f"ladder: {len(rows)} rungs, {a.steps} steps each, {time.perf_counter() - t0:.0f} s")
-    print(f"throughput: speedup {speedup:.2f} device {device}")
+    print(f"throughput: speedup {speedup:.2f} mfu {rows[-1]['mfu']:.4f} device {device}")
     if a.save:
         out = R.append_csv("throughput.csv", ["date", "commit", "device", "rung", "name", "steps", "samples_per_s",
-                                              "tokens_per_s_per_rank", "text_loss_1", "recon_loss_1"],
+                                              "tokens_per_s_per_rank", "mfu", "text_loss_1", "recon_loss_1"],
                            [[R.today(), R.commit(), device, r["rung"], r["name"], a.steps, f"{r['samples_per_s']:.3f}",
-                             f"{r['tokens_per_s_per_rank']:.1f}", f"{r['text_loss_1']:.6f}", f"{r['recon_loss_1']:.6f}"]
+                             f"{r['tokens_per_s_per_rank']:.1f}", f"{r['mfu']:.5f}", f"{r['text_loss_1']:.6f}",
+                             f"{r['recon_loss_1']:.6f}"]
                             for r in rows])
         print(f"appended to {out}")
     return 0

@@ -145,16 +145,22 @@ def step_flops(arch: Arch, lengths, images, supervised, trainable=("projector", 
                policies: list[str] | None = None) -> StepFlops:
     """The analytic FLOPs of samples with `lengths` (visual tokens included), `images` (bool each) and
     `supervised` tokens each; `policies`: one checkpointing policy per decoder layer (None: none)."""
+    lengths = [int(x) for x in lengths]
+    return totals_flops(arch, sum(lengths), sum(x * x for x in lengths), int(sum(bool(x) for x in images)),
+                        int(sum(supervised)), trainable, policies)
+
+
+def totals_flops(arch: Arch, tokens: int, tokens_sq: int, n_img: int, n_supervised: int,
+                 trainable=("projector", "llm", "denoiser"), policies: list[str] | None = None) -> StepFlops:
+    """step_flops from the totals it depends on (it is linear in each): the samples' tokens, the sum of their
+    squared lengths, their images and supervised tokens. The trainer sums these over the steps between records."""
     a = arch
     proj_t, llm_t, den_t = ("projector" in trainable), ("llm" in trainable), ("denoiser" in trainable)
     g_llm = llm_t or proj_t  # a gradient flows into the LLM's input (and so into the denoiser's condition)
     den_bwd = den_t or g_llm
     policies = policies or ["none"] * a.llm_layers
     n_full = sum(p == "full" for p in policies)
-    lengths = [int(x) for x in lengths]
-    n_img = int(sum(bool(x) for x in images))
-    tokens = sum(lengths)
-    sq = sum(x * x for x in lengths)
+    sq = tokens_sq
     N, W, H = a.visual_tokens, a.den_width, a.hidden
     q_width = a.heads * a.head_dim
 
@@ -167,7 +173,7 @@ def step_flops(arch: Arch, lengths, images, supervised, trainable=("projector", 
     m["llm_linear"] = 2 * tokens * a.llm_layers * a.layer_linear * (1 + llm_t + g_llm)
     attn_fwd = a.llm_layers * 4 * sq * q_width
     m["attention"] = attn_fwd * (1 + 2 * g_llm)
-    m["lm_head"] = 2 * int(sum(supervised)) * H * a.vocab * (1 + llm_t + g_llm)
+    m["lm_head"] = 2 * n_supervised * H * a.vocab * (1 + llm_t + g_llm)
     rows = n_img * a.den_replicas * N  # replica tokens
     if a.den_kind == "dit":
         block_macs, den_attn_fwd = 18 * W * W, a.den_depth * 4 * n_img * a.den_replicas * N * N * W

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from fastross import checkpoint, config, distributed, metrics
+from fastross import checkpoint, config, distributed, flops, metrics
 from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
@@ -84,6 +84,14 @@ class Trainer:
         for part in t.trainable:
             getattr(model, part).requires_grad_(True)
         model.vision.requires_grad_(False)
+        # What a step costs (fastross.flops), from the built architecture: model FLOPs for MFU, hardware FLOPs with
+        # the checkpointing policy's recompute.
+        self.arch = flops.Arch.of(model)
+        self.policies = config.checkpoint_policies(t.activation_checkpointing, self.arch.llm_layers)
+        self.metrics.peak_tflops, peak_from = flops.peak_tflops(t.peak_tflops, world.device)
+        self._say(f"MFU against {self.metrics.peak_tflops:.3g} TFLOP/s per device ({peak_from})")
+        self._work = [0, 0]  # the global batches' tokens and squared lengths since the last record (host ints)
+        self._counts = torch.zeros(2, device=world.device)  # and their supervised tokens and images (no host sync)
         self.model = distributed.parallelize(model, world, cfg)
         loaded = self.model.load_weights(world.device)  # each rank's shards only
         distributed.cast_frozen(self.model, t.dtype)
@@ -174,6 +182,9 @@ class Trainer:
             [sum(b.num_text_tokens for b in mbs), sum(b.num_images for b in mbs)], dtype=torch.float32, device=device
         )
         distributed.all_reduce_sum(counts)
+        self._counts += counts
+        self._work[0] += step.tokens
+        self._work[1] += step.tokens_sq
         n_text, n_img = counts[0].clamp(min=1), counts[1].clamp(min=1)
 
         sums = torch.zeros(2, device=device)
@@ -202,7 +213,12 @@ class Trainer:
         grad_norm = result["grad_norm"]
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         text, recon = (sums / counts).tolist()  # host sync: logging steps only
+        n_text, n_img = (int(x) for x in self._counts.tolist())
+        work = flops.totals_flops(self.arch, *self._work, n_img, n_text, self.cfg.train.trainable, self.policies)
+        self._work, self._counts = [0, 0], torch.zeros_like(self._counts)
+        self.metrics.count(0, 0, flops=work.model_total)  # the global batches' model FLOPs since the last record
         self.metrics.log(self.step, self.total_steps, {
+            "recompute": work.recompute,  # hardware over model FLOPs (the checkpointing policy's recompute)
             "text_loss": text, "recon_loss": recon, "lr": lr, "grad_norm": float(grad_norm),
             "text_tokens": int(result["counts"][0]), "images": int(result["counts"][1]),
             "micro_batches": result["micro_batches"], "rank_imbalance": result["imbalance"],

@@ -167,7 +167,8 @@ from test_train import descendants, metrics, run, torchrun_cmd, write_config  # 
 
 STEPS = dict(max_steps=9, ckpt_every=3, keep_checkpoints=2)
 # The record's measured fields (fastross/metrics.py), which differ from run to run; the rest must match bit for bit.
-TIMING = {"samples_per_s", "tokens_per_s_per_rank", "step_s", "host_peak_rss_gib", *STEP_TIMES}
+TIMING = {"samples_per_s", "tokens_per_s_per_rank", "model_tflops_per_rank", "mfu", "step_s", "host_peak_rss_gib",
+          *STEP_TIMES}
 
 
 @pytest.fixture(scope="module")

@@ -142,7 +142,7 @@ def test_a_step_crosses_from_a_worker_as_one_buffer_and_unpacks_to_the_collators
             else:
                 assert a == b, f.name
     assert len(storages) == 1  # one buffer for the whole step
-    packed = PackedStep.pack(StepBatch(want, 0, len(want), 1.0, Position()), shared=False)
+    packed = PackedStep.pack(StepBatch(want, 0, 0, len(want), 1.0, Position()), shared=False)
     assert packed.buffer.dtype == torch.uint8 and packed.buffer.dim() == 1
 
 

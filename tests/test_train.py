@@ -170,3 +170,6 @@ def test_stop_after_ends_early_and_the_restart_follows_the_full_schedule(tiny_mo
     for a, b in zip(ref, got):
         for key in ("text_loss", "recon_loss", "grad_norm", "lr"):
             assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    # every record carries MFU (against the CPU's measured matmul rate) and the recompute ratio of full checkpointing
+    for m in ref + got:
+        assert 0 < m["mfu"] < 1 and m["model_tflops_per_rank"] > 0 and 1.0 < m["recompute"] < 1.5, m

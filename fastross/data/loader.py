@@ -47,6 +47,7 @@ from fastross.data.stream import Position, StepStream
 class StepBatch:
     micro_batches: list[MicroBatch]  # this rank's micro-batches (the same number on every rank)
     tokens: int  # the global batch's tokens (text + visual), known to every rank
+    tokens_sq: int  # the sum of its samples' squared lengths (attention's FLOPs: fastross.flops)
     num_micro_batches: int  # micro-batches per rank this step
     imbalance: float  # max / mean of the ranks' estimated costs
     position: Position  # the data position after this step (what a checkpoint records)
@@ -127,7 +128,8 @@ class StepDataset(Dataset):
         step = self.stream.step(index)
         batch = StepBatch(
             micro_batches=[self.collate(samples, run_step) for samples in step.micro_batches],
-            tokens=step.tokens, num_micro_batches=step.plan.num_micro_batches, imbalance=step.plan.imbalance(),
+            tokens=step.tokens, tokens_sq=step.tokens_sq, num_micro_batches=step.plan.num_micro_batches,
+            imbalance=step.plan.imbalance(),
             position=self.stream.position(index + 1),
         )
         if get_worker_info() is None:

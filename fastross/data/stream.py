@@ -36,6 +36,7 @@ class Step:
     plan: StepPlan  # every rank's micro-batches (positions into ids)
     micro_batches: list[list[dict]]  # this rank's samples, micro-batch by micro-batch
     tokens: int  # the global batch's tokens (text + visual), the same on every rank
+    tokens_sq: int  # the sum of its samples' squared lengths
 
 
 def load_lengths(shards: str | Path) -> np.ndarray:
@@ -102,4 +103,6 @@ class StepStream:
         pos = self.position(index)
         ids, plan = self.plan(pos.epoch, pos.step_in_epoch)
         mine = [[self.read(ids[i]) for i in mb] for mb in plan.micro_batches[self.rank]]
-        return Step(ids=ids, plan=plan, micro_batches=mine, tokens=int(self.lengths[ids].sum()))
+        lengths = self.lengths[ids].astype(np.int64)
+        return Step(ids=ids, plan=plan, micro_batches=mine, tokens=int(lengths.sum()),
+                    tokens_sq=int((lengths * lengths).sum()))
