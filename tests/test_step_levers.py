@@ -111,30 +111,16 @@ def test_fused_ce_on_two_fsdp2_ranks_matches_plain_ce_on_one(tiny_models, stage2
 
     Two samples per step keep the supervised rows, which Liger's kernel walks one by one in Triton's interpreter
     (~40 ms each at the 152k vocabulary: `python benchmarks/text_loss.py`), to a few hundred."""
-    import json
-    import subprocess
-    import sys
-
-    import yaml
+    from test_train import metrics as records
+    from test_train import run, write_config
 
     metrics = {}
     for fused, ranks in ((False, 1), (True, 2)):
         run_dir = tmp_path / f"fused{fused}"
-        cfg = {
-            "model": {"vision_path": str(tiny_models / "vision"), "llm_path": str(tiny_models / "llm"),
-                      "denoiser": {"kind": "dit", "depth": 1, "width": 32, "heads": 4, "replicas": 4},
-                      "fused_ce": fused},
-            "data": {"shards": str(stage2_shards), "global_batch": 2, "max_tokens": 256, "workers": 0},
-            "optim": {"lr_projector": 1e-3, "lr_denoiser": 1e-3, "lr_llm": 1e-3, "warmup_ratio": 0.0},
-            "train": {"trainable": ["projector", "llm", "denoiser"], "dtype": "fp32", "log_every": 1,
-                      "max_steps": 2, "ckpt_every": 10, "run_dir": str(run_dir)},
-        }
-        path = tmp_path / f"fused{fused}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-                            "-m", "fastross.train", str(path)], capture_output=True, text=True, timeout=900)
-        assert "train: done" in p.stdout + p.stderr, (p.stdout + p.stderr)[-4000:]
-        metrics[fused] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        cfg = write_config(tmp_path / f"fused{fused}.yaml", tiny_models, stage2_shards, run_dir, max_steps=2,
+                           ckpt_every=10)
+        run(ranks, cfg, f"model.fused_ce={str(fused).lower()}", "data.global_batch=2", "data.workers=0")
+        metrics[fused] = records(run_dir)
     assert [m["step"] for m in metrics[True]] == [m["step"] for m in metrics[False]] == [1, 2]
     assert all(m["text_tokens"] > 0 for m in metrics[True])
     for a, b in zip(metrics[False], metrics[True]):
