@@ -44,7 +44,7 @@ class ModelConfig:
     latent_shift: float = 0.1159  # VAE shift factor, used when vae_path is empty (FLUX's)
     latent_scale: float = 0.3611  # VAE scaling factor, used when vae_path is empty (FLUX's)
     recon_weight: float = 1.0  # lambda in L = L_text + lambda * L_recon
-    init_from: str = ""  # a run folder, checkpoint folder or export (fastross.export) whose model weights start this run
+    init_from: str = ""  # a run, checkpoint or export (fastross.export) folder whose model weights start this run
     fused_ce: bool = True  # text loss through Liger's fused linear cross-entropy: full-vocabulary logits never exist
     liger_kernels: bool = False  # Liger's RMSNorm, SwiGLU MLP and RoPE in the LLM (GPU; RMSNorm and SwiGLU fail in the CPU interpreter)
     # Where the text loss forms logits: at the supervised positions only, or, as the reference does, at every position

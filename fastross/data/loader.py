@@ -53,7 +53,6 @@ class StepBatch:
     position: Position  # the data position after this step (what a checkpoint records)
 
 
-
 _ALIGN = 256  # bytes: every tensor in a PackedStep starts aligned as cudaMalloc aligns
 
 
@@ -76,7 +75,8 @@ class PackedStep:
     @classmethod
     def pack(cls, step: StepBatch, shared: bool) -> "PackedStep":
         """shared: allocate the buffer in shared memory (in a worker), so that sending it copies nothing more."""
-        tensors = [v for mb in step.micro_batches for f in fields(mb) if isinstance(v := getattr(mb, f.name), torch.Tensor)]
+        tensors = [v for mb in step.micro_batches for f in fields(mb)
+                   if isinstance(v := getattr(mb, f.name), torch.Tensor)]
         offsets, total = [], 0
         for v in tensors:
             total = -(-total // _ALIGN) * _ALIGN
