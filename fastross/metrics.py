@@ -140,7 +140,6 @@ class MetricsLogger:
     def _reset(self) -> None:
         self._t = time.perf_counter()
         self._steps = self._samples = self._tokens = 0
-        self._flops = 0.0
         self._pending: dict[str, float] = {}
 
     def start(self, step: int, total_steps: int) -> None:
@@ -162,13 +161,11 @@ class MetricsLogger:
         """Add seconds to one of STEP_TIMES; the next record holds the sum divided by its steps."""
         self._pending[key] = self._pending.get(key, 0.0) + value
 
-    def count(self, samples: int, tokens: int, flops: float | None = None) -> None:
-        """One step's global samples, tokens and (when known) model FLOPs, all host numbers known before the step."""
+    def count(self, samples: int, tokens: int) -> None:
+        """One step's global samples and tokens, host numbers known before the step."""
         self._steps += 1
         self._samples += samples
         self._tokens += tokens
-        if flops is not None:
-            self._flops += flops
         if self.bar is not None:
             self.bar.update(1)
 
@@ -179,7 +176,8 @@ class MetricsLogger:
         else:
             print(msg, file=self.stream, flush=True)
 
-    def log(self, step: int, total_steps: int, values: dict) -> dict | None:
+    def log(self, step: int, total_steps: int, values: dict, flops: float = 0.0) -> dict | None:
+        """flops: the model FLOPs of the global batches since the last record (0: unknown, no MFU)."""
         now = time.perf_counter()
         dt, steps = max(now - self._t, 1e-9), max(self._steps, 1)
         rec = {
@@ -190,8 +188,8 @@ class MetricsLogger:
             "samples_per_s": self._samples / dt,
             "tokens_per_s_per_rank": self._tokens / dt / self.world,
         }
-        if self._flops:  # counted only when the trainer knows each step's model FLOPs
-            rec["model_tflops_per_rank"] = self._flops / dt / self.world / 1e12
+        if flops:
+            rec["model_tflops_per_rank"] = flops / dt / self.world / 1e12
             if self.peak_tflops:
                 rec["mfu"] = rec["model_tflops_per_rank"] / self.peak_tflops
         rec.update(memory(self.device))

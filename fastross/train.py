@@ -216,13 +216,12 @@ class Trainer:
         n_text, n_img = (int(x) for x in self._counts.tolist())
         work = flops.totals_flops(self.arch, *self._work, n_img, n_text, self.cfg.train.trainable, self.policies)
         self._work, self._counts = [0, 0], torch.zeros_like(self._counts)
-        self.metrics.count(0, 0, flops=work.model_total)  # the global batches' model FLOPs since the last record
         self.metrics.log(self.step, self.total_steps, {
             "recompute": work.recompute,  # hardware over model FLOPs (the checkpointing policy's recompute)
             "text_loss": text, "recon_loss": recon, "lr": lr, "grad_norm": float(grad_norm),
             "text_tokens": int(result["counts"][0]), "images": int(result["counts"][1]),
             "micro_batches": result["micro_batches"], "rank_imbalance": result["imbalance"],
-        })
+        }, flops=work.model_total)  # the global batches' model FLOPs since the last record
 
     def fit(self) -> None:
         t = self.cfg.train

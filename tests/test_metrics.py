@@ -61,10 +61,11 @@ def test_record_averages_the_step_times_and_counts_throughput(tmp_path, clock):
 def test_mfu_appears_only_with_counted_flops_and_a_peak(tmp_path, clock):
     log = MetricsLogger(tmp_path, True, world=4, peak_tflops=100.0, stream=io.StringIO())
     log.start(0, 10)
-    log.count(8, 1000, flops=6e14)
-    log.count(8, 1000, flops=2e14)
+    log.count(8, 1000)
+    log.count(8, 1000)
     clock.t += 0.5
-    rec = log.log(2, 10, LOSSES)
+    rec = log.log(2, 10, LOSSES, flops=8e14)
+    assert rec["step_s"] == pytest.approx(0.25)  # two steps counted, whatever the FLOPs
     assert rec["model_tflops_per_rank"] == pytest.approx(8e14 / 0.5 / 4 / 1e12)  # 400
     assert rec["mfu"] == pytest.approx(4.0)
     assert "mfu 400.0%" in log.stream.getvalue()
