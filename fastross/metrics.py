@@ -19,6 +19,7 @@ from typing import TextIO
 import torch
 
 from fastross.config import ConfigError
+from fastross.flops import mfu
 
 GIB = 2**30
 # Per-step averages of times the trainer adds (MetricsLogger.add) over the steps since the last record.
@@ -199,7 +200,7 @@ class MetricsLogger:
         if flops:
             rec["model_tflops_per_rank"] = flops / dt / self.world / 1e12
             if self.peak_tflops:
-                rec["mfu"] = rec["model_tflops_per_rank"] / self.peak_tflops
+                rec["mfu"] = mfu(flops, dt, self.world, self.peak_tflops)
         rec.update(memory(self.device))
         self._reset()
         if not self.enabled:
