@@ -76,6 +76,7 @@ PARTS = (
     ("llm.lm_head.", "lm_head."),
     ("llm.model.", "model."),
 )
+DROPPED_VISION = ("vision.post_layernorm.", "vision.head.")  # SigLIP parts the reference saves, fastross never builds
 CONV = ("denoiser.x_embed.weight", NET + "x_embedder.proj.weight")  # Linear (W, C) <-> 1x1 Conv2d (W, C, 1, 1)
 
 
@@ -224,7 +225,7 @@ def reference_state(path: str | Path, model) -> dict[str, torch.Tensor]:
                 if name is None:
                     raise KeyError(f"{where}: {key} is no tensor of the reference ROSS layout")
                 layer = re.match(r"vision\.encoder\.layers\.(\d+)\.", name)
-                if (layer and int(layer.group(1)) >= kept) or name.startswith(("vision.post_layernorm.", "vision.head.")):
+                if (layer and int(layer.group(1)) >= kept) or name.startswith(DROPPED_VISION):
                     continue  # the tower past the selected layer: fastross does not build it
                 if name.startswith("vae.") and not has_vae:
                     continue  # no VAE in this model: the shards hold the latents
