@@ -342,3 +342,21 @@ def test_training_starts_from_the_ross_layout_as_from_the_checkpoint(run_dir, ti
     for key in ("text_loss", "recon_loss", "grad_norm"):
         assert firsts[0][key] == firsts[1][key], key
     assert firsts[0]["text_loss"] != metrics(run_dir)[0]["text_loss"]  # the trained weights were loaded
+
+
+def test_name_table_is_a_bijection_ready_for_llama(tiny_models):
+    """Every fastross name maps to a reference name and back; an LLM's own names (Qwen2's, and Llama's for
+    ross_llama) are the reference's under model.* / lm_head.*, as its Ross*ForCausalLM subclasses keep them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    names = list(fresh_model(model_cfg(tiny_models), seed=0).state_dict())
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, vocab_size=128, tie_word_embeddings=False))
+    hf = list(llama.state_dict())
+    for names in (names, ["llm." + k for k in hf]):
+        theirs = [ross_format.reference_name(n) for n in names]
+        assert None not in theirs and len(set(theirs)) == len(theirs)
+        assert [ross_format.fastross_name(k) for k in theirs] == names
+    assert theirs == hf
+    assert ross_format.MODEL_TYPES["llama"] == ("ross_llama", "RossLlamaForCausalLM")
