@@ -124,7 +124,7 @@ def sincos_table(width: int, grid: int) -> np.ndarray:
 
 
 def reference_tensors(tiny_models, seed=0) -> dict[str, torch.Tensor]:
-    """Every tensor of a ross_qwen2 checkpoint: the tiny folders' LLM (perturbed), whole SigLIP and VAE under the
+    """Every tensor of a ross_qwen2 checkpoint: the tiny folders' LLM and whole SigLIP (perturbed) and VAE under the
     reference's prefixes, a random projector and a random DiT (adaLN not zero, so every path carries signal)."""
     from transformers import AutoConfig, SiglipVisionConfig
 
@@ -134,7 +134,7 @@ def reference_tensors(tiny_models, seed=0) -> dict[str, torch.Tensor]:
     vision = SiglipVisionConfig.from_pretrained(tiny_models / "vision")
     h, v, grid, c = llm.hidden_size, vision.hidden_size, vision.image_size // vision.patch_size, 64
     out = {k: t + rnd(*t.shape, s=0.01) for k, t in load_file(tiny_models / "llm" / "model.safetensors").items()}
-    out |= {"model.vision_tower.vision_tower." + k: t for k, t in
+    out |= {"model.vision_tower.vision_tower." + k: t + rnd(*t.shape, s=0.01) for k, t in
             load_file(tiny_models / "vision" / "model.safetensors").items()}
     out |= {"model.pixel_decoder.pixel_decoder." + k: t for k, t in
             load_file(tiny_models / "vae" / "diffusion_pytorch_model.safetensors").items()}
@@ -209,6 +209,30 @@ def reference_dit(w: dict, x: torch.Tensor, t: torch.Tensor, context: torch.Tens
     shift, scale = lin(F.silu(cond), "final_layer.adaLN_modulation.1").chunk(2, -1)
     out = lin(norm(tok) * (1 + scale) + shift, "final_layer.linear")
     return out.transpose(1, 2).reshape(n, c, g, g)
+
+
+def reference_logits(tensors: dict, tiny_models, ids: list[int], pixel_values: torch.Tensor) -> torch.Tensor:
+    """The reference's inference on its own tensors: SigLIP built whole from model.vision_tower.vision_tower.*, its
+    hidden_states[-2], mm_projector, spliced into the LLM's embeddings where the prompt holds -200."""
+    from transformers import AutoConfig, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+
+    def part(prefix):
+        return {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+
+    tower = SiglipVisionModel(SiglipVisionConfig.from_pretrained(tiny_models / "vision")).eval()
+    tower.load_state_dict(part("model.vision_tower.vision_tower."), strict=True)
+    llm = Qwen2ForCausalLM(AutoConfig.from_pretrained(tiny_models / "llm")).eval()
+    lm = {k: v.float() for k, v in tensors.items() if not k.startswith(("model.mm_", "model.vision_tower.",
+                                                                          "model.pixel_decoder."))}
+    assert llm.load_state_dict(lm, strict=False).missing_keys == ["lm_head.weight"]  # tied: not saved
+    p = part("model.mm_projector.")
+    with torch.no_grad():
+        feats = tower(pixel_values, output_hidden_states=True).hidden_states[-2][0]
+        vis = F.linear(F.gelu(F.linear(feats, p["0.weight"], p["0.bias"])), p["2.weight"], p["2.bias"])
+        at = ids.index(ross_format.IMAGE_TOKEN_INDEX)
+        emb = llm.get_input_embeddings()
+        embeds = torch.cat([emb(torch.tensor(ids[:at])), vis, emb(torch.tensor(ids[at + 1:]))])[None]
+        return llm(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).logits[0]
 
 
 @pytest.fixture(scope="module")
@@ -360,3 +384,28 @@ def test_name_table_is_a_bijection_ready_for_llama(tiny_models):
         assert [ross_format.fastross_name(k) for k in theirs] == names
     assert theirs == hf
     assert ross_format.MODEL_TYPES["llama"] == ("ross_llama", "RossLlamaForCausalLM")
+
+
+def test_imported_reference_checkpoint_gives_the_reference_logits(reference_folder, tiny_models, tokenizer):
+    """The whole model, not only the denoiser: the imported tower (cut after mm_vision_select_layer), projector and
+    LLM give the logits the reference's own inference path gives on the file's tensors."""
+    from fastross.generate import micro_batch
+
+    folder, tensors = reference_folder
+    model = fresh_model(model_cfg(tiny_models), seed=0).eval()
+    ross_format.load_into(folder, model)
+    pre = tokenizer("A chat. USER: ", add_special_tokens=False).input_ids
+    post = tokenizer("\nWhat is shown? ASSISTANT:", add_special_tokens=False).input_ids
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    pixels = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    want = reference_logits(tensors, tiny_models, pre + [ross_format.IMAGE_TOKEN_INDEX] + post, pixels)
+    with torch.no_grad():
+        h = model.hidden_states(micro_batch(pre + [image_id] + post, pixels, image_id, model.num_visual_tokens))
+        got = model.llm.get_output_embeddings()(h)
+    err = (got - want).abs().max().item()
+    print(f"ross_format: logits against the reference's inference, max |diff| {err:.2e} (scale {want.abs().max():.2f})")
+    assert got.shape == want.shape and err <= 1e-4
+    fresh = fresh_model(model_cfg(tiny_models), seed=0).eval()  # the folders' tower and LLM, not the file's
+    with torch.no_grad():
+        h = fresh.hidden_states(micro_batch(pre + [image_id] + post, pixels, image_id, model.num_visual_tokens))
+        assert (fresh.llm.get_output_embeddings()(h) - want).abs().max() > 100 * max(err, 1e-6)
