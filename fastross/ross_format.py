@@ -38,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -280,8 +281,9 @@ def reference_config(cfg, meta, vae_path: str, dtype: torch.dtype) -> dict:
     proc = SiglipImageProcessor.from_pretrained(m.vision_path)
     model_type, arch = MODEL_TYPES[llm.model_type]
     d = llm.to_dict()
+    name = str(dtype).removeprefix("torch.")
     d.update(
-        model_type=model_type, architectures=[arch], torch_dtype=str(dtype).removeprefix("torch."), use_cache=True,
+        model_type=model_type, architectures=[arch], dtype=name, torch_dtype=name, use_cache=True,  # 4.57's key, older
         mm_vision_tower=str(m.vision_path), mm_pixel_decoder=str(vae_path), mm_projector_type="mlp2x_gelu",
         mm_inv_projector_type=f"denoiser_vit{m.denoiser.depth}x", mm_vision_select_layer=m.select_layer,
         mm_vision_select_feature="patch", mm_hidden_size=vision.hidden_size,
@@ -294,6 +296,11 @@ def reference_config(cfg, meta, vae_path: str, dtype: torch.dtype) -> dict:
     if m.denoiser.heads != REFERENCE_HEADS:
         d[HEADS_KEY] = m.denoiser.heads
     return d
+
+
+def reference_builds(denoiser) -> bool:
+    """Whether the reference code's builder makes this denoiser from `denoiser_vit{depth}x` (its width and heads)."""
+    return (denoiser.width, denoiser.heads) == (REFERENCE_WIDTHS.get(denoiser.depth, 1024), REFERENCE_HEADS)
 
 
 def reference_weights(cfg, state: dict[str, torch.Tensor], vae_path: str, grid: int, tied: bool,
@@ -367,4 +374,10 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", max_shard_size
     write_safetensors(tensors, out, max_shard_size)
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     templates.load_tokenizer(cfg.model.llm_path).save_pretrained(out)
+    d = cfg.model.denoiser
+    if not reference_builds(d):
+        warnings.warn(f"{out}: the reference code builds denoiser_vit{d.depth}x at width "
+                      f"{REFERENCE_WIDTHS.get(d.depth, 1024)} with {REFERENCE_HEADS} heads, this one has width "
+                      f"{d.width} and {d.heads} heads: fastross reads it back, the reference code cannot load "
+                      "its denoiser")
     return out

@@ -57,12 +57,14 @@ def test_fastross_to_ross_to_fastross_is_exact(run_dir, checkpoint, tmp_path):
     from fastross.export import main
 
     out = tmp_path / "ross"
-    assert main([str(run_dir), "--out", str(out), "--format", "ross", "--max-shard-size", "300KB"]) == 0
+    with pytest.warns(UserWarning, match="width 32 and 4 heads: fastross reads it back, the reference code cannot"):
+        assert main([str(run_dir), "--out", str(out), "--format", "ross", "--max-shard-size", "300KB"]) == 0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "ross_qwen2" and cfg["architectures"] == ["RossQwen2ForCausalLM"]
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
     assert cfg["mm_inv_projector_type"] == "denoiser_vit1x" and cfg["mm_vision_select_layer"] == -2
     assert cfg["mm_inv_hidden_size"] == 64 and cfg["image_aspect_ratio"] == "pad" and cfg["mm_inv_num_heads"] == 4
     keys = set(index["weight_map"])
@@ -95,7 +97,8 @@ def test_bf16_export_reads_back_rounded(run_dir, checkpoint, tmp_path):
     from fastross.export import main
 
     out = tmp_path / "ross16"
-    assert main([str(run_dir), "--out", str(out), "--format", "ross", "--dtype", "bf16"]) == 0
+    with pytest.warns(UserWarning, match="the reference code cannot load its denoiser"):
+        assert main([str(run_dir), "--out", str(out), "--format", "ross", "--dtype", "bf16"]) == 0
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert load_file(out / "model.safetensors")["model.mm_projector.0.weight"].dtype == torch.bfloat16
     _, run_cfg, state = checkpoint
@@ -355,7 +358,8 @@ def test_training_starts_from_the_ross_layout_as_from_the_checkpoint(run_dir, ti
     from fastross.export import main
 
     ross = tmp_path / "ross"
-    assert main([str(run_dir), "--out", str(ross), "--format", "ross"]) == 0
+    with pytest.warns(UserWarning, match="the reference code cannot load its denoiser"):
+        assert main([str(run_dir), "--out", str(ross), "--format", "ross"]) == 0
     firsts = []
     for name, src in (("from_ckpt", run_dir), ("from_ross", ross)):
         rd = tmp_path / name
