@@ -1,0 +1,275 @@
+"""The converter against hostile and odd input (issue 11): confinement to --images, images normalised to 8-bit
+RGB by the one decode path, per-record failures, an --out that is never left half-written, and the shards'
+integrity facts (tokenizer fingerprint, VAE constants, shard file hashes).
+
+Expected pixels are computed here directly with numpy from the arrays the images were made from, never with the
+product's decode.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastross.data import convert
+from fastross.data.images import ImageSpec, latent_moments, normalise, preprocess
+from fastross.data.schema import ShardMeta, check_shard_file, corrupt_shards, read_meta
+
+ASK = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Shapes."}]
+
+
+def rec(rid: str, image: str | None):
+    if image is None:
+        return {"id": rid, "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]}
+    return {"id": rid, "image": image, "conversations": ASK}
+
+
+def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
+    buf = io.BytesIO()
+    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+def rgb_image(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def run(tmp_path: Path, tiny_models: Path, images: Path, records, *extra: str, out_name: str = "out",
+        vae: bool = False):
+    src = tmp_path / f"{out_name}.json"
+    src.write_text(json.dumps(records), encoding="utf-8")
+    out = tmp_path / out_name
+    argv = ["--json", str(src), "--images", str(images), "--tokenizer", str(tiny_models / "llm"),
+            "--template", "qwen2_ross", "--vision", str(tiny_models / "vision"), "--out", str(out), "--quiet",
+            *(["--vae", str(tiny_models / "vae")] if vae else []), *extra]
+    return convert.main(argv), out
+
+
+def samples(out: Path) -> list[dict]:
+    from fastross.data.shards import MDSShards
+
+    shards = MDSShards(out)
+    return [shards.read(i) for i in range(len(shards))]
+
+
+def expected_pixels(rgb: np.ndarray, spec: ImageSpec) -> torch.Tensor:
+    """8-bit RGB (H, W, 3) -> what the vision tower must see, for aspect "square": PIL resize, then the table."""
+    img = Image.fromarray(rgb, "RGB").resize((spec.width, spec.height), resample=spec.resample)
+    return normalise(np.asarray(img).transpose(2, 0, 1), spec)
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_models) -> ImageSpec:
+    return ImageSpec.from_pretrained(str(tiny_models / "vision"))
+
+
+# 1. confinement ------------------------------------------------------------------------
+
+
+def test_paths_outside_images_are_skipped(tmp_path, tiny_models):
+    root, outside = tmp_path / "images", tmp_path / "private"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(png(rgb_image(16, 16, 0)))
+    (root / "ok.png").write_bytes(png(rgb_image(16, 16, 1)))
+    os.symlink(outside / "secret.png", root / "link_out.png")
+    os.symlink(root / "ok.png", root / "sub" / "link_in.png")
+    os.symlink(outside, root / "dir_out")
+    records = [
+        rec("dotdot", "../private/secret.png"), rec("abs", str(outside / "secret.png")),
+        rec("link_out", "link_out.png"), rec("dir_out", "dir_out/secret.png"),
+        rec("sub_dotdot", "sub/../../private/secret.png"),
+        rec("ok", "ok.png"), rec("link_in", "sub/link_in.png"), rec("dotdot_in", "sub/../ok.png"),
+    ]
+    rc, out = run(tmp_path, tiny_models, root, records)
+    assert rc == 0
+    meta = read_meta(out)
+    assert meta["skipped"] == {"outside_images_root": 5} and meta["written"] == 3
+    assert "outside --images" in meta["skipped_examples"]["outside_images_root"][0]
+    secret = (outside / "secret.png").read_bytes()
+    written = samples(out)
+    assert [s["id"] for s in written] == ["ok", "link_in", "dotdot_in"]
+    assert all(s["image"] != secret for s in written)
+
+    rc, out = run(tmp_path, tiny_models, root, records, "--allow-outside-images", out_name="allowed")
+    assert rc == 0 and read_meta(out)["written"] == 8
+    assert sum(s["image"] == secret for s in samples(out)) == 5
+
+
+def test_missing_images_folder_is_an_error(tmp_path, tiny_models, capsys):
+    rc, out = run(tmp_path, tiny_models, tmp_path / "nowhere", [rec("a", None)])
+    assert rc == 2 and not out.exists()
+    assert f"--images {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
+
+
+# 2. images -----------------------------------------------------------------------------
+
+
+def test_odd_images_decode_to_what_a_direct_computation_gives(tmp_path, tiny_models, spec):
+    """16-bit scaled (not clipped), palette/LA/CMYK/RGBA converted, 1-3 px sides read channels-last."""
+    root = tmp_path / "images"
+    root.mkdir()
+    g16 = (np.arange(20 * 24, dtype=np.uint32).reshape(20, 24) * 137 % 65536).astype(np.uint16)
+    g8 = ((g16.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    rgba = np.random.default_rng(3).integers(0, 256, (12, 10, 4), dtype=np.uint8)
+    la = np.random.default_rng(4).integers(0, 256, (9, 14, 2), dtype=np.uint8)
+    cmyk = np.random.default_rng(5).integers(0, 256, (10, 10, 4), dtype=np.uint8)
+    pal = np.random.default_rng(6).integers(0, 4, (11, 13), dtype=np.uint8)
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [9, 99, 199]], dtype=np.uint8)
+    p_img = Image.fromarray(pal, "P")
+    p_img.putpalette(colours.tobytes())
+    buf = io.BytesIO()
+    p_img.save(buf, "PNG", transparency=2)
+    cmyk_buf = io.BytesIO()
+    Image.fromarray(cmyk, "CMYK").save(cmyk_buf, "JPEG", quality=100)
+    thin = {f"thin{h}x{w}": rgb_image(h, w, 10 + h * 7 + w) for h, w in [(1, 40), (2, 33), (3, 21), (40, 2)]}
+    files = {
+        "g16.png": (png(g16), np.repeat(g8[..., None], 3, axis=2)),
+        "rgba.png": (png(rgba, "RGBA"), rgba[..., :3]),
+        "la.png": (png(la, "LA"), np.repeat(la[..., :1], 3, axis=2)),
+        "pal.png": (buf.getvalue(), colours[pal]),
+        # Pillow's CMYK -> RGB, (255 - K) - C (255 - K) / 255 in its rounding, from the decoded JPEG's CMYK values.
+        "cmyk.jpg": (cmyk_buf.getvalue(), None),
+        **{f"{k}.png": (png(v), v) for k, v in thin.items()},
+    }
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    decoded_cmyk = np.asarray(Image.open(io.BytesIO(files["cmyk.jpg"][0]))).astype(np.int32)
+    nk = 255 - decoded_cmyk[..., 3:]
+    t = decoded_cmyk[..., :3] * nk + 128
+    files["cmyk.jpg"] = (files["cmyk.jpg"][0], np.clip(nk - (((t >> 8) + t) >> 8), 0, 255).astype(np.uint8))
+    records = [rec(name, name) for name in files]
+    rc, out = run(tmp_path, tiny_models, root, records, "--image-aspect", "square", "--min-image-side", "1")
+    assert rc == 0 and read_meta(out)["written"] == len(files)
+    for s in samples(out):
+        data, rgb = files[s["id"]]
+        assert s["image"] == data
+        got = preprocess(s["image"], spec, "square")
+        assert torch.equal(got, expected_pixels(rgb, spec)), s["id"]
+    # The 16-bit gradient is not saturated: the old RGB convert clipped it to 99% white.
+    assert (g8 == 255).mean() < 0.01
+
+    # The processor itself, given the channel axis, agrees on the thin images (it guesses wrong without it).
+    from transformers import SiglipImageProcessor
+
+    proc = SiglipImageProcessor.from_pretrained(str(tiny_models / "vision"))
+    for name, rgb in thin.items():
+        ref = proc(images=rgb, input_data_format="channels_last", return_tensors="pt")["pixel_values"][0]
+        assert torch.equal(preprocess(files[f"{name}.png"][0], spec, "square"), ref), name
+
+
+def test_small_large_truncated_images_skipped_with_reasons(tmp_path, tiny_models):
+    root = tmp_path / "images"
+    root.mkdir()
+    good = png(rgb_image(20, 20, 1))
+    (root / "good.png").write_bytes(good)
+    (root / "one.png").write_bytes(png(rgb_image(1, 1, 2)))
+    (root / "seven.png").write_bytes(png(rgb_image(7, 30, 3)))
+    (root / "big.png").write_bytes(png(rgb_image(40, 40, 4)))
+    (root / "cut.png").write_bytes(png(rgb_image(30, 30, 5))[:-200])
+    (root / "float.tif").write_bytes(_tiff_f())
+    records = [rec("one", "one.png"), rec("good", "good.png"), rec("seven", "seven.png"), rec("big", "big.png"),
+               rec("cut", "cut.png"), rec("float", "float.tif"), rec("text", None)]
+    rc, out = run(tmp_path, tiny_models, root, records, "--max-image-pixels", "1000")
+    assert rc == 0
+    meta = read_meta(out)
+    assert meta["skipped"] == {"image_too_small": 2, "image_too_large": 1, "bad_image": 2}
+    assert meta["written"] == 2 and [s["id"] for s in samples(out)] == ["good", "text"]
+    ex = meta["skipped_examples"]
+    assert ex["image_too_small"][0] == "out.json[0]: one.png: 1x1 pixels, a side below 8"
+    assert ex["image_too_large"][0] == "out.json[3]: big.png: 40x40 pixels, more than 1000"
+    assert ex["bad_image"][0].startswith("out.json[4]: cut.png: cannot be decoded")
+    assert "mode F" in ex["bad_image"][1]
+
+
+def _tiff_f() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.ones((10, 10), dtype=np.float32), "F").save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def test_vae_failure_is_the_records_own(tmp_path, tiny_models, spec, monkeypatch):
+    """A VAE that raises on one image, and one that gives NaN for another: those two records skipped, the rest
+    written with the latents a direct encode of each image gives."""
+    from diffusers import AutoencoderKL
+
+    root = tmp_path / "images"
+    root.mkdir()
+    arrays = {f"i{k}.png": rgb_image(16, 16, 20 + k) for k in range(5)}
+    arrays["raise.png"] = np.full((16, 16, 3), 7, np.uint8)
+    arrays["nan.png"] = np.full((16, 16, 3), 9, np.uint8)
+    for name, a in arrays.items():
+        (root / name).write_bytes(png(a))
+    marks = {name: expected_pixels(arrays[name], spec)[0, 0, 0].item() for name in ("raise.png", "nan.png")}
+    real = convert.latent_moments
+
+    def flaky(vae, pix, grid):
+        firsts = pix[:, 0, 0, 0].tolist()
+        if marks["raise.png"] in firsts:
+            raise RuntimeError("out of memory (simulated)")
+        mean, std = real(vae, pix, grid)
+        for i, f in enumerate(firsts):
+            if f == marks["nan.png"]:
+                mean[i, 0, 0, 0] = float("nan")
+        return mean, std
+
+    monkeypatch.setattr(convert, "latent_moments", flaky)
+    names = ["i0.png", "raise.png", "i1.png", "nan.png", "i2.png", "i3.png", "i4.png"]
+    rc, out = run(tmp_path, tiny_models, root, [rec(n, n) for n in names], "--image-aspect", "square",
+                  "--vae-batch", "4", vae=True)
+    assert rc == 0
+    meta = read_meta(out)
+    assert meta["skipped"] == {"vae_error": 2} and meta["written"] == 5
+    assert meta["skipped_examples"]["vae_error"] == ["out.json[1]: RuntimeError: out of memory (simulated)",
+                                                      "out.json[3]: the VAE gave non-finite latent moments"]
+    vae = AutoencoderKL.from_pretrained(str(tiny_models / "vae"), torch_dtype=torch.float32).eval()
+    shard_meta = ShardMeta.read(out)
+    for s in samples(out):
+        mean, std = real(vae, expected_pixels(arrays[s["id"]], spec)[None], shard_meta.grid)
+        # Within fp32 reordering: the survivors were encoded in batches of other sizes than one.
+        np.testing.assert_allclose(shard_meta.decode_latent(s["latent_mean"]), mean[0].numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(shard_meta.decode_latent(s["latent_std"]), std[0].numpy(), rtol=0, atol=1e-5)
+    assert [s["index"] for s in samples(out)] == list(range(5))
+
+
+def test_out_is_never_half_written(tmp_path, tiny_models, capsys):
+    root = tmp_path / "images"
+    root.mkdir()
+    (root / "a.png").write_bytes(png(rgb_image(16, 16, 1)))
+    good = [rec("a", "a.png"), rec("t", None)]
+    bad = good + [rec("missing", "nope.png")]
+    out = tmp_path / "out"
+    stage = tmp_path / ".out.partial"
+
+    rc, _ = run(tmp_path, tiny_models, root, bad, "--strict")
+    err = capsys.readouterr().err
+    assert rc == 2 and "out.json[2]: missing_image" in err
+    assert not out.exists() and not stage.exists()
+
+    stage.mkdir()  # what a killed run leaves: the same command starts over
+    (stage / "shard.00000.mds").write_bytes(b"half")
+    rc, _ = run(tmp_path, tiny_models, root, good)
+    assert rc == 0 and not stage.exists() and read_meta(out)["written"] == 2
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    rc, _ = run(tmp_path, tiny_models, root, bad)
+    assert rc == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+    rc, _ = run(tmp_path, tiny_models, root, bad, "--overwrite", "--strict")  # fails: the old output stays
+    assert rc == 2 and {p.name: p.read_bytes() for p in out.iterdir()} == first
+    rc, _ = run(tmp_path, tiny_models, root, bad, "--overwrite")
+    assert rc == 0 and read_meta(out)["read"] == 3 and read_meta(out)["written"] == 2 and not stage.exists()
+
+    other = tmp_path / "home"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    rc, _ = run(tmp_path, tiny_models, root, good, "--overwrite", out_name="home")
+    assert rc == 2 and "holds no fastross.json" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "mine"
