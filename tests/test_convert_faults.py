@@ -273,3 +273,139 @@ def test_out_is_never_half_written(tmp_path, tiny_models, capsys):
     rc, _ = run(tmp_path, tiny_models, root, good, "--overwrite", out_name="home")
     assert rc == 2 and "holds no fastross.json" in capsys.readouterr().err
     assert (other / "notes.txt").read_text() == "mine"
+
+
+# 3. integrity --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def many_shards(tiny_models, tmp_path_factory) -> Path:
+    """24 text samples in shards of about 4 KB each (several shard files)."""
+    tmp = tmp_path_factory.mktemp("many")
+    records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Count to {i}."},
+                                                 {"from": "gpt", "value": " ".join(map(str, range(i + 20)))}]}
+               for i in range(24)]
+    rc, out = run(tmp, tiny_models, tmp, records, "--shard-size", "4096")
+    assert rc == 0
+    return out
+
+
+def test_corrupt_shard_is_named_or_skipped(many_shards, tmp_path, spec):
+    import shutil
+
+    from fastross.config import DataConfig
+    from fastross.data.loader import Loader
+    from fastross.data.schema import ShardCorruptError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(many_shards, shards)
+    index = json.loads((shards / "index.json").read_text())["shards"]
+    assert len(index) >= 3 and all(check_shard_file(shards, s) is None for s in index)
+    assert corrupt_shards(shards) == []
+    victim = shards / index[1]["raw_data"]["basename"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit in a token
+    victim.write_bytes(bytes(data))
+    first = index[0]["samples"]
+    bad = corrupt_shards(shards)
+    assert bad == [(range(first, first + index[1]["samples"]),
+                    f"{victim}: its xxh64 hash differs from index.json's: the file is corrupt")]
+
+    def loader(mode: str) -> Loader:
+        cfg = DataConfig(shards=str(shards), global_batch=4, corrupt_shards=mode, workers=0)
+        return Loader(cfg, rank=0, world=1, attn_tokens=1e4, image=spec, latent_channels=16, replicas=1, seed=0,
+                      device=torch.device("cpu"))
+
+    with pytest.raises(ShardCorruptError, match=f"{victim}: its xxh64 hash differs.*data.corrupt_shards=skip"):
+        loader("error")
+    skipping = loader("skip")
+    kept = 24 - index[1]["samples"]
+    assert skipping.stream.steps_per_epoch == kept // 4
+    order = np.concatenate([skipping.stream.epoch_order(e) for e in range(3)])
+    assert len(order) == 3 * kept and not set(order.tolist()) & set(bad[0][0])
+    read = [s["id"] for i in range(skipping.stream.steps_per_epoch)
+            for mb in skipping.stream.step(i).micro_batches for s in mb]
+    assert len(read) == 4 * (kept // 4) and all(int(r[1:]) not in bad[0][0] for r in read)
+
+    victim.write_bytes(bytes(data[:-10]))  # truncated
+    assert corrupt_shards(shards)[0][1] == f"{victim}: {len(data) - 10} bytes, index.json records {len(data)}"
+    raw = json.loads((shards / "index.json").read_text())
+    for s in raw["shards"]:
+        s["raw_data"]["hashes"] = {}
+    (shards / "index.json").write_text(json.dumps(raw))
+    assert "records no xxh64 hash; convert the data again" in corrupt_shards(shards)[0][1]
+
+
+def test_old_shards_are_refused(many_shards, tmp_path):
+    import shutil
+
+    shards = tmp_path / "old"
+    shutil.copytree(many_shards, shards)
+    meta = json.loads((shards / "fastross.json").read_text())
+    del meta["tokenizer_fingerprint"]
+    (shards / "fastross.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="has no 'tokenizer_fingerprint': convert the data again"):
+        ShardMeta.read(shards)
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def trainer_config(tiny_models, shards, tmp_path, *overrides):
+    from fastross import config
+
+    return config.load(None, [f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={tiny_models / 'llm'}",
+                              f"data.shards={shards}", "data.global_batch=4", "data.workers=0",
+                              f"train.run_dir={tmp_path / 'run'}", "train.dtype=fp32", "model.fused_ce=false",
+                              *overrides])
+
+
+def test_trainer_refuses_another_tokenizer_or_vae(tiny_models, stage2_shards, tmp_path):
+    import shutil
+
+    from fastross.config import ConfigError
+    from fastross.data.templates import load_tokenizer
+    from fastross.distributed import World
+    from fastross.train import Trainer
+
+    world = World(0, 1, 0, torch.device("cpu"))
+    llm = tmp_path / "llm"
+    shutil.copytree(tiny_models / "llm", llm)
+    tok = load_tokenizer(str(llm))
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(str(llm))
+    with pytest.raises(ConfigError) as e:
+        Trainer(trainer_config(tiny_models, stage2_shards, tmp_path, f"model.llm_path={llm}"), world)
+    msg = str(e.value)
+    assert msg.startswith(f"data.shards: {stage2_shards} was tokenised by {tiny_models / 'llm'} ({{'vocab_sha256'")
+    assert f"model.llm_path {llm} has another tokenizer ({{'vocab_sha256'" in msg and "'vocab_size': 151648" in msg
+
+    vae = tmp_path / "vae"
+    shutil.copytree(tiny_models / "vae", vae)
+    cfg = json.loads((vae / "config.json").read_text())
+    cfg["scaling_factor"] = 0.5
+    (vae / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"made by a VAE with \(channels, shift, scale\) \(16, 0.1159, 0.3611\), "
+                                          rf"but model.vae_path {vae} has \(16, 0.1159, 0.5\)"):
+        Trainer(trainer_config(tiny_models, stage2_shards, tmp_path, f"model.vae_path={vae}"), world)
+
+
+def test_trainer_uses_the_shards_latent_constants(tiny_models, stage2_shards, tmp_path, world_of_one, capsys):
+    from fastross.distributed import World
+    from fastross.train import Trainer
+
+    cfg = trainer_config(tiny_models, stage2_shards, tmp_path, "model.latent_scale=0.9", "model.latent_shift=0.0",
+                         "data.max_tokens=100")
+    trainer = Trainer(cfg, World(0, 1, 0, torch.device("cpu")))
+    assert (trainer.model.latent_shift, trainer.model.latent_scale) == (0.1159, 0.3611)
+    lengths = np.load(stage2_shards / "lengths.npy")
+    too_long = int((lengths > 100).sum())
+    assert 0 < too_long < len(lengths)
+    assert (f"train: {too_long} of {len(lengths)} samples are longer than data.max_tokens=100: each is planned alone"
+            in capsys.readouterr().out)
