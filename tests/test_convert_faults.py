@@ -9,6 +9,7 @@ product's decode.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 from pathlib import Path
@@ -409,3 +410,181 @@ def test_trainer_uses_the_shards_latent_constants(tiny_models, stage2_shards, tm
     assert 0 < too_long < len(lengths)
     assert (f"train: {too_long} of {len(lengths)} samples are longer than data.max_tokens=100: each is planned alone"
             in capsys.readouterr().out)
+
+
+# 4. property tests (hypothesis): odd images and odd JSON --------------------------------
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=40, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                           HealthCheck.data_too_large])
+
+
+def odd_image(draw) -> tuple[bytes, np.ndarray, bool]:
+    """An image file's bytes, the 8-bit RGB pixels a direct computation gives for them, and whether it was cut."""
+    mode = draw(st.sampled_from(["L", "RGB", "RGBA", "LA", "P", "I;16", "1", "CMYK"]))
+    h, w = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    buf = io.BytesIO()
+    if mode == "I;16":
+        a = rng.integers(0, 65536, (h, w), dtype=np.uint16)
+        Image.fromarray(a).save(buf, "PNG")
+        g = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        rgb = np.repeat(g[..., None], 3, axis=2)
+    elif mode == "1":
+        a = rng.integers(0, 2, (h, w)).astype(bool)
+        Image.fromarray(a).save(buf, "PNG")
+        rgb = np.repeat((a * 255).astype(np.uint8)[..., None], 3, axis=2)
+    elif mode == "P":
+        a = rng.integers(0, 16, (h, w), dtype=np.uint8)
+        palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+        img = Image.fromarray(a, "P")
+        img.putpalette(palette.tobytes())
+        img.save(buf, "PNG", **({"transparency": 3} if draw(st.booleans()) else {}))
+        rgb = palette[a]
+    elif mode == "CMYK":
+        Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "CMYK").save(buf, "JPEG", quality=95)
+        c = np.asarray(Image.open(io.BytesIO(buf.getvalue()))).astype(np.int32)
+        nk = 255 - c[..., 3:]
+        t = c[..., :3] * nk + 128
+        rgb = np.clip(nk - (((t >> 8) + t) >> 8), 0, 255).astype(np.uint8)
+    else:
+        channels = {"L": 1, "RGB": 3, "RGBA": 4, "LA": 2}[mode]
+        a = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+        Image.fromarray(a[..., 0] if channels == 1 else a, mode).save(buf, "PNG")
+        rgb = a[..., :3] if channels >= 3 else np.repeat(a[..., :1], 3, axis=2)
+    data = buf.getvalue()
+    cut = draw(st.booleans())
+    if cut:
+        data = data[: draw(st.integers(0, len(data) - 1))]  # truncated: skipped, or decodes to the whole image
+    return data, rgb, cut
+
+
+TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40) | st.sampled_from(
+    ["", "<image>", "<image>\n<image>", "x" * 30000, "\u202e\u0000\ufeff", "<|im_end|>", "<|im_start|>user"])
+ROLE = st.sampled_from(["human", "gpt", "system", "user", "assistant", "", "GPT", "\u4eba"])
+TURN = st.one_of(
+    st.fixed_dictionaries({"from": ROLE, "value": TEXT}),
+    st.fixed_dictionaries({"from": ROLE}),
+    st.fixed_dictionaries({"value": TEXT}),
+    st.fixed_dictionaries({"from": ROLE, "value": st.integers() | st.none() | st.lists(st.integers(), max_size=2)}),
+    st.just("not a turn"),
+)
+
+
+@st.composite
+def plausible_turns(draw, image: bool):
+    """Alternating human/gpt turns with odd text, the placeholder in the first human turn when there is an image."""
+    turns = []
+    for k in range(draw(st.integers(1, 3))):
+        turns += [{"from": "human", "value": draw(TEXT)}, {"from": "gpt", "value": draw(TEXT)}]
+    if image:
+        turns[0]["value"] = "<image>\n" + turns[0]["value"].replace("<image>", "")
+    return turns
+
+
+@st.composite
+def odd_record(draw, i: int):
+    """(record, image file bytes and expected pixels or None) with image name im{i}.png when it has a file."""
+    image_kind = draw(st.sampled_from(["file", "file", "file", "none", "missing", "escape", "not_str"]))
+    kind = draw(st.sampled_from(["plausible"] * 4 + ["odd", "empty", "absent", "not_a_list"]))
+    conversations = {"plausible": lambda: draw(plausible_turns(image_kind != "none")),
+                     "odd": lambda: draw(st.lists(TURN, max_size=5)), "empty": list, "absent": lambda: None,
+                     "not_a_list": lambda: "text"}[kind]()
+    rec = {"conversations": conversations} if conversations is not None else {}
+    if draw(st.booleans()):
+        rec["id"] = f"r{i}"
+    image = None
+    if image_kind == "file":
+        image = odd_image(draw)
+        rec["image"] = f"im{i}.png"
+    elif image_kind == "missing":
+        rec["image"] = f"gone{i}.png"
+    elif image_kind == "escape":
+        rec["image"] = draw(st.sampled_from(["../outside.png", "/etc/hostname", "sub/../../outside.png"]))
+    elif image_kind == "not_str":
+        rec["image"] = draw(st.integers() | st.lists(st.just("im0.png"), max_size=2) | st.just({}))
+    if draw(st.integers(0, 9)) == 7:  # not 0 or 9: hypothesis favours the bounds
+        return draw(st.sampled_from([[], "record", 7, None])), None
+    return rec, image
+
+
+@pytest.fixture(scope="module")
+def prop_converter(tiny_models, tmp_path_factory):
+    """One converter reused by every example (loading the tokenizer is the slow part)."""
+    root = tmp_path_factory.mktemp("prop")
+    (root / "images").mkdir()
+    (root / "outside.png").write_bytes(png(rgb_image(16, 16, 0)))
+    a = convert.parse_args(["--json", "-", "--images", str(root / "images"), "--tokenizer", str(tiny_models / "llm"),
+                            "--template", "qwen2_ross", "--vision", str(tiny_models / "vision"), "--out", "-",
+                            "--image-aspect", "square", "--max-length", "4000", "--quiet"])
+    return convert.Converter(a), root
+
+
+EXAMPLES = itertools.count()
+
+
+def convert_example(prop_converter, records: list, images: dict[int, bytes], example: int):
+    conv, root = prop_converter
+    folder = root / "images" / f"ex{example}"
+    folder.mkdir()
+    for i, data in images.items():
+        (folder / f"im{i}.png").write_bytes(data)
+    for r in records:
+        if isinstance(r, dict) and isinstance(r.get("image"), str) and not r["image"].startswith(("/", "..", "sub")):
+            r["image"] = f"ex{example}/{r['image']}"
+    src = root / f"ex{example}.json"
+    src.write_text(json.dumps(records), encoding="utf-8")
+    conv.a.json, conv.a.out = str(src), str(root / f"out{example}")
+    return conv.run(), Path(conv.a.out), src.name
+
+
+@given(st.data())
+@PROPERTY
+def test_property_odd_images(prop_converter, spec, data):
+    """Well-formed records with odd images: every whole image of sides >= 8 px is written with the pixels of the
+    direct computation (whatever its mode or bit depth); the others are skipped as bad or too small."""
+    n = data.draw(st.integers(1, 6))
+    drawn = [odd_image(data.draw) for _ in range(n)]
+    records = [rec(f"r{i}", f"im{i}.png") for i in range(n)]
+    report, out, _ = convert_example(prop_converter, records, {i: d[0] for i, d in enumerate(drawn)}, next(EXAMPLES))
+    assert report.read == n and report.written + sum(report.skipped.values()) == n
+    assert set(report.skipped) <= {"bad_image", "image_too_small"}
+    written = {s["id"]: s for s in samples(out)}
+    for i, (raw, rgb, cut) in enumerate(drawn):
+        if min(rgb.shape[:2]) >= 8 and not cut:
+            assert f"r{i}" in written, report.examples
+        if f"r{i}" in written:
+            assert min(rgb.shape[:2]) >= 8 and written[f"r{i}"]["image"] == raw
+            assert torch.equal(preprocess(raw, spec, "square"), expected_pixels(rgb, spec)), f"r{i}"
+            event("an image written")
+
+
+@given(st.data())
+@PROPERTY
+def test_property_odd_records(prop_converter, spec, data):
+    """Odd JSON and odd images together: nothing crashes, written + skipped == read, a written image's pixels equal
+    the direct computation, nothing from outside --images is stored, and images below 8 px are never written."""
+    n = data.draw(st.integers(1, 8))
+    drawn = [data.draw(odd_record(i)) for i in range(n)]
+    records = [r for r, _ in drawn]
+    images = {i: img[0] for i, (_, img) in enumerate(drawn) if img is not None}
+    report, out, name = convert_example(prop_converter, records, images, next(EXAMPLES))
+    assert report.read == n and report.written + sum(report.skipped.values()) == n
+    assert set(report.skipped) <= set(convert.SKIP_REASONS)
+    meta = read_meta(out)
+    assert (meta["read"], meta["written"]) == (n, report.written)
+    outside = png(rgb_image(16, 16, 0))
+    for s in samples(out):
+        i = int(s["id"][1:]) if s["id"].startswith("r") else int(s["id"][len(name) + 1:-1])
+        assert s["image"] != outside
+        if s["image"]:
+            rgb = drawn[i][1][1]
+            assert min(rgb.shape[:2]) >= 8, s["id"]
+            assert torch.equal(preprocess(s["image"], spec, "square"), expected_pixels(rgb, spec)), s["id"]
+            event("an image written")
+    for reason in report.skipped:
+        event(f"skipped: {reason}")
+

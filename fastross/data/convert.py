@@ -102,6 +102,7 @@ class Converter:
             raise ConvertError(f"--images {a.images} is not a folder")
         self.tokenizer = templates.load_tokenizer(a.tokenizer)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(templates.IMAGE_TOKEN)
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)  # about 1 s for Qwen2's 152k vocabulary
         self.image_spec = ImageSpec.from_pretrained(a.vision)
         vcfg = json.loads((Path(a.vision) / "config.json").read_text())
         vcfg = vcfg.get("vision_config", vcfg)
@@ -257,7 +258,7 @@ class Converter:
         meta = {
             "source": str(a.json), "template": a.template, "image_aspect": self.aspect,
             "grid": self.grid, "num_visual_tokens": self.num_visual, "image_token_id": self.image_token_id,
-            "tokenizer": str(a.tokenizer), "tokenizer_fingerprint": tokenizer_fingerprint(self.tokenizer),
+            "tokenizer": str(a.tokenizer), "tokenizer_fingerprint": self.fingerprint,
             "vision": str(a.vision), "vae": str(a.vae) if a.vae else None,
             "latents": vae is not None,
             "latent_channels": int(vae.latent_channels) if vae is not None else None,
