@@ -179,10 +179,11 @@ class Converter:
             for s, md in zip(with_image, moments):
                 if md is None:
                     continue
-                if not (np.isfinite(md[0]).all() and np.isfinite(md[1]).all()):
-                    failed.append((s, Skip("vae_error", "the VAE gave non-finite latent moments")))
+                mean, std = (x.astype(self.latent_dtype) for x in md)  # checked as stored: fp16 may overflow
+                if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+                    failed.append((s, Skip("vae_error", f"non-finite latent moments in {self.latent_dtype.name}")))
                     continue
-                s["latent_mean"], s["latent_std"] = (x.astype(self.latent_dtype).tobytes() for x in md)
+                s["latent_mean"], s["latent_std"] = mean.tobytes(), std.tobytes()
         for s in samples:
             s.setdefault("latent_mean", b"")
             s.setdefault("latent_std", b"")
