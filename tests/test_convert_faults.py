@@ -12,6 +12,8 @@ import io
 import itertools
 import json
 import os
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,17 @@ def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
     buf = io.BytesIO()
     (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, "PNG", **save)
     return buf.getvalue()
+
+
+def png_rgb16(a: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG written by hand (Pillow cannot write one): (H, W, 3) big-endian uint16."""
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    h, w, _ = a.shape
+    rows = b"".join(b"\x00" + a[y].tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
 
 
 def rgb_image(h: int, w: int, seed: int) -> np.ndarray:
@@ -118,7 +131,8 @@ def test_odd_images_decode_to_what_a_direct_computation_gives(tmp_path, tiny_mod
     root = tmp_path / "images"
     root.mkdir()
     g16 = (np.arange(20 * 24, dtype=np.uint32).reshape(20, 24) * 137 % 65536).astype(np.uint16)
-    g8 = ((g16.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    g8 = (g16 >> 8).astype(np.uint8)
+    rgb16 = np.random.default_rng(7).integers(0, 65536, (9, 11, 3)).astype(">u2")
     rgba = np.random.default_rng(3).integers(0, 256, (12, 10, 4), dtype=np.uint8)
     la = np.random.default_rng(4).integers(0, 256, (9, 14, 2), dtype=np.uint8)
     cmyk = np.random.default_rng(5).integers(0, 256, (10, 10, 4), dtype=np.uint8)
@@ -133,6 +147,7 @@ def test_odd_images_decode_to_what_a_direct_computation_gives(tmp_path, tiny_mod
     thin = {f"thin{h}x{w}": rgb_image(h, w, 10 + h * 7 + w) for h, w in [(1, 40), (2, 33), (3, 21), (40, 2)]}
     files = {
         "g16.png": (png(g16), np.repeat(g8[..., None], 3, axis=2)),
+        "rgb16.png": (png_rgb16(rgb16), (rgb16 >> 8).astype(np.uint8)),
         "rgba.png": (png(rgba, "RGBA"), rgba[..., :3]),
         "la.png": (png(la, "LA"), np.repeat(la[..., :1], 3, axis=2)),
         "pal.png": (buf.getvalue(), colours[pal]),
@@ -154,6 +169,8 @@ def test_odd_images_decode_to_what_a_direct_computation_gives(tmp_path, tiny_mod
         assert s["image"] == data
         got = preprocess(s["image"], spec, "square")
         assert torch.equal(got, expected_pixels(rgb, spec)), s["id"]
+    cmyk_jpeg = files["cmyk.jpg"][0]  # the torchvision backend leaves CMYK JPEG to Pillow's conversion
+    assert torch.equal(preprocess(cmyk_jpeg, spec, "square", "torchvision"), preprocess(cmyk_jpeg, spec, "square"))
     # The 16-bit gradient is not saturated: the old RGB convert clipped it to 99% white.
     assert (g8 == 255).mean() < 0.01
 
@@ -424,15 +441,19 @@ PROPERTY = settings(max_examples=40, deadline=None, database=None, derandomize=T
 
 def odd_image(draw) -> tuple[bytes, np.ndarray, bool]:
     """An image file's bytes, the 8-bit RGB pixels a direct computation gives for them, and whether it was cut."""
-    mode = draw(st.sampled_from(["L", "RGB", "RGBA", "LA", "P", "I;16", "1", "CMYK"]))
+    mode = draw(st.sampled_from(["L", "RGB", "RGBA", "LA", "P", "I;16", "RGB;16", "1", "CMYK"]))
     h, w = draw(st.integers(1, 24)), draw(st.integers(1, 24))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     buf = io.BytesIO()
     if mode == "I;16":
         a = rng.integers(0, 65536, (h, w), dtype=np.uint16)
         Image.fromarray(a).save(buf, "PNG")
-        g = ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        g = (a >> 8).astype(np.uint8)
         rgb = np.repeat(g[..., None], 3, axis=2)
+    elif mode == "RGB;16":
+        a = rng.integers(0, 65536, (h, w, 3)).astype(">u2")
+        buf.write(png_rgb16(a))
+        rgb = (a >> 8).astype(np.uint8)
     elif mode == "1":
         a = rng.integers(0, 2, (h, w)).astype(bool)
         Image.fromarray(a).save(buf, "PNG")

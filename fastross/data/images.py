@@ -6,7 +6,8 @@ use `preprocess`, so a reconstruction target always matches what the vision towe
 
 Every image is first normalised explicitly to 8-bit RGB (`decode`, `to_rgb8`): Pillow's
 `convert("RGB")` clips 16-bit greyscale at 255 (a real 16-bit PNG came out 99% white), so 16-bit
-values are scaled (round(v * 255 / 65535)); palette, LA, CMYK and the other modes go through
+grey is scaled to its high byte (v >> 8), as Pillow itself reads 16-bit RGB PNGs, so that one image
+decodes alike in either form; palette, LA, CMYK and the other modes go through
 `convert("RGB")`, which expands a palette and drops alpha as the reference does. The channel axis
 is never guessed: arrays here are built channels-last from PIL and transposed explicitly.
 
@@ -124,12 +125,12 @@ _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # greyscale modes holdi
 
 
 def to_rgb8(img: Image.Image) -> Image.Image:
-    """Any decoded PIL image -> 8-bit RGB, 16-bit scaled (values of "I" past 65535 clip there)."""
+    """Any decoded PIL image -> 8-bit RGB, 16-bit grey scaled to its high byte (values of "I" past 65535 clip)."""
     if img.mode == "RGB":
         return img
     if img.mode in _SIXTEEN_BIT:
         v = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
-        return Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8), "L").convert("RGB")
+        return Image.fromarray((v >> 8).astype(np.uint8), "L").convert("RGB")
     if img.mode == "F":
         raise ImageError("bad_image", "floating-point images (mode F) have no agreed range; convert them to 8 or 16 bit")
     if img.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts these only to their plain-alpha modes
