@@ -83,6 +83,15 @@ class Trainer:
         self._check_shards(self.loader.meta, model)
         for ids, problem in self.loader.corrupt:  # data.corrupt_shards=skip: said once, at start
             self._say(f"skipped a corrupt shard ({len(ids)} samples): {problem}")
+        if world.size > 1:  # every rank must leave out the same samples (each node may hold its own copy of the shards)
+            skipped = sum(len(ids) for ids, _ in self.loader.corrupt)
+            spread = torch.tensor([skipped, -skipped], device=world.device)
+            torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+            if spread[0] != -spread[1]:
+                raise config.ConfigError(
+                    f"data.shards: the ranks found different corrupt shards in {d.shards} ({skipped} samples skipped "
+                    f"on rank {world.rank}): repair the copies so that every rank reads the same data"
+                )
         lengths = self.loader.stream.lengths
         too_long = int((lengths > d.max_tokens).sum())
         if too_long:
