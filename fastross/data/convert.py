@@ -102,7 +102,7 @@ class Converter:
             raise ConvertError(f"--images {a.images} is not a folder")
         self.tokenizer = templates.load_tokenizer(a.tokenizer)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(templates.IMAGE_TOKEN)
-        self.fingerprint = tokenizer_fingerprint(self.tokenizer)  # about 1 s for Qwen2's 152k vocabulary
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)  # once: it sorts and serialises the whole vocabulary
         self.image_spec = ImageSpec.from_pretrained(a.vision)
         vcfg = json.loads((Path(a.vision) / "config.json").read_text())
         vcfg = vcfg.get("vision_config", vcfg)
