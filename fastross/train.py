@@ -23,7 +23,8 @@ from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
 from fastross.data.planner import attention_cost_tokens
-from fastross.data.schema import ShardMeta
+from fastross.data.schema import ShardMeta, tokenizer_fingerprint
+from fastross.data.templates import load_tokenizer
 from fastross.data.stream import Position
 from fastross.metrics import MetricsLogger
 from fastross.model.ross import RossModel
@@ -80,6 +81,22 @@ class Trainer:
             replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
         )
         self._check_shards(self.loader.meta, model)
+        for ids, problem in self.loader.corrupt:  # data.corrupt_shards=skip: said once, at start
+            self._say(f"skipped a corrupt shard ({len(ids)} samples): {problem}")
+        if world.size > 1:  # every rank must leave out the same samples (each node may hold its own copy of the shards)
+            skipped = sum(len(ids) for ids, _ in self.loader.corrupt)
+            spread = torch.tensor([skipped, -skipped], device=world.device)
+            torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+            if spread[0] != -spread[1]:
+                raise config.ConfigError(
+                    f"data.shards: the ranks found different corrupt shards in {d.shards} ({skipped} samples skipped "
+                    f"on rank {world.rank}): repair the copies so that every rank reads the same data"
+                )
+        lengths = self.loader.stream.lengths
+        too_long = int((lengths > d.max_tokens).sum())
+        if too_long:
+            self._say(f"{too_long} of {len(lengths)} samples are longer than data.max_tokens={d.max_tokens}: "
+                      "each is planned alone in its micro-batch")
         model.requires_grad_(False)
         for part in t.trainable:
             getattr(model, part).requires_grad_(True)
@@ -162,6 +179,23 @@ class Trainer:
             raise config.ConfigError(
                 f"data.shards: latents have {meta.latent_channels} channels, the model expects {model.latent_channels}"
             )
+        ours = tokenizer_fingerprint(load_tokenizer(self.cfg.model.llm_path))
+        if ours != meta.tokenizer_fingerprint:
+            raise config.ConfigError(
+                f"data.shards: {shards} was tokenised by {meta.tokenizer} ({meta.tokenizer_fingerprint}), but "
+                f"model.llm_path {self.cfg.model.llm_path} has another tokenizer ({ours}): convert the data again with "
+                f"--tokenizer {self.cfg.model.llm_path}"
+            )
+        if meta.latents:
+            stored = (meta.latent_channels, meta.latent_shift, meta.latent_scale)
+            if model.vae is not None and stored != (model.latent_channels, model.latent_shift, model.latent_scale):
+                raise config.ConfigError(
+                    f"data.shards: {shards}'s latents were made by a VAE with (channels, shift, scale) {stored}, but "
+                    f"model.vae_path {self.cfg.model.vae_path} has "
+                    f"{(model.latent_channels, model.latent_shift, model.latent_scale)}: use that VAE or convert again"
+                )
+            # The targets are built with the constants of the VAE that made the stored moments, whatever the config.
+            model.latent_shift, model.latent_scale = meta.latent_shift, meta.latent_scale
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop log lines past the checkpoint: those steps are about to run again."""

@@ -18,6 +18,12 @@ _TMP = tempfile.mkdtemp(prefix="fastross-tests-")
 os.environ["TMPDIR"] = _TMP
 tempfile.tempdir = _TMP
 
+# Hypothesis keeps its caches (constants, unicode data, any example database) in ./.hypothesis by default: the
+# repository tree. Give it the session's folder instead.
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+set_hypothesis_home_dir(Path(_TMP) / "hypothesis")
+
 
 def pytest_collection_modifyitems(config, items):
     import torch
