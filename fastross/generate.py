@@ -226,7 +226,7 @@ def prompt_ids(loaded: Loaded, question: str, image: bool) -> list[int]:
     """The training sample's tokens before its answer, for one user turn (the `<image>` placed as training places it)."""
     from fastross.data import templates
 
-    value = question if question.startswith(templates.IMAGE_TOKEN) or not image else f"{templates.IMAGE_TOKEN}\n{question}"
+    value = question if templates.IMAGE_TOKEN in question or not image else f"{templates.IMAGE_TOKEN}\n{question}"
     conv = [{"from": "human", "value": value}, {"from": "gpt", "value": "A"}]
     ids, labels = templates.tokenize(templates.render(loaded.template, conv, image, loaded.tokenizer), loaded.tokenizer)
     return ids[: int(np.flatnonzero(labels != templates.IGNORE)[0])].tolist()
