@@ -3,10 +3,8 @@ seeded sampling, top-p, and the command line on a run folder."""
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fastross.generate import Prompt, Sampling, decode, greedy, top_p_filter
 
@@ -150,3 +148,14 @@ def test_cli_on_a_run_folder(run_dir, synth_data, tmp_path, capsys):
         assert g["answer"] == answer(loaded, [(r["prompt"], r.get("image"))], Sampling(6))[0]
     with pytest.raises(FileNotFoundError, match="no fastross export"):
         load(tmp_path)
+
+    # an export of the run answers the same, with the template and image aspect read from the export itself
+    from fastross.export import main as export
+
+    assert export([str(run_dir), "--out", str(tmp_path / "llava")]) == 0
+    capsys.readouterr()
+    exported = load(tmp_path / "llava")
+    assert (exported.template, exported.aspect, exported.image_token_id) == ("qwen2_ross", "pad", loaded.image_token_id)
+    assert main(["--model", str(tmp_path / "llava"), "--max-new-tokens", "6", "--image", str(image),
+                 "--prompt", QUESTIONS[0]]) == 0
+    assert capsys.readouterr().out.strip() == single
