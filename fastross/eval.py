@@ -184,6 +184,9 @@ def read_items(path: str | Path) -> list[dict]:
             rid = r.get("id", "no id") if isinstance(r, dict) else repr(r)[:40]
             raise ValueError(f"{path}: record {n} ({rid}) has no "
                              "conversations [{'from': 'human', 'value': ...}, {'from': 'gpt', 'value': ...}]")
+        if r.get("image") is not None and not isinstance(r["image"], str):
+            raise ValueError(f"{path}: record {n} ({r.get('id', 'no id')}): 'image' must be one file name "
+                             f"(got {type(r['image']).__name__}); one image per question")
         question, answer = conv[0]["value"], conv[1]["value"]
         typ = r.get("type") or ("yesno" if parse_yesno(answer) != UNKNOWN and len(words(answer)) == 1 else "text")
         if typ not in TYPES:

@@ -80,6 +80,11 @@ def test_bad_data_is_named(tmp_path):
     bad.write_text(json.dumps([{"id": "r7", "image": "a.png", "conversations": [{"from": "human", "value": "q"}]}]))
     with pytest.raises(ValueError, match="record 0 \\(r7\\)"):
         fe.read_items(bad)
+    two = [{"id": "r8", "image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "q"},
+                                                                       {"from": "gpt", "value": "a"}]}]
+    bad.write_text(json.dumps(two))
+    with pytest.raises(ValueError, match="record 0 \\(r8\\): 'image' must be one file name"):
+        fe.read_items(bad)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         fe.read_items(tmp_path / "nope.json")
 
