@@ -263,14 +263,18 @@ def resolve(path: str | Path) -> Path | None:
 
 
 def load_model_weights(path: str | Path, model) -> Path:
-    """Load only the model's weights from a checkpoint (stage 2 starting from stage 1) or a fastross.export folder."""
+    """Load only the model's weights from a checkpoint (stage 2 starting from stage 1), a fastross.export folder, or
+    the reference ROSS layout / a stage-1 mm_projector.bin (fastross.ross_format)."""
     ckpt = resolve(path)
     if ckpt is None:
-        from fastross import export
+        from fastross import export, ross_format
 
         if export.is_export(path):
             return _load_export_weights(Path(path), model)
-        raise FileNotFoundError(f"model.init_from: {path} holds no complete fastross checkpoint and no fastross export")
+        if ross_format.is_reference(path):
+            return ross_format.load_into(path, model)
+        raise FileNotFoundError(f"model.init_from: {path} holds no complete fastross checkpoint, no fastross export "
+                                "and no reference ROSS checkpoint or mm_projector.bin")
     msd = get_model_state_dict(model)
     dcp.load({"model": msd}, checkpoint_id=str(ckpt))
     set_model_state_dict(model, msd, options=StateDictOptions(strict=True))

@@ -44,7 +44,9 @@ class ModelConfig:
     latent_shift: float = 0.1159  # VAE shift factor, used when vae_path is empty (FLUX's)
     latent_scale: float = 0.3611  # VAE scaling factor, used when vae_path is empty (FLUX's)
     recon_weight: float = 1.0  # lambda in L = L_text + lambda * L_recon
-    init_from: str = ""  # a run, checkpoint or export (fastross.export) folder whose model weights start this run
+    # Whose model weights start this run: a run, checkpoint or export (fastross.export) folder, a checkpoint in the
+    # reference ROSS layout, or a stage-1 mm_projector.bin (projector only; fastross.ross_format)
+    init_from: str = ""
     fused_ce: bool = True  # text loss through Liger's fused linear cross-entropy: full-vocabulary logits never exist
     liger_kernels: bool = False  # Liger's RMSNorm, SwiGLU MLP and RoPE in the LLM (GPU; RMSNorm and SwiGLU fail in the CPU interpreter)
     # Where the text loss forms logits: at the supervised positions only, or, as the reference does, at every position

@@ -19,6 +19,7 @@ from typing import TextIO
 import torch
 
 from fastross.config import ConfigError
+from fastross.flops import mfu
 
 GIB = 2**30
 # Per-step averages of times the trainer adds (MetricsLogger.add) over the steps since the last record.
@@ -26,17 +27,25 @@ STEP_TIMES = ("data_wait_s", "compute_s", "ckpt_blocked_s")
 
 
 class GPUStats:
-    """Utilisation, memory, power, SM clock and temperature from NVML; empty on machines without an NVIDIA driver."""
+    """Utilisation, memory, power, SM clock and temperature from NVML, for the CUDA device this rank trains on; empty
+    on CPU runs and machines without an NVIDIA driver.
 
-    def __init__(self, local_rank: int):
+    NVML numbers the GPUs as the driver does, CUDA as CUDA_VISIBLE_DEVICES orders them, so the device is found by its
+    UUID rather than by an index.
+    """
+
+    def __init__(self, device: torch.device):
         self.handle = None
+        if device.type != "cuda":
+            return
         try:
             import pynvml
 
             pynvml.nvmlInit()
             self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(local_rank)
-        except Exception:  # no driver / no GPU: GPU metrics are simply absent
+            uuid = torch.cuda.get_device_properties(device).uuid
+            self.handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        except Exception:  # no driver, or an NVML that does not know the device: GPU metrics are simply absent
             self.handle = None
 
     def read(self) -> dict:
@@ -123,14 +132,14 @@ class MetricsLogger:
     terminal); peak_tflops: the device's peak, for MFU when the trainer counts model FLOPs.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool, world: int, local_rank: int = 0, *,
+    def __init__(self, run_dir: str | Path, enabled: bool, world: int, *,
                  device: torch.device = torch.device("cpu"), loggers: list[str] | None = None, wandb_project: str = "",
                  config: dict | None = None, progress: bool = False, peak_tflops: float | None = None,
                  stream: TextIO | None = None):
         self.enabled, self.world, self.device = enabled, world, device
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.gpu = GPUStats(local_rank) if enabled else None
+        self.gpu = GPUStats(device) if enabled else None
         self.loggers, self.wandb_project, self.config = loggers or [], wandb_project, config or {}
         self.peak_tflops = peak_tflops
         self.stream = stream or sys.stdout
@@ -191,7 +200,7 @@ class MetricsLogger:
         if flops:
             rec["model_tflops_per_rank"] = flops / dt / self.world / 1e12
             if self.peak_tflops:
-                rec["mfu"] = rec["model_tflops_per_rank"] / self.peak_tflops
+                rec["mfu"] = mfu(flops, dt, self.world, self.peak_tflops)
         rec.update(memory(self.device))
         self._reset()
         if not self.enabled:

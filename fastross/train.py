@@ -57,7 +57,7 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLogger(
-            self.run_dir, world.is_main, world.size, world.local_rank, device=world.device, loggers=t.loggers,
+            self.run_dir, world.is_main, world.size, device=world.device, loggers=t.loggers,
             wandb_project=t.wandb_project, config=config.to_dict(cfg), progress=sys.stdout.isatty(),
         )
         if t.memory_snapshot:
