@@ -75,6 +75,9 @@ class DataConfig:
     # A shard file whose hash differs from index.json's (checked when the loader opens the folder): "error" stops
     # the run naming the file; "skip" leaves its samples out of every epoch and reports their count at start.
     corrupt_shards: Literal["error", "skip"] = "error"
+    # Held-out shards (`python -m fastross.data.convert`, the same tokenizer, template and vision tower) whose losses are
+    # computed every train.eval_every steps, in global batches of global_batch samples ("": no held-out evaluation)
+    eval_shards: str = ""
 
 
 @dataclass
@@ -118,6 +121,7 @@ class TrainConfig:
     dtype: Literal["bf16", "fp32"] = "bf16"  # bf16: FSDP2 mixed precision with fp32 reduction
     seed: int = 0  # model init and noise keys
     log_every: int = 10  # optimizer steps between log lines
+    eval_every: int = 0  # optimizer steps between held-out evaluations on data.eval_shards (0: none)
     ckpt_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
     async_checkpoint: bool = False  # stage to host memory, write in the background; the step waits only for the copy
@@ -296,6 +300,11 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                           "(0: no limit)")
     if t.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.eval_every < 0 or (t.eval_every > 0) != bool(d.eval_shards):
+        raise ConfigError("data.eval_shards and train.eval_every go together: a converted held-out folder and the "
+                          f"steps between evaluations (> 0), or neither (got {d.eval_shards!r} and {t.eval_every})")
+    if check_paths and d.eval_shards and not Path(d.eval_shards).is_dir():
+        raise ConfigError(f"data.eval_shards: {d.eval_shards} is not a folder")
     if t.log_every < 1 or t.ckpt_every < 1 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every, train.ckpt_every and train.keep_checkpoints must be >= 1")
 

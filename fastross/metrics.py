@@ -215,6 +215,21 @@ class MetricsLogger:
             self.bar.set_postfix(loss=f"{rec['text_loss']:.4f}", refresh=False)
         return rec
 
+    def log_eval(self, step: int, values: dict, seconds: float) -> dict | None:
+        """A held-out evaluation's record: {"step", "eval": true, **values, "eval_s"} in metrics.jsonl, `eval/KEY` in
+        the backends, one console line. Its seconds are no training step's: the step clock skips them."""
+        self._t += seconds
+        if not self.enabled:
+            return None
+        rec = {"step": step, "eval": True, **values, "eval_s": seconds}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for sink in self.sinks:
+            sink.write(step, {f"eval/{k}": v for k, v in values.items()})
+        self.say(f"eval: step {step} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in values.items()) + f" ({seconds:.1f} s)")
+        return rec
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
