@@ -1,6 +1,6 @@
 """The ladder: from the reference recipe to fastross, one switch at a time, each rung a real training run.
 
-    python benchmarks/throughput.py [--steps 6] [--skip 2] [--rungs 1-8] [--save]
+    python benchmarks/throughput.py [--steps 6] [--skip 2] [--rungs 1-8] [--budget-gib G] [--save]
 
 Rungs (cumulative; every one trains the same model, so their step-1 losses agree):
   1 reference   padded micro-batches (data.packing=padded), fp32 logits CE at every position
@@ -11,20 +11,33 @@ Rungs (cumulative; every one trains the same model, so their step-1 losses agree
   3 +fused CE   Liger's fused linear cross-entropy at the supervised positions only
   4 +latents    the latent moments stored in the shards at conversion
   5 +triton     fastross's fused denoiser kernels, the condition embedded once per image
-  6 +planned AC per-layer activation checkpointing as the planner chooses it
+  6 +planned AC per-layer activation checkpointing as the planner chooses it (fastross.plan.plan_policy) within
+                --budget-gib per rank (default: the host's memory over the ranks); the policy is printed
   7 +compile    torch.compile of every decoder layer and denoiser block
   8 +loader     2 loader workers per rank preparing steps ahead: fastross
 
 On CPU it trains configs/tiny.yaml on 2 ranks (torchrun, gloo) on the tests' tiny models and data; with a GPU
 the 7B shapes with K LLM layers are the next step (not yet here). Each rung runs `--steps` optimizer steps; its
 samples/s, tokens/s per rank and MFU (model FLOPs over the device's peak; on CPU the measured matmul rate, see
-fastross/flops.py) are the medians of the logged steps after the first `--skip` (start-up and compiling). On CPU
-the Triton kernels run in the interpreter and compiling is slow: a rung may be slower than the one before it, and
-is reported as measured.
+fastross/flops.py) are the medians of the logged steps after the first `--skip` (start-up and compiling).
+Peak memory per rank: on CUDA the trainer's measured `torch.cuda.max_memory_allocated` (the largest over the
+rung's steps); elsewhere simulated for the rung's config and its step's largest micro-batch (padded for rung 1)
+by fastross.plan.simulate_config (FakeTensorMode, fake process group, FSDPMemTracker; compile not simulated).
+The header says which.
 
-Ends with `throughput: speedup X mfu M device D` (X: the last rung's samples/s over the first's; M: its MFU).
-Not yet here: the peak-memory column (measured on a GPU, simulated on CPU) and the 7B slice on a GPU.
---save appends the table to benchmarks/results/throughput.csv.
+On CPU the Triton kernels (the denoiser's, and Liger's cross-entropy inside the fused CE) run in Triton's
+interpreter and compiling is slow: a rung may be slower than the one before it, and is reported as measured.
+What the CPU ladder costs, and what was done about it (README, "The ladder"):
+- the interpreter's cost is per program and per op, so under TRITON_INTERPRET the denoiser's matmul kernels take
+  128 x 128 tiles (kernels/linear_epilogue.py; 64 x 64 before): the fused MLP branch at the tiny denoiser's
+  shapes went from 2.5 to 1.0 s of CPU time per forward and backward, and the kernel tests still cross tiles;
+- Liger's CE kernel runs one interpreted program per supervised row (~35-50 ms each here, 12x plain CE for 52
+  rows), whatever its chunking (one chunk instead of one row per chunk saves under half): a property of running
+  Liger in the interpreter, not of the tiny hidden size, so a larger hidden size would not help it (it would
+  only grow every rung's lm_head); the rung is reported as it is.
+
+Ends with `throughput: speedup X mfu M mem_ratio R device D` (X: the last rung's samples/s over the first's; M:
+its MFU; R: its peak memory over the first's). --save appends the table to benchmarks/results/throughput.csv.
 """
 
 from __future__ import annotations
