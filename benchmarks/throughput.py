@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -137,7 +138,9 @@ def train(models: Path, shards: Path, run_dir: Path, overrides: list[str], steps
     out = p.stdout + p.stderr
     if "train: done" not in out:
         raise RuntimeError(f"throughput: the rung did not finish ({' '.join(overrides)}):\n{out[-4000:]}")
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(run_dir)  # its end-of-run checkpoint: one rung's on disk at a time
+    return recs
 
 
 def host_gib() -> float:
