@@ -29,12 +29,11 @@ On CPU the Triton kernels (the denoiser's, and Liger's cross-entropy inside the 
 interpreter and compiling is slow: a rung may be slower than the one before it, and is reported as measured.
 What the CPU ladder costs, and what was done about it (README, "The ladder"):
 - the interpreter's cost is per program and per op, so under TRITON_INTERPRET the denoiser's matmul kernels take
-  128 x 128 tiles (kernels/linear_epilogue.py; 64 x 64 before): the fused MLP branch at the tiny denoiser's
-  shapes went from 2.5 to 1.0 s of CPU time per forward and backward, and the kernel tests still cross tiles;
-- Liger's CE kernel runs one interpreted program per supervised row (~35-50 ms each here, 12x plain CE for 52
-  rows), whatever its chunking (one chunk instead of one row per chunk saves under half): a property of running
-  Liger in the interpreter, not of the tiny hidden size, so a larger hidden size would not help it (it would
-  only grow every rung's lm_head); the rung is reported as it is.
+  128 x 128 tiles (kernels/linear_epilogue.py; 64 x 64 before): 4x fewer programs for the tiny denoiser's
+  2048 x 64 -> 256 matmuls, while the kernel tests' 150 x 130 outputs still cross tiles;
+- Liger's CE kernel runs one interpreted program per supervised row, whatever its chunking (the per-row cost is
+  the interpreter's, `python benchmarks/text_loss.py --rows 52`), so a larger hidden size in the tiny models would
+  not make it cheaper: it would only grow every rung's lm_head. The rung is reported as it is.
 
 Ends with `throughput: speedup X mfu M mem_ratio R device D` (X: the last rung's samples/s over the first's; M:
 its MFU; R: its peak memory over the first's). --save appends the table to benchmarks/results/throughput.csv.
