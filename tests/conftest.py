@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,6 +24,15 @@ tempfile.tempdir = _TMP
 from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
 
 set_hypothesis_home_dir(Path(_TMP) / "hypothesis")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's folder goes with a passing session (the torchrun tests' runs reach gigabytes); a failing one
+    keeps it to look at."""
+    if exitstatus == 0:
+        shutil.rmtree(_TMP, ignore_errors=True)
+    else:
+        print(f"\nthe session's files are kept in {_TMP}")
 
 
 def pytest_collection_modifyitems(config, items):
