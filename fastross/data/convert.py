@@ -29,6 +29,7 @@ from tqdm import tqdm
 from fastross.data import templates
 from fastross.data.images import ImageSpec, latent_moments, preprocess_pil
 from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE
+from fastross.data.shards import MDSWriter
 
 SKIP_REASONS = (
     "malformed", "missing_image", "bad_image", "placeholder_without_image",
@@ -151,8 +152,6 @@ class Converter:
             s.setdefault("latent_std", b"")
 
     def run(self) -> Report:
-        from streaming import MDSWriter
-
         a, report = self.a, Report()
         out = Path(a.out)
         if out.exists() and any(out.iterdir()):
@@ -170,7 +169,7 @@ class Converter:
                 report.written += 1
             pending.clear()
 
-        with MDSWriter(out=str(out), columns=COLUMNS, size_limit=a.shard_size, progress_bar=False) as writer:
+        with MDSWriter(out, COLUMNS, size_limit=a.shard_size) as writer:
             for rid, rec in tqdm(read_records(Path(a.json)), desc="convert", unit="rec", disable=a.quiet):
                 report.read += 1
                 try:
