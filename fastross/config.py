@@ -111,7 +111,7 @@ class TrainConfig:
     dtype: Literal["bf16", "fp32"] = "bf16"  # bf16: FSDP2 mixed precision with fp32 reduction
     seed: int = 0  # model init and noise keys
     log_every: int = 10  # optimizer steps between log lines
-    ckpt_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
+    ckpt_every: int = 500  # optimizer steps between checkpoints, one always at the end (0: none at all, for benchmarks)
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
     async_checkpoint: bool = False  # stage to host memory, write in the background; the step waits only for the copy
     run_dir: str = "runs/default"  # metrics, config and checkpoints; a run resumes from it
@@ -280,8 +280,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     pr = t.profile
     if min(pr.wait, pr.warmup, pr.active, pr.repeat) < 0:
         raise ConfigError("train.profile.wait, warmup, active and repeat must be >= 0")
-    if t.log_every < 1 or t.ckpt_every < 1 or t.keep_checkpoints < 1:
-        raise ConfigError("train.log_every, train.ckpt_every and train.keep_checkpoints must be >= 1")
+    if t.log_every < 1 or t.ckpt_every < 0 or t.keep_checkpoints < 1:
+        raise ConfigError("train.log_every and train.keep_checkpoints must be >= 1, train.ckpt_every >= 0")
+    if t.ckpt_every == 0 and t.stop_after:
+        raise ConfigError("train.stop_after needs checkpoints to resume from: train.ckpt_every must not be 0")
 
 
 def to_dict(cfg: Config) -> dict:

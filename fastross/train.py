@@ -258,7 +258,7 @@ class Trainer:
                     self.log(result, lr)
                     if self.recording_memory:
                         self._dump_memory_snapshot()
-                if self.step % t.ckpt_every == 0 or self.step == end:
+                if t.ckpt_every and (self.step % t.ckpt_every == 0 or self.step == end):
                     self.save()
             waited = self.checkpointer.close()  # the last checkpoint is complete before the run says done
         finally:
