@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -82,14 +83,29 @@ def make_models(out: str | Path, layers: int, shrink: int = 1, seed: int = 0, de
     return out
 
 
+def run_settings(cuda: bool, shrink: int = 1) -> list[str]:
+    """configs/7b.yaml's overrides to train the slice on one device, without checkpoints (a slice's are tens of
+    GB). CUDA: bf16, 8 samples a step in micro-batches of up to 8192 tokens; CPU (smoke shapes): fp32, one sample
+    a step (the 152k-row lm_head dominates there); the denoiser's width divided like the others."""
+    return ["train.ckpt_every=0", f"model.denoiser.width={_div(1024, shrink, 'the denoiser width')}",
+            f"train.dtype={'bf16' if cuda else 'fp32'}", f"data.global_batch={8 if cuda else 1}",
+            f"data.max_tokens={8192 if cuda else 2048}", "train.activation_checkpointing=full"]
+
+
 def prepare(work: str | Path, layers: int, shrink: int = 1, n_train: int = 60, device: str = "cpu",
             quiet: bool = True) -> tuple[Path, Path, Path]:
     """The slice's model folders and the bundled stage-2 data converted for them, with stored latent moments and
-    without (the ladder's first rungs encode on the fly): (models, latents, pixels)."""
+    without (the ladder's first rungs encode on the fly): (models, latents, pixels). A folder that already holds
+    this slice (WORK/slice.json) is used as it is."""
     from fastross.data.convert import main as convert
     from fastross.data.synth import write_dataset
 
     work = Path(work)
+    made = {"layers": layers, "shrink": shrink, "n_train": n_train}
+    if (work / "slice.json").is_file() and json.loads((work / "slice.json").read_text()) == made:
+        return work / "models", work / "latents", work / "pixels"
+    if work.exists() and any(work.iterdir()):
+        raise ValueError(f"{work} holds something other than this slice ({made}): choose an empty folder")
     models = make_models(work / "models", layers, shrink, device=device)
     write_dataset(work / "synth", seed=0, n_train=n_train, n_eval=0)
     for name, vae in (("latents", True), ("pixels", False)):
@@ -98,6 +114,7 @@ def prepare(work: str | Path, layers: int, shrink: int = 1, n_train: int = 60, d
                 "--out", str(work / name)] + (["--quiet"] if quiet else []) + (["--vae", str(models / "vae")] if vae else [])
         if convert(argv) != 0:
             raise RuntimeError(f"make_slice: converting the bundled data ({name}) failed")
+    (work / "slice.json").write_text(json.dumps(made))
     return models, work / "latents", work / "pixels"
 
 
