@@ -39,6 +39,9 @@ def test_shrunken_slice_loads_and_its_data_has_the_7b_grid(tmp_path):
     from fastross.model.ross import RossModel
 
     models, latents, pixels = make_slice.prepare(tmp_path, layers=1, shrink=8, n_train=4)
+    assert make_slice.prepare(tmp_path, layers=1, shrink=8, n_train=4) == (models, latents, pixels)  # reused
+    with pytest.raises(ValueError, match="holds something other than this slice"):
+        make_slice.prepare(tmp_path, layers=2, shrink=8, n_train=4)
     cfg = config.load("configs/7b.yaml", [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}",
                                           f"model.vae_path={models / 'vae'}", "model.init_from=''",
                                           "model.denoiser.width=128", f"data.shards={latents}",
