@@ -106,17 +106,18 @@ print("present:", ", ".join(m for m in ("liger_kernel", "diffusers", "qwen_token
                             if importlib.util.find_spec(m)) or "none of the optional packages")
 EOF
 
-left() {  # seconds a step may take: its own limit, or what is left of the part's budget
+left() {  # seconds a step may take: its own limit (a dry run: none), or what is left of the part's budget
     local rest=$((BUDGET - (SECONDS - START)))
+    [ $DRY = 1 ] && set -- "$rest"
     [ "$rest" -lt "$1" ] && echo $((rest > 1 ? rest : 1)) || echo "$1"
 }
 step() {  # limit, label, summary-line pattern (grep -E), command...: runs it bounded, its output shown live;
     local limit label=$2 pattern=$3 rc  # its summary lines and its failure are gathered for the end
     limit=$(left "$1"); shift 3
     timeout -k 10 "$limit" "$@" 2>&1 | tee "$WORK/step.out"; rc=${PIPESTATUS[0]}
-    grep -E "$pattern" "$WORK/step.out" >>"$WORK/summary"
+    grep -E "$pattern" "$WORK/step.out" | sed "s|^|[$label] |" >>"$WORK/summary"
     if [ "$rc" != 0 ]; then
-        echo "$label: exit $rc$( [ "$rc" = 124 ] && echo " (timed out after $limit s)")" | tee -a "$WORK/summary"
+        echo "[$label] exit $rc$( [ "$rc" = 124 ] && echo " (timed out after $limit s)")" | tee -a "$WORK/summary"
     fi
     return 0
 }
@@ -139,7 +140,7 @@ if [ "$PART" = 1 ]; then
     step 60 text_loss.py "^text_loss:" $PY benchmarks/text_loss.py
 else
     echo "== the 7B slice, K=$K LLM layers: ${SLICE_STEPS:-30} steps per attention backend, memory plan against the measured peak"
-    if [ $DRY = 1 ]; then train=(--steps 2 --timeout 300); else train=(--steps "${SLICE_STEPS:-30}" --timeout 100); fi
+    if [ $DRY = 1 ]; then train=(--steps 2 --timeout 300); else train=(--steps "${SLICE_STEPS:-30}" --timeout 120); fi
     step 330 slice_train.py "^slice_train: (backend|memory|[0-9])" $PY benchmarks/slice_train.py --layers "$K" "${SLICE[@]}" \
         "${train[@]}" --slice-dir "$WORK/slice" --csv "$CSV"
     echo "== the ladder on the 7B slice (reference -> fastross, one rung at a time)"
