@@ -39,6 +39,7 @@ from fastross.config import DataConfig
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader
 from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH
+from fastross.data.shards import MDSWriter
 from fastross.data.stream import Position
 from fastross.tools import results as R
 
@@ -68,14 +69,12 @@ def jpeg(rng: np.random.Generator, sources: list[np.ndarray]) -> bytes:
 
 
 def write_shards(out: Path, n: int, seed: int) -> None:
-    from streaming import MDSWriter
-
     rng = np.random.default_rng(seed)
     sources, side, lengths = photos(), 2 * GRID, []
     # Pools reused across samples: writing stays quick, and every sample is still decoded on its own.
     jpegs = [jpeg(rng, sources) for _ in range(64)]
     moments = [rng.standard_normal((2, CHANNELS, side, side), dtype=np.float32) for _ in range(16)]
-    with MDSWriter(out=str(out), columns=COLUMNS, size_limit=1 << 26, hashes=[SHARD_HASH], progress_bar=False) as w:
+    with MDSWriter(out, COLUMNS, size_limit=1 << 26, hashes=[SHARD_HASH]) as w:
         for i in range(n):
             text = int(rng.integers(100, 401))
             ids = rng.integers(0, 150000, text).astype(np.int32)

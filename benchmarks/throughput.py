@@ -16,8 +16,9 @@ Rungs (cumulative; every one trains the same model, so their step-1 losses agree
   7 +compile    torch.compile of every decoder layer and denoiser block
   8 +loader     2 loader workers per rank preparing steps ahead: fastross
 
-On CPU it trains configs/tiny.yaml on 2 ranks (torchrun, gloo) on the tests' tiny models and data; with a GPU
-the 7B shapes with K LLM layers are the next step (not yet here). Each rung runs `--steps` optimizer steps; its
+On CPU it trains configs/tiny.yaml on 2 ranks (torchrun, gloo) on the tests' tiny models and data. With
+--slice-layers K it trains configs/7b.yaml on one device at the 7B shapes with K LLM layers (random weights, the
+bundled data converted for them; see slice_mode); --shrink S divides the widths for a smoke run on CPU. Each rung runs `--steps` optimizer steps; its
 samples/s, tokens/s per rank and MFU (model FLOPs over the device's peak; on CPU the measured matmul rate, see
 fastross/flops.py) are the medians of the logged steps after the first `--skip` (start-up and compiling).
 Peak memory per rank: on CUDA the trainer's measured `torch.cuda.max_memory_allocated` (the largest over the
@@ -72,6 +73,23 @@ RUNGS = [  # (name, overrides on top of the rung before; "LATENTS" switches to t
     ("+loader", ["data.workers=2"]),
 ]
 GIB = 1 << 30
+SETTINGS: list[str] = []  # the device's settings on top of CONFIG (--slice-layers sets them)
+TOL = 1e-4  # the step-1 losses' largest relative difference between rungs
+
+
+def slice_mode(layers: int, shrink: int, work: Path) -> tuple[Path, Path, Path]:
+    """--slice-layers K: configs/7b.yaml on the 7B shapes with K LLM layers, one rank, with make_slice's settings
+    for the device (run_settings); step-1 losses within 1e-2 in bf16 on CUDA (its kernels differ between rungs),
+    1e-4 in fp32 elsewhere (the GPU check's --dry-run, with --shrink). Returns prepare()'s folders."""
+    global CONFIG, RANKS, SETTINGS, TOL
+    import torch
+
+    from fastross.tools import make_slice
+
+    cuda = torch.cuda.is_available()
+    CONFIG, RANKS, TOL = REPO / "configs" / "7b.yaml", 1, 1e-2 if cuda else 1e-4
+    SETTINGS = make_slice.run_settings(cuda, shrink)
+    return make_slice.prepare(work, layers, shrink, n_train=60 if cuda else 8, device="cuda" if cuda else "cpu")
 
 
 def prepare(work: Path) -> tuple[Path, Path, Path]:
@@ -98,7 +116,7 @@ def base_overrides(models: Path, shards: Path, run_dir: Path, steps: int, vae: b
     """What every rung sets on top of configs/tiny.yaml: the ladder's own model folders and shards, fresh weights."""
     return [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}", "model.init_from=''",
             "model.vae_path=" + (str(models / "vae") if vae else "''"), f"data.shards={shards}", f"train.run_dir={run_dir}",
-            f"train.max_steps={steps}", "train.epochs=10", "train.log_every=1", f"train.ckpt_every={10 * steps}"]
+            f"train.max_steps={steps}", "train.epochs=10", "train.log_every=1", f"train.ckpt_every={10 * steps}", *SETTINGS]
 
 
 def rung_config(models: Path, shards: Path, overrides: list[str], vae: bool):
@@ -151,9 +169,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per rung")
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the rates (start-up, compiling)")
     p.add_argument("--rungs", default=f"1-{len(RUNGS)}", help="which rungs to run, e.g. 1-8 or 1,2,8")
-    p.add_argument("--budget-gib", type=float, default=host_gib() / RANKS,
-                   help="memory per rank that rung 6's planner may spend (default: the host's memory over the ranks)")
+    p.add_argument("--budget-gib", type=float,
+                   help="memory per rank that rung 6's planner may spend (default: on CUDA the device's memory less "
+                        "fastross.plan's margin, else the host's memory over the ranks)")
     p.add_argument("--save", action="store_true", help="append the table to benchmarks/results/throughput.csv")
+    p.add_argument("--slice-layers", type=int, default=0, metavar="K",
+                   help="the 7B shapes with K LLM layers on one device (fastross.tools.make_slice), not the tiny recipe")
+    p.add_argument("--shrink", type=int, default=1, help="with --slice-layers: every width divided by this (smoke shapes)")
+    p.add_argument("--slice-dir", help="with --slice-layers: keep the slice's folders here, or use those made before")
     a = p.parse_args(argv)
     if a.steps <= a.skip:
         p.error("--steps must exceed --skip")
@@ -165,7 +188,15 @@ def main(argv=None) -> int:
     measured = torch.cuda.is_available()  # peak memory: measured by the trainer on a GPU, else simulated
     rows, t0 = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fastross-ladder-work-") as work:
-        models, latents, pixels = prepare(Path(work))
+        if a.slice_layers:
+            models, latents, pixels = slice_mode(a.slice_layers, a.shrink, Path(a.slice_dir or Path(work) / "slice"))
+        else:
+            models, latents, pixels = prepare(Path(work))
+        if a.budget_gib is None:
+            from fastross import plan
+
+            a.budget_gib = (plan.budget_gib(torch.cuda.get_device_properties(0).total_memory / GIB) if measured
+                            else host_gib() / RANKS)
         overrides, stored = [], False
         header = (f"{'rung':<12} {'samples/s':>10} {'tokens/s/rank':>14} {'MFU':>7} "
                   f"{'peak GiB ' + ('measured' if measured else 'simulated'):>19} {'step-1 text':>12} "
@@ -203,8 +234,8 @@ def main(argv=None) -> int:
     first = rows[0]
     worst = max(max(abs(r["text_loss_1"] - first["text_loss_1"]) / first["text_loss_1"],
                     abs(r["recon_loss_1"] - first["recon_loss_1"]) / first["recon_loss_1"]) for r in rows)
-    print(f"step-1 losses: largest relative difference from the first rung {worst:.1e} (the same model: <= 1e-4)")
-    if worst > 1e-4:
+    print(f"step-1 losses: largest relative difference from the first rung {worst:.1e} (the same model: <= {TOL:g})")
+    if worst > TOL:
         print("throughput: error: the rungs do not train the same model", file=sys.stderr)
         return 1
     speedup = rows[-1]["samples_per_s"] / first["samples_per_s"]

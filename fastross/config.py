@@ -122,7 +122,7 @@ class TrainConfig:
     seed: int = 0  # model init and noise keys
     log_every: int = 10  # optimizer steps between log lines
     eval_every: int = 0  # optimizer steps between held-out evaluations on data.eval_shards (0: none)
-    ckpt_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
+    ckpt_every: int = 500  # optimizer steps between checkpoints, one always at the end (0: none at all, for benchmarks)
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
     async_checkpoint: bool = False  # stage to host memory, write in the background; the step waits only for the copy
     run_dir: str = "runs/default"  # metrics, config and checkpoints; a run resumes from it
@@ -305,8 +305,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
                           f"steps between evaluations (> 0), or neither (got {d.eval_shards!r} and {t.eval_every})")
     if check_paths and d.eval_shards and not Path(d.eval_shards).is_dir():
         raise ConfigError(f"data.eval_shards: {d.eval_shards} is not a folder")
-    if t.log_every < 1 or t.ckpt_every < 1 or t.keep_checkpoints < 1:
-        raise ConfigError("train.log_every, train.ckpt_every and train.keep_checkpoints must be >= 1")
+    if t.log_every < 1 or t.ckpt_every < 0 or t.keep_checkpoints < 1:
+        raise ConfigError("train.log_every and train.keep_checkpoints must be >= 1, train.ckpt_every >= 0")
+    if t.ckpt_every == 0 and t.stop_after:
+        raise ConfigError("train.stop_after needs checkpoints to resume from: train.ckpt_every must not be 0")
 
 
 def _folder_config(key: str, path: str) -> dict:

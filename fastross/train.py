@@ -305,7 +305,7 @@ class Trainer:
                         self._dump_memory_snapshot()
                 if t.eval_every and self.step % t.eval_every == 0:
                     self.evaluate()
-                if self.step % t.ckpt_every == 0 or self.step == end:
+                if t.ckpt_every and (self.step % t.ckpt_every == 0 or self.step == end):
                     self.save()
             waited = self.checkpointer.close()  # the last checkpoint is complete before the run says done
         finally:

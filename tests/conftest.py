@@ -89,10 +89,10 @@ def stage2_shards(tiny_models, synth_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def stage2_samples(stage2_shards) -> list:
-    from streaming import StreamingDataset
+    from fastross.data.shards import MDSShards  # streaming's own samples (tests/test_shards.py), without streaming
 
-    ds = StreamingDataset(local=str(stage2_shards), shuffle=False, batch_size=1)
-    return [ds[i] for i in range(ds.num_samples)]
+    shards = MDSShards(stage2_shards)
+    return [shards.read(i) for i in range(len(shards))]
 
 
 @pytest.fixture(scope="session")

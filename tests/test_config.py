@@ -38,6 +38,7 @@ def test_defaults_and_overrides(base):
         ("train.activation_checkpointing=3", "train.activation_checkpointing: expected str | list"),
         ("train.activation_checkpointing=partial", "train.activation_checkpointing: bad entry 'partial'"),
         ("train.activation_checkpointing=[full*0]", "train.activation_checkpointing: bad entry 'full*0'"),
+        ("train.ckpt_every=-1", "train.ckpt_every >= 0"),
         ("nokey", "is not of the form key.sub=value"),
         # issue 11 item 6: each rejected before any work, the key named
         ("train.max_steps=-1", "train.max_steps (-1) and train.stop_after (0) must be >= 0"),
@@ -69,6 +70,12 @@ def test_model_folder_of_the_wrong_type(base, tiny_models, tmp_path, key, folder
     with pytest.raises(config.ConfigError) as e:
         config.load(str(base), [f"{key}={path}"])
     assert str(e.value).startswith(key) and message in str(e.value)
+
+
+def test_no_checkpoints_only_without_stop_after(base):
+    assert config.load(str(base), ["train.ckpt_every=0"]).train.ckpt_every == 0  # benchmarks: no 7B-sized saves
+    with pytest.raises(config.ConfigError, match="train.stop_after needs checkpoints"):
+        config.load(str(base), ["train.ckpt_every=0", "train.stop_after=2"])
 
 
 def test_yaml_round_trip(base, tmp_path):

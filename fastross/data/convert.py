@@ -35,6 +35,7 @@ from tqdm import tqdm
 from fastross.data import templates
 from fastross.data.images import ImageError, ImageSpec, decode, latent_moments, preprocess, preprocess_pil
 from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH, tokenizer_fingerprint
+from fastross.data.shards import MDSWriter
 
 SKIP_REASONS = (
     "malformed", "missing_image", "outside_images_root", "bad_image", "image_too_small", "image_too_large",
@@ -216,8 +217,6 @@ class Converter:
         return report
 
     def write(self, out: Path, report: Report) -> None:
-        from streaming import MDSWriter
-
         a = self.a
         pending: list[dict] = []
         lengths: list[int] = []
@@ -240,8 +239,7 @@ class Converter:
                 report.written += 1
             pending.clear()
 
-        with MDSWriter(out=str(out), columns=COLUMNS, size_limit=a.shard_size, hashes=[SHARD_HASH],
-                       progress_bar=False) as writer:
+        with MDSWriter(out, COLUMNS, size_limit=a.shard_size, hashes=[SHARD_HASH]) as writer:
             for rid, rec in tqdm(read_records(Path(a.json)), desc="convert", unit="rec", disable=a.quiet):
                 report.read += 1
                 try:

@@ -4,7 +4,7 @@
 
 The converter writes the index itself. For other shards this reads every sample's `length`
 column: natively from the shard files when they are uncompressed (fastross._native, which
-never decodes images or token arrays), else through streaming's reader with a progress bar.
+never decodes images or token arrays), else through fastross.data.shards' reader with a progress bar.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fastross.data.schema import LENGTHS_FILE
+from fastross.data.shards import MDSShards
 
 
 def native_layout(shards: Path, column: str = "length"):
@@ -49,12 +50,10 @@ def build(shards: str | Path) -> np.ndarray:
     if layout is not None and _native is not None:
         lengths = _native.read_mds_int_column(*layout).astype(np.int32)
     else:
-        from streaming import StreamingDataset
-
-        ds = StreamingDataset(local=str(shards), shuffle=False, batch_size=1)
-        lengths = np.empty(ds.num_samples, dtype=np.int32)
-        for i in tqdm(range(ds.num_samples), desc="index", unit="sample"):
-            lengths[i] = ds[i]["length"]
+        ds = MDSShards(shards)
+        lengths = np.empty(len(ds), dtype=np.int32)
+        for i in tqdm(range(len(ds)), desc="index", unit="sample"):
+            lengths[i] = ds.read(i)["length"]
     np.save(shards / LENGTHS_FILE, lengths)
     return lengths
 

@@ -17,6 +17,7 @@ Qwen2's grouped KV heads are handled on every path.
 from __future__ import annotations
 
 import importlib.util
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -83,13 +84,29 @@ def _flex(q, k, v, scaling, block_mask):
     return fn(q, k, v, block_mask=block_mask, scale=scaling, enable_gqa=True)
 
 
-def _varlen(q, k, v, scaling, cu, max_len):
-    from torch.nn.attention.varlen import varlen_attn
+def varlen_adapter(fn):
+    """Causal varlen attention on (T, H, D) tensors through `fn` (torch's `varlen_attn`), whichever signature it
+    has: torch 2.10 takes `is_causal`, later releases `window_size` (-1, 0); `enable_gqa` came after 2.11, so
+    without it grouped K/V heads are repeated to the query heads. The signature is read once, here, outside any
+    compiled region."""
+    params = inspect.signature(fn).parameters
+    kw = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    gqa = "enable_gqa" in params
+    if gqa:
+        kw["enable_gqa"] = True
 
-    # (1, H, T, D) -> (T, H, D); window (-1, 0) is causal
+    def call(q, k, v, scaling, cu, max_len):
+        if not gqa and k.shape[1] != q.shape[1]:
+            k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+        return fn(q, k, v, cu, cu, max_len, max_len, scale=scaling, **kw)
+
+    return call
+
+
+def _varlen(attend, q, k, v, scaling, cu, max_len):
+    # (1, H, T, D) -> (T, H, D) and back
     qt, kt, vt = (x[0].transpose(0, 1) for x in (q, k, v))
-    out = varlen_attn(qt, kt, vt, cu, cu, max_len, max_len, scale=scaling, window_size=(-1, 0), enable_gqa=True)
-    return out.transpose(0, 1)[None]
+    return attend(qt, kt, vt, scaling, cu, max_len).transpose(0, 1)[None]
 
 
 def _flash(q, k, v, scaling, cu, max_len):
@@ -101,6 +118,11 @@ def _flash(q, k, v, scaling, cu, max_len):
 
 
 def make_forward(backend: str):
+    if backend == "varlen":
+        from torch.nn.attention.varlen import varlen_attn
+
+        attend = varlen_adapter(varlen_attn)
+
     def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if query.shape[0] != 1:
             raise ValueError("packed attention expects one packed sequence per micro-batch (batch size 1)")
@@ -113,7 +135,7 @@ def make_forward(backend: str):
         elif backend == "flex":
             out = _flex(query, key, value, scaling, mask)
         elif backend == "varlen":
-            out = _varlen(query, key, value, scaling, cu, max_len)
+            out = _varlen(attend, query, key, value, scaling, cu, max_len)
         else:
             out = _flash(query, key, value, scaling, cu, max_len)
         return out.transpose(1, 2).contiguous(), None  # (1, T, H, D) as the HF layers expect

