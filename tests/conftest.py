@@ -88,6 +88,13 @@ def stage2_shards(tiny_models, synth_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def eval_shards(tiny_models, synth_data, tmp_path_factory) -> Path:
+    """The generator's held-out questions, converted as the training shards are. A fixture, since tests cannot
+    import this module: where tests/ and tests/kernels/ are collected together, `conftest` names the other one."""
+    return convert(tiny_models, synth_data, tmp_path_factory.mktemp("eval_shards") / "eval", "qwen2_ross", "eval.json")
+
+
+@pytest.fixture(scope="session")
 def stage2_samples(stage2_shards) -> list:
     from fastross.data.shards import MDSShards  # streaming's own samples (tests/test_shards.py), without streaming
 

@@ -4,20 +4,13 @@ same noise at every evaluation, and training's losses untouched (the golden file
 import pytest
 import torch
 
-from conftest import convert
 from fastross import config
 from fastross.tools import golden
 
 
-@pytest.fixture(scope="module")
-def eval_shards(tiny_models, synth_data, tmp_path_factory):
-    """The generator's held-out questions, converted as the training shards are."""
-    return convert(tiny_models, synth_data, tmp_path_factory.mktemp("eval_shards") / "eval", "qwen2_ross", "eval.json")
-
-
 def test_the_keys_go_together(tmp_path, tiny_models, stage2_shards):
     base = [f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={tiny_models / 'llm'}",
-            f"data.shards={stage2_shards}"]
+            f"data.shards={stage2_shards}", "data.global_batch=8"]
     for bad in (["train.eval_every=5"], [f"data.eval_shards={stage2_shards}"],
                 [f"data.eval_shards={stage2_shards}", "train.eval_every=-1"]):
         with pytest.raises(config.ConfigError, match="data.eval_shards and train.eval_every"):
