@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from fastross.flops import measured_cpu_peak
 from fastross.tools import results as R
 
 PROVIDERS = ("reference", "torch_bf16", "fastross", "torch_bf16_compiled")  # run in this order: compiling is slowest
@@ -93,11 +94,13 @@ def time_ms(fn: Callable[[], object], reps: int = 20, grad_to_none=None) -> floa
 
 
 def matmul_tflops() -> float:
-    """The bf16 matmul rate this device reaches in this run (TFLOP/s): an 8192^3 torch.mm on a GPU."""
-    n = 8192 if torch.cuda.is_available() else 256
-    dt = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    a = torch.randn(n, n, device=device(), dtype=dt)
-    b = torch.randn(n, n, device=device(), dtype=dt)
+    """The bf16 matmul rate this device reaches in this run (TFLOP/s): an 8192^3 torch.mm on a GPU; on CPU the fp32
+    rate the trainer's MFU divides by (fastross.flops.measured_cpu_peak)."""
+    if not torch.cuda.is_available():
+        return measured_cpu_peak()
+    n = 8192
+    a = torch.randn(n, n, device=device(), dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device(), dtype=torch.bfloat16)
     ms = time_ms(lambda: a @ b)
     return 2 * n**3 / (ms * 1e-3) / 1e12
 
