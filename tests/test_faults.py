@@ -165,3 +165,209 @@ def test_disk_full_writing_small_files_names_the_folder_and_keeps_the_previous(w
     assert ck.latest() == ck.root / "step_00000001"
     other, other_opt = tiny_trained(1)
     assert ck.load(ck.latest(), other, other_opt) == {"step": 1}
+
+
+# ---------------------------------------------------------------- non-finite steps (torchrun, 1 rank)
+
+
+def poisoned_shards(src: Path, dst: Path, first: int, last: int) -> tuple[Path, str]:
+    """A copy of `src` whose first sample with an image among ids first..last has NaN latent moments (its bytes
+    patched in place in the shard file): what a corrupt or badly converted sample feeds the loss."""
+    import numpy as np
+
+    from fastross.data.schema import ShardMeta
+    from fastross.data.shards import MDSShards
+
+    shutil.copytree(src, dst)
+    shards, meta = MDSShards(dst), ShardMeta.read(dst)
+    sid = next(i for i in range(first, last + 1) if len(shards.read(i)["image"]))
+    sample = shards.read(sid)
+    raw = sample["latent_mean"]
+    nan = np.full(len(raw) // np.dtype(meta.latent_dtype).itemsize, np.nan, meta.latent_dtype).tobytes()
+    hits = [(f, f.read_bytes().count(raw)) for f in dst.glob("*.mds")]
+    (path, n), = [(f, n) for f, n in hits if n]
+    assert n == 1, "the sample's latent bytes are not unique in its shard"
+    path.write_bytes(path.read_bytes().replace(raw, nan))
+    assert np.isnan(meta.decode_latent(MDSShards(dst).read(sid)["latent_mean"])).all()
+    return dst, str(sample["id"])
+
+
+@pytest.mark.slow
+def test_nan_sample_skips_the_step_and_then_stops_the_run(tiny_models, skewed_shards, tmp_path):
+    import subprocess
+
+    from test_checkpoint import flatten, read_checkpoint
+    from test_train import metrics, run, torchrun_cmd, write_config
+
+    # Unshuffled, 8 samples a step on one rank: step 2 holds samples 8..15, one of them poisoned.
+    shards, bad_id = poisoned_shards(skewed_shards, tmp_path / "shards", 8, 15)
+    rd = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_models, shards, rd, max_steps=3, ckpt_every=1, keep_checkpoints=5)
+    over = ["data.shuffle=false", "data.workers=0"]
+
+    # max_bad_steps=1: the first non-finite step stops the run, naming the sample; step 1's checkpoint stays.
+    p = subprocess.run(torchrun_cmd(1, cfg, *over, "train.max_bad_steps=1"), capture_output=True, text=True,
+                       timeout=600)
+    out = p.stdout + p.stderr
+    assert "train: stopped: 1 steps in a row (through step 2) had a non-finite loss" in out, out[-4000:]
+    assert bad_id in out.split("train: stopped:")[1].split("\n")[0]
+    assert sorted(d.name for d in (rd / "checkpoints").glob("step_*")) == ["step_00000001"]
+    (rec,) = [json.loads(x) for x in (rd / "nonfinite.jsonl").read_text().splitlines()]
+    assert rec["step"] == 2 and bad_id in rec["samples"] and len(rec["samples"]) < 8
+
+    # Started again with room for 3: step 2 is skipped (no update, no moment change), step 3 trains.
+    out = run(1, cfg, *over, "train.max_bad_steps=3")
+    assert "resumed from" in out and "at step 1" in out
+    assert "step 2: non-finite loss or gradient norm" in out and "update skipped (1 in a row" in out
+    got = metrics(rd)
+    assert [m["step"] for m in got] == [1, 2, 3] and [m["skipped_steps"] for m in got] == [0, 1, 0]
+    assert all(torch.isfinite(torch.tensor(m["grad_norm"])) for m in (got[0], got[2]))
+    ck = {n: read_checkpoint(rd / "checkpoints" / f"step_{n:08d}", tmp_path) for n in (1, 2, 3)}
+    for part in ("model", "optim"):
+        a, b, c = (flatten(ck[n][part]) for n in (1, 2, 3))
+        changed = 0
+        for k, v in a.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(v, b[k]), (part, k)  # the skipped step changed nothing
+                changed += not torch.equal(b[k], c[k])
+            elif not k.startswith("param_groups."):  # the learning rate follows the schedule, skipped steps too
+                assert v == b[k], (part, k)
+        assert changed > 0, part  # and step 3 did update
+    assert len((rd / "nonfinite.jsonl").read_text().splitlines()) == 2  # both runs' step 2
+
+
+# ---------------------------------------------------------------- metrics.jsonl: full disk, torn lines, trimming
+
+
+def test_metrics_write_on_a_full_disk_names_the_file_and_leaves_whole_lines(tmp_path, monkeypatch):
+    import io
+
+    from fastross import metrics
+
+    log = metrics.MetricsLogger(tmp_path, True, world=1, stream=io.StringIO())
+    values = {"text_loss": 2.5, "recon_loss": 0.5, "lr": 1e-3, "grad_norm": 1.0}
+    log.log(1, 10, values)
+    whole = log.path.read_text()
+    real_write = os.write
+
+    def half_then_full(fd, data):  # the first write lands half the record, the next finds the disk full
+        if not getattr(half_then_full, "done", False):
+            half_then_full.done = True
+            return real_write(fd, bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics.os, "write", half_then_full)
+    with pytest.raises(OSError, match=f"could not append a record to {log.path}: No space left on device"):
+        log.log(2, 10, values)
+    monkeypatch.undo()
+    assert log.path.read_text() == whole  # cut back to the last whole record
+
+
+def test_trim_drops_torn_lines_and_steps_past_the_checkpoint(tmp_path):
+    from fastross import metrics
+
+    path = tmp_path / "metrics.jsonl"
+    recs = [json.dumps({"step": s, "text_loss": 1.0}) for s in (1, 2, 3, 4)]
+    path.write_text("\n".join(recs) + "\n" + '{"step": 5, "text_lo')  # a crash mid-write tore the last one
+    assert metrics.trim(path, 3) == 2
+    assert path.read_text() == "\n".join(recs[:3]) + "\n"
+    path.write_text("\n".join(recs) + "\n\x00\x00garbage\n")
+    assert metrics.trim(path, 10) == 1 and path.read_text() == "\n".join(recs) + "\n"
+    assert metrics.trim(path, 0) == 4 and path.read_text() == ""  # no checkpoint yet: every record runs again
+    assert metrics.trim(tmp_path / "absent.jsonl", 0) == 0
+
+
+# ---------------------------------------------------------------- the run-folder lock
+
+
+def try_lock(run_dir: Path) -> str:
+    """Take the lock from another process, as a second trainer would."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fastross.lifecycle import RunLock, RunLocked\n"
+            "try:\n    RunLock(sys.argv[1]).release(); print('taken')\n"
+            "except RunLocked as e:\n    print('refused:', e)\n")
+    return subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True,
+                          timeout=60).stdout
+
+
+def test_lock_refuses_a_second_owner_and_takes_over_a_dead_ones(tmp_path, capsys):
+    import socket
+    import subprocess
+    import sys
+
+    from fastross.lifecycle import LOCK, RunLock
+
+    rd = tmp_path / "run"
+    lock = RunLock(rd)
+    owner = json.loads((rd / LOCK).read_text())
+    assert owner["host"] == socket.gethostname() and owner["pid"] == os.getpid()
+    out = try_lock(rd)
+    assert out.startswith("refused:") and f"pid {os.getpid()}" in out and "train.run_dir" in out
+    lock.release()
+    assert try_lock(rd) == "taken\n" and (rd / LOCK).read_text() == ""  # released cleanly: nothing stale
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (rd / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "then"}))
+    lock = RunLock(rd)  # the file names a dead process that holds no flock: taken over, with a message
+    assert f"taking over the stale lock {rd / LOCK} of host {socket.gethostname()} pid {dead.pid}" in \
+        capsys.readouterr().out
+    assert json.loads((rd / LOCK).read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+@pytest.mark.slow
+def test_second_trainer_refused_and_killing_torchrun_ends_every_process(tiny_models, skewed_shards, tmp_path):
+    """Trainer A (2 ranks, 2 loader workers each) runs; B on the same folder is refused; SIGKILL to A's torchrun
+    alone ends A's ranks and their workers, which frees the lock: the next trainer takes it over."""
+    import signal
+    import subprocess
+    import time
+
+    from fastross.lifecycle import RunLock
+    from test_train import descendants, metrics, torchrun_cmd, write_config
+
+    rd = tmp_path / "run"
+    cfg = write_config(tmp_path / "c.yaml", tiny_models, skewed_shards, rd, max_steps=400, ckpt_every=1000)
+    a = subprocess.Popen(torchrun_cmd(2, cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not ((rd / "metrics.jsonl").exists() and metrics(rd)) and a.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert a.poll() is None and metrics(rd), "trainer A never logged a step"
+        procs = descendants(a.pid)
+        assert len(procs) >= 6, procs  # 2 ranks and their 2 workers each (at least)
+
+        b = subprocess.run(torchrun_cmd(1, cfg), capture_output=True, text=True, timeout=300)
+        assert b.returncode != 0 and "train: refused:" in b.stderr, b.stderr[-3000:]
+        assert f"{rd} is in use: a trainer (host " in b.stderr
+        assert a.poll() is None  # A untouched
+
+        os.kill(a.pid, signal.SIGKILL)  # torchrun only
+        a.wait()
+        deadline = time.time() + 60
+        alive = procs
+        while alive and time.time() < deadline:
+            time.sleep(0.5)
+            alive = [p for p in procs if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+        assert not alive, f"still running after torchrun died: {alive}"
+    finally:
+        for pid in [a.pid, *descendants(a.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        a.wait()
+    said = []
+    RunLock(rd, say=said.append).release()
+    assert len(said) == 1 and "taking over the stale lock" in said[0] and "that process is gone" in said[0]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
