@@ -10,7 +10,7 @@ A checkpoint is written into `step_N.tmp/` and renamed only once every rank has 
 during a save leaves the previous checkpoint and `latest` untouched; stale `.tmp` folders
 are removed at the next start.
 
-Integrity. Once every rank's files are on disk, rank 0 hashes them (blake2b, several files at
+Integrity. Once every rank's files are on disk, rank 0 hashes them (sha256, several files at
 once) into `manifest.json`, the last file written before the rename. Loading picks the newest
 checkpoint folder whose files match its manifest, whatever `latest` says; a corrupt or
 incomplete newer one is skipped with a message naming the file, and a run folder that holds
@@ -134,7 +134,7 @@ def dcp_load(state: dict, path: Path) -> None:
 
 
 def _hash_file(path: Path) -> str:
-    h = hashlib.blake2b(digest_size=32)
+    h = hashlib.sha256()  # with SHA-NI (current x86) faster than blake2b
     with open(path, "rb") as f:
         while chunk := f.read(1 << 22):  # hashlib drops the GIL on large updates: files hash in parallel
             h.update(chunk)
@@ -147,9 +147,9 @@ def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
 
 
 def write_manifest(folder: Path) -> None:
-    """blake2b of every file of the checkpoint, written last (after every rank's files are on disk)."""
+    """sha256 of every file of the checkpoint, written last (after every rank's files are on disk)."""
     names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
-    _fsync_write(folder / MANIFEST, json.dumps({"blake2b": hash_files(folder, names)}, indent=1))
+    _fsync_write(folder / MANIFEST, json.dumps({"sha256": hash_files(folder, names)}, indent=1))
 
 
 def verify(folder: Path) -> str | None:
@@ -158,7 +158,7 @@ def verify(folder: Path) -> str | None:
     if not path.is_file():
         return f"{path} is missing (an incomplete checkpoint, or one written before fastross kept manifests)"
     try:
-        want = json.loads(path.read_text())["blake2b"]
+        want = json.loads(path.read_text())["sha256"]
     except (ValueError, KeyError, TypeError) as e:
         return f"{path} is unreadable ({e})"
     if ".metadata" not in want:
@@ -296,11 +296,15 @@ class Checkpointer:
             upload.add_done_callback(lambda f: self._on_written(job, f))
         return SaveReport(final, time.perf_counter() - t0)
 
-    def _previous(self) -> str:
-        """Where a restart resumes, for error messages (from the `latest` hint: no hashing, no collective)."""
+    def hint(self) -> Path | None:
+        """The newest checkpoint this run completed, as `latest` names it (for messages: no hashing, no collective)."""
         hint = self.root / LATEST
         name = hint.read_text().strip() if hint.is_file() else ""
-        return (f"the previous checkpoint {self.root / name} is intact and is where a restart resumes" if name
+        return self.root / name if name else None
+
+    def _previous(self) -> str:
+        previous = self.hint()
+        return (f"the previous checkpoint {previous} is intact and is where a restart resumes" if previous
                 else "no earlier checkpoint exists: a restart begins at step 0")
 
     def _agree(self, err: BaseException | None, tmp: Path, what: str) -> None:

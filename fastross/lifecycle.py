@@ -5,6 +5,9 @@ and PID into it. The kernel drops a flock when its process dies, however it dies
 free (stale) and the next trainer takes it over with a message naming the dead owner; a lock whose owner is alive is
 refused, naming it. On NFS the flock is Linux's emulation over POSIX locks (lockd), held across hosts.
 
+Shared memory: mosaicml-streaming leaves its /dev/shm segments behind when a process using them is killed;
+`clean_dead_streaming_shm` removes, at start, those of runs that are gone and leaves live runs' alone.
+
 Parent death: torchrun's ranks and the loader's workers ask the kernel for SIGTERM when their parent dies
 (`PR_SET_PDEATHSIG`), so killing torchrun alone ends the ranks, and a rank's end ends its workers, instead of leaving
 them training into a folder no lock protects any more.
@@ -104,3 +107,79 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         return
     if os.getppid() != parent or parent == 1:
         os._exit(1)
+
+
+# mosaicml-streaming's shared-memory segments are named f"{N:06}_{name}" (streaming/base/shared/prefix.py), N the
+# first free prefix, name one of streaming.base.constant.SHM_TO_CLEAN (0.13; tests/test_faults.py checks the list).
+STREAMING_SHM = ("locals", "barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times", "resume",
+                 "epoch_shape", "epoch_data")
+
+
+def clean_dead_streaming_shm(shm_dir: Path = Path("/dev/shm"), say=print) -> list[str]:
+    """Unlink the streaming segments of dead runs: every prefix N none of whose segments a live process maps or holds
+    open. streaming's own `clean_stale_shared_memory` unlinks every prefix, live runs' included; this one leaves
+    those alone, and other users' segments too. Returns the names removed.
+
+    A process that has created a segment but not yet mapped it (a moment inside streaming's start-up) looks dead here;
+    fastross's trainer itself creates none (fastross/data/shards.py), so this only matters beside other streaming
+    jobs, and it runs once, at start."""
+    if not shm_dir.is_dir():
+        return []
+    ours = {}
+    for p in shm_dir.iterdir():
+        prefix, _, name = p.name.partition("_")
+        if len(prefix) == 6 and prefix.isdigit() and name in STREAMING_SHM and _owned(p):
+            ours.setdefault(prefix, []).append(p)
+    if not ours:
+        return []
+    live = _prefixes_in_use(shm_dir)
+    removed = []
+    for prefix, paths in sorted(ours.items()):
+        if prefix in live:
+            continue
+        for p in paths:
+            try:
+                p.unlink()
+                removed.append(p.name)
+            except FileNotFoundError:
+                pass
+    if removed:
+        say(f"train: removed {len(removed)} shared-memory segment(s) of dead streaming runs from {shm_dir}: "
+            f"{', '.join(removed[:6])}{' ...' if len(removed) > 6 else ''}")
+    return removed
+
+
+def _owned(path: Path) -> bool:
+    try:
+        return path.stat().st_uid == os.getuid()
+    except OSError:
+        return False
+
+
+def _prefixes_in_use(shm_dir: Path) -> set[str]:
+    """Prefixes of the streaming segments that some live process maps (/proc/PID/maps) or holds open (/proc/PID/fd).
+    One of this user's processes whose /proc entries cannot be read might use any of them: none is then removed."""
+    live, root = set(), str(shm_dir) + "/"
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or proc.name == "1":  # init (in a sandbox often unreadable) runs no streaming job
+            continue
+        try:
+            names = [ln.rsplit(None, 1)[-1] for ln in (proc / "maps").read_text().splitlines() if root in ln]
+            for fd in (proc / "fd").iterdir():
+                try:
+                    names.append(os.readlink(fd))
+                except OSError:
+                    pass
+        except PermissionError:
+            try:
+                if proc.stat().st_uid == os.getuid():  # ours but unreadable: be safe
+                    return {p.name.partition("_")[0] for p in shm_dir.iterdir()}
+            except OSError:
+                pass
+            continue
+        except OSError:  # the process ended while being read
+            continue
+        for n in names:
+            if n.startswith(root):
+                live.add(n[len(root):].partition("_")[0])
+    return live

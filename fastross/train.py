@@ -36,6 +36,16 @@ class TrainingStopped(RuntimeError):
     """The run cannot usefully go on (train.max_bad_steps); the message says why and what to do."""
 
 
+def finite_everywhere(losses: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Whether every rank's losses and the global gradient norm are finite.
+
+    One all-reduce and one host sync per step (the `.item()`): the price of never applying a NaN update
+    (`python benchmarks/nonfinite.py` measures it). The norm is already global; the losses are each rank's own."""
+    bad = torch.stack([(~torch.isfinite(losses)).any(), ~torch.isfinite(grad_norm)]).float()
+    distributed.all_reduce_max(bad)
+    return not bad.any().item()
+
+
 def cosine_with_warmup(warmup: int, total: int):
     """Linear warm-up from 0, then cosine decay to 0 (the reference's Hugging Face schedule)."""
 
@@ -204,7 +214,7 @@ class Trainer:
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
-        if not self._finite(losses, grad_norm):  # the step's one host sync
+        if not finite_everywhere(losses, grad_norm):  # the step's one host sync
             self._skip(mbs, losses, grad_norm)
         else:
             self.optimizer.step()
@@ -217,15 +227,6 @@ class Trainer:
             "tokens": step.tokens,  # the global batch's tokens, known to every rank
             "micro_batches": step.num_micro_batches, "imbalance": step.imbalance,
         }
-
-    def _finite(self, losses: torch.Tensor, grad_norm: torch.Tensor) -> bool:
-        """Whether every rank's losses and the global gradient norm are finite.
-
-        One all-reduce and one host sync per step (the `.item()`): the price of never applying a NaN update, stated in
-        README.md ("Non-finite steps"). The norm is already global; the losses are each rank's own."""
-        bad = torch.stack([(~torch.isfinite(losses)).any(), ~torch.isfinite(grad_norm)]).float()
-        distributed.all_reduce_max(bad)
-        return not bad.any().item()
 
     def _skip(self, mbs: list, losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
         """No update (the optimizer's moments and step count untouched); the step's samples go to
@@ -316,7 +317,7 @@ class Trainer:
         if self.cfg.train.async_checkpoint:
             self._say(f"waited {waited:.2f} s at the end for the last checkpoint's write")
         wall = time.perf_counter() - start
-        self._say(f"done: steps {first} -> {self.step} in {wall:.1f} s; checkpoint in {self.checkpointer.latest()}")
+        self._say(f"done: steps {first} -> {self.step} in {wall:.1f} s; checkpoint in {self.checkpointer.hint()}")
 
     def _timed(self, steps):
         """The loader's steps, with the time spent waiting in next() added to the record as data_wait_s."""
@@ -363,6 +364,8 @@ def main(argv=None) -> int:
     try:
         # One trainer per run folder (fastross.lifecycle): taken before anything is written into it.
         with lifecycle.hold(cfg.train.run_dir, world.is_main, distributed.broadcast_from_main):
+            if world.local_rank == 0:  # once per machine
+                lifecycle.clean_dead_streaming_shm()
             Trainer(cfg, world).fit()
     except config.ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr)

@@ -371,3 +371,66 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+# ---------------------------------------------------------------- streaming's shared memory
+
+
+def test_dead_runs_streaming_shm_is_removed_and_live_runs_kept():
+    from multiprocessing import shared_memory
+
+    import streaming.base.constant
+
+    from fastross import lifecycle
+
+    assert lifecycle.STREAMING_SHM == tuple(streaming.base.constant.SHM_TO_CLEAN)  # the names streaming uses
+    shm = Path("/dev/shm")
+    dead = [shm / "987654_locals", shm / "987654_barrier"]  # as a SIGKILLed streaming run leaves them
+    other = shm / "987656_my_own_segment"  # not streaming's: never touched
+    for p in [*dead, other]:
+        p.write_bytes(b"\0" * 64)
+    live = shared_memory.SharedMemory(name="987655_locals", create=True, size=64)  # mapped by this live process
+    try:
+        said = []
+        removed = lifecycle.clean_dead_streaming_shm(say=said.append)
+        assert sorted(removed) == ["987654_barrier", "987654_locals"]
+        assert not any(p.exists() for p in dead) and other.exists() and (shm / "987655_locals").exists()
+        assert len(said) == 1 and "removed 2 shared-memory segment(s) of dead streaming runs" in said[0]
+        assert lifecycle.clean_dead_streaming_shm(say=said.append) == []  # nothing left to remove
+    finally:
+        live.close()
+        live.unlink()
+        for p in [*dead, other]:
+            p.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- resuming on another number of ranks
+
+
+@pytest.mark.slow
+def test_resume_on_another_rank_count_continues_the_same_global_batches(tiny_models, skewed_shards, tmp_path):
+    """1 -> 2 and 2 -> 1 ranks at step 2 of 4: the same global batches (tokens and images per step, exactly) and
+    the losses of the uninterrupted runs on either count, within what fp32 reduction order moves
+    (tests/test_train.py's 1-vs-2-rank test: 1e-4 after one Adam step)."""
+    from test_train import metrics, run, write_config
+
+    steps = dict(max_steps=4, ckpt_every=2)
+    ref = {}
+    for n in (1, 2):
+        ref[n] = tmp_path / f"ref{n}"
+        run(n, write_config(tmp_path / f"ref{n}.yaml", tiny_models, skewed_shards, ref[n], **steps))
+    for first, then in ((1, 2), (2, 1)):
+        rd = tmp_path / f"from{first}to{then}"
+        cfg = write_config(tmp_path / f"{first}{then}.yaml", tiny_models, skewed_shards, rd, **steps)
+        run(first, cfg, "train.stop_after=2")
+        out = run(then, cfg)
+        assert "resumed from" in out and "at step 2" in out
+        got = metrics(rd)
+        assert [m["step"] for m in got] == [1, 2, 3, 4]
+        for a, b in zip(metrics(ref[first])[:2], got[:2]):  # before the change: the first run itself
+            assert a["text_loss"] == b["text_loss"] and a["recon_loss"] == b["recon_loss"]
+        for n in (1, 2):
+            for a, b in zip(metrics(ref[n]), got):
+                assert (a["text_tokens"], a["images"]) == (b["text_tokens"], b["images"]), (first, then, a["step"])
+                for key in ("text_loss", "recon_loss", "grad_norm"):
+                    assert b[key] == pytest.approx(a[key], rel=2e-4), (first, then, n, a["step"], key)
