@@ -41,7 +41,6 @@ Trade-off: host memory holds one copy of this rank's shard of the model and opti
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json

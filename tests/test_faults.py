@@ -202,7 +202,7 @@ def test_nan_sample_skips_the_step_and_then_stops_the_run(tiny_models, skewed_sh
     # Unshuffled, 8 samples a step on one rank: step 2 holds samples 8..15, one of them poisoned.
     shards, bad_id = poisoned_shards(skewed_shards, tmp_path / "shards", 8, 15)
     rd = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", tiny_models, shards, rd, max_steps=3, ckpt_every=1, keep_checkpoints=5)
+    cfg = write_config(tmp_path / "c.yaml", tiny_models, shards, rd, max_steps=3, ckpt_every=1, keep_checkpoints=3)
     over = ["data.shuffle=false", "data.workers=0"]
 
     # max_bad_steps=1: the first non-finite step stops the run, naming the sample; step 1's checkpoint stays.
@@ -234,6 +234,7 @@ def test_nan_sample_skips_the_step_and_then_stops_the_run(tiny_models, skewed_sh
                 assert v == b[k], (part, k)
         assert changed > 0, part  # and step 3 did update
     assert len((rd / "nonfinite.jsonl").read_text().splitlines()) == 2  # both runs' step 2
+    shutil.rmtree(rd)  # the shared machines' disk
 
 
 # ---------------------------------------------------------------- metrics.jsonl: full disk, torn lines, trimming
@@ -414,7 +415,7 @@ def test_resume_on_another_rank_count_continues_the_same_global_batches(tiny_mod
     (tests/test_train.py's 1-vs-2-rank test: 1e-4 after one Adam step)."""
     from test_train import metrics, run, write_config
 
-    steps = dict(max_steps=4, ckpt_every=2)
+    steps = dict(max_steps=4, ckpt_every=2, keep_checkpoints=1)
     ref = {}
     for n in (1, 2):
         ref[n] = tmp_path / f"ref{n}"
@@ -434,3 +435,4 @@ def test_resume_on_another_rank_count_continues_the_same_global_batches(tiny_mod
                 assert (a["text_tokens"], a["images"]) == (b["text_tokens"], b["images"]), (first, then, a["step"])
                 for key in ("text_loss", "recon_loss", "grad_norm"):
                     assert b[key] == pytest.approx(a[key], rel=2e-4), (first, then, n, a["step"], key)
+        shutil.rmtree(rd)  # the shared machines' disk: 2 checkpoints of 4 runs add up
