@@ -484,8 +484,8 @@ def load_model_weights(path: str | Path, model) -> Path:
         return _load_export_weights(Path(path), model)
     if Path(path).is_file():
         raise ValueError(
-            f"model.init_from: {path} is a file; fastross reads a run folder, a checkpoint folder or a fastross export, "
-            "never a pickle (.pt/.bin): load it in a trusted session, save its tensors with safetensors, and point "
+            f"model.init_from: {path} is a file; fastross reads a run folder, a checkpoint folder or a fastross "
+            "export, never a pickle (.pt/.bin): load it in a trusted session, save its tensors with safetensors, and point "
             "model.vision_path/model.llm_path at a Hugging Face folder, or start a run from them and use its checkpoint"
         )
     ckpt = agreed(lambda: resolve(path, say=print), dist.get_rank() if dist.is_initialized() else 0)

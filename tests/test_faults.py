@@ -100,7 +100,8 @@ def test_flipped_distcp_bytes_fall_back_to_the_previous_checkpoint(world_of_one,
     assert checkpoint.verify(newest) is None and (ck.root / "latest").read_text() == "step_00000002"
     (distcp,) = newest.glob("*.distcp")
     flip_bytes(distcp)
-    assert checkpoint.verify(newest) == f"{distcp} does not match its hash in {newest / 'manifest.json'} (1 file(s) differ)"
+    want = f"{distcp} does not match its hash in {newest / 'manifest.json'} (1 file(s) differ)"
+    assert checkpoint.verify(newest) == want
     assert ck.latest() == ck.root / "step_00000001"
     out = capsys.readouterr().out
     assert f"skipping step_00000002: {distcp} does not match" in out

@@ -12,8 +12,8 @@ the GPU step hides it as long as one worker keeps up with a step's duration time
 
 Workers are forked by the DataLoader, read the shards with fastross.data.shards (no shared
 memory names to race on, nothing left in /dev/shm), use one intra-op thread each, and exit when
-the training process dies (SIGTERM from the kernel: fastross.lifecycle.die_with_parent). One DataLoader iterator spans the whole
-run (all epochs), so its workers live as long as the run.
+the training process dies (SIGTERM from the kernel: fastross.lifecycle.die_with_parent). One
+DataLoader iterator spans the whole run (all epochs), so its workers live as long as the run.
 
 The hand-off: a worker packs all of a step's tensors into one buffer (`PackedStep`), so the step
 crosses the process boundary as one shared-memory file descriptor. Sent tensor by tensor, each of
