@@ -38,7 +38,7 @@ from PIL import Image
 from fastross.config import DataConfig
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader
-from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE
+from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH
 from fastross.data.stream import Position
 from fastross.tools import results as R
 
@@ -75,7 +75,7 @@ def write_shards(out: Path, n: int, seed: int) -> None:
     # Pools reused across samples: writing stays quick, and every sample is still decoded on its own.
     jpegs = [jpeg(rng, sources) for _ in range(64)]
     moments = [rng.standard_normal((2, CHANNELS, side, side), dtype=np.float32) for _ in range(16)]
-    with MDSWriter(out=str(out), columns=COLUMNS, size_limit=1 << 26, progress_bar=False) as w:
+    with MDSWriter(out=str(out), columns=COLUMNS, size_limit=1 << 26, hashes=[SHARD_HASH], progress_bar=False) as w:
         for i in range(n):
             text = int(rng.integers(100, 401))
             ids = rng.integers(0, 150000, text).astype(np.int32)
@@ -89,7 +89,8 @@ def write_shards(out: Path, n: int, seed: int) -> None:
     (out / META_FILE).write_text(json.dumps({
         "template": "qwen2_ross", "image_aspect": "pad", "grid": GRID, "num_visual_tokens": GRID * GRID,
         "image_token_id": IMAGE_TOKEN, "latents": True, "latent_channels": CHANNELS, "latent_dtype": "float32",
-        "read": n, "written": n, "skipped": {},
+        "latent_shift": 0.1159, "latent_scale": 0.3611, "tokenizer": "none: random ids (the trainer would refuse these)",
+        "tokenizer_fingerprint": {}, "read": n, "written": n, "skipped": {},
     }))
 
 

@@ -1,6 +1,6 @@
 """The ladder: from the reference recipe to fastross, one switch at a time, each rung a real training run.
 
-    python benchmarks/throughput.py [--steps 6] [--skip 2] [--rungs 1-8] [--save]
+    python benchmarks/throughput.py [--steps 6] [--skip 2] [--rungs 1-8] [--budget-gib G] [--save]
 
 Rungs (cumulative; every one trains the same model, so their step-1 losses agree):
   1 reference   padded micro-batches (data.packing=padded), fp32 logits CE at every position
@@ -11,20 +11,32 @@ Rungs (cumulative; every one trains the same model, so their step-1 losses agree
   3 +fused CE   Liger's fused linear cross-entropy at the supervised positions only
   4 +latents    the latent moments stored in the shards at conversion
   5 +triton     fastross's fused denoiser kernels, the condition embedded once per image
-  6 +planned AC per-layer activation checkpointing as the planner chooses it
+  6 +planned AC per-layer activation checkpointing as the planner chooses it (fastross.plan.plan_policy) within
+                --budget-gib per rank (default: the host's memory over the ranks); the policy is printed
   7 +compile    torch.compile of every decoder layer and denoiser block
   8 +loader     2 loader workers per rank preparing steps ahead: fastross
 
 On CPU it trains configs/tiny.yaml on 2 ranks (torchrun, gloo) on the tests' tiny models and data; with a GPU
 the 7B shapes with K LLM layers are the next step (not yet here). Each rung runs `--steps` optimizer steps; its
 samples/s, tokens/s per rank and MFU (model FLOPs over the device's peak; on CPU the measured matmul rate, see
-fastross/flops.py) are the medians of the logged steps after the first `--skip` (start-up and compiling). On CPU
-the Triton kernels run in the interpreter and compiling is slow: a rung may be slower than the one before it, and
-is reported as measured.
+fastross/flops.py) are the medians of the logged steps after the first `--skip` (start-up and compiling).
+Peak memory per rank: on CUDA the trainer's measured `torch.cuda.max_memory_allocated` (the largest over the
+rung's steps); elsewhere simulated for the rung's config and its step's largest micro-batch (padded for rung 1)
+by fastross.plan.simulate_config (FakeTensorMode, fake process group, FSDPMemTracker; compile not simulated).
+The header says which.
 
-Ends with `throughput: speedup X mfu M device D` (X: the last rung's samples/s over the first's; M: its MFU).
-Not yet here: the peak-memory column (measured on a GPU, simulated on CPU) and the 7B slice on a GPU.
---save appends the table to benchmarks/results/throughput.csv.
+On CPU the Triton kernels (the denoiser's, and Liger's cross-entropy inside the fused CE) run in Triton's
+interpreter and compiling is slow: a rung may be slower than the one before it, and is reported as measured.
+What the CPU ladder costs, and what was done about it (README, "The ladder"):
+- the interpreter's cost is per program and per op, so under TRITON_INTERPRET the denoiser's matmul kernels take
+  128 x 128 tiles (kernels/linear_epilogue.py; 64 x 64 before): 4x fewer programs for the tiny denoiser's
+  2048 x 64 -> 256 matmuls, while the kernel tests' 150 x 130 outputs still cross tiles;
+- Liger's CE kernel runs one interpreted program per supervised row, whatever its chunking (the per-row cost is
+  the interpreter's, `python benchmarks/text_loss.py --rows 52`), so a larger hidden size in the tiny models would
+  not make it cheaper: it would only grow every rung's lm_head. The rung is reported as it is.
+
+Ends with `throughput: speedup X mfu M mem_ratio R device D` (X: the last rung's samples/s over the first's; M:
+its MFU; R: its peak memory over the first's). --save appends the table to benchmarks/results/throughput.csv.
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -58,9 +71,7 @@ RUNGS = [  # (name, overrides on top of the rung before; "LATENTS" switches to t
     ("+compile", ["train.compile=true"]),
     ("+loader", ["data.workers=2"]),
 ]
-# Rung 6's policy. Until `python -m fastross.plan` chooses it: none, since the tiny model's activations (a few MB
-# per micro-batch) fit any CPU rank, so the memory planner has nothing to trade.
-TINY_PLANNED_POLICY = "train.activation_checkpointing=none"
+GIB = 1 << 30
 
 
 def prepare(work: Path) -> tuple[Path, Path, Path]:
@@ -83,11 +94,41 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     return models, out["latents"], out["pixels"]
 
 
-def train(models: Path, shards: Path, run_dir: Path, overrides: list[str], steps: int, vae: bool) -> list[dict]:
-    """One rung: configs/tiny.yaml from fresh weights for `steps` steps on RANKS ranks; its metrics records."""
-    base = [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}", "model.init_from=''",
+def base_overrides(models: Path, shards: Path, run_dir: Path, steps: int, vae: bool) -> list[str]:
+    """What every rung sets on top of configs/tiny.yaml: the ladder's own model folders and shards, fresh weights."""
+    return [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}", "model.init_from=''",
             "model.vae_path=" + (str(models / "vae") if vae else "''"), f"data.shards={shards}", f"train.run_dir={run_dir}",
             f"train.max_steps={steps}", "train.epochs=10", "train.log_every=1", f"train.ckpt_every={10 * steps}"]
+
+
+def rung_config(models: Path, shards: Path, overrides: list[str], vae: bool):
+    """The rung's resolved config, as its training run will read it (for the planner and the simulation)."""
+    from fastross import config
+
+    return config.load(CONFIG, base_overrides(models, shards, Path("unused"), 1, vae) + overrides, check_paths=False)
+
+
+def planned_policy(cfg, budget: float) -> str:
+    """Rung 6: the planner's per-layer checkpointing policy for this rung's config within `budget` GiB per rank."""
+    from fastross import plan
+
+    chosen = plan.plan_policy(cfg, RANKS, budget)
+    if chosen is None:
+        raise RuntimeError(f"throughput: no checkpointing policy fits {budget:.1f} GiB per rank (--budget-gib)")
+    return plan.override(chosen)
+
+
+def simulated_peak_gib(cfg) -> float:
+    """A rank's peak memory for this rung's config by simulation (fastross.plan.simulate_config; compile not
+    simulated: the eager step)."""
+    from fastross import plan
+
+    return plan.simulate_config(cfg, RANKS).peak / GIB
+
+
+def train(models: Path, shards: Path, run_dir: Path, overrides: list[str], steps: int, vae: bool) -> list[dict]:
+    """One rung: configs/tiny.yaml from fresh weights for `steps` steps on RANKS ranks; its metrics records."""
+    base = base_overrides(models, shards, run_dir, steps, vae)
     with tempfile.TemporaryDirectory(prefix="fastross-ladder-") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
                "-m", "fastross.train", str(CONFIG), *base, *overrides]
@@ -96,7 +137,13 @@ def train(models: Path, shards: Path, run_dir: Path, overrides: list[str], steps
     out = p.stdout + p.stderr
     if "train: done" not in out:
         raise RuntimeError(f"throughput: the rung did not finish ({' '.join(overrides)}):\n{out[-4000:]}")
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    shutil.rmtree(run_dir)  # its end-of-run checkpoint: one rung's on disk at a time
+    return recs
+
+
+def host_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB
 
 
 def main(argv=None) -> int:
@@ -104,6 +151,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="optimizer steps per rung")
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the rates (start-up, compiling)")
     p.add_argument("--rungs", default=f"1-{len(RUNGS)}", help="which rungs to run, e.g. 1-8 or 1,2,8")
+    p.add_argument("--budget-gib", type=float, default=host_gib() / RANKS,
+                   help="memory per rank that rung 6's planner may spend (default: the host's memory over the ranks)")
     p.add_argument("--save", action="store_true", help="append the table to benchmarks/results/throughput.csv")
     a = p.parse_args(argv)
     if a.steps <= a.skip:
@@ -111,34 +160,46 @@ def main(argv=None) -> int:
     lo, _, hi = a.rungs.partition("-")
     wanted = set(range(int(lo), int(hi) + 1)) if hi else {int(x) for x in a.rungs.split(",")}
     device = R.machine()
+    import torch
+
+    measured = torch.cuda.is_available()  # peak memory: measured by the trainer on a GPU, else simulated
     rows, t0 = [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fastross-ladder-work-") as work:
         models, latents, pixels = prepare(Path(work))
         overrides, stored = [], False
-        print(f"{'rung':<12} {'samples/s':>10} {'tokens/s/rank':>14} {'MFU':>7} {'step-1 text':>12} {'step-1 recon':>13} "
-              f"{'wall s':>7}")
+        header = (f"{'rung':<12} {'samples/s':>10} {'tokens/s/rank':>14} {'MFU':>7} "
+                  f"{'peak GiB ' + ('measured' if measured else 'simulated'):>19} {'step-1 text':>12} "
+                  f"{'step-1 recon':>13} {'wall s':>7}")
+        print(header)
         for k, (name, delta) in enumerate(RUNGS, 1):
             for o in delta:
                 if o == "LATENTS":
                     stored = True
                 elif o == "PLANNED":
-                    overrides.append(TINY_PLANNED_POLICY)
+                    cfg = rung_config(models, latents if stored else pixels, overrides, vae=not stored)
+                    policy = planned_policy(cfg, a.budget_gib)
+                    print(f"rung {k}: the planner's policy within {a.budget_gib:.1f} GiB per rank: "
+                          f"train.activation_checkpointing={policy}", flush=True)
+                    overrides.append(f"train.activation_checkpointing={policy}")
                 else:
                     overrides.append(o)
             if k not in wanted:
                 continue
             t = time.perf_counter()
-            recs = train(models, latents if stored else pixels, Path(work) / f"rung{k}", overrides, a.steps,
-                         vae=not stored)
+            shards = latents if stored else pixels
+            recs = train(models, shards, Path(work) / f"rung{k}", overrides, a.steps, vae=not stored)
             timed = recs[a.skip:]
+            peak = (max(r["mem_peak_allocated_gib"] for r in recs) if measured
+                    else simulated_peak_gib(rung_config(models, shards, overrides, vae=not stored)))
             row = {"rung": k, "name": name, "samples_per_s": statistics.median(r["samples_per_s"] for r in timed),
                    "tokens_per_s_per_rank": statistics.median(r["tokens_per_s_per_rank"] for r in timed),
-                   "mfu": statistics.median(r["mfu"] for r in timed),
+                   "mfu": statistics.median(r["mfu"] for r in timed), "peak_gib": peak,
                    "text_loss_1": recs[0]["text_loss"], "recon_loss_1": recs[0]["recon_loss"],
                    "wall_s": time.perf_counter() - t}
             rows.append(row)
-            print(f"{name:<12} {row['samples_per_s']:>10.2f} {row['tokens_per_s_per_rank']:>14.0f} {row['mfu']:>7.2%} "
-                  f"{row['text_loss_1']:>12.6f} {row['recon_loss_1']:>13.6f} {row['wall_s']:>7.0f}", flush=True)
+            line = (f"{name:<12} {row['samples_per_s']:>10.2f} {row['tokens_per_s_per_rank']:>14.0f} {row['mfu']:>7.2%} "
+                    f"{peak:>19.3f} {row['text_loss_1']:>12.6f} {row['recon_loss_1']:>13.6f} {row['wall_s']:>7.0f}")
+            print(line, flush=True)
     first = rows[0]
     worst = max(max(abs(r["text_loss_1"] - first["text_loss_1"]) / first["text_loss_1"],
                     abs(r["recon_loss_1"] - first["recon_loss_1"]) / first["recon_loss_1"]) for r in rows)
@@ -147,13 +208,16 @@ def main(argv=None) -> int:
         print("throughput: error: the rungs do not train the same model", file=sys.stderr)
         return 1
     speedup = rows[-1]["samples_per_s"] / first["samples_per_s"]
+    mem_ratio = rows[-1]["peak_gib"] / first["peak_gib"]
     print(f"ladder: {len(rows)} rungs, {a.steps} steps each, {time.perf_counter() - t0:.0f} s")
-    print(f"throughput: speedup {speedup:.2f} mfu {rows[-1]['mfu']:.4f} device {device}")
+    print(f"throughput: speedup {speedup:.2f} mfu {rows[-1]['mfu']:.4f} mem_ratio {mem_ratio:.3f} device {device}")
     if a.save:
         out = R.append_csv("throughput.csv", ["date", "commit", "device", "rung", "name", "steps", "samples_per_s",
-                                              "tokens_per_s_per_rank", "mfu", "text_loss_1", "recon_loss_1"],
+                                              "tokens_per_s_per_rank", "mfu", "peak_gib", "peak_kind", "text_loss_1",
+                                              "recon_loss_1"],
                            [[R.today(), R.commit(), device, r["rung"], r["name"], a.steps, f"{r['samples_per_s']:.3f}",
-                             f"{r['tokens_per_s_per_rank']:.1f}", f"{r['mfu']:.5f}", f"{r['text_loss_1']:.6f}",
+                             f"{r['tokens_per_s_per_rank']:.1f}", f"{r['mfu']:.5f}", f"{r['peak_gib']:.4f}",
+                             "measured" if measured else "simulated", f"{r['text_loss_1']:.6f}",
                              f"{r['recon_loss_1']:.6f}"]
                             for r in rows])
         print(f"appended to {out}")

@@ -477,20 +477,25 @@ def resolve(path: str | Path, say=None) -> Path | None:
 
 
 def load_model_weights(path: str | Path, model) -> Path:
-    """Load only the model's weights from a checkpoint (stage 2 starting from stage 1) or a fastross.export folder."""
-    from fastross import export
+    """Load only the model's weights from a checkpoint (stage 2 starting from stage 1), a fastross.export folder, or
+    the reference ROSS layout / a stage-1 mm_projector.bin (fastross.ross_format, tensors read weights_only)."""
+    from fastross import export, ross_format
 
     if export.is_export(path):
         return _load_export_weights(Path(path), model)
+    if ross_format.is_reference(path):
+        return ross_format.load_into(path, model)
     if Path(path).is_file():
         raise ValueError(
-            f"model.init_from: {path} is a file; fastross reads a run folder, a checkpoint folder or a fastross "
-            "export, never a pickle (.pt/.bin): load it in a trusted session, save its tensors with safetensors, and point "
-            "model.vision_path/model.llm_path at a Hugging Face folder, or start a run from them and use its checkpoint"
+            f"model.init_from: {path} is a file, and not a reference ROSS mm_projector.bin; fastross reads a run "
+            "folder, a checkpoint folder, a fastross export or the reference ROSS layout, never other pickles: load "
+            "it in a trusted session and save its tensors with safetensors (a Hugging Face folder for "
+            "model.vision_path/model.llm_path), or start a run from them and use its checkpoint"
         )
     ckpt = agreed(lambda: resolve(path, say=print), dist.get_rank() if dist.is_initialized() else 0)
     if ckpt is None:
-        raise FileNotFoundError(f"model.init_from: {path} holds no complete fastross checkpoint and no fastross export")
+        raise FileNotFoundError(f"model.init_from: {path} holds no complete fastross checkpoint, no fastross export "
+                                "and no reference ROSS checkpoint or mm_projector.bin")
     msd = get_model_state_dict(model)
     dcp_load({"model": msd}, ckpt)
     set_model_state_dict(model, msd, options=StateDictOptions(strict=True))

@@ -7,12 +7,14 @@ starts, with the offending key named.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import yaml
 
 
@@ -44,7 +46,9 @@ class ModelConfig:
     latent_shift: float = 0.1159  # VAE shift factor, used when vae_path is empty (FLUX's)
     latent_scale: float = 0.3611  # VAE scaling factor, used when vae_path is empty (FLUX's)
     recon_weight: float = 1.0  # lambda in L = L_text + lambda * L_recon
-    init_from: str = ""  # a run, checkpoint or export (fastross.export) folder whose model weights start this run
+    # Whose model weights start this run: a run, checkpoint or export (fastross.export) folder, a checkpoint in the
+    # reference ROSS layout, or a stage-1 mm_projector.bin (projector only; fastross.ross_format)
+    init_from: str = ""
     fused_ce: bool = True  # text loss through Liger's fused linear cross-entropy: full-vocabulary logits never exist
     liger_kernels: bool = False  # Liger's RMSNorm, SwiGLU MLP and RoPE in the LLM (GPU; RMSNorm and SwiGLU fail in the CPU interpreter)
     # Where the text loss forms logits: at the supervised positions only, or, as the reference does, at every position
@@ -68,6 +72,12 @@ class DataConfig:
     # `padded_samples`, every sample padded to the longest of its micro-batch (the same losses, more tokens computed).
     packing: Literal["packed", "padded"] = "packed"
     padded_samples: int = 4  # samples per padded micro-batch (the reference's per-device batch size)
+    # A shard file whose hash differs from index.json's (checked when the loader opens the folder): "error" stops
+    # the run naming the file; "skip" leaves its samples out of every epoch and reports their count at start.
+    corrupt_shards: Literal["error", "skip"] = "error"
+    # Held-out shards (`python -m fastross.data.convert`, the same tokenizer, template and vision tower) whose losses are
+    # computed every train.eval_every steps, in global batches of global_batch samples ("": no held-out evaluation)
+    eval_shards: str = ""
 
 
 @dataclass
@@ -81,7 +91,7 @@ class OptimConfig:
     lr_denoiser: float = 2e-5  # peak learning rate of the denoiser
     lr_llm: float = 2e-5  # peak learning rate of the LLM
     weight_decay: float = 0.0  # AdamW weight decay
-    betas: list = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     eps: float = 1e-8  # AdamW epsilon
     warmup_ratio: float = 0.03  # share of the steps with linear warm-up from 0
     grad_clip: float = 1.0  # max global gradient norm (0 disables)
@@ -102,7 +112,7 @@ LOGGERS = ("tensorboard", "wandb")  # train.loggers' choices; each is an optiona
 
 @dataclass
 class TrainConfig:
-    trainable: list = field(default_factory=lambda: ["projector", "llm", "denoiser"])  # parts that train
+    trainable: list[str] = field(default_factory=lambda: ["projector", "llm", "denoiser"])  # parts that train
     epochs: int = 1  # passes over the shards
     max_steps: int = 0  # stop after this many optimizer steps (0: all the epochs' steps)
     # End this invocation after this step, checkpointed; the run's length and learning-rate schedule stay those of
@@ -111,6 +121,7 @@ class TrainConfig:
     dtype: Literal["bf16", "fp32"] = "bf16"  # bf16: FSDP2 mixed precision with fp32 reduction
     seed: int = 0  # model init and noise keys
     log_every: int = 10  # optimizer steps between log lines
+    eval_every: int = 0  # optimizer steps between held-out evaluations on data.eval_shards (0: none)
     ckpt_every: int = 500  # optimizer steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
     async_checkpoint: bool = False  # stage to host memory, write in the background; the step waits only for the copy
@@ -121,11 +132,11 @@ class TrainConfig:
     # Recompute in backward, per LLM decoder layer: "none", "full" (the whole layer) or "selective" (keep the
     # matmul and attention outputs, recompute the cheap ops). One policy for every layer, or a list with one
     # entry per layer, where "policy*N" stands for N layers in a row: [full*8, selective*8, none*12].
-    activation_checkpointing: str | list = "full"
+    activation_checkpointing: str | list[str] = "full"
     compile: bool = False  # torch.compile each LLM decoder layer and each denoiser block, before FSDP
     peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU (0: fastross.flops' table by GPU name; CPU: measured)
     fsdp_prefetch: int = 0  # decoder layers whose all-gather is issued ahead explicitly (0: FSDP's implicit one-ahead)
-    loggers: list = field(default_factory=list)  # backends beside metrics.jsonl, from LOGGERS: [tensorboard, wandb]
+    loggers: list[str] = field(default_factory=list)  # backends beside metrics.jsonl, from LOGGERS: [tensorboard, wandb]
     wandb_project: str = "fastross"  # the W&B project of runs with "wandb" in train.loggers
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler traces per rank (off by default)
     # Record the CUDA allocator's history from the start and dump it at the first log step to
@@ -208,12 +219,14 @@ def _check(key: str, val, typ):
         except ValueError:
             pass
     origin = typing.get_origin(typ)
-    if origin in (types.UnionType, typing.Union):  # str | list: any of the members' base types
-        base = tuple(typing.get_origin(a) or a for a in typing.get_args(typ))
-    else:
-        base = origin or typ
-    if base is int and isinstance(val, bool) or not isinstance(val, base):
-        raise ConfigError(f"{key}: expected {getattr(typ, '__name__', typ)}, got {val!r} ({type(val).__name__})")
+    members = typing.get_args(typ) if origin in (types.UnionType, typing.Union) else (typ,)  # str | list[str]
+    base = tuple(typing.get_origin(a) or a for a in members)
+    if base == (int,) and isinstance(val, bool) or not isinstance(val, base):
+        name = typ.__name__ if isinstance(typ, type) else str(typ)
+        raise ConfigError(f"{key}: expected {name}, got {val!r} ({type(val).__name__})")
+    if isinstance(val, list):  # list[X]: every element an X (an int where a float is asked for, as above)
+        (elem,) = next(typing.get_args(a) for a in members if typing.get_origin(a) is list)
+        return [_check(f"{key}[{i}]", v, elem) for i, v in enumerate(val)]
     return val
 
 
@@ -255,6 +268,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             raise ConfigError(f"{key}: {path} is not a folder")
     if check_paths and m.vae_path and not Path(m.vae_path).is_dir():
         raise ConfigError(f"model.vae_path: {m.vae_path} is not a folder")
+    if check_paths:
+        _check_folders(cfg)
     if m.denoiser.kind == "dit" and (m.denoiser.width % m.denoiser.heads or m.denoiser.width % 4):
         raise ConfigError("model.denoiser.width must be divisible by model.denoiser.heads and by 4")
     if m.denoiser.replicas < 1 or m.denoiser.depth < 1:
@@ -285,8 +300,64 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError("train.profile.wait, warmup, active and repeat must be >= 0")
     if t.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
+    if t.max_steps < 0 or t.stop_after < 0:
+        raise ConfigError(f"train.max_steps ({t.max_steps}) and train.stop_after ({t.stop_after}) must be >= 0 "
+                          "(0: no limit)")
+    if t.epochs < 1:
+        raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
+    if t.eval_every < 0 or (t.eval_every > 0) != bool(d.eval_shards):
+        raise ConfigError("data.eval_shards and train.eval_every go together: a converted held-out folder and the "
+                          f"steps between evaluations (> 0), or neither (got {d.eval_shards!r} and {t.eval_every})")
+    if check_paths and d.eval_shards and not Path(d.eval_shards).is_dir():
+        raise ConfigError(f"data.eval_shards: {d.eval_shards} is not a folder")
     if t.log_every < 1 or t.ckpt_every < 1 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every, train.ckpt_every and train.keep_checkpoints must be >= 1")
+
+
+def _folder_config(key: str, path: str) -> dict:
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{key}: {file} is missing: {path} is not a Hugging Face model folder")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{key}: {file} is not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
+VISION_TYPES = ("siglip", "siglip_vision_model")  # model.vision_path's config.json model_type
+
+
+def _check_folders(cfg: Config) -> None:
+    """What the folders say against the config: model types, select_layer, the data set's size and image tokens."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    m, d = cfg.model, cfg.data
+    vision = _folder_config("model.vision_path", m.vision_path)
+    if vision.get("model_type") not in VISION_TYPES:
+        raise ConfigError(f"model.vision_path: {m.vision_path} holds a {vision.get('model_type')!r} model, "
+                          f"not a SigLIP vision model ({', '.join(VISION_TYPES)})")
+    layers = vision.get("vision_config", vision).get("num_hidden_layers", 12)  # SiglipVisionConfig's default
+    if not -layers <= m.select_layer < 0 and not 1 <= m.select_layer <= layers:
+        raise ConfigError(f"model.select_layer={m.select_layer} is out of range for the vision tower's {layers} "
+                          f"layers: use -{layers}..-1 or 1..{layers}")
+    llm = _folder_config("model.llm_path", m.llm_path)
+    if llm.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"model.llm_path: {m.llm_path} holds a {llm.get('model_type')!r} model, not a causal LM")
+    if m.vae_path:
+        vae = _folder_config("model.vae_path", m.vae_path)
+        if vae.get("_class_name") != "AutoencoderKL":
+            raise ConfigError(f"model.vae_path: {m.vae_path} holds a {vae.get('_class_name')!r}, not an AutoencoderKL")
+    # The data set's facts, when the shards carry them (the loader names what is missing otherwise).
+    meta, lengths = Path(d.shards) / "fastross.json", Path(d.shards) / "lengths.npy"
+    if lengths.is_file():
+        n = len(np.load(lengths, mmap_mode="r"))
+        if d.global_batch > n:
+            raise ConfigError(f"data.global_batch={d.global_batch} is larger than {d.shards}'s {n} samples")
+    if meta.is_file():
+        visual = json.loads(meta.read_text()).get("num_visual_tokens", 0)
+        if d.max_tokens < visual + 1:
+            raise ConfigError(f"data.max_tokens={d.max_tokens} holds no image sample: one image is {visual} visual "
+                              f"tokens, plus at least one text token")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -1,6 +1,8 @@
 """Export a fastross run to a Hugging Face Llava folder, and read one back.
 
-    python -m fastross.export RUN_DIR_OR_CHECKPOINT --out DIR
+    python -m fastross.export RUN_DIR_OR_CHECKPOINT --out DIR [--format llava|ross]
+
+(`--format ross` writes the reference ROSS code's layout instead: fastross.ross_format.)
 
 DIR then loads with `LlavaForConditionalGeneration.from_pretrained(DIR)` (or
 `AutoModelForImageTextToText`) and `AutoProcessor.from_pretrained(DIR, use_fast=False)`:
@@ -243,8 +245,20 @@ def load_export(folder: str | Path) -> dict[str, torch.Tensor]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a run folder (its newest checkpoint) or one checkpoint folder")
-    p.add_argument("--out", required=True, help="folder to write the Llava model, processor and sidecar into")
+    p.add_argument("--out", required=True, help="folder to write the model into")
+    p.add_argument("--format", choices=("llava", "ross"), default="llava",
+                   help="llava: a transformers Llava folder (+ the denoiser sidecar); ross: the reference ROSS code's "
+                        "layout (fastross.ross_format)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                   help="ross only: the weights' dtype (fp32 reads back bit for bit; the reference's runs save bf16)")
+    p.add_argument("--max-shard-size", default="5GB", help="ross only: safetensors shard size, as Hugging Face's")
     a = p.parse_args(argv)
+    if a.format == "ross":
+        from fastross import ross_format
+
+        out = ross_format.export(a.src, a.out, a.dtype, a.max_shard_size)
+        print(f"export: wrote {out} (reference ROSS layout, {a.dtype})")
+        return 0
     out = export(a.src, a.out)
     print(f"export: wrote {out} (LlavaForConditionalGeneration; AutoProcessor with use_fast=False; {DENOISER_FILE})")
     return 0

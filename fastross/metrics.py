@@ -20,6 +20,7 @@ from typing import TextIO
 import torch
 
 from fastross.config import ConfigError
+from fastross.flops import mfu
 
 GIB = 2**30
 # Per-step averages of times the trainer adds (MetricsLogger.add) over the steps since the last record.
@@ -27,17 +28,25 @@ STEP_TIMES = ("data_wait_s", "compute_s", "ckpt_blocked_s")
 
 
 class GPUStats:
-    """Utilisation, memory, power, SM clock and temperature from NVML; empty on machines without an NVIDIA driver."""
+    """Utilisation, memory, power, SM clock and temperature from NVML, for the CUDA device this rank trains on; empty
+    on CPU runs and machines without an NVIDIA driver.
 
-    def __init__(self, local_rank: int):
+    NVML numbers the GPUs as the driver does, CUDA as CUDA_VISIBLE_DEVICES orders them, so the device is found by its
+    UUID rather than by an index.
+    """
+
+    def __init__(self, device: torch.device):
         self.handle = None
+        if device.type != "cuda":
+            return
         try:
             import pynvml
 
             pynvml.nvmlInit()
             self.nvml = pynvml
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(local_rank)
-        except Exception:  # no driver / no GPU: GPU metrics are simply absent
+            uuid = torch.cuda.get_device_properties(device).uuid
+            self.handle = pynvml.nvmlDeviceGetHandleByUUID(f"GPU-{uuid}")
+        except Exception:  # no driver, or an NVML that does not know the device: GPU metrics are simply absent
             self.handle = None
 
     def read(self) -> dict:
@@ -124,14 +133,14 @@ class MetricsLogger:
     terminal); peak_tflops: the device's peak, for MFU when the trainer counts model FLOPs.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool, world: int, local_rank: int = 0, *,
+    def __init__(self, run_dir: str | Path, enabled: bool, world: int, *,
                  device: torch.device = torch.device("cpu"), loggers: list[str] | None = None, wandb_project: str = "",
                  config: dict | None = None, progress: bool = False, peak_tflops: float | None = None,
                  stream: TextIO | None = None):
         self.enabled, self.world, self.device = enabled, world, device
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.gpu = GPUStats(local_rank) if enabled else None
+        self.gpu = GPUStats(device) if enabled else None
         self.loggers, self.wandb_project, self.config = loggers or [], wandb_project, config or {}
         self.peak_tflops = peak_tflops
         self.stream = stream or sys.stdout
@@ -192,7 +201,7 @@ class MetricsLogger:
         if flops:
             rec["model_tflops_per_rank"] = flops / dt / self.world / 1e12
             if self.peak_tflops:
-                rec["mfu"] = rec["model_tflops_per_rank"] / self.peak_tflops
+                rec["mfu"] = mfu(flops, dt, self.world, self.peak_tflops)
         rec.update(memory(self.device))
         self._reset()
         if not self.enabled:
@@ -204,6 +213,21 @@ class MetricsLogger:
         self.say(format_line(rec, total_steps))
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['text_loss']:.4f}", refresh=False)
+        return rec
+
+    def log_eval(self, step: int, values: dict, seconds: float) -> dict | None:
+        """A held-out evaluation's record: {"step", "eval": true, **values, "eval_s"} in metrics.jsonl, `eval/KEY` in
+        the backends, one console line. Its seconds are no training step's: the step clock skips them."""
+        self._t += seconds
+        if not self.enabled:
+            return None
+        rec = {"step": step, "eval": True, **values, "eval_s": seconds}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        for sink in self.sinks:
+            sink.write(step, {f"eval/{k}": v for k, v in values.items()})
+        self.say(f"eval: step {step} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                  for k, v in values.items()) + f" ({seconds:.1f} s)")
         return rec
 
     def close(self) -> None:

@@ -17,6 +17,7 @@ The planner picks the per-layer policy (train.activation_checkpointing) with the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -71,6 +72,19 @@ def largest_micro_batch(m: Mix, gpus: int, max_tokens: int, attn_tokens: float) 
     return max(bins, key=lambda b: (int(m.lengths[b].sum()), int(m.images[b].sum())))
 
 
+def step_micro_batch(cfg: config.Config, m: Mix, gpus: int, attn_tokens: float) -> tuple[list, list, list]:
+    """(lengths, images, supervised) of the step's largest micro-batch as the config builds it: packed
+    (`largest_micro_batch`), or data.packing=padded, where every sample of a micro-batch of data.padded_samples
+    is padded to the longest of them (fastross.data.batch.pack_text: the padding is unsupervised)."""
+    if cfg.data.packing == "packed":
+        mb = largest_micro_batch(m, gpus, cfg.data.max_tokens, attn_tokens)
+        return m.lengths[mb].tolist(), m.images[mb].tolist(), m.supervised[mb].tolist()
+    plan = planner.plan_padded_step(m.lengths.tolist(), gpus, cfg.data.padded_samples, attn_tokens)
+    mb = max((b for rank in plan.micro_batches for b in rank),
+             key=lambda b: (len(b) * int(m.lengths[b].max()), int(m.images[b].sum())))
+    return [int(m.lengths[mb].max())] * len(mb), m.images[mb].tolist(), m.supervised[mb].tolist()
+
+
 @dataclass
 class Memory:
     """A rank's simulated peak and its parts (bytes)."""
@@ -81,7 +95,8 @@ class Memory:
 
 
 def _fake_micro_batch(model, lengths, images, supervised):
-    """A MicroBatch of these samples (stored latent moments: no VAE), real small tensors (the fake mode converts)."""
+    """A MicroBatch of these samples, real small tensors (the fake mode converts): stored latent moments, or none
+    when the model has a VAE (model.vae_path: the reference's encoding on the fly)."""
     from fastross.data.batch import MicroBatch
 
     n_vis = model.num_visual_tokens
@@ -98,7 +113,8 @@ def _fake_micro_batch(model, lengths, images, supervised):
         max_seqlen=int(max(lengths)), text_pos=torch.from_numpy(tpos), text_targets=torch.zeros(len(tpos), dtype=torch.long),
         visual_pos=torch.from_numpy(vpos), pixel_values=torch.zeros(n_img, 3, size, size), image_weight=torch.ones(n_img),
         t=torch.zeros(n_img, model.replicas, dtype=torch.long), noise_keys=torch.arange(1, n_img + 1),
-        latent_mean=torch.zeros(n_img, c, 2 * g, 2 * g), latent_std=torch.ones(n_img, c, 2 * g, 2 * g),
+        latent_mean=None if model.vae is not None else torch.zeros(n_img, c, 2 * g, 2 * g),
+        latent_std=None if model.vae is not None else torch.ones(n_img, c, 2 * g, 2 * g),
         num_images=int(sum(images)), num_text_tokens=len(tpos),
     )
 
@@ -225,6 +241,77 @@ def choose_policy(layers: int, base: float, per_sel: float, per_none: float, bud
     return None if best is None else best[1]
 
 
+@dataclass
+class Setup:
+    """What simulating one config needs: its model config (folders holding config.json), the fake world of `gpus`
+    ranks, the architecture's counts, the step's sample mix and its largest micro-batch as the config builds it."""
+
+    cfg: config.Config
+    model_cfg: config.ModelConfig
+    world: distributed.World
+    arch: flops.Arch
+    mix: Mix
+    samples: tuple  # (lengths, images, supervised) of the simulated micro-batch
+    sources: dict[str, str]
+    sims: dict = dataclasses.field(default_factory=dict)
+
+    def step(self, policies) -> flops.StepFlops:
+        m = self.mix
+        return flops.step_flops(self.arch, m.lengths, m.images, m.supervised, self.cfg.train.trainable, policies)
+
+    def memory(self, policies) -> Memory:
+        """The simulated peak with these per-layer policies (each policy simulated once)."""
+        key = override(config.checkpoint_policies(policies, self.arch.llm_layers))
+        if key not in self.sims:
+            self.sims[key] = simulate(self.cfg, self.model_cfg, self.world, policies, self.samples)
+        return self.sims[key]
+
+
+@contextlib.contextmanager
+def setup(cfg: config.Config, gpus: int):
+    """A Setup for cfg on `gpus` fake ranks; the fake process group lives as long as the context."""
+    world = init_fake_world(gpus)
+    try:
+        with presets.arch_folders(cfg.model) as (model_cfg, sources):
+            arch = flops.FakeModel(model_cfg, cfg.train.trainable).arch
+            m = sample_mix(cfg, arch.visual_tokens)
+            attn_tokens = planner.attention_cost_tokens(arch.layer_linear * arch.llm_layers, arch.llm_layers, arch.hidden)
+            yield Setup(cfg, model_cfg, world, arch, m, step_micro_batch(cfg, m, gpus, attn_tokens), sources)
+    finally:
+        dist.destroy_process_group()
+
+
+def search(s: Setup, budget: float, memory=None) -> list[str] | None:
+    """The per-layer policy of least recompute whose simulated peak fits `budget` GiB (None: not even all-full).
+    choose_policy predicts from all-full, all-selective and all-none (each layer adds the same); the choice is then
+    simulated, and while it does not fit, one more layer goes full. memory: Setup.memory, or a wrapper that prints."""
+    memory = memory or s.memory
+    layers = s.arch.llm_layers
+    full, sel, none = (memory([x] * layers).peak / GIB for x in ("full", "selective", "none"))
+    per_sel, per_none = (sel - full) / layers, (none - full) / layers
+    print(f"  per decoder layer over full: selective +{per_sel:.2f} GiB, none +{per_none:.2f} GiB")
+    choice = choose_policy(layers, full, per_sel, per_none, budget, lambda ps: s.step(ps).recompute)
+    while choice is not None:
+        chosen = ["full"] * choice[0] + ["selective"] * choice[1] + ["none"] * choice[2]
+        if memory(chosen).peak / GIB <= budget or choice[0] == layers:
+            return chosen
+        choice = (choice[0] + 1, max(0, choice[1] - 1), choice[2] - (choice[1] == 0))  # one more full layer
+    return None
+
+
+def simulate_config(cfg: config.Config, gpus: int) -> Memory:
+    """Rank 0's simulated peak for cfg as it stands (its checkpointing policy, packing, text loss, denoiser, stored
+    latents or the VAE) on `gpus` ranks: what the ladder reports on CPU."""
+    with setup(cfg, gpus) as s:
+        return s.memory(cfg.train.activation_checkpointing)
+
+
+def plan_policy(cfg: config.Config, gpus: int, budget: float) -> list[str] | None:
+    """The planner's per-layer checkpointing policy for cfg on `gpus` ranks within `budget` GiB per rank (`search`)."""
+    with setup(cfg, gpus) as s:
+        return search(s, budget)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config")
@@ -235,64 +322,39 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     cfg = config.load(a.config, a.overrides, check_paths=False)
     budget = budget_gib(a.gpu_gib)
-    world = init_fake_world(a.gpus)
-    try:
-        with presets.arch_folders(cfg.model) as (model_cfg, sources):
-            fake = flops.FakeModel(model_cfg, cfg.train.trainable)
-            arch = fake.arch
-            m = sample_mix(cfg, arch.visual_tokens)
-            attn_tokens = planner.attention_cost_tokens(arch.layer_linear * arch.llm_layers, arch.llm_layers, arch.hidden)
-            mb = largest_micro_batch(m, a.gpus, cfg.data.max_tokens, attn_tokens)
-            samples = (m.lengths[mb].tolist(), m.images[mb].tolist(), m.supervised[mb].tolist())
-            print(f"plan: {a.config} on {a.gpus} GPUs of {a.gpu_gib:g} GiB; architectures: "
-                  + ", ".join(f"{k} {v}" for k, v in sources.items()))
-            print(f"mix: {m.source}; simulated micro-batch (the step's largest): {sum(samples[0])} tokens, "
-                  f"{len(mb)} samples, {sum(samples[1])} images")
+    with setup(cfg, a.gpus) as s:
+        lengths, images, _ = s.samples
+        print(f"plan: {a.config} on {a.gpus} GPUs of {a.gpu_gib:g} GiB; architectures: "
+              + ", ".join(f"{k} {v}" for k, v in s.sources.items()))
+        print(f"mix: {s.mix.source}; simulated micro-batch (the step's largest): {sum(lengths)} tokens, "
+              f"{len(lengths)} samples, {sum(images)} images")
+        configured = config.checkpoint_policies(cfg.train.activation_checkpointing, s.arch.llm_layers)
+        f = s.step(configured)
+        print(f"FLOPs per step by part, TFLOP (per GPU: / {a.gpus}); hardware with the config's policy:")
+        for part in flops.PARTS:
+            print(f"  {part:<11} model {f.model[part] / 1e12:10.1f}  hardware {f.hardware[part] / 1e12:10.1f}")
+        print(f"  {'total':<11} model {f.model_total / 1e12:10.1f}  hardware {f.hardware_total / 1e12:10.1f}")
 
-            def step(policies):
-                return flops.step_flops(arch, m.lengths, m.images, m.supervised, cfg.train.trainable, policies)
+        def memory(policies):
+            known = override(policies) in s.sims
+            mem = s.memory(policies)
+            if not known:
+                print(f"  {override(policies):<34} peak {mem.peak / GIB:6.1f} GiB: " + ", ".join(
+                    f"{k} {v / GIB:.1f}" for k, v in mem.parts.items()) + f"; recompute {s.step(policies).recompute:.3f}")
+            return mem
 
-            layers = arch.llm_layers
-            configured = config.checkpoint_policies(cfg.train.activation_checkpointing, layers)
-            f = step(configured)
-            print(f"FLOPs per step by part, TFLOP (per GPU: / {a.gpus}); hardware with the config's policy:")
-            for part in flops.PARTS:
-                print(f"  {part:<11} model {f.model[part] / 1e12:10.1f}  hardware {f.hardware[part] / 1e12:10.1f}")
-            print(f"  {'total':<11} model {f.model_total / 1e12:10.1f}  hardware {f.hardware_total / 1e12:10.1f}")
-
-            sims = {}
-
-            def sim(policies):
-                key = override(policies)
-                if key not in sims:
-                    sims[key] = simulate(cfg, model_cfg, world, policies, samples)
-                    mem = sims[key]
-                    print(f"  {key:<34} peak {mem.peak / GIB:6.1f} GiB: " + ", ".join(
-                        f"{k} {v / GIB:.1f}" for k, v in mem.parts.items()) + f"; recompute {step(policies).recompute:.3f}")
-                return sims[key]
-
-            print("memory of one rank (simulated: FakeTensorMode, fake process group, FSDPMemTracker), GiB:")
-            full, sel, none = (sim([x] * layers).peak / GIB for x in ("full", "selective", "none"))
-            per_sel, per_none = (sel - full) / layers, (none - full) / layers
-            print(f"  per decoder layer over full: selective +{per_sel:.2f} GiB, none +{per_none:.2f} GiB")
-            choice = choose_policy(layers, full, per_sel, per_none, budget, lambda ps: step(ps).recompute)
-            while choice is not None:
-                chosen = ["full"] * choice[0] + ["selective"] * choice[1] + ["none"] * choice[2]
-                if sim(chosen).peak / GIB <= budget or choice[0] == layers:
-                    break
-                choice = (choice[0] + 1, max(0, choice[1] - 1), choice[2] - (choice[1] == 0))  # one more full layer
-            if choice is None:
-                print(f"no policy fits {budget:.1f} GiB: lower data.max_tokens or add GPUs")
-            else:
-                print(f"chosen (least recompute within the budget): train.activation_checkpointing={override(chosen)}")
-            mem = sim(configured)
-            r = step(configured).recompute
-            fits = "yes" if mem.peak / GIB <= budget else "no"
-            print(f"budget: {a.gpu_gib:g} GiB less {MARGIN_FIXED_GIB:g} GiB (CUDA context, NCCL buffers) and "
-                  f"{MARGIN_SHARE:.0%} (fragmentation); {time.perf_counter() - t0:.0f} s")
-            print(f"plan: peak_gib {mem.peak / GIB:.1f} budget_gib {budget:.1f} fits {fits} recompute {r:.3f}")
-    finally:
-        dist.destroy_process_group()
+        print("memory of one rank (simulated: FakeTensorMode, fake process group, FSDPMemTracker), GiB:")
+        chosen = search(s, budget, memory)
+        if chosen is None:
+            print(f"no policy fits {budget:.1f} GiB: lower data.max_tokens or add GPUs")
+        else:
+            print(f"chosen (least recompute within the budget): train.activation_checkpointing={override(chosen)}")
+        mem = memory(configured)
+        r = f.recompute
+        fits = "yes" if mem.peak / GIB <= budget else "no"
+        print(f"budget: {a.gpu_gib:g} GiB less {MARGIN_FIXED_GIB:g} GiB (CUDA context, NCCL buffers) and "
+              f"{MARGIN_SHARE:.0%} (fragmentation); {time.perf_counter() - t0:.0f} s")
+        print(f"plan: peak_gib {mem.peak / GIB:.1f} budget_gib {budget:.1f} fits {fits} recompute {r:.3f}")
     return 0
 
 

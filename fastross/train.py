@@ -10,6 +10,7 @@ step. A run folder that holds a checkpoint is resumed from it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -23,7 +24,8 @@ from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
 from fastross.data.planner import attention_cost_tokens
-from fastross.data.schema import ShardMeta
+from fastross.data.schema import ShardMeta, tokenizer_fingerprint
+from fastross.data.templates import load_tokenizer
 from fastross.data.stream import Position
 from fastross.metrics import MetricsLogger
 from fastross.model.ross import RossModel
@@ -73,7 +75,7 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLogger(
-            self.run_dir, world.is_main, world.size, world.local_rank, device=world.device, loggers=t.loggers,
+            self.run_dir, world.is_main, world.size, device=world.device, loggers=t.loggers,
             wandb_project=t.wandb_project, config=config.to_dict(cfg), progress=sys.stdout.isatty(),
         )
         if t.memory_snapshot:
@@ -97,6 +99,30 @@ class Trainer:
             replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
         )
         self._check_shards(self.loader.meta, model)
+        for ids, problem in self.loader.corrupt:  # data.corrupt_shards=skip: said once, at start
+            self._say(f"skipped a corrupt shard ({len(ids)} samples): {problem}")
+        if world.size > 1:  # every rank must leave out the same samples (each node may hold its own copy of the shards)
+            skipped = sum(len(ids) for ids, _ in self.loader.corrupt)
+            spread = torch.tensor([skipped, -skipped], device=world.device)
+            torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
+            if spread[0] != -spread[1]:
+                raise config.ConfigError(
+                    f"data.shards: the ranks found different corrupt shards in {d.shards} ({skipped} samples skipped "
+                    f"on rank {world.rank}): repair the copies so that every rank reads the same data"
+                )
+        lengths = self.loader.stream.lengths
+        too_long = int((lengths > d.max_tokens).sum())
+        if too_long:
+            self._say(f"{too_long} of {len(lengths)} samples are longer than data.max_tokens={d.max_tokens}: "
+                      "each is planned alone in its micro-batch")
+        self.eval_loader = None
+        if d.eval_shards:  # held-out losses (Trainer.evaluate): the same planner and collator, in the shards' order
+            self.eval_loader = Loader(
+                dataclasses.replace(d, shards=d.eval_shards, shuffle=False), rank=world.rank, world=world.size,
+                attn_tokens=llm_attention_cost_tokens(model.llm), image=ImageSpec.from_pretrained(m.vision_path),
+                latent_channels=model.latent_channels, replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
+            )
+            self._check_shards(self.eval_loader.meta, model, "data.eval_shards")
         model.requires_grad_(False)
         for part in t.trainable:
             getattr(model, part).requires_grad_(True)
@@ -162,26 +188,45 @@ class Trainer:
         if self.world.is_main:
             self.metrics.say(f"train: {msg}")
 
-    def _check_shards(self, meta: ShardMeta, model: RossModel) -> None:
-        shards = self.cfg.data.shards
+    def _check_shards(self, meta: ShardMeta, model: RossModel, key: str = "data.shards") -> None:
+        shards = self.cfg.data.eval_shards if key == "data.eval_shards" else self.cfg.data.shards
         if meta.grid != model.vision.grid:
             raise config.ConfigError(
-                f"data.shards: {shards} was converted for a {meta.grid}x{meta.grid} patch grid, "
+                f"{key}: {shards} was converted for a {meta.grid}x{meta.grid} patch grid, "
                 f"but model.vision_path has {model.vision.grid}x{model.vision.grid}: convert again with this vision tower"
             )
         vocab = model.llm.get_input_embeddings().num_embeddings
         if meta.image_token_id >= vocab:
             raise config.ConfigError(
-                f"data.shards: image token id {meta.image_token_id} is outside model.llm_path's vocabulary ({vocab})"
+                f"{key}: image token id {meta.image_token_id} is outside model.llm_path's vocabulary ({vocab})"
             )
         if not meta.latents and model.vae is None:
             raise config.ConfigError(
-                f"data.shards: {shards} holds no latent moments: set model.vae_path to encode images on the fly"
+                f"{key}: {shards} holds no latent moments: set model.vae_path to encode images on the fly"
             )
         if meta.latents and meta.latent_channels != model.latent_channels:
             raise config.ConfigError(
-                f"data.shards: latents have {meta.latent_channels} channels, the model expects {model.latent_channels}"
+                f"{key}: latents have {meta.latent_channels} channels, the model expects {model.latent_channels}"
             )
+        ours = tokenizer_fingerprint(load_tokenizer(self.cfg.model.llm_path))
+        if ours != meta.tokenizer_fingerprint:
+            raise config.ConfigError(
+                f"{key}: {shards} was tokenised by {meta.tokenizer} ({meta.tokenizer_fingerprint}), but "
+                f"model.llm_path {self.cfg.model.llm_path} has another tokenizer ({ours}): convert the data again with "
+                f"--tokenizer {self.cfg.model.llm_path}"
+            )
+        if meta.latents:
+            stored = (meta.latent_channels, meta.latent_shift, meta.latent_scale)
+            ours = (model.latent_channels, model.latent_shift, model.latent_scale)
+            # The held-out shards are checked after data.shards, whose constants the model holds by then.
+            if (model.vae is not None or key != "data.shards") and stored != ours:
+                theirs = f"model.vae_path {self.cfg.model.vae_path}" if model.vae is not None else "data.shards"
+                raise config.ConfigError(
+                    f"{key}: {shards}'s latents were made by a VAE with (channels, shift, scale) {stored}, but "
+                    f"{theirs} has {ours}: use that VAE or convert again"
+                )
+            # The targets are built with the constants of the VAE that made the stored moments, whatever the config.
+            model.latent_shift, model.latent_scale = meta.latent_shift, meta.latent_scale
 
     def train_step(self, step: StepBatch) -> dict:
         cfg, world, device = self.cfg, self.world, self.world.device
@@ -307,6 +352,8 @@ class Trainer:
                     self.log(result, lr)
                     if self.recording_memory:
                         self._dump_memory_snapshot()
+                if t.eval_every and self.step % t.eval_every == 0:
+                    self.evaluate()
                 if self.step % t.ckpt_every == 0 or self.step == end:
                     self.save()
             waited = self.checkpointer.close()  # the last checkpoint is complete before the run says done
@@ -318,6 +365,27 @@ class Trainer:
             self._say(f"waited {waited:.2f} s at the end for the last checkpoint's write")
         wall = time.perf_counter() - start
         self._say(f"done: steps {first} -> {self.step} in {wall:.1f} s; checkpoint in {self.checkpointer.hint()}")
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        """Both losses over the whole held-out set (data.eval_shards), normalised as training's (ROSS_SPEC.md section
+        5) over all of it. Its steps are always 0..K-1 of its own loader, and a step's batches, noise keys and timesteps
+        are functions of its index (fastross.data.loader): every evaluation sees the same noise, so the curve compares
+        across steps. No random state is drawn: training's losses are those of a run without evaluation."""
+        t0, device = time.perf_counter(), self.world.device
+        sums, counts = torch.zeros(2, device=device), torch.zeros(2, device=device)
+        loader = self.eval_loader
+        for step in loader.steps(Position(), 0, loader.steps_per_epoch):
+            for mb in step.micro_batches:
+                out = self.model(mb)
+                sums += torch.stack([out.text.float(), out.recon.float()])
+                counts += torch.tensor([mb.num_text_tokens, mb.num_images], dtype=torch.float32, device=device)
+        distributed.all_reduce_sum(sums)
+        distributed.all_reduce_sum(counts)
+        text, recon = (sums / counts.clamp(min=1)).tolist()  # host sync: evaluation steps only
+        self.metrics.log_eval(self.step, {"text_loss": text, "recon_loss": recon,
+                                          "samples": loader.steps_per_epoch * self.cfg.data.global_batch},
+                              time.perf_counter() - t0)
 
     def _timed(self, steps):
         """The loader's steps, with the time spent waiting in next() added to the record as data_wait_s."""

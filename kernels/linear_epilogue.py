@@ -55,7 +55,7 @@ def _configs():
     """One config in the interpreter (CPU_AND_GPU.md) or with FASTROSS_AUTOTUNE=0 (quick GPU tests); else a
     few Hopper-sized tiles for autotuning (BLOCK_M >= 32 everywhere: the column-sum buffer assumes it)."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=4)]
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=4)]
     cfg = lambda bm, bn, bk, s, w: triton.Config(  # noqa: E731
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w
     )

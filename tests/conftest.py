@@ -8,6 +8,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -17,6 +18,21 @@ import pytest
 _TMP = tempfile.mkdtemp(prefix="fastross-tests-")
 os.environ["TMPDIR"] = _TMP
 tempfile.tempdir = _TMP
+
+# Hypothesis keeps its caches (constants, unicode data, any example database) in ./.hypothesis by default: the
+# repository tree. Give it the session's folder instead.
+from hypothesis.configuration import set_hypothesis_home_dir  # noqa: E402
+
+set_hypothesis_home_dir(Path(_TMP) / "hypothesis")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The session's folder goes with a passing session (the torchrun tests' runs reach gigabytes); a failing one
+    keeps it to look at."""
+    if exitstatus == 0:
+        shutil.rmtree(_TMP, ignore_errors=True)
+    else:
+        print(f"\nthe session's files are kept in {_TMP}")
 
 
 def pytest_collection_modifyitems(config, items):

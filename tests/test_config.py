@@ -13,7 +13,7 @@ def base(tmp_path, tiny_models, stage2_shards):
     p = tmp_path / "c.yaml"
     p.write_text(
         f"model: {{vision_path: {tiny_models / 'vision'}, llm_path: {tiny_models / 'llm'}}}\n"
-        f"data: {{shards: {stage2_shards}}}\n"
+        f"data: {{shards: {stage2_shards}, global_batch: 8}}\n"
     )
     return p
 
@@ -39,12 +39,36 @@ def test_defaults_and_overrides(base):
         ("train.activation_checkpointing=partial", "train.activation_checkpointing: bad entry 'partial'"),
         ("train.activation_checkpointing=[full*0]", "train.activation_checkpointing: bad entry 'full*0'"),
         ("nokey", "is not of the form key.sub=value"),
+        # issue 11 item 6: each rejected before any work, the key named
+        ("train.max_steps=-1", "train.max_steps (-1) and train.stop_after (0) must be >= 0"),
+        ("train.epochs=0", "train.epochs must be >= 1, got 0"),
+        ("model.select_layer=-4", "model.select_layer=-4 is out of range for the vision tower's 3 layers"),
+        ("model.select_layer=0", "model.select_layer=0 is out of range"),
+        ("data.global_batch=77", "data.global_batch=77 is larger than"),
+        ("data.max_tokens=64", "data.max_tokens=64 holds no image sample: one image is 64 visual tokens"),
+        ("optim.betas=[0.9, fast]", "optim.betas[1]: expected float, got 'fast' (str)"),
+        ("train.trainable=[llm, 3]", "train.trainable[1]: expected str, got 3 (int)"),
+        ("train.activation_checkpointing=[full, 2]", "train.activation_checkpointing[1]: expected str"),
     ],
 )
 def test_bad_config_names_the_key(base, override, message):
     with pytest.raises(config.ConfigError, match=None) as e:
         config.load(str(base), [override])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("key, folder, message", [
+    ("model.vision_path", "llm", "holds a 'qwen2' model, not a SigLIP vision model"),
+    ("model.llm_path", "vision", "holds a 'siglip_vision_model' model, not a causal LM"),
+    ("model.vae_path", "llm", "holds a None, not an AutoencoderKL"),
+    ("model.llm_path", "missing", "config.json is missing"),
+])
+def test_model_folder_of_the_wrong_type(base, tiny_models, tmp_path, key, folder, message):
+    (tmp_path / "missing").mkdir()
+    path = tmp_path / "missing" if folder == "missing" else tiny_models / folder
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(base), [f"{key}={path}"])
+    assert str(e.value).startswith(key) and message in str(e.value)
 
 
 def test_yaml_round_trip(base, tmp_path):
@@ -70,9 +94,11 @@ def test_checkpoint_policies_expand():
 
 @pytest.mark.parametrize("recipe", ["tiny_pretrain", "tiny", "7b_pretrain", "7b"])
 def test_shipped_configs_load(recipe, tiny_models, stage2_shards):
-    """Every recipe in configs/ passes the type checks (its folders pointed at the test's own)."""
+    """Every recipe in configs/ passes the type checks (its folders pointed at the test's own, its global batch at
+    most the test data's 76 samples)."""
     cfg = config.load(f"configs/{recipe}.yaml", [f"model.vision_path={tiny_models / 'vision'}",
-                                                 f"model.llm_path={tiny_models / 'llm'}", f"data.shards={stage2_shards}"])
+                                                 f"model.llm_path={tiny_models / 'llm'}", f"data.shards={stage2_shards}",
+                                                 "data.global_batch=8"])
     if recipe.startswith("7b"):  # per-layer policies for the recipe's own LLM (fastross.plan chose 7b.yaml's)
         from fastross.model.presets import QWEN2_7B
 

@@ -29,7 +29,8 @@ def hf_reference(data: bytes, processor, aspect: str) -> torch.Tensor:
     img = Image.open(io.BytesIO(data)).convert("RGB")
     if aspect == "pad":
         img = pad_to_square(img, tuple(int(m * 255) for m in processor.image_mean))
-    return torch.from_numpy(np.ascontiguousarray(processor(images=img, return_tensors="np")["pixel_values"][0]))
+    out = processor(images=img, input_data_format="channels_last", return_tensors="np")  # never a guessed axis
+    return torch.from_numpy(np.ascontiguousarray(out["pixel_values"][0]))
 
 
 def photos():

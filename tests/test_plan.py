@@ -97,3 +97,39 @@ def test_mix_from_the_length_index(tmp_path):
     assert (m.supervised == np.maximum(1, ((m.lengths - 729 * m.images) * 0.5).astype(int))).all()
     default = plan.sample_mix(config.load("configs/7b.yaml", ["data.shards=''"], check_paths=False), 729)
     assert "default stage-2 mix" in default.source and len(default.lengths) == 128
+
+
+def test_padded_micro_batch_by_hand(tiny_cfg):
+    """data.packing=padded: 2 ranks, 2 samples per micro-batch, rank 0 takes samples 0-3 in order; every sample is
+    padded to the longest of its micro-batch, and the largest is the one of most padded tokens: [300, 300]."""
+    import numpy as np
+
+    m = plan.Mix(np.array([100, 300, 50, 200, 120, 120, 90, 10]), np.array([1, 0, 1, 1, 0, 0, 1, 1], bool),
+                 np.array([5, 6, 7, 8, 9, 10, 11, 12]), "by hand")
+    padded = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, packing="padded", padded_samples=2))
+    assert plan.step_micro_batch(padded, m, 2, 1000.0) == ([300, 300], [True, False], [5, 6])
+    lengths, _, _ = plan.step_micro_batch(tiny_cfg, m, 2, 1000.0)  # packed: real lengths, within max_tokens
+    assert lengths == m.lengths[plan.largest_micro_batch(m, 2, 512, 1000.0)].tolist() and sum(lengths) <= 512
+
+
+def test_reference_levers_in_the_simulation(tiny_cfg, tiny_models):
+    """The ladder's simulated column: fp32 logits at every position (model.ce_positions=all) cost at least one
+    (T - K) x V fp32 tensor more than at the K supervised ones, and at most three (logits, log-softmax kept for
+    backward, their gradient); the VAE encoding on the fly (model.vae_path) adds its parameters whole, to the byte."""
+    from fastross.model.ross import RossModel
+
+    def sim(**model):
+        cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, fused_ce=False, **model))
+        world = plan.init_fake_world(2)
+        try:
+            with presets.arch_folders(cfg.model) as (mc, _):
+                return plan.simulate(cfg, mc, world, "full", SAMPLES), RossModel(mc, meta=True)
+        finally:
+            plan.dist.destroy_process_group()
+
+    sup, model = sim()
+    every, _ = sim(ce_positions="all")
+    vae, with_vae = sim(vae_path=str(tiny_models / "vae"))
+    logits = (sum(SAMPLES[0]) - sum(SAMPLES[2])) * model.llm.get_output_embeddings().weight.shape[0] * 4
+    assert logits <= every.peak - sup.peak <= 3 * logits
+    assert vae.parts["parameters"] - sup.parts["parameters"] == sum(p.numel() * 4 for p in with_vae.vae.parameters())

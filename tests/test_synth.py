@@ -19,7 +19,7 @@ RGB = {
     "blue": (30, 60, 220),
     "yellow": (230, 210, 20),
 }
-NUMBER = {"Zero": 0, "One": 1, "Two": 2, "Three": 3}
+NUMBER = {"Zero": 0, "One": 1, "Two": 2, "Three": 3, "Four": 4}
 FILES = ("stage1.json", "stage2.json", "eval.json", "scenes.json")
 
 
@@ -108,8 +108,8 @@ def test_records_well_formed(data):
     assert [r["image"] for r in stage1] and {r["image"] for r in stage1} == train_files
     assert len(stage1) == N_TRAIN + counts["photos"]
     assert counts["photos"] >= 5 and counts["eval"] == N_EVAL
-    assert len(load(out, "scenes.json")) == N_TRAIN + N_EVAL
-    assert len(list(images.iterdir())) == counts["images"] == N_TRAIN + N_EVAL + counts["photos"]
+    assert len(load(out, "scenes.json")) == N_TRAIN + 2 * N_EVAL  # each held-out image has an MMVP partner
+    assert len(list(images.iterdir())) == counts["images"] == N_TRAIN + 2 * N_EVAL + counts["photos"]
 
 
 def test_text_only_answers(data):
@@ -241,13 +241,98 @@ def test_captions_name_every_shape(data):
 
 
 def test_eval_images_disjoint_from_training(data):
-    out, _ = data
+    out, counts = data
     train = {r["image"] for n in ("stage1.json", "stage2.json") for r in load(out, n) if "image" in r}
-    evals = [r["image"] for r in load(out, "eval.json")]
-    assert len(evals) == N_EVAL and len(set(evals)) == N_EVAL
-    assert not train & set(evals)
+    evals = {r["image"] for r in load(out, "eval.json")}
+    held = {f for f in evals if f.startswith("shapes_")}
+    assert len(held) == N_EVAL == counts["eval"] and len(evals - held) == counts["mmvp_pairs"] == N_EVAL
+    assert not train & evals
     train_bytes = {(out / "images" / f).read_bytes() for f in train}
     assert not any((out / "images" / f).read_bytes() in train_bytes for f in evals)
+
+
+def test_held_out_set_is_500_images_by_default(tmp_path):
+    import inspect
+
+    assert inspect.signature(synth.write_dataset).parameters["n_eval"].default >= 500
+    counts = synth.main([str(tmp_path / "d"), "--train", "0"])  # the CLI's default too (no training images: quick)
+    assert counts["eval"] >= 500 and counts["mmvp_pairs"] == counts["eval"]
+
+
+def test_pope_negatives_by_hand():
+    scene = lambda *objs: {"shapes": [{"colour": c, "shape": k} for c, k in objs]}  # noqa: E731
+    rb, gc, bs, yt = ("red", "circle"), ("green", "circle"), ("blue", "square"), ("yellow", "triangle")
+    scenes = [scene(rb, gc), scene(rb, gc, bs), scene(gc, bs), scene(yt), scene(yt, bs)]
+    freq, cooc = synth.object_stats(scenes)
+    assert (freq[gc], freq[bs], freq[rb], freq[yt]) == (3, 3, 2, 2)
+    assert (cooc[rb, gc], cooc[gc, rb], cooc[gc, bs], cooc[yt, bs], cooc[rb, yt]) == (2, 2, 2, 1, 0)
+    import random
+
+    neg = synth.pope_negatives({rb}, freq, cooc, random.Random(0))
+    # popular: green circle and blue square are the most frequent (3 each); ties by name -> ("blue", "square")
+    assert neg["pope-popular"] == bs
+    # adversarial: with the red circle, green circle co-occurs twice, blue square once
+    assert neg["pope-adversarial"] == gc
+    assert neg["pope-random"] != rb
+    assert synth.pope_negatives({yt}, freq, cooc, random.Random(0))["pope-adversarial"] == bs
+
+
+def test_benchmark_items(data):
+    """Per held-out image: a yes and a no per POPE setting, with the setting's negative; an MMVP pair of images that
+    differ in one attribute only (pixels included), whose answers to the same question differ."""
+    out, _ = data
+    all_scenes = load(out, "scenes.json")
+    scenes = {s["image"]: s["shapes"] for s in all_scenes}
+    freq, cooc = synth.object_stats([s for s in all_scenes if s["image"].startswith("shapes_")])
+    items = load(out, "eval.json")
+    by_image = {}
+    for it in items:
+        by_image.setdefault(it["image"], []).append(it)
+        q, a = it["conversations"][0]["value"], it["conversations"][1]["value"]
+        check_answer(q, a, scenes[it["image"]])
+        assert it["type"] == synth.answer_type(q.removeprefix("<image>\n"), a)
+    held = [f for f in by_image if f.startswith("shapes_")]
+    for f in held:
+        present = {(s["colour"], s["shape"]) for s in scenes[f]}
+        for kind in synth.POPE_KINDS:
+            pope = [it for it in by_image[f] if it["kind"] == kind]
+            assert [it["conversations"][1]["value"] for it in pope] == ["Yes.", "No."], (f, kind)
+            neg = tuple(pope[1]["object"].split())
+            absent = [o for o in synth.OBJECTS if o not in present]
+            if kind == "pope-popular":
+                assert freq[neg] == max(freq[o] for o in absent)
+            if kind == "pope-adversarial":
+                score = lambda o: sum(cooc[p, o] for p in present)  # noqa: E731
+                assert score(neg) == max(score(o) for o in absent)
+    pairs = {}
+    for it in items:
+        if it["kind"] == "mmvp":
+            pairs.setdefault(it["pair"], []).append(it)
+    assert len(pairs) == len(held) and {len(p) for p in pairs.values()} == {2}
+    attributes = set()
+    for a, b in pairs.values():
+        assert a["conversations"][0] == b["conversations"][0] and a["conversations"][1] != b["conversations"][1]
+        sa, sb = scenes[a["image"]], scenes[b["image"]]
+        gone, new = [x for x in sa if x not in sb], [y for y in sb if y not in sa]
+        if a["attribute"] == "count":
+            assert not gone and len(new) == 1
+        else:
+            assert len(gone) == len(new) == 1
+            x, y = gone[0], new[0]
+            keys = {k for k in x if x[k] != y[k]}
+            if a["attribute"] == "colour":
+                assert keys == {"colour"}
+            else:  # moved to another cell, in the same row or column or not
+                assert keys - {"cx", "cy"} in ({"row"}, {"col"}, {"row", "col"}), keys
+        attributes.add(a["attribute"])
+        # the images differ only inside the cells of the shapes that changed
+        pa = np.asarray(Image.open(out / "images" / a["image"]), dtype=int)
+        pb = np.asarray(Image.open(out / "images" / b["image"]), dtype=int)
+        cells = {(s["cy"] // 32, s["cx"] // 32) for s in [*sa, *sb]
+                 if s not in sa or s not in sb}
+        diff = np.argwhere((pa != pb).any(-1))
+        assert len(diff) > 0 and all((r // 32, c // 32) in cells for r, c in diff), a["pair"]
+    assert attributes == set(synth.MMVP_ATTRIBUTES)
 
 
 # (5) photos -----------------------------------------------------------------------------

@@ -9,13 +9,20 @@ length (text + visual tokens) and, with --vae, the VAE posterior's mean and std 
 exactly as the vision tower will see it. Every record is accounted for: a record that cannot
 be used is skipped and counted by reason (`written + skipped == read`), the counts printed and
 written to OUT/fastross.json; --strict stops at the first one instead, naming it.
+
+Untrusted input stays in its place: an image path must resolve (symlinks followed) inside
+--images, or the record is skipped as `outside_images_root` (--allow-outside-images turns this
+off). Everything that touches one record, the image decode, the processor and the VAE included,
+is handled per record, so one bad record never ends a conversion. The shards are written to a
+sibling folder `.OUT.partial` and moved to OUT only when complete: an interrupted or --strict run
+leaves OUT as it was, and the same command starts over (--overwrite replaces a finished OUT).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
+import shutil
 import sys
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -23,16 +30,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from fastross.data import templates
-from fastross.data.images import ImageSpec, latent_moments, preprocess_pil
-from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE
+from fastross.data.images import ImageError, ImageSpec, decode, latent_moments, preprocess, preprocess_pil
+from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH, tokenizer_fingerprint
 
 SKIP_REASONS = (
-    "malformed", "missing_image", "bad_image", "placeholder_without_image",
-    "image_without_placeholder", "extra_placeholders", "no_supervised_tokens", "too_long",
+    "malformed", "missing_image", "outside_images_root", "bad_image", "image_too_small", "image_too_large",
+    "image_mismatch", "placeholder_without_image", "image_without_placeholder", "extra_placeholders",
+    "no_supervised_tokens", "too_long", "vae_error", "record_error",
 )
 
 
@@ -90,8 +97,12 @@ def read_records(path: Path):
 class Converter:
     def __init__(self, a):
         self.a = a
+        self.images = Path(a.images).resolve()
+        if not self.images.is_dir():
+            raise ConvertError(f"--images {a.images} is not a folder")
         self.tokenizer = templates.load_tokenizer(a.tokenizer)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(templates.IMAGE_TOKEN)
+        self.fingerprint = tokenizer_fingerprint(self.tokenizer)  # once: it sorts and serialises the whole vocabulary
         self.image_spec = ImageSpec.from_pretrained(a.vision)
         vcfg = json.loads((Path(a.vision) / "config.json").read_text())
         vcfg = vcfg.get("vision_config", vcfg)
@@ -121,81 +132,145 @@ class Converter:
         ids, labels = templates.tokenize(rendered, self.tokenizer)
         if not (labels != templates.IGNORE).any():
             raise Skip("no_supervised_tokens", "no assistant token survives the template")
-        data, pil = b"", None
+        data, pixels = b"", None
         if image:
-            path = Path(self.a.images) / image
-            if not path.is_file():
-                raise Skip("missing_image", f"{path} does not exist")
-            data = path.read_bytes()
+            data = self.read_image(image)
             try:
-                pil = Image.open(io.BytesIO(data))
-                pil.load()
-            except Exception as e:  # PIL raises many types for broken files
-                raise Skip("bad_image", f"{path} cannot be decoded ({type(e).__name__}: {e})") from None
+                checked = preprocess_pil(decode(data, min_side=self.a.min_image_side,
+                                                max_pixels=self.a.max_image_pixels), self.image_spec, self.aspect)
+            except ImageError as e:
+                raise Skip(e.reason, f"{image}: {e}") from None
+            # What the loader will compute from the stored bytes must be what was checked here.
+            pixels = preprocess(data, self.image_spec, self.aspect)
+            if not torch.equal(pixels, checked):
+                raise Skip("image_mismatch", f"{image}: the stored bytes decode to other pixels than those checked")
         length = len(ids) + (self.num_visual - 1 if image else 0)
         if length > self.a.max_length:
             raise Skip("too_long", f"{length} tokens > --max-length {self.a.max_length}")
         rid_out = str(rec.get("id", rid))
-        return {"id": rid_out, "input_ids": ids, "labels": labels, "image": data, "length": length, "_pil": pil}
+        return {"id": rid_out, "input_ids": ids, "labels": labels, "image": data, "length": length,
+                "_pixels": pixels, "_rid": rid}
 
-    def latents(self, samples: list[dict]) -> None:
-        with_image = [s for s in samples if s["_pil"] is not None]
+    def read_image(self, image: str) -> bytes:
+        """The bytes of a record's image, confined to --images unless --allow-outside-images."""
+        path = self.images / image  # an absolute `image` replaces the root here, and is caught below
+        resolved = path.resolve()
+        if not self.a.allow_outside_images and not resolved.is_relative_to(self.images):
+            raise Skip("outside_images_root", f"{image!r} resolves to {resolved}, outside --images {self.images}")
+        if not resolved.is_file():
+            raise Skip("missing_image", f"{path} does not exist")
+        return resolved.read_bytes()
+
+    def latents(self, samples: list[dict]) -> list[tuple[dict, Skip]]:
+        """Add latent moment bytes to `samples`; the samples whose VAE encode failed come back with a Skip."""
+        with_image = [s for s in samples if s["_pixels"] is not None]
+        failed = []
         if self.vae is not None and with_image:
-            pix = torch.stack([preprocess_pil(s["_pil"], self.image_spec, self.aspect) for s in with_image])
-            mean, std = latent_moments(self.vae, pix, self.grid)
-            for s, m, d in zip(with_image, mean.numpy(), std.numpy()):
-                s["latent_mean"] = m.astype(self.latent_dtype).tobytes()
-                s["latent_std"] = d.astype(self.latent_dtype).tobytes()
+            try:
+                moments = self.encode(with_image)
+            except Exception:  # find the record(s) at fault: one at a time
+                moments = []
+                for s in with_image:
+                    try:
+                        moments += self.encode([s])
+                    except Exception as e:
+                        failed.append((s, Skip("vae_error", f"{type(e).__name__}: {e}")))
+                        moments.append(None)
+            for s, md in zip(with_image, moments):
+                if md is None:
+                    continue
+                mean, std = (x.astype(self.latent_dtype) for x in md)  # checked as stored: fp16 may overflow
+                if not (np.isfinite(mean).all() and np.isfinite(std).all()):
+                    failed.append((s, Skip("vae_error", f"non-finite latent moments in {self.latent_dtype.name}")))
+                    continue
+                s["latent_mean"], s["latent_std"] = mean.tobytes(), std.tobytes()
         for s in samples:
             s.setdefault("latent_mean", b"")
             s.setdefault("latent_std", b"")
+        return failed
+
+    def encode(self, samples: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+        mean, std = latent_moments(self.vae, torch.stack([s["_pixels"] for s in samples]), self.grid)
+        return list(zip(mean.numpy(), std.numpy()))
 
     def run(self) -> Report:
-        from streaming import MDSWriter
-
         a, report = self.a, Report()
         out = Path(a.out)
         if out.exists() and any(out.iterdir()):
-            raise ConvertError(f"{out} is not empty: choose a new --out folder")
+            if not a.overwrite:
+                raise ConvertError(f"{out} is not empty: choose a new --out folder, or pass --overwrite to replace it")
+            if not (out / META_FILE).is_file():
+                raise ConvertError(f"{out} holds no {META_FILE}: --overwrite replaces only a folder the converter wrote")
+        stage = out.parent / f".{out.name}.partial"
+        if stage.exists():  # an interrupted run's: start over
+            shutil.rmtree(stage)
+        stage.mkdir(parents=True)
+        try:
+            self.write(stage, report)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if out.exists():
+            shutil.rmtree(out)
+        stage.rename(out)
+        return report
+
+    def write(self, out: Path, report: Report) -> None:
+        from streaming import MDSWriter
+
+        a = self.a
         pending: list[dict] = []
         lengths: list[int] = []
 
+        def skip(rid: str, s: Skip) -> None:
+            if a.strict:
+                raise ConvertError(f"{a.json}: record {rid}: {s.reason}: {s.detail}")
+            report.skip(rid, s)
+
         def flush(writer):
-            self.latents(pending)
-            for s in pending:
-                s.pop("_pil")
+            failed = self.latents(pending)
+            for s, why in failed:
+                skip(s["_rid"], why)
+            dropped = {id(s) for s, _ in failed}
+            for s in (p for p in pending if id(p) not in dropped):
+                del s["_pixels"], s["_rid"]
                 s["index"] = report.written
                 writer.write(s)
                 lengths.append(s["length"])
                 report.written += 1
             pending.clear()
 
-        with MDSWriter(out=str(out), columns=COLUMNS, size_limit=a.shard_size, progress_bar=False) as writer:
+        with MDSWriter(out=str(out), columns=COLUMNS, size_limit=a.shard_size, hashes=[SHARD_HASH],
+                       progress_bar=False) as writer:
             for rid, rec in tqdm(read_records(Path(a.json)), desc="convert", unit="rec", disable=a.quiet):
                 report.read += 1
                 try:
                     pending.append(self.prepare(rid, rec))
                 except Skip as s:
-                    if a.strict:
-                        raise ConvertError(f"{a.json}: record {rid}: {s.reason}: {s.detail}") from None
-                    report.skip(rid, s)
-                if sum(p["_pil"] is not None for p in pending) >= a.vae_batch:
+                    skip(rid, s)
+                except Exception as e:  # anything else one record triggers is that record's, never the run's
+                    skip(rid, Skip("record_error", f"{type(e).__name__}: {e}"))
+                if sum(p["_pixels"] is not None for p in pending) >= a.vae_batch:
                     flush(writer)
             flush(writer)
         assert report.written + sum(report.skipped.values()) == report.read
         np.save(out / LENGTHS_FILE, np.asarray(lengths, dtype=np.int32))
+        vae = self.vae.config if self.vae is not None else None
         meta = {
             "source": str(a.json), "template": a.template, "image_aspect": self.aspect,
             "grid": self.grid, "num_visual_tokens": self.num_visual, "image_token_id": self.image_token_id,
-            "tokenizer": str(a.tokenizer), "vision": str(a.vision), "vae": str(a.vae) if a.vae else None,
-            "latents": self.vae is not None,
-            "latent_channels": int(self.vae.config.latent_channels) if self.vae is not None else None,
-            "latent_dtype": self.latent_dtype.name, "max_length": a.max_length,
+            "tokenizer": str(a.tokenizer), "tokenizer_fingerprint": self.fingerprint,
+            "vision": str(a.vision), "vae": str(a.vae) if a.vae else None,
+            "latents": vae is not None,
+            "latent_channels": int(vae.latent_channels) if vae is not None else None,
+            "latent_shift": float(vae.shift_factor or 0.0) if vae is not None else None,
+            "latent_scale": float(vae.scaling_factor) if vae is not None else None,
+            "latent_dtype": self.latent_dtype.name, "max_length": a.max_length, "shard_hash": SHARD_HASH,
+            "min_image_side": a.min_image_side, "max_image_pixels": a.max_image_pixels,
             "read": report.read, "written": report.written,
             "skipped": dict(report.skipped), "skipped_examples": dict(report.examples),
         }
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
-        return report
 
 
 def parse_args(argv=None):
@@ -207,6 +282,12 @@ def parse_args(argv=None):
     p.add_argument("--vision", required=True, help="the vision tower's folder (image processor, patch grid)")
     p.add_argument("--vae", default=None, help="AutoencoderKL folder: store latent moments with each sample")
     p.add_argument("--out", required=True, help="new folder for the MDS shards")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a finished conversion")
+    p.add_argument("--allow-outside-images", action="store_true",
+                   help="let image paths resolve outside --images (absolute paths, '..', symlinks leading out)")
+    p.add_argument("--min-image-side", type=int, default=8, help="skip images with a side below this many pixels")
+    p.add_argument("--max-image-pixels", type=int, default=1 << 26,
+                   help="skip images of more pixels than this (checked from the header, before decoding)")
     p.add_argument("--max-length", type=int, default=8192, help="skip samples longer than this (visual tokens counted)")
     p.add_argument("--image-aspect", default="auto", choices=("auto", "pad", "square"),
                    help="auto: square for plain (stage 1), pad for the others (stage 2)")

@@ -4,6 +4,13 @@ The converter (VAE latent moments), the loader (pixel values) and the exported p
 use `preprocess`, so a reconstruction target always matches what the vision tower saw
 (ROSS_SPEC.md section 2, step 0). Nothing here imports fastross.model or the kernels.
 
+Every image is first normalised explicitly to 8-bit RGB (`decode`, `to_rgb8`): Pillow's
+`convert("RGB")` clips 16-bit greyscale at 255 (a real 16-bit PNG came out 99% white), so 16-bit
+grey is scaled to its high byte (v >> 8), as Pillow itself reads 16-bit RGB PNGs, so that one image
+decodes alike in either form; palette, LA, CMYK and the other modes go through
+`convert("RGB")`, which expands a palette and drops alpha as the reference does. The channel axis
+is never guessed: arrays here are built channels-last from PIL and transposed explicitly.
+
 Two backends (`data.image_backend`):
 - "pil" (default), bit-exact with Hugging Face's `SiglipImageProcessor` as fastross calls it
   (`torch.equal` in tests/test_loader.py): PIL decode -> RGB -> optional pad to a square with
@@ -30,6 +37,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+class ImageError(ValueError):
+    """An image the converter skips: `reason` is its skip reason (bad_image, image_too_small, image_too_large)."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
 
 Aspect = Literal["pad", "square"]  # pad: mean-colour square first (stage 2); square: resize as given (stage 1)
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -106,11 +121,50 @@ def pad_to_square(img: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
     return canvas
 
 
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # greyscale modes holding 16-bit values ("I": 32-bit ints)
+
+
+def to_rgb8(img: Image.Image) -> Image.Image:
+    """Any decoded PIL image -> 8-bit RGB, 16-bit grey scaled to its high byte (values of "I" past 65535 clip)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT:
+        v = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+        return Image.fromarray((v >> 8).astype(np.uint8), "L").convert("RGB")
+    if img.mode == "F":
+        raise ImageError("bad_image", "floating-point images (mode F) have no agreed range; convert them to 8 or 16 bit")
+    if img.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts these only to their plain-alpha modes
+        img = img.convert("RGBA")
+    return img.convert("RGB")
+
+
+def decode(data: bytes, *, min_side: int = 1, max_pixels: int | None = None) -> Image.Image:
+    """Encoded image bytes -> 8-bit RGB PIL image, or ImageError (size limits checked from the header first)."""
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageError("image_too_large", str(e)) from None
+    except Exception as e:  # PIL raises many types for unreadable files
+        raise ImageError("bad_image", f"cannot be decoded ({type(e).__name__}: {e})") from None
+    w, h = img.size
+    if min(w, h) < min_side:
+        raise ImageError("image_too_small", f"{w}x{h} pixels, a side below {min_side}")
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError("image_too_large", f"{w}x{h} pixels, more than {max_pixels}")
+    try:
+        img.load()
+        return to_rgb8(img)
+    except ImageError:
+        raise
+    except Exception as e:  # truncated data, bad chunks, unsupported modes
+        raise ImageError("bad_image", f"cannot be decoded ({type(e).__name__}: {e})") from None
+
+
 def preprocess_pil(img: Image.Image, spec: ImageSpec, aspect: Aspect) -> torch.Tensor:
     """PIL image -> normalised pixel values (3, H, W), bit-exact with the HF processor path."""
     if aspect not in ("pad", "square"):
         raise ValueError(f"image aspect must be 'pad' or 'square', got {aspect!r}")
-    img = img.convert("RGB")
+    img = to_rgb8(img)
     if aspect == "pad":
         img = pad_to_square(img, spec.pad_fill)
     if img.size != (spec.width, spec.height):
@@ -145,15 +199,16 @@ def _preprocess_torchvision(data: bytes, spec: ImageSpec, aspect: Aspect) -> tor
 def preprocess(data: bytes, spec: ImageSpec, aspect: Aspect, backend: Literal["pil", "torchvision"] = "pil") -> torch.Tensor:
     """Encoded image bytes -> normalised pixel values (3, H, W) float32.
 
-    backend "torchvision" decodes JPEG with torchvision and falls back to "pil" for any other format.
+    backend "torchvision" decodes RGB and greyscale JPEG with torchvision and falls back to "pil" for any other
+    format or mode (CMYK JPEG: torchvision's conversion is not Pillow's).
     """
     if aspect not in ("pad", "square"):
         raise ValueError(f"image aspect must be 'pad' or 'square', got {aspect!r}")
     if backend not in ("pil", "torchvision"):
         raise ValueError(f"image backend must be 'pil' or 'torchvision', got {backend!r}")
-    if backend == "torchvision" and data[:3] == JPEG_MAGIC:
+    if backend == "torchvision" and data[:3] == JPEG_MAGIC and Image.open(io.BytesIO(data)).mode in ("RGB", "L"):
         return _preprocess_torchvision(data, spec, aspect)
-    return preprocess_pil(Image.open(io.BytesIO(data)), spec, aspect)
+    return preprocess_pil(decode(data), spec, aspect)
 
 
 def vae_input(pixel_values: torch.Tensor, grid: int) -> torch.Tensor:

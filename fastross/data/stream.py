@@ -55,8 +55,11 @@ def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
 
 class StepStream:
     def __init__(self, shards: str, global_batch: int, rank: int, world: int, shuffle: bool, seed: int,
-                 max_tokens: int, attn_tokens: float, padded_samples: int = 0):
-        """padded_samples > 0: the reference's padded micro-batches of that many samples (data.packing=padded)."""
+                 max_tokens: int, attn_tokens: float, padded_samples: int = 0, exclude: np.ndarray | None = None):
+        """padded_samples > 0: the reference's padded micro-batches of that many samples (data.packing=padded).
+
+        exclude: sample ids left out of every epoch (those of corrupt shards, data.corrupt_shards=skip).
+        """
         self.lengths = load_lengths(shards)
         self.shards = MDSShards(shards)
         if len(self.shards) != len(self.lengths):
@@ -67,9 +70,11 @@ class StepStream:
         self.global_batch, self.rank, self.world = global_batch, rank, world
         self.shuffle, self.seed = shuffle, seed
         self.max_tokens, self.attn_tokens, self.padded_samples = max_tokens, attn_tokens, padded_samples
-        self.steps_per_epoch = len(self.lengths) // global_batch
+        self.kept = np.setdiff1d(np.arange(len(self.lengths)), exclude) if exclude is not None and len(exclude) else None
+        n = len(self.lengths) if self.kept is None else len(self.kept)
+        self.steps_per_epoch = n // global_batch
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{shards} holds {len(self.lengths)} samples, fewer than data.global_batch={global_batch}")
+            raise ValueError(f"{shards} holds {n} usable samples, fewer than data.global_batch={global_batch}")
         self._order: tuple[int, np.ndarray] | None = None
 
     def position(self, index: int) -> Position:
@@ -82,7 +87,10 @@ class StepStream:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, epoch_order(len(self.lengths), self.seed, epoch, self.shuffle))
+            if self.kept is None:
+                self._order = (epoch, epoch_order(len(self.lengths), self.seed, epoch, self.shuffle))
+            else:
+                self._order = (epoch, self.kept[epoch_order(len(self.kept), self.seed, epoch, self.shuffle)])
         return self._order[1]
 
     def plan(self, epoch: int, step_in_epoch: int) -> tuple[np.ndarray, StepPlan]:

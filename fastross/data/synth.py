@@ -16,12 +16,22 @@ does not. This module draws one from a seed:
   with hand-written captions.
 * text-only records (small arithmetic and word puzzles), about 15% of stage 2, as in
   LLaVA-665K.
+* a held-out benchmark (``eval.json``, read by ``python -m fastross.eval``): per held-out image
+  its one question of the training stream's kinds (existence, colour, count, position), POPE's
+  three settings (a yes and a no each: random, popular = the data set's most frequent absent
+  object, adversarial = the absent object that co-occurs most with the present ones), and an
+  MMVP-style pair: a partner image ``mmvp_*.png`` drawn with the same background and noise
+  but one attribute changed (a shape's colour, its cell, or one more shape), both asked the
+  same question. Every item carries its ``kind``, its answer ``type`` (yesno, number, colour,
+  where), and for MMVP its ``pair`` and ``attribute``.
 
-Run ``python -m fastross.data.synth OUT [--seed 0] [--train 600] [--eval 64]``; it writes
+Run ``python -m fastross.data.synth OUT [--seed 0] [--train 600] [--eval 500]``; it writes
 ``OUT/images/*.png``, ``OUT/stage1.json``, ``OUT/stage2.json``, ``OUT/eval.json`` and
-``OUT/scenes.json``. Only ``random.Random(seed)`` and ``numpy.random.default_rng(seed)``
-are used and PNGs are written with fixed options, so the same seed gives byte-identical
-files and a different seed gives different data. The defaults take a few seconds.
+``OUT/scenes.json``. Only ``random.Random`` and ``numpy.random.default_rng`` seeded from
+``seed`` are used and PNGs are written with fixed options, so the same seed gives byte-identical
+files and a different seed gives different data. The benchmark's questions and partners come
+from a stream of their own, so the training records are those the generator wrote before it
+had them. The defaults take a few seconds.
 """
 
 from __future__ import annotations
@@ -295,7 +305,143 @@ def _dump(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def write_dataset(out, seed: int = 0, n_train: int = 600, n_eval: int = 64) -> dict:
+# --- the held-out benchmark -------------------------------------------------------------
+
+OBJECTS = tuple((c, k) for c in sorted(COLOURS) for k in SHAPES)  # what POPE asks about: a coloured shape
+POPE_KINDS = ("pope-random", "pope-popular", "pope-adversarial")
+MMVP_ATTRIBUTES = ("colour", "position", "count")
+# The legacy held-out question's kind (drawn with the training stream, one per image) -> the benchmark's kind.
+LEGACY_KIND = {"existence": "existence", "colour": "colour", "count": "count", "relative": "position",
+               "absolute": "position"}
+
+
+def answer_type(question: str, answer: str) -> str:
+    """How an answer is scored (fastross.eval): yesno, number, colour or where."""
+    if answer in ("Yes.", "No."):
+        return "yesno"
+    if question.startswith("How many"):
+        return "number"
+    if question.startswith("What colour"):
+        return "colour"
+    return "where"
+
+
+def object_stats(scenes: list[dict]) -> tuple[dict, dict]:
+    """Over a data set's scenes: how many images hold each object, and how many hold each pair of objects together."""
+    freq = {o: 0 for o in OBJECTS}
+    cooc = {(a, b): 0 for a in OBJECTS for b in OBJECTS}
+    for scene in scenes:
+        present = sorted({(s["colour"], s["shape"]) for s in scene["shapes"]})
+        for a in present:
+            freq[a] += 1
+            for b in present:
+                if a != b:
+                    cooc[a, b] += 1
+    return freq, cooc
+
+
+def pope_negatives(present: set, freq: dict, cooc: dict, rng: random.Random) -> dict[str, tuple[str, str]]:
+    """One absent object per POPE setting: random (uniform), popular (the data set's most frequent absent object),
+    adversarial (the absent object that co-occurs most often with the present ones); ties by name."""
+    absent = [o for o in OBJECTS if o not in present]
+    return {
+        "pope-random": rng.choice(absent),
+        "pope-popular": min(absent, key=lambda o: (-freq[o], o)),
+        "pope-adversarial": min(absent, key=lambda o: (-sum(cooc[p, o] for p in present), o)),
+    }
+
+
+def _place(s: dict, cell: int) -> dict:
+    """Shape s moved to a grid cell, keeping its offset from its cell's centre."""
+    row, col = divmod(cell, GRID)
+    old_row, old_col = ROWS.index(s["row"]), COLS.index(s["col"])
+    dx = s["cx"] - (old_col * CELL + CELL // 2)
+    dy = s["cy"] - (old_row * CELL + CELL // 2)
+    return {**s, "row": ROWS[row], "col": COLS[col], "cx": col * CELL + CELL // 2 + dx,
+            "cy": row * CELL + CELL // 2 + dy}
+
+
+def _cell(s: dict) -> int:
+    return ROWS.index(s["row"]) * GRID + COLS.index(s["col"])
+
+
+def mmvp_variant(shapes: list[dict], want: str, rng: random.Random) -> tuple[str, list[dict], str]:
+    """(attribute, the scene with one attribute changed, the question whose answer it changes).
+
+    colour: one shape (the only one of its kind) recoloured; position: one shape (the only one of its name) moved to
+    an empty cell; count: a shape added in an empty cell. `want` is tried first, then the others in order.
+    """
+    by_kind, named = _unique(shapes, lambda s: s["shape"]), _unique(shapes, name)
+    empty = [c for c in range(GRID * GRID) if c not in {_cell(s) for s in shapes}]
+    for attribute in (want, *[a for a in MMVP_ATTRIBUTES if a != want]):
+        if attribute == "colour" and by_kind:
+            s = rng.choice(by_kind)
+            new = rng.choice([c for c in sorted(COLOURS) if c != s["colour"]])
+            return attribute, [{**x, "colour": new} if x is s else x for x in shapes], f"What colour is the {s['shape']}?"
+        if attribute == "position" and named and empty:
+            s = rng.choice(named)
+            moved = [_place(x, rng.choice(empty)) if x is s else x for x in shapes]
+            return attribute, sorted(moved, key=_cell), f"Where is the {name(s)}?"
+        if attribute == "count" and empty:
+            extra = _place({"shape": rng.choice(SHAPES), "colour": rng.choice(sorted(COLOURS)), "row": ROWS[1],
+                            "col": COLS[1], "cx": CELL + CELL // 2, "cy": CELL + CELL // 2,
+                            "size": rng.randint(9, 12)}, rng.choice(empty))
+            return attribute, sorted([*shapes, extra], key=_cell), "How many shapes are there?"
+    raise ValueError(f"no attribute of {shapes} can be changed")
+
+
+def truth(question: str, shapes: list[dict]) -> str:
+    """The answer to one of the benchmark's questions about a scene."""
+    if question == "How many shapes are there?":
+        return NUMBERS[len(shapes)] + "."
+    if question.startswith("What colour is the "):
+        kind = question.removeprefix("What colour is the ").rstrip("?")
+        return next(s["colour"] for s in shapes if s["shape"] == kind).capitalize() + "."
+    if question.startswith("Where is the "):
+        what = question.removeprefix("Where is the ").rstrip("?")
+        phrase = where(next(s for s in shapes if name(s) == what))
+        return phrase[0].upper() + phrase[1:] + "."
+    colour, shape = question.removeprefix("Is there a ").removesuffix(" in the image?").split()
+    return "Yes." if any(s["colour"] == colour and s["shape"] == shape for s in shapes) else "No."
+
+
+def _item(id_: str, image: str, kind: str, q: str, a: str, **extra) -> dict:
+    return {"id": id_, "image": image, "kind": kind, "type": answer_type(q, a), **extra,
+            "conversations": _conversation([(q, a)], True)}
+
+
+def benchmark(held: list[tuple[str, list[dict], tuple]], scenes: list[dict], images: Path, seed: int
+              ) -> tuple[list[dict], list[dict]]:
+    """The held-out images' POPE questions and MMVP pairs (the partner images written under `images`), and the
+    partners' scenes. Drawn from their own stream, so that the training records do not depend on them."""
+    rng = random.Random(f"fastross-heldout-{seed}")
+    freq, cooc = object_stats(scenes)
+    items, partners = [], []
+    for k, (file, shapes, state) in enumerate(held):
+        stem = file[:-4]
+        present = {(s["colour"], s["shape"]) for s in shapes}
+        for kind, (colour, shape) in pope_negatives(present, freq, cooc, rng).items():
+            yes = rng.choice(sorted(present))
+            for j, (c, sh) in enumerate((yes, (colour, shape))):
+                q = f"Is there a {c} {sh} in the image?"
+                items.append(_item(f"{kind}_{stem}_{j}", file, kind, q, truth(q, shapes), object=f"{c} {sh}"))
+        attribute, changed, q = mmvp_variant(shapes, MMVP_ATTRIBUTES[k % len(MMVP_ATTRIBUTES)], rng)
+        partner = f"mmvp_{stem}.png"
+        r, n = random.Random(), np.random.default_rng()
+        r.setstate(state[0])
+        n.bit_generator.state = state[1]
+        save_png(draw_scene(changed, r, n), images / partner)  # the same background and noise: one attribute differs
+        partners.append({"image": partner, "shapes": changed})
+        for side, img, sc in (("a", file, shapes), ("b", partner, changed)):
+            items.append(_item(f"mmvp_{stem}_{side}", img, "mmvp", q, truth(q, sc), pair=f"mmvp_{stem}",
+                               attribute=attribute))
+    return items, partners
+
+
+# --- the data set ---------------------------------------------------------------------
+
+
+def write_dataset(out, seed: int = 0, n_train: int = 600, n_eval: int = 500) -> dict:
     """Write the data set under `out`; returns the counts written."""
     out = Path(out)
     images = out / "images"
@@ -303,10 +449,11 @@ def write_dataset(out, seed: int = 0, n_train: int = 600, n_eval: int = 64) -> d
     rng = random.Random(seed)
     nrng = np.random.default_rng(seed)
 
-    scenes, stage1, stage2, evals = [], [], [], []
+    scenes, stage1, stage2, evals, held = [], [], [], [], []
     for i in range(1, n_train + n_eval + 1):
         file = f"shapes_{i:05d}.png"
         shapes = make_scene(rng)
+        state = (rng.getstate(), nrng.bit_generator.state)  # an MMVP partner is drawn from the same state
         save_png(draw_scene(shapes, rng, nrng), images / file)
         scenes.append({"image": file, "shapes": shapes})
         asked = questions(shapes, rng)
@@ -333,14 +480,8 @@ def write_dataset(out, seed: int = 0, n_train: int = 600, n_eval: int = 64) -> d
             want = kinds[(i - n_train - 1) % len(kinds)]
             match = [t for t in asked if t[0] == want] or [rng.choice(asked)]
             kind, q, a = match[0]
-            evals.append(
-                {
-                    "id": f"eval_{stem}",
-                    "image": file,
-                    "kind": kind,
-                    "conversations": _conversation([(q, a)], True),
-                }
-            )
+            evals.append(_item(f"eval_{stem}", file, LEGACY_KIND[kind], q, a))
+            held.append((file, shapes, state))
 
     photos = load_photos()
     for pname, image, text in photos:
@@ -362,18 +503,23 @@ def write_dataset(out, seed: int = 0, n_train: int = 600, n_eval: int = 64) -> d
         stage2.append({"id": f"s2_text_{j:05d}", "conversations": _conversation(turns, False)})
     rng.shuffle(stage2)
 
+    bench, partners = benchmark(held, scenes, images, seed)
+    evals += bench
+
     _dump(stage1, out / "stage1.json")
     _dump(stage2, out / "stage2.json")
     _dump(evals, out / "eval.json")
-    _dump(scenes, out / "scenes.json")
+    _dump(scenes + partners, out / "scenes.json")
     return {
-        "images": len(scenes) + len(photos),
+        "images": len(scenes) + len(partners) + len(photos),
         "shapes_images": len(scenes),
+        "mmvp_pairs": len(partners),
         "photos": len(photos),
         "stage1": len(stage1),
         "stage2": len(stage2),
         "text_only": n_text,
-        "eval": len(evals),
+        "eval": len(held),
+        "eval_items": len(evals),
     }
 
 
@@ -385,15 +531,16 @@ def main(argv=None) -> dict:
     p.add_argument("out", help="output folder (images/ and the JSON files go there)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train", type=int, default=600, help="training shapes images")
-    p.add_argument("--eval", type=int, default=64, help="held-out shapes images")
+    p.add_argument("--eval", type=int, default=500, help="held-out shapes images (each with an MMVP partner)")
     args = p.parse_args(argv)
     if args.train < 0 or args.eval < 0:
         p.error("--train and --eval must be >= 0")
     counts = write_dataset(args.out, args.seed, args.train, args.eval)
     print(
         f"synth: {counts['images']} images ({counts['shapes_images']} shapes, "
-        f"{counts['photos']} photos), stage1 {counts['stage1']}, stage2 {counts['stage2']} "
-        f"({counts['text_only']} text-only), eval {counts['eval']} -> {args.out}"
+        f"{counts['photos']} photos, {counts['mmvp_pairs']} MMVP partners), stage1 {counts['stage1']}, "
+        f"stage2 {counts['stage2']} ({counts['text_only']} text-only), eval {counts['eval']} images "
+        f"({counts['eval_items']} questions) -> {args.out}"
     )
     return counts
 
