@@ -79,7 +79,8 @@ def test_init_from_a_pickle_file_is_refused_with_how_to_convert(world_of_one, tm
     model, _ = tiny_trained(0)
     pt = tmp_path / "weights.pt"
     torch.save(model.state_dict(), pt)
-    with pytest.raises(ValueError, match="is a file, and not a reference ROSS mm_projector.bin.*never other pickles.*safetensors"):
+    with pytest.raises(ValueError, match="is a file, and not a reference ROSS mm_projector.bin.*never other pickles"
+                                         ".*safetensors"):
         checkpoint.load_model_weights(pt, model)
 
 
