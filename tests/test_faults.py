@@ -174,7 +174,7 @@ def test_disk_full_writing_small_files_names_the_folder_and_keeps_the_previous(w
 
 def poisoned_shards(src: Path, dst: Path, first: int, last: int) -> tuple[Path, str]:
     """A copy of `src` whose first sample with an image among ids first..last has NaN latent moments (its bytes
-    patched in place in the shard file): what a corrupt or badly converted sample feeds the loss."""
+    patched in place in the shard file, the file rehashed): what a badly converted sample feeds the loss."""
     import numpy as np
 
     from fastross.data.schema import ShardMeta
@@ -189,7 +189,19 @@ def poisoned_shards(src: Path, dst: Path, first: int, last: int) -> tuple[Path, 
     hits = [(f, f.read_bytes().count(raw)) for f in dst.glob("*.mds")]
     (path, n), = [(f, n) for f, n in hits if n]
     assert n == 1, "the sample's latent bytes are not unique in its shard"
-    path.write_bytes(path.read_bytes().replace(raw, nan))
+    data = path.read_bytes().replace(raw, nan)
+    path.write_bytes(data)
+    # Rehashed in index.json, as a converter that let the NaNs through would have written it (fastross's own refuses
+    # non-finite moments, and the loader would refuse a file whose hash differs).
+    import xxhash
+
+    from fastross.data.schema import SHARD_HASH
+
+    index = json.loads((dst / "index.json").read_text())
+    for shard in index["shards"]:
+        if shard["raw_data"]["basename"] == path.name:
+            shard["raw_data"]["hashes"][SHARD_HASH] = xxhash.xxh64(data).hexdigest()
+    (dst / "index.json").write_text(json.dumps(index))
     assert np.isnan(meta.decode_latent(MDSShards(dst).read(sid)["latent_mean"])).all()
     return dst, str(sample["id"])
 
