@@ -7,7 +7,11 @@ state (3x that in all) and runs fastross.checkpoint.Checkpointer as the trainer 
 every 3 "steps" (a matmul loop of --step-ms), --saves saves per mode. For each mode it prints
 the median blocked seconds (what the trainer logs as ckpt_blocked_s: waiting for the previous
 write, staging, the small files) and, for async, the median seconds from staging until the
-checkpoint was complete (the write that overlaps training), then the ratio sync / async.
+checkpoint was complete (the write that overlaps training), then the ratio sync / async, and
+what verifying a checkpoint's manifest costs (sha256 of every file, several files at once; the
+files just written, so from the page cache: a cold read adds the disk's own time). Rank 0 pays
+that hashing once per save (inside the sync blocked time; in the background thread for async)
+and once per load.
 Checkpoints go to a temp dir; --save appends a CSV row to benchmarks/results/checkpoint.csv.
 """
 
@@ -24,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fastross import checkpoint
 from fastross.checkpoint import Checkpointer
 from fastross.tools import results as R
 
@@ -59,7 +64,12 @@ def run_mode(root: Path, async_save: bool, model, opt, saves: int, step_ms: floa
         ck.wait()  # measured apart from the blocked time: how long the background write took
         written.append(report.blocked_s + time.perf_counter() - t0)
     ck.close()
-    return {"blocked": statistics.median(blocked), "complete": statistics.median(written)}
+    latest = ck.latest()
+    gib = sum(f.stat().st_size for f in latest.iterdir()) / 2**30
+    t0 = time.perf_counter()
+    assert checkpoint.verify(latest) is None
+    return {"blocked": statistics.median(blocked), "complete": statistics.median(written),
+            "verify_s_per_gib": (time.perf_counter() - t0) / gib}
 
 
 def main() -> None:
@@ -83,6 +93,7 @@ def main() -> None:
         print(f"{mode:6} {state_mb:9.0f} {r['blocked']:10.3f} {r['complete']:11.3f}")
     ratio = res["sync"]["blocked"] / res["async"]["blocked"]
     print(f"checkpoint: blocked sync/async {ratio:.2f}x ({state_mb:.0f} MB state, median of {a.saves} saves)")
+    print(f"checkpoint: verifying the manifest (sha256) {res['sync']['verify_s_per_gib']:.2f} s/GiB")
     if a.save:
         device = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
         out = R.append_csv("checkpoint.csv", ["date", "commit", "device", "state_mb", "saves", "sync_blocked_s",

@@ -2,13 +2,21 @@
 
 Layout of a run folder:
     run_dir/checkpoints/step_00000040/   DCP shards of model + optimizer, trainer.json,
-                                         rng_rank{r}.pt, config.yaml
-    run_dir/checkpoints/latest           the name of the newest complete checkpoint
+                                         rng_rank{r}.pt, config.yaml, manifest.json (written last)
+    run_dir/checkpoints/latest           the name of the newest complete checkpoint (a hint)
 
 A checkpoint is written into `step_N.tmp/` and renamed only once every rank has finished;
 `latest` is then replaced atomically, and only then are older checkpoints pruned. A crash
 during a save leaves the previous checkpoint and `latest` untouched; stale `.tmp` folders
 are removed at the next start.
+
+Integrity. Once every rank's files are on disk, rank 0 hashes them (sha256, several files at
+once) into `manifest.json`, the last file written before the rename. Loading picks the newest
+checkpoint folder whose files match its manifest, whatever `latest` says; a corrupt or
+incomplete newer one is skipped with a message naming the file, and a run folder that holds
+checkpoints of which none verifies is an error, never a silent start from step 0. The manifest
+proves integrity, not authorship: what a checkpoint holds is still read without unpickling
+arbitrary objects (DCP's `.metadata` through `SafeReader`, tensors with `weights_only=True`).
 
 Asynchronous saves (`train.async_checkpoint`). The step is blocked only while the state is
 copied to host memory (DCP's `DefaultStager`, pinned buffers on CUDA, reused from save to
@@ -33,19 +41,24 @@ Trade-off: host memory holds one copy of this rank's shard of the model and opti
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import pickle
 import shutil
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -56,6 +69,107 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 LATEST = "latest"
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be trusted or found: the message names the file and what to do."""
+
+
+# What a DCP `.metadata` pickle may name: DCP's own metadata classes and the plain values inside them.
+_METADATA_GLOBALS = {
+    *(("torch.distributed.checkpoint.metadata", n) for n, v in vars(dcp_metadata).items()
+      if isinstance(v, type) and v.__module__ == dcp_metadata.__name__),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    *(("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype)),
+    ("torch.serialization", "_get_layout"),  # a lookup of torch.strided etc. by name
+    *(("pathlib", n) for n in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")),
+    ("collections", "OrderedDict"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _METADATA_GLOBALS:
+            raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's checkpoint metadata")
+        return super().find_class(module, name)
+
+
+def read_metadata(path: Path) -> dcp_metadata.Metadata:
+    """A DCP `.metadata` file, unpickled with only DCP's metadata classes allowed: a crafted one cannot run code."""
+    try:
+        md = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
+        raise CheckpointError(
+            f"{path}: refused to load, it is not DCP checkpoint metadata ({e}); a checkpoint not written by "
+            "torch.distributed.checkpoint must be converted first: load it in a trusted Python session and save its "
+            "tensors with safetensors or dcp.save"
+        ) from None
+    if not isinstance(md, dcp_metadata.Metadata):
+        raise CheckpointError(f"{path}: holds a {type(md).__name__}, not DCP checkpoint metadata")
+    return md
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader, with `.metadata` read by `read_metadata` instead of a plain `pickle.load`.
+
+    The tensor and bytes entries themselves DCP already reads as raw storage or with `torch.load(weights_only=True)`.
+    """
+
+    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
+        md = read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
+        if getattr(md, "storage_meta", None) is None:
+            md.storage_meta = dcp_metadata.StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+
+def dcp_load(state: dict, path: Path) -> None:
+    """dcp.load through SafeReader, its `.metadata` checked first so that a refusal is a plain error, not one
+    wrapped in DCP's collective exception."""
+    read_metadata(Path(path) / ".metadata")
+    dcp.load(state, storage_reader=SafeReader(str(path)))
+
+
+def _hash_file(path: Path) -> str:
+    h = hashlib.sha256()  # with SHA-NI (current x86) faster than blake2b
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):  # hashlib drops the GIL on large updates: files hash in parallel
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_files(folder: Path, names: list[str]) -> dict[str, str]:
+    with ThreadPoolExecutor(max_workers=min(8, max(1, len(names)))) as pool:
+        return dict(zip(names, pool.map(lambda n: _hash_file(folder / n), names)))
+
+
+def write_manifest(folder: Path) -> None:
+    """sha256 of every file of the checkpoint, written last (after every rank's files are on disk)."""
+    names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST)
+    _fsync_write(folder / MANIFEST, json.dumps({"sha256": hash_files(folder, names)}, indent=1))
+
+
+def verify(folder: Path) -> str | None:
+    """None when every file listed in the manifest is there with its hash; else what is wrong, naming the file."""
+    path = folder / MANIFEST
+    if not path.is_file():
+        return f"{path} is missing (an incomplete checkpoint, or one written before fastross kept manifests)"
+    try:
+        want = json.loads(path.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{path} is unreadable ({e})"
+    if ".metadata" not in want:
+        return f"{path} lists no .metadata"
+    missing = [n for n in want if not (folder / n).is_file()]
+    if missing:
+        return f"{folder / missing[0]} is missing"
+    got = hash_files(folder, sorted(want))
+    bad = [n for n in sorted(want) if got[n] != want[n]]
+    if bad:
+        return f"{folder / bad[0]} does not match its hash in {path} ({len(bad)} file(s) differ)"
+    return None
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -142,28 +256,37 @@ class Checkpointer:
         dist.barrier()
 
     def latest(self) -> Path | None:
-        return resolve(self.root.parent)
+        """The newest verified checkpoint (rank 0 hashes, every rank gets its answer), or None in a fresh run."""
+        return agreed(lambda: resolve(self.root.parent, say=print if self.rank == 0 else None), self.rank)
 
     def save(self, step: int, model, optimizer, trainer_state: dict, config_yaml: str) -> SaveReport:
-        """Write a checkpoint of this step; asynchronous saves return once the state is staged."""
+        """Write a checkpoint of this step; asynchronous saves return once the state is staged.
+
+        A write that fails on any rank (a full disk) raises CheckpointError on every rank, naming the folder; the
+        previous checkpoint stays the newest complete one."""
         t0 = time.perf_counter()
         self.wait()  # never two saves at once; the previous one is complete and finalised
         final = self.root / f"step_{step:08d}"
         tmp = self.root / f"step_{step:08d}.tmp"
+        err = None
         if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dist.barrier()
+            err = _attempt(lambda: (shutil.rmtree(tmp, ignore_errors=True), tmp.mkdir(parents=True)))
+        self._agree(err, tmp, "creating the folder")
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
         # Captured now, with the tensors: they describe the same step.
-        self._write_small_files(tmp, trainer_state, config_yaml)
+        self._agree(_attempt(lambda: self._write_small_files(tmp, trainer_state, config_yaml)), tmp,
+                    "writing the RNG state, trainer.json and config.yaml")
         if not self.async_save:
-            dcp.save(state, checkpoint_id=str(tmp))
+            try:
+                dcp.save(state, checkpoint_id=str(tmp))  # DCP gathers every rank's result: all raise or none
+            except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
+                raise CheckpointError(f"checkpoint {tmp}: DCP's write failed ({_first_line(e)}); "
+                                      f"{self._previous()}") from e
             dist.barrier()  # every rank's shards and RNG files are on disk
             if self.rank == 0:
-                self._finalise(tmp, final)
-            dist.barrier()
+                err = _attempt(lambda: (write_manifest(tmp), self._finalise(tmp, final)))
+            self._agree(err, tmp, "writing its manifest and renaming it")
             return SaveReport(final, time.perf_counter() - t0)
         upload = dcp.async_save(state, checkpoint_id=str(tmp), process_group=self._pg, async_stager=self._stager)
         job = _InFlight(step, tmp, final, upload, threading.Event(), time.perf_counter())
@@ -171,6 +294,26 @@ class Checkpointer:
         if self.rank == 0:
             upload.add_done_callback(lambda f: self._on_written(job, f))
         return SaveReport(final, time.perf_counter() - t0)
+
+    def hint(self) -> Path | None:
+        """The newest checkpoint this run completed, as `latest` names it (for messages: no hashing, no collective)."""
+        hint = self.root / LATEST
+        name = hint.read_text().strip() if hint.is_file() else ""
+        return self.root / name if name else None
+
+    def _previous(self) -> str:
+        previous = self.hint()
+        return (f"the previous checkpoint {previous} is intact and is where a restart resumes" if previous
+                else "no earlier checkpoint exists: a restart begins at step 0")
+
+    def _agree(self, err: BaseException | None, tmp: Path, what: str) -> None:
+        """Collective: raise on every rank if `what` failed on any (a rank alone raising would hang the others)."""
+        failed = torch.tensor([0.0 if err is None else 1.0], device=_collective_device())
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+        if failed.item():
+            why = f"{_first_line(err)}" if err is not None else "it failed on another rank"
+            raise CheckpointError(f"checkpoint {tmp}: {what} failed on rank {self.rank}: {why}; "
+                                  f"{self._previous()}") from err
 
     def _write_small_files(self, tmp: Path, trainer_state: dict, config_yaml: str) -> None:
         with open(tmp / f"rng_rank{self.rank}.pt", "wb") as f:
@@ -185,6 +328,7 @@ class Checkpointer:
         """Rank 0, in the writer thread: every rank's write is complete (see the header)."""
         try:
             upload.result()
+            write_manifest(job.tmp)
             self._finalise(job.tmp, job.final)
             print(f"train: checkpoint {job.final.name} complete, written {time.perf_counter() - job.staged_at:.2f} s "
                   "after staging", flush=True)
@@ -211,15 +355,14 @@ class Checkpointer:
         try:
             job.upload.result()
         except BaseException as e:
-            raise RuntimeError(
-                f"checkpoint {job.tmp} failed to write on rank {self.rank}; the previous checkpoint "
-                f"({self.latest()}) is intact and is where a restart resumes"
+            raise CheckpointError(
+                f"checkpoint {job.tmp} failed to write on rank {self.rank} ({_first_line(e)}); {self._previous()}"
             ) from e
         if self.rank == 0:
             job.finalised.wait()
             if job.error is not None:
-                raise RuntimeError(
-                    f"checkpoint {job.tmp} could not be finalised; the previous checkpoint ({self.latest()}) is intact"
+                raise CheckpointError(
+                    f"checkpoint {job.tmp} could not be finalised ({_first_line(job.error)}); {self._previous()}"
                 ) from job.error
         return time.perf_counter() - t0
 
@@ -241,7 +384,7 @@ class Checkpointer:
         """Restore model, optimizer and this rank's RNG; returns the trainer state (step, data, scheduler)."""
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-        dcp.load(state, checkpoint_id=str(path))
+        dcp_load(state, path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         rng = path / f"rng_rank{self.rank}.pt"
         if rng.exists():  # absent when resuming on a different number of ranks
@@ -249,34 +392,112 @@ class Checkpointer:
         return json.loads((path / "trainer.json").read_text())
 
 
-def resolve(path: str | Path) -> Path | None:
-    """A run folder -> its newest complete checkpoint; a checkpoint folder -> itself; else None."""
-    path = Path(path)
-    if (path / ".metadata").exists():
-        return path
-    pointer = path / "checkpoints" / LATEST
-    if pointer.exists():
-        ckpt = pointer.parent / pointer.read_text().strip()
-        if (ckpt / ".metadata").exists():
-            return ckpt
+def _attempt(fn) -> BaseException | None:
+    try:
+        fn()
+    except OSError as e:
+        return e
     return None
+
+
+def _first_line(e: BaseException | None) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def agreed(find, rank: int) -> Path | None:
+    """Rank 0 runs `find` (it hashes files: once, not on every rank) and every rank gets its result or its error."""
+    if not dist.is_initialized():
+        return find()
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", find())
+        except (CheckpointError, FileNotFoundError) as e:
+            box[0] = ("error", e)
+    dist.broadcast_object_list(box, src=0)  # between this job's own ranks
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value
+
+
+def _step_of(folder: Path) -> int:
+    try:
+        return int(folder.name.removeprefix("step_"))
+    except ValueError:
+        return -1
+
+
+def resolve(path: str | Path, say=None) -> Path | None:
+    """A run folder -> its newest verified checkpoint; a checkpoint folder -> itself once verified; None when a run
+    folder holds no checkpoint at all.
+
+    `checkpoints/latest` is a hint: a newer verified folder wins and a corrupt one named by it is skipped, each said
+    through `say`. A folder that holds checkpoints of which none verifies, or a `latest` that names a folder that
+    does not exist with nothing else to resume, raises CheckpointError rather than let a run restart from step 0."""
+    path = Path(path)
+    if (path / ".metadata").exists() or (path / MANIFEST).exists():
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"{path}: not a verified checkpoint: {problem}")
+        return path
+    root = path / "checkpoints"
+    hint_file = root / LATEST
+    hint = hint_file.read_text().strip() if hint_file.is_file() else None
+    found = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
+                   key=_step_of, reverse=True)
+    if not found:
+        if hint is not None:
+            raise CheckpointError(
+                f"{hint_file} names {hint}, but {root} holds no checkpoint folder: the run's checkpoints were moved "
+                f"or deleted. Restore them, or delete {hint_file} to start this run from step 0"
+            )
+        return None
+    skipped = []
+    for ckpt in found:
+        problem = verify(ckpt)
+        if problem is None:
+            if skipped and say:
+                say(f"checkpoint: resuming from {ckpt.name}, the newest verified checkpoint")
+            elif hint != ckpt.name and say:
+                say(f"checkpoint: {hint_file} names {hint}; the newest verified checkpoint is {ckpt.name}")
+            return ckpt
+        skipped.append(problem)
+        if say:
+            say(f"checkpoint: skipping {ckpt.name}: {problem}")
+    raise CheckpointError(
+        f"{root} holds {len(found)} checkpoint(s) and none verifies ({'; '.join(skipped)}). Nothing was loaded: "
+        f"restore a good copy, or move {root} away to start from step 0"
+    )
 
 
 def load_model_weights(path: str | Path, model) -> Path:
     """Load only the model's weights from a checkpoint (stage 2 starting from stage 1), a fastross.export folder, or
-    the reference ROSS layout / a stage-1 mm_projector.bin (fastross.ross_format)."""
-    ckpt = resolve(path)
-    if ckpt is None:
-        from fastross import export, ross_format
+    the reference ROSS layout / a stage-1 mm_projector.bin (fastross.ross_format, tensors read weights_only)."""
+    from fastross import export, ross_format
 
-        if export.is_export(path):
-            return _load_export_weights(Path(path), model)
-        if ross_format.is_reference(path):
-            return ross_format.load_into(path, model)
+    if export.is_export(path):
+        return _load_export_weights(Path(path), model)
+    if ross_format.is_reference(path):
+        return ross_format.load_into(path, model)
+    if Path(path).is_file():
+        raise ValueError(
+            f"model.init_from: {path} is a file, and not a reference ROSS mm_projector.bin; fastross reads a run "
+            "folder, a checkpoint folder, a fastross export or the reference ROSS layout, never other pickles: load "
+            "it in a trusted session and save its tensors with safetensors (a Hugging Face folder for "
+            "model.vision_path/model.llm_path), or start a run from them and use its checkpoint"
+        )
+    ckpt = agreed(lambda: resolve(path, say=print), dist.get_rank() if dist.is_initialized() else 0)
+    if ckpt is None:
         raise FileNotFoundError(f"model.init_from: {path} holds no complete fastross checkpoint, no fastross export "
                                 "and no reference ROSS checkpoint or mm_projector.bin")
     msd = get_model_state_dict(model)
-    dcp.load({"model": msd}, checkpoint_id=str(ckpt))
+    dcp_load({"model": msd}, ckpt)
     set_model_state_dict(model, msd, options=StateDictOptions(strict=True))
     return ckpt
 

@@ -126,6 +126,9 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept in run_dir/checkpoints
     async_checkpoint: bool = False  # stage to host memory, write in the background; the step waits only for the copy
     run_dir: str = "runs/default"  # metrics, config and checkpoints; a run resumes from it
+    # A step whose loss or gradient norm is not finite is skipped (no update); after this many in a row the run stops,
+    # naming the samples (their ids go to run_dir/nonfinite.jsonl either way).
+    max_bad_steps: int = 3
     # Recompute in backward, per LLM decoder layer: "none", "full" (the whole layer) or "selective" (keep the
     # matmul and attention outputs, recompute the cheap ops). One policy for every layer, or a list with one
     # entry per layer, where "policy*N" stands for N layers in a row: [full*8, selective*8, none*12].
@@ -295,6 +298,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     pr = t.profile
     if min(pr.wait, pr.warmup, pr.active, pr.repeat) < 0:
         raise ConfigError("train.profile.wait, warmup, active and repeat must be >= 0")
+    if t.max_bad_steps < 1:
+        raise ConfigError(f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     if t.max_steps < 0 or t.stop_after < 0:
         raise ConfigError(f"train.max_steps ({t.max_steps}) and train.stop_after ({t.stop_after}) must be >= 0 "
                           "(0: no limit)")

@@ -19,6 +19,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fastross.config import checkpoint_policies
+from fastross.lifecycle import die_with_parent
 from fastross.model.denoiser import compile_blocks as compile_denoiser_blocks
 from fastross.model.denoiser import mp_policy as denoiser_mp_policy
 
@@ -43,6 +44,8 @@ def init() -> World:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun: end with it, never train on alone
+        die_with_parent()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -170,3 +173,22 @@ def cast_frozen(model, dtype: str) -> None:
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (a host object between this job's own ranks)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_main(obj, world: World) -> list:
+    """Every rank's `obj` on rank 0 (a list by rank), [] elsewhere; host objects between this job's own ranks."""
+    out = [None] * world.size if world.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from fastross import config as fconfig
-from fastross.checkpoint import resolve
+from fastross.checkpoint import SafeReader, read_metadata, resolve
 from fastross.data import templates
 from fastross.data.images import ImageSpec
 from fastross.data.schema import ShardMeta
@@ -107,9 +107,10 @@ def read_checkpoint(path: str | Path) -> tuple[Path, fconfig.Config, dict[str, t
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} is missing: the checkpoint was not written by fastross's trainer")
     cfg = fconfig.load(str(cfg_path))
+    read_metadata(ckpt / ".metadata")  # a crafted one is refused before DCP reads it (fastross.checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
-        state = _load_state_dict_from_keys({"model"}, checkpoint_id=str(ckpt))["model"]
+        state = _load_state_dict_from_keys({"model"}, storage_reader=SafeReader(str(ckpt)))["model"]
     return ckpt, cfg, state
 
 

@@ -9,6 +9,7 @@ machine (NVML without a driver, CUDA memory on CPU) is absent from the record, n
 from __future__ import annotations
 
 import json
+import os
 import resource
 import secrets
 import sys
@@ -206,8 +207,7 @@ class MetricsLogger:
         if not self.enabled:
             return None
         rec.update(self.gpu.read())
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
+        append_line(self.path, json.dumps(rec))
         for sink in self.sinks:
             sink.write(step, rec)
         self.say(format_line(rec, total_steps))
@@ -236,6 +236,48 @@ class MetricsLogger:
         for sink in self.sinks:
             sink.close()
         self.bar, self.sinks = None, []
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append one line whole, or nothing: when the write fails (a full disk) the file is cut back to its last whole
+    line, and the error names the file. A line torn anyway (killed mid-write) is dropped by `trim` on resume."""
+    data = memoryview((line + "\n").encode())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass  # the torn line stays; trim() drops it when the run resumes
+            raise OSError(e.errno, f"could not append a record to {path}: {e.strerror}. Free space and start the "
+                                   "run again: it resumes from its last checkpoint") from e
+    finally:
+        os.close(fd)
+
+
+def trim(path: Path, step: int) -> int:
+    """Keep the records of steps up to `step` (a resumed run's checkpoint, 0 without one: the later steps run again)
+    and drop any line that does not parse (torn by a crash or a full disk), never failing on one. Returns the number
+    of lines dropped; the file is replaced atomically."""
+    if not path.exists():
+        return 0
+    lines = path.read_text(errors="replace").splitlines()
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln)["step"] <= step:
+                keep.append(ln)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(keep) < len(lines):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep))
+        os.replace(tmp, path)
+    return len(lines) - len(keep)
 
 
 def format_line(rec: dict, total_steps: int) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from fastross import checkpoint, config, distributed, flops, metrics
+from fastross import checkpoint, config, distributed, flops, lifecycle, metrics
 from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
@@ -29,6 +29,23 @@ from fastross.data.templates import load_tokenizer
 from fastross.data.stream import Position
 from fastross.metrics import MetricsLogger
 from fastross.model.ross import RossModel
+
+
+NONFINITE = "nonfinite.jsonl"  # run_dir/: one line per skipped step, with its samples
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot usefully go on (train.max_bad_steps); the message says why and what to do."""
+
+
+def finite_everywhere(losses: torch.Tensor, grad_norm: torch.Tensor) -> bool:
+    """Whether every rank's losses and the global gradient norm are finite.
+
+    One all-reduce and one host sync per step (the `.item()`): the price of never applying a NaN update
+    (`python benchmarks/nonfinite.py` measures it). The norm is already global; the losses are each rank's own."""
+    bad = torch.stack([(~torch.isfinite(losses)).any(), ~torch.isfinite(grad_norm)]).float()
+    distributed.all_reduce_max(bad)
+    return not bad.any().item()
 
 
 def cosine_with_warmup(warmup: int, total: int):
@@ -145,16 +162,19 @@ class Trainer:
 
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, t.keep_checkpoints, t.async_checkpoint)
         self.step, self.data_position = 0, Position()
+        self.bad_in_a_row = self.skipped_steps = self._skipped_logged = 0  # non-finite steps (Trainer._skip)
         latest = self.checkpointer.latest()
         if latest is not None:
             state = self.checkpointer.load(latest, self.model, self.optimizer)
             self.scheduler.load_state_dict(state["scheduler"])
             self.data_position = Position(**state["data"])
             self.step = state["step"]
+            self.bad_in_a_row = state.get("bad_in_a_row", 0)
             self._say(f"resumed from {latest} at step {self.step}")
-            if world.is_main:
-                self._truncate_metrics(self.step)
-        if world.is_main:
+        if world.is_main:  # also without a checkpoint: an early kill's records are of steps about to run again
+            dropped = metrics.trim(self.metrics.path, self.step)
+            if dropped:
+                self._say(f"{self.metrics.path}: dropped {dropped} record(s) past step {self.step} or torn")
             (self.run_dir / "config.yaml").write_text(config.dump(cfg))
         n = sum(p.numel() for p in self.params)
         self._say(
@@ -208,13 +228,6 @@ class Trainer:
             # The targets are built with the constants of the VAE that made the stored moments, whatever the config.
             model.latent_shift, model.latent_scale = meta.latent_shift, meta.latent_scale
 
-    def _truncate_metrics(self, step: int) -> None:
-        """Drop log lines past the checkpoint: those steps are about to run again."""
-        path = self.metrics.path
-        if path.exists():
-            lines = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= step]
-            path.write_text("".join(ln + "\n" for ln in lines))
-
     def train_step(self, step: StepBatch) -> dict:
         cfg, world, device = self.cfg, self.world, self.world.device
         # The loader's finished micro-batches, already on the device; every rank runs the same
@@ -233,17 +246,25 @@ class Trainer:
         n_text, n_img = counts[0].clamp(min=1), counts[1].clamp(min=1)
 
         sums = torch.zeros(2, device=device)
+        losses = []  # per micro-batch: which one went non-finite
         for mb in mbs:
             out = self.model(mb)  # on the device already (fastross.data.loader)
             # Already the global mean: FSDP sums the ranks' gradients (distributed.parallelize).
             loss = out.text / n_text + cfg.model.recon_weight * out.recon / n_img
             loss.backward()
-            sums += torch.stack([out.text.detach(), out.recon.detach()])
+            losses.append(torch.stack([out.text.detach(), out.recon.detach()]))
+            sums += losses[-1]
+        losses = torch.stack(losses)
 
         max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm, foreach=True)
-        self.optimizer.step()
-        self.scheduler.step()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # a DTensor under FSDP
+        if not finite_everywhere(losses, grad_norm):  # the step's one host sync
+            self._skip(mbs, losses, grad_norm)
+        else:
+            self.optimizer.step()
+            self.bad_in_a_row = 0
+        self.scheduler.step()  # the schedule follows the run's steps, skipped ones included
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {
@@ -252,11 +273,37 @@ class Trainer:
             "micro_batches": step.num_micro_batches, "imbalance": step.imbalance,
         }
 
+    def _skip(self, mbs: list, losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        """No update (the optimizer's moments and step count untouched); the step's samples go to
+        run_dir/nonfinite.jsonl: those of the micro-batches whose loss is not finite, else all of this rank's."""
+        bad_mb = (~torch.isfinite(losses)).any(1).tolist()
+        if not any(bad_mb):  # the norm alone: every micro-batch contributed to it
+            bad_mb = [True] * len(mbs)
+        mine = [i for mb, bad in zip(mbs, bad_mb) if bad for i in mb.sample_ids]
+        every = distributed.gather_to_main(mine, self.world)
+        self.bad_in_a_row += 1
+        self.skipped_steps += 1
+        step, norm = self.step + 1, float(grad_norm)
+        if self.world.is_main:
+            samples = sorted({i for ids in every for i in ids})
+            rec = {"step": step, "grad_norm": norm, "samples": samples}
+            metrics.append_line(self.run_dir / NONFINITE, json.dumps(rec))
+            self._say(f"step {step}: non-finite loss or gradient norm (grad_norm {norm}); update skipped "
+                      f"({self.bad_in_a_row} in a row, train.max_bad_steps={self.cfg.train.max_bad_steps}); "
+                      f"samples {samples} in {self.run_dir / NONFINITE}")
+        if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
+            names = sorted({i for ids in every for i in ids}) if self.world.is_main else []
+            raise TrainingStopped(
+                f"{self.bad_in_a_row} steps in a row (through step {step}) had a non-finite loss or gradient norm "
+                f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); the last one's samples: {names}; every "
+                f"skipped step's samples are in {self.run_dir / NONFINITE}. Check those samples (or lower the learning "
+                "rate) and start the run again: it resumes from its last checkpoint"
+            )
+
     def log(self, result: dict, lr: float) -> None:
         sums = distributed.all_reduce_sum(result["sums"])
         counts = result["counts"].clamp(min=1)
         grad_norm = result["grad_norm"]
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         text, recon = (sums / counts).tolist()  # host sync: logging steps only
         n_text, n_img = (int(x) for x in self._counts.tolist())
         work = flops.totals_flops(self.arch, *self._work, n_img, n_text, self.cfg.train.trainable, self.policies)
@@ -266,7 +313,9 @@ class Trainer:
             "text_loss": text, "recon_loss": recon, "lr": lr, "grad_norm": float(grad_norm),
             "text_tokens": int(result["counts"][0]), "images": int(result["counts"][1]),
             "micro_batches": result["micro_batches"], "rank_imbalance": result["imbalance"],
+            "skipped_steps": self.skipped_steps - self._skipped_logged,  # non-finite steps since the last record
         }, flops=work.model_total)  # the global batches' model FLOPs since the last record
+        self._skipped_logged = self.skipped_steps
 
     def fit(self) -> None:
         t = self.cfg.train
@@ -315,7 +364,7 @@ class Trainer:
         if self.cfg.train.async_checkpoint:
             self._say(f"waited {waited:.2f} s at the end for the last checkpoint's write")
         wall = time.perf_counter() - start
-        self._say(f"done: steps {first} -> {self.step} in {wall:.1f} s; checkpoint in {self.checkpointer.latest()}")
+        self._say(f"done: steps {first} -> {self.step} in {wall:.1f} s; checkpoint in {self.checkpointer.hint()}")
 
     @torch.no_grad()
     def evaluate(self) -> None:
@@ -361,6 +410,7 @@ class Trainer:
         state = {
             "step": self.step, "data": self.data_position.to_dict(),
             "scheduler": self.scheduler.state_dict(), "world_size": self.world.size,
+            "bad_in_a_row": self.bad_in_a_row,
         }
         saved = self.checkpointer.save(self.step, self.model, self.optimizer, state, config.dump(self.cfg))
         self.metrics.add("ckpt_blocked_s", saved.blocked_s)
@@ -380,10 +430,20 @@ def main(argv=None) -> int:
         return 2
     world = distributed.init()
     try:
-        Trainer(cfg, world).fit()
+        # One trainer per run folder (fastross.lifecycle): taken before anything is written into it.
+        with lifecycle.hold(cfg.train.run_dir, world.is_main, distributed.broadcast_from_main):
+            if world.local_rank == 0:  # once per machine
+                lifecycle.clean_dead_streaming_shm()
+            Trainer(cfg, world).fit()
     except config.ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr)
         return 2
+    except TrainingStopped as e:
+        print(f"train: stopped: {e}", file=sys.stderr)
+        return 3
+    except lifecycle.RunLocked as e:
+        print(f"train: refused: {e}", file=sys.stderr)
+        return 4
     finally:
         distributed.shutdown()
     return 0

@@ -112,6 +112,9 @@ def main(models: str, out_dir: str) -> None:
     # model.init_from: a DCP checkpoint still loads over a meta-loaded model (other fresh seed first).
     ckpt = Path(out_dir, "ckpt")
     dcp.save({"model": get_model_state_dict(model)}, checkpoint_id=str(ckpt))
+    if world.rank == 0:  # what fastross's own saves write last: loading verifies it (fastross.checkpoint)
+        checkpoint.write_manifest(ckpt)
+    torch.distributed.barrier()
     other = distributed.parallelize(RossModel(cfg, seed=6, meta=True), world, plain)
     other.load_weights(world.device)
     fresh_differ_before, _ = compare(other, reference)

@@ -40,6 +40,7 @@ class MicroBatch:
     latent_std: torch.Tensor | None
     num_images: int  # n, real images
     num_text_tokens: int  # supervised tokens (the dummy entry not counted)
+    sample_ids: tuple[str, ...] = ()  # the samples' ids, for naming them when a step goes wrong
 
     def map_tensors(self, fn, kind: type = torch.Tensor) -> "MicroBatch":
         """A copy with `fn` applied to every field of type `kind` (the tensors; the loader's slots)."""
@@ -189,4 +190,5 @@ class Collator:
             image_weight=images.image_weight,
             t=images.t, noise_keys=images.noise_keys, latent_mean=images.latent_mean, latent_std=images.latent_std,
             num_images=images.num_images, num_text_tokens=packed.num_text_tokens,
+            sample_ids=tuple(t.id for t in text[: len(samples)]),
         )

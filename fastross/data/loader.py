@@ -12,8 +12,8 @@ the GPU step hides it as long as one worker keeps up with a step's duration time
 
 Workers are forked by the DataLoader, read the shards with fastross.data.shards (no shared
 memory names to race on, nothing left in /dev/shm), use one intra-op thread each, and exit when
-the training process dies (the DataLoader's watchdog). One DataLoader iterator spans the whole
-run (all epochs), so its workers live as long as the run.
+the training process dies (SIGTERM from the kernel: fastross.lifecycle.die_with_parent). One
+DataLoader iterator spans the whole run (all epochs), so its workers live as long as the run.
 
 The hand-off: a worker packs all of a step's tensors into one buffer (`PackedStep`), so the step
 crosses the process boundary as one shared-memory file descriptor. Sent tensor by tensor, each of
@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from fastross.config import DataConfig
+from fastross.lifecycle import die_with_parent
 from fastross.data.batch import Collator, MicroBatch
 from fastross.data.images import ImageSpec
 from fastross.data.schema import ShardCorruptError, ShardMeta, corrupt_shards
@@ -146,6 +147,7 @@ def _as_is(item):
 
 def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)  # workers run side by side with the trainer; no intra-op pools per worker
+    die_with_parent()  # at once when the rank dies (the DataLoader's own watchdog polls, and only between steps)
 
 
 class Loader:
