@@ -50,9 +50,10 @@ def test_toy_run_trains_both_lambdas_and_saves(tmp_path, monkeypatch):
     e = load_benchmark()
     monkeypatch.setattr(e.R, "RESULTS", tmp_path / "results")  # never into the repository
     work = tmp_path / "work"
-    assert e.main(["--seeds", "2", "--steps-stage1", "1", "--steps-stage2", "1", "--eval-images", "1",
-                   "--train-images", "8", "--ranks", "1", "--work", str(work), "--save"]) == 0
-    for seed in (0, 1):
+    # one seed on one rank keeps it to 4 torchrun launches (the interval's statistics are the tests above)
+    assert e.main(["--seeds", "1", "--steps-stage1", "1", "--steps-stage2", "1", "--eval-images", "1",
+                   "--train-images", "20", "--ranks", "1", "--work", str(work), "--save"]) == 0
+    for seed in (0,):
         for lam in (0, 1):
             for stage in (1, 2):
                 cfg = yaml.safe_load((work / f"seed{seed}_lambda{lam}" / f"stage{stage}" / "config.yaml").read_text())
@@ -63,6 +64,7 @@ def test_toy_run_trains_both_lambdas_and_saves(tmp_path, monkeypatch):
     text = (tmp_path / "results" / "ross_effect.md").read_text()
     final = text.strip().splitlines()[-1].strip()
     assert re.fullmatch(r"ross_effect: pope_f1 \d\.\d{3}->\d\.\d{3} halluc \d\.\d{3}->\d\.\d{3} "
-                        r"count \d\.\d{3}->\d\.\d{3} seeds 2", final), final
+                        r"count \d\.\d{3}->\d\.\d{3} seeds 1", final), final
     assert "| pope_f1 |" in text and "| halluc |" in text and "| count |" in text
+    assert "+- nan |" in text  # one seed: no interval, said so rather than a zero width
     assert "no effect measurable" in text  # one step answers nothing
