@@ -41,6 +41,18 @@ def mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
+def prepare(work: Path, synth_args: list[str]) -> None:
+    """Tiny models in WORK/models, the generator's data in WORK/data, both stages' shards in WORK/shards."""
+    py = sys.executable
+    models, data, shards = work / "models", work / "data", work / "shards"
+    run([py, "-m", "fastross.tools.make_tiny", str(models)])
+    run([py, "-m", "fastross.data.synth", str(data), *synth_args])
+    for stage, template in ((1, "plain"), (2, "qwen2_ross")):
+        run([py, "-m", "fastross.data.convert", "--json", str(data / f"stage{stage}.json"),
+             "--images", str(data / "images"), "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"),
+             "--vae", str(models / "vae"), "--template", template, "--out", str(shards / f"stage{stage}"), "--quiet"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/demo", help="work folder (must match the paths in configs/tiny*.yaml)")
@@ -52,14 +64,8 @@ def main(argv=None) -> int:
     if work.exists():
         print(f"demo: removing the previous demo folder {work}", flush=True)
         shutil.rmtree(work)
-    models, data, shards = work / "models", work / "data", work / "shards"
-    run([py, "-m", "fastross.tools.make_tiny", str(models)])
     # 64 held-out images (the generator draws 500 by default): the training data the demo line was measured on
-    run([py, "-m", "fastross.data.synth", str(data), "--seed", "0", "--eval", "64"])
-    for stage, template in ((1, "plain"), (2, "qwen2_ross")):
-        run([py, "-m", "fastross.data.convert", "--json", str(data / f"stage{stage}.json"),
-             "--images", str(data / "images"), "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"),
-             "--vae", str(models / "vae"), "--template", template, "--out", str(shards / f"stage{stage}"), "--quiet"])
+    prepare(work, ["--seed", "0", "--eval", "64"])
 
     records = []
     with tempfile.TemporaryDirectory(prefix="fastross-demo-") as tmp:
