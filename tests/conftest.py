@@ -95,6 +95,17 @@ def eval_shards(tiny_models, synth_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def run_dir(tiny_models, stage2_shards, tmp_path_factory) -> Path:
+    """A 1-step stage-2 run on 1 rank, with its checkpoint: what export, generate and eval read (read only)."""
+    from test_train import run, write_config
+
+    tmp = tmp_path_factory.mktemp("one_step_run")
+    rd = tmp / "run"
+    run(1, write_config(tmp / "c.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10))
+    return rd
+
+
+@pytest.fixture(scope="session")
 def stage2_samples(stage2_shards) -> list:
     from fastross.data.shards import MDSShards  # streaming's own samples (tests/test_shards.py), without streaming
 

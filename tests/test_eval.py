@@ -89,16 +89,6 @@ def test_bad_data_is_named(tmp_path):
         fe.read_items(tmp_path / "nope.json")
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_models, stage2_shards, tmp_path_factory):
-    from test_train import run, write_config
-
-    tmp = tmp_path_factory.mktemp("eval_run")
-    rd = tmp / "run"
-    run(1, write_config(tmp / "c.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10))
-    return rd
-
-
 @pytest.mark.slow
 def test_cli_on_the_benchmark_and_a_plain_file(run_dir, synth_data, tmp_path, capsys):
     """The held-out benchmark's first questions (legacy kinds, the three POPE settings, MMVP pairs): the predictions

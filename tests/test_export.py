@@ -64,16 +64,6 @@ def test_bad_source_is_named(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_models, stage2_shards, tmp_path_factory):
-    from test_train import run, write_config
-
-    tmp = tmp_path_factory.mktemp("export_run")
-    rd = tmp / "run"
-    run(1, write_config(tmp / "c.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10))
-    return rd
-
-
-@pytest.fixture(scope="module")
 def exported(run_dir, tmp_path_factory):
     from fastross.export import main
 

@@ -106,16 +106,6 @@ def test_top_p_filter_by_hand():
         Sampling(top_p=0.0)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tiny_models, stage2_shards, tmp_path_factory):
-    from test_train import run, write_config
-
-    tmp = tmp_path_factory.mktemp("generate_run")
-    rd = tmp / "run"
-    run(1, write_config(tmp / "c.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10))
-    return rd
-
-
 @pytest.mark.slow
 def test_cli_on_a_run_folder(run_dir, synth_data, tmp_path, capsys):
     """--prompt/--image and --batch on a trained run: the answers are the cached decoder's on the checkpoint's

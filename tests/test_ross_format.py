@@ -21,16 +21,6 @@ DEPTH = 2
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_models, stage2_shards, tmp_path_factory):
-    from test_train import run, write_config
-
-    tmp = tmp_path_factory.mktemp("ross_run")
-    rd = tmp / "run"
-    run(1, write_config(tmp / "c.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10))
-    return rd
-
-
-@pytest.fixture(scope="module")
 def checkpoint(run_dir):
     from fastross.export import read_checkpoint
 
