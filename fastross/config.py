@@ -58,12 +58,27 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    shards: str = ""  # a folder of MDS shards from `python -m fastross.data.convert`, or its URL (s3://, gs://, file://, ...)
+    weight: float = 1.0  # its share of every global batch, relative to the other sources' weights
+
+
+@dataclass
 class DataConfig:
-    shards: str = ""  # folder of MDS shards written by `python -m fastross.data.convert`
+    # Folder of MDS shards written by `python -m fastross.data.convert`, or a URL (s3://, gs://, oci://, hf://, file://,
+    # ...) read through data.cache_dir; the one-source form of data.sources
+    shards: str = ""
+    # Several converted folders or URLs mixed by weight, per step, instead of data.shards: [{shards: ..., weight: W}]
+    sources: list[SourceConfig] = field(default_factory=list)
     global_batch: int = 128  # samples per optimizer step, all ranks together
     max_tokens: int = 16384  # tokens per packed micro-batch, visual tokens counted
-    shuffle: bool = True  # streaming's deterministic shuffle
-    seed: int = 0  # shuffle seed
+    # Sample order per epoch: global (a seeded permutation), block (shards permuted, then samples within windows of
+    # shuffle_window shards), none; auto: block for URLs, global for local folders (old configs' true/false: global/none)
+    shuffle: Literal["auto", "global", "block", "none"] = "auto"
+    shuffle_window: int = 8  # shards whose samples a block shuffle mixes at once (and the cache holds at least)
+    cache_dir: str = "~/.cache/fastross/shards"  # local copies of remote sources' shards, one folder per URL
+    cache_limit: str = "50gb"  # the cache's size, all remotes' shard files together; least recently used evicted first
+    seed: int = 0  # shuffle seed (and the mixture's draws)
     workers: int = 2  # loader worker processes per rank that prepare steps ahead (0: inline, in the trainer)
     prefetch: int = 2  # steps each loader worker prepares ahead (the DataLoader's prefetch_factor)
     image_backend: Literal["pil", "torchvision"] = "pil"  # pil: bit-exact with the HF processor; torchvision: faster, JPEG only, within 2/255
@@ -180,6 +195,10 @@ def checkpoint_policies(spec: str | list, num_layers: int | None = None) -> list
     return out
 
 
+# Keys that were booleans before they had choices: the choice each old value means.
+LEGACY_BOOLS = {"data.shuffle": {True: "global", False: "none"}}
+
+
 def _build(cls, raw: dict, where: str):
     if not isinstance(raw, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(raw).__name__}")
@@ -193,6 +212,8 @@ def _build(cls, raw: dict, where: str):
         if f.name not in raw:
             continue
         key, val, typ = f"{where}{f.name}", raw[f.name], hints[f.name]
+        if isinstance(val, bool) and key in LEGACY_BOOLS:
+            val = LEGACY_BOOLS[key][val]
         if dataclasses.is_dataclass(typ):
             kw[f.name] = _build(typ, val, key + ".")
         else:
@@ -226,6 +247,8 @@ def _check(key: str, val, typ):
         raise ConfigError(f"{key}: expected {name}, got {val!r} ({type(val).__name__})")
     if isinstance(val, list):  # list[X]: every element an X (an int where a float is asked for, as above)
         (elem,) = next(typing.get_args(a) for a in members if typing.get_origin(a) is list)
+        if dataclasses.is_dataclass(elem):  # list[SourceConfig]: every element a mapping of that section's keys
+            return [_build(elem, v, f"{key}[{i}].") for i, v in enumerate(val)]
         return [_check(f"{key}[{i}]", v, elem) for i, v in enumerate(val)]
     return val
 
@@ -260,7 +283,8 @@ def load(path: str | None, overrides: list[str] = (), check_paths: bool = True) 
 
 def validate(cfg: Config, check_paths: bool = True) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    folders = (("model.vision_path", m.vision_path), ("model.llm_path", m.llm_path), ("data.shards", d.shards))
+    _validate_sources(d, check_paths)
+    folders = (("model.vision_path", m.vision_path), ("model.llm_path", m.llm_path))
     for key, path in folders if check_paths else ():
         if not path:
             raise ConfigError(f"{key} is empty: point it at a local folder")
@@ -308,12 +332,39 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.eval_every < 0 or (t.eval_every > 0) != bool(d.eval_shards):
         raise ConfigError("data.eval_shards and train.eval_every go together: a converted held-out folder and the "
                           f"steps between evaluations (> 0), or neither (got {d.eval_shards!r} and {t.eval_every})")
-    if check_paths and d.eval_shards and not Path(d.eval_shards).is_dir():
+    if check_paths and d.eval_shards and "://" not in d.eval_shards and not Path(d.eval_shards).is_dir():
         raise ConfigError(f"data.eval_shards: {d.eval_shards} is not a folder")
     if t.log_every < 1 or t.ckpt_every < 0 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every and train.keep_checkpoints must be >= 1, train.ckpt_every >= 0")
     if t.ckpt_every == 0 and t.stop_after:
         raise ConfigError("train.stop_after needs checkpoints to resume from: train.ckpt_every must not be 0")
+
+
+def data_sources(d: DataConfig) -> list[SourceConfig]:
+    """data.sources, or data.shards as the one source."""
+    return d.sources or [SourceConfig(d.shards, 1.0)]
+
+
+def _validate_sources(d: DataConfig, check_paths: bool) -> None:
+    from fastross.data.remote import is_remote, parse_size  # no heavy imports: streaming only when a remote opens
+
+    if d.shards and d.sources:
+        raise ConfigError("data.shards and data.sources are both set: use data.shards for one folder, or list it "
+                          "among data.sources")
+    for i, s in enumerate(data_sources(d)):
+        key = "data.shards" if not d.sources else f"data.sources[{i}].shards"
+        if not s.shards and check_paths:
+            raise ConfigError(f"{key} is empty: point it at a local folder or a URL")
+        if not s.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight must be > 0, got {s.weight}")
+        if check_paths and s.shards and not is_remote(s.shards) and not Path(s.shards).is_dir():
+            raise ConfigError(f"{key}: {s.shards} is not a folder")
+    if d.shuffle_window < 1:
+        raise ConfigError(f"data.shuffle_window must be >= 1, got {d.shuffle_window}")
+    try:
+        parse_size(d.cache_limit)
+    except ValueError as e:
+        raise ConfigError(f"data.cache_limit: {e}") from None
 
 
 def _folder_config(key: str, path: str) -> dict:
@@ -349,17 +400,18 @@ def _check_folders(cfg: Config) -> None:
         vae = _folder_config("model.vae_path", m.vae_path)
         if vae.get("_class_name") != "AutoencoderKL":
             raise ConfigError(f"model.vae_path: {m.vae_path} holds a {vae.get('_class_name')!r}, not an AutoencoderKL")
-    # The data set's facts, when the shards carry them (the loader names what is missing otherwise).
-    meta, lengths = Path(d.shards) / "fastross.json", Path(d.shards) / "lengths.npy"
-    if lengths.is_file():
-        n = len(np.load(lengths, mmap_mode="r"))
-        if d.global_batch > n:
-            raise ConfigError(f"data.global_batch={d.global_batch} is larger than {d.shards}'s {n} samples")
-    if meta.is_file():
-        visual = json.loads(meta.read_text()).get("num_visual_tokens", 0)
+    # The data set's facts, when local shards carry them (the loader names what is missing otherwise).
+    local = [s.shards for s in data_sources(d) if "://" not in s.shards]
+    counts = [len(np.load(Path(p) / "lengths.npy", mmap_mode="r")) for p in local if (Path(p) / "lengths.npy").is_file()]
+    if len(counts) == len(data_sources(d)) and d.global_batch > sum(counts):
+        raise ConfigError(f"data.global_batch={d.global_batch} is larger than {', '.join(local)}'s {sum(counts)} "
+                          "samples")
+    for p in local:
+        meta = Path(p) / "fastross.json"
+        visual = json.loads(meta.read_text()).get("num_visual_tokens", 0) if meta.is_file() else 0
         if d.max_tokens < visual + 1:
             raise ConfigError(f"data.max_tokens={d.max_tokens} holds no image sample: one image is {visual} visual "
-                              f"tokens, plus at least one text token")
+                              f"tokens, plus at least one text token ({p})")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -107,7 +107,7 @@ class Trainer:
             torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
             if spread[0] != -spread[1]:
                 raise config.ConfigError(
-                    f"data.shards: the ranks found different corrupt shards in {d.shards} ({skipped} samples skipped "
+                    f"data.shards: the ranks found different corrupt shards in {self.loader.name} ({skipped} samples skipped "
                     f"on rank {world.rank}): repair the copies so that every rank reads the same data"
                 )
         lengths = self.loader.stream.lengths
@@ -118,7 +118,7 @@ class Trainer:
         self.eval_loader = None
         if d.eval_shards:  # held-out losses (Trainer.evaluate): the same planner and collator, in the shards' order
             self.eval_loader = Loader(
-                dataclasses.replace(d, shards=d.eval_shards, shuffle=False), rank=world.rank, world=world.size,
+                dataclasses.replace(d, shards=d.eval_shards, sources=[], shuffle="none"), rank=world.rank, world=world.size,
                 attn_tokens=llm_attention_cost_tokens(model.llm), image=ImageSpec.from_pretrained(m.vision_path),
                 latent_channels=model.latent_channels, replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
             )
@@ -189,7 +189,7 @@ class Trainer:
             self.metrics.say(f"train: {msg}")
 
     def _check_shards(self, meta: ShardMeta, model: RossModel, key: str = "data.shards") -> None:
-        shards = self.cfg.data.eval_shards if key == "data.eval_shards" else self.cfg.data.shards
+        shards = (self.eval_loader if key == "data.eval_shards" else self.loader).name
         if meta.grid != model.vision.grid:
             raise config.ConfigError(
                 f"{key}: {shards} was converted for a {meta.grid}x{meta.grid} patch grid, "

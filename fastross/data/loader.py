@@ -41,7 +41,8 @@ from fastross.config import DataConfig
 from fastross.lifecycle import die_with_parent
 from fastross.data.batch import Collator, MicroBatch
 from fastross.data.images import ImageSpec
-from fastross.data.schema import ShardCorruptError, ShardMeta, corrupt_shards
+from fastross.data.schema import ShardCorruptError
+from fastross.data.sources import open_sources
 from fastross.data.stream import Position, StepStream
 
 
@@ -155,19 +156,21 @@ class Loader:
                  latent_channels: int, replicas: int, seed: int, device: torch.device):
         """seed: the run seed that keys the noise (train.seed); cfg.seed orders the data."""
         self.cfg, self.device = cfg, device
-        self.meta = ShardMeta.read(cfg.shards)
-        # Every shard file hash-checked once, here, before any step is planned (each rank reads them all once).
-        self.corrupt = corrupt_shards(cfg.shards)
+        # Every local shard file hash-checked once, here, before any step is planned (each rank reads them all once);
+        # a remote's as each is downloaded (fastross.data.remote).
+        self.sources = open_sources(cfg)
+        self.name = ", ".join(s.name for s in self.sources)  # for messages
+        self.meta = self.sources[0].meta  # the sources agree on it (fastross.data.sources.check_agree)
+        self.corrupt = [c for s in self.sources for c in s.corrupt]
         if self.corrupt and cfg.corrupt_shards == "error":
             raise ShardCorruptError(
-                f"{self.corrupt[0][1]} ({len(self.corrupt)} corrupt shard(s) in {cfg.shards}): convert the data again, "
-                "or set data.corrupt_shards=skip to train without them"
+                f"{self.corrupt[0][1]} ({len(self.corrupt)} corrupt shard(s) in {self.name}): convert the data "
+                "again, or set data.corrupt_shards=skip to train without them"
             )
-        exclude = np.concatenate([np.arange(r.start, r.stop) for r, _ in self.corrupt]) if self.corrupt else None
         padded = cfg.packing == "padded"
-        self.stream = StepStream(cfg.shards, cfg.global_batch, rank, world, cfg.shuffle, cfg.seed,
+        self.stream = StepStream(self.sources, cfg.global_batch, rank, world, cfg.shuffle, cfg.seed,
                                  max_tokens=cfg.max_tokens, attn_tokens=attn_tokens,
-                                 padded_samples=cfg.padded_samples if padded else 0, exclude=exclude)
+                                 padded_samples=cfg.padded_samples if padded else 0, window=cfg.shuffle_window)
         self.collate = Collator(meta=self.meta, image=image, latent_channels=latent_channels, replicas=replicas,
                                 seed=seed, image_backend=cfg.image_backend, pad=padded)
         self.steps_per_epoch = self.stream.steps_per_epoch

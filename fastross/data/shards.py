@@ -1,4 +1,5 @@
-"""MDS shards on local disk, read and written without importing `streaming`.
+"""MDS shards on local disk (or fetched into a local cache: fastross.data.remote), read and written without
+importing `streaming`.
 
 Why our own reader: `import streaming` (mosaicml-streaming 0.13) imports all of its storage back-ends at
 once (boto3, google-cloud, zstd, ...) and fails where any is missing, as on the lent GPU machines. And
@@ -99,17 +100,21 @@ def encode(encoding: str, value) -> bytes:
 class MDSShard:
     """One uncompressed shard file: its columns, and its samples by position."""
 
-    def __init__(self, folder: Path, info: dict):
+    def __init__(self, folder: Path, info: dict, remote=None):
+        """remote: a fastross.data.remote.RemoteShards whose cache folder is `folder`: the file is fetched when
+        first read, not required to be there now."""
         if info.get("format") != "mds":
             raise ValueError(f"{folder / 'index.json'}: shard format {info.get('format')!r} is not 'mds'")
         raw = folder / info["raw_data"]["basename"] if info.get("raw_data") else None
-        if info.get("compression") or raw is None or not raw.is_file():
+        if remote is not None and raw is not None and not info.get("compression"):
+            remote.register(info)
+        elif info.get("compression") or raw is None or not raw.is_file():
             what = f"compressed ({info.get('compression')}); " if info.get("compression") else ""
             raise FileNotFoundError(
                 f"{raw or folder} is missing ({what}fastross reads uncompressed local MDS shards, as its converter "
                 "writes them): convert again, or decompress the shards into this folder"
             )
-        self.path, self.samples = raw, int(info["samples"])
+        self.path, self.samples, self.remote = raw, int(info["samples"]), remote
         self.columns = list(zip(info["column_names"], info["column_encodings"]))
         for _, enc in self.columns:
             encoded_size(enc)  # refuses encodings we cannot decode now, not at the first read
@@ -117,7 +122,7 @@ class MDSShard:
 
     def raw(self, i: int) -> bytes:
         """Sample i's bytes as stored (variable sizes, then columns)."""
-        with open(self.path, "rb", buffering=0) as f:
+        with (open(self.path, "rb", buffering=0) if self.remote is None else self.remote.open(self.path.name)) as f:
             f.seek(4 + 4 * i)
             begin, end = np.frombuffer(f.read(8), np.uint32)
             f.seek(begin)
@@ -136,7 +141,8 @@ class MDSShard:
 
 
 class MDSShards:
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, remote=None):
+        """remote: the folder is a remote's cache folder (fastross.data.remote.RemoteShards), shards fetched on use."""
         self.folder = Path(folder)
         index_path = self.folder / "index.json"
         if not index_path.is_file():
@@ -144,7 +150,7 @@ class MDSShards:
         index = json.loads(index_path.read_text())
         if index.get("version") != 2:
             raise ValueError(f"{index_path}: MDS index version {index.get('version')!r}, fastross reads version 2")
-        self.readers = [MDSShard(self.folder, shard) for shard in index["shards"]]
+        self.readers = [MDSShard(self.folder, shard, remote) for shard in index["shards"]]
         self.ends = np.cumsum([r.samples for r in self.readers])  # exclusive end id of each shard
 
     def __len__(self) -> int:

@@ -1,0 +1,100 @@
+"""The converted folders a run trains from (`data.shards`, or `data.sources` mixed by weight), opened.
+
+A source is a local folder or a URL (fastross.data.remote). Opening one reads its length index and its
+`fastross.json`; a local one also has every shard file hash-checked (a remote's shards are checked as they are
+downloaded). All sources of a run must agree on what the model needs from them, field by field of ShardMeta:
+the tokenizer, the image grid and token, the image preprocessing, the latents and the template; a mismatch is
+refused naming both sources and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from fastross.config import ConfigError, DataConfig, SourceConfig, data_sources
+from fastross.data.remote import RemoteShards, is_remote, parse_size
+from fastross.data.schema import LENGTHS_FILE, ShardMeta, corrupt_shards
+from fastross.data.shards import MDSShards
+
+# ShardMeta fields that may differ between mixed sources: the tokenizer folder's path (its fingerprint must agree).
+MAY_DIFFER = ("tokenizer",)
+
+
+@dataclass
+class Source:
+    name: str  # the folder or URL as configured (for messages)
+    weight: float  # relative share of every global batch (data.sources' weight)
+    folder: Path  # where index.json, fastross.json and lengths.npy are: the folder, or the remote's cache folder
+    remote: bool
+    reader: MDSShards
+    lengths: np.ndarray  # total tokens of every sample, in the source's own numbering
+    shard_samples: np.ndarray  # samples per shard file, in index.json's order
+    corrupt: list[tuple[range, str]]  # shard files whose hash differs from index.json's (local sources only)
+    meta: ShardMeta
+
+    @property
+    def exclude(self) -> np.ndarray | None:
+        """Sample ids of the corrupt shards (left out under data.corrupt_shards=skip)."""
+        return np.concatenate([np.arange(r.start, r.stop) for r, _ in self.corrupt]) if self.corrupt else None
+
+
+def load_lengths(folder: str | Path, name: str | None = None) -> np.ndarray:
+    path = Path(folder) / LENGTHS_FILE
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} is missing: build it with `python -m fastross.data.index {name or folder}` (the converter "
+            "writes it)"
+        )
+    return np.load(path)
+
+
+def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str = "0", check: bool = True) -> Source:
+    """check: hash-check every shard file of a local folder now (the trainer's loader; not for quick tools)."""
+    remote = is_remote(cfg.shards)
+    if remote:
+        mirror = RemoteShards(cfg.shards, cache_dir, parse_size(cache_limit))  # the length index first
+        folder, reader = mirror.local, MDSShards(mirror.local, remote=mirror)
+    else:
+        folder, reader = Path(cfg.shards), MDSShards(cfg.shards)
+    lengths = load_lengths(folder, cfg.shards)
+    if len(reader) != len(lengths):
+        raise ValueError(
+            f"{cfg.shards}: {LENGTHS_FILE} lists {len(lengths)} samples but the shards hold "
+            f"{len(reader)}: rebuild it with `python -m fastross.data.index {cfg.shards}`"
+        )
+    shards = json.loads((folder / "index.json").read_text())["shards"]
+    corrupt = corrupt_shards(folder) if check and not remote else []
+    return Source(cfg.shards, cfg.weight, folder, remote, reader, lengths,
+                  np.array([s["samples"] for s in shards], np.int64), corrupt, ShardMeta.read(folder))
+
+
+def open_sources(d: DataConfig, check: bool = True) -> list[Source]:
+    """data.sources (or data.shards alone), opened, their metadata agreeing."""
+    sources = [open_source(s, d.cache_dir, d.cache_limit, check) for s in data_sources(d)]
+    check_agree(sources)
+    return sources
+
+
+def check_agree(sources: list[Source]) -> None:
+    """Refuse sources that disagree on anything the model or the collator takes from ShardMeta."""
+    first = sources[0]
+    for other in sources[1:]:
+        for f in fields(ShardMeta):
+            a, b = getattr(first.meta, f.name), getattr(other.meta, f.name)
+            if f.name not in MAY_DIFFER and a != b:
+                raise ConfigError(
+                    f"data.sources: {first.name} and {other.name} disagree on {f.name} ({a!r} vs {b!r}): "
+                    "every source must be converted with the same tokenizer, vision tower, VAE and template"
+                )
+
+
+def meta_folder(d: DataConfig) -> Path:
+    """A local folder holding the run's data facts (fastross.json): the first source's, fetched if remote."""
+    first = data_sources(d)[0]
+    if is_remote(first.shards):
+        return RemoteShards(first.shards, d.cache_dir, parse_size(d.cache_limit)).local
+    return Path(first.shards)

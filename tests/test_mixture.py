@@ -1,0 +1,100 @@
+"""data.sources: several converted folders mixed by weight, per step (fastross.data.stream, fastross.data.sources)."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from fastross.config import ConfigError, DataConfig, SourceConfig
+from fastross.data.sources import open_sources
+from fastross.data.stream import Position, StepStream
+
+
+def mixture(a, b, wa, wb, rank=0, world=1, batch=8, seed=5):
+    d = DataConfig(sources=[SourceConfig(str(a), wa), SourceConfig(str(b), wb)])
+    return StepStream(open_sources(d, check=False), batch, rank, world, "global", seed, max_tokens=10**6,
+                      attn_tokens=1e4)
+
+
+def test_mixture_proportions_hold_within_sampling_error(stage2_shards, skewed_shards):
+    """Over 600 steps of 8 slots the first source's share is Binomial(4800, 3/4): within 3 sigma of 3/4. Each source
+    serves its own samples in its own seeded order: every sample once per pass over it."""
+    s = mixture(stage2_shards, skewed_shards, 3.0, 1.0)
+    steps, b = 600, s.global_batch
+    ids = np.concatenate([s.step_ids(i) for i in range(steps)])
+    n0 = len(s.sources[0].lengths)
+    first = ids < n0
+    draws, p = steps * b, 0.75
+    sigma = np.sqrt(draws * p * (1 - p))
+    assert abs(first.sum() - draws * p) < 3 * sigma, (first.sum(), draws * p, sigma)
+    # Each source cycles through its own permutations: every window of n consecutive draws from it is one pass.
+    for k, mine in ((0, ids[first]), (1, ids[~first] - n0)):
+        n = len(s.sources[k].lengths)
+        assert len(mine) > 2 * n  # both sources were passed over more than twice
+        for e in range(len(mine) // n):
+            assert sorted(mine[e * n : (e + 1) * n]) == list(range(n))
+        assert (mine[:n] != mine[n : 2 * n]).any()  # reshuffled per pass
+    # The steps are drawn, not fixed: the per-step count of the first source varies.
+    per_step = first.reshape(steps, b).sum(1)
+    assert per_step.min() < per_step.max()
+
+
+def test_mixture_resume_and_ranks_give_the_same_samples(stage2_shards, skewed_shards):
+    """A fresh stream (a resumed run) at any position, on any rank count, draws what the uninterrupted one did; the
+    samples it reads carry mixture-wide indices (what keys their noise), unique across the sources."""
+    a = mixture(stage2_shards, skewed_shards, 1.0, 2.0)
+    per_epoch, n0 = a.steps_per_epoch, len(a.sources[0].lengths)
+    assert per_epoch == (n0 + len(a.sources[1].lengths)) // 8  # an epoch: as many samples as the sources hold
+    steps = per_epoch + 3
+    ref = [a.step(k) for k in range(steps)]
+    for k in (1, per_epoch, per_epoch + 2):
+        pos = a.position(k)
+        ranks = [mixture(stage2_shards, skewed_shards, 1.0, 2.0, rank=r, world=2) for r in (0, 1)]
+        assert ranks[0].index(pos) == k
+        for j in range(k, steps):
+            got = [ranks[r].step(j) for r in (0, 1)]
+            assert got[0].ids.tolist() == got[1].ids.tolist() == ref[j].ids.tolist()
+            read = sorted(int(x["index"]) for g in got for mb in g.micro_batches for x in mb)
+            assert read == sorted(ref[j].ids.tolist())  # the ranks together read the global batch, once
+    samples = [x for st in ref for mb in st.micro_batches for x in mb]
+    by_index = {}
+    for x in samples:  # one identity per sample: never two different samples under one index
+        assert by_index.setdefault(x["index"], x["id"]) == x["id"]
+    first = [x for x in samples if x["index"] < n0]
+    second = [x for x in samples if x["index"] >= n0]
+    assert first and second and all(x["index"] < n0 + len(a.sources[1].lengths) for x in second)
+    # A single folder keeps its own numbering, and so its noise keys.
+    single = StepStream(str(stage2_shards), 8, 0, 1, True, 5, max_tokens=10**6, attn_tokens=1e4)
+    assert all(single.read(i)["index"] == i for i in single.step_ids(0))
+    assert a.index(Position(1, 0)) == per_epoch
+
+
+def test_mixture_refuses_sources_that_disagree(stage2_shards, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(stage2_shards, other)
+    meta = json.loads((other / "fastross.json").read_text())
+    meta["latent_shift"] = meta["latent_shift"] + 0.5
+    (other / "fastross.json").write_text(json.dumps(meta))
+    d = DataConfig(sources=[SourceConfig(str(stage2_shards), 1.0), SourceConfig(str(other), 1.0)])
+    with pytest.raises(ConfigError) as e:
+        open_sources(d, check=False)
+    assert str(stage2_shards) in str(e.value) and str(other) in str(e.value) and "latent_shift" in str(e.value)
+
+
+def test_mixture_config_keys_are_checked(tmp_path):
+    from fastross import config
+
+    with pytest.raises(ConfigError, match="data.shards and data.sources are both set"):
+        config.load(None, ["data.shards=a", "data.sources=[{shards: b}]"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"data.sources\[1\].weight must be > 0"):
+        config.load(None, ["data.sources=[{shards: a}, {shards: b, weight: 0}]"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"unknown key 'data.sources\[0\].path'"):
+        config.load(None, ["data.sources=[{path: a}]"], check_paths=False)
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].shards: .* is not a folder"):
+        config.load(None, [f"data.sources=[{{shards: {tmp_path / 'none'}}}]"], check_paths=True)
+    with pytest.raises(ConfigError, match="data.cache_limit"):
+        config.load(None, ["data.cache_limit=lots"], check_paths=False)
+    # Old configs' booleans still load, as the orders they always meant.
+    assert config.load(None, ["data.shuffle=true"], check_paths=False).data.shuffle == "global"
+    assert config.load(None, ["data.shuffle=false"], check_paths=False).data.shuffle == "none"
