@@ -73,11 +73,11 @@ class DataConfig:
     global_batch: int = 128  # samples per optimizer step, all ranks together
     max_tokens: int = 16384  # tokens per packed micro-batch, visual tokens counted
     # Sample order per epoch: global (a seeded permutation), block (shards permuted, then samples within windows of
-    # shuffle_window shards), none; auto: block for URLs, global for local folders (old configs' true/false: global/none)
+    # shuffle_window shards), none; auto: block for URLs, global for local folders (old true/false: global/none)
     shuffle: Literal["auto", "global", "block", "none"] = "auto"
     shuffle_window: int = 8  # shards whose samples a block shuffle mixes at once (and the cache holds at least)
     cache_dir: str = "~/.cache/fastross/shards"  # local copies of remote sources' shards, one folder per URL
-    cache_limit: str = "50gb"  # the cache's size, all remotes' shard files together; least recently used evicted first
+    cache_limit: str | int = "50gb"  # the cache's size (50gb, 800mib, bytes) for all remotes; least recently used go
     seed: int = 0  # shuffle seed (and the mixture's draws)
     workers: int = 2  # loader worker processes per rank that prepare steps ahead (0: inline, in the trainer)
     prefetch: int = 2  # steps each loader worker prepares ahead (the DataLoader's prefetch_factor)
@@ -402,7 +402,8 @@ def _check_folders(cfg: Config) -> None:
             raise ConfigError(f"model.vae_path: {m.vae_path} holds a {vae.get('_class_name')!r}, not an AutoencoderKL")
     # The data set's facts, when local shards carry them (the loader names what is missing otherwise).
     local = [s.shards for s in data_sources(d) if "://" not in s.shards]
-    counts = [len(np.load(Path(p) / "lengths.npy", mmap_mode="r")) for p in local if (Path(p) / "lengths.npy").is_file()]
+    indexes = [Path(p) / "lengths.npy" for p in local if (Path(p) / "lengths.npy").is_file()]
+    counts = [len(np.load(path, mmap_mode="r")) for path in indexes]
     if len(counts) == len(data_sources(d)) and d.global_batch > sum(counts):
         raise ConfigError(f"data.global_batch={d.global_batch} is larger than {', '.join(local)}'s {sum(counts)} "
                           "samples")

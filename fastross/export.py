@@ -35,6 +35,7 @@ from fastross.checkpoint import SafeReader, read_metadata, resolve
 from fastross.data import templates
 from fastross.data.images import ImageSpec
 from fastross.data.schema import ShardMeta
+from fastross.data.sources import meta_folder
 
 DENOISER_FILE = "denoiser.safetensors"
 CONFIG_FILE = "fastross_config.yaml"
@@ -129,7 +130,7 @@ def llava_config(cfg: fconfig.Config, meta: ShardMeta):
     vision = SiglipVisionConfig.from_pretrained(m.vision_path, vision_use_head=False)
     if vision.image_size // vision.patch_size != meta.grid:
         raise ValueError(f"{m.vision_path} has a {vision.image_size // vision.patch_size}-patch grid, "
-                         f"the shards {cfg.data.shards} {meta.grid}: the run's folders and shards disagree")
+                         f"the shards {meta_folder(cfg.data)} {meta.grid}: the run's folders and shards disagree")
     text = AutoConfig.from_pretrained(m.llm_path)
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=meta.image_token_id,
@@ -179,11 +180,11 @@ def export(src: str | Path, out: str | Path) -> Path:
     from transformers import GenerationConfig, LlavaProcessor
 
     ckpt, cfg, state = read_checkpoint(src)
-    meta = ShardMeta.read(cfg.data.shards)
+    meta = ShardMeta.read(meta_folder(cfg.data))  # the run's sources agree on it
     tok = templates.load_tokenizer(cfg.model.llm_path)
     if tok.convert_tokens_to_ids(templates.IMAGE_TOKEN) != meta.image_token_id:
         raise ValueError(f"{cfg.model.llm_path}'s <image> id {tok.convert_tokens_to_ids(templates.IMAGE_TOKEN)} is "
-                         f"not the shards' {meta.image_token_id} ({cfg.data.shards})")
+                         f"not the shards' {meta.image_token_id} ({meta_folder(cfg.data)})")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 

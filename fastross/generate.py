@@ -195,8 +195,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
             raise FileNotFoundError(f"{cfg_file} is missing: the checkpoint was not written by fastross's trainer")
         cfg = fconfig.load(str(cfg_file), check_paths=False)
         from fastross.data.schema import ShardMeta
+        from fastross.data.sources import meta_folder
 
-        meta = ShardMeta.read(cfg.data.shards)
+        meta = ShardMeta.read(meta_folder(cfg.data))
         template, aspect = meta.template, meta.image_aspect
         tok = templates.load_tokenizer(cfg.model.llm_path)
     elif is_export(path):

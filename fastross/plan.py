@@ -3,9 +3,9 @@
     python -m fastross.plan CONFIG --gpus N [--gpu-gib 80] [key.sub=value ...]
 
 Needs no weights and no data: architectures come from the model folders' config.json when they exist,
-else from fastross.model.presets; the sample mix from the shards' length index when `data.shards` holds
-one, else the stated default stage-2 mix (fastross.data.mix.draw). Memory is simulated on the CPU: the
-recipe's RossModel built on the meta device, parallelized as the trainer does (checkpointing, FSDP2 over a
+else from fastross.model.presets; the sample mix from the shards' length indexes when `data.shards` (or every
+source of `data.sources`, drawn by weight) holds one, else the stated default stage-2 mix (fastross.data.mix.draw).
+Memory is simulated on the CPU: the recipe's RossModel built on the meta device, parallelized as the trainer does (checkpointing, FSDP2 over a
 fake process group of N ranks), materialised as fake tensors, and one training step tracked by
 FSDPMemTracker on the step's largest micro-batch (one untracked step first: AdamW's state created inside
 the tracked region is reported ~27x too large, CPU_AND_GPU.md).
@@ -49,15 +49,35 @@ class Mix:
     source: str
 
 
+def length_indexes(d: config.DataConfig) -> list[tuple[Path, float]]:
+    """(lengths.npy, weight) of every source, a remote's from its cache; [] unless every source has one here."""
+    from fastross.data.remote import cache_folder, is_remote
+
+    found = []
+    for s in config.data_sources(d):
+        folder = cache_folder(d.cache_dir, s.shards) if is_remote(s.shards) else Path(s.shards)
+        if not s.shards or not (folder / LENGTHS_FILE).is_file():
+            return []
+        found.append((folder / LENGTHS_FILE, s.weight))
+    return found
+
+
 def sample_mix(cfg: config.Config, visual_tokens: int, seed: int = 0) -> Mix:
-    """One global batch of samples: drawn from the shards' length index, or from the default stage-2 mix."""
+    """One global batch of samples: drawn from the sources' length indexes by weight (as the trainer's mixture
+    draws them), or from the default stage-2 mix."""
     rng = np.random.default_rng(seed)
     n = cfg.data.global_batch
-    index = Path(cfg.data.shards) / LENGTHS_FILE if cfg.data.shards else None
-    if index is not None and index.is_file():
-        lengths = rng.choice(np.load(index).astype(np.int64), n)
+    indexes = length_indexes(cfg.data)
+    if indexes:
+        weights = np.array([w for _, w in indexes])
+        pick = rng.choice(len(indexes), n, p=weights / weights.sum()) if len(indexes) > 1 else np.zeros(n, int)
+        lengths = np.zeros(n, np.int64)
+        for k, (index, _) in enumerate(indexes):
+            at = np.flatnonzero(pick == k)
+            lengths[at] = rng.choice(np.load(index).astype(np.int64), len(at))
         images = lengths > visual_tokens  # the index holds total lengths only: longer than an image means one
-        source = f"{n} samples drawn from {index}"
+        source = f"{n} samples drawn from " + ", ".join(f"{index} (weight {w:g})" if len(indexes) > 1 else str(index)
+                                                        for index, w in indexes)
     else:
         lengths, images = mix.draw(rng, n)
         source = f"{n} samples of the default stage-2 mix (fastross/data/mix.py)"

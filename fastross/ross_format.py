@@ -353,6 +353,7 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", max_shard_size
     dtype fp32 reads back bit for bit; bf16 is what the reference's bf16 runs save."""
     from fastross.data import templates
     from fastross.data.schema import ShardMeta, read_meta
+    from fastross.data.sources import meta_folder
     from fastross.export import read_checkpoint
 
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
@@ -362,10 +363,10 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", max_shard_size
     if cfg.model.denoiser.kind != "dit":
         raise ValueError(f"{ckpt}: model.denoiser.kind={cfg.model.denoiser.kind!r}; the reference layout holds the "
                          "DiT denoiser only")
-    meta = ShardMeta.read(cfg.data.shards)
-    vae_path = cfg.model.vae_path or read_meta(cfg.data.shards).get("vae")
+    meta = ShardMeta.read(meta_folder(cfg.data))
+    vae_path = cfg.model.vae_path or read_meta(meta_folder(cfg.data)).get("vae")
     if not vae_path:
-        raise ValueError(f"{ckpt}: neither model.vae_path nor the shards ({cfg.data.shards}) name the VAE folder the "
+        raise ValueError(f"{ckpt}: neither model.vae_path nor the shards ({meta_folder(cfg.data)}) name the VAE folder the "
                          "layout's model.pixel_decoder.* comes from: set model.vae_path in the run's config.yaml")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

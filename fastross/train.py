@@ -107,8 +107,8 @@ class Trainer:
             torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
             if spread[0] != -spread[1]:
                 raise config.ConfigError(
-                    f"data.shards: the ranks found different corrupt shards in {self.loader.name} ({skipped} samples skipped "
-                    f"on rank {world.rank}): repair the copies so that every rank reads the same data"
+                    f"data.shards: the ranks found different corrupt shards in {self.loader.name} ({skipped} samples "
+                    f"skipped on rank {world.rank}): repair the copies so that every rank reads the same data"
                 )
         lengths = self.loader.stream.lengths
         too_long = int((lengths > d.max_tokens).sum())
@@ -118,7 +118,8 @@ class Trainer:
         self.eval_loader = None
         if d.eval_shards:  # held-out losses (Trainer.evaluate): the same planner and collator, in the shards' order
             self.eval_loader = Loader(
-                dataclasses.replace(d, shards=d.eval_shards, sources=[], shuffle="none"), rank=world.rank, world=world.size,
+                dataclasses.replace(d, shards=d.eval_shards, sources=[], shuffle="none"), rank=world.rank,
+                world=world.size,
                 attn_tokens=llm_attention_cost_tokens(model.llm), image=ImageSpec.from_pretrained(m.vision_path),
                 latent_channels=model.latent_channels, replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
             )

@@ -42,7 +42,8 @@ def parse_size(text: str | int) -> int:
     """'50gb' -> 50 * 10**9 bytes (kb/mb/gb/tb decimal, kib/mib/gib/tib binary, a bare number in bytes)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
     if m is None or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"{text!r} is not a size: use a number with an optional unit ({', '.join(k for k in _UNITS if k)})")
+        units = ", ".join(k for k in _UNITS if k)
+        raise ValueError(f"{text!r} is not a size: use a number with an optional unit ({units})")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

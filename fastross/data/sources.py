@@ -52,7 +52,7 @@ def load_lengths(folder: str | Path, name: str | None = None) -> np.ndarray:
     return np.load(path)
 
 
-def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str = "0", check: bool = True) -> Source:
+def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str | int = 0, check: bool = True) -> Source:
     """check: hash-check every shard file of a local folder now (the trainer's loader; not for quick tools)."""
     remote = is_remote(cfg.shards)
     if remote:
