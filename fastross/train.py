@@ -110,7 +110,11 @@ class Trainer:
                     f"data.shards: the ranks found different corrupt shards in {self.loader.name} ({skipped} samples "
                     f"skipped on rank {world.rank}): repair the copies so that every rank reads the same data"
                 )
-        lengths = self.loader.stream.lengths
+        stream = self.loader.stream
+        if len(stream.sources) > 1 or stream.sources[0].remote:
+            self._say("data: " + "; ".join(f"{s.name} ({len(s.lengths)} samples, weight {w:.3g}, {o.shuffle} order)"
+                                           for s, w, o in zip(stream.sources, stream.weights, stream.orders)))
+        lengths = stream.lengths
         too_long = int((lengths > d.max_tokens).sum())
         if too_long:
             self._say(f"{too_long} of {len(lengths)} samples are longer than data.max_tokens={d.max_tokens}: "

@@ -33,7 +33,6 @@ import collections
 from dataclasses import dataclass, fields, replace
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
