@@ -24,6 +24,7 @@ from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
 from fastross.data.planner import attention_cost_tokens
+from fastross.data.remote import parse_size
 from fastross.data.schema import ShardMeta, tokenizer_fingerprint
 from fastross.data.templates import load_tokenizer
 from fastross.data.stream import Position
@@ -114,6 +115,10 @@ class Trainer:
         if len(stream.sources) > 1 or stream.sources[0].remote:
             self._say("data: " + "; ".join(f"{s.name} ({len(s.lengths)} samples, weight {w:.3g}, {o.shuffle} order)"
                                            for s, w, o in zip(stream.sources, stream.weights, stream.orders)))
+        window = sum(sum(sorted(s.shard_bytes.tolist())[-d.shuffle_window:]) for s in stream.sources if s.remote)
+        if window > parse_size(d.cache_limit):  # not an error: it costs downloads, nothing else
+            self._say(f"data.cache_limit={d.cache_limit} is less than a block shuffle's window of every remote "
+                      f"({window} bytes): shards will be downloaded more than once per epoch")
         lengths = stream.lengths
         too_long = int((lengths > d.max_tokens).sum())
         if too_long:

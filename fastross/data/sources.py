@@ -33,6 +33,7 @@ class Source:
     reader: MDSShards
     lengths: np.ndarray  # total tokens of every sample, in the source's own numbering
     shard_samples: np.ndarray  # samples per shard file, in index.json's order
+    shard_bytes: np.ndarray  # bytes of each shard file
     corrupt: list[tuple[range, str]]  # shard files whose hash differs from index.json's (local sources only)
     meta: ShardMeta
 
@@ -69,7 +70,8 @@ def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str | int =
     shards = json.loads((folder / "index.json").read_text())["shards"]
     corrupt = corrupt_shards(folder) if check and not remote else []
     return Source(cfg.shards, cfg.weight, folder, remote, reader, lengths,
-                  np.array([s["samples"] for s in shards], np.int64), corrupt, ShardMeta.read(folder))
+                  np.array([s["samples"] for s in shards], np.int64),
+                  np.array([s["raw_data"]["bytes"] for s in shards], np.int64), corrupt, ShardMeta.read(folder))
 
 
 def open_sources(d: DataConfig, check: bool = True) -> list[Source]:
