@@ -86,6 +86,9 @@ def test_remote_source_defaults_to_the_block_shuffle(resharded, tmp_path):
     assert stream.epoch_order(1).tolist() != order.tolist()
     fresh = StepStream([src], 4, 0, 1, "block", 7, max_tokens=10**6, attn_tokens=1e4, window=window)
     assert fresh.epoch_order(0).tolist() == order.tolist()  # a resumed run's stream: the same order
+    src.corrupt = [(range(0, int(src.shard_samples[0])), "shard.00000.mds: corrupt")]  # data.corrupt_shards=skip
+    skipping = StepStream([src], 4, 0, 1, "block", 7, max_tokens=10**6, attn_tokens=1e4, window=window)
+    assert sorted(skipping.epoch_order(0).tolist()) == list(range(int(src.shard_samples[0]), len(src.lengths)))
     local = StepStream(str(resharded), 4, 0, 1, "auto", 7, max_tokens=10**6, attn_tokens=1e4)
     assert local.epoch_order(0).tolist() == np.random.default_rng([7, 0]).permutation(len(src.lengths)).tolist()
     assert parse_size("50gb") == 50 * 10**9 and parse_size("1.5 MiB") == math.floor(1.5 * 2**20)

@@ -10,7 +10,7 @@ loader's workers prepare steps in any process, in any order.
 
 Shuffles (data.shuffle): `global`, a seeded permutation of all the samples per epoch; `block`, a seeded
 permutation of the shard files, then of the samples within each window of `data.shuffle_window` consecutive
-shards of that order (`block_order`): a window's shards are all a stretch of steps reads, which is what a
+shards of that order (`block_order`): a stretch of steps reads the shards of one window only, which is what a
 remote source's cache wants; `none`, the converted order.
 
 Mixtures (data.sources, several folders): sample ids are renumbered mixture-wide, source k's sample i being
