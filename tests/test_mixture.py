@@ -95,6 +95,11 @@ def test_mixture_config_keys_are_checked(tmp_path):
         config.load(None, [f"data.sources=[{{shards: {tmp_path / 'none'}}}]"], check_paths=True)
     with pytest.raises(ConfigError, match="data.cache_limit"):
         config.load(None, ["data.cache_limit=lots"], check_paths=False)
+    # A run folder's config.yaml holds the sources as written, and loads back the same.
+    cfg = config.load(None, ["data.sources=[{shards: 'gs://b/x', weight: 2}, {shards: /y}]"], check_paths=False)
+    (tmp_path / "c.yaml").write_text(config.dump(cfg))
+    again = config.load(str(tmp_path / "c.yaml"), check_paths=False)
+    assert again == cfg and again.data.sources == [SourceConfig("gs://b/x", 2.0), SourceConfig("/y", 1.0)]
     # Old configs' booleans still load, as the orders they always meant.
     assert config.load(None, ["data.shuffle=true"], check_paths=False).data.shuffle == "global"
     assert config.load(None, ["data.shuffle=false"], check_paths=False).data.shuffle == "none"
