@@ -65,15 +65,13 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
-    # Folder of MDS shards written by `python -m fastross.data.convert`, or a URL (s3://, gs://, oci://, hf://, file://,
-    # ...) read through data.cache_dir; the one-source form of data.sources
+    # Folder of MDS shards from `python -m fastross.data.convert`, or its URL (s3://, gs://, hf://, file://, ...)
     shards: str = ""
     # Several converted folders or URLs mixed by weight, per step, instead of data.shards: [{shards: ..., weight: W}]
     sources: list[SourceConfig] = field(default_factory=list)
     global_batch: int = 128  # samples per optimizer step, all ranks together
     max_tokens: int = 16384  # tokens per packed micro-batch, visual tokens counted
-    # Sample order per epoch: global (a seeded permutation), block (shards permuted, then samples within windows of
-    # shuffle_window shards), none; auto: block for URLs, global for local folders (old true/false: global/none)
+    # Order per epoch: global (a permutation), block (shards, then samples per window), none; auto: block for URLs
     shuffle: Literal["auto", "global", "block", "none"] = "auto"
     shuffle_window: int = 8  # shards whose samples a block shuffle mixes at once (and the cache holds at least)
     cache_dir: str = "~/.cache/fastross/shards"  # local copies of remote sources' shards, one folder per URL
