@@ -95,8 +95,11 @@ def test_torch_impl_is_the_previous_eager_forward(kind):
         assert rel_err(got_g[name], want_g[name]) <= 1e-6, name
 
 
+@pytest.mark.parametrize("elements", [1 << 14, 1 << 20])
 @pytest.mark.parametrize("kind", ["dit", "mlp"])
-def test_triton_denoiser_equals_torch_fp32(kind):
+def test_triton_denoiser_equals_torch_fp32(kind, elements, monkeypatch):
+    """At the kernel tests' small interpreter tiles (every kernel's tiles cross) and at training's (one tile)."""
+    monkeypatch.setenv("FASTROSS_INTERPRET_ELEMENTS", str(elements))
     ref, fused = make_pair(kind)
     x, t, cond, gout = inputs(torch.float32)
     want, want_g = run(ref, x, t, cond, gout)
