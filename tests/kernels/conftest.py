@@ -15,3 +15,9 @@ from kernel_checks import check_against_ref
 @pytest.fixture
 def check():
     return check_against_ref
+
+
+@pytest.fixture
+def training_tiles(monkeypatch):
+    """Training's interpreter tiles (the default budget) for a test that trains, its torchrun workers included."""
+    monkeypatch.delenv("FASTROSS_INTERPRET_ELEMENTS")

@@ -131,7 +131,7 @@ def test_triton_denoiser_bf16_within_torch_bf16_error(kind):
         assert fused_err <= 2 * torch_err + 1e-3 * hi.abs().max().item(), (name, fused_err, torch_err)
 
 
-def test_tiny_ross_trains_the_same_with_triton_and_torch(tiny_models, stage2_shards, stage2_samples):
+def test_tiny_ross_trains_the_same_with_triton_and_torch(tiny_models, stage2_shards, stage2_samples, training_tiles):
     """20 optimizer steps of the tiny ROSS model, fp32, same data and keys: the losses agree step by step."""
     from fastross.config import DenoiserConfig, ModelConfig
     from fastross.data.batch import Collator
@@ -170,7 +170,7 @@ def test_tiny_ross_trains_the_same_with_triton_and_torch(tiny_models, stage2_sha
 
 
 @pytest.mark.slow
-def test_triton_impl_on_two_fsdp2_ranks_matches_torch_on_one(tiny_models, stage2_shards, tmp_path):
+def test_triton_impl_on_two_fsdp2_ranks_matches_torch_on_one(tiny_models, stage2_shards, tmp_path, training_tiles):
     """impl=triton under torchrun + FSDP2 (2 gloo ranks, the denoiser one FSDP unit whose kernels read
     the unsharded parameters) gives the losses and gradient norm of impl=torch on 1 rank.
 
