@@ -470,11 +470,12 @@ def type_name(typ) -> str:
         return " | ".join(map(type_name, args))
     if origin is list:
         return f"list[{type_name(args[0])}]"
-    return typ.__name__
+    return "None" if typ is type(None) else typ.__name__
 
 
 def keys(cls=None, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(dotted key, type, default as JSON, documentation) of every field, sections (nested dataclasses) included."""
+    """(dotted key, type, default as JSON, documentation) of every field, sections (nested dataclasses) included; the
+    fields of a list of sections follow it as `key[].field`."""
     cls = cls or Config
     hints, docs, out = typing.get_type_hints(cls), field_docs(cls), []
     for f in dataclasses.fields(cls):
@@ -482,9 +483,12 @@ def keys(cls=None, prefix: str = "") -> list[tuple[str, str, str, str]]:
         if dataclasses.is_dataclass(typ):
             out.append((key, "section", "", docs.get(f.name, "")))
             out += keys(typ, key + ".")
-        else:
-            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            out.append((key, type_name(typ), json.dumps(default), docs.get(f.name, "")))
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        out.append((key, type_name(typ), json.dumps(default, default=str), docs.get(f.name, "")))
+        elem = typing.get_args(typ)[0] if typing.get_origin(typ) is list else None
+        if dataclasses.is_dataclass(elem):
+            out += keys(elem, key + "[].")
     return out
 
 
