@@ -1,6 +1,6 @@
 """What `--latent-dtype float16` changes in the reconstruction target, measured against float32 moments.
 
-    python benchmarks/latent_dtype.py [--records 64] [--seed 0] [--save]
+    python benchmarks/latent_dtype.py [--records 64] [--seed 0] [--vae DIR --vision DIR] [--save]
 
 Converts the same records (the synthetic stage-2 set's images, 64 px, with the tiny FLUX-like VAE of
 fastross.tools.make_tiny) twice through the converter, `--latent-dtype float32` and `float16`, reads
@@ -15,7 +15,9 @@ the stored moments back as training does (ShardMeta.decode_latent), and compares
 Prints max and mean |fp16 - fp32| and the same relative to the fp32 value's size (mean |d| / mean |ref|,
 max |d| / RMS(ref)). The tiny VAE is random-initialised: its moments' range
 (printed) is not a real FLUX VAE's, whose std can fall below float16's normal range (6.1e-5), where float16's
-relative step grows. --save appends a row to benchmarks/results/latent_dtype.csv.
+relative step grows. --vae and --vision compare a real VAE's moments instead (the
+images are still the synthetic ones, resized by the tower's processor). --save appends a row to
+benchmarks/results/latent_dtype.csv.
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from fastross.tools import results as R
 from fastross.tools.make_tiny import make_tiny
 
 
-def moments(models: Path, data: Path, out: Path, dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShardMeta]:
+def moments(models: Path, vae: str, vision: str, data: Path, out: Path,
+            dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShardMeta]:
     """Convert data/stage2.json with --latent-dtype `dtype`: (mean, std, sample indices) of its images, in fp32."""
     argv = ["--json", str(data / "stage2.json"), "--images", str(data / "images"), "--tokenizer", str(models / "llm"),
-            "--vision", str(models / "vision"), "--vae", str(models / "vae"), "--template", "qwen2_ross",
+            "--vision", vision, "--vae", vae, "--template", "qwen2_ross",
             "--latent-dtype", dtype, "--device", "cpu", "--out", str(out), "--quiet"]
     if convert(argv) != 0:
         raise RuntimeError(f"benchmark: converting with --latent-dtype {dtype} failed")
@@ -76,14 +79,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--records", type=int, default=64, help="records of the synthetic stage-2 set")
     p.add_argument("--seed", type=int, default=0, help="the run seed keying xi, eps and timesteps")
+    p.add_argument("--vae", default=None, help="an AutoencoderKL folder (default: the tiny one)")
+    p.add_argument("--vision", default=None, help="the vision tower's folder, for its grid (default: the tiny one)")
     p.add_argument("--save", action="store_true", help="append rows to benchmarks/results/latent_dtype.csv")
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="fastross-bench-latent-dtype-"))
     try:
         models = make_tiny(work / "models")
         write_dataset(work / "synth", n_train=a.records, n_eval=1)
-        mean32, std32, index, meta = moments(models, work / "synth", work / "fp32", "float32")
-        mean16, std16, index16, _ = moments(models, work / "synth", work / "fp16", "float16")
+        vae, vision = a.vae or str(models / "vae"), a.vision or str(models / "vision")
+        mean32, std32, index, meta = moments(models, vae, vision, work / "synth", work / "fp32", "float32")
+        mean16, std16, index16, _ = moments(models, vae, vision, work / "synth", work / "fp16", "float16")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     assert torch.equal(index, index16), "the two conversions wrote different samples"
@@ -104,11 +110,12 @@ def main(argv=None) -> int:
         losses = [diffusion.eps_loss_materialised(den, m, s, keys, t, ab[t].sqrt(), (1 - ab[t]).sqrt(), cond, shift,
                                                   scale) for m, s in ((mean32, std32), (mean16, std16))]
     rows.append(compare("loss", *losses))
-    print(f"latent_dtype: {n} images, moments {c}x{side}x{side}; fp32 mean in [{mean32.min():.3g}, {mean32.max():.3g}], "
+    print(f"latent_dtype: {n} images, moments {c}x{side}x{side}; "
+          f"fp32 mean in [{mean32.min():.3g}, {mean32.max():.3g}], "
           f"std in [{std32.min():.3g}, {std32.max():.3g}]; per-image loss {losses[0].mean():.4f} (fp32)")
     print(f"{'target':<8} {'max |d|':>10} {'mean |d|':>10} {'mean rel':>10} {'max/RMS':>10}")
     for r in rows:
-        print(f"{r['what']:<8} {r['max_abs']:>10.3g} {r['mean_abs']:>10.3g} {r['mean_rel']:>10.3g} {r['max_rel']:>10.3g}")
+        print(f"{r['what']:<8}", *(f"{r[k]:>10.3g}" for k in ("max_abs", "mean_abs", "mean_rel", "max_rel")))
     if a.save:
         out = R.append_csv("latent_dtype.csv", ["date", "commit", "machine", "images", "target", "max_abs", "mean_abs",
                                                 "mean_rel", "max_over_rms"],

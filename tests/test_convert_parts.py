@@ -33,26 +33,29 @@ def write_sources(synth_data: Path, folder: Path) -> list[Path]:
     return [folder / "a.json", folder / "b.jsonl"]
 
 
-def run(tiny_models: Path, synth_data: Path, sources: list[Path], out: Path, *extra: str) -> Path:
-    argv = ["--json", *map(str, sources), "--images", str(synth_data / "images"), "--tokenizer",
+def args(tiny_models: Path, synth_data: Path, sources: list[Path], out: Path, *extra: str) -> list[str]:
+    return ["--json", *map(str, sources), "--images", str(synth_data / "images"), "--tokenizer",
             str(tiny_models / "llm"), "--vision", str(tiny_models / "vision"), "--template", "qwen2_ross",
             "--vae", str(tiny_models / "vae"), "--device", "cpu", "--out", str(out), "--quiet", *extra]
-    assert convert.main(argv) == 0
-    return out
 
 
 @pytest.fixture(scope="module")
 def converted(tiny_models, synth_data, tmp_path_factory) -> dict[str, Path]:
-    """The one-part conversion (images encoded one at a time), its two parts and their merge."""
+    """The one-part conversion (images encoded one at a time), its two parts and their merge. One Converter runs
+    all three (its models loaded once: the slow part); each run takes its own parsed arguments."""
     tmp = tmp_path_factory.mktemp("parts")
     sources = write_sources(synth_data, tmp / "src")
-    out = {"one": run(tiny_models, synth_data, sources, tmp / "one", "--vae-batch", "1")}
-    for i in range(2):
-        out[f"part{i}"] = run(tiny_models, synth_data, sources, tmp / f"part{i}", "--vae-batch", "1",
-                              "--part", f"{i}/2", "--shard-size", "40000")  # several shards per part
-    assert merge.main([str(out["part1"]), str(out["part0"]), "--out", str(tmp / "merged")]) == 0  # any order
-    out["merged"] = tmp / "merged"
-    out["sources"] = tmp / "src"
+    conv = None
+    out = {"sources": tmp / "src", "merged": tmp / "merged"}
+    for name, extra in (("one", ()), ("part0", ("--part", "0/2")), ("part1", ("--part", "1/2"))):
+        a = convert.parse_args(args(tiny_models, synth_data, sources, tmp / name, "--vae-batch", "1",
+                                    "--shard-size", "40000", *extra))  # several shards per part
+        conv = conv or convert.Converter(a)
+        conv.a = a
+        report = conv.run()
+        assert report.written + sum(report.skipped.values()) == report.read
+        out[name] = tmp / name
+    assert merge.main([str(out["part1"]), str(out["part0"]), "--out", str(out["merged"])]) == 0  # any order
     return out
 
 
@@ -107,7 +110,9 @@ def test_merged_parts_are_the_one_part_conversion(converted):
 
 
 def test_vae_batches_match_one_at_a_time(converted, tiny_models, synth_data, tmp_path):
-    batched = run(tiny_models, synth_data, sorted(converted["sources"].iterdir()), tmp_path / "b", "--vae-batch", "4")
+    batched = tmp_path / "b"
+    assert convert.main(args(tiny_models, synth_data, sorted(converted["sources"].iterdir()), batched,
+                             "--vae-batch", "4")) == 0
     meta = ShardMeta.read(batched)
     a, b = MDSShards(converted["one"]), MDSShards(batched)
     assert len(a) == len(b) == 12

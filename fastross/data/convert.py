@@ -154,7 +154,7 @@ def parse_part(text: str) -> tuple[int, int]:
     try:
         i, n = (int(x) for x in text.split("/"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--part {text!r}: expected I/N, e.g. 0/4 (parts are numbered from 0)") from None
+        raise argparse.ArgumentTypeError(f"--part {text!r}: expected I/N, e.g. 0/4 (parts count from 0)") from None
     if not (n >= 1 and 0 <= i < n):
         raise argparse.ArgumentTypeError(f"--part {text!r}: I must be in 0 .. N - 1 and N at least 1")
     return i, n
@@ -361,7 +361,8 @@ class Converter:
         vae = self.vae.config if self.vae is not None else None
         meta = {
             "source": [str(p) for p in self.sources.paths], "records": self.sources.total,
-            "part": [self.part, self.parts], "record_range": list(self.records), "template": a.template, "image_aspect": self.aspect,
+            "part": [self.part, self.parts], "record_range": list(self.records),
+            "template": a.template, "image_aspect": self.aspect,
             "grid": self.grid, "num_visual_tokens": self.num_visual, "image_token_id": self.image_token_id,
             "tokenizer": str(a.tokenizer), "tokenizer_fingerprint": self.fingerprint,
             "vision": str(a.vision), "vae": str(a.vae) if a.vae else None,

@@ -70,21 +70,23 @@ def check_parts(order: list[Path], metas: dict[Path, dict]) -> None:
         for key in sorted(first.keys() | facts.keys()):
             if first.get(key) != facts.get(key):
                 raise ConvertError(
-                    f"{folder / META_FILE}: {key} is {facts.get(key)!r}, but part 0 ({order[0]}) has {first.get(key)!r}: "
-                    "the parts are not of one conversion"
+                    f"{folder / META_FILE}: {key} is {facts.get(key)!r}, but part 0 ({order[0]}) has "
+                    f"{first.get(key)!r}: the parts are not of one conversion"
                 )
     stop = 0
     for folder in order:
         start, end = metas[folder]["record_range"]
         if start != stop:
-            raise ConvertError(f"{folder}: records {start} .. {end - 1} do not follow the previous part's (up to {stop - 1})")
+            raise ConvertError(f"{folder}: records {start} .. {end - 1} do not follow the previous part's "
+                               f"(up to {stop - 1})")
         stop = end
     if stop != first["records"]:
         raise ConvertError(f"the parts convert records 0 .. {stop - 1} of {first['records']}")
 
 
 def reindexed(data: bytes, shard: dict, first: int, offset: int, where: str) -> bytes:
-    """A shard file's bytes with each sample's `index` raised by `offset`; its samples must carry first, first + 1, ..."""
+    """A shard file's bytes with each sample's `index` raised by `offset`; its samples must carry first, first + 1,
+    ... (their positions in the part)."""
     names, sizes = shard["column_names"], shard["column_sizes"]
     col = names.index("index")
     if shard["column_encodings"][col] != "int":
@@ -98,7 +100,8 @@ def reindexed(data: bytes, shard: dict, first: int, offset: int, where: str) -> 
         at = begin + 4 * len(var) + sum(var_sizes[i] if sizes[i] is None else sizes[i] for i in range(col))
         old = int(np.frombuffer(out, np.int64, 1, at)[0])
         if old != first + j:
-            raise ConvertError(f"{where}: sample {j} carries index {old}, expected {first + j}: the part is inconsistent")
+            raise ConvertError(f"{where}: sample {j} carries index {old}, expected {first + j}: "
+                               "the part is inconsistent")
         out[at : at + 8] = np.int64(old + offset).tobytes()
     return bytes(out)
 
@@ -114,7 +117,8 @@ def copy_shards(order: list[Path], stage: Path) -> None:
             path = folder / raw["basename"]
             data = path.read_bytes()
             if len(data) != raw["bytes"] or HASHES[SHARD_HASH](data) != (raw.get("hashes") or {}).get(SHARD_HASH):
-                raise ConvertError(f"{path}: its size or {SHARD_HASH} differs from {folder / 'index.json'}: the part is corrupt")
+                raise ConvertError(f"{path}: its size or {SHARD_HASH} differs from {folder / 'index.json'}: "
+                                   "the part is corrupt")
             data = reindexed(data, shard, first, offset, str(path)) if offset else data
             name = f"shard.{len(shards):05}.mds"
             (stage / name).write_bytes(data)
@@ -152,7 +156,8 @@ def merge(parts: list[str | Path], out: str | Path, overwrite: bool = False) -> 
     lengths = [np.load(f / LENGTHS_FILE) for f in order]
     for folder, n in zip(order, lengths):
         if len(n) != metas[folder]["written"]:
-            raise ConvertError(f"{folder / LENGTHS_FILE}: {len(n)} lengths, but the part wrote {metas[folder]['written']}")
+            raise ConvertError(f"{folder / LENGTHS_FILE}: {len(n)} lengths, but the part wrote "
+                               f"{metas[folder]['written']}")
     meta = merged_meta(order, metas)
 
     def write(stage: Path) -> None:
