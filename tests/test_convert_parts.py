@@ -109,10 +109,13 @@ def test_merged_parts_are_the_one_part_conversion(converted):
                 np.testing.assert_array_equal(x["labels"], y["labels"])
 
 
-def test_vae_batches_match_one_at_a_time(converted, tiny_models, synth_data, tmp_path):
-    batched = tmp_path / "b"
+def test_vae_batches_match_one_at_a_time(converted, tiny_models, synth_data, tmp_path, monkeypatch):
+    batched, sizes, encode = tmp_path / "b", [], convert.Converter.encode
+    monkeypatch.setattr(convert.Converter, "encode", lambda self, samples: sizes.append(len(samples)) or
+                        encode(self, samples))
     assert convert.main(args(tiny_models, synth_data, sorted(converted["sources"].iterdir()), batched,
                              "--vae-batch", "4")) == 0
+    assert sizes == [4, 4, 3]  # the VAE's forwards: 11 images
     meta = ShardMeta.read(batched)
     a, b = MDSShards(converted["one"]), MDSShards(batched)
     assert len(a) == len(b) == 12
@@ -123,6 +126,7 @@ def test_vae_batches_match_one_at_a_time(converted, tiny_models, synth_data, tmp
         if not x["image"]:
             continue
         images += 1
+        assert len(y["latent_mean"]) == len(y["latent_std"]) == 16 * (2 * 8) ** 2 * 4  # C x 2g x 2g float32 each
         for key in ("latent_mean", "latent_std"):
             np.testing.assert_allclose(meta.decode_latent(y[key]), meta.decode_latent(x[key]), rtol=1e-4, atol=1e-5)
     assert images == 11
@@ -169,4 +173,6 @@ def test_part_and_device_arguments(tiny_models, synth_data, tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(convert.ConvertError, match="--device cuda: no CUDA device"):
             convert.resolve_device("cuda")
+    with pytest.raises(convert.ConvertError, match="--device tpu7: "):
+        convert.resolve_device("tpu7")
     assert convert.resolve_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")

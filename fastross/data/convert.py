@@ -168,9 +168,14 @@ def part_range(total: int, part: int, parts: int) -> tuple[int, int]:
 
 def resolve_device(name: str | None) -> torch.device:
     """--device, or cuda when a GPU is present, else cpu; a named device that is not there is an error."""
-    device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ConvertError(f"--device {name}: {e}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConvertError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConvertError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
     return device
 
 
