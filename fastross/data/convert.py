@@ -426,6 +426,9 @@ def main(argv=None) -> int:
     for reason, ex in report.examples.items():
         print(f"  {reason}: e.g. {ex[0]}")
     print(f"convert: wrote {report.written} samples to {a.out} (report in {Path(a.out) / META_FILE})")
+    if a.part[1] > 1:
+        print(f"convert: this is part {a.part[0]}/{a.part[1]}: join all {a.part[1]} parts' folders with "
+              "`python -m fastross.data.merge PART_DIR... --out DIR`")
     return 0
 
 
