@@ -278,6 +278,48 @@ def test_hf_without_an_end_of_turn_token_is_an_error(tmp_path, tiny_models, imag
     assert rc == 2 and "template chatml" in err and str(folder) in err and "generation prompt" in err
 
 
+def test_hf_template_that_rewrites_earlier_turns_is_a_counted_skip(tmp_path, tiny_models, images, llama_tokenizers,
+                                                                    capsys):
+    """A template that renders a turn one way while it is the last and another once a turn follows (as templates
+    that drop earlier reasoning do) has no stable span for it: such records are skipped and counted, by reason."""
+    from fastross.data.schema import read_meta
+    from fastross.data.templates import load_tokenizer
+
+    folder = tmp_path / "rewrites"
+    tok = load_tokenizer(str(llama_tokenizers / "llama3"))
+    tok.chat_template = tok.chat_template.replace("message['content'] | trim",
+                                                  "(message['content'] | upper if message['role'] == 'assistant' and "
+                                                  "not loop.last else message['content'])")
+    tok.save_pretrained(folder)
+    rc, out = run(tmp_path, tiny_models, images, folder, "hf", RECORDS)
+    assert rc == 0
+    meta = read_meta(out)
+    assert meta["written"] == 1 and meta["skipped"] == {"template_mismatch": 3}
+    assert "turn 1" in meta["skipped_examples"]["template_mismatch"][0]
+    assert [s["id"] for s in read(out)] == ["gptfirst"]  # the one record with a single answer
+
+
+# plain with a Llama tokenizer (LLaVA-1.5's stage 1) ------------------------------------------------------------
+
+
+def test_plain_vicuna_is_the_references(tmp_path, tiny_models, images, llama_tokenizers):
+    """preprocess_plain: "<image>" + caption + "\n", the question dropped; masked: the tokens of "<image>" alone
+    (the BOS and the image)."""
+    def ref_plain(conv, tok, image_id):
+        text = "<image>" + conv[1]["value"] + "\n"
+        ids = ref_tokens(text, tok, image_id)
+        labels = np.array(ids)
+        labels[: len(ref_tokens("<image>", tok, image_id))] = IGNORE
+        return text, ids, labels
+
+    records = [{"id": f"cap{i}", "image": "a.png", "conversations": [h(q), g(c)]} for i, (q, c) in enumerate([
+        ("<image>\nDescribe the picture.", "A red square at the top left."), ("Describe.<image>", "3 circles.")])]
+    tok, samples, _ = assert_reference(tmp_path, tiny_models, images, llama_tokenizers / "llama", "plain", ref_plain,
+                                       records=records)
+    assert [np.asarray(s["input_ids"])[:2].tolist() for s in samples] == [[tok.bos_token_id,
+                                                                           tok.convert_tokens_to_ids("<image>")]] * 2
+
+
 # qwen2_ross --reference-labels ---------------------------------------------------------------------------------
 
 
