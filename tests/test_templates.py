@@ -202,7 +202,8 @@ def test_vicuna_v1_round_trip_is_the_references(tmp_path, tiny_models, images, l
     image_id, space = tok.convert_tokens_to_ids("<image>"), tok.convert_tokens_to_ids("▁")
     assert all(i[0] == tok.bos_token_id and i.count(tok.bos_token_id) == 1 for i in ids)
     # LLaVA-1.5's lone "▁" after the image: the chunk after <image> is encoded on its own, with its word marker
-    assert ids[0][ids[0].index(image_id) + 1: ids[0].index(image_id) + 3] == [space, tok.convert_tokens_to_ids("<0x0A>")]
+    at = ids[0].index(image_id)
+    assert ids[0][at + 1: at + 3] == [space, tok.convert_tokens_to_ids("<0x0A>")]
     # the joint after </s> is non-legacy ("USER", not "▁USER"), and the answers and each </s> are what is learnt
     assert supervised_text(tok, samples[0]) == ["Red.</s>", "Green.</s>"]
     assert supervised_text(tok, samples[1]) == ["Hello.</s>", "3</s>"]  # "3" with its lone "▁" (decoded away)
@@ -276,6 +277,17 @@ def test_hf_without_an_end_of_turn_token_is_an_error(tmp_path, tiny_models, imag
     rc, _ = run(tmp_path, tiny_models, images, folder, "chatml", RECORDS)
     err = capsys.readouterr().err
     assert rc == 2 and "template chatml" in err and str(folder) in err and "generation prompt" in err
+    tok.chat_template = "{{ raise_exception('a system message first') }}"
+    tok.save_pretrained(folder)
+    rc, _ = run(tmp_path, tiny_models, images, folder, "hf", RECORDS)
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot render" in err and "a system message first" in err
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    tok.save_pretrained(folder)
+    rc, _ = run(tmp_path, tiny_models, images, folder, "hf", RECORDS)
+    err = capsys.readouterr().err
+    assert rc == 2 and "ends an assistant turn with ''" in err and "never learn where an answer ends" in err
 
 
 def test_hf_template_that_rewrites_earlier_turns_is_a_counted_skip(tmp_path, tiny_models, images, llama_tokenizers,

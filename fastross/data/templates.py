@@ -83,12 +83,17 @@ def check_tokenizer(template: str, tokenizer, folder: str) -> None:
             raise ValueError(f"template {template}: the tokenizer in {folder} has no chat template "
                              "(tokenizer_config.json 'chat_template' or chat_template.jinja)")
         answer = "Hello."
-        turn = _chat(tokenizer, [("user", "Hi."), ("assistant", answer)])[len(_chat(tokenizer, [("user", "Hi.")], True)):]
-        if not turn.startswith(answer):
-            raise ValueError(f"template {template}: the chat template of the tokenizer in {folder} renders an answer "
-                             f"as {turn!r} after its generation prompt: a generated answer would not start where a "
-                             "trained one does")
-        marker = turn[len(answer):].strip()
+        try:
+            head = _chat(tokenizer, [("user", "Hi.")], True)
+            whole = _chat(tokenizer, [("user", "Hi."), ("assistant", answer)])
+        except Exception as e:  # Jinja's errors, raise_exception's included, are no ValueError
+            raise ValueError(f"template {template}: the chat template of the tokenizer in {folder} cannot render a "
+                             f"user turn and an answer: {type(e).__name__}: {e}") from None
+        if not whole.startswith(head + answer):
+            raise ValueError(f"template {template}: the chat template of the tokenizer in {folder} renders "
+                             f"{whole!r}, not its generation prompt {head!r} followed by the answer {answer!r}: a "
+                             "generated answer would not start where a trained one does")
+        marker = whole[len(head + answer):].strip()
         ids = tokenizer(marker, add_special_tokens=False).input_ids
         if not ids or ids[0] not in set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values()):
             raise ValueError(f"template {template}: the chat template of the tokenizer in {folder} ends an "
