@@ -155,10 +155,10 @@ def read(out: Path) -> list[dict]:
     return [shards.read(i) for i in range(len(shards))]
 
 
-def assert_reference(tmp_path, tiny_models, images, folder, template, reference, records=RECORDS, extra=()):
+def assert_reference(tmp_path, tiny_models, images, folder, template, reference, records=RECORDS, extra=(), tok=None):
     from fastross.data.templates import load_tokenizer
 
-    tok = load_tokenizer(str(folder))
+    tok = tok or load_tokenizer(str(folder))
     image_id = tok.convert_tokens_to_ids("<image>")
     rc, out = run(tmp_path, tiny_models, images, folder, template, records, *extra)
     assert rc == 0
@@ -337,7 +337,7 @@ def test_plain_vicuna_is_the_references(tmp_path, tiny_models, images, llama_tok
 
 def test_qwen2_reference_labels_are_the_references(tmp_path, tiny_models, images, tokenizer):
     tok, samples, _ = assert_reference(tmp_path, tiny_models, images, tiny_models / "llm", "qwen2_ross", ref_qwen2,
-                                       extra=["--reference-labels"])
+                                       extra=["--reference-labels"], tok=tokenizer)
     from fastross.data.schema import read_meta
 
     assert read_meta(tmp_path / "out")["reference_labels"] is True
