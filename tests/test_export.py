@@ -24,10 +24,16 @@ def prompt_tokens(template: str, tokenizer) -> list[int]:
     return ids[: int(np.flatnonzero(labels != templates.IGNORE)[0])].tolist()
 
 
-@pytest.mark.parametrize("template, llm", [
-    ("plain", "qwen2"), ("qwen2_ross", "qwen2"), ("chatml", "qwen2"), ("hf", "llama3"), ("vicuna_v1", "llama"),
-    ("llama3", "llama3"),
-])
+# Each template with a tokenizer of its kind (tests/conftest.py: the Qwen2 one, and the tiny Llama ones).
+CHAT_CASES = [("plain", "qwen2"), ("qwen2_ross", "qwen2"), ("chatml", "qwen2"), ("hf", "llama3"),
+              ("vicuna_v1", "llama"), ("llama3", "llama3")]
+
+
+def test_chat_template_cases_cover_every_template():
+    assert sorted(t for t, _ in CHAT_CASES) == sorted(templates.TEMPLATES)
+
+
+@pytest.mark.parametrize("template, llm", CHAT_CASES)
 def test_chat_template_renders_the_training_prompt(template, llm, tokenizer, llama_tokenizers):
     source = tokenizer if llm == "qwen2" else templates.load_tokenizer(str(llama_tokenizers / llm))
     tok = type(source).from_pretrained(source.name_or_path)

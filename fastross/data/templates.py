@@ -74,10 +74,10 @@ def check_tokenizer(template: str, tokenizer, folder: str) -> None:
     """Refuse, before any record is read, a tokenizer that cannot end the template's turns (ValueError)."""
     name = canonical(template)
     for marker in MARKERS.get(name, ()):
-        if marker not in tokenizer.get_added_vocab():
-            raise ValueError(f"template {template}: the tokenizer in {folder} has no special token {marker!r}, so "
-                             f"the end of each turn would not be learnt as one token; choose the template of that "
-                             f"LLM (or add {marker!r} as a special token)")
+        if len(tokenizer(marker, add_special_tokens=False).input_ids) != 1:
+            raise ValueError(f"template {template}: the tokenizer in {folder} has no special token {marker!r} (it "
+                             f"encodes it as several tokens), so the end of each turn would not be learnt as one "
+                             f"token; choose the template of that LLM (or add {marker!r} as a special token)")
     if name == "hf":
         if not tokenizer.chat_template:
             raise ValueError(f"template {template}: the tokenizer in {folder} has no chat template "
