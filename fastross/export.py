@@ -63,15 +63,31 @@ _FLATTEN = (
     "{%- endfor -%}"
     "{%- set messages = ns.messages -%}"
 )
-# The user turn ends with "ASSISTANT:", the answer starts with its space: BPE merges that space into the answer's
-# first word in training, so the generation prompt is the training sample's tokens before the first answer token.
-_QWEN2_ROSS = (
-    "{{- " + json.dumps(templates.ROSS_SYSTEM + " ") + " -}}"
+
+
+def _separated(name: str, system: str, end: str) -> str:
+    """qwen2_ross and vicuna_v1. The user turn ends with "ASSISTANT:", the answer starts with its space: the
+    tokenizer merges that space into the answer's first word in training, so the generation prompt is the training
+    sample's tokens before the first answer token."""
+    return (
+        "{{- " + json.dumps(system + " ") + " -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ASSISTANT:' }}"
+        "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] + " + json.dumps(end) + " }}"
+        "{%- else -%}{{ raise_exception('template " + name + " has user and assistant turns only') }}{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
+# llama3: the reference's conversation has no system message; the BOS is the tokenizer's (added when the prompt is
+# encoded, as Llava's processor does for a prompt that does not start with it).
+_LLAMA3 = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'user' -%}{{ 'USER: ' + message['content'] + ' ASSISTANT:' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ ' ' + message['content'] + '<|im_end|>' }}"
-    "{%- else -%}{{ raise_exception('template qwen2_ross has user and assistant turns only') }}{%- endif -%}"
+    "{%- if message['role'] not in ('user', 'assistant') -%}"
+    "{{ raise_exception('template llama3 has user and assistant turns only') }}{%- endif -%}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
     "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif -%}"
 )
 # plain: the image of the first user turn, then the first answer (the caption) and a newline.
 _PLAIN = (
@@ -84,16 +100,19 @@ _PLAIN = (
 
 def chat_template(template: str, tokenizer) -> str:
     """The Jinja chat template that renders what fastross.data.templates renders for `template`."""
-    if template == "qwen2_ross":
-        body = _QWEN2_ROSS
-    elif template == "plain":
+    name = templates.canonical(template)
+    if name == "qwen2_ross":
+        body = _separated(name, templates.ROSS_SYSTEM, "<|im_end|>")
+    elif name == "vicuna_v1":
+        body = _separated(name, templates.VICUNA_SYSTEM, "</s>")
+    elif name == "llama3":
+        body = _LLAMA3
+    elif name == "plain":
         body = _PLAIN
-    elif template == "chatml":
-        if not tokenizer.chat_template:
-            raise ValueError("template chatml: the LLM's tokenizer has no chat template to export")
-        body = tokenizer.chat_template
     else:
-        raise ValueError(f"unknown template {template!r}; choose one of {', '.join(templates.TEMPLATES)}")
+        if not tokenizer.chat_template:
+            raise ValueError(f"template {template}: the LLM's tokenizer has no chat template to export")
+        body = tokenizer.chat_template
     return _FLATTEN + body
 
 

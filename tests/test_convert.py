@@ -140,7 +140,8 @@ QWEN_EXPECTED = [
      [" pmal." + END, " tac." + END], None),
     (SYSTEM + " USER: <image>\nDescribe the picture. ASSISTANT: A photo of something." + END,
      [" A photo of something." + END], "img2.png"),
-    (SYSTEM + " USER: <image>\nHi. ASSISTANT: Hello." + END + "USER: What is this? ASSISTANT: A picture." + END,
+    # the placeholder moves to the front of the message that held it, not to the first message
+    (SYSTEM + " USER: Hi. ASSISTANT: Hello." + END + "USER: <image>\nWhat is this? ASSISTANT: A picture." + END,
      [" Hello." + END, " A picture." + END], "img3.png"),
 ]
 

@@ -24,16 +24,35 @@ def prompt_tokens(template: str, tokenizer) -> list[int]:
     return ids[: int(np.flatnonzero(labels != templates.IGNORE)[0])].tolist()
 
 
-@pytest.mark.parametrize("template", templates.TEMPLATES)
-def test_chat_template_renders_the_training_prompt(template, tokenizer):
-    tok = type(tokenizer).from_pretrained(tokenizer.name_or_path)
-    tok.chat_template = chat_template(template, tokenizer)
+# Each template with a tokenizer of its kind (tests/conftest.py: the Qwen2 one, and the tiny Llama ones).
+CHAT_CASES = [("plain", "qwen2"), ("qwen2_ross", "qwen2"), ("chatml", "qwen2"), ("hf", "llama3"),
+              ("vicuna_v1", "llama"), ("llama3", "llama3")]
+
+
+def test_chat_template_cases_cover_every_template():
+    assert sorted(t for t, _ in CHAT_CASES) == sorted(templates.TEMPLATES)
+
+
+@pytest.mark.parametrize("template, llm", CHAT_CASES)
+def test_chat_template_renders_the_training_prompt(template, llm, tokenizer, llama_tokenizers):
+    source = tokenizer if llm == "qwen2" else templates.load_tokenizer(str(llama_tokenizers / llm))
+    tok = type(source).from_pretrained(source.name_or_path)
+    tok.chat_template = chat_template(template, source)
     whole = [*USER, {"role": "assistant", "content": ANSWER}]
     if template != "plain":  # plain's text is the caption alone; its prompt is the image
-        assert tok.apply_chat_template(whole, tokenize=False) == templates.render(template, CONV, True, tokenizer).text
+        assert tok.apply_chat_template(whole, tokenize=False) == templates.render(template, CONV, True, source).text
     prompt = tok.apply_chat_template(USER, tokenize=False, add_generation_prompt=True)
-    assert tok(prompt, add_special_tokens=False).input_ids == prompt_tokens(template, tokenizer)
-    if template == "qwen2_ross":
+    # Llava's processor encodes the prompt with the tokenizer's special tokens (a BOS) unless it starts with the BOS
+    special = not (tok.bos_token and prompt.startswith(tok.bos_token))
+    want = prompt_tokens(template, source)
+    if template == "vicuna_v1":
+        # The one known difference: training encodes the text after <image> on its own, as the reference does, and
+        # a non-legacy Llama tokenizer starts it with a lone "▁"; a whole-prompt encoding has none there.
+        at = want.index(source.convert_tokens_to_ids(templates.IMAGE_TOKEN)) + 1
+        assert want[at] == source.convert_tokens_to_ids("▁")
+        del want[at]
+    assert tok(prompt, add_special_tokens=special).input_ids == want
+    if template in ("qwen2_ross", "vicuna_v1", "llama3"):
         with pytest.raises(Exception, match="user and assistant turns only"):
             tok.apply_chat_template([{"role": "system", "content": "x"}, *USER], tokenize=False)
     # a plain string content is rendered as fastross renders it, too

@@ -1,8 +1,8 @@
 """LLaVA-format JSON/JSONL + an image folder -> MosaicML MDS shards for fastross.
 
-    python -m fastross.data.convert --json FILE [FILE ...] --images DIR --tokenizer DIR \\
-        --template plain|qwen2_ross|chatml --vision DIR [--vae DIR [--device cuda] [--vae-batch 16]] \\
-        [--part I/N] --out DIR
+    python -m fastross.data.convert --json FILE [FILE ...] --images DIR --tokenizer DIR \
+        --template plain|qwen2_ross|vicuna_v1|llama3|hf --vision DIR [--vae DIR [--device cuda] [--vae-batch 16]] \
+        [--part I/N] [--reference-labels] --out DIR
 
 Each record is tokenised with the stage's template (ROSS_SPEC.md section 8), every
 non-assistant token masked in the labels, and written with its image bytes, its total
@@ -46,7 +46,7 @@ from fastross.data.shards import MDSWriter
 SKIP_REASONS = (
     "malformed", "missing_image", "outside_images_root", "bad_image", "image_too_small", "image_too_large",
     "image_mismatch", "placeholder_without_image", "image_without_placeholder", "extra_placeholders",
-    "no_supervised_tokens", "too_long", "vae_error", "record_error",
+    "no_supervised_tokens", "template_mismatch", "too_long", "vae_error", "record_error",
 )
 
 
@@ -221,6 +221,10 @@ class Converter:
         if not self.images.is_dir():
             raise ConvertError(f"--images {a.images} is not a folder")
         self.tokenizer = templates.load_tokenizer(a.tokenizer)
+        templates.check_tokenizer(a.template, self.tokenizer, a.tokenizer)
+        if a.reference_labels and templates.canonical(a.template) == "hf":
+            raise ConvertError(f"--reference-labels: the reference has no template {a.template} (the tokenizer's "
+                               "own chat template); it applies to plain, qwen2_ross, vicuna_v1 and llama3")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(templates.IMAGE_TOKEN)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)  # once: it sorts and serialises the whole vocabulary
         self.image_spec = ImageSpec.from_pretrained(a.vision)
@@ -244,7 +248,8 @@ class Converter:
         if image is not None and not isinstance(image, str):
             raise Skip("malformed", "'image' must be one relative path (multi-image records are not supported)")
         try:
-            rendered = templates.render(self.a.template, rec["conversations"], bool(image), self.tokenizer)
+            rendered = templates.render(self.a.template, rec["conversations"], bool(image), self.tokenizer,
+                                        self.a.reference_labels)
         except templates.TemplateError as e:
             raise Skip(e.reason, str(e)) from None
         ids, labels = templates.tokenize(rendered, self.tokenizer)
@@ -367,7 +372,7 @@ class Converter:
         meta = {
             "source": [str(p) for p in self.sources.paths], "records": self.sources.total,
             "part": [self.part, self.parts], "record_range": list(self.records),
-            "template": a.template, "image_aspect": self.aspect,
+            "template": a.template, "reference_labels": a.reference_labels, "image_aspect": self.aspect,
             "grid": self.grid, "num_visual_tokens": self.num_visual, "image_token_id": self.image_token_id,
             "tokenizer": str(a.tokenizer), "tokenizer_fingerprint": self.fingerprint,
             "vision": str(a.vision), "vae": str(a.vae) if a.vae else None,
@@ -391,6 +396,9 @@ def parse_args(argv=None):
     p.add_argument("--images", required=True, help="folder the records' 'image' paths are relative to")
     p.add_argument("--tokenizer", required=True, help="local Hugging Face folder with the tokenizer (the LLM's)")
     p.add_argument("--template", required=True, choices=templates.TEMPLATES)
+    p.add_argument("--reference-labels", action="store_true",
+                   help="the reference ROSS code's labels exactly, where fastross's differ on purpose (qwen2_ross: "
+                        "the conversation's last <|im_end|> unsupervised); for parity studies")
     p.add_argument("--vision", required=True, help="the vision tower's folder (image processor, patch grid)")
     p.add_argument("--vae", default=None, help="AutoencoderKL folder: store latent moments with each sample")
     p.add_argument("--out", required=True, help="new folder for the MDS shards")
