@@ -59,7 +59,7 @@ def sample_mix(cfg: config.Config, visual_tokens: int, seed: int = 0) -> Mix:
         images = lengths > visual_tokens  # the index holds total lengths only: longer than an image means one
         source = f"{n} samples drawn from {index}"
     else:
-        lengths, images = mix.draw(rng, n)
+        lengths, images = mix.draw(rng, n, visual_tokens)
         source = f"{n} samples of the default stage-2 mix (fastross/data/mix.py)"
     text = lengths - images * visual_tokens
     return Mix(lengths, images, np.maximum(1, (text * SUPERVISED_SHARE).astype(np.int64)), source)

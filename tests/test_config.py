@@ -59,7 +59,8 @@ def test_bad_config_names_the_key(base, override, message):
 
 
 @pytest.mark.parametrize("key, folder, message", [
-    ("model.vision_path", "llm", "holds a 'qwen2' model, not a SigLIP vision model"),
+    ("model.vision_path", "llm", "holds a 'qwen2' model, not a supported vision tower (model_type one of "
+                          "siglip_vision_model, siglip, clip_vision_model, clip)"),
     ("model.llm_path", "vision", "holds a 'siglip_vision_model' model, not a causal LM"),
     ("model.vae_path", "llm", "holds a None, not an AutoencoderKL"),
     ("model.llm_path", "missing", "config.json is missing"),
