@@ -43,7 +43,7 @@ class ModelConfig:
     vision_path: str = ""  # local folder of a SigLIP or CLIP vision model (+ its image processor); fastross.towers
     llm_path: str = ""  # local folder of a causal LM (+ its tokenizer), Qwen2 first
     vae_path: str = ""  # AutoencoderKL folder; needed only when the shards hold no latent moments
-    select_layer: int = -2  # vision layer whose output feeds the projector
+    select_layer: int = -2  # vision layer whose output feeds the projector (CLIP: its class token dropped)
     latent_channels: int = 16  # VAE latent channels, used when vae_path is empty (FLUX's)
     latent_shift: float = 0.1159  # VAE shift factor, used when vae_path is empty (FLUX's)
     latent_scale: float = 0.3611  # VAE scaling factor, used when vae_path is empty (FLUX's)

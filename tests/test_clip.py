@@ -238,22 +238,23 @@ def clip_exported(clip_run_dir, tmp_path_factory):
     assert main([str(clip_run_dir), "--out", str(out)]) == 0
     model, info = AutoModelForImageTextToText.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weight
-    return model.eval(), AutoProcessor.from_pretrained(out, use_fast=False)
+    return model.eval(), AutoProcessor.from_pretrained(out, use_fast=False), out
 
 
 @pytest.mark.slow
-def test_clip_export_parity(clip_ours, clip_exported, clip_shards, tiny_clip, tokenizer):
+def test_clip_export_parity(clip_ours, clip_exported, clip_run_dir, clip_shards, tiny_clip, tokenizer):
     """Llava with strategy "default" (CLS dropped) at layer -2: its processor's pixel values equal fastross's image
-    path, the projector's input equals CLIPVisionModel's hidden_states[-2][:, 1:], and the logits equal fastross's
-    within fp32 tolerance."""
+    path, the projector's input equals CLIPVisionModel's hidden_states[-2][:, 1:], the logits equal fastross's
+    within fp32 tolerance, and the export reads back as the checkpoint (CLIP's pre-layernorm included)."""
     from transformers import CLIPVisionModel
 
     from fastross.data import templates
     from fastross.data.images import ImageSpec, preprocess
     from fastross.data.schema import ShardMeta
+    from fastross.export import load_export, read_checkpoint
     from fastross.generate import micro_batch
 
-    model, proc = clip_exported
+    model, proc, folder = clip_exported
     assert (model.config.vision_feature_select_strategy, model.config.vision_feature_layer) == ("default", -2)
     assert model.config.vision_config.model_type == "clip_vision_model" and model.config.image_seq_length == 64
     meta = ShardMeta.read(clip_shards)
@@ -284,6 +285,11 @@ def test_clip_export_parity(clip_ours, clip_exported, clip_shards, tiny_clip, to
     finally:
         hook.remove()
     assert (last[0] - last[1]).abs().max().item() > 1e-3  # the image reaches the answer
+    _, _, state = read_checkpoint(clip_run_dir)
+    want, back = {k: v for k, v in state.items() if not k.startswith("vae.")}, load_export(folder)
+    assert back.keys() == want.keys() and "vision.pre_layrnorm.weight" in back
+    for k in want:
+        assert torch.equal(back[k], want[k]), k
 
 
 @pytest.mark.slow
