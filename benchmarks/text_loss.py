@@ -4,14 +4,15 @@
 
 Runs fastross/model/text_loss.py's two modules on the same (K, H) hidden states, (V, H) lm_head
 weight and K targets (1 in 8 ignored): `plain` materialises the (K, V) logits and reduces them
-with F.cross_entropy; `fused` is Liger's fused linear cross-entropy (model.fused_ce). Both must
-give the same loss and gradients (checked here, and in tests/test_step_levers.py).
+with F.cross_entropy; `fused` (model.fused_ce) is Liger's fused linear cross-entropy on a GPU and
+fastross's chunked torch version elsewhere. Both must give the same loss and gradients (checked
+here, and in tests/test_step_levers.py).
 
 On a GPU the defaults are the 7B recipe's: K = 8192 supervised tokens of a 16k micro-batch,
 H = 3584, V = 152064, bf16; the peak is torch.cuda.max_memory_allocated above what the inputs
-hold. On CPU the defaults are the tiny model's (H = 64, V = 152064, K = 128, fp32), Liger's
-Triton kernel runs in the interpreter, and the peak is not measured (0): the figure is how much
-slower the interpreter makes fused CE, which is why configs/tiny*.yaml keep it off.
+hold. On CPU the defaults are the tiny model's (H = 64, V = 152064, K = 128, fp32), the peak is
+not measured (0), and a third row times Liger's kernel in Triton's interpreter: what fused CE
+cost on CPU before it had a torch path.
 
 Ends with `text_loss: fused_over_plain_time T fused_over_plain_peak M device D`;
 --save appends a row to benchmarks/results/text_loss.csv.
@@ -66,23 +67,30 @@ def main(argv=None) -> int:
     targets = torch.randint(0, a.vocab, (a.rows,), generator=g)
     targets[::8] = -100
     targets = targets.to(dev)
-    device = R.machine() + ("" if cuda else " (Triton interpreter)")
+    device = R.machine()
     print(f"text loss: K {a.rows} H {a.hidden} V {a.vocab} {str(dtype).removeprefix('torch.')} on {device}")
     res = {}
-    for name, module in (("plain", LinearCrossEntropy()), ("fused", FusedLinearCrossEntropy())):
-        res[name] = run(module, hidden, weight, targets, a.repeats, cuda)
-        r = res[name]
+    modules = [("plain", LinearCrossEntropy()), ("fused", FusedLinearCrossEntropy())]  # fused: Liger on CUDA, torch here
+    if not cuda:  # what model.fused_ce cost on CPU before the torch path: Liger's kernel, interpreted
+        modules.append(("liger", FusedLinearCrossEntropy("liger")))
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # bf16 logits vs fp32 accumulation in the fused chunks
+    for name, module in modules:
+        res[name] = r = run(module, hidden, weight, targets, a.repeats, cuda)
         print(f"  {name:<6} {r['s'] * 1e3:10.1f} ms   peak {r['peak'] / 2**20:9.1f} MiB   loss {r['loss'].item():.6g}",
               flush=True)
+        if name == "plain":
+            continue
+        pl = res["plain"]
+        rel = {k: ((r[k].float() - pl[k].float()).abs().max() / pl[k].float().abs().max().clamp_min(1e-30)).item()
+               for k in ("loss", "dh", "dw")}
+        print(f"  {name} vs plain, largest difference relative to the largest value: "
+              + ", ".join(f"{k} {v:.1e}" for k, v in rel.items()))
+        if max(rel.values()) > tol:
+            print(f"text_loss: error: {name} and plain differ beyond {tol:.0e}", file=sys.stderr)
+            return 1
     pl, fu = res["plain"], res["fused"]
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # bf16 logits vs fp32 accumulation in the fused chunks
-    rel = {k: ((fu[k].float() - pl[k].float()).abs().max() / pl[k].float().abs().max().clamp_min(1e-30)).item()
-           for k in ("loss", "dh", "dw")}
-    print("  fused vs plain, largest difference relative to the largest value: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in rel.items()))
-    if max(rel.values()) > tol:
-        print(f"text_loss: error: fused and plain differ beyond {tol:.0e}", file=sys.stderr)
-        return 1
+    if "liger" in res:
+        print(f"  liger (interpreted) over plain: {res['liger']['s'] / pl['s']:.1f}x the time")
     t_ratio = fu["s"] / pl["s"]
     m_ratio = fu["peak"] / pl["peak"] if pl["peak"] else 0.0
     print(f"text_loss: fused_over_plain_time {t_ratio:.2f} fused_over_plain_peak {m_ratio:.3f} device {device}")

@@ -26,15 +26,13 @@ rung's steps); elsewhere simulated for the rung's config and its step's largest 
 by fastross.plan.simulate_config (FakeTensorMode, fake process group, FSDPMemTracker; compile not simulated).
 The header says which.
 
-On CPU the Triton kernels (the denoiser's, and Liger's cross-entropy inside the fused CE) run in Triton's
-interpreter and compiling is slow: a rung may be slower than the one before it, and is reported as measured.
-What the CPU ladder costs, and what was done about it (README, "The ladder"):
-- the interpreter's cost is per program and per op, so under TRITON_INTERPRET the denoiser's matmul kernels take
-  128 x 128 tiles (kernels/linear_epilogue.py; 64 x 64 before): 4x fewer programs for the tiny denoiser's
-  2048 x 64 -> 256 matmuls, while the kernel tests' 150 x 130 outputs still cross tiles;
-- Liger's CE kernel runs one interpreted program per supervised row, whatever its chunking (the per-row cost is
-  the interpreter's, `python benchmarks/text_loss.py --rows 52`), so a larger hidden size in the tiny models would
-  not make it cheaper: it would only grow every rung's lm_head. The rung is reported as it is.
+On CPU the denoiser's Triton kernels run in Triton's interpreter, and compiling is slow: a rung may be slower than
+the one before it, and is reported as measured. What was done about the CPU ladder's cost (README, "The ladder"):
+- the interpreter's cost is per program and per op, so under TRITON_INTERPRET the kernels take tiles of up to 2^20
+  elements (fastross/kernels/_common.py): the tiny denoiser's 2048 x 64 -> 256 matmuls are one program each (the
+  kernel tests keep 2^14-element tiles, so that their odd shapes cross tile edges);
+- model.fused_ce on CPU is fastross's chunked torch cross-entropy, not Liger's kernel (no CPU path; interpreted,
+  one program per supervised row: `python benchmarks/text_loss.py` times both).
 
 Ends with `throughput: speedup X mfu M mem_ratio R device D` (X: the last rung's samples/s over the first's; M:
 its MFU; R: its peak memory over the first's). --save appends the table to benchmarks/results/throughput.csv.

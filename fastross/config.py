@@ -2,12 +2,24 @@
 
 Unknown keys, wrong types and impossible combinations are rejected before any work
 starts, with the offending key named.
+
+Each field is documented by the comment beside it (at the end of its line, or the comment lines just above it):
+`describe()` reads those comments from this file, so `python -m fastross.train --help-config` lists every key with
+the text a reader of this file sees. A field without a comment fails tests/test_config.py.
+A YAML file may name another as its `base:` (see `read_yaml`).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import json
+import os
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +34,12 @@ from fastross import towers
 
 class ConfigError(ValueError):
     pass
+
+
+# Choices used by more than one field or function, declared once; the others are Literal types at their field.
+Part = Literal["projector", "llm", "denoiser"]  # what can train (train.trainable)
+CheckpointPolicy = Literal["none", "full", "selective"]  # per decoder layer (train.activation_checkpointing)
+Logger = Literal["tensorboard", "wandb"]  # train.loggers' backends; each is an optional extra: pip install 'fastross[NAME]'
 
 
 @dataclass
@@ -56,7 +74,7 @@ class ModelConfig:
     # Where the text loss forms logits: at the supervised positions only, or, as the reference does, at every position
     # (padding included) with the unsupervised ones ignored. The same loss; "all" costs the logits of every token.
     ce_positions: Literal["supervised", "all"] = "supervised"
-    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)  # the denoiser that reconstructs the latents
 
 
 @dataclass
@@ -109,12 +127,9 @@ class ProfileConfig:
     repeat: int = 1  # cycles (0: cycles until the run ends)
 
 
-LOGGERS = ("tensorboard", "wandb")  # train.loggers' choices; each is an optional extra: pip install 'fastross[NAME]'
-
-
 @dataclass
 class TrainConfig:
-    trainable: list[str] = field(default_factory=lambda: ["projector", "llm", "denoiser"])  # parts that train
+    trainable: list[Part] = field(default_factory=lambda: ["projector", "llm", "denoiser"])  # parts that train
     epochs: int = 1  # passes over the shards
     max_steps: int = 0  # stop after this many optimizer steps (0: all the epochs' steps)
     # End this invocation after this step, checkpointed; the run's length and learning-rate schedule stay those of
@@ -138,7 +153,8 @@ class TrainConfig:
     compile: bool = False  # torch.compile each LLM decoder layer and each denoiser block, before FSDP
     peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU (0: fastross.flops' table by GPU name; CPU: measured)
     fsdp_prefetch: int = 0  # decoder layers whose all-gather is issued ahead explicitly (0: FSDP's implicit one-ahead)
-    loggers: list[str] = field(default_factory=list)  # backends beside metrics.jsonl, from LOGGERS: [tensorboard, wandb]
+    # Backends beside metrics.jsonl, e.g. [tensorboard, wandb]; each is an optional extra: pip install 'fastross[NAME]'
+    loggers: list[Logger] = field(default_factory=list)
     wandb_project: str = "fastross"  # the W&B project of runs with "wandb" in train.loggers
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # torch.profiler traces per rank (off by default)
     # Record the CUDA allocator's history from the start and dump it at the first log step to
@@ -148,15 +164,11 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    attention: AttentionConfig = field(default_factory=AttentionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-PARTS = ("projector", "llm", "denoiser")
-CHECKPOINT_POLICIES = ("none", "full", "selective")
+    model: ModelConfig = field(default_factory=ModelConfig)  # the vision tower, LLM, VAE and denoiser
+    data: DataConfig = field(default_factory=DataConfig)  # the converted shards and how steps are drawn from them
+    attention: AttentionConfig = field(default_factory=AttentionConfig)  # the LLM's attention kernel
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the learning-rate schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # the run: its length, precision, logs and checkpoints
 
 
 def checkpoint_policies(spec: str | list, num_layers: int | None = None) -> list[str]:
@@ -169,9 +181,10 @@ def checkpoint_policies(spec: str | list, num_layers: int | None = None) -> list
     out = []
     for e in entries:
         name, _, count = str(e).partition("*")
-        if name not in CHECKPOINT_POLICIES or (count and not (count.isdigit() and int(count) > 0)):
+        if name not in typing.get_args(CheckpointPolicy) or (count and not (count.isdigit() and int(count) > 0)):
             raise ConfigError(
-                f"{key}: bad entry {e!r}; use {', '.join(CHECKPOINT_POLICIES)}, optionally as 'policy*N' in a list"
+                f"{key}: bad entry {e!r}; use {', '.join(typing.get_args(CheckpointPolicy))}, optionally as 'policy*N' "
+                "in a list"
             )
         out += [name] * (int(count) if count else 1)
     if num_layers is not None:
@@ -208,6 +221,8 @@ def choices(cls, name: str) -> tuple:
 
 
 def _check(key: str, val, typ):
+    if val is None and typ is str:  # `key=` on the command line, `key:` in YAML: empty (model.init_from= is none)
+        return ""
     if typing.get_origin(typ) is Literal:
         allowed = typing.get_args(typ)
         if val not in allowed or isinstance(val, bool) != isinstance(allowed[0], bool):
@@ -242,35 +257,100 @@ def _set(raw: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+def read_yaml(path: str | Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A config file's keys over those of the file its `base:` names (relative to its own folder, recursively).
+
+    Mappings merge key by key; any other value, a list included, replaces the base's. A base that comes back to a
+    file of the chain is refused, naming the chain."""
+    path = Path(path)
+    if path.resolve() in chain:
+        raise ConfigError(f"base: {' -> '.join(map(str, chain + (path.resolve(),)))} is a cycle")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist" + (f" (the base of {chain[-1]})" if chain else ""))
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of keys, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config file {path}: base: expected a file name, got {base!r}")
+    return _merge(read_yaml(path.parent / base, chain + (path.resolve(),)), raw)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# The keys that name local files or folders. A relative path is taken against the current directory when the config
+# is loaded, so the run folder's config.yaml (and every checkpoint's) holds absolute paths.
+PATH_KEYS = ("model.vision_path", "model.llm_path", "model.vae_path", "model.init_from", "data.shards",
+             "data.eval_shards", "train.run_dir")
+
+
+def absolute(path: str) -> str:
+    """A path made absolute against the current directory; "" (none) and URLs (s3://...) stay as they are."""
+    if not path or "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def load(path: str | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
     """check_paths=False: shapes-only tools (fastross.plan) that need no folder to exist."""
-    raw = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        raw = yaml.safe_load(p.read_text()) or {}
+    raw = read_yaml(path) if path else {}
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"override {o!r} is not of the form key.sub=value")
         k, v = o.split("=", 1)
         _set(raw, k.strip(), yaml.safe_load(v))
     cfg = _build(Config, raw, "")
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, absolute(getattr(getattr(cfg, section), name)))
     validate(cfg, check_paths)
     return cfg
 
 
+def check(path: str, overrides: list[str] = ()) -> tuple[Config, list[str]]:
+    """`fastross.train CONFIG --check`: the config validated as `load` does, except that folders which do not exist
+    come back as warnings, so that a recipe can be checked on a machine without its models and data. What the
+    folders hold is checked only when all of them exist."""
+    cfg = load(path, overrides, check_paths=False)
+    missing = missing_folders(cfg)
+    if not missing:
+        validate(cfg)
+    return cfg, missing
+
+
+def missing_folders(cfg: Config) -> list[str]:
+    """The path keys that point at nothing, each said as an error (`validate` raises the first)."""
+    m, d = cfg.model, cfg.data
+    out = []
+    for key, path in (("model.vision_path", m.vision_path), ("model.llm_path", m.llm_path), ("data.shards", d.shards)):
+        if not path:
+            out.append(f"{key} is empty: point it at a local folder")
+        elif not Path(path).is_dir():
+            out.append(f"{key}: {path} is not a folder")
+    for key, path in (("model.vae_path", m.vae_path), ("data.eval_shards", d.eval_shards)):
+        if path and not Path(path).is_dir():
+            out.append(f"{key}: {path} is not a folder")
+    if m.init_from and not Path(m.init_from).exists():
+        out.append(f"model.init_from: {m.init_from} does not exist (empty: no initial weights)")
+    return out
+
+
 def validate(cfg: Config, check_paths: bool = True) -> None:
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    folders = (("model.vision_path", m.vision_path), ("model.llm_path", m.llm_path), ("data.shards", d.shards))
-    for key, path in folders if check_paths else ():
-        if not path:
-            raise ConfigError(f"{key} is empty: point it at a local folder")
-        if not Path(path).is_dir():
-            raise ConfigError(f"{key}: {path} is not a folder")
-    if check_paths and m.vae_path and not Path(m.vae_path).is_dir():
-        raise ConfigError(f"model.vae_path: {m.vae_path} is not a folder")
     if check_paths:
+        missing = missing_folders(cfg)
+        if missing:
+            raise ConfigError(missing[0])
         _check_folders(cfg)
     if m.denoiser.kind == "dit" and (m.denoiser.width % m.denoiser.heads or m.denoiser.width % 4):
         raise ConfigError("model.denoiser.width must be divisible by model.denoiser.heads and by 4")
@@ -282,9 +362,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError("data.global_batch must be >= 1")
     if d.workers < 0 or d.prefetch < 1:
         raise ConfigError(f"data.workers must be >= 0 (got {d.workers}) and data.prefetch >= 1 (got {d.prefetch})")
-    bad = [p for p in t.trainable if p not in PARTS]
-    if bad or not t.trainable:
-        raise ConfigError(f"train.trainable: {bad or 'empty'}; choose from {', '.join(PARTS)}")
+    if not t.trainable:
+        raise ConfigError(f"train.trainable is empty; choose from {', '.join(typing.get_args(Part))}")
     if len(o.betas) != 2:
         raise ConfigError("optim.betas must have two entries")
     if not 0 <= o.warmup_ratio < 1:
@@ -294,9 +373,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"train.peak_tflops must be >= 0 (0: from the device table), got {t.peak_tflops}")
     if t.fsdp_prefetch < 0:
         raise ConfigError("train.fsdp_prefetch must be >= 0")
-    bad = [x for x in t.loggers if x not in LOGGERS]
-    if bad:
-        raise ConfigError(f"train.loggers: {bad}; choose from {', '.join(LOGGERS)}")
     pr = t.profile
     if min(pr.wait, pr.warmup, pr.active, pr.repeat) < 0:
         raise ConfigError("train.profile.wait, warmup, active and repeat must be >= 0")
@@ -310,8 +386,6 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.eval_every < 0 or (t.eval_every > 0) != bool(d.eval_shards):
         raise ConfigError("data.eval_shards and train.eval_every go together: a converted held-out folder and the "
                           f"steps between evaluations (> 0), or neither (got {d.eval_shards!r} and {t.eval_every})")
-    if check_paths and d.eval_shards and not Path(d.eval_shards).is_dir():
-        raise ConfigError(f"data.eval_shards: {d.eval_shards} is not a folder")
     if t.log_every < 1 or t.ckpt_every < 0 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every and train.keep_checkpoints must be >= 1, train.ckpt_every >= 0")
     if t.ckpt_every == 0 and t.stop_after:
@@ -360,6 +434,70 @@ def _check_folders(cfg: Config) -> None:
         if d.max_tokens < visual + 1:
             raise ConfigError(f"data.max_tokens={d.max_tokens} holds no image sample: one image is {visual} visual "
                               f"tokens, plus at least one text token")
+
+
+@functools.cache
+def field_docs(cls) -> dict[str, str]:
+    """Each field of a config dataclass -> its documentation, as one line: the comment lines just above the field
+    (no blank line between) followed by the comment at the end of its line(s), read from this file's source."""
+    src = textwrap.dedent(inspect.getsource(cls))
+    lines = src.splitlines()
+    comments, alone = {}, set()  # line number -> comment text; the lines that hold nothing but a comment
+    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start
+            comments[row] = tok.string.lstrip("#").strip()
+            if not lines[row - 1][:col].strip():
+                alone.add(row)
+    docs = {}
+    for node in ast.parse(src).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above, row = [], node.lineno - 1
+            while row in alone:
+                above.insert(0, comments[row])
+                row -= 1
+            after = [comments[r] for r in range(node.lineno, node.end_lineno + 1) if r in comments and r not in alone]
+            docs[node.target.id] = " ".join(above + after)
+    return docs
+
+
+def type_name(typ) -> str:
+    """A field's type as --help-config prints it: Literal choices joined by |, e.g. list[projector|llm|denoiser]."""
+    origin, args = typing.get_origin(typ), typing.get_args(typ)
+    if origin is Literal:
+        return "|".join(map(str, args))
+    if origin in (types.UnionType, typing.Union):
+        return " | ".join(map(type_name, args))
+    if origin is list:
+        return f"list[{type_name(args[0])}]"
+    return "None" if typ is type(None) else typ.__name__
+
+
+def keys(cls=None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default as JSON, documentation) of every field, sections (nested dataclasses) included; the
+    fields of a list of sections follow it as `key[].field`."""
+    cls = cls or Config
+    hints, docs, out = typing.get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        key, typ = prefix + f.name, hints[f.name]
+        if dataclasses.is_dataclass(typ):
+            out.append((key, "section", "", docs.get(f.name, "")))
+            out += keys(typ, key + ".")
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        out.append((key, type_name(typ), json.dumps(default, default=str), docs.get(f.name, "")))
+        elem = typing.get_args(typ)[0] if typing.get_origin(typ) is list else None
+        if dataclasses.is_dataclass(elem):
+            out += keys(elem, key + "[].")
+    return out
+
+
+def describe() -> str:
+    """`fastross.train --help-config`: one line per key, the dotted name first, then type, default and documentation."""
+    rows = [("base", "str", '""', "a config file, relative to this one's folder, whose keys this file overrides "
+                                  "(recursively: the base may have a base)")] + keys()
+    width = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join(f"{k:<{width[0]}}  {t:<{width[1]}}  {d:<{width[2]}}  {doc}" for k, t, d, doc in rows)
 
 
 def to_dict(cfg: Config) -> dict:

@@ -108,7 +108,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, fconfig.Config, dict[str, t
     cfg_path = ckpt / "config.yaml"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} is missing: the checkpoint was not written by fastross's trainer")
-    cfg = fconfig.load(str(cfg_path))
+    cfg = fconfig.load(str(cfg_path), ["model.init_from="])  # the checkpoint's weights: where they started is moot
     read_metadata(ckpt / ".metadata")  # a crafted one is refused before DCP reads it (fastross.checkpoint)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
@@ -229,7 +229,7 @@ def load_export(folder: str | Path) -> dict[str, torch.Tensor]:
     for f in ("model.safetensors", DENOISER_FILE, CONFIG_FILE):
         if not (folder / f).is_file():
             raise FileNotFoundError(f"{folder / f} is missing: {folder} was not written by `python -m fastross.export`")
-    cfg = fconfig.load(str(folder / CONFIG_FILE))
+    cfg = fconfig.load(str(folder / CONFIG_FILE), ["model.init_from="])  # the export's weights, whatever they started from
     keep = read_tower(cfg.model.vision_path).kept_layers(cfg.model.select_layer)
     kept = ("vision.embeddings.", "vision.pre_layrnorm.", *(f"vision.encoder.layers.{i}." for i in range(keep)))
     ours_of = {theirs: ours for ours, theirs in NAMES}

@@ -1,6 +1,8 @@
 """The training entry point.
 
     torchrun --nproc-per-node 8 -m fastross.train configs/7b.yaml [key.sub=value ...]
+    python -m fastross.train configs/7b.yaml --check      # validate only; missing folders are warnings
+    python -m fastross.train --help-config                # every config key: type, default, documentation
 
 `Trainer.train_step` reads top to bottom: take the loader's finished micro-batches
 (fastross.data.loader), agree on the global normalisers, forward/backward each micro-batch, clip,
@@ -18,8 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import get_cosine_schedule_with_warmup
 
-from fastross import checkpoint, config, distributed, flops, lifecycle, metrics
+from fastross import checkpoint, config, distributed, flops, lifecycle, metrics, provenance
 from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
@@ -48,16 +51,21 @@ def finite_everywhere(losses: torch.Tensor, grad_norm: torch.Tensor) -> bool:
     return not bad.any().item()
 
 
-def cosine_with_warmup(warmup: int, total: int):
-    """Linear warm-up from 0, then cosine decay to 0 (the reference's Hugging Face schedule)."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return step / max(1, warmup)
-        progress = (step - warmup) / max(1, total - warmup)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-    return f
+def param_groups(model, trainable: list[str], lrs: dict[str, float], weight_decay: float) -> list[dict]:
+    """AdamW's groups: one per trainable part, at the part's learning rate. With weight decay on, each part's 1-D
+    parameters (biases and norm weights) go to a group of their own without it, as the reference's trainer leaves
+    biases and LayerNorms out of the decay (its recipes use weight decay 0)."""
+    groups = []
+    for part in trainable:
+        params = [p for p in getattr(model, part).parameters() if p.requires_grad]
+        if not weight_decay:
+            groups.append({"params": params, "lr": lrs[part], "name": part})
+            continue
+        decayed, flat = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
+        groups += [g for g in ({"params": decayed, "lr": lrs[part], "name": part},
+                               {"params": flat, "lr": lrs[part], "name": f"{part}.no_decay", "weight_decay": 0.0})
+                   if g["params"]]
+    return groups
 
 
 def llm_attention_cost_tokens(llm) -> float:
@@ -145,10 +153,7 @@ class Trainer:
             self._say(f"model weights from {src}")
 
         lrs = {"projector": o.lr_projector, "denoiser": o.lr_denoiser, "llm": o.lr_llm}
-        groups = []
-        for part in t.trainable:
-            params = [p for p in getattr(self.model, part).parameters() if p.requires_grad]
-            groups.append({"params": params, "lr": lrs[part], "name": part})
+        groups = param_groups(self.model, t.trainable, lrs, o.weight_decay)
         self.params = [p for g in groups for p in g["params"]]
         # One fused kernel per parameter group on GPUs; the multi-tensor (foreach) path elsewhere.
         fused = world.device.type == "cuda"
@@ -158,7 +163,9 @@ class Trainer:
         steps = t.epochs * self.loader.steps_per_epoch
         self.total_steps = min(steps, t.max_steps) if t.max_steps else steps
         warmup = math.ceil(o.warmup_ratio * self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cosine_with_warmup(warmup, self.total_steps))
+        # Linear warm-up from 0, then cosine decay to 0: the reference's schedule, the same learning rates to the last
+        # bit as fastross's own formula had (tests/test_config.py).
+        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
 
         self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, t.keep_checkpoints, t.async_checkpoint)
         self.step, self.data_position = 0, Position()
@@ -175,7 +182,8 @@ class Trainer:
             dropped = metrics.trim(self.metrics.path, self.step)
             if dropped:
                 self._say(f"{self.metrics.path}: dropped {dropped} record(s) past step {self.step} or torn")
-            (self.run_dir / "config.yaml").write_text(config.dump(cfg))
+            (self.run_dir / "config.yaml").write_text(config.dump(cfg))  # its paths absolute (config.load)
+            provenance.write(self.run_dir)
         n = sum(p.numel() for p in self.params)
         self._say(
             f"{world.size} rank(s) on {world.device.type}, {d.global_batch} samples/step packed into micro-batches "
@@ -418,11 +426,42 @@ class Trainer:
         self._say(f"checkpoint {saved.path.name} {how}; the step was blocked {saved.blocked_s:.3f} s")
 
 
+class HelpConfig(argparse.Action):
+    """--help-config: prints every config key, as --help prints the options, and exits."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(config.describe())
+        parser.exit()
+
+
+def check(path: str, overrides: list[str]) -> int:
+    """--check: the resolved config (bases merged, overrides applied, paths absolute) on stdout, each missing folder
+    as a warning on stderr; exit 0 unless the config itself is wrong."""
+    try:
+        cfg, missing = config.check(path, overrides)
+    except config.ConfigError as e:
+        print(f"train: config error: {e}", file=sys.stderr)
+        return 2
+    print(config.dump(cfg), end="")
+    for msg in missing:
+        print(f"train: warning: {msg}", file=sys.stderr)
+    unchecked = " (what the folders hold is checked once they all exist)" if missing else ""
+    print(f"train: {path}: config valid, {len(missing)} missing folder(s){unchecked}", file=sys.stderr)
+    return 0
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Train a ROSS model (see configs/ and README.md).")
+    p = argparse.ArgumentParser(description="Train a ROSS model (see configs/ and README.md).",
+                                epilog="Every config key, with its type, default and meaning: --help-config.")
     p.add_argument("config", help="YAML recipe, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
-    a = p.parse_args(argv)
+    p.add_argument("--help-config", action=HelpConfig, nargs=0,
+                   help="list every config key (dotted name, type, default, meaning) and exit")
+    p.add_argument("--check", action="store_true",
+                   help="validate the config and exit without training; missing model and data folders are warnings")
+    a = p.parse_intermixed_args(argv)  # options may follow the overrides: CONFIG key=value --check
+    if a.check:
+        return check(a.config, a.overrides)
     try:
         cfg = config.load(a.config, a.overrides)
     except config.ConfigError as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -25,14 +26,34 @@ def check_device(*tensors: torch.Tensor) -> None:
 
 
 def row_block(width: int, target: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_W) for row-wise kernels: a whole row per tile, about `target` elements per program."""
+    """(BLOCK_M, BLOCK_W) for row-wise kernels: a whole row per tile, about `target` elements per program.
+
+    At most 64 rows on a GPU (registers); the interpreter's limit grows with its budget (64 at 2^14, 4096 at 2^20)."""
     block_w = triton.next_power_of_2(width)
-    return max(1, min(64, target // block_w)), block_w  # both powers of two
+    cap = target >> 8 if interpreting() else 64
+    return max(1, min(cap, target // block_w)), block_w  # both powers of two
+
+
+# The interpreter runs a program's block ops as numpy calls on whole tiles: its cost is per program and per op, far
+# more than per element, so the fewer and bigger the programs the better (the tiny denoiser's step: ~1 program per
+# kernel at 2^20 elements, against 16-32 at 2^14). The kernel tests lower the budget to 2^14
+# (tests/kernels/conftest.py), so that their odd shapes cross tile edges in every direction, as on a GPU.
+INTERPRET_ELEMENTS = "FASTROSS_INTERPRET_ELEMENTS"
 
 
 def elementwise_target() -> int:
     """Elements per program for memory-bound kernels: big tiles in the interpreter (fewer programs)."""
-    return 1 << 14 if interpreting() else 1 << 12
+    return int(os.environ.get(INTERPRET_ELEMENTS, 1 << 20)) if interpreting() else 1 << 12
+
+
+def interpreter_matmul_tiles(m: int, n: int, k: int) -> dict:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M) for a matmul kernel under the interpreter, within elementwise_target():
+    128 x 128 x 64 at 2^14 elements; at 2^20 the tiny denoiser's (2048, 64) @ (64, 256) is one program."""
+    budget = elementwise_target()
+    bn = max(16, min(triton.next_power_of_2(n), math.isqrt(budget)))
+    bm = max(32, min(triton.next_power_of_2(m), budget // bn))  # >= 32: linear_epilogue's column-sum rows
+    bk = max(16, min(triton.next_power_of_2(k), max(64, budget >> 12)))
+    return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1}
 
 
 def rows2d(t: torch.Tensor, width: int, name: str) -> torch.Tensor:

@@ -45,17 +45,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_device, elementwise_target, interpreting, row_block, to_dtype
+from ._common import check_device, elementwise_target, interpreter_matmul_tiles, interpreting, row_block, to_dtype
 
 EPILOGUES = {"none": 0, "bias_act": 1, "gate_res": 2, "act_grad": 3}
 ACTS = {"gelu_tanh": 0, "silu": 1}
 
 
 def _configs():
-    """One config in the interpreter (CPU_AND_GPU.md) or with FASTROSS_AUTOTUNE=0 (quick GPU tests); else a
-    few Hopper-sized tiles for autotuning (BLOCK_M >= 32 everywhere: the column-sum buffer assumes it)."""
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=4)]
+    """One config with FASTROSS_AUTOTUNE=0 (quick GPU tests); else a few Hopper-sized tiles for autotuning
+    (BLOCK_M >= 32 everywhere: the column-sum buffer assumes it). The interpreter bypasses the autotuner."""
     cfg = lambda bm, bn, bk, s, w: triton.Config(  # noqa: E731
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w
     )
@@ -239,12 +237,15 @@ def linear_epilogue(
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
-    _linear_kernel[grid](
+    # The interpreter skips the autotuner: its tiles follow the problem (fastross.kernels._common)
+    kernel, tiles = (_linear_kernel.fn, interpreter_matmul_tiles(m, n, k)) if interpreting() else (_linear_kernel, {})
+    kernel[grid](
         a, b, bias if bias is not None else a, aux if aux is not None else a, gate if gate is not None else a,
         o1, o2, colsum, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
         aux.stride(0) if aux is not None else 0, gate.stride(0) if gate is not None else 0,
         EPILOGUE=ep, ACT=ACTS[act], HAS_BIAS=bias is not None, COL_SUMS=col_sums,
         UPCAST=interpreting() and a.dtype != torch.float32, DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
+        **tiles,
     )
     outs = (o1, o2) if ep else (o1,)
     if col_sums:

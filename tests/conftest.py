@@ -106,6 +106,22 @@ def run_dir(tiny_models, stage2_shards, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def first_step_from_run(run_dir, tiny_models, stage2_shards, tmp_path_factory) -> dict:
+    """The metrics of a first step on 2 ranks with model.init_from = run_dir's checkpoint: what a start from one of
+    its exports (Llava, reference layout) must give bit for bit."""
+    from test_train import metrics, run, write_config
+
+    tmp = tmp_path_factory.mktemp("from_run")
+    rd = tmp / "run"
+    out = run(2, write_config(tmp / "c.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10),
+              f"model.init_from={run_dir}")
+    assert f"model weights from {run_dir}" in out
+    first = metrics(rd)[0]
+    assert first["text_loss"] != metrics(run_dir)[0]["text_loss"]  # the trained weights were loaded, not fresh ones
+    return first
+
+
+@pytest.fixture(scope="session")
 def stage2_samples(stage2_shards) -> list:
     from fastross.data.shards import MDSShards  # streaming's own samples (tests/test_shards.py), without streaming
 

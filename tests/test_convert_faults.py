@@ -558,7 +558,7 @@ def convert_example(prop_converter, records: list, images: dict[int, bytes], exa
             r["image"] = f"ex{example}/{r['image']}"
     src = root / f"ex{example}.json"
     src.write_text(json.dumps(records), encoding="utf-8")
-    conv.a.json, conv.a.out = str(src), str(root / f"out{example}")
+    conv.a.json, conv.a.out = [str(src)], str(root / f"out{example}")
     return conv.run(), Path(conv.a.out), src.name
 
 

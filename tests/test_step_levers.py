@@ -92,6 +92,43 @@ def test_fused_ce_equals_plain_ce(tiny_models, batch):
         assert (got_g[name] - want_g[name]).abs().max().item() <= 1e-4 * scale + 1e-9, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_ce_backends_equal_plain_ce(dtype):
+    """FusedLinearCrossEntropy's two paths, Liger's kernel (CUDA; here in Triton's interpreter) and the chunked torch
+    one (CPU), against plain CE: the loss and the gradients of hidden, weight and bias for an incoming gradient of
+    1/7, over several chunks (CHUNK_ELEMENTS lowered) with ignored rows among them."""
+    from fastross.model import text_loss as tl
+
+    g = torch.Generator().manual_seed(0)
+    k, h, v = 37, 24, 1000
+    hidden = torch.randn(k, h, generator=g).to(dtype)
+    weight = (torch.randn(v, h, generator=g) / h**0.5).to(dtype)
+    bias = (torch.randn(v, generator=g) * 0.1).to(dtype)
+    targets = torch.randint(0, v, (k,), generator=g)
+    targets[::5] = tl.IGNORE
+
+    def run(module, with_bias):
+        xs = [x.detach().clone().requires_grad_() for x in (hidden, weight, bias)]
+        loss = module(xs[0], xs[1], xs[2] if with_bias else None, targets)
+        (loss / 7).backward()
+        return [loss.detach()] + [x.grad for x in (xs if with_bias else xs[:2])]
+
+    old = tl.CHUNK_ELEMENTS
+    tl.CHUNK_ELEMENTS = 8 * v  # 8 rows a chunk: 5 chunks, the last one short
+    try:
+        for with_bias in (False, True):
+            want = run(tl.LinearCrossEntropy(), with_bias)
+            for backend in ("torch", "liger"):
+                got = run(tl.FusedLinearCrossEntropy(backend), with_bias)
+                tol = 1e-5 if dtype == torch.float32 else 2e-2
+                for name, a, b in zip(("loss", "hidden", "weight", "bias"), got, want):
+                    assert a.dtype == b.dtype, (backend, name)
+                    scale = b.float().abs().max().item()
+                    assert (a.float() - b.float()).abs().max().item() <= tol * scale, (backend, name, with_bias)
+    finally:
+        tl.CHUNK_ELEMENTS = old
+
+
 def test_fused_ce_without_supervised_tokens_adds_nothing(tiny_models, collate, stage2_samples):
     model = build(tiny_models, fused_ce=True)
     img = [s for s in stage2_samples if len(s["image"])][0]

@@ -1,7 +1,8 @@
 """LLaVA-format JSON/JSONL + an image folder -> MosaicML MDS shards for fastross.
 
-    python -m fastross.data.convert --json FILE --images DIR --tokenizer DIR \\
-        --template plain|qwen2_ross|chatml --vision DIR [--vae DIR] --out DIR
+    python -m fastross.data.convert --json FILE [FILE ...] --images DIR --tokenizer DIR \\
+        --template plain|qwen2_ross|chatml --vision DIR [--vae DIR [--device cuda] [--vae-batch 16]] \\
+        [--part I/N] --out DIR
 
 Each record is tokenised with the stage's template (ROSS_SPEC.md section 8), every
 non-assistant token masked in the labels, and written with its image bytes, its total
@@ -16,6 +17,11 @@ off). Everything that touches one record, the image decode, the processor and th
 is handled per record, so one bad record never ends a conversion. The shards are written to a
 sibling folder `.OUT.partial` and moved to OUT only when complete: an interrupted or --strict run
 leaves OUT as it was, and the same command starts over (--overwrite replaces a finished OUT).
+
+At scale: several --json files are one sequence of records, numbered from 0 across the files in order.
+The VAE encodes --vae-batch images per forward on --device. `--part I/N` converts only the I-th
+contiguous 1/N of that sequence (separate processes or machines, each its own --out), and
+`python -m fastross.data.merge` joins the parts into the data set one run would have written.
 """
 
 from __future__ import annotations
@@ -72,28 +78,141 @@ class Report:
         return f"convert: read {self.read}, written {self.written}, skipped {sum(self.skipped.values())} ({parts})"
 
 
-def read_records(path: Path):
-    """Yield (record id for messages, record or a Skip) from a JSON array or a JSONL file."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        for line_no, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"{path.name}:{line_no}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{path.name}:{line_no}", Skip("malformed", f"invalid JSON: {e.msg}")
-        return
+def load_array(path: Path) -> list:
+    """A JSON file's array of records (the whole file is parsed: JSON arrays cannot be streamed)."""
     try:
-        records = json.loads(text)
+        records = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConvertError(
             f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); JSON Lines files must end in .jsonl"
         ) from None
     if not isinstance(records, list):
         raise ConvertError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
-    for i, rec in enumerate(records):
-        yield f"{path.name}[{i}]", rec
+    return records
+
+
+def jsonl_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, text) of a JSONL file's records: its non-blank lines."""
+    return [(no, line) for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+
+
+def count_records(path: Path) -> int:
+    return len(jsonl_lines(path)) if path.suffix == ".jsonl" else len(load_array(path))
+
+
+def read_records(path: Path, label: str, start: int = 0, stop: int | None = None):
+    """Yield (record id for messages, record or a Skip) for the file's records start .. stop - 1.
+
+    Records are numbered from 0 in file order (a JSONL file's blank lines are not records); only those
+    in the range are parsed. `label` names the file in the record ids: `label[i]`, or `label:line` for JSONL.
+    """
+    if path.suffix == ".jsonl":
+        for line_no, line in jsonl_lines(path)[start:stop]:
+            try:
+                yield f"{label}:{line_no}", json.loads(line)
+            except json.JSONDecodeError as e:
+                yield f"{label}:{line_no}", Skip("malformed", f"invalid JSON: {e.msg}")
+        return
+    records = load_array(path)
+    for i in range(start, len(records) if stop is None else min(stop, len(records))):
+        yield f"{label}[{i}]", records[i]
+
+
+@dataclass
+class Sources:
+    """The --json files as one sequence of records, numbered from 0 across the files in the order given."""
+
+    paths: list[Path]
+    labels: list[str]  # how record ids name each file: its name, or its path where two files share a name
+    counts: list[int]  # records per file
+
+    @classmethod
+    def open(cls, paths: list[str]) -> "Sources":
+        paths = [Path(p) for p in paths]
+        for p in paths:
+            if not p.is_file():
+                raise ConvertError(f"--json {p} does not exist")
+        names = [p.name for p in paths]
+        labels = [p.name if names.count(p.name) == 1 else str(p) for p in paths]
+        return cls(paths, labels, [count_records(p) for p in paths])
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    def read(self, start: int, stop: int):
+        """Yield (record id, record or Skip) for the records numbered start .. stop - 1 across the files."""
+        first = 0
+        for path, label, count in zip(self.paths, self.labels, self.counts):
+            lo, hi = max(start - first, 0), min(stop - first, count)
+            if lo < hi:
+                yield from read_records(path, label, lo, hi)
+            first += count
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """`I/N` -> (I, N): part I (0 .. N - 1) of a conversion split into N."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--part {text!r}: expected I/N, e.g. 0/4 (parts count from 0)") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--part {text!r}: I must be in 0 .. N - 1 and N at least 1")
+    return i, n
+
+
+def part_range(total: int, part: int, parts: int) -> tuple[int, int]:
+    """The contiguous records [start, stop) part `part` of `parts` converts: concatenated in part order they are
+    all `total` records in order, so merging the parts keeps the one-part conversion's order."""
+    return total * part // parts, total * (part + 1) // parts
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """--device, or cuda when a GPU is present, else cpu; a named device that is not there is an error."""
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ConvertError(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConvertError(f"--device {name}: no CUDA device is available (use --device cpu)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConvertError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+def write_staged(out: Path, overwrite: bool, write) -> None:
+    """Call write(stage) on a new sibling folder `.OUT.partial` and move it to `out` only when it returns: an
+    interrupted or failed write leaves `out` as it was. A finished `out` is replaced only with `overwrite`, and
+    only if it holds fastross.json (a folder this package wrote)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConvertError(f"{out} is not empty: choose a new --out folder, or pass --overwrite to replace it")
+        if not (out / META_FILE).is_file():
+            raise ConvertError(f"{out} holds no {META_FILE}: --overwrite replaces only a folder the converter wrote")
+    stage = out.parent / f".{out.name}.partial"
+    if stage.exists():  # an interrupted run's: start over
+        shutil.rmtree(stage)
+    stage.mkdir(parents=True)
+    try:
+        write(stage)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    stage.rename(out)
+
+
+def load_vae(path: str, device: torch.device):
+    """The AutoencoderKL in fp32 on `device`. On a GPU TF32 convolutions are turned off (this process only) so
+    that the moments are fp32's on any device: parts converted on a CPU and on a GPU then agree within fp32's
+    rounding."""
+    from diffusers import AutoencoderKL
+
+    if device.type == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    return AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32).eval().to(device)
 
 
 class Converter:
@@ -112,11 +231,9 @@ class Converter:
         self.image_spec = ImageSpec.from_pretrained(a.vision)
         self.grid, self.num_visual = tower.grid, tower.num_tokens
         self.aspect = a.image_aspect if a.image_aspect != "auto" else ("square" if a.template == "plain" else "pad")
-        self.vae = None
+        self.vae, self.device = None, resolve_device(a.device)
         if a.vae:
-            from diffusers import AutoencoderKL
-
-            self.vae = AutoencoderKL.from_pretrained(a.vae, torch_dtype=torch.float32).eval()
+            self.vae = load_vae(a.vae, self.device)
         self.latent_dtype = np.dtype(a.latent_dtype)
 
     def prepare(self, rid: str, rec) -> dict:
@@ -193,30 +310,19 @@ class Converter:
         return failed
 
     def encode(self, samples: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
-        mean, std = latent_moments(self.vae, torch.stack([s["_pixels"] for s in samples]), self.grid,
-                                   self.image_spec)
-        return list(zip(mean.numpy(), std.numpy()))
+        """One VAE forward on --device for the batch; the moments come back to the host in fp32."""
+        pixels = torch.stack([s["_pixels"] for s in samples]).to(self.device)
+        mean, std = latent_moments(self.vae, pixels, self.grid, self.image_spec)
+        return list(zip(mean.cpu().numpy(), std.cpu().numpy()))
 
     def run(self) -> Report:
-        a, report = self.a, Report()
-        out = Path(a.out)
-        if out.exists() and any(out.iterdir()):
-            if not a.overwrite:
-                raise ConvertError(f"{out} is not empty: choose a new --out folder, or pass --overwrite to replace it")
-            if not (out / META_FILE).is_file():
-                raise ConvertError(f"{out} holds no {META_FILE}: --overwrite replaces only a folder the converter wrote")
-        stage = out.parent / f".{out.name}.partial"
-        if stage.exists():  # an interrupted run's: start over
-            shutil.rmtree(stage)
-        stage.mkdir(parents=True)
-        try:
-            self.write(stage, report)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
-        if out.exists():
-            shutil.rmtree(out)
-        stage.rename(out)
+        """Convert this run's records of --json into --out. The sources are opened here, not in __init__: one
+        Converter (its models loaded once) may convert several inputs."""
+        report = Report()
+        self.sources = Sources.open(self.a.json)
+        self.part, self.parts = self.a.part
+        self.records = part_range(self.sources.total, self.part, self.parts)
+        write_staged(Path(self.a.out), self.a.overwrite, lambda stage: self.write(stage, report))
         return report
 
     def write(self, out: Path, report: Report) -> None:
@@ -226,7 +332,7 @@ class Converter:
 
         def skip(rid: str, s: Skip) -> None:
             if a.strict:
-                raise ConvertError(f"{a.json}: record {rid}: {s.reason}: {s.detail}")
+                raise ConvertError(f"record {rid}: {s.reason}: {s.detail}")
             report.skip(rid, s)
 
         def flush(writer):
@@ -243,7 +349,10 @@ class Converter:
             pending.clear()
 
         with MDSWriter(out, COLUMNS, size_limit=a.shard_size, hashes=[SHARD_HASH]) as writer:
-            for rid, rec in tqdm(read_records(Path(a.json)), desc="convert", unit="rec", disable=a.quiet):
+            start, stop = self.records
+            desc = "convert" if self.parts == 1 else f"convert part {self.part}/{self.parts}"
+            for rid, rec in tqdm(self.sources.read(start, stop), total=stop - start, desc=desc, unit="rec",
+                                 disable=a.quiet):
                 report.read += 1
                 try:
                     pending.append(self.prepare(rid, rec))
@@ -258,7 +367,9 @@ class Converter:
         np.save(out / LENGTHS_FILE, np.asarray(lengths, dtype=np.int32))
         vae = self.vae.config if self.vae is not None else None
         meta = {
-            "source": str(a.json), "template": a.template, "image_aspect": self.aspect,
+            "source": [str(p) for p in self.sources.paths], "records": self.sources.total,
+            "part": [self.part, self.parts], "record_range": list(self.records),
+            "template": a.template, "image_aspect": self.aspect,
             "grid": self.grid, "num_visual_tokens": self.num_visual, "image_token_id": self.image_token_id,
             "tokenizer": str(a.tokenizer), "tokenizer_fingerprint": self.fingerprint,
             "vision": str(a.vision), "vae": str(a.vae) if a.vae else None,
@@ -276,7 +387,9 @@ class Converter:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", required=True, help="LLaVA-format .json (array) or .jsonl")
+    p.add_argument("--json", required=True, nargs="+", action="extend",
+                   help="LLaVA-format .json (array) or .jsonl; several files (or --json again) are converted as one "
+                        "sequence of records, in the order given")
     p.add_argument("--images", required=True, help="folder the records' 'image' paths are relative to")
     p.add_argument("--tokenizer", required=True, help="local Hugging Face folder with the tokenizer (the LLM's)")
     p.add_argument("--template", required=True, choices=templates.TEMPLATES)
@@ -294,6 +407,10 @@ def parse_args(argv=None):
                    help="auto: square for plain (stage 1), pad for the others (stage 2)")
     p.add_argument("--latent-dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--vae-batch", type=int, default=16, help="images per VAE forward")
+    p.add_argument("--device", default=None, help="where the VAE encodes (default: cuda when present, else cpu)")
+    p.add_argument("--part", type=parse_part, default=(0, 1), metavar="I/N",
+                   help="convert only part I (0 .. N-1) of N: a contiguous 1/N of the records, for separate processes "
+                        "or machines; join the parts' --out folders with `python -m fastross.data.merge`")
     p.add_argument("--shard-size", type=int, default=1 << 26, help="bytes per MDS shard")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable record, naming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -311,6 +428,9 @@ def main(argv=None) -> int:
     for reason, ex in report.examples.items():
         print(f"  {reason}: e.g. {ex[0]}")
     print(f"convert: wrote {report.written} samples to {a.out} (report in {Path(a.out) / META_FILE})")
+    if a.part[1] > 1:
+        print(f"convert: this is part {a.part[0]}/{a.part[1]}: join all {a.part[1]} parts' folders with "
+              "`python -m fastross.data.merge PART_DIR... --out DIR`")
     return 0
 
 

@@ -95,8 +95,11 @@ def test_torch_impl_is_the_previous_eager_forward(kind):
         assert rel_err(got_g[name], want_g[name]) <= 1e-6, name
 
 
+@pytest.mark.parametrize("elements", [1 << 14, 1 << 20])
 @pytest.mark.parametrize("kind", ["dit", "mlp"])
-def test_triton_denoiser_equals_torch_fp32(kind):
+def test_triton_denoiser_equals_torch_fp32(kind, elements, monkeypatch):
+    """At the kernel tests' small interpreter tiles (every kernel's tiles cross) and at training's (one tile)."""
+    monkeypatch.setenv("FASTROSS_INTERPRET_ELEMENTS", str(elements))
     ref, fused = make_pair(kind)
     x, t, cond, gout = inputs(torch.float32)
     want, want_g = run(ref, x, t, cond, gout)
@@ -128,7 +131,7 @@ def test_triton_denoiser_bf16_within_torch_bf16_error(kind):
         assert fused_err <= 2 * torch_err + 1e-3 * hi.abs().max().item(), (name, fused_err, torch_err)
 
 
-def test_tiny_ross_trains_the_same_with_triton_and_torch(tiny_models, stage2_shards, stage2_samples):
+def test_tiny_ross_trains_the_same_with_triton_and_torch(tiny_models, stage2_shards, stage2_samples, training_tiles):
     """20 optimizer steps of the tiny ROSS model, fp32, same data and keys: the losses agree step by step."""
     from fastross.config import DenoiserConfig, ModelConfig
     from fastross.data.batch import Collator
@@ -167,7 +170,7 @@ def test_tiny_ross_trains_the_same_with_triton_and_torch(tiny_models, stage2_sha
 
 
 @pytest.mark.slow
-def test_triton_impl_on_two_fsdp2_ranks_matches_torch_on_one(tiny_models, stage2_shards, tmp_path):
+def test_triton_impl_on_two_fsdp2_ranks_matches_torch_on_one(tiny_models, stage2_shards, tmp_path, training_tiles):
     """impl=triton under torchrun + FSDP2 (2 gloo ranks, the denoiser one FSDP unit whose kernels read
     the unsharded parameters) gives the losses and gradient norm of impl=torch on 1 rank.
 
