@@ -29,6 +29,8 @@ from typing import Literal
 import numpy as np
 import yaml
 
+from fastross import towers
+
 
 class ConfigError(ValueError):
     pass
@@ -56,10 +58,10 @@ class DenoiserConfig:
 
 @dataclass
 class ModelConfig:
-    vision_path: str = ""  # local folder of a SigLIP vision model (+ its image processor)
+    vision_path: str = ""  # local folder of a SigLIP or CLIP vision model (+ its image processor); fastross.towers
     llm_path: str = ""  # local folder of a causal LM (+ its tokenizer), Qwen2 first
     vae_path: str = ""  # AutoencoderKL folder; needed only when the shards hold no latent moments
-    select_layer: int = -2  # vision layer whose output feeds the projector
+    select_layer: int = -2  # vision layer whose output feeds the projector (CLIP: its class token dropped)
     latent_channels: int = 16  # VAE latent channels, used when vae_path is empty (FLUX's)
     latent_shift: float = 0.1159  # VAE shift factor, used when vae_path is empty (FLUX's)
     latent_scale: float = 0.3611  # VAE scaling factor, used when vae_path is empty (FLUX's)
@@ -454,22 +456,20 @@ def _folder_config(key: str, path: str) -> dict:
         raise ConfigError(f"{key}: {file} is not valid JSON ({e.msg}, line {e.lineno})") from None
 
 
-VISION_TYPES = ("siglip", "siglip_vision_model")  # model.vision_path's config.json model_type
-
-
 def _check_folders(cfg: Config) -> None:
     """What the folders say against the config: model types, select_layer, the data set's size and image tokens."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     m, d = cfg.model, cfg.data
-    vision = _folder_config("model.vision_path", m.vision_path)
-    if vision.get("model_type") not in VISION_TYPES:
-        raise ConfigError(f"model.vision_path: {m.vision_path} holds a {vision.get('model_type')!r} model, "
-                          f"not a SigLIP vision model ({', '.join(VISION_TYPES)})")
-    layers = vision.get("vision_config", vision).get("num_hidden_layers", 12)  # SiglipVisionConfig's default
-    if not -layers <= m.select_layer < 0 and not 1 <= m.select_layer <= layers:
-        raise ConfigError(f"model.select_layer={m.select_layer} is out of range for the vision tower's {layers} "
-                          f"layers: use -{layers}..-1 or 1..{layers}")
+    _folder_config("model.vision_path", m.vision_path)
+    try:
+        tower = towers.read_tower(m.vision_path)
+    except towers.TowerError as e:
+        raise ConfigError(f"model.vision_path: {e}") from None
+    try:
+        tower.kept_layers(m.select_layer)
+    except towers.TowerError as e:
+        raise ConfigError(str(e)) from None
     llm = _folder_config("model.llm_path", m.llm_path)
     if llm.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"model.llm_path: {m.llm_path} holds a {llm.get('model_type')!r} model, not a causal LM")

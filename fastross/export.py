@@ -6,14 +6,15 @@
 
 DIR then loads with `LlavaForConditionalGeneration.from_pretrained(DIR)` (or
 `AutoModelForImageTextToText`) and `AutoProcessor.from_pretrained(DIR, use_fast=False)`:
-- config.json: SigLIP tower (no pooling head) with `vision_feature_layer` = model.select_layer and
-  strategy "full" (every patch token, SigLIP has no CLS), the mlp2x_gelu projector, the LLM, the
-  `<image>` token id;
+- config.json: the vision tower (SigLIP without its pooling head, or CLIP) with `vision_feature_layer` =
+  model.select_layer and the strategy that keeps exactly the patch tokens (SigLIP: "full", it has no CLS;
+  CLIP: "default", CLS dropped; fastross.towers), the mlp2x_gelu projector, the LLM, the `<image>` token id;
 - model.safetensors: the checkpoint's weights under Llava's names. fastross truncates the tower after
   the selected layer; the layers after it and the post-layernorm, which Llava builds but never uses
   (`hidden_states[layer]` is taken before them), are copied unchanged from model.vision_path;
 - the image processor (LlavaImageProcessor: mean-colour centred pad to square when the shards used
-  aspect "pad", PIL resize, rescale, normalise: fastross.data.images.preprocess's numbers);
+  aspect "pad", PIL resize (CLIP: shortest side, then centre crop), rescale, normalise:
+  fastross.data.images.preprocess's numbers);
 - the tokenizer and processor with the chat template of the shards' prompt template;
 - denoiser.safetensors: the denoiser's weights under fastross's names (its config in the file's
   metadata) and fastross_config.yaml, the run's resolved config: `load_export` gives back the
@@ -36,6 +37,7 @@ from fastross.data import templates
 from fastross.data.images import ImageSpec
 from fastross.data.schema import ShardMeta
 from fastross.data.sources import meta_folder
+from fastross.towers import read_tower
 
 DENOISER_FILE = "denoiser.safetensors"
 CONFIG_FILE = "fastross_config.yaml"
@@ -47,7 +49,7 @@ NAMES = (
     ("llm.model.", "model.language_model."),
     ("llm.lm_head.", "lm_head."),
 )
-VISION_FOLDER_PREFIX = "vision_model."  # the key prefix of a SigLIP folder's files
+VISION_FOLDER_PREFIX = "vision_model."  # the key prefix of a vision folder's tower (SigLIP, CLIP, either whole model)
 
 # A message's content as fastross's templates see it: a string, or Hugging Face's list of parts with the
 # image parts first as `<image>\n` (fastross.data.templates.normalise_turns moves the image to the front).
@@ -143,10 +145,11 @@ def llava_name(name: str) -> str | None:
 
 
 def llava_config(cfg: fconfig.Config, meta: ShardMeta):
-    from transformers import AutoConfig, LlavaConfig, SiglipVisionConfig
+    from transformers import AutoConfig, LlavaConfig
 
     m = cfg.model
-    vision = SiglipVisionConfig.from_pretrained(m.vision_path, vision_use_head=False)
+    kind = read_tower(m.vision_path).kind
+    vision = kind.transformers_class("config").from_pretrained(m.vision_path, **dict(kind.config_overrides))
     if vision.image_size // vision.patch_size != meta.grid:
         raise ValueError(f"{m.vision_path} has a {vision.image_size // vision.patch_size}-patch grid, "
                          f"the shards {meta_folder(cfg.data)} {meta.grid}: the run's folders and shards disagree")
@@ -154,7 +157,7 @@ def llava_config(cfg: fconfig.Config, meta: ShardMeta):
     return LlavaConfig(
         vision_config=vision, text_config=text, image_token_index=meta.image_token_id,
         projector_hidden_act="gelu", multimodal_projector_bias=True,
-        vision_feature_layer=m.select_layer, vision_feature_select_strategy="full",
+        vision_feature_layer=m.select_layer, vision_feature_select_strategy=kind.llava_strategy,
         image_seq_length=meta.num_visual_tokens, tie_word_embeddings=bool(text.tie_word_embeddings),
     )
 
@@ -186,9 +189,11 @@ def image_processor(spec: ImageSpec, aspect: str):
 
     if aspect not in ("pad", "square"):
         raise ValueError(f"image aspect must be 'pad' or 'square', got {aspect!r}")
+    crop = {"height": spec.height, "width": spec.width}
+    size = {"shortest_edge": spec.shortest_edge} if spec.shortest_edge else crop
     return LlavaImageProcessor(
-        do_pad=aspect == "pad", do_resize=True, size={"height": spec.height, "width": spec.width},
-        resample=spec.resample, do_center_crop=False, do_rescale=True, rescale_factor=spec.rescale_factor,
+        do_pad=aspect == "pad", do_resize=True, size=size, resample=spec.resample,
+        do_center_crop=bool(spec.shortest_edge), crop_size=crop, do_rescale=True, rescale_factor=spec.rescale_factor,
         do_normalize=True, image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True,
     )
 
@@ -208,6 +213,7 @@ def export(src: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
 
     lcfg = llava_config(cfg, meta)
+    kind = read_tower(cfg.model.vision_path).kind
     lcfg.save_pretrained(out)
     save_file(llava_weights(cfg, state, lcfg.tie_word_embeddings), str(out / "model.safetensors"),
               metadata={"format": "pt"})
@@ -218,7 +224,8 @@ def export(src: str | Path, out: str | Path) -> Path:
     tok.model_input_names = tok.init_kwargs["model_input_names"] = ["input_ids", "attention_mask"]
     LlavaProcessor(
         image_processor=image_processor(ImageSpec.from_pretrained(cfg.model.vision_path), meta.image_aspect), tokenizer=tok, patch_size=lcfg.vision_config.patch_size,
-        vision_feature_select_strategy="full", num_additional_image_tokens=0, image_token=templates.IMAGE_TOKEN,
+        vision_feature_select_strategy=kind.llava_strategy, num_additional_image_tokens=kind.class_tokens,
+        image_token=templates.IMAGE_TOKEN,
         chat_template=tok.chat_template,
     ).save_pretrained(out)
 
@@ -237,16 +244,14 @@ def is_export(folder: str | Path) -> bool:
 def load_export(folder: str | Path) -> dict[str, torch.Tensor]:
     """An exported folder -> the model state under fastross's names (frozen VAE excluded: it comes from vae_path)."""
     from safetensors.torch import load_file
-    from transformers import SiglipVisionConfig
 
     folder = Path(folder)
     for f in ("model.safetensors", DENOISER_FILE, CONFIG_FILE):
         if not (folder / f).is_file():
             raise FileNotFoundError(f"{folder / f} is missing: {folder} was not written by `python -m fastross.export`")
     cfg = fconfig.load(str(folder / CONFIG_FILE), ["model.init_from="])  # the export's weights, whatever they started from
-    n = SiglipVisionConfig.from_pretrained(cfg.model.vision_path).num_hidden_layers
-    keep = n + 1 + cfg.model.select_layer if cfg.model.select_layer < 0 else cfg.model.select_layer
-    kept = tuple(f"vision.encoder.layers.{i}." for i in range(keep))
+    keep = read_tower(cfg.model.vision_path).kept_layers(cfg.model.select_layer)
+    kept = ("vision.embeddings.", "vision.pre_layrnorm.", *(f"vision.encoder.layers.{i}." for i in range(keep)))
     ours_of = {theirs: ours for ours, theirs in NAMES}
     state = {}
     for key, t in load_file(str(folder / "model.safetensors")).items():
@@ -254,7 +259,7 @@ def load_export(folder: str | Path) -> dict[str, torch.Tensor]:
         if theirs is None:
             raise KeyError(f"{folder / 'model.safetensors'}: {key} is no weight fastross.export writes")
         name = ours_of[theirs] + key[len(theirs):]
-        if name.startswith("vision.") and not (name.startswith("vision.embeddings.") or name.startswith(kept)):
+        if name.startswith("vision.") and not name.startswith(kept):
             continue  # the layers and post-layernorm fastross does not build
         state[name] = t
     if "llm.lm_head.weight" not in state:  # tied: the embedding is the head

@@ -99,6 +99,7 @@ class Arch:
     den_replicas: int
     den_channels: int  # 4 * latent channels
     den_freq: int  # timestep features
+    vision_class_tokens: int = 0  # tokens the tower runs beside its patches (CLIP's class token; SigLIP none)
 
     @classmethod
     def of(cls, model) -> "Arch":
@@ -111,7 +112,7 @@ class Arch:
             llm_layers=c.num_hidden_layers, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
             head_dim=head_dim, intermediate=c.intermediate_size, vocab=c.vocab_size, den_kind=d.kind,
             den_width=d.x_embed.out_features, den_depth=len(d.blocks), den_replicas=model.replicas,
-            den_channels=d.x_embed.in_features, den_freq=d.t_embed.freq_dim,
+            den_channels=d.x_embed.in_features, den_freq=d.t_embed.freq_dim, vision_class_tokens=v.kind.class_tokens,
         )
 
     @property
@@ -167,8 +168,9 @@ def totals_flops(arch: Arch, tokens: int, tokens_sq: int, n_img: int, n_supervis
 
     m, hw = {}, {}
     vw = a.vision_width
-    per_image = 2 * N * a.patch_in * vw + a.vision_layers * (2 * N * (4 * vw * vw + 2 * vw * a.vision_mlp)
-                                                            + 4 * N * N * vw)
+    S = N + a.vision_class_tokens  # the tower's sequence: the patches (embedded by the convolution) and CLIP's CLS
+    per_image = 2 * N * a.patch_in * vw + a.vision_layers * (2 * S * (4 * vw * vw + 2 * vw * a.vision_mlp)
+                                                            + 4 * S * S * vw)
     m["vision"] = n_img * per_image  # frozen: forward only
     m["projector"] = n_img * 2 * N * (vw * H * (1 + proj_t) + H * H * (1 + 2 * proj_t))
     m["llm_linear"] = 2 * tokens * a.llm_layers * a.layer_linear * (1 + llm_t + g_llm)

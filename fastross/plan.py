@@ -79,7 +79,7 @@ def sample_mix(cfg: config.Config, visual_tokens: int, seed: int = 0) -> Mix:
         source = f"{n} samples drawn from " + ", ".join(f"{index} (weight {w:g})" if len(indexes) > 1 else str(index)
                                                         for index, w in indexes)
     else:
-        lengths, images = mix.draw(rng, n)
+        lengths, images = mix.draw(rng, n, visual_tokens)
         source = f"{n} samples of the default stage-2 mix (fastross/data/mix.py)"
     text = lengths - images * visual_tokens
     return Mix(lengths, images, np.maximum(1, (text * SUPERVISED_SHARE).astype(np.int64)), source)

@@ -14,21 +14,25 @@ The facts, read from the reference repository (not copied from its code):
 - The weights are the whole module's state dict as Hugging Face's Trainer saves it (`save_pretrained`, safetensors,
   `model-0000K-of-0000N.safetensors` + `model.safetensors.index.json` past 5 GB a shard, bf16 under its bf16 runs):
   the LLM under its usual names (`model.*`, `lm_head.*`, absent when tied), `model.mm_projector.{0,2}`, the
-  whole SigLIP under `model.vision_tower.vision_tower.vision_model.*` (every layer, post-layernorm and pooling
-  head), the VAE under `model.pixel_decoder.pixel_decoder.*`, the DiT under `model.mm_inv_projector.net.*`.
+  whole tower under `model.vision_tower.vision_tower.vision_model.*` (every layer and post-layernorm; SigLIP's
+  pooling head; CLIP's class embedding and pre-layernorm, as CLIPVisionModel names them: the reference's
+  ross/model/multimodal_encoder/clip_encoder.py holds a CLIPVisionModel at `vision_tower`), the VAE under `model.pixel_decoder.pixel_decoder.*`, the DiT under `model.mm_inv_projector.net.*`.
 - The DiT against fastross.model.denoiser: the input embedding is a 1x1 Conv2d over the (64, g, g) latent image
   (weight (W, 64, 1, 1); fastross: Linear (W, 64), the same numbers per token in row-major token order); its
   `pos_embed` (1, g*g, W) is a frozen nn.Parameter holding the fixed 2-D sin-cos table (fastross recomputes it
   as a buffer: imported, it must equal that table); `attn.qkv` is fused in timm's (3, heads, head_dim) order,
   as fastross's; `mlp.fc1/fc2` are fastross's `mlp.0/2`; `adaLN_modulation.1` is `ada.1` (chunks in the same
   order); `z_embedder` (SiLU, Linear) is `c_embed`. The condition's LayerNorm (`ln_pre`) has no parameters.
+- The reference builds its tower by the *name* of `mm_vision_tower` (ross/model/multimodal_encoder/builder.py:
+  "clip" in it -> CLIPVisionTower, else "siglip" -> SigLipVisionTower); fastross chooses by the folder's
+  config.json, and `export` warns when the folder's path would make the reference choose otherwise.
 - In prompts the reference's image placeholder is the token id -200 (IMAGE_TOKEN_INDEX), which no tokenizer
   holds; fastross's shards use the tokenizer's `<image>` id instead. Weights do not depend on it.
 - Its stage 1 saves only `mm_projector.bin` and `mm_inv_projector.bin` (torch.save of {name: tensor}) beside
   config.json; read here with torch.load(weights_only=True).
 
 Every tensor maps both ways through PARTS; any other name is an error naming it. Importing keeps the parts the
-file cannot change as they are: the SigLIP layers fastross drops, its post-layernorm and head, and the VAE when
+file cannot change as they are: the tower's layers fastross drops, its post-layernorm (and SigLIP's head), and the VAE when
 the model has none (the shards hold the latents). Trade-off, as for the Llava export: every rank reads the whole
 file set into host memory once, then keeps its FSDP shards.
 """
@@ -43,6 +47,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+
+from fastross import towers
 
 CONFIG = "config.json"
 PROJECTOR_BIN = "mm_projector.bin"
@@ -77,7 +83,8 @@ PARTS = (
     ("llm.lm_head.", "lm_head."),
     ("llm.model.", "model."),
 )
-DROPPED_VISION = ("vision.post_layernorm.", "vision.head.")  # SigLIP parts the reference saves, fastross never builds
+# Tower parts the reference saves, fastross never builds (either kind's).
+DROPPED_VISION = tuple(dict.fromkeys(p for kind in towers.KINDS for p in kind.dropped))
 CONV = ("denoiser.x_embed.weight", NET + "x_embedder.proj.weight")  # Linear (W, C) <-> 1x1 Conv2d (W, C, 1, 1)
 
 
@@ -146,7 +153,7 @@ def check_config(cfg: dict, where: Path, model, full: bool, denoiser: bool) -> N
 
 
 def _vision_layers(names) -> int:
-    """How many SigLIP encoder layers the fastross names `names` hold."""
+    """How many vision encoder layers the fastross names `names` hold."""
     found = {int(m.group(1)) for n in names if (m := re.match(r"vision\.encoder\.layers\.(\d+)\.", n))}
     return max(found) + 1 if found else 0
 
@@ -270,15 +277,15 @@ def load_into(path: str | Path, model) -> Path:
 
 def reference_config(cfg, meta, vae_path: str, dtype: torch.dtype) -> dict:
     """config.json: the LLM's config as the reference model's, with the mm_* keys its trainer writes."""
-    from transformers import AutoConfig, SiglipImageProcessor, SiglipVisionConfig
+    from transformers import AutoConfig
 
     m = cfg.model
     llm = AutoConfig.from_pretrained(m.llm_path)
     if llm.model_type not in MODEL_TYPES:
         raise ValueError(f"model.llm_path={m.llm_path} is a {llm.model_type!r} model; the reference layout has "
                          f"{', '.join(MODEL_TYPES)} LLMs")
-    vision = SiglipVisionConfig.from_pretrained(m.vision_path)
-    proc = SiglipImageProcessor.from_pretrained(m.vision_path)
+    vision = towers.read_tower(m.vision_path)
+    proc = vision.kind.transformers_class("processor").from_pretrained(m.vision_path)
     model_type, arch = MODEL_TYPES[llm.model_type]
     d = llm.to_dict()
     name = str(dtype).removeprefix("torch.")
@@ -301,6 +308,12 @@ def reference_config(cfg, meta, vae_path: str, dtype: torch.dtype) -> dict:
 def reference_builds(denoiser) -> bool:
     """Whether the reference code's builder makes this denoiser from `denoiser_vit{depth}x` (its width and heads)."""
     return (denoiser.width, denoiser.heads) == (REFERENCE_WIDTHS.get(denoiser.depth, 1024), REFERENCE_HEADS)
+
+
+def reference_tower_name(path: str, kind: towers.TowerKind) -> bool:
+    """Whether the reference's builder, which tests "clip" in the path first and then "siglip", picks `kind`."""
+    name = str(path).lower()
+    return ("clip" in name) == (kind is towers.CLIP) and (kind is towers.CLIP or "siglip" in name)
 
 
 def reference_weights(cfg, state: dict[str, torch.Tensor], vae_path: str, grid: int, tied: bool,
@@ -375,6 +388,11 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", max_shard_size
     write_safetensors(tensors, out, max_shard_size)
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     templates.load_tokenizer(cfg.model.llm_path).save_pretrained(out)
+    kind = towers.read_tower(cfg.model.vision_path).kind
+    if not reference_tower_name(cfg.model.vision_path, kind):
+        warnings.warn(f"{out}: mm_vision_tower={cfg.model.vision_path} is a {kind.name} tower, but the reference code "
+                      f"chooses its tower class by the path's name and would not build a {kind.name} one from it: "
+                      f"rename the folder so that its path contains {kind.name!r} (and not 'clip' for SigLIP)")
     d = cfg.model.denoiser
     if not reference_builds(d):
         warnings.warn(f"{out}: the reference code builds denoiser_vit{d.depth}x at width "

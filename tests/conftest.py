@@ -79,11 +79,11 @@ def tokenizer(tiny_models):
 
 
 def convert(models: Path, data: Path, out: Path, template: str, json_name: str, vae: bool = True,
-            images: Path | None = None) -> Path:
+            images: Path | None = None, vision: Path | None = None) -> Path:
     from fastross.data.convert import main
 
     argv = ["--json", str(data / json_name), "--images", str(images or data / "images"), "--tokenizer", str(models / "llm"),
-            "--vision", str(models / "vision"), "--template", template, "--out", str(out), "--quiet"]
+            "--vision", str(vision or models / "vision"), "--template", template, "--out", str(out), "--quiet"]
     if vae:
         argv += ["--vae", str(models / "vae")]
     assert main(argv) == 0
@@ -156,3 +156,31 @@ def skewed_shards(tiny_models, synth_data, tmp_path_factory) -> Path:
     src.write_text(json.dumps(records))
     return convert(tiny_models, src.parent, src.parent / "shards", "qwen2_ross", "skewed.json",
                    images=synth_data / "images")
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny CLIP vision folder (fastross.tools.make_tiny.make_tiny_clip), in a folder named clip as the
+    reference code needs (fastross.ross_format)."""
+    from fastross.tools.make_tiny import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("clip_models"))
+
+
+@pytest.fixture(scope="session")
+def clip_shards(tiny_models, tiny_clip, synth_data, tmp_path_factory) -> Path:
+    """The bundled stage-2 records converted for the tiny CLIP tower (latent moments from the tiny VAE)."""
+    return convert(tiny_models, synth_data, tmp_path_factory.mktemp("clip_shards") / "stage2", "qwen2_ross",
+                   "stage2.json", vision=tiny_clip)
+
+
+@pytest.fixture(scope="session")
+def clip_run_dir(tiny_models, tiny_clip, clip_shards, tmp_path_factory) -> Path:
+    """A 2-step stage-2 run on 1 rank with the tiny CLIP tower, checkpointed after each step (read only)."""
+    from test_train import run, write_config
+
+    tmp = tmp_path_factory.mktemp("clip_run")
+    rd = tmp / "run"
+    run(1, write_config(tmp / "c.yaml", tiny_models, clip_shards, rd, max_steps=2, ckpt_every=1),
+        f"model.vision_path={tiny_clip}")
+    return rd

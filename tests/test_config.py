@@ -65,7 +65,8 @@ def test_bad_config_names_the_key(base, override, message):
 
 
 @pytest.mark.parametrize("key, folder, message", [
-    ("model.vision_path", "llm", "holds a 'qwen2' model, not a SigLIP vision model"),
+    ("model.vision_path", "llm", "holds a 'qwen2' model, not a supported vision tower (model_type one of "
+                          "siglip_vision_model, siglip, clip_vision_model, clip)"),
     ("model.llm_path", "vision", "holds a 'siglip_vision_model' model, not a causal LM"),
     ("model.vae_path", "llm", "holds a None, not an AutoencoderKL"),
     ("model.llm_path", "missing", "config.json is missing"),
@@ -272,7 +273,7 @@ def test_check_with_folders_present_checks_them(base, tiny_models, capsys):
     assert main([str(base), "--check"]) == 0
     assert "0 missing folder(s)" in capsys.readouterr().err
     assert main([str(base), "--check", f"model.vision_path={tiny_models / 'llm'}"]) == 2
-    assert "not a SigLIP vision model" in capsys.readouterr().err
+    assert "not a supported vision tower (model_type one of" in capsys.readouterr().err
     assert main([str(base), "--check", "optim.lr=1"]) == 2
     assert "unknown key 'optim.lr'" in capsys.readouterr().err
 

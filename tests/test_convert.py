@@ -192,7 +192,7 @@ def test_qwen2_ross_round_trip(tmp_path, tiny_models, images, tokenizer, capsys)
     with torch.no_grad():
         for image, mean, std in moments:
             pix = preprocess_pil(Image.open(images / image), spec, "pad")[None]
-            m, d = latent_moments(vae, pix, 8)
+            m, d = latent_moments(vae, pix, 8, spec)
             np.testing.assert_allclose(mean, m[0].numpy(), rtol=1e-4, atol=1e-5)
             np.testing.assert_allclose(std, d[0].numpy(), rtol=1e-4, atol=1e-5)
     assert not np.allclose(moments[0][1], moments[1][1])

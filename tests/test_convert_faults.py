@@ -228,11 +228,11 @@ def test_vae_failure_is_the_records_own(tmp_path, tiny_models, spec, monkeypatch
     marks = {name: expected_pixels(arrays[name], spec)[0, 0, 0].item() for name in ("raise.png", "nan.png")}
     real = convert.latent_moments
 
-    def flaky(vae, pix, grid):
+    def flaky(vae, pix, grid, spec):
         firsts = pix[:, 0, 0, 0].tolist()
         if marks["raise.png"] in firsts:
             raise RuntimeError("out of memory (simulated)")
-        mean, std = real(vae, pix, grid)
+        mean, std = real(vae, pix, grid, spec)
         for i, f in enumerate(firsts):
             if f == marks["nan.png"]:
                 mean[i, 0, 0, 0] = float("nan")
@@ -250,7 +250,7 @@ def test_vae_failure_is_the_records_own(tmp_path, tiny_models, spec, monkeypatch
     vae = AutoencoderKL.from_pretrained(str(tiny_models / "vae"), torch_dtype=torch.float32).eval()
     shard_meta = ShardMeta.read(out)
     for s in samples(out):
-        mean, std = real(vae, expected_pixels(arrays[s["id"]], spec)[None], shard_meta.grid)
+        mean, std = real(vae, expected_pixels(arrays[s["id"]], spec)[None], shard_meta.grid, spec)
         # Within fp32 reordering: the survivors were encoded in batches of other sizes than one.
         np.testing.assert_allclose(shard_meta.decode_latent(s["latent_mean"]), mean[0].numpy(), rtol=0, atol=1e-5)
         np.testing.assert_allclose(shard_meta.decode_latent(s["latent_std"]), std[0].numpy(), rtol=0, atol=1e-5)

@@ -49,15 +49,18 @@ def test_latent_target_shift_scale_and_posterior_draw():
 def test_vae_input_and_moments_match_direct_computation(tiny_models):
     from diffusers import AutoencoderKL
 
+    from fastross.data.images import ImageSpec
+
     vae = AutoencoderKL.from_pretrained(tiny_models / "vae").eval()
     grid = 8
     pix = torch.rand(2, 3, 64, 64) * 2.4 - 1.2  # a little outside [-1, 1]: must be clamped
-    x = diffusion.vae_input(pix, grid)
+    spec = ImageSpec.from_pretrained(str(tiny_models / "vision"))  # SigLIP's mean and std 0.5
+    x = diffusion.vae_input(pix, grid, spec)
     direct = ((pix * 0.5 + 0.5) * 2 - 1).clamp(-1, 1)
     direct = F.interpolate(direct, size=(128, 128), mode="bilinear", align_corners=False, antialias=False)
     torch.testing.assert_close(x, direct, rtol=0, atol=0)
     assert x.min() >= -1 and x.max() <= 1
-    mean, std = diffusion.latent_moments(vae, pix, grid)
+    mean, std = diffusion.latent_moments(vae, pix, grid, spec)
     with torch.no_grad():
         dist = vae.encode(direct).latent_dist
     assert mean.shape == (2, 16, 16, 16)

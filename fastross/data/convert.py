@@ -42,6 +42,7 @@ from fastross.data import templates
 from fastross.data.images import ImageError, ImageSpec, decode, latent_moments, preprocess, preprocess_pil
 from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH, tokenizer_fingerprint
 from fastross.data.shards import MDSWriter
+from fastross.towers import TowerError, read_tower
 
 SKIP_REASONS = (
     "malformed", "missing_image", "outside_images_root", "bad_image", "image_too_small", "image_too_large",
@@ -227,11 +228,12 @@ class Converter:
                                "own chat template); it applies to plain, qwen2_ross, vicuna_v1 and llama3")
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(templates.IMAGE_TOKEN)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)  # once: it sorts and serialises the whole vocabulary
+        try:
+            tower = read_tower(a.vision)
+        except TowerError as e:
+            raise ConvertError(f"--vision: {e}") from None
         self.image_spec = ImageSpec.from_pretrained(a.vision)
-        vcfg = json.loads((Path(a.vision) / "config.json").read_text())
-        vcfg = vcfg.get("vision_config", vcfg)
-        self.grid = vcfg["image_size"] // vcfg["patch_size"]
-        self.num_visual = self.grid * self.grid
+        self.grid, self.num_visual = tower.grid, tower.num_tokens
         self.aspect = a.image_aspect if a.image_aspect != "auto" else ("square" if a.template == "plain" else "pad")
         self.vae, self.device = None, resolve_device(a.device)
         if a.vae:
@@ -315,7 +317,7 @@ class Converter:
     def encode(self, samples: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
         """One VAE forward on --device for the batch; the moments come back to the host in fp32."""
         pixels = torch.stack([s["_pixels"] for s in samples]).to(self.device)
-        mean, std = latent_moments(self.vae, pixels, self.grid)
+        mean, std = latent_moments(self.vae, pixels, self.grid, self.image_spec)
         return list(zip(mean.cpu().numpy(), std.cpu().numpy()))
 
     def run(self) -> Report:

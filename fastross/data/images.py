@@ -12,13 +12,15 @@ decodes alike in either form; palette, LA, CMYK and the other modes go through
 is never guessed: arrays here are built channels-last from PIL and transposed explicitly.
 
 Two backends (`data.image_backend`):
-- "pil" (default), bit-exact with Hugging Face's `SiglipImageProcessor` as fastross calls it
-  (`torch.equal` in tests/test_loader.py): PIL decode -> RGB -> optional pad to a square with
-  the processor's mean colour -> PIL resize to the processor's size with its resampling filter
-  -> rescale and normalise. The processor rescales in float64, casts to float32 and then
-  normalises in float32; every output value depends only on (channel, input byte), so the
-  last two steps are a 3 x 256 table computed once with exactly those operations and applied
-  by indexing: bit-exact by construction and cheaper than three passes over the image.
+- "pil" (default), bit-exact with Hugging Face's `SiglipImageProcessor` and `CLIPImageProcessor`
+  as fastross calls them (`torch.equal` in tests/test_loader.py, tests/test_clip.py): PIL decode ->
+  RGB -> optional pad to a square with the processor's mean colour -> PIL resize with the
+  processor's resampling filter (SigLIP: to its height x width; CLIP: the shortest side to
+  `shortest_edge`, then a centre crop to its crop size) -> rescale and normalise. The processor
+  rescales in float64, casts to float32 and then normalises in float32; every output value depends
+  only on (channel, input byte), so the last two steps are a 3 x 256 table computed once with
+  exactly those operations and applied by indexing: bit-exact by construction and cheaper than
+  three passes over the image.
 - "torchvision": `torchvision.io.decode_jpeg` and `transforms.v2` (pad, bicubic antialiased
   resize on uint8), the same table. Faster, within 2/255 of "pil" (decode and resize round
   differently). The uint8 resize stays within that bound only when both axes scale alike (always
@@ -60,27 +62,58 @@ class ImageSpec:
     std: tuple[float, float, float]  # per-channel normalisation std
     rescale_factor: float  # byte -> 0..1, 1/255 for SigLIP
     resample: int  # PIL resampling filter (3: bicubic)
+    shortest_edge: int = 0  # 0: resize to height x width (SigLIP); else resize the shortest side to this, then
+    #                          centre-crop to height x width (CLIP)
 
     @classmethod
     def from_processor(cls, processor) -> "ImageSpec":
-        """From a Hugging Face image processor that resizes, rescales and normalises (SigLIP's)."""
+        """From a Hugging Face image processor that resizes (SigLIP's), or resizes the shortest side and centre-crops
+        (CLIP's), then rescales and normalises."""
+        name = type(processor).__name__
         if not (processor.do_resize and processor.do_rescale and processor.do_normalize):
             raise ValueError(
-                f"{type(processor).__name__}: fastross needs do_resize, do_rescale and do_normalize all on "
+                f"{name}: fastross needs do_resize, do_rescale and do_normalize all on "
                 f"(got {processor.do_resize}, {processor.do_rescale}, {processor.do_normalize}); fix the vision "
                 "folder's preprocessor_config.json"
             )
-        size = processor.size
-        h, w = (size["height"], size["width"]) if isinstance(size, dict) else (int(size), int(size))
+        size, crop = processor.size, getattr(processor, "do_center_crop", False) and processor.crop_size
+        shortest = 0
+        if isinstance(size, dict) and "shortest_edge" in size:
+            if not crop:
+                raise ValueError(f"{name}: size {size} without do_center_crop gives images of varying shape; fastross "
+                                 "needs a square crop: set do_center_crop and crop_size in preprocessor_config.json")
+            shortest = int(size["shortest_edge"])
+            h, w = int(crop["height"]), int(crop["width"])
+            if max(h, w) > shortest:
+                raise ValueError(f"{name}: crop_size {crop} is larger than the resized shortest side {shortest}; "
+                                 "Hugging Face would pad it with black, fastross does not")
+        else:
+            h, w = (size["height"], size["width"]) if isinstance(size, dict) else (int(size), int(size))
+            if crop and (int(crop["height"]), int(crop["width"])) != (h, w):
+                raise ValueError(f"{name}: a centre crop {crop} after resizing to {size} is not supported")
         return cls(h, w, tuple(map(float, processor.image_mean)), tuple(map(float, processor.image_std)),
-                   float(processor.rescale_factor), int(processor.resample))
+                   float(processor.rescale_factor), int(processor.resample), shortest)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "ImageSpec":
-        """From a vision model folder's preprocessor_config.json, read by transformers (its defaults apply)."""
-        from transformers import SiglipImageProcessor
+        """From a vision model folder's preprocessor_config.json, read by the image processor class of the folder's
+        tower (fastross.towers; transformers' defaults apply)."""
+        from fastross.towers import read_tower
 
-        return cls.from_processor(SiglipImageProcessor.from_pretrained(path))
+        return cls.from_processor(read_tower(path).kind.transformers_class("processor").from_pretrained(path))
+
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of an image of this size after the resize step, as Hugging Face computes it."""
+        if not self.shortest_edge:
+            return self.width, self.height
+        short, long = min(width, height), max(width, height)
+        new_long = int(self.shortest_edge * long / short)  # transformers' get_resize_output_image_size
+        return (self.shortest_edge, new_long) if width <= height else (new_long, self.shortest_edge)
+
+    def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of the centre crop of a resized image, transformers' center_crop offsets."""
+        left, top = (width - self.width) // 2, (height - self.height) // 2
+        return left, top, left + self.width, top + self.height
 
     @property
     def pad_fill(self) -> tuple[int, int, int]:
@@ -167,8 +200,11 @@ def preprocess_pil(img: Image.Image, spec: ImageSpec, aspect: Aspect) -> torch.T
     img = to_rgb8(img)
     if aspect == "pad":
         img = pad_to_square(img, spec.pad_fill)
+    size = spec.resized(*img.size)
+    if img.size != size:
+        img = img.resize(size, resample=spec.resample)
     if img.size != (spec.width, spec.height):
-        img = img.resize((spec.width, spec.height), resample=spec.resample)
+        img = img.crop(spec.crop_box(*img.size))
     return normalise(np.asarray(img).transpose(2, 0, 1), spec)
 
 
@@ -184,16 +220,17 @@ def _preprocess_torchvision(data: bytes, spec: ImageSpec, aspect: Aspect) -> tor
         left, top = (side - w) // 2, (side - h) // 2
         x = TF.pad(x, [left, top, side - w - left, side - h - top], fill=list(spec.pad_fill))
     h, w = x.shape[1:]
-    if (h, w) == (spec.height, spec.width):
-        return normalise(x.numpy(), spec)
-    if h * spec.width == w * spec.height:  # one scale for both axes: torchvision's resize is within 1 level of PIL's
-        x = TF.resize(x, [spec.height, spec.width], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        return normalise(x.numpy(), spec)
-    # Different scales per axis (aspect "square" on a non-square image): torchvision's uint8 resize was
-    # seen up to 9 levels from PIL's here, so resize with PIL (exact) after torchvision's decode.
-    img = Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).numpy()))
-    img = img.resize((spec.width, spec.height), resample=spec.resample)
-    return normalise(np.asarray(img).transpose(2, 0, 1), spec)
+    rw, rh = spec.resized(w, h)
+    if (h, w) != (rh, rw) and h * rw == w * rh:  # one scale for both axes: within 1 level of PIL's resize
+        x = TF.resize(x, [rh, rw], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    elif (h, w) != (rh, rw):
+        # Different scales per axis (aspect "square" on a non-square image, or CLIP's shortest-side resize rounding
+        # the long side): torchvision's uint8 resize was seen up to 9 levels from PIL's here, so resize with PIL
+        # (exact) after torchvision's decode.
+        img = Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).numpy()))
+        x = torch.from_numpy(np.array(img.resize((rw, rh), resample=spec.resample)).transpose(2, 0, 1))
+    left, top, right, bottom = spec.crop_box(rw, rh)
+    return normalise(np.ascontiguousarray(x[:, top:bottom, left:right].numpy()), spec)
 
 
 def preprocess(data: bytes, spec: ImageSpec, aspect: Aspect, backend: Literal["pil", "torchvision"] = "pil") -> torch.Tensor:
@@ -211,16 +248,21 @@ def preprocess(data: bytes, spec: ImageSpec, aspect: Aspect, backend: Literal["p
     return preprocess_pil(decode(data), spec, aspect)
 
 
-def vae_input(pixel_values: torch.Tensor, grid: int) -> torch.Tensor:
-    """Normalised pixel values (mean 0.5, std 0.5) -> the VAE's input in [-1, 1] at 16 x grid pixels."""
-    x = (pixel_values * 0.5 + 0.5) * 2 - 1
+def vae_input(pixel_values: torch.Tensor, grid: int, spec: ImageSpec) -> torch.Tensor:
+    """Normalised pixel values -> the VAE's input in [-1, 1] at 16 x grid pixels (ROSS_SPEC.md section 2).
+
+    The normalisation is undone with the processor's own mean and std (SigLIP's 0.5, CLIP's per-channel
+    values), as the reference does with the image_mean / image_std it stores in its config."""
+    mean = torch.tensor(spec.mean, dtype=pixel_values.dtype, device=pixel_values.device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=pixel_values.dtype, device=pixel_values.device).view(1, 3, 1, 1)
+    x = (pixel_values * std + mean) * 2 - 1
     x = x.clamp(-1, 1)
     return F.interpolate(x, size=(16 * grid, 16 * grid), mode="bilinear", align_corners=False)
 
 
 @torch.no_grad()
-def latent_moments(vae, pixel_values: torch.Tensor, grid: int) -> tuple[torch.Tensor, torch.Tensor]:
+def latent_moments(vae, pixel_values: torch.Tensor, grid: int, spec: ImageSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior's mean and std, (n, C, 2g, 2g) each, in fp32 (the converter's, or on the fly)."""
-    x = vae_input(pixel_values.float(), grid).to(vae.dtype)
+    x = vae_input(pixel_values.float(), grid, spec).to(vae.dtype)
     dist = vae.encode(x).latent_dist
     return dist.mean.float(), dist.std.float()

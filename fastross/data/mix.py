@@ -21,14 +21,14 @@ DISTRIBUTION = [
 QWEN2_7B = dict(non_embedding_params=6.53e9, layers=28, hidden=3584)
 
 
-def draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """n sample lengths (visual tokens included) and whether each has an image."""
+def draw(rng: np.random.Generator, n: int, visual: int = VISUAL) -> tuple[np.ndarray, np.ndarray]:
+    """n sample lengths (`visual` tokens per image included: 576 for a CLIP-336 tower) and whether each has an image."""
     shares = np.array([d[0] for d in DISTRIBUTION])
     kind = rng.choice(len(DISTRIBUTION), size=n, p=shares / shares.sum())
     lengths = np.zeros(n, dtype=np.int64)
     image = np.zeros(n, dtype=bool)
     for k, (_, _, has_image, text) in enumerate(DISTRIBUTION):
         idx = np.flatnonzero(kind == k)
-        lengths[idx] = np.asarray(text(rng, len(idx))).astype(np.int64) + (VISUAL if has_image else 0)
+        lengths[idx] = np.asarray(text(rng, len(idx))).astype(np.int64) + (visual if has_image else 0)
         image[idx] = has_image
     return lengths, image

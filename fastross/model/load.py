@@ -7,7 +7,7 @@ DTensor, Shard(0) over the mesh), then `load_sharded`:
    `safe_open(file).get_slice(key)[rows]`, converted to the parameter's dtype by `copy_`;
    fresh parameters (fastross.model.init) are drawn whole from their keyed generator and
    sliced; persistent buffers are read whole;
-3. the buffers no file holds (rotary `inv_freq`, SigLIP's `position_ids`, fastross's own
+3. the buffers no file holds (rotary `inv_freq`, the vision tower's `position_ids`, fastross's own
    tables) are recomputed.
 So no rank ever holds more than its shards plus one whole tensor: safetensors maps the one
 tensor being read from the file (page cache, only the touched rows are read), and a fresh
@@ -142,6 +142,7 @@ def non_persistent(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 @torch.no_grad()
 def recompute_buffers(model: nn.Module) -> int:
     """Recompute every non-persistent buffer; raises naming any this function does not know how to make."""
+    from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
     from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
 
     todo = non_persistent(model)
@@ -153,7 +154,7 @@ def recompute_buffers(model: nn.Module) -> int:
             m.inv_freq.copy_(inv_freq)
             m.original_inv_freq = m.inv_freq  # as their __init__ sets it
             done.add(prefix + "inv_freq")
-        elif isinstance(m, SiglipVisionEmbeddings):
+        elif isinstance(m, (SiglipVisionEmbeddings, CLIPVisionEmbeddings)):
             m.position_ids.copy_(torch.arange(m.num_positions).expand((1, -1)))
             done.add(prefix + "position_ids")
         elif hasattr(m, "reset_buffers"):  # fastross's own modules recompute their own buffers

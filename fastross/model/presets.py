@@ -29,11 +29,11 @@ SIGLIP_SO400M_384 = {
     "model_type": "siglip_vision_model", "hidden_size": 1152, "intermediate_size": 4304, "num_hidden_layers": 27,
     "num_attention_heads": 16, "image_size": 384, "patch_size": 14, "hidden_act": "gelu_pytorch_tanh",
 }
-# CLIP ViT-L/14-336's vision tower in SigLIP's config terms (fastross builds SigLIP towers; the shapes that
-# count, width, depth, MLP and patch grid, are CLIP's; CLIP's class token and pre-norm are not modelled).
+# openai/clip-vit-large-patch14-336's vision tower (LLaVA-1.5's): 24 x 24 = 576 patch tokens plus its class token.
 CLIP_L14_336 = {
-    "model_type": "siglip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+    "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
     "num_attention_heads": 16, "image_size": 336, "patch_size": 14, "hidden_act": "quick_gelu",
+    "projection_dim": 768, "layer_norm_eps": 1e-05,
 }
 FLUX_VAE = {
     "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 16,

@@ -175,7 +175,7 @@ class RossModel(nn.Module):
             return mb.latent_mean.float(), mb.latent_std.float()
         if self.vae is None:
             raise RuntimeError("the shards hold no latent moments and model.vae_path is empty: set model.vae_path")
-        return diffusion.latent_moments(self.vae, mb.pixel_values, self.vision.grid)
+        return diffusion.latent_moments(self.vae, mb.pixel_values, self.vision.grid, self.vision.image_spec)
 
     def latent_x0(self, mb) -> torch.Tensor:
         """The reconstruction target x0 (n, N, 4C) with the keyed posterior draw, materialised (torch path)."""

