@@ -208,6 +208,10 @@ class Converter:
         stage.mkdir(parents=True)
         try:
             self.write(stage, report)
+        except OSError as e:  # a full disk, a lost mount: the folder being written is named, OUT is as it was
+            shutil.rmtree(stage, ignore_errors=True)
+            raise ConvertError(f"writing the shards into {stage} failed ({e}); {out} is as it was: free space and "
+                               "run the same command again") from e
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise

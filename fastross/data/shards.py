@@ -103,20 +103,26 @@ class MDSShard:
         if info.get("format") != "mds":
             raise ValueError(f"{folder / 'index.json'}: shard format {info.get('format')!r} is not 'mds'")
         raw = folder / info["raw_data"]["basename"] if info.get("raw_data") else None
-        if info.get("compression") or raw is None or not raw.is_file():
-            what = f"compressed ({info.get('compression')}); " if info.get("compression") else ""
-            raise FileNotFoundError(
-                f"{raw or folder} is missing ({what}fastross reads uncompressed local MDS shards, as its converter "
-                "writes them): convert again, or decompress the shards into this folder"
-            )
+        if info.get("compression") or raw is None:
+            raise FileNotFoundError(self._missing(raw or folder, info))
+        # A missing file is an error at its first read, not here: data.corrupt_shards=skip leaves it unread.
+        self.missing = None if raw.is_file() else self._missing(raw, info)
         self.path, self.samples = raw, int(info["samples"])
         self.columns = list(zip(info["column_names"], info["column_encodings"]))
         for _, enc in self.columns:
             encoded_size(enc)  # refuses encodings we cannot decode now, not at the first read
         self.sizes = info["column_sizes"]
 
+    @staticmethod
+    def _missing(path: Path, info: dict) -> str:
+        what = f"compressed ({info.get('compression')}); " if info.get("compression") else ""
+        return (f"{path} is missing ({what}fastross reads uncompressed local MDS shards, as its converter writes "
+                "them): convert again, or decompress the shards into this folder")
+
     def raw(self, i: int) -> bytes:
         """Sample i's bytes as stored (variable sizes, then columns)."""
+        if self.missing:
+            raise FileNotFoundError(self.missing)
         with open(self.path, "rb", buffering=0) as f:
             f.seek(4 + 4 * i)
             begin, end = np.frombuffer(f.read(8), np.uint32)
