@@ -10,7 +10,6 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from torch.distributed.checkpoint import filesystem
 
 from fastross import checkpoint
 from fastross.checkpoint import Checkpointer, load_rng
+from fastross.tools.faults import MEASURED, RunsCode, checkpoint_differences, read_checkpoint
 
 TESTS = Path(__file__).parent
 
@@ -43,14 +43,6 @@ def tiny_trained(seed: int, device: str = "cpu"):
     model(torch.randn(4, 5, device=device)).square().sum().backward()
     opt.step()
     return model, opt
-
-
-def read_checkpoint(path: Path, tmp: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    out = tmp / f"{path.parent.parent.name}_{path.name}.pt"
-    dcp_to_torch_save(str(path), str(out))
-    return torch.load(out, weights_only=False)
 
 
 class HeldWrite:
@@ -131,20 +123,10 @@ def test_failed_async_write_raises_and_keeps_previous(world_of_one, tmp_path, mo
 # ---------------------------------------------------------------- RNG files
 
 
-class _RunsCode:
-    """Unpickling this calls exec(): what a crafted rng_rank0.pt could do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
-
-
 def test_crafted_rng_file_is_refused(tmp_path):
     marker = tmp_path / "code_ran"
     crafted = tmp_path / "rng_rank0.pt"
-    torch.save({"torch": _RunsCode(marker)}, crafted)
+    torch.save({"torch": RunsCode(marker)}, crafted)
     with pytest.raises(pickle.UnpicklingError, match="rng_rank0.pt: refused to load"):
         load_rng(crafted)
     assert not marker.exists()
@@ -162,13 +144,11 @@ def test_crafted_rng_file_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- torchrun, 2 ranks
 
-from fastross.metrics import STEP_TIMES  # noqa: E402
 from test_train import descendants, metrics, run, torchrun_cmd, write_config  # noqa: E402
 
 STEPS = dict(max_steps=9, ckpt_every=3, keep_checkpoints=2)
 # The record's measured fields (fastross/metrics.py), which differ from run to run; the rest must match bit for bit.
-TIMING = {"samples_per_s", "tokens_per_s_per_rank", "model_tflops_per_rank", "mfu", "step_s", "host_peak_rss_gib",
-          *STEP_TIMES}
+TIMING = MEASURED
 
 
 @pytest.fixture(scope="module")
@@ -180,27 +160,7 @@ def sync_run(tiny_models, skewed_shards, tmp_path_factory) -> Path:
 
 
 def same_checkpoint(a: Path, b: Path, tmp: Path) -> None:
-    sa, sb = read_checkpoint(a, tmp), read_checkpoint(b, tmp)
-    for part in ("model", "optim"):
-        fa, fb = flatten(sa[part]), flatten(sb[part])
-        assert fa.keys() == fb.keys(), part
-        for k in fa:
-            if isinstance(fa[k], torch.Tensor):
-                assert torch.equal(fa[k], fb[k]), (a.name, part, k)
-            else:
-                assert fa[k] == fb[k], (a.name, part, k)
-    for name in ("trainer.json", "rng_rank0.pt", "rng_rank1.pt"):
-        assert (a / name).read_bytes() == (b / name).read_bytes(), (a.name, name)
-
-
-def flatten(d, prefix="") -> dict:
-    out = {}
-    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else None
-    if items is None:
-        return {prefix: d}
-    for k, v in items:
-        out.update(flatten(v, f"{prefix}{k}."))
-    return out
+    assert not checkpoint_differences(a, b, tmp), (a, b)
 
 
 @pytest.mark.slow

@@ -12,8 +12,6 @@ import io
 import itertools
 import json
 import os
-import struct
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +20,9 @@ import torch
 from PIL import Image
 
 from fastross.data import convert
-from fastross.data.images import ImageSpec, latent_moments, normalise, preprocess
+from fastross.data.images import ImageSpec, latent_moments, preprocess
 from fastross.data.schema import ShardMeta, check_shard_file, corrupt_shards, read_meta
+from fastross.tools.faults import IMAGE_MODES, expected_pixels, make_image, png, png_rgb16, rgb_image
 
 ASK = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Shapes."}]
 
@@ -32,27 +31,6 @@ def rec(rid: str, image: str | None):
     if image is None:
         return {"id": rid, "conversations": [{"from": "human", "value": "Hi."}, {"from": "gpt", "value": "Hello."}]}
     return {"id": rid, "image": image, "conversations": ASK}
-
-
-def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
-    buf = io.BytesIO()
-    (Image.fromarray(array, mode) if mode else Image.fromarray(array)).save(buf, "PNG", **save)
-    return buf.getvalue()
-
-
-def png_rgb16(a: np.ndarray) -> bytes:
-    """A 16-bit RGB PNG written by hand (Pillow cannot write one): (H, W, 3) big-endian uint16."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
-    h, w, _ = a.shape
-    rows = b"".join(b"\x00" + a[y].tobytes() for y in range(h))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
-
-
-def rgb_image(h: int, w: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
 def run(tmp_path: Path, tiny_models: Path, images: Path, records, *extra: str, out_name: str = "out",
@@ -71,12 +49,6 @@ def samples(out: Path) -> list[dict]:
 
     shards = MDSShards(out)
     return [shards.read(i) for i in range(len(shards))]
-
-
-def expected_pixels(rgb: np.ndarray, spec: ImageSpec) -> torch.Tensor:
-    """8-bit RGB (H, W, 3) -> what the vision tower must see, for aspect "square": PIL resize, then the table."""
-    img = Image.fromarray(rgb, "RGB").resize((spec.width, spec.height), resample=spec.resample)
-    return normalise(np.asarray(img).transpose(2, 0, 1), spec)
 
 
 @pytest.fixture(scope="module")
@@ -354,6 +326,70 @@ def test_corrupt_shard_is_named_or_skipped(many_shards, tmp_path, spec):
     assert "records no xxh64 hash; convert the data again" in corrupt_shards(shards)[0][1]
 
 
+def test_deleted_shard_is_skipped_and_an_edited_index_refused(many_shards, tmp_path, spec):
+    """Found by benchmarks/faults.py: a deleted shard file ended data.corrupt_shards=skip with FileNotFoundError,
+    and an index.json whose sample count was edited passed the hash check (it shifts every later sample id)."""
+    import shutil
+
+    from fastross.config import DataConfig
+    from fastross.data.loader import Loader
+    from fastross.data.schema import ShardCorruptError
+
+    def loader(shards: Path, mode: str) -> Loader:
+        cfg = DataConfig(shards=str(shards), global_batch=4, corrupt_shards=mode, workers=0)
+        return Loader(cfg, rank=0, world=1, attn_tokens=1e4, image=spec, latent_channels=16, replicas=1, seed=0,
+                      device=torch.device("cpu"))
+
+    index = json.loads((many_shards / "index.json").read_text())["shards"]
+    gone = tmp_path / "gone"
+    shutil.copytree(many_shards, gone)
+    (gone / index[1]["raw_data"]["basename"]).unlink()
+    with pytest.raises(ShardCorruptError, match=f"{gone / index[1]['raw_data']['basename']}: cannot be read"):
+        loader(gone, "error")
+    skipping = loader(gone, "skip")
+    read = [s["id"] for i in range(skipping.stream.steps_per_epoch)
+            for mb in skipping.stream.step(i).micro_batches for s in mb]
+    first = index[0]["samples"]
+    kept = 24 - index[1]["samples"]
+    assert len(read) == 4 * (kept // 4) and not {int(r[1:]) for r in read} & set(range(first, first + index[1]["samples"]))
+
+    edited = tmp_path / "edited"
+    shutil.copytree(many_shards, edited)
+    raw = json.loads((edited / "index.json").read_text())
+    raw["shards"][1]["samples"] -= 1
+    (edited / "index.json").write_text(json.dumps(raw))
+    for mode in ("error", "skip"):  # not skippable: the index itself is wrong
+        with pytest.raises(ShardCorruptError, match=f"{edited / index[1]['raw_data']['basename']}: holds "
+                                                    f"{index[1]['samples']} samples, .*index.json records "
+                                                    f"{index[1]['samples'] - 1}"):
+            loader(edited, mode)
+
+
+def test_full_disk_during_conversion_names_the_folder(tmp_path, tiny_models, capsys, monkeypatch):
+    """Found by benchmarks/faults.py: ENOSPC while writing a shard ended the converter with a traceback that named
+    no path. Now: an error naming the folder being written, --out untouched, the same command then works."""
+    import errno
+
+    root = tmp_path / "images"
+    root.mkdir()
+    records = [rec(f"t{i}", None) for i in range(3)]
+    real = Path.write_bytes
+
+    def full(path, data):
+        if path.parent.name == ".out.partial":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    rc, out = run(tmp_path, tiny_models, root, records)
+    assert rc == 2 and not out.exists() and not (tmp_path / ".out.partial").exists()
+    assert (f"convert: error: writing the shards into {tmp_path / '.out.partial'} failed ([Errno 28] No space left "
+            f"on device); {out} is as it was") in capsys.readouterr().err
+    monkeypatch.undo()
+    rc, out = run(tmp_path, tiny_models, root, records)
+    assert rc == 0 and read_meta(out)["written"] == 3
+
+
 def test_old_shards_are_refused(many_shards, tmp_path):
     import shutil
 
@@ -441,42 +477,9 @@ PROPERTY = settings(max_examples=40, deadline=None, database=None, derandomize=T
 
 def odd_image(draw) -> tuple[bytes, np.ndarray, bool]:
     """An image file's bytes, the 8-bit RGB pixels a direct computation gives for them, and whether it was cut."""
-    mode = draw(st.sampled_from(["L", "RGB", "RGBA", "LA", "P", "I;16", "RGB;16", "1", "CMYK"]))
+    mode = draw(st.sampled_from(IMAGE_MODES))
     h, w = draw(st.integers(1, 24)), draw(st.integers(1, 24))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    buf = io.BytesIO()
-    if mode == "I;16":
-        a = rng.integers(0, 65536, (h, w), dtype=np.uint16)
-        Image.fromarray(a).save(buf, "PNG")
-        g = (a >> 8).astype(np.uint8)
-        rgb = np.repeat(g[..., None], 3, axis=2)
-    elif mode == "RGB;16":
-        a = rng.integers(0, 65536, (h, w, 3)).astype(">u2")
-        buf.write(png_rgb16(a))
-        rgb = (a >> 8).astype(np.uint8)
-    elif mode == "1":
-        a = rng.integers(0, 2, (h, w)).astype(bool)
-        Image.fromarray(a).save(buf, "PNG")
-        rgb = np.repeat((a * 255).astype(np.uint8)[..., None], 3, axis=2)
-    elif mode == "P":
-        a = rng.integers(0, 16, (h, w), dtype=np.uint8)
-        palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
-        img = Image.fromarray(a, "P")
-        img.putpalette(palette.tobytes())
-        img.save(buf, "PNG", **({"transparency": 3} if draw(st.booleans()) else {}))
-        rgb = palette[a]
-    elif mode == "CMYK":
-        Image.fromarray(rng.integers(0, 256, (h, w, 4), dtype=np.uint8), "CMYK").save(buf, "JPEG", quality=95)
-        c = np.asarray(Image.open(io.BytesIO(buf.getvalue()))).astype(np.int32)
-        nk = 255 - c[..., 3:]
-        t = c[..., :3] * nk + 128
-        rgb = np.clip(nk - (((t >> 8) + t) >> 8), 0, 255).astype(np.uint8)
-    else:
-        channels = {"L": 1, "RGB": 3, "RGBA": 4, "LA": 2}[mode]
-        a = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
-        Image.fromarray(a[..., 0] if channels == 1 else a, mode).save(buf, "PNG")
-        rgb = a[..., :3] if channels >= 3 else np.repeat(a[..., :1], 3, axis=2)
-    data = buf.getvalue()
+    data, rgb = make_image(mode, h, w, draw(st.integers(0, 2**32 - 1)), transparency=draw(st.booleans()))
     cut = draw(st.booleans())
     if cut:
         data = data[: draw(st.integers(0, len(data) - 1))]  # truncated: skipped, or decodes to the whole image

@@ -17,17 +17,8 @@ from torch.distributed.checkpoint import filesystem
 
 from fastross import checkpoint
 from fastross.checkpoint import Checkpointer, CheckpointError
+from fastross.tools.faults import RunsCode, flip_bytes
 from test_checkpoint import tiny_trained, world_of_one  # noqa: F401  (a fixture)
-
-
-class _RunsCode:
-    """Unpickling this calls exec(): what a crafted `.metadata` or `rng_rank0.pt` could do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
 
 
 def saved(tmp_path: Path, steps=(1,), keep: int = 5) -> tuple[Checkpointer, torch.nn.Module, torch.optim.Optimizer]:
@@ -50,9 +41,9 @@ def test_crafted_checkpoint_file_is_refused_and_runs_no_code(world_of_one, tmp_p
     ckpt, marker = ck.root / "step_00000001", tmp_path / "code_ran"
     with open(ckpt / name, "wb") as f:
         if name == ".metadata":
-            pickle.dump(_RunsCode(marker), f)
+            pickle.dump(RunsCode(marker), f)
         else:
-            torch.save({"torch": _RunsCode(marker)}, f)
+            torch.save({"torch": RunsCode(marker)}, f)
     checkpoint.write_manifest(ckpt)
     assert ck.latest() == ckpt  # it verifies
     other, other_opt = tiny_trained(1)
@@ -62,7 +53,7 @@ def test_crafted_checkpoint_file_is_refused_and_runs_no_code(world_of_one, tmp_p
         with pytest.raises(CheckpointError, match="refused to load"):
             checkpoint.load_model_weights(tmp_path / "run", other)
     assert not marker.exists()
-    pickle.loads(pickle.dumps(_RunsCode(marker)))  # the payload is real: a plain unpickle runs it
+    pickle.loads(pickle.dumps(RunsCode(marker)))  # the payload is real: a plain unpickle runs it
     assert marker.read_text() == "pwned"
 
 
@@ -85,14 +76,6 @@ def test_init_from_a_pickle_file_is_refused_with_how_to_convert(world_of_one, tm
 
 
 # ---------------------------------------------------------------- manifests: corrupt, incomplete, `latest`
-
-
-def flip_bytes(path: Path, n: int = 64, seed: int = 0) -> None:
-    data = bytearray(path.read_bytes())
-    g = torch.Generator().manual_seed(seed)
-    for i in torch.randperm(len(data), generator=g)[:n].tolist():
-        data[i] ^= 0xFF
-    path.write_bytes(bytes(data))
 
 
 def test_flipped_distcp_bytes_fall_back_to_the_previous_checkpoint(world_of_one, tmp_path, capsys):
@@ -210,7 +193,7 @@ def poisoned_shards(src: Path, dst: Path, first: int, last: int) -> tuple[Path, 
 def test_nan_sample_skips_the_step_and_then_stops_the_run(tiny_models, skewed_shards, tmp_path):
     import subprocess
 
-    from test_checkpoint import flatten, read_checkpoint
+    from fastross.tools.faults import flatten, read_checkpoint
     from test_train import metrics, run, torchrun_cmd, write_config
 
     # Unshuffled, 8 samples a step on one rank: step 2 holds samples 8..15, one of them poisoned.

@@ -5,40 +5,18 @@ About 1 run in 20 of torchrun on gloo aborts at interpreter exit after all work 
 final log line), not by its exit code.
 """
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
+from fastross.tools.faults import descendants, metrics, torchrun_cmd, write_config  # noqa: F401  (shared)
 
 pytestmark = pytest.mark.slow
-
-
-def write_config(path: Path, models: Path, shards: Path, run_dir: Path, **train) -> Path:
-    cfg = {
-        "model": {
-            "vision_path": str(models / "vision"), "llm_path": str(models / "llm"),
-            "denoiser": {"kind": "dit", "depth": 1, "width": 32, "heads": 4, "replicas": 4},
-            "fused_ce": False,  # slow in Triton's CPU interpreter; tests/test_golden.py runs it on 2 ranks
-        },
-        "data": {"shards": str(shards), "global_batch": 8, "max_tokens": 256, "workers": 2},  # loader workers on
-        "optim": {"lr_projector": 1e-3, "lr_denoiser": 1e-3, "lr_llm": 1e-3, "warmup_ratio": 0.0},
-        "train": {"trainable": ["projector", "llm", "denoiser"], "dtype": "fp32", "log_every": 1,
-                  "run_dir": str(run_dir), **train},
-    }
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def torchrun_cmd(nproc: int, config: Path, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "fastross.train", str(config), *overrides]
 
 
 def run(nproc: int, config: Path, *overrides: str) -> str:
@@ -46,10 +24,6 @@ def run(nproc: int, config: Path, *overrides: str) -> str:
     out = p.stdout + p.stderr
     assert "train: done" in out, out[-4000:]
     return out
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def final_weights(run_dir: Path, tmp: Path) -> dict:
@@ -94,22 +68,6 @@ def test_two_ranks_match_one_rank(tiny_models, skewed_shards, tmp_path):
     assert num**0.5 <= 1e-3 * den**0.5, (num**0.5, den**0.5)
     for k in w1:  # and no element anywhere differs by more than the two steps' lr allows
         assert (w1[k] - w2[k]).abs().max().item() <= 2 * 1e-3, k
-
-
-def descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 def final_weights_at_start(models: Path) -> dict:

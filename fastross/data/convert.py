@@ -195,6 +195,10 @@ def write_staged(out: Path, overwrite: bool, write) -> None:
     stage.mkdir(parents=True)
     try:
         write(stage)
+    except OSError as e:  # a full disk, a lost mount: the folder being written is named, OUT is as it was
+        shutil.rmtree(stage, ignore_errors=True)
+        raise ConvertError(f"writing the shards into {stage} failed ({e}); {out} is as it was: free space and "
+                           "run the same command again") from e
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

@@ -66,7 +66,8 @@ def check_shard_file(folder: str | Path, shard: dict) -> str | None:
 
 
 def corrupt_shards(folder: str | Path) -> list[tuple[range, str]]:
-    """Check every shard file of `folder` against index.json: (the sample ids it holds, the problem) per bad one."""
+    """Check every shard file of `folder` against index.json: (the sample ids it holds, the problem) per bad one.
+    An intact file whose own sample count differs from index.json's raises ShardCorruptError: the index is wrong."""
     index_path = Path(folder) / "index.json"
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path} is missing: {folder} is not a folder of MDS shards")
@@ -75,8 +76,20 @@ def corrupt_shards(folder: str | Path) -> list[tuple[range, str]]:
         problem = check_shard_file(folder, shard)
         if problem is not None:
             bad.append((range(start, start + shard["samples"]), problem))
+        elif (held := _samples_held(folder, shard)) != shard["samples"]:
+            # The file is intact but index.json is not: every later sample id would be off. Not skippable.
+            raise ShardCorruptError(
+                f"{Path(folder) / shard['raw_data']['basename']}: holds {held} samples, {index_path} records "
+                f"{shard['samples']}: index.json was edited or belongs to other shards; convert the data again"
+            )
         start += shard["samples"]
     return bad
+
+
+def _samples_held(folder: str | Path, shard: dict) -> int:
+    """The sample count an MDS shard file states in its first 4 bytes (little-endian uint32)."""
+    with open(Path(folder) / shard["raw_data"]["basename"], "rb") as f:
+        return int.from_bytes(f.read(4), "little")
 
 
 def read_meta(shards: str | Path) -> dict:

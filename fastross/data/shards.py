@@ -106,22 +106,28 @@ class MDSShard:
         if info.get("format") != "mds":
             raise ValueError(f"{folder / 'index.json'}: shard format {info.get('format')!r} is not 'mds'")
         raw = folder / info["raw_data"]["basename"] if info.get("raw_data") else None
-        if remote is not None and raw is not None and not info.get("compression"):
+        if info.get("compression") or raw is None:
+            raise FileNotFoundError(self._missing(raw or folder, info))
+        if remote is not None:
             remote.register(info)
-        elif info.get("compression") or raw is None or not raw.is_file():
-            what = f"compressed ({info.get('compression')}); " if info.get("compression") else ""
-            raise FileNotFoundError(
-                f"{raw or folder} is missing ({what}fastross reads uncompressed local MDS shards, as its converter "
-                "writes them): convert again, or decompress the shards into this folder"
-            )
+        # A missing local file is an error at its first read, not here: data.corrupt_shards=skip leaves it unread.
+        self.missing = None if remote is not None or raw.is_file() else self._missing(raw, info)
         self.path, self.samples, self.remote = raw, int(info["samples"]), remote
         self.columns = list(zip(info["column_names"], info["column_encodings"]))
         for _, enc in self.columns:
             encoded_size(enc)  # refuses encodings we cannot decode now, not at the first read
         self.sizes = info["column_sizes"]
 
+    @staticmethod
+    def _missing(path: Path, info: dict) -> str:
+        what = f"compressed ({info.get('compression')}); " if info.get("compression") else ""
+        return (f"{path} is missing ({what}fastross reads uncompressed local MDS shards, as its converter writes "
+                "them): convert again, or decompress the shards into this folder")
+
     def raw(self, i: int) -> bytes:
         """Sample i's bytes as stored (variable sizes, then columns)."""
+        if self.missing:
+            raise FileNotFoundError(self.missing)
         with (open(self.path, "rb", buffering=0) if self.remote is None else self.remote.open(self.path.name)) as f:
             f.seek(4 + 4 * i)
             begin, end = np.frombuffer(f.read(8), np.uint32)

@@ -1,0 +1,649 @@
+"""The fault campaign: kills, full disks, corrupt shards and checkpoints, hostile records, escape attempts.
+
+    python benchmarks/faults.py [--seed S] [--kills 10] [--save-kills 10] [--fuzz 1000] [--save]
+
+On 2 CPU ranks with the tiny models and the tests' data set (fastross.tools.golden.prepare), in a temporary
+folder removed at the end. One uninterrupted reference run (8 steps, a checkpoint every 2, 2 kept) is made first;
+every trial that trains is compared with it bit for bit: each step's metrics record (measured times aside) and
+every checkpoint both runs keep (model, optimizer, trainer.json, RNG files).
+
+- kills: SIGKILL of torchrun and all its processes at a seeded random step, then a resume to the end.
+- save kills: SIGKILL at a named moment of a checkpoint save (fastross.tools.fault_train), including between the
+  folder's rename and the `latest` update, synchronous and asynchronous saves; the resume must start from the
+  newest complete checkpoint at that moment, and be exact.
+- full disk (ENOSPC injected where the write happens): a checkpoint save and a metrics write (the error names
+  the path, the run resumes exactly from the previous checkpoint), a conversion (the error names the folder, --out
+  is untouched, the same command then gives the clean shards).
+- 5 corrupt shards (flipped token bytes, flipped latent bytes, a truncated file, an edited index.json, a deleted
+  file): each an error naming the file, and with data.corrupt_shards=skip each skipped and counted.
+- 5 corrupt checkpoints (flipped and truncated .distcp, deleted manifest, `latest` naming a deleted folder, a
+  crafted `.metadata` whose manifest was rewritten to match): a resume from the newest verified one that is exact,
+  or a refusal; no NaN trained on, no code run.
+- escapes: `../`, absolute and symlinked image paths out of --images, and a crafted rng_rank0.pt; each refused,
+  nothing from outside in the shards, no code run (the payload would create a marker file).
+- fuzz: N records (fastross.tools.faults.fuzz_records) converted in chunks of 100: crashes (the converter raised,
+  or its counts do not add up), lost (a valid record not written), silent_corruption (a written sample that differs
+  from a clean conversion of the record -- its image re-encoded as a plain 8-bit RGB PNG -- or from the pixels a
+  direct computation gives, or a record that had to be skipped but was written).
+
+One line per trial, then exactly one final line:
+    faults: resume_exact A/10 save_kill_ok B/10 fuzz_records N crashes C lost L silent_corruption S escapes E \
+disk_full_ok F/3 corrupt_ckpt_ok K/5
+--save appends the counts to benchmarks/results/faults.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+
+from fastross.tools import faults
+from fastross.tools.faults import INVALID, VALID
+
+STEPS, CKPT_EVERY, KEEP, RANKS = 8, 2, 2, 2
+# Save moments killed in order (the first --save-kills of them): (moment, asynchronous save, checkpoint steps).
+SAVE_KILLS = [("renamed", False, (2, 4, 6)), ("dcp_write", False, (2, 4, 6)), ("small_files", False, (4, 6)),
+              ("manifest", False, (4, 6)), ("rename", False, (2, 4, 6)), ("latest", False, (2, 4, 6)),
+              ("prune", False, (6, 8)), ("dcp_write", True, (4, 6)), ("renamed", True, (4, 6)),
+              ("prune", True, (6,))]
+RESUMES_AT_THE_NEW_ONE = {"renamed", "latest", "prune"}  # the new checkpoint is complete from the rename on
+
+
+class Campaign:
+    """The shared setup: models, shards, the reference run, and how to launch and compare runs."""
+
+    def __init__(self, work: Path, seed: int, models: Path, shards: Path, ranks: int = RANKS):
+        self.work, self.ranks, self.rng = work, ranks, random.Random(seed)
+        self.env = {**os.environ, "TMPDIR": str(work)}  # streaming's lock files stay in here
+        self.models, self.shards = models, shards
+        self.ref = work / "reference"
+
+    def reference(self) -> None:
+        """The one uninterrupted run every trial is compared with."""
+        out = self.train(self.config(self.ref))
+        if "train: done" not in out:
+            raise RuntimeError(f"faults: the reference run failed:\n{out[-3000:]}")
+
+    def config(self, run_dir: Path, shards: Path | None = None) -> Path:
+        return faults.write_config(run_dir.parent / f"{run_dir.name}.yaml", self.models, shards or self.shards,
+                                   run_dir, workers=0, max_steps=STEPS, ckpt_every=CKPT_EVERY,
+                                   keep_checkpoints=KEEP)
+
+    def launch(self, cfg: Path, *overrides: str, fault: str | None = None, markers: Path | None = None,
+               log: Path) -> subprocess.Popen:
+        env = dict(self.env)
+        module = "fastross.train"
+        if fault:
+            env.update(FASTROSS_FAULT=fault, FASTROSS_FAULT_MARKERS=str(markers))
+            module = "fastross.tools.fault_train"
+        return subprocess.Popen(faults.torchrun_cmd(self.ranks, cfg, *overrides, module=module),
+                                stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+
+    def train(self, cfg: Path, *overrides: str, fault: str | None = None, markers: Path | None = None) -> str:
+        """A run to its end (or its failure); returns its output."""
+        log = cfg.with_suffix(".log")
+        proc = self.launch(cfg, *overrides, fault=fault, markers=markers, log=log)
+        try:
+            proc.wait(timeout=600)
+        finally:
+            faults.kill_tree(proc)
+        return log.read_text(errors="replace")
+
+    def differences(self, run_dir: Path) -> list[str]:
+        diffs = faults.run_differences(self.ref, run_dir, self.work)
+        newest = max(p.name for p in (self.ref / "checkpoints").glob("step_*"))
+        if not (run_dir / "checkpoints" / newest).is_dir():
+            diffs.append(f"the run has no {newest}")
+        return diffs
+
+    def copy_of_reference(self, name: str) -> Path:
+        rd = self.work / name
+        shutil.copytree(self.ref, rd)
+        return rd
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    """Steps in metrics.jsonl, read while it is written (a line being written is skipped)."""
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            steps.append(json.loads(line)["step"])
+    return steps
+
+
+def wait_until(cond, proc: subprocess.Popen, timeout: float = 600) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        if proc.poll() is not None:
+            return cond()
+        time.sleep(0.05)
+    return False
+
+
+def resumed_at(out: str) -> int:
+    """The step a run's output says it resumed at (0: it started fresh)."""
+    for line in out.splitlines():
+        if line.startswith("train: resumed from ") and " at step " in line:
+            return int(line.rsplit(" at step ", 1)[1])
+    return 0
+
+
+START = time.perf_counter()
+
+
+def report(kind: str, i: int, ok: bool, detail: str) -> bool:
+    """One trial's progress line, with the seconds since the start."""
+    print(f"faults: [{time.perf_counter() - START:5.0f} s] {kind} {i}: {'ok' if ok else 'FAILED'}: {detail}", flush=True)
+    return ok
+
+
+# ---------------------------------------------------------------- kills
+
+
+def kill_at_random_step(c: Campaign, i: int) -> bool:
+    step, delay = c.rng.randint(1, STEPS - 2), c.rng.uniform(0.0, 0.5)
+    rd = c.work / f"kill{i}"
+    cfg = c.config(rd)
+    proc = c.launch(cfg, log=c.work / f"kill{i}.log")
+    reached = wait_until(lambda: step in logged_steps(rd), proc)
+    time.sleep(delay)
+    faults.kill_tree(proc)
+    killed_log = (c.work / f"kill{i}.log").read_text(errors="replace")
+    if not reached or "train: done" in killed_log:
+        return report("kill", i, False, f"the run never reached step {step} alive:\n{killed_log[-2000:]}")
+    out = c.train(cfg)
+    diffs = c.differences(rd) if "train: done" in out else [f"the resume failed:\n{out[-2000:]}"]
+    shutil.rmtree(rd)
+    return report("kill", i, not diffs, f"SIGKILL {delay:.2f} s after step {step} was logged, resumed at step "
+                                        f"{resumed_at(out)}" + (f": {diffs[:3]}" if diffs else ", exact"))
+
+
+def kill_during_save(c: Campaign, i: int) -> bool:
+    moment, asynchronous, steps = SAVE_KILLS[i % len(SAVE_KILLS)]
+    step = c.rng.choice(steps)
+    rd, markers = c.work / f"save_kill{i}", c.work / f"markers{i}"
+    markers.mkdir()
+    cfg = c.config(rd)
+    over = ("train.async_checkpoint=true",) if asynchronous else ()
+    proc = c.launch(cfg, *over, fault=f"{moment}:{step}", markers=markers, log=c.work / f"save_kill{i}.log")
+    hit = wait_until(lambda: (markers / "hit_rank0").exists(), proc)
+    faults.kill_tree(proc)
+    what = f"{moment} of step {step}'s {'asynchronous' if asynchronous else 'synchronous'} save"
+    if not hit:
+        log = (c.work / f"save_kill{i}.log").read_text(errors="replace")
+        return report("save_kill", i, False, f"never reached the {what}:\n{log[-2000:]}")
+    out = c.train(cfg, *over)
+    want = step if moment in RESUMES_AT_THE_NEW_ONE else step - CKPT_EVERY
+    diffs = c.differences(rd) if "train: done" in out else [f"the resume failed:\n{out[-2000:]}"]
+    if resumed_at(out) != want:
+        diffs.insert(0, f"resumed at step {resumed_at(out)}, the newest complete checkpoint was step {want}")
+    shutil.rmtree(rd)
+    shutil.rmtree(markers)
+    return report("save_kill", i, not diffs, f"SIGKILL at the {what}, resumed at step {resumed_at(out)}"
+                                             + (f": {diffs[:3]}" if diffs else ", exact"))
+
+
+# ---------------------------------------------------------------- full disks
+
+
+def disk_full_in_training(c: Campaign, i: int, moment: str) -> bool:
+    """ENOSPC at a checkpoint save or a metrics write: the run fails naming the path; the resume is exact."""
+    step = c.rng.choice((4, 6)) if moment == "enospc_save" else c.rng.randint(3, STEPS - 1)
+    rd = c.work / f"full{i}"
+    cfg = c.config(rd)
+    out = c.train(cfg, fault=f"{moment}:{step}", markers=c.work)
+    previous = (step - 1) // CKPT_EVERY * CKPT_EVERY  # step's own save comes after its log record
+    if moment == "enospc_save":
+        named = f"checkpoint {rd / 'checkpoints' / f'step_{step:08d}.tmp'}: DCP's write failed"
+        intact = f"{rd / 'checkpoints' / f'step_{previous:08d}'} is intact"
+        problems = [f"no error naming the folder ({named!r})"] if named not in out or intact not in out else []
+    else:
+        named = f"could not append a record to {rd / 'metrics.jsonl'}: No space left on device"
+        problems = [] if named in out else [f"no error naming the file ({named!r})"]
+        with contextlib.suppress(ValueError):  # every line whole: the torn half was cut off
+            if logged_steps(rd) != list(range(1, step)) or len(logged_steps(rd)) != len(
+                    (rd / "metrics.jsonl").read_text().splitlines()):
+                problems.append(f"metrics.jsonl holds steps {logged_steps(rd)} or a torn line")
+    if "train: done" in out:
+        problems.append("the run did not fail")
+    resumed = c.train(cfg)
+    problems += c.differences(rd) if "train: done" in resumed else [f"the resume failed:\n{resumed[-2000:]}"]
+    if resumed_at(resumed) != previous:
+        problems.append(f"resumed at step {resumed_at(resumed)}, not at the previous checkpoint {previous}")
+    shutil.rmtree(rd)
+    where = "checkpoint save" if moment == "enospc_save" else "metrics write"
+    return report("disk_full", i, not problems, f"ENOSPC at step {step}'s {where}, resumed at step "
+                                                f"{resumed_at(resumed)}" + (f": {problems[:3]}" if problems else
+                                                                           ", error named the path, exact"))
+
+
+def disk_full_in_conversion(c: Campaign, i: int) -> tuple[bool, Path]:
+    """ENOSPC while the converter writes its second shard file: an error naming the folder, --out untouched; the
+    same command again gives the samples of a clean conversion. Returns the multi-shard folder it made."""
+    from pathlib import Path as P
+
+    from fastross.data import convert
+
+    out = c.work / "multi_shards"
+    synth = c.shards.parent / "synth"  # fastross.tools.golden.prepare's layout
+    argv = ["--json", str(synth / "stage2.json"), "--images", str(synth / "images"), "--tokenizer",
+            str(c.models / "llm"), "--vision", str(c.models / "vision"), "--vae", str(c.models / "vae"),
+            "--template", "qwen2_ross", "--out", str(out), "--quiet", "--shard-size", "65536"]
+    real = P.write_bytes
+
+    def full(path, data):
+        if path.parent.name.endswith(".partial") and path.name == "shard.00001.mds":
+            real(path, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    err = io.StringIO()
+    with mock.patch.object(P, "write_bytes", full), contextlib.redirect_stderr(err), \
+            contextlib.redirect_stdout(io.StringIO()):
+        try:
+            rc = convert.main(argv)
+        except OSError as e:
+            rc, _ = -1, err.write(f"raised {e!r}")
+    problems = []
+    stage = out.parent / f".{out.name}.partial"
+    if rc != 2 or str(stage) not in err.getvalue() or "No space left on device" not in err.getvalue():
+        problems.append(f"exit {rc}, said {err.getvalue().strip()[-300:]!r}")
+    if out.exists() or stage.exists():
+        problems.append("a half-written folder was left")
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = convert.main(argv)
+    if rc != 0:
+        problems.append(f"the same command again exited {rc}")
+    else:
+        problems += sample_differences(c.shards, out)
+        if len(list(out.glob("*.mds"))) < 3:
+            problems.append("fewer than 3 shard files")
+    return report("disk_full", i, not problems, "ENOSPC during conversion" + (
+        f": {problems[:3]}" if problems else ", error named the folder, --out untouched, the rerun is clean")), out
+
+
+def sample_differences(a: Path, b: Path) -> list[str]:
+    from fastross.data.shards import MDSShards
+
+    sa, sb = MDSShards(a), MDSShards(b)
+    if len(sa) != len(sb):
+        return [f"{b}: {len(sb)} samples, {a} has {len(sa)}"]
+    diffs = []
+    for k in range(len(sa)):
+        x, y = sa.read(k), sb.read(k)
+        diffs += [f"{b} sample {k} {f}" for f in x if not _same(x[f], y[f])]
+    return diffs
+
+
+def _same(x, y) -> bool:
+    return np.array_equal(x, y) if isinstance(x, np.ndarray) else x == y
+
+
+# ---------------------------------------------------------------- corrupt shards
+
+
+def corrupt_shard_trials(c: Campaign, multi: Path, spec) -> int:
+    """Each corruption on a fresh copy of a multi-shard folder: an error naming the file, and skipped and counted
+    with data.corrupt_shards=skip (the loader then plans only the other shards' samples)."""
+    from fastross.data.schema import ShardCorruptError
+
+    index = json.loads((multi / "index.json").read_text())["shards"]
+    second = index[1]["raw_data"]["basename"]
+    first_id = index[0]["samples"]
+    images = [k for k in range(first_id, first_id + index[1]["samples"])]
+
+    def tokens(d: Path) -> Path:
+        f, at = faults.field_bytes(d, images[0], "input_ids")
+        faults.flip_bytes(f, 1, seed=c.rng.randrange(2**32), at=at)
+        return f
+
+    def latents(d: Path) -> Path:
+        sid = next(k for k in images if _has_latents(d, k))
+        f, at = faults.field_bytes(d, sid, "latent_mean")
+        faults.flip_bytes(f, 1, seed=c.rng.randrange(2**32), at=at)
+        return f
+
+    def truncated(d: Path) -> Path:
+        f = d / second
+        f.write_bytes(f.read_bytes()[:-100])
+        return f
+
+    def index_edited(d: Path) -> Path:
+        raw = json.loads((d / "index.json").read_text())
+        raw["shards"][1]["samples"] -= 1
+        (d / "index.json").write_text(json.dumps(raw, sort_keys=True))
+        return d / second
+
+    def deleted(d: Path) -> Path:
+        (d / second).unlink()
+        return d / second
+
+    # (what, how, whether data.corrupt_shards=skip can skip it: an edited index.json shifts every later sample id)
+    cases = [("flipped token bytes", tokens, True), ("flipped latent bytes", latents, True),
+             ("truncated file", truncated, True), ("index.json edited", index_edited, False),
+             ("shard file deleted", deleted, True)]
+    ok = 0
+    for i, (name, corrupt, skippable) in enumerate(cases):
+        d = c.work / f"corrupt_shards{i}"
+        shutil.copytree(multi, d)
+        victim = corrupt(d)
+        problems = []
+        for mode in ("error", "skip"):
+            try:
+                got = loader(d, mode, spec)
+            except ShardCorruptError as e:
+                if str(victim) not in str(e):
+                    problems.append(f"{mode}: the error does not name {victim}: {e}")
+                elif mode == "skip" and skippable:
+                    problems.append(f"skip: refused a shard it could skip: {e}")
+                continue
+            except Exception as e:  # noqa: BLE001  (any other failure is a result to report)
+                problems.append(f"{mode}: {type(e).__name__}: {e}")
+                continue
+            kept = sum(s["samples"] for s in index) - index[1]["samples"]
+            skipped = sum(len(r) for r, _ in got.corrupt)
+            if mode == "error" or not skippable:
+                problems.append(f"{mode}: loaded without an error")
+            elif got.stream.steps_per_epoch != kept // 4 or skipped != index[1]["samples"]:
+                problems.append(f"skip: {got.stream.steps_per_epoch} steps/epoch, {skipped} samples skipped")
+        shutil.rmtree(d)
+        outcome = "skipped and counted" if skippable else "refused in skip mode too"
+        ok += report("corrupt_shard", i, not problems, name + (f": {problems}" if problems else
+                                                               f": the error names {victim.name}; {outcome}"))
+    return ok
+
+
+def _has_latents(d: Path, k: int) -> bool:
+    from fastross.data.shards import MDSShards
+
+    return len(MDSShards(d).read(k)["latent_mean"]) > 0
+
+
+def loader(shards: Path, mode: str, spec):
+    import torch
+
+    from fastross.config import DataConfig
+    from fastross.data.loader import Loader
+
+    cfg = DataConfig(shards=str(shards), global_batch=4, corrupt_shards=mode, workers=0)
+    return Loader(cfg, rank=0, world=1, attn_tokens=1e4, image=spec, latent_channels=16, replicas=1, seed=0,
+                  device=torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- corrupt checkpoints, escapes through a checkpoint
+
+
+def crafted(ckpt: Path, name: str, marker: Path) -> None:
+    """A payload in place of a checkpoint file, the manifest rewritten to match: integrity is not authorship."""
+    import pickle
+
+    import torch
+
+    from fastross import checkpoint
+
+    with open(ckpt / name, "wb") as f:
+        if name == ".metadata":
+            pickle.dump(faults.RunsCode(marker), f)
+        else:
+            torch.save({"torch": faults.RunsCode(marker)}, f)
+    checkpoint.write_manifest(ckpt)
+
+
+def corrupt_checkpoint_trials(c: Campaign) -> int:
+    newest, previous = f"step_{STEPS:08d}", f"step_{STEPS - CKPT_EVERY:08d}"
+
+    def distcp(ck: Path) -> Path:
+        return sorted(ck.glob("*.distcp"))[0]
+
+    cases = [
+        ("flipped .distcp bytes", lambda ck: faults.flip_bytes(distcp(ck), 64, seed=c.rng.randrange(2**32))),
+        ("truncated .distcp", lambda ck: distcp(ck).write_bytes(distcp(ck).read_bytes()[:-4096])),
+        ("deleted manifest", lambda ck: (ck / "manifest.json").unlink()),
+        ("`latest` names a deleted folder", lambda ck: shutil.rmtree(ck)),
+        ("crafted .metadata", lambda ck: crafted(ck, ".metadata", c.work / "marker_metadata")),
+    ]
+    ok = 0
+    for i, (name, corrupt) in enumerate(cases):
+        rd = c.copy_of_reference(f"corrupt_ckpt{i}")
+        corrupt(rd / "checkpoints" / newest)
+        before = (rd / "metrics.jsonl").read_bytes()
+        out = c.train(c.config(rd))
+        problems = []
+        if name.startswith("crafted"):
+            if "refused to load" not in out or "train: done" in out:
+                problems.append(f"not refused:\n{out[-1500:]}")
+            if (c.work / "marker_metadata").exists():
+                problems.append("THE PAYLOAD RAN")
+            if (rd / "metrics.jsonl").read_bytes() != before:
+                problems.append("the refused run wrote metrics")
+            outcome = "refused"
+        else:
+            if resumed_at(out) != STEPS - CKPT_EVERY or "train: done" not in out:
+                problems.append(f"did not resume from {previous}:\n{out[-1500:]}")
+            problems += c.differences(rd)
+            outcome = f"resumed from {previous}, exact"
+        shutil.rmtree(rd)
+        ok += report("corrupt_ckpt", i, not problems, name + (f": {problems[:3]}" if problems else f": {outcome}"))
+    return ok
+
+
+def converter_escapes(c: Campaign) -> int:
+    """Image paths leading out of --images: `../`, absolute, a symlink. Returns how many got through (written, or
+    the outside file's bytes found in a shard)."""
+    from fastross.data import convert
+
+    root = c.work / "escape"
+    images, outside = root / "images", root / "outside"
+    images.mkdir(parents=True)
+    outside.mkdir()
+    secret = faults.png(faults.rgb_image(24, 24, 99))
+    (outside / "secret.png").write_bytes(secret)
+    (images / "ok.png").write_bytes(faults.png(faults.rgb_image(24, 24, 1)))
+    os.symlink(outside / "secret.png", images / "link.png")
+    ask = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Noise."}]
+    attempts = {"dotdot": "../outside/secret.png", "absolute": str(outside / "secret.png"), "symlink": "link.png"}
+    records = [{"id": k, "image": v, "conversations": ask} for k, v in attempts.items()]
+    records.append({"id": "ok", "image": "ok.png", "conversations": ask})
+    (root / "records.json").write_text(json.dumps(records))
+    out = root / "shards"
+    with contextlib.redirect_stdout(io.StringIO()):
+        rc = convert.main(["--json", str(root / "records.json"), "--images", str(images), "--tokenizer",
+                           str(c.models / "llm"), "--vision", str(c.models / "vision"), "--template", "qwen2_ross",
+                           "--out", str(out), "--quiet"])
+    from fastross.data.schema import read_meta
+    from fastross.data.shards import MDSShards
+
+    written = [MDSShards(out).read(k)["id"] for k in range(len(MDSShards(out)))] if rc == 0 else []
+    leaked = any(secret in f.read_bytes() for f in out.glob("*.mds")) if rc == 0 else False
+    skipped = read_meta(out)["skipped"] if rc == 0 else {}
+    escaped = 0
+    for i, (name, path) in enumerate(attempts.items()):
+        got_through = name in written or leaked
+        escaped += got_through
+        report("escape", i, not got_through and rc == 0 and written == ["ok"], f"image {path!r}: " + (
+            "WRITTEN" if got_through else f"skipped ({skipped})"))
+    shutil.rmtree(root)
+    return escaped
+
+
+def rng_escape(c: Campaign) -> int:
+    """A crafted rng_rank0.pt in the newest checkpoint, its manifest rewritten: 1 if the payload ran."""
+    rd = c.copy_of_reference("escape_run")
+    marker = c.work / "marker_rng"
+    crafted(rd / "checkpoints" / f"step_{STEPS:08d}", "rng_rank0.pt", marker)
+    run_out = c.train(c.config(rd))
+    ran = marker.exists()
+    refused = "rng_rank0.pt: refused to load" in run_out and "train: done" not in run_out
+    report("escape", 3, refused and not ran, "crafted rng_rank0.pt: " + (
+        "THE PAYLOAD RAN" if ran else "refused, no code ran" if refused else f"not refused:\n{run_out[-1500:]}"))
+    shutil.rmtree(rd)
+    return int(ran)
+
+
+# ---------------------------------------------------------------- fuzzed records
+
+
+def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100) -> dict:
+    """n fuzzed records through the converter, `chunk` per conversion: crashes, lost, silent_corruption."""
+    from fastross.data import convert
+    from fastross.data.images import preprocess
+    from fastross.data.shards import MDSShards
+
+    root = c.work / "fuzz"
+    images = root / "images"
+    images.mkdir(parents=True)
+    (root / "outside.png").write_bytes(faults.png(faults.rgb_image(16, 16, 0)))
+    args = convert.parse_args(["--json", "-", "--images", str(images), "--tokenizer", str(c.models / "llm"),
+                               "--template", "qwen2_ross", "--vision", str(c.models / "vision"), "--vae",
+                               str(c.models / "vae"), "--out", "-", "--image-aspect", "square", "--quiet"])
+    conv = convert.Converter(args)
+    counts = {"records": 0, "crashes": 0, "lost": 0, "silent_corruption": 0}
+    for start in range(0, n, chunk):
+        batch = faults.fuzz_records(min(chunk, n - start), seed * 1_000_003 + start, images, start)
+        counts["records"] += len(batch)
+        got, problem = convert_records(conv, root, f"fuzz{start}", [f.record for f in batch])
+        if problem:
+            counts["crashes"] += 1
+            report("fuzz", start // chunk, False, problem)
+            continue
+        by_id = {f.record["id"]: f for f in batch if isinstance(f.record, dict) and isinstance(f.record.get("id"), str)}
+        lost = [f.kind for f in batch if f.expect == VALID and f.record["id"] not in got]
+        bad = [f"{f.kind} written" for rid, f in by_id.items() if f.expect == INVALID and rid in got]
+        twins = []
+        for rid in got:
+            f = by_id.get(rid)
+            if f is None:
+                bad.append(f"an unexpected sample {rid!r}")
+                continue
+            twin = dict(f.record)
+            if f.rgb is not None:
+                twin["image"] = f"twin_{rid}.png"
+                (images / twin["image"]).write_bytes(faults.png(f.rgb, "RGB"))
+            twins.append(twin)
+        clean, problem = convert_records(conv, root, f"clean{start}", twins)
+        if problem:
+            bad.append(f"the clean conversion failed: {problem}")
+            clean = {}
+        for rid, sample in got.items():
+            f, twin = by_id.get(rid), clean.get(rid)
+            if f is None:
+                continue
+            if twin is None:
+                bad.append(f"{f.kind}: a clean conversion skips it")
+                continue
+            bad += [f"{f.kind}: {k}" for k in sample if k not in ("image", "index", "latent_mean", "latent_std")
+                    and not _same(sample[k], twin[k])]
+            for k in ("latent_mean", "latent_std"):  # fp32 reordering: VAE batches of other companions
+                a, b = (np.frombuffer(s[k], np.float32) for s in (sample, twin))
+                if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=1e-5):
+                    bad.append(f"{f.kind}: {k}")
+            if f.rgb is not None:
+                import torch
+
+                if sample["image"] != f.data and sample["image"] != (images / f.image).read_bytes():
+                    bad.append(f"{f.kind}: stored image bytes")
+                want = faults.expected_pixels(f.rgb, spec)
+                got_px, twin_px = (preprocess(s["image"], spec, "square") for s in (sample, twin))
+                if not (torch.equal(got_px, want) and torch.equal(twin_px, want)):
+                    bad.append(f"{f.kind}: pixels")
+        counts["lost"] += len(lost)
+        counts["silent_corruption"] += len(bad)
+        kinds = sorted({f.kind.split(":")[0] for f in batch})
+        report("fuzz", start // chunk, not (lost or bad), f"{len(batch)} records ({len(kinds)} kinds), "
+               f"{len(got)} written, lost {len(lost)}, silent_corruption {len(bad)}"
+               + (f": {lost[:3]} {bad[:3]}" if lost or bad else ""))
+        shutil.rmtree(root / f"fuzz{start}", ignore_errors=True)
+        shutil.rmtree(root / f"clean{start}", ignore_errors=True)
+    shutil.rmtree(root)
+    return counts
+
+
+def convert_records(conv, root: Path, name: str, records: list) -> tuple[dict, str | None]:
+    """Convert `records` with a loaded Converter: ({sample id: sample}, None), or ({}, what went wrong)."""
+    from fastross.data.shards import MDSShards
+
+    src = root / f"{name}.json"
+    src.write_text(json.dumps(records), encoding="utf-8")
+    conv.a.json, conv.a.out = str(src), str(root / name)
+    try:
+        rep = conv.run()
+    except Exception as e:  # noqa: BLE001  (a crash is the result being counted)
+        return {}, f"the converter raised {type(e).__name__}: {e}"
+    if rep.read != len(records) or rep.written + sum(rep.skipped.values()) != rep.read:
+        return {}, f"read {rep.read} of {len(records)}, written {rep.written} + skipped {dict(rep.skipped)}"
+    shards = MDSShards(root / name)
+    return {s["id"]: s for s in (shards.read(k) for k in range(len(shards)))}, None
+
+
+# ----------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=None, help="seeds the kill steps, delays and fuzz (default: random)")
+    p.add_argument("--kills", type=int, default=10, help="SIGKILLs at random steps")
+    p.add_argument("--save-kills", type=int, default=10, help=f"SIGKILLs during saves (at most {len(SAVE_KILLS)} "
+                                                              "moments, then repeated)")
+    p.add_argument("--fuzz", type=int, default=1000, help="fuzzed converter records")
+    p.add_argument("--save", action="store_true", help="append the counts to benchmarks/results/faults.csv")
+    a = p.parse_args(argv)
+    seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1_000_000)
+    print(f"faults: seed {seed} (repeat with --seed {seed})", flush=True)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fastross-faults-") as tmp:
+        line = campaign(Path(tmp), seed, a)
+    wall = time.perf_counter() - t0
+    print(f"faults: wall {wall:.0f} s", flush=True)
+    if a.save:
+        from fastross.tools import results
+
+        path = results.append_csv("faults.csv", ["date", "commit", "machine", "seed", "wall_s", "line"],
+                                  [[results.today(), results.commit(), results.machine(), seed, f"{wall:.0f}", line]])
+        print(f"faults: appended to {path}", flush=True)
+    print(line, flush=True)
+    return 0
+
+
+def campaign(work: Path, seed: int, a) -> str:
+    from fastross.data.images import ImageSpec
+
+    from fastross.tools.golden import prepare
+
+    c = Campaign(work, seed, *prepare(work / "setup"))
+    c.reference()
+    spec = ImageSpec.from_pretrained(str(c.models / "vision"))
+    print(f"faults: reference run done ({STEPS} steps on {RANKS} ranks, a checkpoint every {CKPT_EVERY})", flush=True)
+    exact = sum(kill_at_random_step(c, i) for i in range(a.kills))
+    save_ok = sum(kill_during_save(c, i) for i in range(a.save_kills))
+    full = disk_full_in_training(c, 0, "enospc_save") + disk_full_in_training(c, 1, "enospc_metrics")
+    ok, multi = disk_full_in_conversion(c, 2)
+    full += ok
+    caught = corrupt_shard_trials(c, multi, spec)
+    print(f"faults: corrupt shards caught {caught}/5", flush=True)
+    ckpt_ok = corrupt_checkpoint_trials(c)
+    escaped = converter_escapes(c) + rng_escape(c)
+    f = fuzz(c, a.fuzz, seed, spec)
+    return (f"faults: resume_exact {exact}/{a.kills} save_kill_ok {save_ok}/{a.save_kills} "
+            f"fuzz_records {f['records']} crashes {f['crashes']} lost {f['lost']} "
+            f"silent_corruption {f['silent_corruption']} escapes {escaped} disk_full_ok {full}/3 "
+            f"corrupt_ckpt_ok {ckpt_ok}/5")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
