@@ -580,7 +580,7 @@ def convert_records(conv, root: Path, name: str, records: list) -> tuple[dict, s
 
     src = root / f"{name}.json"
     src.write_text(json.dumps(records), encoding="utf-8")
-    conv.a.json, conv.a.out = str(src), str(root / name)
+    conv.a.json, conv.a.out = [str(src)], str(root / name)
     try:
         rep = conv.run()
     except Exception as e:  # noqa: BLE001  (a crash is the result being counted)

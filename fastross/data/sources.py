@@ -61,6 +61,8 @@ def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str | int =
         folder, reader = mirror.local, MDSShards(mirror.local, remote=mirror)
     else:
         folder, reader = Path(cfg.shards), MDSShards(cfg.shards)
+    # Before the length index is compared with the shards: a shard whose header disagrees with index.json is named
+    corrupt = corrupt_shards(folder) if check and not remote else []
     lengths = load_lengths(folder, cfg.shards)
     if len(reader) != len(lengths):
         raise ValueError(
@@ -68,7 +70,6 @@ def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str | int =
             f"{len(reader)}: rebuild it with `python -m fastross.data.index {cfg.shards}`"
         )
     shards = json.loads((folder / "index.json").read_text())["shards"]
-    corrupt = corrupt_shards(folder) if check and not remote else []
     return Source(cfg.shards, cfg.weight, folder, remote, reader, lengths,
                   np.array([s["samples"] for s in shards], np.int64),
                   np.array([s["raw_data"]["bytes"] for s in shards], np.int64), corrupt, ShardMeta.read(folder))
