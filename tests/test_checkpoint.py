@@ -8,7 +8,6 @@ torchrun tests judge runs by what they wrote (see tests/test_train.py's header).
 import json
 import os
 import pickle
-import signal
 import subprocess
 import threading
 import time
@@ -21,7 +20,7 @@ from torch.distributed.checkpoint import filesystem
 
 from fastross import checkpoint
 from fastross.checkpoint import Checkpointer, load_rng
-from fastross.tools.faults import MEASURED, RunsCode, checkpoint_differences, read_checkpoint
+from fastross.tools.faults import MEASURED, RunsCode, checkpoint_differences, kill_tree, read_checkpoint
 
 TESTS = Path(__file__).parent
 
@@ -144,7 +143,7 @@ def test_crafted_rng_file_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- torchrun, 2 ranks
 
-from test_train import descendants, metrics, run, torchrun_cmd, write_config  # noqa: E402
+from test_train import metrics, run, torchrun_cmd, write_config  # noqa: E402
 
 STEPS = dict(max_steps=9, ckpt_every=3, keep_checkpoints=2)
 # The record's measured fields (fastross/metrics.py), which differ from run to run; the rest must match bit for bit.
@@ -217,12 +216,7 @@ def test_sigkill_during_async_write_resumes_from_previous(sync_run, tiny_models,
         assert json.loads((ckpts / "step_00000006.tmp" / "trainer.json").read_text())["step"] == 6
         assert proc.poll() is None  # still running: the held write never let the run finish
     finally:
-        for pid in [proc.pid, *descendants(proc.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        proc.wait()
+        kill_tree(proc)
         log.close()
 
     out = run(2, cfg)  # plain fastross.train, nothing held
