@@ -10,7 +10,11 @@ Rungs (cumulative; every one trains the same model, so their step-1 losses agree
   2 +packing    packed, rank-balanced varlen micro-batches
   3 +fused CE   Liger's fused linear cross-entropy at the supervised positions only
   4 +latents    the latent moments stored in the shards at conversion
-  5 +triton     fastross's fused denoiser kernels, the condition embedded once per image
+  5 +triton     fastross's fused denoiser (model.denoiser.impl=auto), the condition embedded once per image: the
+                Triton kernels on CUDA; on CPU, where Triton has no backend, their PyTorch twins, as fastross runs
+                there (fastross.model.denoiser.resolve_impl). On CPU the row "5i +triton interp." beside the
+                chain runs rung 5 with the Triton kernels in the interpreter (impl=triton): what they cost there,
+                reported, not part of the chain (--no-interpreted skips it)
   6 +planned AC per-layer activation checkpointing as the planner chooses it (fastross.plan.plan_policy) within
                 --budget-gib per rank (default: the host's memory over the ranks); the policy is printed
   7 +compile    torch.compile of every decoder layer and denoiser block
@@ -26,13 +30,14 @@ rung's steps); elsewhere simulated for the rung's config and its step's largest 
 by fastross.plan.simulate_config (FakeTensorMode, fake process group, FSDPMemTracker; compile not simulated).
 The header says which.
 
-On CPU the denoiser's Triton kernels run in Triton's interpreter, and compiling is slow: a rung may be slower than
-the one before it, and is reported as measured. What was done about the CPU ladder's cost (README, "The ladder"):
-- the interpreter's cost is per program and per op, so under TRITON_INTERPRET the kernels take tiles of up to 2^20
-  elements (fastross/kernels/_common.py): the tiny denoiser's 2048 x 64 -> 256 matmuls are one program each (the
-  kernel tests keep 2^14-element tiles, so that their odd shapes cross tile edges);
-- model.fused_ce on CPU is fastross's chunked torch cross-entropy, not Liger's kernel (no CPU path; interpreted,
-  one program per supervised row: `python benchmarks/text_loss.py` times both).
+On CPU compiling is slow and loader workers share the cores with the ranks: a rung may be slower than the one
+before it, and is reported as measured. Neither GPU kernel library has a CPU backend, so on CPU fastross runs their
+PyTorch counterparts, and the ladder does as fastross does (README, "The ladder"):
+- model.denoiser.impl=auto: the fused denoiser's PyTorch twins (the same maths and state dict; the interpreted
+  Triton kernels, row 5i, are measured beside the chain: under TRITON_INTERPRET they take tiles of up to 2^20
+  elements, fastross/kernels/_common.py, and still cost far more than PyTorch);
+- model.fused_ce on CPU is fastross's chunked torch cross-entropy, not Liger's kernel (interpreted, one program per
+  supervised row: `python benchmarks/text_loss.py` times both).
 
 Ends with `throughput: speedup X mfu M mem_ratio R device D` (X: the last rung's samples/s over the first's; M:
 its MFU; R: its peak memory over the first's). --save appends the table to benchmarks/results/throughput.csv.
@@ -43,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -65,7 +71,7 @@ RUNGS = [  # (name, overrides on top of the rung before; "LATENTS" switches to t
     ("+packing", ["data.packing=packed"]),
     ("+fused CE", ["model.fused_ce=true", "model.ce_positions=supervised"]),
     ("+latents", ["LATENTS"]),
-    ("+triton", ["model.denoiser.impl=triton", "model.denoiser.repeat_cond=false"]),
+    ("+triton", ["model.denoiser.impl=auto", "model.denoiser.repeat_cond=false"]),
     ("+planned AC", ["PLANNED"]),
     ("+compile", ["train.compile=true"]),
     ("+loader", ["data.workers=2"]),
@@ -124,26 +130,28 @@ def rung_config(models: Path, shards: Path, overrides: list[str], vae: bool):
     return config.load(CONFIG, base_overrides(models, shards, Path("unused"), 1, vae) + overrides, check_paths=False)
 
 
-def planned_policy(cfg, budget: float) -> str:
+def planned_policy(cfg, budget: float, device: str) -> str:
     """Rung 6: the planner's per-layer checkpointing policy for this rung's config within `budget` GiB per rank."""
     from fastross import plan
 
-    chosen = plan.plan_policy(cfg, RANKS, budget)
+    chosen = plan.plan_policy(cfg, RANKS, budget, device)
     if chosen is None:
         raise RuntimeError(f"throughput: no checkpointing policy fits {budget:.1f} GiB per rank (--budget-gib)")
     return plan.override(chosen)
 
 
-def simulated_peak_gib(cfg) -> float:
+def simulated_peak_gib(cfg, device: str) -> float:
     """A rank's peak memory for this rung's config by simulation (fastross.plan.simulate_config; compile not
     simulated: the eager step)."""
     from fastross import plan
 
-    return plan.simulate_config(cfg, RANKS).peak / GIB
+    return plan.simulate_config(cfg, RANKS, device).peak / GIB
 
 
-def train(models: Path, shards: Path, run_dir: Path, overrides: list[str], steps: int, vae: bool) -> list[dict]:
-    """One rung: configs/tiny.yaml from fresh weights for `steps` steps on RANKS ranks; its metrics records."""
+def train(models: Path, shards: Path, run_dir: Path, overrides: list[str], steps: int,
+          vae: bool) -> tuple[list[dict], str]:
+    """One rung: configs/tiny.yaml from fresh weights for `steps` steps on RANKS ranks; its metrics records and the
+    denoiser ops it ran (model.denoiser.impl as the trainer resolved it)."""
     base = base_overrides(models, shards, run_dir, steps, vae)
     with tempfile.TemporaryDirectory(prefix="fastross-ladder-") as tmp:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
@@ -155,7 +163,10 @@ def train(models: Path, shards: Path, run_dir: Path, overrides: list[str], steps
         raise RuntimeError(f"throughput: the rung did not finish ({' '.join(overrides)}):\n{out[-4000:]}")
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     shutil.rmtree(run_dir)  # its end-of-run checkpoint: one rung's on disk at a time
-    return recs
+    ops = re.search(r", denoiser (\w+), ", out)
+    if ops is None:
+        raise RuntimeError(f"throughput: the trainer's start line names no denoiser ops:\n{out[-4000:]}")
+    return recs, ops.group(1)
 
 
 def host_gib() -> float:
@@ -171,6 +182,8 @@ def main(argv=None) -> int:
                    help="memory per rank that rung 6's planner may spend (default: on CUDA the device's memory less "
                         "fastross.plan's margin, else the host's memory over the ranks)")
     p.add_argument("--save", action="store_true", help="append the table to benchmarks/results/throughput.csv")
+    p.add_argument("--no-interpreted", action="store_true",
+                   help="on CPU, skip row 5i (rung 5 with the Triton kernels in the interpreter)")
     p.add_argument("--slice-layers", type=int, default=0, metavar="K",
                    help="the 7B shapes with K LLM layers on one device (fastross.tools.make_slice), not the tiny recipe")
     p.add_argument("--shrink", type=int, default=1, help="with --slice-layers: every width divided by this (smoke shapes)")
@@ -184,7 +197,8 @@ def main(argv=None) -> int:
     import torch
 
     measured = torch.cuda.is_available()  # peak memory: measured by the trainer on a GPU, else simulated
-    rows, t0 = [], time.perf_counter()
+    device_type = "cuda" if measured else "cpu"  # what the rungs run on (model.denoiser.impl=auto resolves for it)
+    rows, beside, t0 = [], [], time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fastross-ladder-work-") as work:
         if a.slice_layers:
             models, latents, pixels = slice_mode(a.slice_layers, a.shrink, Path(a.slice_dir or Path(work) / "slice"))
@@ -196,17 +210,36 @@ def main(argv=None) -> int:
             a.budget_gib = (plan.budget_gib(torch.cuda.get_device_properties(0).total_memory / GIB) if measured
                             else host_gib() / RANKS)
         overrides, stored = [], False
-        header = (f"{'rung':<12} {'samples/s':>10} {'tokens/s/rank':>14} {'MFU':>7} "
+        header = (f"{'rung':<17} {'denoiser':>8} {'samples/s':>10} {'tokens/s/rank':>14} {'MFU':>7} "
                   f"{'peak GiB ' + ('measured' if measured else 'simulated'):>19} {'step-1 text':>12} "
                   f"{'step-1 recon':>13} {'wall s':>7}")
         print(header)
+
+        def rung(k, name: str, overrides: list[str], stored: bool) -> dict:
+            t = time.perf_counter()
+            shards = latents if stored else pixels
+            recs, ops = train(models, shards, Path(work) / f"rung{k}", overrides, a.steps, vae=not stored)
+            timed = recs[a.skip:]
+            peak = (max(r["mem_peak_allocated_gib"] for r in recs) if measured
+                    else simulated_peak_gib(rung_config(models, shards, overrides, vae=not stored), device_type))
+            row = {"rung": k, "name": name, "ops": ops,
+                   "samples_per_s": statistics.median(r["samples_per_s"] for r in timed),
+                   "tokens_per_s_per_rank": statistics.median(r["tokens_per_s_per_rank"] for r in timed),
+                   "mfu": statistics.median(r["mfu"] for r in timed), "peak_gib": peak,
+                   "text_loss_1": recs[0]["text_loss"], "recon_loss_1": recs[0]["recon_loss"],
+                   "wall_s": time.perf_counter() - t}
+            print(f"{name:<17} {ops:>8} {row['samples_per_s']:>10.2f} {row['tokens_per_s_per_rank']:>14.0f} "
+                  f"{row['mfu']:>7.2%} {peak:>19.3f} {row['text_loss_1']:>12.6f} {row['recon_loss_1']:>13.6f} "
+                  f"{row['wall_s']:>7.0f}", flush=True)
+            return row
+
         for k, (name, delta) in enumerate(RUNGS, 1):
             for o in delta:
                 if o == "LATENTS":
                     stored = True
                 elif o == "PLANNED":
                     cfg = rung_config(models, latents if stored else pixels, overrides, vae=not stored)
-                    policy = planned_policy(cfg, a.budget_gib)
+                    policy = planned_policy(cfg, a.budget_gib, device_type)
                     print(f"rung {k}: the planner's policy within {a.budget_gib:.1f} GiB per rank: "
                           f"train.activation_checkpointing={policy}", flush=True)
                     overrides.append(f"train.activation_checkpointing={policy}")
@@ -214,41 +247,36 @@ def main(argv=None) -> int:
                     overrides.append(o)
             if k not in wanted:
                 continue
-            t = time.perf_counter()
-            shards = latents if stored else pixels
-            recs = train(models, shards, Path(work) / f"rung{k}", overrides, a.steps, vae=not stored)
-            timed = recs[a.skip:]
-            peak = (max(r["mem_peak_allocated_gib"] for r in recs) if measured
-                    else simulated_peak_gib(rung_config(models, shards, overrides, vae=not stored)))
-            row = {"rung": k, "name": name, "samples_per_s": statistics.median(r["samples_per_s"] for r in timed),
-                   "tokens_per_s_per_rank": statistics.median(r["tokens_per_s_per_rank"] for r in timed),
-                   "mfu": statistics.median(r["mfu"] for r in timed), "peak_gib": peak,
-                   "text_loss_1": recs[0]["text_loss"], "recon_loss_1": recs[0]["recon_loss"],
-                   "wall_s": time.perf_counter() - t}
-            rows.append(row)
-            line = (f"{name:<12} {row['samples_per_s']:>10.2f} {row['tokens_per_s_per_rank']:>14.0f} {row['mfu']:>7.2%} "
-                    f"{peak:>19.3f} {row['text_loss_1']:>12.6f} {row['recon_loss_1']:>13.6f} {row['wall_s']:>7.0f}")
-            print(line, flush=True)
+            rows.append(rung(k, name, overrides, stored))
+            if name == "+triton" and rows[-1]["ops"] != "triton" and not a.no_interpreted:
+                # beside the chain: what the Triton kernels cost here, in the interpreter (not in the chain)
+                beside.append(rung(f"{k}i", f"{name} interp.", [*overrides, "model.denoiser.impl=triton"], stored))
     first = rows[0]
     worst = max(max(abs(r["text_loss_1"] - first["text_loss_1"]) / first["text_loss_1"],
-                    abs(r["recon_loss_1"] - first["recon_loss_1"]) / first["recon_loss_1"]) for r in rows)
+                    abs(r["recon_loss_1"] - first["recon_loss_1"]) / first["recon_loss_1"]) for r in rows + beside)
     print(f"step-1 losses: largest relative difference from the first rung {worst:.1e} (the same model: <= {TOL:g})")
     if worst > TOL:
         print("throughput: error: the rungs do not train the same model", file=sys.stderr)
         return 1
     speedup = rows[-1]["samples_per_s"] / first["samples_per_s"]
     mem_ratio = rows[-1]["peak_gib"] / first["peak_gib"]
-    print(f"ladder: {len(rows)} rungs, {a.steps} steps each, {time.perf_counter() - t0:.0f} s")
+    for b in beside:
+        print(f"row {b['rung']} (beside the chain): the Triton kernels interpreted, {b['samples_per_s']:.2f} samples/s "
+              f"against rung {b['rung'][:-1]}'s {next(r for r in rows if str(r['rung']) == b['rung'][:-1])['samples_per_s']:.2f} "
+              f"with their PyTorch twins")
+    print(f"ladder: {len(rows)} rungs{f' and {len(beside)} beside' if beside else ''}, {a.steps} steps each, "
+          f"{time.perf_counter() - t0:.0f} s")
     print(f"throughput: speedup {speedup:.2f} mfu {rows[-1]['mfu']:.4f} mem_ratio {mem_ratio:.3f} device {device}")
     if a.save:
         out = R.append_csv("throughput.csv", ["date", "commit", "device", "rung", "name", "steps", "samples_per_s",
                                               "tokens_per_s_per_rank", "mfu", "peak_gib", "peak_kind", "text_loss_1",
                                               "recon_loss_1"],
-                           [[R.today(), R.commit(), device, r["rung"], r["name"], a.steps, f"{r['samples_per_s']:.3f}",
+                           [[R.today(), R.commit(), device, r["rung"], f"{r['name']} ({r['ops']} denoiser)", a.steps,
+                             f"{r['samples_per_s']:.3f}",
                              f"{r['tokens_per_s_per_rank']:.1f}", f"{r['mfu']:.5f}", f"{r['peak_gib']:.4f}",
                              "measured" if measured else "simulated", f"{r['text_loss_1']:.6f}",
                              f"{r['recon_loss_1']:.6f}"]
-                            for r in rows])
+                            for r in rows + beside])
         print(f"appended to {out}")
     return 0
 

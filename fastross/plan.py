@@ -288,11 +288,16 @@ class Setup:
 
 
 @contextlib.contextmanager
-def setup(cfg: config.Config, gpus: int):
-    """A Setup for cfg on `gpus` fake ranks; the fake process group lives as long as the context."""
+def setup(cfg: config.Config, gpus: int, device: str = "cuda"):
+    """A Setup for cfg on `gpus` fake ranks of `device` (its type: what model.denoiser.impl=auto resolves to); the
+    fake process group lives as long as the context."""
+    from fastross.model.denoiser import resolve_impl
+
     world = init_fake_world(gpus)
     try:
         with presets.arch_folders(cfg.model) as (model_cfg, sources):
+            d = model_cfg.denoiser
+            model_cfg = dataclasses.replace(model_cfg, denoiser=dataclasses.replace(d, impl=resolve_impl(d.impl, device)))
             arch = flops.FakeModel(model_cfg, cfg.train.trainable).arch
             m = sample_mix(cfg, arch.visual_tokens)
             attn_tokens = planner.attention_cost_tokens(arch.layer_linear * arch.llm_layers, arch.llm_layers, arch.hidden)
@@ -319,16 +324,17 @@ def search(s: Setup, budget: float, memory=None) -> list[str] | None:
     return None
 
 
-def simulate_config(cfg: config.Config, gpus: int) -> Memory:
+def simulate_config(cfg: config.Config, gpus: int, device: str = "cuda") -> Memory:
     """Rank 0's simulated peak for cfg as it stands (its checkpointing policy, packing, text loss, denoiser, stored
-    latents or the VAE) on `gpus` ranks: what the ladder reports on CPU."""
-    with setup(cfg, gpus) as s:
+    latents or the VAE) on `gpus` ranks of `device`: what the ladder reports on CPU."""
+    with setup(cfg, gpus, device) as s:
         return s.memory(cfg.train.activation_checkpointing)
 
 
-def plan_policy(cfg: config.Config, gpus: int, budget: float) -> list[str] | None:
-    """The planner's per-layer checkpointing policy for cfg on `gpus` ranks within `budget` GiB per rank (`search`)."""
-    with setup(cfg, gpus) as s:
+def plan_policy(cfg: config.Config, gpus: int, budget: float, device: str = "cuda") -> list[str] | None:
+    """The planner's per-layer checkpointing policy for cfg on `gpus` ranks of `device` within `budget` GiB per rank
+    (`search`)."""
+    with setup(cfg, gpus, device) as s:
         return search(s, budget)
 
 

@@ -32,6 +32,7 @@ from fastross.data.schema import ShardMeta, tokenizer_fingerprint
 from fastross.data.templates import load_tokenizer
 from fastross.data.stream import Position
 from fastross.metrics import MetricsLogger
+from fastross.model.denoiser import resolve_impl
 from fastross.model.ross import RossModel
 
 
@@ -100,6 +101,8 @@ class Trainer:
         if d.global_batch < world.size:
             raise config.ConfigError(f"data.global_batch={d.global_batch} is smaller than the {world.size} ranks")
         self.attention = attention.resolve(cfg.attention.backend, world.device)
+        self.denoiser_impl = resolve_impl(m.denoiser.impl, world.device.type)
+        m = dataclasses.replace(m, denoiser=dataclasses.replace(m.denoiser, impl=self.denoiser_impl))
         # Built on the meta device: no rank ever holds the whole model (fastross/model/load.py).
         model = RossModel(m, self.attention, seed=t.seed, meta=True)
         self.loader = Loader(
@@ -197,8 +200,8 @@ class Trainer:
         n = sum(p.numel() for p in self.params)
         self._say(
             f"{world.size} rank(s) on {world.device.type}, {d.global_batch} samples/step packed into micro-batches "
-            f"of <= {d.max_tokens} tokens, attention {self.attention}, {self.total_steps} steps "
-            f"({self.loader.steps_per_epoch}/epoch), "
+            f"of <= {d.max_tokens} tokens, attention {self.attention}, denoiser {self.denoiser_impl}, "
+            f"{self.total_steps} steps ({self.loader.steps_per_epoch}/epoch), "
             f"training {', '.join(t.trainable)} ({n / 1e6:.2f}M params, this rank's shards)"
         )
 

@@ -35,7 +35,7 @@ def test_defaults_and_overrides(base):
         ("train.dtype=fp8", "train.dtype must be one of 'bf16', 'fp32', got 'fp8'"),
         ("train.trainable=[vision]", "train.trainable"),
         ("model.denoiser.heads=5", "model.denoiser.width must be divisible"),
-        ("model.denoiser.impl=cuda", "model.denoiser.impl must be one of 'torch', 'triton', got 'cuda'"),
+        ("model.denoiser.impl=cuda", "model.denoiser.impl must be one of 'auto', 'torch', 'triton', got 'cuda'"),
         ("attention.backend=xformers", "attention.backend must be one of 'auto', 'flash'"),
         ("data.shards=/nonexistent", "data.shards: /nonexistent is not a folder"),
         ("train.activation_checkpointing=3", "train.activation_checkpointing: expected str | list"),

@@ -63,6 +63,22 @@ OPS = {
     "torch": DenoiserOps(silu_cond_ref, ln_modulate_ref, gated_linear_ref, fused_mlp_branch_ref),
     "triton": DenoiserOps(silu_cond, ln_modulate, gated_linear, fused_mlp_branch),
 }
+IMPLS = ("auto", *OPS)  # model.denoiser.impl
+
+
+def resolve_impl(impl: str, device_type: str) -> str:
+    """model.denoiser.impl for a model that runs on `device_type`: "auto" is the Triton kernels on CUDA and PyTorch
+    elsewhere. Triton has no CPU backend: on CPU its kernels run only in the interpreter (TRITON_INTERPRET=1), which
+    executes each program's block ops as numpy calls and is a correctness tool, not a fast path; the ladder's
+    interpreted row (`python benchmarks/throughput.py`) measures what it costs. "torch" and "triton" are kept as
+    asked (the kernel tests run "triton" in the interpreter)."""
+    if impl not in IMPLS:
+        raise ValueError(f"model.denoiser.impl must be one of {', '.join(map(repr, IMPLS))}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return "triton" if device_type == "cuda" else "torch"
+
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}  # model.denoiser.dtype -> FSDP2 param_dtype (None: as stored)
 
 
@@ -209,7 +225,7 @@ class Denoiser(nn.Module):
         self.repeat_cond = repeat_cond
         if kind not in ("dit", "mlp"):
             raise ValueError(f"model.denoiser.kind must be 'dit' or 'mlp', got {kind!r}")
-        if impl not in OPS:
+        if impl not in OPS:  # resolve_impl turns "auto" into one of them
             raise ValueError(f"model.denoiser.impl must be one of {', '.join(map(repr, OPS))}, got {impl!r}")
         self.kind = kind
         self.impl = impl  # a record of what was built; nothing branches on it

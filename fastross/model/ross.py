@@ -17,7 +17,7 @@ from torch import nn
 from fastross.model import diffusion, init, liger, load, text_loss
 from fastross.model.attention import build_mask
 from fastross.model.attention import register as register_attention
-from fastross.model.denoiser import Denoiser
+from fastross.model.denoiser import Denoiser, resolve_impl
 from fastross.model.projector import Projector
 from fastross.model.vision import VisionTower
 
@@ -87,15 +87,17 @@ class RossModel(nn.Module):
             self.latent_channels = cfg.latent_channels
             self.latent_shift, self.latent_scale = cfg.latent_shift, cfg.latent_scale
         d = cfg.denoiser
+        # "auto" for the device this model will run on; the trainer and the planner resolve it for theirs first
+        impl = resolve_impl(d.impl, "cuda" if torch.cuda.is_available() else "cpu")
         with on_meta:
             self.projector = Projector(self.vision.hidden_size, hidden)
             self.denoiser = Denoiser(
                 d.kind, hidden, d.width, d.depth, d.heads, self.vision.grid, channels=4 * self.latent_channels,
-                impl=d.impl, dtype=d.dtype, repeat_cond=d.repeat_cond,
+                impl=impl, dtype=d.dtype, repeat_cond=d.repeat_cond,
             )
             self.register_buffer("sqrt_ab", torch.empty(diffusion.NUM_STEPS), persistent=False)
             self.register_buffer("sqrt_1m_ab", torch.empty(diffusion.NUM_STEPS), persistent=False)
-        self.eps_loss = diffusion.EPS_LOSSES[d.impl]  # chosen once: fused keyed-noise kernels or materialised noise
+        self.eps_loss = diffusion.EPS_LOSSES[impl]  # chosen once: fused keyed-noise kernels or materialised noise
         self.replicas = d.replicas
         if not meta:
             for part in self.FRESH:

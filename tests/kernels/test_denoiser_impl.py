@@ -203,3 +203,31 @@ def test_triton_impl_on_two_fsdp2_ranks_matches_torch_on_one(tiny_models, stage2
     for a, b in zip(metrics["torch"], metrics["triton"]):
         for key in ("text_loss", "recon_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key  # seen: 5e-6 on grad_norm
+
+
+def test_auto_impl_resolves_by_device():
+    """model.denoiser.impl=auto: the Triton kernels on CUDA, their PyTorch twins elsewhere (Triton has no CPU
+    backend); an explicit impl is kept, and a wrong one is named."""
+    from fastross.model.denoiser import resolve_impl
+
+    assert resolve_impl("auto", "cuda") == "triton"
+    assert resolve_impl("auto", "cpu") == "torch"
+    for impl in ("torch", "triton"):
+        assert resolve_impl(impl, "cpu") == impl and resolve_impl(impl, "cuda") == impl
+    with pytest.raises(ValueError, match="model.denoiser.impl must be one of 'auto', 'torch', 'triton', got 'cuda'"):
+        resolve_impl("cuda", "cpu")
+
+
+def test_auto_impl_builds_the_ops_of_this_machine(tiny_models):
+    """A RossModel of impl=auto holds the refs and the materialised eps loss without CUDA, the kernels with it."""
+    from fastross.config import DenoiserConfig, ModelConfig
+    from fastross.model import diffusion
+    from fastross.model.ross import RossModel
+
+    want = "triton" if torch.cuda.is_available() else "torch"
+    cfg = ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
+                      denoiser=DenoiserConfig(kind="dit", depth=1, width=32, heads=4, replicas=4, impl="auto"))
+    model = RossModel(cfg, meta=True)
+    assert model.denoiser.impl == want and all(blk.ops is OPS[want] for blk in model.denoiser.blocks)
+    assert model.eps_loss is diffusion.EPS_LOSSES[want]
+    assert diffusion.EPS_LOSSES["torch"] is diffusion.eps_loss_materialised
