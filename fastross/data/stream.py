@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastross.config import SourceConfig
+from fastross.config import LEGACY_BOOLS, SourceConfig
 from fastross.data.planner import StepPlan, plan_padded_step, plan_step
 from fastross.data.sources import Source, open_source
 
@@ -80,8 +80,8 @@ def block_order(shard_samples: np.ndarray, key: list[int], epoch: int, window: i
 
 def resolve_shuffle(shuffle: str | bool, remote: bool) -> str:
     """data.shuffle -> global, block or none (auto: block for a remote source, global for a local one)."""
-    if isinstance(shuffle, bool):
-        return "global" if shuffle else "none"
+    if isinstance(shuffle, bool):  # the old boolean key, as the config reads it
+        return LEGACY_BOOLS["data.shuffle"][shuffle]
     if shuffle == "auto":
         return "block" if remote else "global"
     if shuffle not in SHUFFLES:
