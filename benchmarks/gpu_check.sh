@@ -3,7 +3,8 @@
 # (one command may run 10 minutes there): every step gets at most what is left of the part's budget.
 #
 #   bash benchmarks/gpu_check.sh 1    # the tests marked gpu (Liger RMSNorm/SwiGLU/RoPE in bf16 first, then the
-#                                     # Triton kernels and varlen attention), the kernel microbenchmarks, the text loss
+#                                     # Triton kernels and varlen attention), the kernel microbenchmarks, the text loss,
+#                                     # a tiny export loaded by the image's transformers (benchmarks/export_check.py)
 #   bash benchmarks/gpu_check.sh 2    # the 7B slice (K LLM layers, fastross.tools.make_slice): 30 steps with each
 #                                     # attention backend present and the memory plan against the measured peak
 #                                     # (benchmarks/slice_train.py), then the ladder (benchmarks/throughput.py)
@@ -138,6 +139,8 @@ if [ "$PART" = 1 ]; then
     done
     echo "== text loss: plain CE against Liger's fused CE (time and peak memory at the 7B shapes)"
     step 60 text_loss.py "^text_loss:" $PY benchmarks/text_loss.py
+    echo "== an export loaded by this image's transformers in a fresh process, against fastross's logits, greedy answer and pixels"
+    step 120 export_check.py "^export_check:" $PY benchmarks/export_check.py
 else
     echo "== the 7B slice, K=$K LLM layers: ${SLICE_STEPS:-30} steps per attention backend, memory plan against the measured peak"
     if [ $DRY = 1 ]; then train=(--steps 2 --timeout 300); else train=(--steps "${SLICE_STEPS:-30}" --timeout 120); fi
