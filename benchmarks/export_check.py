@@ -4,23 +4,25 @@
     python benchmarks/export_check.py --load EXPORT REF.npz [--device cpu|cuda]    # the loader alone
 
 Makes a tiny fastross run exactly as the tests do (fastross.tools.golden.prepare: the tiny models, the generator's
-data converted with qwen2_ross and VAE latents; then one real training step on 1 CPU rank under torchrun (Triton's
-interpreter, on a GPU machine too), checkpointed: tests/conftest.py's `run_dir`), exports it with `python -m fastross.export`, and computes fastross's reference
-numbers for 2 images (53 x 37 random pixels, where the padding matters, and 64 x 64): the prompt's ids as training
-encodes them (the chat template's prompt, `<image>` expanded), fastross's pixel values
-(fastross.data.images.preprocess, the shards' aspect), the logits of that prompt (RossModel.hidden_states and
-lm_head) and 12 greedy answer ids (fastross.generate.greedy). fastross's side always runs on the CPU in fp32.
+data converted with qwen2_ross and VAE latents; then one real training step on 1 CPU rank under torchrun, Triton's
+interpreter, on a GPU machine too; checkpointed, as tests/conftest.py's `run_dir`), exports it with
+`python -m fastross.export`, and computes fastross's reference numbers for 2 images (53 x 37 random pixels, where
+the padding matters, and 64 x 64): the prompt's ids as training encodes them (the chat template's prompt, `<image>`
+expanded), fastross's pixel values (fastross.data.images.preprocess, the shards' aspect), the logits of that prompt
+(RossModel.hidden_states and lm_head) and 12 greedy answer ids (fastross.generate.greedy). fastross's side always
+runs on the CPU in fp32.
 
 Then `PY benchmarks/export_check.py --load EXPORT REF.npz` runs in a fresh process (PY: --python, default this
-interpreter), importing only torch, transformers, PIL and numpy (this file imports fastross inside the functions
-that need it, never at module level), and loads the folder as a user would: AutoModelForImageTextToText (it must
-be LlavaForConditionalGeneration, with no missing, unexpected or mismatched weight) and AutoProcessor(use_fast=
-False). It compares: the processor's input ids with fastross's (equal), the pixel values (equal: the slow processor
-is exact), the logits (max |diff| <= 1e-4, as tests/test_export.py), `generate`'s greedy answer (equal), and reports
-the fast processor's largest difference from the slow one in 8-bit levels (<= 2; transformers 5.x's default; n/a
-where transformers, lacking torchvision, falls back to the PIL one).
-With --device cuda (the default when a GPU is present) the loaded model runs on the GPU in fp32 with TF32 off
-and its logits are compared on the CPU with fastross's CPU numbers: the bound is the same.
+interpreter; PYTHONPATH dropped, so that it sees PY's own packages: the GPU check puts the carried transformers 4.57
+on PYTHONPATH for fastross, the loader sees the image's 5.x), importing only torch, transformers, PIL and numpy
+(this file imports fastross inside the functions that need it, and the loader fails if fastross was imported), and
+loads the folder as a user would: AutoModelForImageTextToText (it must be LlavaForConditionalGeneration, with no
+missing, unexpected or mismatched weight) and AutoProcessor(use_fast=False). It compares: the processor's input ids
+with fastross's (equal), the pixel values (equal: the slow processor is exact), the logits (max |diff| <= 1e-4, as
+tests/test_export.py), `generate`'s greedy answer (equal), and reports the fast processor's largest difference from
+the slow one in 8-bit levels (<= 2; transformers 5.x's default; n/a where transformers, lacking torchvision, falls
+back to the PIL one). With --device cuda (the default when a GPU is present) the loaded model runs on the GPU in
+fp32 with TF32 off, and its logits are compared on the CPU with fastross's CPU numbers: the bound is the same.
 
 Ends with
 
@@ -83,12 +85,13 @@ def train_tiny(work: Path) -> Path:
     env = {**os.environ, "TMPDIR": str(work), "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
     p = subprocess.run(torchrun_cmd(1, cfg), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if not (run / "checkpoints").is_dir():
-        raise RuntimeError(f"export_check: the one-step run wrote no checkpoint in {run}:\n{(p.stdout + p.stderr)[-4000:]}")
+        raise RuntimeError(f"export_check: the one-step run wrote no checkpoint in {run}:\n"
+                           f"{(p.stdout + p.stderr)[-4000:]}")
     return run
 
 
 def reference(run: Path, export: Path) -> dict[str, np.ndarray]:
-    """fastross's numbers for each image, on the CPU in fp32: prompt ids (expanded), pixel values, logits, greedy ids."""
+    """fastross's numbers per image, on the CPU in fp32: prompt ids (expanded), pixel values, logits, greedy ids."""
     import torch
 
     from fastross.data import templates
