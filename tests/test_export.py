@@ -1,8 +1,11 @@
 """The exported Llava folder against fastross itself, on tiny random weights after one real training step:
 logits, the processor's pixel values, the chat template's prompt tokens, greedy answers, and the round trip."""
 
+import importlib.util
 import io
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,3 +230,38 @@ def test_training_starts_from_an_export_as_from_the_checkpoint(exported, first_s
     assert f"model weights from {exported}" in out
     for key in ("text_loss", "recon_loss", "grad_norm"):
         assert metrics(rd)[0][key] == first_step_from_run[key], key
+
+
+def export_check():
+    """benchmarks/export_check.py as a module (benchmarks/ is no package)."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "export_check.py"
+    spec = importlib.util.spec_from_file_location("export_check", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.slow
+def test_export_check_in_a_fresh_process(exported, run_dir, tmp_path):
+    """benchmarks/export_check.py's mechanism on the pinned transformers: fastross's numbers, then its loader in a
+    fresh interpreter that imports no fastross; and a reference off by 1e-3 in one logit and one pixel, and in one
+    greedy token, is seen as such (the GPU check runs the same with the GPU image's transformers 5.x)."""
+    import transformers
+
+    bench = export_check()
+    ref = bench.reference(run_dir, exported)
+    np.savez(tmp_path / "ref.npz", **ref)
+    got = bench.run_loader(sys.executable, exported, tmp_path / "ref.npz", "cpu")
+    assert got["transformers"] == transformers.__version__
+    assert got["ids_equal"] and got["pixels_equal"] and got["greedy_equal"], got
+    assert got["greedy_tokens"] >= 2 * len(bench.SIZES), got  # a one-token answer would prove little
+    assert got["logits_max_diff"] <= bench.LOGITS_BOUND, got
+    assert got["fast_levels"] is not None and 0 < got["fast_levels"] <= bench.FAST_LEVELS_BOUND, got
+
+    ref["logits1"][3, 5] += 1e-3
+    ref["pixels0"][0, 0, 0] += 1e-3
+    ref["greedy1"][-1] += 1
+    np.savez(tmp_path / "off.npz", **ref)
+    off = bench.run_loader(sys.executable, exported, tmp_path / "off.npz", "cpu")
+    assert abs(off["logits_max_diff"] - 1e-3) < 1e-6 + got["logits_max_diff"], off
+    assert off["ids_equal"] and not off["pixels_equal"] and not off["greedy_equal"], off
