@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 # Streaming leaves shared memory and lock files in TMPDIR: give the session its own.
 _TMP = tempfile.mkdtemp(prefix="fastross-tests-")
 os.environ["TMPDIR"] = _TMP
@@ -165,6 +167,20 @@ def nine_steps_2ranks(tiny_models, skewed_shards, tmp_path_factory) -> Path:
     from test_train import NINE_STEPS
 
     return skewed_run(2, NINE_STEPS, tiny_models, skewed_shards, tmp_path_factory.mktemp("nine_steps_2ranks"))
+
+
+@pytest.fixture
+def load_benchmark():
+    """benchmarks/NAME.py as a fresh module (benchmarks/ is not a package): `load_benchmark("faults")`."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from torch.distributed.checkpoint import filesystem
 
 from fastross import checkpoint
 from fastross.checkpoint import Checkpointer, CheckpointError
-from fastross.tools.faults import RunsCode, flip_bytes
+from fastross.tools.faults import RunsCode, flip_bytes, kill_tree
 from test_checkpoint import tiny_trained, world_of_one  # noqa: F401  (a fixture)
 
 
@@ -353,12 +353,7 @@ def test_second_trainer_refused_and_killing_torchrun_ends_every_process(tiny_mod
             alive = [p for p in procs if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
         assert not alive, f"still running after torchrun died: {alive}"
     finally:
-        for pid in [a.pid, *descendants(a.pid)]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        a.wait()
+        kill_tree(a)
     said = []
     RunLock(rd, say=said.append).release()
     assert len(said) == 1 and "taking over the stale lock" in said[0] and "that process is gone" in said[0]
