@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
 # Streaming leaves shared memory and lock files in TMPDIR: give the session its own.
 _TMP = tempfile.mkdtemp(prefix="fastross-tests-")
 os.environ["TMPDIR"] = _TMP
@@ -127,6 +129,58 @@ def first_step_from_run(run_dir, tiny_models, stage2_shards, tmp_path_factory) -
     first = metrics(rd)[0]
     assert first["text_loss"] != metrics(run_dir)[0]["text_loss"]  # the trained weights were loaded, not fresh ones
     return first
+
+
+def skewed_run(nproc: int, train: dict, models: Path, shards: Path, tmp: Path) -> Path:
+    """A run of the tests' recipe (test_train.write_config) with `train` keys, in tmp/run; returns that folder."""
+    from test_train import run, write_config
+
+    rd = tmp / "run"
+    run(nproc, write_config(tmp / "c.yaml", models, shards, rd, **train))
+    return rd
+
+
+@pytest.fixture(scope="session")
+def four_steps_1rank(tiny_models, skewed_shards, tmp_path_factory) -> Path:
+    """An uninterrupted run of test_train.FOUR_STEPS (checkpoints at steps 2 and 4) on 1 rank over skewed_shards,
+    with test_train.TELEMETRY, read only (copy it to resume it): the reference of the stop-and-restart and
+    rank-change tests, and the logged run of tests/test_metrics.py."""
+    from test_train import FOUR_STEPS, TELEMETRY
+
+    return skewed_run(1, FOUR_STEPS | TELEMETRY, tiny_models, skewed_shards,
+                      tmp_path_factory.mktemp("four_steps_1rank"))
+
+
+@pytest.fixture(scope="session")
+def four_steps_2ranks(tiny_models, skewed_shards, tmp_path_factory) -> Path:
+    """four_steps_1rank's run on 2 ranks (read only): the rank-change test's other reference, and the 2-rank side
+    of the 1-vs-2-rank test (its step-2 checkpoint)."""
+    from test_train import FOUR_STEPS
+
+    return skewed_run(2, FOUR_STEPS, tiny_models, skewed_shards, tmp_path_factory.mktemp("four_steps_2ranks"))
+
+
+@pytest.fixture(scope="session")
+def nine_steps_2ranks(tiny_models, skewed_shards, tmp_path_factory) -> Path:
+    """An uninterrupted run of test_train.NINE_STEPS (synchronous saves, checkpoints 6 and 9 kept) on 2 ranks over
+    skewed_shards, read only: what the SIGKILL resumes and the asynchronous-save run must equal."""
+    from test_train import NINE_STEPS
+
+    return skewed_run(2, NINE_STEPS, tiny_models, skewed_shards, tmp_path_factory.mktemp("nine_steps_2ranks"))
+
+
+@pytest.fixture
+def load_benchmark():
+    """benchmarks/NAME.py as a fresh module (benchmarks/ is not a package): `load_benchmark("faults")`."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"{name}_bench", REPO / "benchmarks" / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
 
 
 @pytest.fixture(scope="session")

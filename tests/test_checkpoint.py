@@ -143,19 +143,16 @@ def test_crafted_rng_file_is_refused(tmp_path):
 
 # ---------------------------------------------------------------- torchrun, 2 ranks
 
-from test_train import metrics, run, torchrun_cmd, write_config  # noqa: E402
+from test_train import NINE_STEPS as STEPS, metrics, run, torchrun_cmd, write_config  # noqa: E402
 
-STEPS = dict(max_steps=9, ckpt_every=3, keep_checkpoints=2)
 # The record's measured fields (fastross/metrics.py), which differ from run to run; the rest must match bit for bit.
 TIMING = MEASURED
 
 
-@pytest.fixture(scope="module")
-def sync_run(tiny_models, skewed_shards, tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("sync")
-    rd = tmp / "run"
-    run(2, write_config(tmp / "c.yaml", tiny_models, skewed_shards, rd, **STEPS))
-    return rd
+@pytest.fixture
+def sync_run(nine_steps_2ranks) -> Path:
+    """The synchronous-save run of STEPS on 2 ranks (the session's, shared with tests/test_train.py's SIGKILL test)."""
+    return nine_steps_2ranks
 
 
 def same_checkpoint(a: Path, b: Path, tmp: Path) -> None:

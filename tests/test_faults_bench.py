@@ -3,19 +3,7 @@ attempts, and one kill in the middle of a save, between the rename and the `late
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("faults_bench", REPO / "benchmarks" / "faults.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -25,11 +13,12 @@ def spec(tiny_models):
     return ImageSpec.from_pretrained(str(tiny_models / "vision"))
 
 
-def test_fuzz_counts_and_a_lost_record_is_counted(tiny_models, stage2_shards, tmp_path, spec, monkeypatch):
+def test_fuzz_counts_and_a_lost_record_is_counted(tiny_models, stage2_shards, tmp_path, spec, monkeypatch,
+                                                  load_benchmark):
     from fastross.data import convert
     from fastross.tools import faults
 
-    bench = load_benchmark()
+    bench = load_benchmark("faults")
     c = bench.Campaign(tmp_path, 0, tiny_models, stage2_shards)
     drawn = faults.fuzz_records(30, 3 * 1_000_003, tmp_path, 0)  # the records fuzz(seed 3) converts
     kinds = {f.kind.split(":")[0] for f in drawn}
@@ -50,18 +39,19 @@ def test_fuzz_counts_and_a_lost_record_is_counted(tiny_models, stage2_shards, tm
     assert bench.fuzz(c, 30, 3, spec, chunk=30)["lost"] == 1
 
 
-def test_converter_escapes_are_refused(tiny_models, stage2_shards, tmp_path, capsys):
-    bench = load_benchmark()
+def test_converter_escapes_are_refused(tiny_models, stage2_shards, tmp_path, capsys, load_benchmark):
+    bench = load_benchmark("faults")
     assert bench.converter_escapes(bench.Campaign(tmp_path, 0, tiny_models, stage2_shards)) == 0
     out = capsys.readouterr().out
     assert out.count("FAILED") == 0 and out.count("skipped ({'outside_images_root': 3})") == 3
 
 
 @pytest.mark.slow
-def test_kill_between_rename_and_latest_resumes_exactly(tiny_models, stage2_shards, tmp_path, capsys, monkeypatch):
+def test_kill_between_rename_and_latest_resumes_exactly(tiny_models, stage2_shards, tmp_path, capsys, monkeypatch,
+                                                        load_benchmark):
     """One rank, 4 steps: the reference run, then SIGKILL after step 2's checkpoint folder is renamed and before
     `latest` names it; the resume must start from step 2 (the newest complete checkpoint) and match bit for bit."""
-    bench = load_benchmark()
+    bench = load_benchmark("faults")
     monkeypatch.setattr(bench, "STEPS", 4)
     monkeypatch.setattr(bench, "SAVE_KILLS", [("renamed", False, (2,))])
     c = bench.Campaign(tmp_path, 0, tiny_models, stage2_shards, ranks=1)

@@ -215,12 +215,14 @@ from test_train import metrics as read_metrics, run, write_config  # noqa: E402
 
 
 @pytest.mark.slow
-def test_training_logs_the_split_tensorboard_profile_and_resumes(tiny_models, skewed_shards, tmp_path):
-    rd = tmp_path / "run"
-    cfg = write_config(tmp_path / "c.yaml", tiny_models, skewed_shards, rd, max_steps=4, ckpt_every=2,
-                       loggers=["tensorboard"], profile={"wait": 1, "warmup": 1, "active": 1})
-    run(1, cfg)
-    recs = read_metrics(rd)
+def test_training_logs_the_split_tensorboard_profile_and_resumes(tiny_models, skewed_shards, four_steps_1rank,
+                                                                 tmp_path):
+    """The session's four_steps_1rank run (test_train.FOUR_STEPS with TELEMETRY: TensorBoard, a profile of step 3),
+    then a copy of it resumed as after a crash."""
+    from test_train import FOUR_STEPS, TELEMETRY
+
+    first = four_steps_1rank
+    recs = read_metrics(first)
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     for r in recs:
         parts = [r.get(k, 0.0) for k in metrics.STEP_TIMES]
@@ -229,9 +231,12 @@ def test_training_logs_the_split_tensorboard_profile_and_resumes(tiny_models, sk
         assert r["compute_s"] > 0.5 * r["step_s"], r  # on this CPU run, the step is the model's work
         assert r["host_peak_rss_gib"] > 0.1 and "mem_peak_allocated_gib" not in r
     assert [r["step"] for r in recs if "ckpt_blocked_s" in r] == [3]  # step 2's save, on the next record
-    assert sorted(p.name for p in (rd / "profile").iterdir()) == ["rank0_step3.json"]
-    assert scalars(rd) == {r["step"]: pytest.approx(r["text_loss"]) for r in recs}
+    assert sorted(p.name for p in (first / "profile").iterdir()) == ["rank0_step3.json"]
+    assert scalars(first) == {r["step"]: pytest.approx(r["text_loss"]) for r in recs}
     # A crash after step 4's record but before its checkpoint: the run resumes at 2 and logs 3 and 4 again.
+    rd = tmp_path / "run"
+    shutil.copytree(first, rd)
+    cfg = write_config(tmp_path / "c.yaml", tiny_models, skewed_shards, rd, **FOUR_STEPS, **TELEMETRY)
     ckpts = rd / "checkpoints"
     shutil.rmtree(ckpts / "step_00000004")
     (ckpts / "latest").write_text("step_00000002\n")

@@ -2,27 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
 
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("ross_effect", REPO / "benchmarks" / "ross_effect.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_paired_interval_is_the_t_interval_of_the_differences():
-    e = load_benchmark()
+def test_paired_interval_is_the_t_interval_of_the_differences(load_benchmark):
+    e = load_benchmark("ross_effect")
     # differences 1, 2, 3: mean 2, sample std 1, t(0.975, 2 df) = 4.3027 -> half-width 4.3027 / sqrt(3) = 2.4841
     d, h = e.paired_interval([0.0, 0.0, 0.0], [1.0, 2.0, 3.0])
     assert d == pytest.approx(2.0) and h == pytest.approx(2.4841, abs=1e-4)
@@ -32,8 +21,8 @@ def test_paired_interval_is_the_t_interval_of_the_differences():
     assert math.isnan(e.paired_interval([0.1], [0.2])[1])  # one seed has no interval
 
 
-def test_answers_at_all_wants_both_answers_and_some_right():
-    e = load_benchmark()
+def test_answers_at_all_wants_both_answers_and_some_right(load_benchmark):
+    e = load_benchmark("ross_effect")
 
     def s(yes, unknown, acc):
         return {"metrics": {"pope": {"yes_ratio": yes, "unknown_rate": unknown, "accuracy": acc}}}
@@ -46,8 +35,8 @@ def test_answers_at_all_wants_both_answers_and_some_right():
 
 
 @pytest.mark.slow
-def test_toy_run_trains_both_lambdas_and_saves(tmp_path, monkeypatch):
-    e = load_benchmark()
+def test_toy_run_trains_both_lambdas_and_saves(tmp_path, monkeypatch, load_benchmark):
+    e = load_benchmark("ross_effect")
     monkeypatch.setattr(e.R, "RESULTS", tmp_path / "results")  # never into the repository
     work = tmp_path / "work"
     # one seed on one rank keeps it to 4 torchrun launches (the interval's statistics are the tests above)

@@ -5,8 +5,6 @@ About 1 run in 20 of torchrun on gloo aborts at interpreter exit after all work 
 final log line), not by its exit code.
 """
 
-import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -14,9 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastross.tools.faults import descendants, metrics, torchrun_cmd, write_config  # noqa: F401  (shared)
+from fastross.tools.faults import descendants, kill_tree, metrics, torchrun_cmd, write_config  # noqa: F401  (shared)
 
 pytestmark = pytest.mark.slow
+
+# The session's shared runs (tests/conftest.py's four_steps_1rank, four_steps_2ranks and nine_steps_2ranks) and the
+# runs compared with them: the same recipe, so they train the same numbers.
+FOUR_STEPS = dict(max_steps=4, ckpt_every=2)
+NINE_STEPS = dict(max_steps=9, ckpt_every=3, keep_checkpoints=2)
+# four_steps_1rank also logs to TensorBoard and profiles step 3, for tests/test_metrics.py; neither changes a number
+# (the stop-and-restart test below compares that run with runs that do neither, bit for bit).
+TELEMETRY = dict(loggers=["tensorboard"], profile={"wait": 1, "warmup": 1, "active": 1})
 
 
 def run(nproc: int, config: Path, *overrides: str) -> str:
@@ -26,25 +32,25 @@ def run(nproc: int, config: Path, *overrides: str) -> str:
     return out
 
 
-def final_weights(run_dir: Path, tmp: Path) -> dict:
+def final_weights(run_dir: Path, tmp: Path, checkpoint: str | None = None) -> dict:
+    """The model weights of run_dir's newest checkpoint, or of the one named (`step_00000002`)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     from fastross.checkpoint import resolve
 
-    out = tmp / f"{run_dir.name}.pt"
-    dcp_to_torch_save(str(resolve(run_dir)), str(out))
+    out = tmp / f"{run_dir.parent.name}_{run_dir.name}.pt"
+    dcp_to_torch_save(str(run_dir / "checkpoints" / checkpoint if checkpoint else resolve(run_dir)), str(out))
     return torch.load(out, weights_only=False)["model"]
 
 
-def test_two_ranks_match_one_rank(tiny_models, skewed_shards, tmp_path):
-    """The same global batches on 1 rank unpacked-in-one vs 2 ranks in small packed micro-batches."""
-    runs = {}
-    for n, max_tokens in ((1, 100000), (2, 256)):
-        rd = tmp_path / f"run{n}"
-        cfg = write_config(tmp_path / f"c{n}.yaml", tiny_models, skewed_shards, rd, max_steps=2, ckpt_every=10)
-        run(n, cfg, f"data.max_tokens={max_tokens}")
-        runs[n] = rd
-    m1, m2 = metrics(runs[1]), metrics(runs[2])
+def test_two_ranks_match_one_rank(tiny_models, skewed_shards, four_steps_2ranks, tmp_path):
+    """The same global batches on 1 rank unpacked-in-one vs 2 ranks in small packed micro-batches (the session's
+    four_steps_2ranks): the first 2 of 4 steps (train.stop_after=2 keeps the 4-step schedule) and the weights of
+    the step-2 checkpoints."""
+    runs = {1: tmp_path / "run1", 2: four_steps_2ranks}
+    run(1, write_config(tmp_path / "c1.yaml", tiny_models, skewed_shards, runs[1], **FOUR_STEPS),
+        "data.max_tokens=100000", "train.stop_after=2")
+    m1, m2 = metrics(runs[1]), metrics(runs[2])[:2]
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2]
     # Step 1 sees identical weights: fp32 tolerance. Step 2 sees weights after one Adam step,
     # which turns gradient rounding on near-zero-gradient elements into O(lr) differences
@@ -54,7 +60,7 @@ def test_two_ranks_match_one_rank(tiny_models, skewed_shards, tmp_path):
         for key in ("text_loss", "recon_loss", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=rel), (a["step"], key)
     assert m1[0]["micro_batches"] == 1 and m2[0]["micro_batches"] > 2  # packed differently
-    w1, w2 = final_weights(runs[1], tmp_path), final_weights(runs[2], tmp_path)
+    w1, w2 = (final_weights(runs[n], tmp_path, "step_00000002") for n in (1, 2))
     assert w1.keys() == w2.keys()
     # Adam divides by sqrt(v): on elements whose gradient is ~0, fp32 rounding of the gradient
     # (summed in another order on 2 ranks) can move the update by up to lr. So compare the
@@ -77,26 +83,19 @@ def final_weights_at_start(models: Path) -> dict:
             if not k.startswith("lm_head")}  # tied to the embedding
 
 
-def test_sigkill_and_resume_is_exact(tiny_models, skewed_shards, tmp_path):
-    """2 ranks on data of very unequal lengths (ranks read different numbers of samples)."""
-    steps = dict(max_steps=9, ckpt_every=3)
-    ref_dir = tmp_path / "uninterrupted"
-    run(2, write_config(tmp_path / "ref.yaml", tiny_models, skewed_shards, ref_dir, **steps))
-
+def test_sigkill_and_resume_is_exact(tiny_models, skewed_shards, nine_steps_2ranks, tmp_path):
+    """2 ranks on data of very unequal lengths (ranks read different numbers of samples); the uninterrupted
+    reference is the session's nine_steps_2ranks."""
+    ref_dir = nine_steps_2ranks
     rd = tmp_path / "killed"
-    cfg = write_config(tmp_path / "killed.yaml", tiny_models, skewed_shards, rd, **steps)
+    cfg = write_config(tmp_path / "killed.yaml", tiny_models, skewed_shards, rd, **NINE_STEPS)
     proc = subprocess.Popen(torchrun_cmd(2, cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     latest = rd / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun and its workers (own sessions), mid-run
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
+    kill_tree(proc)  # torchrun and its workers (own sessions), mid-run
     killed_at = int((rd / "checkpoints" / latest.read_text().strip()).name.split("_")[1])
     assert killed_at < 9, "the run finished before it could be killed: the test proved nothing"
 
@@ -112,11 +111,12 @@ def test_sigkill_and_resume_is_exact(tiny_models, skewed_shards, tmp_path):
         assert torch.equal(w_ref[k], w_got[k]), k
 
 
-def test_stop_after_ends_early_and_the_restart_follows_the_full_schedule(tiny_models, skewed_shards, tmp_path):
+def test_stop_after_ends_early_and_the_restart_follows_the_full_schedule(tiny_models, skewed_shards,
+                                                                          four_steps_1rank, tmp_path):
     """train.stop_after=2 of 4 steps: checkpointed at step 2 with the 4-step learning-rate schedule; started again,
-    the run finishes exactly as an uninterrupted one (bit for bit, on 1 rank)."""
-    ref_dir, rd = tmp_path / "whole", tmp_path / "stopped"
-    run(1, write_config(tmp_path / "whole.yaml", tiny_models, skewed_shards, ref_dir, max_steps=4, ckpt_every=10))
+    the run finishes exactly as an uninterrupted one (the session's four_steps_1rank; bit for bit, on 1 rank).
+    Checkpoints every 10 steps, so the step-2 checkpoint can only be stop_after's."""
+    ref_dir, rd = four_steps_1rank, tmp_path / "stopped"
     cfg = write_config(tmp_path / "stopped.yaml", tiny_models, skewed_shards, rd, max_steps=4, ckpt_every=10)
     out = run(1, cfg, "train.stop_after=2")
     assert "steps 0 -> 2" in out and [m["step"] for m in metrics(rd)] == [1, 2]
