@@ -40,7 +40,7 @@ PyTorch counterparts, and the ladder does as fastross does (README, "The ladder"
   supervised row: `python benchmarks/text_loss.py` times both).
 
 Ends with `throughput: speedup X mfu M mem_ratio R device D` (X: the last rung's samples/s over the first's; M:
-its MFU; R: its peak memory over the first's). --save appends the table to benchmarks/results/throughput.csv.
+its MFU; R: its peak memory over the first's; D: the GPU's name, or cpu; the line before names the machine). --save appends the table to benchmarks/results/throughput.csv.
 """
 
 from __future__ import annotations
@@ -265,8 +265,9 @@ def main(argv=None) -> int:
               f"against rung {b['rung'][:-1]}'s {next(r for r in rows if str(r['rung']) == b['rung'][:-1])['samples_per_s']:.2f} "
               f"with their PyTorch twins")
     print(f"ladder: {len(rows)} rungs{f' and {len(beside)} beside' if beside else ''}, {a.steps} steps each, "
-          f"{time.perf_counter() - t0:.0f} s")
-    print(f"throughput: speedup {speedup:.2f} mfu {rows[-1]['mfu']:.4f} mem_ratio {mem_ratio:.3f} device {device}")
+          f"{time.perf_counter() - t0:.0f} s on {device}")
+    print(f"throughput: speedup {speedup:.2f} mfu {rows[-1]['mfu']:.4f} mem_ratio {mem_ratio:.3f} "
+          f"device {device if measured else 'cpu'}")
     if a.save:
         out = R.append_csv("throughput.csv", ["date", "commit", "device", "rung", "name", "steps", "samples_per_s",
                                               "tokens_per_s_per_rank", "mfu", "peak_gib", "peak_kind", "text_loss_1",

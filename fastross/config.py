@@ -51,7 +51,7 @@ class DenoiserConfig:
     replicas: int = 4  # (condition, target) replicas per image, each with its own t and noise
     # The ops: eager PyTorch (the reference's maths), fastross.kernels' fused Triton kernels, or auto: the kernels on
     # CUDA and PyTorch elsewhere (Triton has no CPU backend; its interpreter is for tests: fastross.model.denoiser).
-    # The default stays torch until a lent GPU has run the kernels (README, "The levers").
+    # The default stays torch until a lent GPU has run the kernels (README, "The 7B step: levers").
     impl: Literal["auto", "torch", "triton"] = "torch"
     dtype: Literal["fp32", "bf16"] = "fp32"  # the denoiser's own FSDP2 precision, whatever train.dtype (fp32: the reference)
     # The reference's way: the condition repeated per replica before its embedding (R times the embedding's work);
