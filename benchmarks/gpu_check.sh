@@ -49,6 +49,10 @@ if [ "$PART" != 1 ] && [ "$PART" != 2 ]; then
     echo "usage: bash benchmarks/gpu_check.sh 1|2 [--dry-run] [--results DIR]"; exit 2
 fi
 PY=${PYTHON:-python3}
+if ! $PY -c "import torch" 2>/dev/null; then  # every step needs it: say so once, not in each step's traceback
+    echo "gpu_check: $PY cannot import torch: set PYTHON to an interpreter that has it (here: PYTHON=.venv/bin/python)"
+    exit 2
+fi
 START=$SECONDS
 BUDGET=${PART_BUDGET_S:-530}
 K=${SLICE_LAYERS:-4}
