@@ -98,14 +98,10 @@ def reference(run: Path, export: Path) -> dict[str, np.ndarray]:
     from fastross.data.images import ImageSpec, preprocess
     from fastross.data.schema import ShardMeta
     from fastross.data.sources import meta_folder
-    from fastross.export import read_checkpoint
+    from fastross.export import checkpoint_model
     from fastross.generate import greedy, micro_batch
-    from fastross.model.ross import RossModel
 
-    _, cfg, state = read_checkpoint(run)
-    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
-    model.load_state_dict(state, strict=True)
-    model.eval()
+    model, cfg = checkpoint_model(run)
     meta = ShardMeta.read(meta_folder(cfg.data))
     tok = templates.load_tokenizer(cfg.model.llm_path)
     spec = ImageSpec.from_pretrained(cfg.model.vision_path)

@@ -136,6 +136,17 @@ def read_checkpoint(path: str | Path) -> tuple[Path, fconfig.Config, dict[str, t
     return ckpt, cfg, state
 
 
+def checkpoint_model(path: str | Path):
+    """A run folder or checkpoint folder -> (fastross's own model with the checkpoint's weights, in eval mode, on the
+    host; its config): what the export is compared with (tests/test_export.py, benchmarks/export_check.py)."""
+    from fastross.model.ross import RossModel
+
+    _, cfg, state = read_checkpoint(path)
+    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
+    model.load_state_dict(state, strict=True)
+    return model.eval(), cfg
+
+
 def llava_name(name: str) -> str | None:
     """A fastross parameter name -> its Llava name; None for parts Llava has no place for (denoiser, VAE)."""
     for ours, theirs in NAMES:

@@ -219,13 +219,9 @@ def test_clip_convert_train_resume(tiny_models, tiny_clip, clip_shards, clip_run
 
 @pytest.fixture(scope="module")
 def clip_ours(clip_run_dir):
-    from fastross.export import read_checkpoint
-    from fastross.model.ross import RossModel
+    from fastross.export import checkpoint_model
 
-    _, cfg, state = read_checkpoint(clip_run_dir)
-    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return checkpoint_model(clip_run_dir)[0]
 
 
 @pytest.fixture(scope="module")

@@ -97,13 +97,9 @@ def exported(run_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(run_dir):
     """fastross's own model with the checkpoint's weights."""
-    from fastross.export import read_checkpoint
-    from fastross.model.ross import RossModel
+    from fastross.export import checkpoint_model
 
-    _, cfg, state = read_checkpoint(run_dir)
-    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+    return checkpoint_model(run_dir)[0]
 
 
 @pytest.fixture(scope="module")
