@@ -24,7 +24,7 @@ matmul, with gate_backward and two cuBLAS matmuls in backward.
 
 Plan at the 7B shapes (M = 46656 tokens, W = 1024, hidden 4W, bf16; H100 790 TFLOP/s, 3 TB/s;
 one (M, W) bf16 tensor = 95.6 MB):
-  MLP matmul FLOPs: forward 2 x 2 M W 4W = 392 GFLOP, backward 784 GFLOP -> 1.49 ms at peak.
+  MLP matmul FLOPs: forward 2 x 2 M W 4W = 783 GFLOP, backward 1566 GFLOP -> 2.97 ms at peak.
   Bytes outside the matmuls' operands: forward ln_modulate 4 + fc1 epilogue 8 + fc2 epilogue 4
   = 16 x 95.6 MB (0.51 ms if exposed); backward ~26 x 95.6 MB (0.83 ms). Eager bf16 moves
   ~2x that and keeps LN out, (1 + scale), xm, h, act and b (12 rows of W) for backward; this

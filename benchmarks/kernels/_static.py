@@ -262,3 +262,111 @@ def roofline_us(flops: float, nbytes: float, tensor_core: bool, gpu: dict = H100
     peak = (gpu["bf16_tflops"] if tensor_core else gpu["fp32_tflops"]) * 1e12
     t_c, t_m = flops / peak, nbytes / (gpu["hbm_tbps"] * 1e12)
     return max(t_c, t_m) * 1e6, ("compute" if t_c > t_m else "memory")
+
+
+# ----------------------------------------------------------------------------- Inductor without a device
+
+
+@contextlib.contextmanager
+def fake_cuda_inductor(arch: str = "sm_90a"):
+    """Lets Inductor generate and compile (Triton -> cubin) CUDA kernels for fake CUDA tensors with no GPU.
+
+    Yields a list that receives (kernel name, triton.Config, CompiledKernel) for every config Inductor compiles.
+    Forward graphs only: tracing a backward runs the autograd engine, which asks the CUDA driver for device 0's
+    primary context (`hasPrimaryContext expects a valid device index`), in C++, where no patch reaches.
+
+    The patches (torch 2.14, Triton 3.8; all private, all undone on exit):
+      1. torch.cuda.get_device_properties / get_device_capability / current_device: an H100's figures
+         (Inductor's DeviceProperties, its reduction heuristics and the bf16 check read them);
+      2. Dynamo's CudaInterface (is_available, device properties, bf16 support, its worker's cached properties):
+         Inductor's has_triton() and scheduling ask it, not torch.cuda;
+      3. Triton's active driver: one whose get_current_target() is GPUTarget("cuda", 90, 32);
+      4. triton_helpers.set_driver_to_gpu, which each generated kernel module calls: a no-op (it looks for a live
+         driver);
+      5. config.use_static_cuda_launcher = False: compile results are Triton CompiledKernels (with asm) ...
+      6. ... and CachingAutotuner._make_launchers, which loads the cubin onto the device: records them instead;
+      7. config.joint_graph_constant_folding = False: that pass runs constant subgraphs on the device (the
+         DiT block has one); config.shape_padding = False (pad_mm times matmuls on the device, the decoder
+         layer's attention has one); config.fx_graph_cache = False, so that every kernel is compiled and recorded.
+    """
+    import types
+
+    import torch._inductor.config as IC
+    from torch._dynamo import device_interface as DI
+    from torch._inductor.runtime import triton_helpers
+    from torch._inductor.runtime.triton_heuristics import CachingAutotuner
+    from triton.runtime import driver
+
+    props = types.SimpleNamespace(
+        name="NVIDIA H100 80GB HBM3 (no device: compile only)", major=ARCHS[arch] // 10, minor=0,
+        multi_processor_count=H100["sms"], regs_per_multiprocessor=H100["regs_per_sm"],
+        max_threads_per_multi_processor=2048, max_threads_per_block=1024, warp_size=32, total_memory=80 * 2**30,
+        L2_cache_size=50 * 2**20, shared_memory_per_block_optin=H100["smem_per_block"], gcnArchName="")
+    tgt = target(arch)
+
+    class _Driver:
+        def get_current_target(self):
+            return tgt
+
+        def get_current_device(self):
+            return 0
+
+        def get_device_interface(self):
+            return torch.cuda
+
+        def is_active(self):
+            return True
+
+    compiled: list = []
+
+    def _record(self):
+        for r in self.compile_results:
+            compiled.append((self.fn.__name__, r.config, r.kernel))
+
+    saved = [
+        (torch.cuda, "get_device_properties"), (torch.cuda, "get_device_capability"), (torch.cuda, "current_device"),
+        (DI.CudaInterface, "get_device_properties"), (DI.CudaInterface, "current_device"),
+        (DI.CudaInterface, "device_count"), (DI.CudaInterface, "is_bf16_supported"),
+        (DI.CudaInterface, "is_available"), (triton_helpers, "set_driver_to_gpu"),
+        (CachingAutotuner, "_make_launchers"), (IC, "use_static_cuda_launcher"), (IC, "compile_threads"),
+        (IC, "joint_graph_constant_folding"), (IC, "fx_graph_cache"), (IC, "shape_padding"),
+    ]
+    saved = [(obj, name, obj.__dict__.get(name, getattr(obj, name))) for obj, name in saved]
+    old_props = DI.caching_worker_device_properties.get("cuda")
+    old_driver = driver._active  # None until something asked for it (and, with no GPU, asking raises)
+    torch.cuda.get_device_properties = lambda *a, **k: props
+    torch.cuda.get_device_capability = lambda *a, **k: (props.major, props.minor)
+    torch.cuda.current_device = lambda: 0
+    DI.CudaInterface.get_device_properties = staticmethod(lambda *a, **k: props)
+    DI.CudaInterface.current_device = staticmethod(lambda: 0)
+    DI.CudaInterface.device_count = staticmethod(lambda: 1)
+    DI.CudaInterface.is_bf16_supported = staticmethod(lambda *a, **k: True)
+    DI.CudaInterface.is_available = staticmethod(lambda: True)
+    DI.caching_worker_device_properties["cuda"] = [props]
+    triton_helpers.set_driver_to_gpu = lambda: None
+    CachingAutotuner._make_launchers = _record
+    IC.use_static_cuda_launcher = False
+    IC.compile_threads = 1
+    IC.joint_graph_constant_folding = False  # it evaluates constant subgraphs on the device
+    IC.fx_graph_cache = False  # a cache hit would skip the compilations recorded here
+    IC.shape_padding = False  # pad_mm times padded and unpadded matmuls on the device
+    driver.set_active(_Driver())
+    try:
+        yield compiled
+    finally:
+        for obj, name, old in saved:
+            setattr(obj, name, old)
+        if old_props is None:
+            DI.caching_worker_device_properties.pop("cuda", None)
+        else:
+            DI.caching_worker_device_properties["cuda"] = old_props
+        driver._active = old_driver
+
+
+def inductor_forward(fn, example_inputs):
+    """Inductor's forward code for fn on fake CUDA tensors (inside fake_cuda_inductor): the compiled callable."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gm = make_fx(fn, tracing_mode="fake")(*example_inputs)
+    return compile_fx(gm, list(example_inputs))

@@ -222,6 +222,84 @@ def describe(job: Job) -> str:
     return f"{job.uses[0].split()[-1]} " + " ".join(parts)
 
 
+# ----------------------------------------------------------------------------- Inductor's forward kernels
+
+
+def _dit_block():
+    from fastross.model.denoiser import OPS, DiTBlock
+
+    s = DENOISER["7b"]
+    with torch.device("meta"):
+        block = DiTBlock(s["width"], 16, OPS["torch"])
+    x = (s["n"] * s["r"], s["grid"] ** 2, s["width"])
+    return block, [x, x]
+
+
+def _decoder_layer():
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
+
+    s = LLM["7b"]
+    cfg = Qwen2Config(hidden_size=s["hidden"], intermediate_size=s["inter"], num_attention_heads=s["heads"],
+                      num_key_value_heads=s["kv"], vocab_size=s["vocab"], torch_dtype=torch.bfloat16)
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        layer = Qwen2DecoderLayer(cfg, 0)
+    t = 4096  # one packed sequence of 4096 tokens (the kernels' code does not depend on the length)
+    return layer, [(1, t, s["hidden"]), (1, t, s["head_dim"]), (1, t, s["head_dim"])]
+
+
+def inductor_rows(arch: str) -> list[dict]:
+    """Inductor's forward kernels (torch.compile's code) for a denoiser DiT block (impl torch) and a Qwen2-7B
+    decoder layer, bf16, on fake CUDA tensors: what _static.fake_cuda_inductor makes possible without a device."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rows = []
+    for label, build in (("denoiser DiT block fwd", _dit_block), ("Qwen2-7B decoder layer fwd", _decoder_layer)):
+        t0 = time.perf_counter()
+        module, shapes = build()
+        names = [k for k, _ in module.named_parameters()]
+        try:
+            with S.fake_cuda_inductor(arch) as compiled:
+                with FakeTensorMode(allow_non_fake_inputs=True):
+                    params = [torch.empty(p.shape, dtype=torch.bfloat16, device="cuda")
+                              for _, p in module.named_parameters()]
+                    inputs = [torch.empty(shp, dtype=torch.bfloat16, device="cuda") for shp in shapes]
+
+                def fwd(*flat, module=module, names=names, label=label):
+                    p, a = dict(zip(names, flat[:len(names)])), flat[len(names):]
+                    if label.startswith("Qwen2"):
+                        return torch.func.functional_call(module, p, (a[0],), {"position_embeddings": (a[1], a[2])})
+                    return torch.func.functional_call(module, p, tuple(a))
+
+                S.inductor_forward(fwd, params + inputs)
+        except Exception as exc:
+            if os.environ.get("COMPILE_REPORT_DEBUG"):
+                raise
+            msg = " ".join(str(exc).split())[:300]
+            rows.append(dict(arch=arch, source="inductor", kernel=label, config="", kept=1,
+                             error=f"{type(exc).__name__}: {msg}", uses=label,
+                             compile_s=round(time.perf_counter() - t0, 2)))
+            continue
+        seen = set()
+        for name, cfg, ck in compiled:
+            if (name, str(cfg)) in seen:  # the autotuner asks for launchers more than once
+                continue
+            seen.add((name, str(cfg)))
+            usage = S.ptxas_usage(ck.asm["ptx"], arch)
+            md = ck.metadata
+            occ = S.occupancy(usage["regs"], md.shared, md.num_warps)
+            config = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w{md.num_warps} s{md.num_stages}"
+            rows.append(dict(arch=arch, source="inductor", kernel=name, config=config, kept=1,
+                             num_warps=md.num_warps, num_stages=md.num_stages, regs=usage["regs"],
+                             spill_bytes=usage["spill_bytes"], stack=usage["stack"], smem_bytes=md.shared,
+                             over_smem=int(md.shared > S.H100["smem_per_block"]),
+                             blocks_per_sm=occ["blocks_per_sm"], warps_per_sm=occ["warps_per_sm"],
+                             occupancy=round(occ["occupancy"], 3), limiter=occ["limiter"], error="", uses=label,
+                             compile_s=round((time.perf_counter() - t0) / max(1, len(compiled)), 2)))
+    return rows
+
+
 # ----------------------------------------------------------------------------- compiling (in worker processes)
 
 _JOBS: list[Job] = []
@@ -266,7 +344,8 @@ def progress(i: int, total: int, row: dict) -> str:
         return f"{head}  FAILED {row['error'][:160]}"
     return (f"{head}{'' if row['kept'] else ' (pruned)'}  regs {row['regs']} spills {row['spill_bytes']} B "
             f"stack {row['stack']} smem {row['smem_bytes'] / 1024:.1f} KiB  occ {row['warps_per_sm']}/64 warps "
-            f"({row['limiter']})  roofline {row['roofline_us']} us {row['bound']}  [{row['compile_s']} s]")
+            f"({row['limiter']})" + (f"  roofline {row['roofline_us']} us {row['bound']}" if row["bound"] else "")
+            + f"  [{row['compile_s']} s]")
 
 
 def summary(arch: str, rows: list[dict]) -> str:
@@ -286,6 +365,8 @@ def main(argv=None) -> int:
                    "default both, --quick sm_90a")
     p.add_argument("--quick", action="store_true", help="7B shapes in bf16, kept autotune configs only")
     p.add_argument("--save", action="store_true", help=f"overwrite {RESULTS.relative_to(REPO)}")
+    p.add_argument("--inductor", action="store_true", help="also Inductor's forward kernels for a DiT block and a "
+                   "Qwen2-7B decoder layer (sm_90a; torch.compile's code, compiled without a device)")
     p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compiling processes")
     a = p.parse_args(argv)
     archs = (a.arch or ("sm_90a" if a.quick else "sm_90a,sm_100a")).split(",")
@@ -315,6 +396,11 @@ def main(argv=None) -> int:
             for i, row in enumerate(results, 1):
                 all_rows[row["arch"]].append(row)
                 print(progress(i, len(work), row), flush=True)
+        if a.inductor:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+            ind = inductor_rows("sm_90a")
+            for i, row in enumerate(ind, 1):
+                print(progress(i, len(ind), {**dict.fromkeys(FIELDS, ""), **row}), flush=True)
     wall = time.perf_counter() - t_start
     if a.save:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
@@ -323,6 +409,8 @@ def main(argv=None) -> int:
             w.writeheader()
             for arch in archs:
                 w.writerows(all_rows[arch])
+            if a.inductor:
+                w.writerows(ind)
         print(f"compile_report: wrote {RESULTS.relative_to(REPO)} (compile-only, no device ran these kernels)")
     for arch in archs:
         rows = all_rows[arch]
@@ -334,6 +422,12 @@ def main(argv=None) -> int:
         for r in rows:
             if r["error"]:
                 print(f"compile_report: {arch} FAILED {r['source']}:{r['kernel']} {r['config']}: {r['error']}")
+    if a.inductor:
+        ok = [r for r in ind if not r["error"]]
+        print(f"inductor: arch sm_90a graphs 2 kernels {len({r['kernel'] for r in ok})} configs {len(ok)} failed "
+              f"{len(ind) - len(ok)} spills {sum(1 for r in ok if r['spill_bytes'])} over_smem "
+              f"{sum(1 for r in ok if r['over_smem'])} max_regs {max((r['regs'] for r in ok), default=0)} "
+              "(forward only: a backward needs the device, docs/DEVELOPING.md)")
     print(f"compile_report: wall {wall:.0f} s")
     for arch in archs:
         print(summary(arch, all_rows[arch]))
