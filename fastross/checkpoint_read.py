@@ -28,6 +28,7 @@ import io
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -145,7 +146,9 @@ def _same_kind(value, template) -> bool:
 def unpickle_bytes_item(data: bytes, file: Path, fqn: str, template=None):
     """One DCP bytes item -> its plain value, read with `torch.load(weights_only=True)`; anything else refused."""
     try:
-        value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4": the refusal below says what matters
+            value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (the unpickler's refusals come as several types)
         raise CheckpointError(f"{file}: refused to load key {fqn}: it is not a plain value that "
                               f"torch.load(weights_only=True) reads ({_first_line(e)}); {_TAMPERED}") from None
@@ -260,26 +263,28 @@ def load_into(state: dict, folder: str | Path) -> None:
     dcp.load(state, storage_reader=SafeReader(str(folder)), planner=_VettedPlanner(folder))
 
 
-def read_state(folder: str | Path, prefix: str = "model") -> dict[str, torch.Tensor]:
-    """The tensors under `prefix.` of a DCP checkpoint (names without the prefix), on the host, in one process:
-    templates built from its `.metadata`, then read by `load_into`."""
-    import warnings
-
+def read_state(folder: str | Path, prefix: str | None = "model") -> dict:
+    """The entries under `prefix.` of a DCP checkpoint (names without the prefix; prefix None: every entry under its
+    full name), on the host, in one process: tensors read by `load_into` into templates built from the `.metadata`,
+    bytes items as the plain values `check_bytes_items` lets through."""
     folder = Path(folder)
     md = read_metadata(folder / ".metadata")
     check_kinds(md, folder)
-    state = {}
+    head = "" if prefix is None else prefix + "."
+    tensors, values = {}, {}
     for fqn, kind in md.state_dict_metadata.items():
-        if fqn.startswith(prefix + "."):
-            if not isinstance(kind, dcp_metadata.TensorStorageMetadata):
-                raise CheckpointError(f"{folder / '.metadata'}: refused to load key {fqn}: not a tensor; {_TAMPERED}")
-            state[fqn[len(prefix) + 1:]] = torch.empty(kind.size, dtype=kind.properties.dtype)
-    if not state:
-        raise CheckpointError(f"{folder / '.metadata'}: holds no {prefix}.* tensors: not a fastross checkpoint")
+        if fqn.startswith(head):
+            if isinstance(kind, dcp_metadata.TensorStorageMetadata):
+                tensors[fqn] = torch.empty(kind.size, dtype=kind.properties.dtype)
+            else:
+                values[fqn] = None  # check_kinds: a param_groups entry; no live value to compare its kind with
+    if not tensors and not values:
+        raise CheckpointError(f"{folder / '.metadata'}: holds no {head}* entries: not a fastross checkpoint")
+    values = check_bytes_items(folder, md, values)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
-        load_into({prefix: state}, folder)
-    return state
+        load_into(tensors, folder)  # flat keys: DCP's flattening leaves them as they are
+    return {fqn[len(head):]: v for fqn, v in (tensors | values).items()}
 
 
 # ---------------------------------------------------------------- the checkpoint's other files
@@ -358,5 +363,7 @@ def check_scheduler_state(state: dict, reference: dict, path: str | Path) -> dic
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+    """The line of an error that says what is wrong (for torch.load's refusals: the global it did not allow)."""
+    text = [t.strip() for t in str(e).strip().splitlines() if t.strip()]
+    named = [t for t in text if "GLOBAL" in t or "Unsupported" in t]
+    return (named or text or [type(e).__name__])[0].split(" Please use ")[0]

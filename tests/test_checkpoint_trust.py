@@ -103,6 +103,8 @@ def test_bytes_item_holding_a_pickle_runs_nothing_on_resume(saved, tmp_path, fmt
     other, other_opt, other_sched = trainer(1)
     with pytest.raises(CheckpointError, match=f"{evil}: refused to load key optim.param_groups.0.lr"):
         ck.load(ck.latest(), other, other_opt, other_sched)
+    with pytest.raises(CheckpointError, match=f"{evil}: refused to load key optim.param_groups.0.lr"):
+        checkpoint_read.read_state(ckpt, None)  # the whole checkpoint, as a comparison tool reads it
     assert not marker.exists()
     # A model-only reader never reads the optimizer's items: init_from and export load, and run nothing.
     model2, _, _ = trainer(2)
@@ -251,6 +253,10 @@ def test_genuine_checkpoint_resumes_and_exports_bit_exact(saved, tmp_path):
     read = checkpoint_read.read_state(ckpt, "model")  # fastross.export's reader
     assert read.keys() == model.state_dict().keys()
     assert all(torch.equal(read[k], v) for k, v in model.state_dict().items())
+    whole = checkpoint_read.read_state(ckpt, None)
+    assert whole["optim.param_groups.0.lr"] == want["param_groups"][0]["lr"]
+    assert whole["optim.param_groups.0.betas"] == want["param_groups"][0]["betas"]
+    assert torch.equal(whole["optim.state.0.weight.exp_avg"], want["state"][0]["exp_avg"])
 
 
 # ---------------------------------------------------------------- a save or prune killed at each moment
