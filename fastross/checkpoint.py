@@ -6,17 +6,20 @@ Layout of a run folder:
     run_dir/checkpoints/latest           the name of the newest complete checkpoint (a hint)
 
 A checkpoint is written into `step_N.tmp/` and renamed only once every rank has finished;
-`latest` is then replaced atomically, and only then are older checkpoints pruned. A crash
-during a save leaves the previous checkpoint and `latest` untouched; stale `.tmp` folders
-are removed at the next start.
+`latest` is then replaced atomically, and only then are older checkpoints pruned: each is
+renamed to `step_M.pruned.tmp/` (atomic) before it is deleted, so no moment of a prune leaves
+a half-deleted `step_M/`. A crash during a save leaves the previous checkpoint and `latest`
+untouched; stale `.tmp` folders are removed at the next start, which also finishes a prune the
+crash interrupted (`Checkpointer.latest`).
 
 Integrity. Once every rank's files are on disk, rank 0 hashes them (sha256, several files at
 once) into `manifest.json`, the last file written before the rename. Loading picks the newest
 checkpoint folder whose files match its manifest, whatever `latest` says; a corrupt or
 incomplete newer one is skipped with a message naming the file, and a run folder that holds
 checkpoints of which none verifies is an error, never a silent start from step 0. The manifest
-proves integrity, not authorship: what a checkpoint holds is still read without unpickling
-arbitrary objects (DCP's `.metadata` through `SafeReader`, tensors with `weights_only=True`).
+proves integrity, not authorship: what a checkpoint holds is read by fastross.checkpoint_read,
+which runs nothing a file holds (DCP's `.metadata` through a restricted unpickler, every other
+pickle with `weights_only=True`, only the kinds of entries fastross writes).
 
 Asynchronous saves (`train.async_checkpoint`). The step is blocked only while the state is
 copied to host memory (DCP's `DefaultStager`, pinned buffers on CUDA, reused from save to
@@ -42,10 +45,8 @@ Trade-off: host memory holds one copy of this rank's shard of the model and opti
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import pickle
 import shutil
 import threading
 import time
@@ -56,9 +57,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -68,68 +67,19 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from fastross.checkpoint_read import (  # noqa: F401  (CheckpointError, read_metadata, SafeReader: fastross.checkpoint's)
+    CheckpointError,
+    SafeReader,
+    check_scheduler_state,
+    check_trainer_state,
+    load_into,
+    read_json_object,
+    read_metadata,
+    read_tensor_file,
+)
+
 LATEST = "latest"
 MANIFEST = "manifest.json"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be trusted or found: the message names the file and what to do."""
-
-
-# What a DCP `.metadata` pickle may name: DCP's own metadata classes and the plain values inside them.
-_METADATA_GLOBALS = {
-    *(("torch.distributed.checkpoint.metadata", n) for n, v in vars(dcp_metadata).items()
-      if isinstance(v, type) and v.__module__ == dcp_metadata.__name__),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    *(("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype)),
-    ("torch.serialization", "_get_layout"),  # a lookup of torch.strided etc. by name
-    *(("pathlib", n) for n in ("Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath")),
-    ("collections", "OrderedDict"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _METADATA_GLOBALS:
-            raise pickle.UnpicklingError(f"{module}.{name} is not part of DCP's checkpoint metadata")
-        return super().find_class(module, name)
-
-
-def read_metadata(path: Path) -> dcp_metadata.Metadata:
-    """A DCP `.metadata` file, unpickled with only DCP's metadata classes allowed: a crafted one cannot run code."""
-    try:
-        md = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ValueError, TypeError) as e:
-        raise CheckpointError(
-            f"{path}: refused to load, it is not DCP checkpoint metadata ({e}); a checkpoint not written by "
-            "torch.distributed.checkpoint must be converted first: load it in a trusted Python session and save its "
-            "tensors with safetensors or dcp.save"
-        ) from None
-    if not isinstance(md, dcp_metadata.Metadata):
-        raise CheckpointError(f"{path}: holds a {type(md).__name__}, not DCP checkpoint metadata")
-    return md
-
-
-class SafeReader(FileSystemReader):
-    """DCP's file reader, with `.metadata` read by `read_metadata` instead of a plain `pickle.load`.
-
-    The tensor and bytes entries themselves DCP already reads as raw storage or with `torch.load(weights_only=True)`.
-    """
-
-    def read_metadata(self, *args, **kwargs) -> dcp_metadata.Metadata:
-        md = read_metadata(Path(self._get_metadata_path(kwargs.get("rank"))))
-        if getattr(md, "storage_meta", None) is None:
-            md.storage_meta = dcp_metadata.StorageMeta()
-        md.storage_meta.load_id = self.load_id
-        return md
-
-
-def dcp_load(state: dict, path: Path) -> None:
-    """dcp.load through SafeReader, its `.metadata` checked first so that a refusal is a plain error, not one
-    wrapped in DCP's collective exception."""
-    read_metadata(Path(path) / ".metadata")
-    dcp.load(state, storage_reader=SafeReader(str(path)))
 
 
 def _hash_file(path: Path) -> str:
@@ -157,9 +107,14 @@ def verify(folder: Path) -> str | None:
     if not path.is_file():
         return f"{path} is missing (an incomplete checkpoint, or one written before fastross kept manifests)"
     try:
-        want = json.loads(path.read_text())["sha256"]
-    except (ValueError, KeyError, TypeError) as e:
+        want = json.loads(path.read_bytes())["sha256"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
         return f"{path} is unreadable ({e})"
+    if not isinstance(want, dict) or not all(isinstance(v, str) for v in want.values()):
+        return f"{path} is unreadable (its sha256 is not a table of file -> hash)"
+    odd = [n for n in want if not isinstance(n, str) or "/" in n or n in ("", ".", "..", MANIFEST)]
+    if odd:
+        return f"{path} lists {odd[0]!r}, not a file of {folder}"
     if ".metadata" not in want:
         return f"{path} lists no .metadata"
     missing = [n for n in want if not (folder / n).is_file()]
@@ -204,15 +159,33 @@ def set_rng_state(state: dict) -> None:
 
 
 def load_rng(path: Path) -> dict:
-    """Read an `rng_rank{r}.pt`: tensors only, so a crafted pickle cannot run code."""
+    """Read an `rng_rank{r}.pt` (fastross.checkpoint_read.read_tensor_file): tensors only, so a crafted pickle
+    cannot run code."""
+    state = read_tensor_file(path)
+    if not isinstance(state.get("torch"), torch.Tensor) or state["torch"].dtype != torch.uint8 \
+            or not set(state) <= {"torch", "cuda"}:
+        raise CheckpointError(f"{path}: refused to load key {sorted(set(state) - {'cuda'}) or 'torch'}: fastross "
+                              "writes {torch, cuda} generator states (uint8 tensors) there")
+    return state
+
+
+def read_hint(file: Path, say=None) -> str | None:
+    """`checkpoints/latest`'s folder name, or None when it is absent or unreadable (it is a hint: said, not fatal)."""
+    if not file.is_file():
+        return None
     try:
-        return torch.load(path, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise pickle.UnpicklingError(
-            f"{path}: refused to load, it holds more than tensors (fastross writes RNG states as plain tensors); "
-            f"this checkpoint was not written by fastross or was tampered with: delete its folder or point "
-            f"`latest` at another checkpoint. ({str(e).splitlines()[0]})"
-        ) from e
+        name = file.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        if say:
+            say(f"checkpoint: warning: {file} is unreadable ({e}); it is only a hint: taking the newest verified "
+                "checkpoint instead")
+        return None
+    if "/" in name or name in (".", ".."):
+        if say:
+            say(f"checkpoint: warning: {file} names {name!r}, not a checkpoint folder; it is only a hint: taking the "
+                "newest verified checkpoint instead")
+        return None
+    return name
 
 
 @dataclass
@@ -256,8 +229,25 @@ class Checkpointer:
         dist.barrier()
 
     def latest(self) -> Path | None:
-        """The newest verified checkpoint (rank 0 hashes, every rank gets its answer), or None in a fresh run."""
-        return agreed(lambda: resolve(self.root.parent, say=print if self.rank == 0 else None), self.rank)
+        """The newest verified checkpoint (rank 0 hashes, every rank gets its answer), or None in a fresh run.
+
+        Rank 0 also settles what an interrupted prune left: older checkpoints past `keep` are removed (the stale
+        `*.pruned.tmp` folders went at construction, with the other `.tmp` ones)."""
+        say = print if self.rank == 0 else None
+        return agreed(lambda: self._settle(resolve(self.root.parent, say=say), say), self.rank)
+
+    def _settle(self, newest: Path | None, say=None) -> Path | None:
+        """Finish the prune that the save of `newest` began: of the checkpoint folders up to `newest` (a corrupt newer
+        one is left for the next save of its step to replace), keep the newest `keep`."""
+        if newest is None:
+            return None
+        done = sorted((p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
+                       and _step_of(p) <= _step_of(newest)), key=_step_of)
+        for old in done[: -self.keep]:
+            discard(old)
+            if say:
+                say(f"checkpoint: removed {old.name}, older than the newest {self.keep} (an interrupted prune)")
+        return newest
 
     def save(self, step: int, model, optimizer, trainer_state: dict, config_yaml: str) -> SaveReport:
         """Write a checkpoint of this step; asynchronous saves return once the state is staged.
@@ -297,8 +287,7 @@ class Checkpointer:
 
     def hint(self) -> Path | None:
         """The newest checkpoint this run completed, as `latest` names it (for messages: no hashing, no collective)."""
-        hint = self.root / LATEST
-        name = hint.read_text().strip() if hint.is_file() else ""
+        name = read_hint(self.root / LATEST)
         return self.root / name if name else None
 
     def _previous(self) -> str:
@@ -339,7 +328,7 @@ class Checkpointer:
 
     def _finalise(self, tmp: Path, final: Path) -> None:
         if final.exists():  # a checkpoint of the same step from an earlier, interrupted attempt
-            shutil.rmtree(final)
+            discard(final)
         os.replace(tmp, final)
         _fsync_dir(self.root)
         _fsync_write(self.root / LATEST, final.name)
@@ -378,18 +367,38 @@ class Checkpointer:
     def _prune(self) -> None:
         done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            discard(old)
 
-    def load(self, path: Path, model, optimizer) -> dict:
-        """Restore model, optimizer and this rank's RNG; returns the trainer state (step, data, scheduler)."""
+    def load(self, path: Path, model, optimizer, scheduler=None) -> dict:
+        """Restore model, optimizer, this rank's RNG and (given) the learning-rate schedule; returns the trainer state
+        (step, data, scheduler). Every file is checked before anything is restored (fastross.checkpoint_read)."""
+        trainer = read_json_object(path / "trainer.json")
+        if scheduler is not None:
+            check_trainer_state(trainer, path / "trainer.json")
+            check_scheduler_state(trainer["scheduler"], scheduler.state_dict(), path / "trainer.json")
+        rng_file = path / f"rng_rank{self.rank}.pt"
+        rng = load_rng(rng_file) if rng_file.exists() else None  # absent when resuming on another number of ranks
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
-        dcp_load(state, path)
+        load_into(state, path)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        rng = path / f"rng_rank{self.rank}.pt"
-        if rng.exists():  # absent when resuming on a different number of ranks
-            set_rng_state(load_rng(rng))
-        return json.loads((path / "trainer.json").read_text())
+        if rng is not None:
+            set_rng_state(rng)
+        if scheduler is not None:
+            scheduler.load_state_dict(trainer["scheduler"])
+        return trainer
+
+
+def discard(folder: Path) -> None:
+    """Delete a checkpoint folder so that no moment of it leaves a half-deleted checkpoint: it is first renamed to
+    `<name>.pruned.tmp` (atomic, made durable), then deleted; a kill during the delete leaves a `.tmp` folder, which
+    no reader takes for a checkpoint and the next start removes."""
+    trash = folder.with_name(folder.name + ".pruned.tmp")
+    if trash.exists():
+        shutil.rmtree(trash)
+    os.replace(folder, trash)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _attempt(fn) -> BaseException | None:
@@ -448,7 +457,7 @@ def resolve(path: str | Path, say=None) -> Path | None:
         return path
     root = path / "checkpoints"
     hint_file = root / LATEST
-    hint = hint_file.read_text().strip() if hint_file.is_file() else None
+    hint = read_hint(hint_file, say)
     found = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
                    key=_step_of, reverse=True)
     if not found:
@@ -497,7 +506,7 @@ def load_model_weights(path: str | Path, model) -> Path:
         raise FileNotFoundError(f"model.init_from: {path} holds no complete fastross checkpoint, no fastross export "
                                 "and no reference ROSS checkpoint or mm_projector.bin")
     msd = get_model_state_dict(model)
-    dcp_load({"model": msd}, ckpt)
+    load_into({"model": msd}, ckpt)
     set_model_state_dict(model, msd, options=StateDictOptions(strict=True))
     return ckpt
 

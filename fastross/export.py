@@ -25,14 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from fastross import config as fconfig
-from fastross.checkpoint import SafeReader, read_metadata, resolve
+from fastross.checkpoint import resolve
+from fastross.checkpoint_read import read_state
 from fastross.data import templates
 from fastross.data.images import ImageSpec
 from fastross.data.schema import ShardMeta
@@ -119,9 +119,8 @@ def chat_template(template: str, tokenizer) -> str:
 
 
 def read_checkpoint(path: str | Path) -> tuple[Path, fconfig.Config, dict[str, torch.Tensor]]:
-    """A run folder or checkpoint folder -> (checkpoint, its resolved config, the model's full state dict)."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
-
+    """A run folder or checkpoint folder -> (checkpoint, its resolved config, the model's full state dict), read by
+    fastross.checkpoint_read (nothing in the checkpoint runs)."""
     ckpt = resolve(path)
     if ckpt is None:
         raise FileNotFoundError(f"{path} holds no complete fastross checkpoint (no .metadata, no checkpoints/latest)")
@@ -129,11 +128,7 @@ def read_checkpoint(path: str | Path) -> tuple[Path, fconfig.Config, dict[str, t
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} is missing: the checkpoint was not written by fastross's trainer")
     cfg = fconfig.load(str(cfg_path), ["model.init_from="])  # the checkpoint's weights: where they started is moot
-    read_metadata(ckpt / ".metadata")  # a crafted one is refused before DCP reads it (fastross.checkpoint)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
-        state = _load_state_dict_from_keys({"model"}, storage_reader=SafeReader(str(ckpt)))["model"]
-    return ckpt, cfg, state
+    return ckpt, cfg, read_state(ckpt, "model")
 
 
 def checkpoint_model(path: str | Path):

@@ -29,7 +29,7 @@ The facts, read from the reference repository (not copied from its code):
 - In prompts the reference's image placeholder is the token id -200 (IMAGE_TOKEN_INDEX), which no tokenizer
   holds; fastross's shards use the tokenizer's `<image>` id instead. Weights do not depend on it.
 - Its stage 1 saves only `mm_projector.bin` and `mm_inv_projector.bin` (torch.save of {name: tensor}) beside
-  config.json; read here with torch.load(weights_only=True).
+  config.json; read here with torch.load(weights_only=True) (fastross.checkpoint_read.read_tensor_file).
 
 Every tensor maps both ways through PARTS; any other name is an error naming it. Importing keeps the parts the
 file cannot change as they are: the tower's layers fastross drops, its post-layernorm (and SigLIP's head), and the VAE when
@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from fastross import towers
+from fastross.checkpoint_read import read_json_object, read_tensor_file
 
 CONFIG = "config.json"
 PROJECTOR_BIN = "mm_projector.bin"
@@ -122,7 +123,7 @@ def is_reference(path: str | Path) -> bool:
     if (path / PROJECTOR_BIN).is_file():
         return True
     cfg = path / CONFIG
-    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") in REFERENCE_TYPES
+    return cfg.is_file() and read_json_object(cfg).get("model_type") in REFERENCE_TYPES
 
 
 def _config_error(where: Path, key: str, got, want: str) -> ValueError:
@@ -184,19 +185,13 @@ def _sources(path: Path, stack: ExitStack):
         bins, cfg_path = [p for p in (path / PROJECTOR_BIN, path / INV_PROJECTOR_BIN) if p.is_file()], path / CONFIG
     else:
         folder = SafetensorsFolder(str(path), stack)
-        cfg = json.loads((path / CONFIG).read_text())
+        cfg = read_json_object(path / CONFIG)
         return [(str(path), {k: (lambda k=k: folder.get_tensor(k)) for k in folder.where})], cfg, True
     sources = []
     for b in bins:
-        try:
-            tensors = torch.load(b, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{b}: not a torch.save of tensors that torch.load(weights_only=True) reads "
-                             f"({str(e).splitlines()[0]})") from e
-        if not isinstance(tensors, dict):
-            raise ValueError(f"{b}: holds a {type(tensors).__name__}, expected a dict of name -> tensor")
+        tensors = read_tensor_file(b)  # torch.load(weights_only=True); a dict of name -> tensor, or refused
         sources.append((str(b), {k: (lambda v=v: v) for k, v in tensors.items()}))
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else None
+    cfg = read_json_object(cfg_path) if cfg_path.is_file() else None
     return sources, cfg, False
 
 

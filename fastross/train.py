@@ -185,8 +185,7 @@ class Trainer:
         self.bad_in_a_row = self.skipped_steps = self._skipped_logged = 0  # non-finite steps (Trainer._skip)
         latest = self.checkpointer.latest()
         if latest is not None:
-            state = self.checkpointer.load(latest, self.model, self.optimizer)
-            self.scheduler.load_state_dict(state["scheduler"])
+            state = self.checkpointer.load(latest, self.model, self.optimizer, self.scheduler)  # files vetted first
             self.data_position = Position(**state["data"])
             self.step = state["step"]
             self.bad_in_a_row = state.get("bad_in_a_row", 0)
@@ -344,6 +343,8 @@ class Trainer:
         if self.step >= end:
             self._say(f"already complete: {self.step}/{self.total_steps} steps in {self.run_dir}"
                       + (f" (train.stop_after={t.stop_after})" if end < self.total_steps else ""))
+            # A run killed after its last checkpoint was final (while pruning) is done: said as a finished run says it.
+            self._say(f"done: steps {self.step} -> {self.step} in 0.0 s; checkpoint in {self.checkpointer.hint()}")
             return
         self.model.train()
         self.model.vision.eval()
