@@ -38,7 +38,7 @@ from PIL import Image
 from fastross.config import DataConfig
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader
-from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH
+from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH, write_manifest
 from fastross.data.shards import MDSWriter
 from fastross.data.stream import Position
 from fastross.tools import results as R
@@ -91,6 +91,7 @@ def write_shards(out: Path, n: int, seed: int) -> None:
         "latent_shift": 0.1159, "latent_scale": 0.3611, "tokenizer": "none: random ids (the trainer would refuse these)",
         "tokenizer_fingerprint": {}, "read": n, "written": n, "skipped": {},
     }))
+    write_manifest(out)  # as the converter does: the loader verifies the folder against it
 
 
 def run(shards: Path, n: int, workers: int, backend: str, sleep: bool, batch: int) -> dict:

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import yaml
 
 from fastross import towers
@@ -480,16 +479,27 @@ def _check_folders(cfg: Config) -> None:
         vae = _folder_config("model.vae_path", m.vae_path)
         if vae.get("_class_name") != "AutoencoderKL":
             raise ConfigError(f"model.vae_path: {m.vae_path} holds a {vae.get('_class_name')!r}, not an AutoencoderKL")
-    # The data set's facts, when local shards carry them (the loader names what is missing otherwise).
+    # The data set's facts, when local shards carry them (the loader names what is missing otherwise), verified
+    # against each folder's manifest first (fastross.data.schema): an edited file is refused here, naming it.
+    from fastross.data.schema import META_FILE, read_lengths, read_meta
+
     local = [s.shards for s in data_sources(d) if "://" not in s.shards]
-    indexes = [Path(p) / "lengths.npy" for p in local if (Path(p) / "lengths.npy").is_file()]
-    counts = [len(np.load(path, mmap_mode="r")) for path in indexes]
+    metas = {}
+    for p in local:
+        if (Path(p) / META_FILE).is_file():
+            try:
+                metas[p] = read_meta(p)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"data: {e}") from None
+    try:
+        counts = [len(read_lengths(p)) for p in local if p in metas and (Path(p) / "lengths.npy").is_file()]
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"data: {e}") from None
     if len(counts) == len(data_sources(d)) and d.global_batch > sum(counts):
         raise ConfigError(f"data.global_batch={d.global_batch} is larger than {', '.join(local)}'s {sum(counts)} "
                           "samples")
-    for p in local:
-        meta = Path(p) / "fastross.json"
-        visual = json.loads(meta.read_text()).get("num_visual_tokens", 0) if meta.is_file() else 0
+    for p, meta in metas.items():
+        visual = meta.get("num_visual_tokens", 0)
         if d.max_tokens < visual + 1:
             raise ConfigError(f"data.max_tokens={d.max_tokens} holds no image sample: one image is {visual} visual "
                               f"tokens, plus at least one text token ({p})")

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from fastross import config, distributed, flops
 from fastross.data import mix, planner
-from fastross.data.schema import LENGTHS_FILE
+from fastross.data.schema import LENGTHS_FILE, read_lengths
 from fastross.model import presets
 
 GIB = 1 << 30
@@ -74,7 +74,7 @@ def sample_mix(cfg: config.Config, visual_tokens: int, seed: int = 0) -> Mix:
         lengths = np.zeros(n, np.int64)
         for k, (index, _) in enumerate(indexes):
             at = np.flatnonzero(pick == k)
-            lengths[at] = rng.choice(np.load(index).astype(np.int64), len(at))
+            lengths[at] = rng.choice(read_lengths(index.parent).astype(np.int64), len(at))  # verified
         images = lengths > visual_tokens  # the index holds total lengths only: longer than an image means one
         source = f"{n} samples drawn from " + ", ".join(f"{index} (weight {w:g})" if len(indexes) > 1 else str(index)
                                                         for index, w in indexes)

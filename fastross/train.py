@@ -28,7 +28,7 @@ from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
 from fastross.data.planner import attention_cost_tokens
 from fastross.data.remote import parse_size
-from fastross.data.schema import ShardMeta, tokenizer_fingerprint
+from fastross.data.schema import ShardMeta, fingerprint_problem, tokenizer_fingerprint
 from fastross.data.templates import load_tokenizer
 from fastross.data.stream import Position
 from fastross.metrics import MetricsLogger
@@ -228,13 +228,11 @@ class Trainer:
             raise config.ConfigError(
                 f"{key}: latents have {meta.latent_channels} channels, the model expects {model.latent_channels}"
             )
-        ours = tokenizer_fingerprint(load_tokenizer(self.cfg.model.llm_path))
-        if ours != meta.tokenizer_fingerprint:
-            raise config.ConfigError(
-                f"{key}: {shards} was tokenised by {meta.tokenizer} ({meta.tokenizer_fingerprint}), but "
-                f"model.llm_path {self.cfg.model.llm_path} has another tokenizer ({ours}): convert the data again with "
-                f"--tokenizer {self.cfg.model.llm_path}"
-            )
+        llm = self.cfg.model.llm_path
+        problem = fingerprint_problem(meta.tokenizer_fingerprint, tokenizer_fingerprint(load_tokenizer(llm)),
+                                      f"{key}: {shards} (tokenised by {meta.tokenizer})", f"model.llm_path {llm}")
+        if problem is not None:
+            raise config.ConfigError(problem)
         if meta.latents:
             stored = (meta.latent_channels, meta.latent_shift, meta.latent_scale)
             ours = (model.latent_channels, model.latent_shift, model.latent_scale)

@@ -21,7 +21,7 @@ from PIL import Image
 
 from fastross.data import convert
 from fastross.data.images import ImageSpec, latent_moments, preprocess
-from fastross.data.schema import ShardMeta, check_shard_file, corrupt_shards, read_meta
+from fastross.data.schema import ShardMeta, check_shard_file, corrupt_shards, read_meta, write_manifest
 from fastross.tools.faults import IMAGE_MODES, expected_pixels, make_image, png, png_rgb16, rgb_image
 
 ASK = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Shapes."}]
@@ -323,6 +323,9 @@ def test_corrupt_shard_is_named_or_skipped(many_shards, tmp_path, spec):
     for s in raw["shards"]:
         s["raw_data"]["hashes"] = {}
     (shards / "index.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="index.json: its sha256 differs from .*manifest.json.s"):
+        corrupt_shards(shards)  # the edit itself is caught first (tests/test_datatrust.py) ...
+    write_manifest(shards)  # ... and, with the manifest rewritten to match, the missing hash
     assert "records no xxh64 hash; convert the data again" in corrupt_shards(shards)[0][1]
 
 
@@ -358,6 +361,7 @@ def test_deleted_shard_is_skipped_and_an_edited_index_refused(many_shards, tmp_p
     raw = json.loads((edited / "index.json").read_text())
     raw["shards"][1]["samples"] -= 1
     (edited / "index.json").write_text(json.dumps(raw))
+    write_manifest(edited)  # past the manifest (tests/test_datatrust.py): the sample count is checked on its own
     for mode in ("error", "skip"):  # not skippable: the index itself is wrong
         with pytest.raises(ShardCorruptError, match=f"{edited / index[1]['raw_data']['basename']}: holds "
                                                     f"{index[1]['samples']} samples, .*index.json records "
@@ -398,6 +402,7 @@ def test_old_shards_are_refused(many_shards, tmp_path):
     meta = json.loads((shards / "fastross.json").read_text())
     del meta["tokenizer_fingerprint"]
     (shards / "fastross.json").write_text(json.dumps(meta))
+    write_manifest(shards)  # as an older converter wrote it, but with a manifest
     with pytest.raises(ValueError, match="has no 'tokenizer_fingerprint': convert the data again"):
         ShardMeta.read(shards)
 
@@ -437,8 +442,9 @@ def test_trainer_refuses_another_tokenizer_or_vae(tiny_models, stage2_shards, tm
     with pytest.raises(ConfigError) as e:
         Trainer(trainer_config(tiny_models, stage2_shards, tmp_path, f"model.llm_path={llm}"), world)
     msg = str(e.value)
-    assert msg.startswith(f"data.shards: {stage2_shards} was tokenised by {tiny_models / 'llm'} ({{'vocab_sha256'")
-    assert f"model.llm_path {llm} has another tokenizer ({{'vocab_sha256'" in msg and "'vocab_size': 151648" in msg
+    assert msg.startswith(f"data.shards: {stage2_shards} (tokenised by {tiny_models / 'llm'}) was tokenised by "
+                          f"another tokenizer than the one in model.llm_path {llm} (fingerprint ")
+    assert "vocabulary 151647" in msg and ", 151648, " in msg and f"--tokenizer model.llm_path {llm}" in msg
 
     vae = tmp_path / "vae"
     shutil.copytree(tiny_models / "vae", vae)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fastross.data import convert, merge
-from fastross.data.schema import LENGTHS_FILE, META_FILE, ShardMeta, read_meta
+from fastross.data.schema import LENGTHS_FILE, META_FILE, ShardMeta, read_meta, write_manifest
 from fastross.data.shards import MDSShards
 from fastross.data.stream import StepStream
 
@@ -149,12 +149,16 @@ def test_merge_refuses_parts_of_other_conversions(converted, tmp_path, capsys):
     meta = read_meta(other)
     meta["latent_scale"] = 0.5
     (other / META_FILE).write_text(json.dumps(meta))
+    assert merge.main([str(part0), str(other), "--out", str(out)]) == 2  # the edit is caught (tests/test_datatrust.py)
+    assert f"{other / META_FILE}: its sha256 differs from {other / 'manifest.json'}'s" in capsys.readouterr().err
+    write_manifest(other)  # a part of another conversion: a manifest of its own
     assert merge.main([str(part0), str(other), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{other / META_FILE}: latent_scale is 0.5, but part 0 ({part0}) has" in err
     meta["latent_scale"] = read_meta(part0)["latent_scale"]
-    meta["tokenizer_fingerprint"] = {**meta["tokenizer_fingerprint"], "vocab_sha256": "0" * 16}
+    meta["tokenizer_fingerprint"] = {**meta["tokenizer_fingerprint"], "sha256": "0" * 64}
     (other / META_FILE).write_text(json.dumps(meta))
+    write_manifest(other)
     assert merge.main([str(part0), str(other), "--out", str(out)]) == 2
     assert "tokenizer_fingerprint" in capsys.readouterr().err
     assert not out.exists()

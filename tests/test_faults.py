@@ -185,6 +185,9 @@ def poisoned_shards(src: Path, dst: Path, first: int, last: int) -> tuple[Path, 
         if shard["raw_data"]["basename"] == path.name:
             shard["raw_data"]["hashes"][SHARD_HASH] = xxhash.xxh64(data).hexdigest()
     (dst / "index.json").write_text(json.dumps(index))
+    from fastross.data.schema import write_manifest
+
+    write_manifest(dst)  # and its manifest, as that converter would have written it
     assert np.isnan(meta.decode_latent(MDSShards(dst).read(sid)["latent_mean"])).all()
     return dst, str(sample["id"])
 

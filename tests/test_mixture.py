@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from fastross.config import ConfigError, DataConfig, SourceConfig
+from fastross.data.schema import write_manifest
 from fastross.data.sources import open_sources
 from fastross.data.stream import Position, StepStream
 
@@ -76,6 +77,7 @@ def test_mixture_refuses_sources_that_disagree(stage2_shards, tmp_path):
     meta = json.loads((other / "fastross.json").read_text())
     meta["latent_shift"] = meta["latent_shift"] + 0.5
     (other / "fastross.json").write_text(json.dumps(meta))
+    write_manifest(other)  # another conversion's folder, whole (an edit alone is refused: tests/test_datatrust.py)
     d = DataConfig(sources=[SourceConfig(str(stage2_shards), 1.0), SourceConfig(str(other), 1.0)])
     with pytest.raises(ConfigError) as e:
         open_sources(d, check=False)
@@ -115,6 +117,9 @@ def test_mixture_memory_planner_draws_the_union_by_weight(tmp_path):
     for name, length in (("a", 100), ("b", 2000)):
         (tmp_path / name).mkdir()
         np.save(tmp_path / name / "lengths.npy", np.full(5, length, dtype=np.int32))
+        for other in ("fastross.json", "index.json"):  # only lengths.npy is read; the manifest covers all three
+            (tmp_path / name / other).write_text("{}")
+        write_manifest(tmp_path / name)
     sources = f"[{{shards: {tmp_path / 'a'}, weight: 1}}, {{shards: {tmp_path / 'b'}, weight: 3}}]"
     cfg = config.load("configs/7b.yaml", ["data.shards=''", f"data.sources={sources}", "data.global_batch=2000"],
                       check_paths=False)

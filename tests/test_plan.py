@@ -89,7 +89,12 @@ def test_mix_from_the_length_index(tmp_path):
     """data.shards with a length index: the step's samples are drawn from it; without one, the default mix."""
     import numpy as np
 
+    from fastross.data.schema import write_manifest
+
     np.save(tmp_path / "lengths.npy", np.array([100, 800, 2000], dtype=np.int32))
+    for other in ("fastross.json", "index.json"):  # only lengths.npy is read; the manifest covers all three
+        (tmp_path / other).write_text("{}")
+    write_manifest(tmp_path)
     cfg = config.load("configs/7b.yaml", [f"data.shards={tmp_path}", "data.global_batch=64"], check_paths=False)
     m = plan.sample_mix(cfg, visual_tokens=729)
     assert set(m.lengths.tolist()) <= {100, 800, 2000} and len(m.lengths) == 64 and "lengths.npy" in m.source

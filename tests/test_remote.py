@@ -10,7 +10,7 @@ import pytest
 
 from fastross.config import SourceConfig
 from fastross.data.remote import INDEX_FILES, cached_shards, parse_size
-from fastross.data.schema import COLUMNS, META_FILE, SHARD_HASH, ShardCorruptError
+from fastross.data.schema import COLUMNS, META_FILE, SHARD_HASH, ShardCorruptError, write_manifest
 from fastross.data.shards import MDSShards, MDSWriter
 from fastross.data.sources import open_source
 from fastross.data.stream import StepStream
@@ -28,6 +28,7 @@ def resharded(stage2_samples, stage2_shards, tmp_path_factory):
             w.write(s)
     shutil.copy(stage2_shards / META_FILE, out / META_FILE)
     build(out)
+    write_manifest(out)
     return out
 
 

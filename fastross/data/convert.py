@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from fastross.data import templates
 from fastross.data.images import ImageError, ImageSpec, decode, latent_moments, preprocess, preprocess_pil
-from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH, tokenizer_fingerprint
+from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH, tokenizer_fingerprint, write_manifest
 from fastross.data.shards import MDSWriter
 from fastross.towers import TowerError, read_tower
 
@@ -78,22 +78,134 @@ class Report:
         return f"convert: read {self.read}, written {self.written}, skipped {sum(self.skipped.values())} ({parts})"
 
 
-def load_array(path: Path) -> list:
-    """A JSON file's array of records (the whole file is parsed: JSON arrays cannot be streamed)."""
+MAX_JSON_DEPTH = 64  # a record nested deeper than this is malformed (LLaVA's are 4 deep: record, list, turn, value)
+
+
+def read_text(path: Path) -> str:
+    """A --json file's text; one that is not UTF-8 is a ConvertError naming it."""
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConvertError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+
+def check_value(value, depth: int = 1) -> None:
+    """Raise Skip("malformed") for a parsed record nested deeper than MAX_JSON_DEPTH or holding a string (key or
+    value) with a lone surrogate (JSON's "\\ud800" escapes parse, but no UTF-8 writer can store them)."""
+    if depth > MAX_JSON_DEPTH:
+        raise Skip("malformed", f"nested deeper than {MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise Skip("malformed", f"a string holds a lone surrogate ({value[e.start]!r} at {e.start})") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_value(k, depth + 1)
+            check_value(v, depth + 1)
+    elif isinstance(value, list):
+        for v in value:
+            check_value(v, depth + 1)
+
+
+def parse_record(text: str):
+    """One record's JSON text -> the record, or a Skip: invalid JSON, too deep, lone surrogates."""
+    try:
+        rec = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ConvertError(
-            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); JSON Lines files must end in .jsonl"
-        ) from None
-    if not isinstance(records, list):
-        raise ConvertError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
+        return Skip("malformed", f"invalid JSON: {e.msg}")
+    except RecursionError:
+        return Skip("malformed", f"nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        check_value(rec)
+    except Skip as s:
+        return s
+    except RecursionError:  # not reached below MAX_JSON_DEPTH; kept so that no record can end the run
+        return Skip("malformed", f"nested deeper than {MAX_JSON_DEPTH} levels")
+    return rec
+
+
+def _value_end(text: str, at: int) -> int:
+    """The end of the JSON value starting at `at` (an object or array), by matching brackets outside strings: how a
+    record too deep for Python's parser is stepped over."""
+    depth, i, n = 0, at, len(text)
+    while i < n:
+        c = text[i]
+        if c == '"':
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    raise ValueError("unterminated value")
+
+
+def load_array(path: Path) -> list:
+    """A JSON file's array of records, each parsed on its own (a record or a Skip): the whole file is read (JSON
+    arrays cannot be streamed), but a record nested too deep or holding a lone surrogate is that record's skip."""
+    text = read_text(path)
+    decoder, ws = json.JSONDecoder(), " \t\n\r"
+
+    def bad(at: int, msg: str):
+        line = text.count("\n", 0, at) + 1
+        return ConvertError(f"{path}: not valid JSON (line {line}, column {at - text.rfind(chr(10), 0, at)}: {msg}); "
+                            "JSON Lines files must end in .jsonl")
+
+    i = len(text) - len(text.lstrip(ws))
+    if i == len(text) or text[i] != "[":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise bad(e.pos, e.msg) from None
+        except RecursionError:
+            raise ConvertError(f"{path}: nested too deeply to be an array of records") from None
+        raise ConvertError(f"{path}: expected a JSON array of records, got {type(value).__name__}")
+    records, i = [], i + 1
+    while True:
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if i < len(text) and text[i] == "]" and not records:
+            i += 1
+            break
+        try:
+            rec, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise bad(e.pos, e.msg) from None
+        except RecursionError:
+            try:
+                end = _value_end(text, i)
+            except ValueError:
+                raise bad(i, "unterminated value") from None
+            records.append(Skip("malformed", f"nested deeper than {MAX_JSON_DEPTH} levels"))
+        else:
+            try:
+                check_value(rec)
+                records.append(rec)
+            except Skip as s:
+                records.append(s)
+        i = end
+        while i < len(text) and text[i] in ws:
+            i += 1
+        if i < len(text) and text[i] == ",":
+            i += 1
+            continue
+        if i < len(text) and text[i] == "]":
+            i += 1
+            break
+        raise bad(i, "expected ',' or ']'")
+    if text[i:].strip(ws):
+        raise bad(i, "extra data")
     return records
 
 
 def jsonl_lines(path: Path) -> list[tuple[int, str]]:
     """(line number, text) of a JSONL file's records: its non-blank lines."""
-    return [(no, line) for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    return [(no, line) for no, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
 
 
 def count_records(path: Path) -> int:
@@ -108,10 +220,7 @@ def read_records(path: Path, label: str, start: int = 0, stop: int | None = None
     """
     if path.suffix == ".jsonl":
         for line_no, line in jsonl_lines(path)[start:stop]:
-            try:
-                yield f"{label}:{line_no}", json.loads(line)
-            except json.JSONDecodeError as e:
-                yield f"{label}:{line_no}", Skip("malformed", f"invalid JSON: {e.msg}")
+            yield f"{label}:{line_no}", parse_record(line)
         return
     records = load_array(path)
     for i in range(start, len(records) if stop is None else min(stop, len(records))):
@@ -277,6 +386,10 @@ class Converter:
         if length > self.a.max_length:
             raise Skip("too_long", f"{length} tokens > --max-length {self.a.max_length}")
         rid_out = str(rec.get("id", rid))
+        try:
+            rid_out.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Skip("malformed", "its id holds a lone surrogate") from None
         return {"id": rid_out, "input_ids": ids, "labels": labels, "image": data, "length": length,
                 "_pixels": pixels, "_rid": rid}
 
@@ -350,9 +463,16 @@ class Converter:
                 skip(s["_rid"], why)
             dropped = {id(s) for s, _ in failed}
             for s in (p for p in pending if id(p) not in dropped):
-                del s["_pixels"], s["_rid"]
+                rid = s.pop("_rid")
+                del s["_pixels"]
                 s["index"] = report.written
-                writer.write(s)
+                try:  # encoding a sample is its own: the writer keeps nothing of a sample it could not encode
+                    writer.write(s)
+                except OSError:  # writing a shard file (a full disk): the run's, handled by write_staged
+                    raise
+                except Exception as e:
+                    skip(rid, Skip("record_error", f"writing it failed ({type(e).__name__}: {e})"))
+                    continue
                 lengths.append(s["length"])
                 report.written += 1
             pending.clear()
@@ -392,6 +512,7 @@ class Converter:
             "skipped": dict(report.skipped), "skipped_examples": dict(report.examples),
         }
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
+        write_manifest(out)  # last: it covers fastross.json, index.json and lengths.npy
 
 
 def parse_args(argv=None):

@@ -4,6 +4,12 @@ The converter (VAE latent moments), the loader (pixel values) and the exported p
 use `preprocess`, so a reconstruction target always matches what the vision tower saw
 (ROSS_SPEC.md section 2, step 0). Nothing here imports fastross.model or the kernels.
 
+Only the formats LLaVA data holds are opened (`FORMATS`: PNG, JPEG, WebP, GIF and BMP, TIFF), each
+recognised by its leading bytes (`sniff_format`) before Pillow sees it and opened with that one Pillow
+plugin (`Image.open(formats=...)`): any other file (EPS, which Pillow hands to Ghostscript, PDF, SVG, ICO,
+...) is a `bad_image` skip naming its format, so untrusted records never reach another decoder. An
+animated GIF, WebP or PNG is its first frame.
+
 Every image is first normalised explicitly to 8-bit RGB (`decode`, `to_rgb8`): Pillow's
 `convert("RGB")` clips 16-bit greyscale at 255 (a real 16-bit PNG came out 99% white), so 16-bit
 grey is scaled to its high byte (v >> 8), as Pillow itself reads 16-bit RGB PNGs, so that one image
@@ -50,6 +56,24 @@ class ImageError(ValueError):
 
 Aspect = Literal["pad", "square"]  # pad: mean-colour square first (stage 2); square: resize as given (stage 1)
 JPEG_MAGIC = b"\xff\xd8\xff"
+# The formats opened, by Pillow's plugin name: the leading bytes that identify each.
+FORMATS = {
+    "PNG": (b"\x89PNG\r\n\x1a\n",),
+    "JPEG": (JPEG_MAGIC,),
+    "GIF": (b"GIF87a", b"GIF89a"),
+    "BMP": (b"BM",),
+    "TIFF": (b"II*\x00", b"MM\x00*"),
+    "WEBP": (),  # RIFF....WEBP: checked in sniff_format
+}
+# Formats refused, by their leading bytes: named in the skip reason.
+OTHER_FORMATS = (
+    (b"%!PS", "EPS/PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS (DOS binary)"), (b"%PDF", "PDF"),
+    (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x02\x00", "CUR"), (b"8BPS", "PSD"), (b"II+\x00", "BigTIFF"),
+    (b"MM\x00+", "BigTIFF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"icns", "ICNS"), (b"DDS ", "DDS"), (b"qoif", "QOI"), (b"\x76\x2f\x31\x01", "OpenEXR"), (b"#?RADIANCE", "HDR"),
+    (b"P1", "PBM"), (b"P2", "PGM"), (b"P3", "PPM"), (b"P4", "PBM"), (b"P5", "PGM"), (b"P6", "PPM"),
+    (b"\x0a", "PCX"), (b"SIMPLE  =", "FITS"), (b"#define", "XBM"), (b"/* XPM */", "XPM"),
+)
 
 
 @dataclass(frozen=True)
@@ -171,10 +195,40 @@ def to_rgb8(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def sniff_format(data: bytes) -> str:
+    """The format of encoded image bytes, by their leading bytes: a key of FORMATS, or ImageError("bad_image")
+    naming the format found (or the first bytes, when none is recognised)."""
+    head = bytes(data[:16])
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for name, magics in FORMATS.items():
+        if any(head.startswith(m) for m in magics):
+            return name
+    if head[:4] == b"RIFF":
+        found = f"RIFF {head[8:12]!r}"
+    else:
+        text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+        found = next((name for magic, name in OTHER_FORMATS if head.startswith(magic)), None)
+        if found is None and (text.startswith(b"<svg") or text.startswith(b"<?xml")):
+            found = "SVG/XML"
+        if found is None:
+            found = f"unrecognised (first bytes {head[:8].hex(' ')})" if head else "empty file"
+    raise ImageError("bad_image", f"format {found} is not one fastross opens ({', '.join(FORMATS)})")
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Encoded image bytes -> a lazily decoded PIL image of an allowed format, opened with that format's plugin only."""
+    fmt = sniff_format(data)
+    return Image.open(io.BytesIO(data), formats=[fmt])
+
+
 def decode(data: bytes, *, min_side: int = 1, max_pixels: int | None = None) -> Image.Image:
-    """Encoded image bytes -> 8-bit RGB PIL image, or ImageError (size limits checked from the header first)."""
+    """Encoded image bytes -> 8-bit RGB PIL image, or ImageError (size limits checked from the header first).
+
+    Only FORMATS are opened (`sniff_format`); of an animated image, its first frame."""
+    fmt = sniff_format(data)
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as e:
         raise ImageError("image_too_large", str(e)) from None
     except Exception as e:  # PIL raises many types for unreadable files
@@ -243,7 +297,7 @@ def preprocess(data: bytes, spec: ImageSpec, aspect: Aspect, backend: Literal["p
         raise ValueError(f"image aspect must be 'pad' or 'square', got {aspect!r}")
     if backend not in ("pil", "torchvision"):
         raise ValueError(f"image backend must be 'pil' or 'torchvision', got {backend!r}")
-    if backend == "torchvision" and data[:3] == JPEG_MAGIC and Image.open(io.BytesIO(data)).mode in ("RGB", "L"):
+    if backend == "torchvision" and data[:3] == JPEG_MAGIC and open_image(data).mode in ("RGB", "L"):
         return _preprocess_torchvision(data, spec, aspect)
     return preprocess_pil(decode(data), spec, aspect)
 

@@ -10,20 +10,20 @@ never decodes images or token arrays), else through fastross.data.shards' reader
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from fastross.data.schema import LENGTHS_FILE
+from fastross.data.schema import (INDEX_FILE, LENGTHS_FILE, MANIFEST_FILE, META_FILE, parse_json, verified_bytes,
+                                  write_manifest)
 from fastross.data.shards import MDSShards
 
 
 def native_layout(shards: Path, column: str = "length"):
     """(files, num_var, num_var_before, fixed_before) for the native reader, or None if it cannot read them."""
-    index = json.loads((shards / "index.json").read_text())
+    index = parse_json(shards / INDEX_FILE)
     files, layout = [], None
     for shard in index["shards"]:
         if shard.get("compression") or shard.get("format") != "mds" or column not in shard["column_names"]:
@@ -41,7 +41,14 @@ def native_layout(shards: Path, column: str = "length"):
 
 
 def build(shards: str | Path) -> np.ndarray:
+    """lengths.npy from the shards. In a folder with a manifest, index.json and fastross.json are verified against
+    it first and the manifest then covers the new lengths.npy (the shards it is read from are covered by
+    index.json's hashes)."""
     shards = Path(shards)
+    manifest = (shards / MANIFEST_FILE).is_file()
+    if manifest:
+        for name in (INDEX_FILE, META_FILE):
+            verified_bytes(shards, name)
     layout = native_layout(shards)
     try:
         from fastross import _native
@@ -55,6 +62,8 @@ def build(shards: str | Path) -> np.ndarray:
         for i in tqdm(range(len(ds)), desc="index", unit="sample"):
             lengths[i] = ds.read(i)["length"]
     np.save(shards / LENGTHS_FILE, lengths)
+    if manifest:
+        write_manifest(shards)
     return lengths
 
 

@@ -14,7 +14,8 @@ position) is rewritten: every shard file is copied with its samples' index field
 xxh64 recomputed; every other byte is the part's. lengths.npy is the parts' concatenated, and
 fastross.json the first part's facts with the counts summed and, per skip reason, the first five
 examples in record order (what one run keeps). The part shards are checked against their recorded
-hashes as they are read. The output is written to `.OUT.partial` and renamed when complete.
+hashes as they are read, and every part's fastross.json, index.json and lengths.npy against its manifest; the
+merged folder gets its own manifest. The output is written to `.OUT.partial` and renamed when complete.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from fastross.data.convert import ConvertError, write_staged
-from fastross.data.schema import LENGTHS_FILE, META_FILE, SHARD_HASH, read_meta
+from fastross.data.schema import (LENGTHS_FILE, META_FILE, SHARD_HASH, read_index, read_lengths, read_meta,
+                                   write_manifest)
 from fastross.data.shards import HASHES
 
 PER_PART = ("read", "written", "skipped", "skipped_examples", "part", "record_range")  # summed or joined
@@ -110,7 +112,7 @@ def copy_shards(order: list[Path], stage: Path) -> None:
     """Every part's shard files into `stage`, renumbered and reindexed, and the merged index.json."""
     shards, offset = [], 0
     for folder in order:
-        index = json.loads((folder / "index.json").read_text())
+        index = read_index(folder)  # verified against the part's manifest, as its fastross.json and lengths.npy are
         first = 0
         for shard in index["shards"]:
             raw = shard["raw_data"]
@@ -153,7 +155,7 @@ def merge(parts: list[str | Path], out: str | Path, overwrite: bool = False) -> 
     metas = {f: read_meta(f) for f in folders}
     order = part_order(metas)
     check_parts(order, metas)
-    lengths = [np.load(f / LENGTHS_FILE) for f in order]
+    lengths = [read_lengths(f) for f in order]
     for folder, n in zip(order, lengths):
         if len(n) != metas[folder]["written"]:
             raise ConvertError(f"{folder / LENGTHS_FILE}: {len(n)} lengths, but the part wrote "
@@ -164,6 +166,7 @@ def merge(parts: list[str | Path], out: str | Path, overwrite: bool = False) -> 
         copy_shards(order, stage)
         np.save(stage / LENGTHS_FILE, np.concatenate(lengths).astype(np.int32))
         (stage / META_FILE).write_text(json.dumps(meta, indent=2))
+        write_manifest(stage)  # last: it covers the merged fastross.json, index.json and lengths.npy
 
     write_staged(Path(out), overwrite, write)
     return meta

@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fastross.data import planner
-from fastross.data.schema import LENGTHS_FILE
+from fastross.data.schema import LENGTHS_FILE, read_lengths
 from fastross.data.stream import epoch_order
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
 
         print(f"plan: {path} is missing; building it")
         build(a.shards)
-    lengths = np.load(path).astype(np.int64)
+    lengths = read_lengths(a.shards).astype(np.int64)  # verified against the folder's manifest
     t0 = time.perf_counter()
     order = epoch_order(len(lengths), a.seed, a.epoch, not a.no_shuffle)
     ordered = lengths[order]

@@ -2,8 +2,8 @@
 
 A source whose `shards` is a URL (s3://, gs://, oci://, hf://, ..., or file:// for a path on a network
 filesystem served the same way) is fetched with mosaicml-streaming's downloaders (`CloudDownloader`,
-streaming.base.storage) into `data.cache_dir/<hash of the URL>/`: first its length index (index.json,
-fastross.json, lengths.npy), which is all planning needs, then each shard file when a sample in it is first
+streaming.base.storage) into `data.cache_dir/<hash of the URL>/`: first its length index (manifest.json,
+index.json, fastross.json, lengths.npy, verified against the manifest), which is all planning needs, then each shard file when a sample in it is first
 read. A downloaded shard is hash-checked against index.json before it is put in place, so a shard in the cache
 is always whole and correct. When the shards of all remote sources would exceed `data.cache_limit`, the least
 recently used shard files are deleted first.
@@ -25,9 +25,10 @@ import re
 import urllib.parse
 from pathlib import Path
 
-from fastross.data.schema import LENGTHS_FILE, META_FILE, ShardCorruptError, check_shard_file
+from fastross.data.schema import LENGTHS_FILE, MANIFEST_FILE, META_FILE, ShardCorruptError, check_shard_file
 
-INDEX_FILES = ("index.json", META_FILE, LENGTHS_FILE)  # fetched first, never evicted
+# Fetched first, never evicted; the trainer verifies the other three against the manifest before using them.
+INDEX_FILES = (MANIFEST_FILE, "index.json", META_FILE, LENGTHS_FILE)
 SHARD_SUFFIX = ".mds"
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

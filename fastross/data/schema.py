@@ -1,7 +1,14 @@
 """The MDS shard columns fastross writes and reads, and the metadata file beside them
 (`read_meta`: the converter's whole report as a dict; `ShardMeta`: the typed facts training uses),
 and the integrity facts a shard folder carries: the tokenizer's fingerprint, the VAE's latent
-constants and each shard file's hash in index.json (`check_shard_file`).
+constants and each shard file's hash in index.json (`check_shard_file`), and the folder's manifest.
+
+The manifest (`manifest.json`, written last by the converter and the merger) holds the sha256 of every other
+file the trainer reads from the folder: fastross.json, index.json and lengths.npy. The shard files are covered
+through index.json, which records each one's size and xxh64 (`check_shard_file`). So an edit to any file of a
+converted folder (a VAE constant in fastross.json, a flipped byte in lengths.npy) is refused, naming the file,
+before training reads it: `read_meta`, `read_index` and `read_lengths` verify the bytes they parse, and
+`verify_folder` checks the whole folder.
 
 Shards written before these existed are refused with a message to convert again: there is no
 fallback that could guess which tokenizer or VAE scaling they were made with.
@@ -10,6 +17,7 @@ fallback that could guess which tokenizer or VAE scaling they were made with.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -31,17 +39,151 @@ META_FILE = "fastross.json"  # conversion settings and counts, written beside th
 SHARD_HASH = "xxh64"  # the hash MDSWriter records per shard file in index.json (streaming's name; xxhash's function)
 
 
+INDEX_FILE = "index.json"  # MDS's list of shard files, with each one's size and hash
+LENGTHS_FILE = "lengths.npy"  # int32 total length (text + visual tokens) of every sample, in order
+MANIFEST_FILE = "manifest.json"  # sha256 of each of MANIFEST_COVERS, written last
+MANIFEST_COVERS = (META_FILE, INDEX_FILE, LENGTHS_FILE)  # the shards are covered by index.json's hashes
+MANIFEST_VERSION = 1
+FINGERPRINT_VERSION = 2
+# The parts of tokenizer.json that decide the ids of a text (its decoder does not; truncation and padding are
+# fastross's to set, and it sets neither).
+TOKENIZER_PARTS = ("normalizer", "pre_tokenizer", "model", "added_tokens", "post_processor")
+
+
 class ShardCorruptError(ValueError):
     pass
 
 
+def canonical_json(value) -> bytes:
+    """One byte string per JSON value: keys sorted, no whitespace, UTF-8."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
 def tokenizer_fingerprint(tokenizer) -> dict:
-    """What identifies a tokenizer's ids: a hash of its whole vocabulary (added tokens included) and its special ids."""
-    vocab = sorted(tokenizer.get_vocab().items())
-    digest = hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+    """What decides a tokenizer's ids, hashed (version 2): canonical JSON of its tokenizer.json's normalizer,
+    pre-tokenizer, model (vocabulary and merges), added tokens and post-processor, its chat template and its
+    special ids.
+
+    Why the canonical JSON and not the ids of a probe text: every setting that can change an id is in those parts,
+    so any change to them changes the hash, while a probe text only shows a change that it happens to exercise
+    (a normalizer rule for a character it lacks, a merge it never reaches). Version 1 hashed the vocabulary alone:
+    a changed normalizer (30 ids for a sample instead of 17) kept its fingerprint.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: fastross needs a folder with "
+                         "tokenizer.json")
+    spec = json.loads(backend.to_str())
+    template = getattr(tokenizer, "chat_template", None)
     special = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in sorted(tokenizer.special_tokens_map.items())
                if isinstance(tok, str)}
-    return {"vocab_sha256": digest, "vocab_size": len(vocab), "special_ids": special}
+    whole = {"tokenizer": {k: spec.get(k) for k in TOKENIZER_PARTS}, "chat_template": template,
+             "special_ids": special}
+    return {"version": FINGERPRINT_VERSION, "sha256": hashlib.sha256(canonical_json(whole)).hexdigest(),
+            "vocab_size": len(tokenizer), "special_ids": special}
+
+
+def fingerprint_problem(stored, ours: dict, where: str, tokenizer: str) -> str | None:
+    """None when the data's tokenizer fingerprint (`stored`, recorded in `where`) equals `ours`, that of the
+    tokenizer folder `tokenizer`; else what to say."""
+    if not isinstance(stored, dict) or stored.get("version") != FINGERPRINT_VERSION:
+        return (f"{where} records a tokenizer fingerprint of an older fastross (of the vocabulary only, not the "
+                "normalizer, pre-tokenizer, merges or chat template), so whether the tokenizer in "
+                f"{tokenizer} gives the same ids cannot be checked: convert the data again with --tokenizer {tokenizer}")
+    if stored != ours:
+        return (f"{where} was tokenised by another tokenizer than the one in {tokenizer} (fingerprint "
+                f"{str(stored.get('sha256'))[:16]}, vocabulary {stored.get('vocab_size')}, special ids "
+                f"{stored.get('special_ids')}; {tokenizer}: {ours['sha256'][:16]}, {ours['vocab_size']}, "
+                f"{ours['special_ids']}): convert the data again with --tokenizer {tokenizer}")
+    return None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_manifest(folder: str | Path) -> dict:
+    """Hash the folder's MANIFEST_COVERS into its manifest.json (call it when they are all written); returns it."""
+    folder = Path(folder)
+    manifest = {"version": MANIFEST_VERSION, "sha256": {n: _sha256((folder / n).read_bytes()) for n in MANIFEST_COVERS}}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def parse_json(path: Path, data: bytes | None = None):
+    """A JSON file's value; a file that is not UTF-8 JSON is a ShardCorruptError naming it."""
+    try:
+        if data is None:
+            data = path.read_bytes()
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ShardCorruptError(f"{path}: not UTF-8 text (byte {e.start}): the file is corrupt") from None
+    except json.JSONDecodeError as e:
+        raise ShardCorruptError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): the file "
+                                "is corrupt") from None
+    except RecursionError:
+        raise ShardCorruptError(f"{path}: JSON nested too deeply: the file is corrupt") from None
+
+
+def read_manifest(folder: str | Path) -> dict[str, str]:
+    """The folder's manifest: file name -> sha256. A folder without one was written before fastross verified data
+    sets as a whole (or not by fastross): refused, with a message to convert it again."""
+    path = Path(folder) / MANIFEST_FILE
+    if not path.is_file():
+        raise ShardCorruptError(
+            f"{path} is missing: {folder} was converted before fastross verified converted folders as a whole (or "
+            "not by fastross), so an edit to its files could not be noticed; convert it again with "
+            "`python -m fastross.data.convert` (and merge parts with `python -m fastross.data.merge`)"
+        )
+    manifest = parse_json(path)
+    hashes = manifest.get("sha256") if isinstance(manifest, dict) else None
+    if (manifest.get("version") if isinstance(manifest, dict) else None) != MANIFEST_VERSION or not isinstance(
+            hashes, dict) or set(hashes) != set(MANIFEST_COVERS):
+        raise ShardCorruptError(f"{path}: not a version-{MANIFEST_VERSION} manifest of {', '.join(MANIFEST_COVERS)}; "
+                                "convert the data again")
+    return hashes
+
+
+def verified_bytes(folder: str | Path, name: str) -> bytes:
+    """The bytes of one of the folder's MANIFEST_COVERS, once their sha256 matches the manifest's."""
+    path = Path(folder) / name
+    expected = read_manifest(folder)[name]
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        fix = f"rebuild it with `python -m fastross.data.index {folder}`" if name == LENGTHS_FILE else \
+            "convert the data again"
+        raise FileNotFoundError(f"{path} is missing: {Path(folder) / MANIFEST_FILE} lists it; {fix}") from None
+    if _sha256(data) != expected:
+        raise ShardCorruptError(f"{path}: its sha256 differs from {Path(folder) / MANIFEST_FILE}'s: the file was "
+                                "changed after conversion; restore it or convert the data again")
+    return data
+
+
+def verify_folder(folder: str | Path) -> None:
+    """Refuse a converted folder any of whose files differs from its manifest (the shards: from index.json,
+    checked by `check_shard_file` where they are opened), naming the file."""
+    for name in MANIFEST_COVERS:
+        verified_bytes(folder, name)
+
+
+def read_index(folder: str | Path) -> dict:
+    """The folder's index.json, verified against its manifest."""
+    return parse_json(Path(folder) / INDEX_FILE, verified_bytes(folder, INDEX_FILE))
+
+
+def read_lengths(folder: str | Path) -> np.ndarray:
+    """The folder's lengths.npy (int32, one per sample), verified against its manifest."""
+    path = Path(folder) / LENGTHS_FILE
+    data = verified_bytes(folder, LENGTHS_FILE)
+    try:
+        lengths = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ShardCorruptError(f"{path}: not a numpy array file ({e})") from None
+    if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
+        raise ShardCorruptError(f"{path}: a {lengths.dtype} array of shape {lengths.shape}, expected one integer "
+                                "per sample")
+    return lengths
 
 
 def check_shard_file(folder: str | Path, shard: dict) -> str | None:
@@ -68,11 +210,11 @@ def check_shard_file(folder: str | Path, shard: dict) -> str | None:
 def corrupt_shards(folder: str | Path) -> list[tuple[range, str]]:
     """Check every shard file of `folder` against index.json: (the sample ids it holds, the problem) per bad one.
     An intact file whose own sample count differs from index.json's raises ShardCorruptError: the index is wrong."""
-    index_path = Path(folder) / "index.json"
+    index_path = Path(folder) / INDEX_FILE
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path} is missing: {folder} is not a folder of MDS shards")
     bad, start = [], 0
-    for shard in json.loads(index_path.read_text())["shards"]:
+    for shard in read_index(folder)["shards"]:
         problem = check_shard_file(folder, shard)
         if problem is not None:
             bad.append((range(start, start + shard["samples"]), problem))
@@ -93,12 +235,16 @@ def _samples_held(folder: str | Path, shard: dict) -> int:
 
 
 def read_meta(shards: str | Path) -> dict:
+    """The folder's fastross.json, verified against its manifest."""
     path = Path(shards) / META_FILE
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: {shards} was not written by `python -m fastross.data.convert`"
         )
-    return json.loads(path.read_text())
+    meta = parse_json(path, verified_bytes(shards, META_FILE))
+    if not isinstance(meta, dict):
+        raise ShardCorruptError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
 
 
 @dataclass(frozen=True)
@@ -137,5 +283,3 @@ class ShardMeta:
         side = 2 * self.grid
         return np.frombuffer(raw, dtype=self.latent_dtype).reshape(self.latent_channels, side, side).astype(np.float32)
 
-
-LENGTHS_FILE = "lengths.npy"  # int32 total length (text + visual tokens) of every sample, in order

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
+from fastross.data.schema import parse_json
+
 # Fixed-size scalar encodings: numpy dtype of each.
 SCALARS = {"int": "int64", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
            "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64", "float16": "float16",
@@ -153,9 +155,10 @@ class MDSShards:
         index_path = self.folder / "index.json"
         if not index_path.is_file():
             raise FileNotFoundError(f"{index_path} is missing: {folder} is not a folder of MDS shards")
-        index = json.loads(index_path.read_text())
-        if index.get("version") != 2:
-            raise ValueError(f"{index_path}: MDS index version {index.get('version')!r}, fastross reads version 2")
+        index = parse_json(index_path)  # a file that is not UTF-8 JSON is named
+        if not isinstance(index, dict) or index.get("version") != 2:
+            version = index.get("version") if isinstance(index, dict) else None
+            raise ValueError(f"{index_path}: MDS index version {version!r}, fastross reads version 2")
         self.readers = [MDSShard(self.folder, shard, remote) for shard in index["shards"]]
         self.ends = np.cumsum([r.samples for r in self.readers])  # exclusive end id of each shard
 

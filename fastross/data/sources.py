@@ -1,7 +1,8 @@
 """The converted folders a run trains from (`data.shards`, or `data.sources` mixed by weight), opened.
 
-A source is a local folder or a URL (fastross.data.remote). Opening one reads its length index and its
-`fastross.json`; a local one also has every shard file hash-checked (a remote's shards are checked as they are
+A source is a local folder or a URL (fastross.data.remote). Opening one verifies its fastross.json, index.json
+and lengths.npy against its manifest (fastross.data.schema; a folder without one is refused), then reads them;
+a local one also has every shard file hash-checked (a remote's shards are checked as they are
 downloaded). All sources of a run must agree on what the model needs from them, field by field of ShardMeta:
 the tokenizer, the image grid and token, the image preprocessing, the latents and the template; a mismatch is
 refused naming both sources and the field.
@@ -9,7 +10,6 @@ refused naming both sources and the field.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from fastross.config import ConfigError, DataConfig, SourceConfig, data_sources
 from fastross.data.remote import RemoteShards, is_remote, parse_size
-from fastross.data.schema import LENGTHS_FILE, ShardMeta, corrupt_shards
+from fastross.data.schema import LENGTHS_FILE, ShardMeta, corrupt_shards, read_index, read_lengths, verify_folder
 from fastross.data.shards import MDSShards
 
 # ShardMeta fields that may differ between mixed sources: the tokenizer folder's path (its fingerprint must agree).
@@ -44,13 +44,14 @@ class Source:
 
 
 def load_lengths(folder: str | Path, name: str | None = None) -> np.ndarray:
+    """The folder's lengths.npy, verified against its manifest (fastross.data.schema)."""
     path = Path(folder) / LENGTHS_FILE
     if not path.exists():
         raise FileNotFoundError(
             f"{path} is missing: build it with `python -m fastross.data.index {name or folder}` (the converter "
             "writes it)"
         )
-    return np.load(path)
+    return read_lengths(folder)
 
 
 def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str | int = 0, check: bool = True) -> Source:
@@ -58,9 +59,11 @@ def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str | int =
     remote = is_remote(cfg.shards)
     if remote:
         mirror = RemoteShards(cfg.shards, cache_dir, parse_size(cache_limit))  # the length index first
-        folder, reader = mirror.local, MDSShards(mirror.local, remote=mirror)
+        folder = mirror.local
     else:
-        folder, reader = Path(cfg.shards), MDSShards(cfg.shards)
+        folder = Path(cfg.shards)
+    verify_folder(folder)  # fastross.json, index.json and lengths.npy against its manifest, before any is used
+    reader = MDSShards(folder, remote=mirror) if remote else MDSShards(folder)
     # Before the length index is compared with the shards: a shard whose header disagrees with index.json is named
     corrupt = corrupt_shards(folder) if check and not remote else []
     lengths = load_lengths(folder, cfg.shards)
@@ -69,7 +72,7 @@ def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str | int =
             f"{cfg.shards}: {LENGTHS_FILE} lists {len(lengths)} samples but the shards hold "
             f"{len(reader)}: rebuild it with `python -m fastross.data.index {cfg.shards}`"
         )
-    shards = json.loads((folder / "index.json").read_text())["shards"]
+    shards = read_index(folder)["shards"]
     return Source(cfg.shards, cfg.weight, folder, remote, reader, lengths,
                   np.array([s["samples"] for s in shards], np.int64),
                   np.array([s["raw_data"]["bytes"] for s in shards], np.int64), corrupt, ShardMeta.read(folder))

@@ -33,6 +33,7 @@ import numpy as np
 
 from fastross.config import LEGACY_BOOLS, SourceConfig
 from fastross.data.planner import StepPlan, plan_padded_step, plan_step
+from fastross.data.schema import ShardCorruptError
 from fastross.data.sources import Source, open_source
 
 
@@ -124,6 +125,18 @@ class SourceOrder:
         return out
 
 
+def check_length(sample: dict, planned: int, num_visual: int, where: str) -> None:
+    """Stop when a sample's length, as planned from lengths.npy, is not the length it holds (its text ids plus the
+    visual tokens its image expands to) or its stored length column: the plan would have packed other tokens."""
+    held = len(sample["input_ids"]) + (num_visual - 1 if len(sample["image"]) else 0)
+    if not planned == held == sample["length"]:
+        raise ShardCorruptError(
+            f"{where} (record {sample['id']!r}): lengths.npy gives {planned} tokens, but the sample holds {held} "
+            f"(its length column: {sample['length']}): the length index does not match the shards; convert the "
+            "data again"
+        )
+
+
 class StepStream:
     def __init__(self, sources: str | list[Source], global_batch: int, rank: int, world: int, shuffle: str | bool,
                  seed: int, max_tokens: int, attn_tokens: float, padded_samples: int = 0, window: int = 8):
@@ -212,10 +225,12 @@ class StepStream:
         """A sample by mixture-wide id; its `index` (what keys its noise) becomes that id."""
         k = self.source_of(sample_id)
         local = int(sample_id - self.offsets[k])
-        s = self.sources[k].reader.read(local)
+        source = self.sources[k]
+        s = source.reader.read(local)
         if s["index"] != local:
-            raise ValueError(f"sample {local} of {self.sources[k].name} carries index {s['index']}: the shards are "
+            raise ValueError(f"sample {local} of {source.name} carries index {s['index']}: the shards are "
                              "inconsistent")
+        check_length(s, int(source.lengths[local]), source.meta.num_visual_tokens, f"sample {local} of {source.name}")
         s["index"] = int(sample_id)
         return s
 
