@@ -28,7 +28,7 @@ every checkpoint both runs keep (model, optimizer, trainer.json, RNG files).
 
 One line per trial, then exactly one final line:
     faults: resume_exact A/10 save_kill_ok B/10 fuzz_records N crashes C lost L silent_corruption S escapes E \
-disk_full_ok F/3 corrupt_ckpt_ok K/5
+disk_full_ok F/3 corrupt_ckpt_ok K/5 pickle_executed X/P tamper_caught T/U
 --save appends the counts to benchmarks/results/faults.csv.
 """
 
@@ -108,6 +108,9 @@ class Campaign:
         if not (run_dir / "checkpoints" / newest).is_dir():
             diffs.append(f"the run has no {newest}")
         return diffs
+
+    def differences_from(self, ref: Path, run_dir: Path) -> list[str]:
+        return faults.run_differences(ref, run_dir, self.work)
 
     def copy_of_reference(self, name: str) -> Path:
         rd = self.work / name
@@ -496,6 +499,392 @@ def rng_escape(c: Campaign) -> int:
     return int(ran)
 
 
+# ---------------------------------------------------------------- entry points run in this process
+
+
+def in_process(fn, *args) -> tuple[int, str]:
+    """Call an entry point's main (or any function) here: (its exit code, everything it printed and the message of
+    what it raised). An exception counts as exit 1, as it would end the command; os.environ is restored after it
+    (a training run sets the world-of-one variables)."""
+    import traceback
+
+    out, env = io.StringIO(), dict(os.environ)
+    rc = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            got = fn(*args)
+            rc = got if isinstance(got, int) else 0
+        except SystemExit as e:
+            rc = e.code if isinstance(e.code, int) else 1
+            out.write(f"\nSystemExit: {e.code}\n")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001  (what it raised is judged; DCP's CheckpointException is a BaseException)
+            rc = 1
+            out.write(f"\nraised {type(e).__name__}: {e}\n{''.join(traceback.format_exception_only(e))}")
+        finally:
+            os.environ.clear()
+            os.environ.update(env)
+            import torch.distributed as dist
+
+            if dist.is_initialized():  # an entry point that raised before its own shutdown
+                dist.destroy_process_group()
+    return rc, out.getvalue()
+
+
+def train_here(cfg: Path, *overrides: str) -> tuple[int, str]:
+    """One `python -m fastross.train CONFIG overrides` on one rank, in this process."""
+    from fastross import train
+
+    return in_process(train.main, [str(cfg), *overrides])
+
+
+class Small:
+    """The 1-rank run the payload and tamper trials start from, trained in this process once: a run folder with
+    checkpoints at steps 2 and 4, its export, the data set's untampered 2-step metrics, and the pieces to call each
+    entry point."""
+
+    def __init__(self, c: Campaign):
+        self.c, self.root = c, c.work / "small"
+        self.root.mkdir()
+        self.run = self.root / "run"
+        rc, out = train_here(self.config(self.run, steps=4, every=2))
+        if rc != 0 or "train: done" not in out:
+            raise RuntimeError(f"faults: the 1-rank base run failed:\n{out[-3000:]}")
+        self.step = self.run / "checkpoints" / "step_00000004"
+        self.export = self.root / "export"
+        rc, out = in_process(self._export_main, self.run, self.export)
+        if rc != 0:
+            raise RuntimeError(f"faults: exporting the 1-rank base run failed:\n{out[-3000:]}")
+        self.data_run = self.root / "data_ref"
+        rc, out = train_here(self.config(self.data_run, steps=2, every=100))
+        if rc != 0:
+            raise RuntimeError(f"faults: the 2-step data reference run failed:\n{out[-3000:]}")
+        self.n = 0
+        self._model = None
+
+    def config(self, run_dir: Path, steps: int, every: int, shards: Path | None = None) -> Path:
+        return faults.write_config(run_dir.parent / f"{run_dir.name}.yaml", self.c.models, shards or self.c.shards,
+                                   run_dir, workers=0, max_steps=steps, ckpt_every=every, keep_checkpoints=2)
+
+    def fresh(self, name: str) -> Path:
+        """A folder name not used before in this campaign."""
+        self.n += 1
+        return self.root / f"{name}{self.n}"
+
+    def copy_run(self, name: str) -> Path:
+        return faults.linked_copy(self.run, self.fresh(name))
+
+    @staticmethod
+    def _export_main(src: Path, out: Path) -> int:
+        from fastross import export
+
+        return export.main([str(src), "--out", str(out)])
+
+    # -- the entry points: each returns (exit code, what it said)
+
+    def resume(self, run_dir: Path, cfg: Path | None = None) -> tuple[int, str]:
+        return train_here(cfg or self.config(run_dir, steps=4, every=2))
+
+    def init_from(self, src: Path) -> tuple[int, str]:
+        rd = self.fresh("init_from_run")
+        return train_here(self.config(rd, steps=1, every=100), f"model.init_from={src}")
+
+    def export_(self, src: Path) -> tuple[int, str]:
+        return in_process(self._export_main, src, self.fresh("export_out"))
+
+    def generate(self, src: Path) -> tuple[int, str]:
+        from fastross import generate
+
+        return in_process(generate.main, ["--model", str(src), "--prompt", "What is shown?", "--max-new-tokens", "2",
+                                          "--device", "cpu"])
+
+    def eval_(self, src: Path) -> tuple[int, str]:
+        from fastross import eval as feval
+
+        synth = self.c.shards.parent / "synth"
+        return in_process(feval.main, ["--model", str(src), "--data", str(synth / "eval.json"), "--images",
+                                       str(synth / "images"), "--out", str(self.fresh("eval_out")), "--limit", "1",
+                                       "--max-new-tokens", "2", "--device", "cpu"])
+
+    def reference(self, src: Path) -> tuple[int, str]:
+        """The reference-checkpoint importer, into this run's model."""
+        from fastross import ross_format
+
+        if self._model is None:
+            from fastross import config as fconfig
+            from fastross.model.ross import RossModel
+
+            cfg = fconfig.load(str(self.step / "config.yaml"), check_paths=False)
+            self._model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
+        return in_process(ross_format.reference_state, src, self._model)
+
+
+# ---------------------------------------------------------------- code in files: every entry point x every payload
+
+# (entry point, payload kind): every place a checkpoint (or the import of a reference one) is read, with each kind
+# of file that place reads. bytes_item: a bytes item in `.metadata` pointing at a pickle (resume: an optimizer
+# param_groups value; elsewhere a new model.* entry); model_bytes: a model tensor declared as bytes; metadata:
+# `.metadata` itself; rng / trainer_json: those files; yaml_tag: a YAML tag in the config read (resume: the run's
+# own; init_from: an export's fastross_config.yaml; else the checkpoint's config.yaml); reference_bin: a reference
+# mm_projector.bin.
+PAYLOAD_TRIALS = [
+    ("resume", "bytes_item"), ("resume", "model_bytes"), ("resume", "metadata"), ("resume", "rng"),
+    ("resume", "trainer_json"), ("resume", "yaml_tag"),
+    ("init_from", "bytes_item"), ("init_from", "model_bytes"), ("init_from", "metadata"),
+    ("init_from", "yaml_tag"), ("init_from", "reference_bin"),
+    ("export", "bytes_item"), ("export", "model_bytes"), ("export", "metadata"), ("export", "yaml_tag"),
+    ("generate", "bytes_item"), ("generate", "model_bytes"), ("generate", "metadata"), ("generate", "yaml_tag"),
+    ("eval", "bytes_item"), ("eval", "model_bytes"), ("eval", "metadata"), ("eval", "yaml_tag"),
+    ("reference", "reference_bin"),
+]
+
+
+def payload_trial(s: Small, i: int, entry: str, kind: str) -> bool:
+    """Plant one payload where `entry` reads it, run `entry`: True when the payload's code ran (its marker file
+    appeared)."""
+    marker = s.c.work / f"marker_payload{i}"
+    rd = s.copy_run(f"payload{i}_")
+    ck = rd / "checkpoints" / s.step.name
+    src, cfg = rd, None
+    if kind in ("bytes_item", "model_bytes"):
+        what = faults.plant_bytes_item(ck, marker, {"bytes_item": "param_group" if entry == "resume" else
+                                                    "extra_model", "model_bytes": "model"}[kind])
+        names = [".metadata", faults.PAYLOAD_FILE, what]
+    elif kind in ("metadata", "rng", "trainer_json"):
+        name = {"metadata": ".metadata", "rng": "rng_rank0.pt", "trainer_json": "trainer.json"}[kind]
+        faults.plant_file(ck, name, marker)
+        names = [name]
+    elif kind == "yaml_tag":
+        if entry == "resume":
+            cfg = s.config(rd, steps=4, every=2)
+            faults.plant_yaml(cfg, marker)
+            names = [cfg.name]
+        elif entry == "init_from":
+            src = faults.linked_copy(s.export, s.fresh("payload_export"))
+            faults.plant_yaml(src / "fastross_config.yaml", marker)
+            names = ["fastross_config.yaml"]
+        else:
+            faults.plant_yaml(ck / "config.yaml", marker)
+            names = ["config.yaml"]
+    elif kind == "reference_bin":
+        src = faults.plant_reference(s.fresh("payload_reference"), marker)
+        names = ["mm_projector.bin"]
+    else:
+        raise ValueError(kind)
+    call = {"resume": lambda: s.resume(rd, cfg), "init_from": lambda: s.init_from(src),
+            "export": lambda: s.export_(src), "generate": lambda: s.generate(src), "eval": lambda: s.eval_(src),
+            "reference": lambda: s.reference(src)}[entry]
+    rc, said = call()
+    ran = marker.exists()
+    refused = rc != 0 and any(n in said for n in names)
+    outcome = ("THE PAYLOAD RAN" + (f", and the entry point went on (exit {rc})" if rc == 0 else f", exit {rc}")
+               if ran else "refused naming the file, no code ran" if refused else
+               f"no code ran (exit {rc}{'' if rc == 0 else ', the message names none of ' + str(names)})")
+    report("pickle", i, not ran, f"{entry} x {kind}: {outcome}")
+    if ran or rc != 0 and not refused:
+        print(f"faults:   its last words: {said.strip()[-400:]!r}", flush=True)
+    shutil.rmtree(rd, ignore_errors=True)
+    if src != rd and Path(src).is_dir():
+        shutil.rmtree(src, ignore_errors=True)
+    return ran
+
+
+# ---------------------------------------------------------------- tampered files: refused naming the file, or recovered
+
+
+def _flip(path: Path, seed: int) -> None:
+    data = bytearray(path.read_bytes())
+    r = random.Random(seed)
+    for k in r.sample(range(len(data)), min(8, len(data))):
+        data[k] ^= 0xFF
+    faults.replace_file(path, bytes(data))
+
+
+def _edit_json(path: Path, change) -> None:
+    raw = json.loads(path.read_text())
+    change(raw)
+    faults.replace_file(path, json.dumps(raw, indent=1).encode())
+
+
+def _edit_lengths(path: Path) -> None:
+    a = np.load(path)
+    a = a + a // 2  # every sample's length half as long again: the packing plan changes from the first step
+    buf = io.BytesIO()
+    np.save(buf, a)
+    faults.replace_file(path, buf.getvalue())
+
+
+def _edit_shard(d: Path, name: str) -> None:
+    """One token id of a sample in shard file `name` changed to another valid id (its structure intact)."""
+    from fastross.data.shards import MDSShards
+
+    shards = MDSShards(d)
+    for k in range(len(shards)):
+        try:
+            f, at = faults.field_bytes(d, k, "input_ids")
+        except ValueError:
+            continue
+        if f.name == name and len(at) >= 8:
+            data = bytearray(f.read_bytes())
+            data[at.start + 4] ^= 0x01  # the second id's low byte: still a small, valid id
+            faults.replace_file(f, bytes(data))
+            return
+    raise ValueError(f"{d}: no sample with unique input_ids bytes in {name}")
+
+
+def _edit_metadata(path: Path) -> None:
+    """`.metadata` with one model entry's stored size changed (unpickled and re-pickled by DCP's own classes)."""
+    import pickle
+
+    from torch.distributed.checkpoint import metadata as m
+
+    from fastross import checkpoint
+
+    md = checkpoint.read_metadata(path)
+    key = sorted(k for k, v in md.state_dict_metadata.items() if isinstance(v, m.TensorStorageMetadata)
+                 and k.startswith("model."))[0]
+    for k in list(md.storage_data):
+        if k.fqn == key:
+            info = md.storage_data[k]
+            md.storage_data[k] = type(info)(info.relative_path, info.offset + 4, info.length)
+    faults.replace_file(path, pickle.dumps(md))
+
+
+def _edit_rng(path: Path) -> None:
+    import torch
+
+    state = torch.load(path, weights_only=True)
+    state["torch"] = state["torch"].clone()
+    state["torch"][100] ^= 1
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    faults.replace_file(path, buf.getvalue())
+
+
+def _edit_distcp(path: Path) -> None:
+    """A float of the shard changed by one ulp-ish bit (the file keeps its size)."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    data[len(data) // 2] ^= 0x01
+    faults.replace_file(path, bytes(data))
+
+
+def checkpoint_tamper_cases(seed: int) -> list[tuple[str, str, object]]:
+    """(file, how, tamper(step folder)) for every file of a checkpoint step and the run's `latest`: flipped bytes
+    and a plausible edit, the manifest left as it was (it is what vouches for the files)."""
+    def distcp(ck):
+        return sorted(ck.glob("*.distcp"))[0]
+
+    return [
+        (".metadata", "flipped", lambda ck: _flip(ck / ".metadata", seed)),
+        (".metadata", "edited", lambda ck: _edit_metadata(ck / ".metadata")),
+        ("__0_0.distcp", "flipped", lambda ck: _flip(distcp(ck), seed)),
+        ("__0_0.distcp", "edited", lambda ck: _edit_distcp(distcp(ck))),
+        ("trainer.json", "flipped", lambda ck: _flip(ck / "trainer.json", seed)),
+        ("trainer.json", "edited", lambda ck: _edit_json(ck / "trainer.json", lambda t: t["scheduler"].update(
+            base_lrs=[x * 10 for x in t["scheduler"]["base_lrs"]]))),
+        ("rng_rank0.pt", "flipped", lambda ck: _flip(ck / "rng_rank0.pt", seed)),
+        ("rng_rank0.pt", "edited", lambda ck: _edit_rng(ck / "rng_rank0.pt")),
+        ("config.yaml", "flipped", lambda ck: _flip(ck / "config.yaml", seed)),
+        ("config.yaml", "edited", lambda ck: faults.replace_file(ck / "config.yaml", (ck / "config.yaml").read_bytes()
+                                                                 .replace(b"lr_llm: 0.001", b"lr_llm: 0.01"))),
+        ("manifest.json", "flipped", lambda ck: _flip(ck / "manifest.json", seed)),
+        ("manifest.json", "edited", lambda ck: _edit_json(ck / "manifest.json", lambda t: t["sha256"].update(
+            {"trainer.json": "0" * 64}))),
+        ("latest", "flipped", lambda ck: faults.replace_file(ck.parent / "latest", bytes(
+            b ^ 0xFF for b in (ck.parent / "latest").read_bytes()))),
+        ("latest", "edited", lambda ck: faults.replace_file(ck.parent / "latest", b"step_00000003")),
+    ]
+
+
+def dataset_tamper_cases(d: Path, seed: int) -> list[tuple[str, str, object]]:
+    """(file, how, tamper(folder)) for every file of a converted data set: flipped bytes and a plausible edit."""
+    cases = []
+    for f in sorted(p.name for p in d.iterdir() if p.is_file()):
+        cases.append((f, "flipped", lambda d, f=f: _flip(d / f, seed)))
+        if f == "fastross.json":
+            edit = lambda d: _edit_json(d / "fastross.json", lambda t: t.update(  # noqa: E731
+                latent_scale=t["latent_scale"] * 10))
+        elif f == "index.json":
+            edit = lambda d: _edit_json(d / "index.json", lambda t: t["shards"][0].update(  # noqa: E731
+                samples=t["shards"][0]["samples"] - 1))
+        elif f == "lengths.npy":
+            edit = lambda d: _edit_lengths(d / "lengths.npy")  # noqa: E731
+        elif f.endswith(".mds"):
+            edit = lambda d, f=f: _edit_shard(d, f)  # noqa: E731
+        else:  # a file this campaign does not know (a manifest, say): its JSON's first value changed, else a byte
+            edit = lambda d, f=f: _edit_unknown(d / f)  # noqa: E731
+        cases.append((f, "edited", edit))
+    return cases
+
+
+def _edit_unknown(path: Path) -> None:
+    try:
+        raw = json.loads(path.read_text())
+    except ValueError:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        faults.replace_file(path, bytes(data))
+        return
+
+    def change(x):
+        if isinstance(x, dict) and x:
+            k = sorted(x)[0]
+            x[k] = change(x[k])
+        elif isinstance(x, list) and x:
+            x[0] = change(x[0])
+        elif isinstance(x, str):
+            return x[:-1] + ("0" if x[-1:] != "0" else "1")
+        elif isinstance(x, (int, float)) and not isinstance(x, bool):
+            return x + 1
+        return x
+
+    faults.replace_file(path, json.dumps(change(raw)).encode())
+
+
+def metrics_differences(ref: Path, got: Path) -> list[str]:
+    rm, gm = faults.metrics(ref), faults.metrics(got)
+    if [m["step"] for m in rm] != [m["step"] for m in gm]:
+        return [f"metrics steps {[m['step'] for m in gm]}, the untampered run has {[m['step'] for m in rm]}"]
+    return [f"step {a['step']} {k}: {b.get(k)!r}, untampered {a.get(k)!r}" for a, b in zip(rm, gm)
+            for k in sorted((a.keys() | b.keys()) - faults.MEASURED) if a.get(k) != b.get(k)]
+
+
+def tamper_trials(s: Small, seed: int, limit: int | None = None) -> tuple[int, int]:
+    """Every file of a checkpoint step (resumed from) and of a converted data set (trained on), flipped and edited
+    in turn, on a fresh copy each: caught (the run fails naming the file) or recovered (the resume is exact / the
+    training identical to the untampered one). Returns (caught or recovered, trials)."""
+    trials = [("checkpoint", *case) for case in checkpoint_tamper_cases(seed)]
+    trials += [("data", *case) for case in dataset_tamper_cases(s.c.shards, seed)]
+    trials = trials[:limit] if limit is not None else trials
+    ok = 0
+    for i, (where, name, how, tamper) in enumerate(trials):
+        if where == "checkpoint":
+            rd = s.copy_run("tamper_ckpt")
+            tamper(rd / "checkpoints" / s.step.name)
+            rc, said = s.resume(rd)
+            verdict = faults.judge(rc, said, [name], lambda: not s.c.differences_from(s.run, rd))
+        else:
+            d = s.fresh("tamper_data")
+            shutil.copytree(s.c.shards, d)
+            tamper(d)
+            rd = s.fresh("tamper_data_run")
+            rc, said = train_here(s.config(rd, steps=2, every=100, shards=d))
+            verdict = faults.judge(rc, said, [name], lambda: not metrics_differences(s.data_run, rd))
+            shutil.rmtree(d, ignore_errors=True)
+        good = verdict in (faults.CAUGHT, faults.RECOVERED)
+        ok += good
+        detail = {faults.CAUGHT: f"refused naming {name}", faults.RECOVERED: "recovered, identical to the untampered "
+                  "run", faults.SILENT: "TRAINED ON IT (rc 0, a different result)",
+                  faults.UNNAMED: f"refused (exit {rc}) without naming {name}"}[verdict]
+        report("tamper", i, good, f"{where} {name} {how}: {detail}")
+        if not good:
+            print(f"faults:   its last words: {said.strip()[-300:]!r}", flush=True)
+        shutil.rmtree(rd, ignore_errors=True)
+    return ok, len(trials)
+
+
 # ---------------------------------------------------------------- fuzzed records
 
 
@@ -601,6 +990,11 @@ def main(argv=None) -> int:
     p.add_argument("--save-kills", type=int, default=10, help=f"SIGKILLs during saves (at most {len(SAVE_KILLS)} "
                                                               "moments, then repeated)")
     p.add_argument("--fuzz", type=int, default=1000, help="fuzzed converter records")
+    p.add_argument("--payloads", type=int, default=len(PAYLOAD_TRIALS),
+                   help=f"entry point x payload trials (the first N of {len(PAYLOAD_TRIALS)})")
+    p.add_argument("--tampers", type=int, default=None, help="tampered-file trials (the first N; default: all)")
+    p.add_argument("--skip", default="", help="comma-separated sections to leave out (a reduced run): kills, "
+                   "save_kills, disk_full, corrupt, escapes, fuzz, payloads, tampers; their counts print as 0/0")
     p.add_argument("--save", action="store_true", help="append the counts to benchmarks/results/faults.csv")
     a = p.parse_args(argv)
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1_000_000)
@@ -621,28 +1015,48 @@ def main(argv=None) -> int:
 
 
 def campaign(work: Path, seed: int, a) -> str:
+    from fastross import lifecycle
     from fastross.data.images import ImageSpec
-
     from fastross.tools.golden import prepare
 
+    skip = {x.strip() for x in (getattr(a, "skip", "") or "").split(",") if x.strip()}
+    kills = 0 if "kills" in skip else a.kills
+    save_kills = 0 if "save_kills" in skip else a.save_kills
     c = Campaign(work, seed, *prepare(work / "setup"))
     c.reference()
     spec = ImageSpec.from_pretrained(str(c.models / "vision"))
     print(f"faults: reference run done ({STEPS} steps on {RANKS} ranks, a checkpoint every {CKPT_EVERY})", flush=True)
-    exact = sum(kill_at_random_step(c, i) for i in range(a.kills))
-    save_ok = sum(kill_during_save(c, i) for i in range(a.save_kills))
-    full = disk_full_in_training(c, 0, "enospc_save") + disk_full_in_training(c, 1, "enospc_metrics")
-    ok, multi = disk_full_in_conversion(c, 2)
-    full += ok
-    caught = corrupt_shard_trials(c, multi, spec)
-    print(f"faults: corrupt shards caught {caught}/5", flush=True)
-    ckpt_ok = corrupt_checkpoint_trials(c)
-    escaped = converter_escapes(c) + rng_escape(c)
-    f = fuzz(c, a.fuzz, seed, spec)
-    return (f"faults: resume_exact {exact}/{a.kills} save_kill_ok {save_ok}/{a.save_kills} "
+    exact = sum(kill_at_random_step(c, i) for i in range(kills))
+    save_ok = sum(kill_during_save(c, i) for i in range(save_kills))
+    full, full_n, ckpt_ok, ckpt_n, escaped = 0, 0, 0, 0, 0
+    if "disk_full" not in skip:
+        full = disk_full_in_training(c, 0, "enospc_save") + disk_full_in_training(c, 1, "enospc_metrics")
+        ok, multi = disk_full_in_conversion(c, 2)
+        full, full_n = full + ok, 3
+        if "corrupt" not in skip:
+            caught = corrupt_shard_trials(c, multi, spec)
+            print(f"faults: corrupt shards caught {caught}/5", flush=True)
+    if "corrupt" not in skip:
+        ckpt_ok, ckpt_n = corrupt_checkpoint_trials(c), 5
+    if "escapes" not in skip:
+        escaped = converter_escapes(c) + rng_escape(c)
+    f = fuzz(c, 0 if "fuzz" in skip else a.fuzz, seed, spec)
+    executed, payloads, tampered, tampers = 0, 0, 0, 0
+    if not {"payloads", "tampers"} <= skip:
+        small = Small(c)
+        print("faults: the 1-rank base run, its export and the 2-step data reference done", flush=True)
+        if "payloads" not in skip:
+            chosen = PAYLOAD_TRIALS[: a.payloads]
+            executed, payloads = sum(payload_trial(small, i, e, k) for i, (e, k) in enumerate(chosen)), len(chosen)
+        if "tampers" not in skip:
+            tampered, tampers = tamper_trials(small, seed, getattr(a, "tampers", None))
+    left = lifecycle.clean_dead_multiprocessing_dirs(work, say=lambda m: None)  # the killed runs' pymp-* folders
+    print(f"faults: removed {len(left)} pymp-* folder(s) the SIGKILLed runs left in {work}", flush=True)
+    return (f"faults: resume_exact {exact}/{kills} save_kill_ok {save_ok}/{save_kills} "
             f"fuzz_records {f['records']} crashes {f['crashes']} lost {f['lost']} "
-            f"silent_corruption {f['silent_corruption']} escapes {escaped} disk_full_ok {full}/3 "
-            f"corrupt_ckpt_ok {ckpt_ok}/5")
+            f"silent_corruption {f['silent_corruption']} escapes {escaped} disk_full_ok {full}/{full_n} "
+            f"corrupt_ckpt_ok {ckpt_ok}/{ckpt_n} pickle_executed {executed}/{payloads} "
+            f"tamper_caught {tampered}/{tampers}")
 
 
 if __name__ == "__main__":

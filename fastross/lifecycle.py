@@ -8,6 +8,10 @@ refused, naming it. On NFS the flock is Linux's emulation over POSIX locks (lock
 Shared memory: mosaicml-streaming leaves its /dev/shm segments behind when a process using them is killed;
 `clean_dead_streaming_shm` removes, at start, those of runs that are gone and leaves live runs' alone.
 
+Multiprocessing's folders: Python's multiprocessing makes a `pymp-*` folder under the temporary folder for its
+listener sockets and removes it at a clean exit; a SIGKILLed run (every rank, torchrun) leaves them behind.
+`clean_dead_multiprocessing_dirs` removes, at start, this user's folders whose every socket no process holds.
+
 Parent death: torchrun's ranks and the loader's workers ask the kernel for SIGTERM when their parent dies
 (`PR_SET_PDEATHSIG`), so killing torchrun alone ends the ranks, and a rank's end ends its workers, instead of leaving
 them training into a folder no lock protects any more.
@@ -22,7 +26,9 @@ import json
 import os
 import signal
 import socket
+import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -183,3 +189,85 @@ def _prefixes_in_use(shm_dir: Path) -> set[str]:
             if n.startswith(root):
                 live.add(n[len(root):].partition("_")[0])
     return live
+
+
+# ---------------------------------------------------------------- multiprocessing's pymp-* folders
+
+
+def clean_dead_multiprocessing_dirs(tmp: str | Path | None = None, say=print) -> list[str]:
+    """Remove this user's `pymp-*` folders (multiprocessing.util.get_temp_dir) under `tmp` (default: the temporary
+    folder) that only a dead process can have used. Returns the folders removed.
+
+    Such a folder holds the AF_UNIX listener sockets of one process (and of the children it forked). A live process
+    either holds each of its sockets bound -- the kernel lists the path in /proc/net/unix until the socket is closed,
+    and a SIGKILL closes it -- or has unlinked it (Listener.close does). So a folder is dead when it holds at least one
+    socket, nothing but sockets, and none of them is bound. Left alone: a folder with no socket (a process may be
+    about to bind its first one there), one holding anything else, another user's, and everything when
+    /proc/net/unix cannot be read. (/proc/net/unix lists this network namespace's sockets: a process of this user in
+    another namespace that shares this temporary folder would look dead.) A socket that goes away between the listing and the check means a live owner:
+    its folder is kept."""
+    root = Path(tmp or tempfile.gettempdir())
+    try:
+        candidates = sorted(p for p in root.glob("pymp-*") if not p.is_symlink() and p.is_dir() and _owned(p))
+    except OSError:
+        return []
+    dead_candidates = {}
+    for d in candidates:
+        socks = _socket_files(d)
+        if socks:
+            dead_candidates[d] = socks
+    if not dead_candidates:
+        return []
+    bound = _bound_unix_paths()
+    if bound is None:
+        return []
+    removed = []
+    for d, socks in dead_candidates.items():
+        if any(str(p) in bound for p in socks):
+            continue
+        if _socket_files(d) != socks:  # changed since the listing (a socket closed and unlinked, or a new one): live
+            continue
+        for p in socks:
+            try:
+                p.unlink()
+            except FileNotFoundError:
+                pass
+        try:
+            d.rmdir()  # fails, and keeps the folder, if anything appeared in it meanwhile
+        except OSError:
+            continue
+        removed.append(d.name)
+    if removed:
+        say(f"train: removed {len(removed)} multiprocessing folder(s) of dead processes from {root}: "
+            f"{', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}")
+    return removed
+
+
+def _socket_files(d: Path) -> dict[Path, int] | None:
+    """{socket path: inode} of a folder holding only sockets of this user; None if it holds anything else (or
+    cannot be read), {} when empty."""
+    out = {}
+    try:
+        for p in d.iterdir():
+            st = p.lstat()
+            if not stat.S_ISSOCK(st.st_mode) or st.st_uid != os.getuid():
+                return None
+            out[p] = st.st_ino
+    except OSError:
+        return None
+    return out
+
+
+def _bound_unix_paths(table: Path = Path("/proc/net/unix")) -> set[str] | None:
+    """The paths of every AF_UNIX socket open in this network namespace (/proc/net/unix's last column), None when
+    the table cannot be read."""
+    try:
+        lines = table.read_text(errors="surrogateescape").splitlines()[1:]
+    except OSError:
+        return None
+    paths = set()
+    for line in lines:
+        fields = line.split(None, 7)
+        if len(fields) == 8 and fields[7].startswith("/"):
+            paths.add(fields[7])
+    return paths

@@ -485,6 +485,7 @@ def main(argv=None) -> int:
         with lifecycle.hold(cfg.train.run_dir, world.is_main, distributed.broadcast_from_main):
             if world.local_rank == 0:  # once per machine
                 lifecycle.clean_dead_streaming_shm()
+                lifecycle.clean_dead_multiprocessing_dirs()
             Trainer(cfg, world).fit()
     except config.ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr)

@@ -400,6 +400,80 @@ def test_dead_runs_streaming_shm_is_removed_and_live_runs_kept():
             p.unlink(missing_ok=True)
 
 
+# ---------------------------------------------------------------- multiprocessing's pymp-* folders
+
+_LISTENER = """
+import multiprocessing.connection, sys, time
+listener = multiprocessing.connection.Listener(family="AF_UNIX")  # in a new pymp-* folder under TMPDIR
+print(listener.address, flush=True)
+time.sleep(600)
+"""
+
+
+def _listening_child(tmp: Path):
+    """A Python process holding a multiprocessing listener in a pymp-* folder under `tmp`; returns (it, the
+    socket's path)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _LISTENER], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp)})
+    return proc, Path(proc.stdout.readline().strip())
+
+
+@pytest.fixture
+def short_tmp():
+    """A temporary folder with a short path: an AF_UNIX socket's path holds at most 107 bytes."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="fr-", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_dead_processes_pymp_folders_are_removed_and_live_ones_kept(short_tmp):
+    """What a SIGKILLed run leaves (a pymp-* folder holding a listener socket nobody holds) is removed; a live
+    process's folder, an empty one, one holding other files and a folder not named pymp-* are kept."""
+    import signal
+
+    from fastross import lifecycle
+
+    dead_proc, dead_sock = _listening_child(short_tmp)
+    live_proc, live_sock = _listening_child(short_tmp)
+    try:
+        assert dead_sock.parent.name.startswith("pymp-") and dead_sock.parent.parent == short_tmp
+        dead_proc.send_signal(signal.SIGKILL)
+        dead_proc.wait()
+        assert dead_sock.exists()  # the kill left it, as it leaves torchrun's ranks'
+        (short_tmp / "pymp-empty").mkdir()  # a process may be about to bind its first socket here
+        (short_tmp / "pymp-other").mkdir()
+        (short_tmp / "pymp-other" / "notes").write_text("not a socket")
+        (short_tmp / "mine").mkdir()
+        said = []
+        assert lifecycle.clean_dead_multiprocessing_dirs(short_tmp, say=said.append) == [dead_sock.parent.name]
+        assert not dead_sock.parent.exists() and live_sock.exists()
+        assert {p.name for p in short_tmp.iterdir()} == {live_sock.parent.name, "pymp-empty", "pymp-other", "mine"}
+        assert len(said) == 1 and "removed 1 multiprocessing folder(s) of dead processes" in said[0]
+        assert lifecycle.clean_dead_multiprocessing_dirs(short_tmp, say=said.append) == []  # the live one stays
+        assert live_proc.poll() is None
+    finally:
+        for proc in (dead_proc, live_proc):
+            proc.kill()
+            proc.wait()
+
+
+def test_pymp_folders_are_kept_when_the_socket_table_cannot_be_read(short_tmp, monkeypatch):
+    import signal
+
+    from fastross import lifecycle
+
+    proc, sock = _listening_child(short_tmp)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    monkeypatch.setattr(lifecycle, "_bound_unix_paths", lambda: None)
+    assert lifecycle.clean_dead_multiprocessing_dirs(short_tmp, say=print) == [] and sock.exists()
+
+
 # ---------------------------------------------------------------- resuming on another number of ranks
 
 

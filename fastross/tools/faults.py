@@ -356,3 +356,154 @@ def _fuzzed(r: random.Random, rid: str, kind: str, images: Path) -> Fuzzed:
         return Fuzzed({"id": rid, "conversations": conv}, EITHER, kind)
     conv[r.randrange(len(conv))]["from"] = r.choice(["system", "user", "assistant", "", "GPT", "\u4eba"])
     return Fuzzed({"id": rid, "conversations": conv}, EITHER, kind)
+
+
+# ---------------------------------------------------------------- payloads planted in checkpoints (issue 19)
+
+PAYLOAD_FILE = "__payload.distcp"  # where a planted bytes item's pickle is written, beside DCP's own files
+
+
+class Returns:
+    """Unpickling this creates `marker` and then evaluates to `value` (a Python expression): a payload that hands the
+    reader what it expected (a learning rate, a tensor), so that the run goes on and nothing looks wrong."""
+
+    def __init__(self, marker: Path, value: str = "None"):
+        self.marker, self.value = marker, value
+
+    def __reduce__(self):
+        return eval, (f"__import__('pathlib').Path({str(self.marker)!r}).write_text('pwned') and ({self.value})",)
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `data` as a new file at `path` (a hard link to a shared copy is broken, not written through)."""
+    path = Path(path)
+    path.unlink(missing_ok=True)
+    path.write_bytes(data)
+
+
+def linked_copy(src: Path, dst: Path, link_over: int = 1 << 20) -> Path:
+    """A copy of a run or checkpoint folder whose files over `link_over` bytes are hard links (the DCP shards: read
+    only, replaced as a whole by `replace_file`), the others real copies (metrics.jsonl is appended to)."""
+    import shutil
+
+    def copy(s, d):
+        return os.link(s, d) if os.path.getsize(s) > link_over else shutil.copy2(s, d)
+
+    shutil.copytree(src, dst, copy_function=copy)
+    return Path(dst)
+
+
+def _read_item(ckpt: Path, info):
+    import torch
+
+    with open(Path(ckpt) / info.relative_path, "rb") as f:
+        f.seek(info.offset)
+        return torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+
+
+def _tensor_expr(t) -> str:
+    return f"__import__('torch').tensor({t.flatten().tolist()!r}, dtype=__import__('torch').{str(t.dtype)[6:]})" \
+           f".reshape({tuple(t.shape)!r})"
+
+
+def plant_bytes_item(ckpt: Path, marker: Path, kind: str) -> str:
+    """Point one item of a checkpoint's `.metadata` at a pickle that runs code, keeping `.metadata` to DCP's own
+    classes, and rewrite the manifest to match. kind: "param_group" (an optimizer param_groups value, the payload
+    returning its value), "model" (a model tensor declared as bytes, the payload returning the tensor) or
+    "extra_model" (a new bytes entry under model.). Returns the key."""
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint import metadata as m
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+    from fastross import checkpoint
+
+    ckpt = Path(ckpt)
+    md = checkpoint.read_metadata(ckpt / ".metadata")
+    sd = md.state_dict_metadata
+    if kind == "param_group":
+        key = sorted(k for k, v in sd.items() if k.startswith("optim.param_groups.") and k.endswith(".lr")
+                     and isinstance(v, m.BytesStorageMetadata))[0]
+        value = repr(float(_read_item(ckpt, md.storage_data[m.MetadataIndex(key)])))
+    elif kind == "model":
+        key = min((k for k, v in sd.items() if k.startswith("model.") and isinstance(v, m.TensorStorageMetadata)
+                   and len(v.chunks) == 1), key=lambda k: (sd[k].size.numel(), k))
+        chunk = sd[key].chunks[0]
+        old = m.MetadataIndex(key, chunk.offsets, 0)
+        info = md.storage_data.pop(old)
+        value = _tensor_expr(_read_item(ckpt, info))
+        sd[key] = m.BytesStorageMetadata()
+    elif kind == "extra_model":
+        key, value = "model.payload", "None"
+        sd[key] = m.BytesStorageMetadata()
+        if isinstance(md.planner_data, dict):  # DCP's flattened key -> path in the nested state dict
+            md.planner_data[key] = ("model", "payload")
+    else:
+        raise ValueError(f"plant_bytes_item: unknown kind {kind!r}")
+    buf = io.BytesIO()
+    torch.save(Returns(marker, value), buf)
+    replace_file(ckpt / PAYLOAD_FILE, buf.getvalue())
+    md.storage_data[m.MetadataIndex(key)] = _StorageInfo(PAYLOAD_FILE, 0, len(buf.getvalue()))
+    replace_file(ckpt / ".metadata", pickle.dumps(md))
+    checkpoint.write_manifest(ckpt)
+    return key
+
+
+def plant_file(ckpt: Path, name: str, marker: Path) -> None:
+    """A checkpoint file replaced by a payload (`.metadata` and trainer.json as a bare pickle, rng_rank0.pt as a
+    torch.save), the manifest rewritten to match: integrity is not authorship."""
+    import pickle
+
+    import torch
+
+    from fastross import checkpoint
+
+    if name == "rng_rank0.pt":
+        buf = io.BytesIO()
+        torch.save({"torch": RunsCode(marker)}, buf)
+        data = buf.getvalue()
+    else:
+        data = pickle.dumps(RunsCode(marker))
+    replace_file(Path(ckpt) / name, data)
+    checkpoint.write_manifest(Path(ckpt))
+
+
+def yaml_tag(marker: Path) -> str:
+    """A YAML line whose tag runs code under yaml.load/unsafe_load/full_load (safe_load refuses it)."""
+    return f"payload: !!python/object/apply:exec [\"open({str(marker)!r}, 'w').write('pwned')\"]\n"
+
+
+def plant_yaml(path: Path, marker: Path, manifest: bool = True) -> None:
+    """Append a code-running tag to a YAML file (a checkpoint's config.yaml: its manifest rewritten to match)."""
+    from fastross import checkpoint
+
+    path = Path(path)
+    replace_file(path, path.read_bytes() + yaml_tag(marker).encode())
+    if manifest and (path.parent / checkpoint.MANIFEST).is_file():
+        checkpoint.write_manifest(path.parent)
+
+
+def plant_reference(folder: Path, marker: Path) -> Path:
+    """A reference ROSS stage-1 folder whose mm_projector.bin is a torch.save holding a payload."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model.mm_projector.0.weight": Returns(marker, "0")}, folder / "mm_projector.bin")
+    return folder
+
+
+# ---------------------------------------------------------------- judging an entry point's answer to a tampered file
+
+CAUGHT, RECOVERED, SILENT, UNNAMED = "caught", "recovered", "silent", "refused without naming the file"
+
+
+def judge(rc: int, said: str, names: list[str], same) -> str:
+    """What an entry point did with a tampered file: CAUGHT (it failed, and what it said names the file), RECOVERED
+    (it succeeded, and `same()` -- its result equals the untampered run's), else SILENT (it succeeded with another
+    result) or UNNAMED (it failed without naming the file). Judged on the exit and the file's name only, not on
+    the wording."""
+    if rc != 0:
+        return CAUGHT if any(n in said for n in names) else UNNAMED
+    return RECOVERED if same() else SILENT
