@@ -71,3 +71,31 @@ def test_bf16_denoiser_under_fsdp2_computes_in_bf16_and_keeps_an_fp32_loss(world
     assert outs == {"fp32": torch.float32, "bf16": torch.bfloat16}
     assert not torch.equal(losses["bf16"], losses["fp32"])  # the switch changed the compute
     torch.testing.assert_close(losses["bf16"], losses["fp32"], rtol=2e-2, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["dit", "mlp"])
+def test_sharded_denoiser_returns_no_view_so_fsdp2_does_not_warn(world_of_one, kind):
+    """FSDP2 hooks the denoiser's output for its backward and warns ("returned a view tensor") when that output is a
+    view, at every step of every run. The denoiser returns flat rows from one addmm: no view, no warning (the numbers
+    are the 3-D Linear's, bit for bit: tests/kernels/test_denoiser_impl.py's eager forward)."""
+    import warnings
+
+    torch.manual_seed(0)
+    m = Denoiser(kind, 24, 40, 2, 4, 3, channels=20)
+    with torch.no_grad():
+        for p in m.parameters():
+            if torch.count_nonzero(p) == 0:
+                p.normal_(0, 0.2)
+    g = torch.Generator().manual_seed(1)
+    x, t, cond = torch.randn(2, 4, 9, 20, generator=g), torch.randint(0, 1000, (2, 4), generator=g), torch.randn(
+        2, 9, 24, generator=g)
+    with torch.no_grad():
+        want = m(x, t, cond)
+    fully_shard(m, mesh=world_of_one, mp_policy=mp_policy(m.precision))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = m(x, t, cond)
+        out.float().pow(2).sum().backward()
+    assert [str(w.message) for w in seen if "view" in str(w.message)] == []
+    assert out._base is None and out.shape == (2 * 4 * 9, 20)
+    assert torch.equal(out.detach(), want)  # sharding over one rank changes nothing

@@ -99,7 +99,7 @@ def test_denoiser_starts_at_zero_and_learns_shapes(kind):
     t = torch.randint(0, 1000, (2, 4))
     cond = torch.randn(2, 9, 24)
     out = d(x, t, cond)
-    assert out.shape == (8, 9, 64)
+    assert out.shape == (8 * 9, 64)  # rows: image, replica, token
     assert torch.count_nonzero(out) == 0  # adaLN-Zero: final layer and modulations start at zero
     for blk in d.blocks:
         assert torch.count_nonzero(blk.ada[-1].weight) == 0

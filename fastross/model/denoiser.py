@@ -210,8 +210,10 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(width, out_channels)
 
     def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """x, s (b, N, W) -> (b * N, C): flat rows, one addmm. A 3-D Linear computes the same addmm over the
+        flattened rows and returns a view of it, and the denoiser's output must not be a view (FSDP2 hooks it)."""
         sh, sc = adaln_chunks(s, self.ada[-1], 2)
-        return self.linear(self.ops.ln_modulate(x, sh, sc, LN_EPS))
+        return self.linear(self.ops.ln_modulate(x, sh, sc, LN_EPS).flatten(0, 1))
 
 
 class Denoiser(nn.Module):
@@ -270,7 +272,9 @@ class Denoiser(nn.Module):
             self.pos_embed.copy_(sincos_2d(self.pos_embed.shape[1], int(math.isqrt(self.pos_embed.shape[0]))))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """x_t (n, R, N, C), t (n, R), cond (n, N, H) -> predicted eps (n * R, N, C), replica-major per image."""
+        """x_t (n, R, N, C), t (n, R), cond (n, N, H) -> predicted eps as rows (n * R * N, C): image, then replica,
+        then token (view it as (n, R, N, C)). Flat rows because FSDP2 hooks this module's output, and it must not be a
+        view (a view's in-place change would drop the hook; torch warns at every step)."""
         n, r, tokens, ch = x_t.shape
         dtype = self.x_embed.weight.dtype
         x = self.x_embed(x_t.to(dtype))
@@ -284,4 +288,4 @@ class Denoiser(nn.Module):
             s = self.ops.silu_cond(self.c_embed(cond.to(dtype)), self.t_embed(t)).reshape(n * r, tokens, -1)
         for blk in self.blocks:
             x = blk(x, s)
-        return self.final(x, s)  # not reshaped here: FSDP2 warns about modules that return views
+        return self.final(x, s)  # (n * R * N, C), not a view (FinalLayer)
