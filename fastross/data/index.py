@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from fastross.data.progress import progress
 from fastross.data.schema import LENGTHS_FILE
 from fastross.data.shards import MDSShards
 
@@ -52,7 +52,7 @@ def build(shards: str | Path) -> np.ndarray:
     else:
         ds = MDSShards(shards)
         lengths = np.empty(len(ds), dtype=np.int32)
-        for i in tqdm(range(len(ds)), desc="index", unit="sample"):
+        for i in progress(range(len(ds)), desc="index", unit="sample"):
             lengths[i] = ds.read(i)["length"]
     np.save(shards / LENGTHS_FILE, lengths)
     return lengths
