@@ -223,14 +223,23 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
                   tok.convert_tokens_to_ids(templates.IMAGE_TOKEN), source)
 
 
-def prompt_ids(loaded: Loaded, question: str, image: bool) -> list[int]:
-    """The training sample's tokens before its answer, for one user turn (the `<image>` placed as training places it)."""
+def prompt_ids(loaded: Loaded, question: str, image: bool, history: list[tuple[str, str]] | tuple = ()) -> list[int]:
+    """The training sample's tokens before its answer, for one user turn (the `<image>` placed as training places it).
+
+    history: the conversation's earlier (question, answer) turns, rendered before this one as a multi-turn training
+    sample holds them; the `<image>` stays where the conversation has it, else goes before the first question. The
+    plain template renders one exchange only: there the history is dropped."""
     from fastross.data import templates
 
-    value = question if templates.IMAGE_TOKEN in question or not image else f"{templates.IMAGE_TOKEN}\n{question}"
-    conv = [{"from": "human", "value": value}, {"from": "gpt", "value": "A"}]
-    ids, labels = templates.tokenize(templates.render(loaded.template, conv, image, loaded.tokenizer), loaded.tokenizer)
-    return ids[: int(np.flatnonzero(labels != templates.IGNORE)[0])].tolist()
+    turns = [*(history if templates.canonical(loaded.template) != "plain" else ()), (question, "A")]
+    conv = [{"from": who, "value": v} for q, a in turns for who, v in (("human", q), ("gpt", a))]
+    if image and not any(templates.IMAGE_TOKEN in t["value"] for t in conv):
+        conv[0]["value"] = f"{templates.IMAGE_TOKEN}\n{conv[0]['value']}"
+    rendered = templates.render(loaded.template, conv, image, loaded.tokenizer)
+    ids, offsets = templates.encode(rendered, loaded.tokenizer)
+    start, end = rendered.spans[-1]  # the last answer's characters: the prompt is every token before its first
+    inside = (offsets[:, 0] < end) & (offsets[:, 1] > start) & (ids != loaded.image_token_id)
+    return ids[: int(np.flatnonzero(inside)[0])].tolist()
 
 
 def pixel_values(loaded: Loaded, image: str | Path) -> torch.Tensor:
@@ -242,10 +251,11 @@ def pixel_values(loaded: Loaded, image: str | Path) -> torch.Tensor:
     return preprocess(path.read_bytes(), loaded.spec, loaded.aspect)
 
 
-def answer(loaded: Loaded, items: list[tuple[str, str | Path | None]], sampling: Sampling) -> list[str]:
-    """(question, image path or None) -> the decoded answers, one batch, special tokens dropped."""
-    prompts = [Prompt(prompt_ids(loaded, q, img is not None), None if img is None else pixel_values(loaded, img))
-               for q, img in items]
+def answer(loaded: Loaded, items: list[tuple], sampling: Sampling) -> list[str]:
+    """(question, image path or None[, history]) -> the decoded answers, one batch, special tokens dropped; history
+    as prompt_ids takes it."""
+    prompts = [Prompt(prompt_ids(loaded, q, img is not None, *h), None if img is None else pixel_values(loaded, img))
+               for q, img, *h in items]
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = decode(loaded.model, prompts, loaded.image_token_id, sampling, tok.eos_token_id, pad)

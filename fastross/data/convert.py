@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from fastross.data import templates
 from fastross.data.images import ImageError, ImageSpec, decode, latent_moments, preprocess, preprocess_pil
+from fastross.data.progress import progress
 from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH, tokenizer_fingerprint, write_manifest
 from fastross.data.shards import MDSWriter
 from fastross.towers import TowerError, read_tower
@@ -480,8 +480,8 @@ class Converter:
         with MDSWriter(out, COLUMNS, size_limit=a.shard_size, hashes=[SHARD_HASH]) as writer:
             start, stop = self.records
             desc = "convert" if self.parts == 1 else f"convert part {self.part}/{self.parts}"
-            for rid, rec in tqdm(self.sources.read(start, stop), total=stop - start, desc=desc, unit="rec",
-                                 disable=a.quiet):
+            for rid, rec in progress(self.sources.read(start, stop), total=stop - start, desc=desc, unit="rec",
+                                     disable=a.quiet, every=a.progress_every):
                 report.read += 1
                 try:
                     pending.append(self.prepare(rid, rec))
@@ -547,6 +547,9 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=1 << 26, help="bytes per MDS shard")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable record, naming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress-every", type=int, default=0, metavar="N",
+                   help="when stderr is not a terminal (a log), a plain progress line every N records instead of a "
+                        "bar (default 0: ten lines per conversion)")
     return p.parse_args(argv)
 
 

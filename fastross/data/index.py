@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
+from fastross.data.progress import progress
 from fastross.data.schema import (INDEX_FILE, LENGTHS_FILE, MANIFEST_FILE, META_FILE, parse_json, verified_bytes,
                                   write_manifest)
 from fastross.data.shards import MDSShards
@@ -59,7 +59,7 @@ def build(shards: str | Path) -> np.ndarray:
     else:
         ds = MDSShards(shards)
         lengths = np.empty(len(ds), dtype=np.int32)
-        for i in tqdm(range(len(ds)), desc="index", unit="sample"):
+        for i in progress(range(len(ds)), desc="index", unit="sample"):
             lengths[i] = ds.read(i)["length"]
     np.save(shards / LENGTHS_FILE, lengths)
     if manifest:

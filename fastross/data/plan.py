@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from fastross.data import planner
+from fastross.data.progress import progress
 from fastross.data.schema import LENGTHS_FILE, read_lengths
 from fastross.data.stream import epoch_order
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         return 2
     chunk = max(1, min(steps, 1 << 16))
     parts = []
-    with tqdm(total=steps, desc="plan", unit="step") as bar:
+    with progress(total=steps, desc="plan", unit="step") as bar:
         for first in range(0, steps, chunk):
             last = min(steps, first + chunk)
             part = ordered[first * a.global_batch : last * a.global_batch]
