@@ -2,7 +2,8 @@
 # The prepared GPU check (../shared/design/CPU_AND_GPU.md), in two parts of under 9 minutes each on one H200
 # (one command may run 10 minutes there): every step gets at most what is left of the part's budget.
 #
-#   bash benchmarks/gpu_check.sh 1    # the tests marked gpu (Liger RMSNorm/SwiGLU/RoPE in bf16 first, then the
+#   bash benchmarks/gpu_check.sh 1    # the compile report (every Triton kernel compiled for sm_90a, static figures),
+#                                     # the tests marked gpu (Liger RMSNorm/SwiGLU/RoPE in bf16 first, then the
 #                                     # Triton kernels and varlen attention), the kernel microbenchmarks, the text loss,
 #                                     # a tiny export loaded by the image's transformers (benchmarks/export_check.py)
 #   bash benchmarks/gpu_check.sh 2    # the 7B slice (K LLM layers, fastross.tools.make_slice): 30 steps with each
@@ -134,6 +135,9 @@ step() {  # limit, label, summary-line pattern (grep -E), command...: runs it bo
 : >"$WORK/summary"
 
 if [ "$PART" = 1 ]; then
+    echo "== every Triton kernel compiled for sm_90a without launching it (benchmarks/kernels/compile_report.py --quick):"
+    echo "   registers, spills, shared memory, occupancy and roofline, to set beside the figures measured below"
+    step 90 compile_report.py "^(compile:|compile_report: (wall|.*FAILED))" $PY benchmarks/kernels/compile_report.py --quick
     echo "== Liger RMSNorm, SwiGLU and RoPE against Hugging Face's modules on CUDA (bf16: 2^-7 of the output's scale; fp32: 1e-5)"
     step 150 "liger tests" " (passed|failed|skipped|error)" env FASTROSS_AUTOTUNE=0 $PY -m pytest -q -m gpu \
         tests/test_liger.py -p no:cacheprovider

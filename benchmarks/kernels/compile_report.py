@@ -214,6 +214,23 @@ def jobs_for(shapes, dtypes, quick: bool) -> list[Job]:
     return list(jobs.values())
 
 
+def once(jobs: list[Job]) -> list[Job]:
+    """One compilation per kernel (tests/kernels/test_compile_report.py): the first kept one, and for the
+    autotuned matmul the act_grad epilogue's (the most registers) largest kept tile."""
+    out: dict = {}
+    for j in jobs:
+        if not j.kept:
+            continue
+        key = (j.source, j.kernel)
+        if j.kernel == "_linear_kernel":
+            if j.launch.kwargs.get("EPILOGUE") == 3 and (key not in out or out[key].launch.kwargs.get("EPILOGUE") != 3):
+                out[key] = j
+            out.setdefault(key, j)
+        else:
+            out.setdefault(key, j)
+    return list(out.values())
+
+
 def describe(job: Job) -> str:
     """The job's compile-time constants and options, short: BLOCK_M=128 ... w8 s3."""
     sig, consts, _, opts = S.specialize(job.launch, job.config)
@@ -333,7 +350,7 @@ def _compile(arg):
     return row
 
 
-FIELDS = ["arch", "source", "kernel", "config", "kept", "num_warps", "num_stages", "regs", "spill_bytes", "stack",
+FIELDS = ["date", "commit", "device", "arch", "source", "kernel", "config", "kept", "num_warps", "num_stages", "regs", "spill_bytes", "stack",
           "smem_bytes", "over_smem", "blocks_per_sm", "warps_per_sm", "occupancy", "limiter", "programs", "waves",
           "gflop", "mbytes", "roofline_us", "bound", "compile_s", "error", "uses"]
 
@@ -365,19 +382,24 @@ def main(argv=None) -> int:
                    "default both, --quick sm_90a")
     p.add_argument("--quick", action="store_true", help="7B shapes in bf16, kept autotune configs only")
     p.add_argument("--save", action="store_true", help=f"overwrite {RESULTS.relative_to(REPO)}")
+    p.add_argument("--once", action="store_true", help="each kernel once: tiny shapes, bf16, sm_90a (the test)")
+    p.add_argument("--json", default="", help="also write the rows to this file, one JSON object a line")
     p.add_argument("--inductor", action="store_true", help="also Inductor's forward kernels for a DiT block and a "
                    "Qwen2-7B decoder layer (sm_90a; torch.compile's code, compiled without a device)")
-    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1), help="compiling processes")
+    p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compiling processes")
     a = p.parse_args(argv)
-    archs = (a.arch or ("sm_90a" if a.quick else "sm_90a,sm_100a")).split(",")
+    archs = (a.arch or ("sm_90a" if a.quick or a.once else "sm_90a,sm_100a")).split(",")
     for arch in archs:
         S.target(arch)  # unknown names fail here
     t_start = time.perf_counter()
-    shapes, dtypes = (["7b"], ["bf16"]) if a.quick else (["7b", "tiny"], ["fp32", "bf16"])
+    shapes, dtypes = (["7b"], ["bf16"]) if a.quick else (["tiny"], ["bf16"]) if a.once else (["7b", "tiny"],
+                                                                                              ["fp32", "bf16"])
     print(f"compile_report: triton {__import__('triton').__version__}, torch {torch.__version__}, "
           f"archs {','.join(archs)}, shapes {','.join(shapes)}, dtypes {','.join(dtypes)}, "
           f"{a.jobs} processes; no device is used", flush=True)
-    _JOBS[:] = jobs_for(shapes, dtypes, a.quick)
+    _JOBS[:] = jobs_for(shapes, dtypes, a.quick or a.once)
+    if a.once:
+        _JOBS[:] = once(_JOBS)
     print(f"compile_report: {len(_JOBS)} distinct compilations per arch "
           f"({sum(j.kept for j in _JOBS)} kept by the autotuners), recorded in "
           f"{time.perf_counter() - t_start:.1f} s", flush=True)
@@ -403,10 +425,19 @@ def main(argv=None) -> int:
                 print(progress(i, len(ind), {**dict.fromkeys(FIELDS, ""), **row}), flush=True)
     wall = time.perf_counter() - t_start
     if a.save:
+        from fastross.tools import results as R
+
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        stamp = dict(date=R.today(), commit=R.commit(), device="none: compiled only, never launched")
         with RESULTS.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=FIELDS)
             w.writeheader()
+            for rows in all_rows.values():
+                for r in rows:
+                    r.update(stamp)
+            if a.inductor:
+                for r in ind:
+                    r.update(stamp)
             for arch in archs:
                 w.writerows(all_rows[arch])
             if a.inductor:
@@ -422,6 +453,12 @@ def main(argv=None) -> int:
         for r in rows:
             if r["error"]:
                 print(f"compile_report: {arch} FAILED {r['source']}:{r['kernel']} {r['config']}: {r['error']}")
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            for arch in archs:
+                f.writelines(json.dumps(r) + "\n" for r in all_rows[arch])
     if a.inductor:
         ok = [r for r in ind if not r["error"]]
         print(f"inductor: arch sm_90a graphs 2 kernels {len({r['kernel'] for r in ok})} configs {len(ok)} failed "
