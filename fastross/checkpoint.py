@@ -162,10 +162,10 @@ def load_rng(path: Path) -> dict:
     """Read an `rng_rank{r}.pt` (fastross.checkpoint_read.read_tensor_file): tensors only, so a crafted pickle
     cannot run code."""
     state = read_tensor_file(path)
-    if not isinstance(state.get("torch"), torch.Tensor) or state["torch"].dtype != torch.uint8 \
-            or not set(state) <= {"torch", "cuda"}:
-        raise CheckpointError(f"{path}: refused to load key {sorted(set(state) - {'cuda'}) or 'torch'}: fastross "
-                              "writes {torch, cuda} generator states (uint8 tensors) there")
+    for key in ("torch", *sorted(state)):
+        if key not in ("torch", "cuda") or key not in state or state[key].dtype != torch.uint8:
+            raise CheckpointError(f"{path}: refused to load key {key}: fastross writes the torch (and cuda) generator "
+                                  "states there, as uint8 tensors")
     return state
 
 
@@ -244,7 +244,12 @@ class Checkpointer:
         done = sorted((p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
                        and _step_of(p) <= _step_of(newest)), key=_step_of)
         for old in done[: -self.keep]:
-            discard(old)
+            try:
+                discard(old)
+            except OSError as e:  # a folder that stays costs disk space, not correctness: the next prune retries
+                if say:
+                    say(f"checkpoint: warning: could not remove {old.name} ({e})")
+                continue
             if say:
                 say(f"checkpoint: removed {old.name}, older than the newest {self.keep} (an interrupted prune)")
         return newest
