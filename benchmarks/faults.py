@@ -906,7 +906,7 @@ def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100) -> dict:
     for start in range(0, n, chunk):
         batch = faults.fuzz_records(min(chunk, n - start), seed * 1_000_003 + start, images, start)
         counts["records"] += len(batch)
-        got, problem = convert_records(conv, root, f"fuzz{start}", [f.record for f in batch])
+        got, problem = convert_records(conv, root, f"fuzz{start}", batch)
         if problem:
             counts["crashes"] += 1
             report("fuzz", start // chunk, False, problem)
@@ -967,8 +967,9 @@ def convert_records(conv, root: Path, name: str, records: list) -> tuple[dict, s
     """Convert `records` with a loaded Converter: ({sample id: sample}, None), or ({}, what went wrong)."""
     from fastross.data.shards import MDSShards
 
-    src = root / f"{name}.json"
-    src.write_text(json.dumps(records), encoding="utf-8")
+    src = root / f"{name}.jsonl"  # one line per record: a record only its text can hold goes as written
+    src.write_text("".join((r.text() if isinstance(r, faults.Fuzzed) else json.dumps(r)) + "\n" for r in records),
+                   encoding="utf-8")
     conv.a.json, conv.a.out = [str(src)], str(root / name)
     try:
         rep = conv.run()
@@ -1052,11 +1053,19 @@ def campaign(work: Path, seed: int, a) -> str:
             tampered, tampers = tamper_trials(small, seed, getattr(a, "tampers", None))
     left = lifecycle.clean_dead_multiprocessing_dirs(work, say=lambda m: None)  # the killed runs' pymp-* folders
     print(f"faults: removed {len(left)} pymp-* folder(s) the SIGKILLed runs left in {work}", flush=True)
-    return (f"faults: resume_exact {exact}/{kills} save_kill_ok {save_ok}/{save_kills} "
-            f"fuzz_records {f['records']} crashes {f['crashes']} lost {f['lost']} "
-            f"silent_corruption {f['silent_corruption']} escapes {escaped} disk_full_ok {full}/{full_n} "
-            f"corrupt_ckpt_ok {ckpt_ok}/{ckpt_n} pickle_executed {executed}/{payloads} "
-            f"tamper_caught {tampered}/{tampers}")
+    return final_line(exact, kills, save_ok, save_kills, f, escaped, full, full_n, ckpt_ok, ckpt_n, executed, payloads,
+                      tampered, tampers)
+
+
+LINE = ("faults: resume_exact {}/{} save_kill_ok {}/{} fuzz_records {} crashes {} lost {} silent_corruption {} "
+        "escapes {} disk_full_ok {}/{} corrupt_ckpt_ok {}/{} pickle_executed {}/{} tamper_caught {}/{}")
+
+
+def final_line(exact, kills, save_ok, save_kills, f: dict, escaped, full, full_n, ckpt_ok, ckpt_n, executed, payloads,
+               tampered, tampers) -> str:
+    return LINE.format(exact, kills, save_ok, save_kills, f["records"], f["crashes"], f["lost"],
+                       f["silent_corruption"], escaped, full, full_n, ckpt_ok, ckpt_n, executed, payloads, tampered,
+                       tampers)
 
 
 if __name__ == "__main__":
