@@ -1,6 +1,7 @@
 """The fault campaign: kills, full disks, corrupt shards and checkpoints, hostile records, escape attempts.
 
-    python benchmarks/faults.py [--seed S] [--kills 10] [--save-kills 10] [--fuzz 1000] [--save]
+    python benchmarks/faults.py [--seed S] [--kills 10] [--save-kills 10] [--fuzz 1000] [--payloads P]
+                                [--tampers U] [--skip SECTION,...] [--save]
 
 On 2 CPU ranks with the tiny models and the tests' data set (fastross.tools.golden.prepare), in a temporary
 folder removed at the end. One uninterrupted reference run (8 steps, a checkpoint every 2, 2 kept) is made first;
@@ -21,7 +22,17 @@ every checkpoint both runs keep (model, optimizer, trainer.json, RNG files).
   or a refusal; no NaN trained on, no code run.
 - escapes: `../`, absolute and symlinked image paths out of --images, and a crafted rng_rank0.pt; each refused,
   nothing from outside in the shards, no code run (the payload would create a marker file).
-- fuzz: N records (fastross.tools.faults.fuzz_records) converted in chunks of 100: crashes (the converter raised,
+- pickle: every checkpoint entry point (resume, model.init_from, export, generate, eval, the reference importer)
+  x every payload kind it reads (a bytes item in `.metadata` pointing at a pickle, a model entry declared as bytes,
+  `.metadata`, rng_rank0.pt, trainer.json, a YAML tag in the config, a reference mm_projector.bin), the manifest
+  rewritten to match; pickle_executed counts the trials where the payload's code ran (it writes a marker file).
+  Run in this process from a 1-rank base run (4 steps, checkpoints at 2 and 4) and its export.
+- tamper: every file of that run's step 4 (and `latest`) and of the converted data set, flipped and edited in turn
+  (the manifest left as it was); tamper_caught counts those refused naming the file (exit non-zero) or recovered
+  (the resume exact / 2 training steps identical to the untampered data's).
+- fuzz: N records (fastross.tools.faults.fuzz_records, with JSON-level families -- lone surrogates, deep nesting,
+  wrong types, duplicate keys -- and EPS, PDF, SVG, ICO, animated GIF/WebP/APNG, 16-bit and float TIFF files),
+  one JSONL line each, converted in chunks of 100: crashes (the converter raised,
   or its counts do not add up), lost (a valid record not written), silent_corruption (a written sample that differs
   from a clean conversion of the record -- its image re-encoded as a plain 8-bit RGB PNG -- or from the pixels a
   direct computation gives, or a record that had to be skipped but was written).
@@ -888,7 +899,7 @@ def tamper_trials(s: Small, seed: int, limit: int | None = None) -> tuple[int, i
 # ---------------------------------------------------------------- fuzzed records
 
 
-def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100) -> dict:
+def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100, kinds: tuple = faults.KINDS) -> dict:
     """n fuzzed records through the converter, `chunk` per conversion: crashes, lost, silent_corruption."""
     from fastross.data import convert
     from fastross.data.images import preprocess
@@ -904,7 +915,7 @@ def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100) -> dict:
     conv = convert.Converter(args)
     counts = {"records": 0, "crashes": 0, "lost": 0, "silent_corruption": 0}
     for start in range(0, n, chunk):
-        batch = faults.fuzz_records(min(chunk, n - start), seed * 1_000_003 + start, images, start)
+        batch = faults.fuzz_records(min(chunk, n - start), seed * 1_000_003 + start, images, start, kinds)
         counts["records"] += len(batch)
         got, problem = convert_records(conv, root, f"fuzz{start}", batch)
         if problem:

@@ -20,10 +20,12 @@ def test_fuzz_counts_and_a_lost_record_is_counted(tiny_models, stage2_shards, tm
 
     bench = load_benchmark("faults")
     c = bench.Campaign(tmp_path, 0, tiny_models, stage2_shards)
-    drawn = faults.fuzz_records(30, 3 * 1_000_003, tmp_path, 0)  # the records fuzz(seed 3) converts
+    base = faults.BASE_KINDS  # the record-level kinds (the JSON and format families: test_fuzz_families_...)
+    drawn = faults.fuzz_records(30, 3 * 1_000_003, tmp_path, 0, base)  # the records fuzz(seed 3) converts
     kinds = {f.kind.split(":")[0] for f in drawn}
     assert {"text", "image", "escape"} <= kinds and len(kinds) >= 10  # the seed really draws a mix
-    assert bench.fuzz(c, 30, 3, spec, chunk=30) == {"records": 30, "crashes": 0, "lost": 0, "silent_corruption": 0}
+    assert bench.fuzz(c, 30, 3, spec, chunk=30, kinds=base) == {"records": 30, "crashes": 0, "lost": 0,
+                                                                 "silent_corruption": 0}
     assert not (tmp_path / "fuzz").exists()
 
     # A converter that drops one valid record: counted as lost, not passed.
@@ -36,7 +38,7 @@ def test_fuzz_counts_and_a_lost_record_is_counted(tiny_models, stage2_shards, tm
         return real(self, rid, rec)
 
     monkeypatch.setattr(convert.Converter, "prepare", drops)
-    assert bench.fuzz(c, 30, 3, spec, chunk=30)["lost"] == 1
+    assert bench.fuzz(c, 30, 3, spec, chunk=30, kinds=base)["lost"] == 1
 
 
 def test_converter_escapes_are_refused(tiny_models, stage2_shards, tmp_path, capsys, load_benchmark):

@@ -297,7 +297,14 @@ def _conversation(r: random.Random, image: bool) -> list[dict]:
     return turns
 
 
-def fuzz_records(n: int, seed: int, images: Path, start: int = 0) -> list[Fuzzed]:
+# The kinds drawn (repeats weigh them): the record-level ones, then JSON-level families and exotic image formats.
+BASE_KINDS = ("text", "image", "image", "image", "not_a_dict", "no_conversations", "conv_not_list", "turn_missing_key",
+              "value_wrong_type", "image_wrong_type", "odd_text", "odd_role", "truncated", "not_an_image",
+              "zero_bytes", "tiny", "missing_file", "escape")
+KINDS = BASE_KINDS + ("lone_surrogate", "deep_nesting", "wrong_types", "duplicate_keys", "exotic", "exotic")
+
+
+def fuzz_records(n: int, seed: int, images: Path, start: int = 0, kinds: tuple = KINDS) -> list[Fuzzed]:
     """n records of mixed kinds, their image files written into `images`: valid ones (plain text, or a whole
     image of any mode with sides >= 8 px) that must be written, broken ones that must be skipped (malformed JSON
     values, missing keys, wrong types, broken/tiny/absent images, paths leading out), and odd ones that may be
@@ -306,10 +313,7 @@ def fuzz_records(n: int, seed: int, images: Path, start: int = 0) -> list[Fuzzed
     out = []
     for i in range(start, start + n):
         rid = f"f{i}"
-        kind = r.choice(["text", "image", "image", "image", "not_a_dict", "no_conversations", "conv_not_list",
-                         "turn_missing_key", "value_wrong_type", "image_wrong_type", "odd_text", "odd_role",
-                         "truncated", "not_an_image", "zero_bytes", "tiny", "missing_file", "escape",
-                         "lone_surrogate", "deep_nesting", "wrong_types", "duplicate_keys", "exotic", "exotic"])
+        kind = r.choice(kinds)
         fz = _fuzzed(r, rid, kind, images)
         out.append(fz)
     return out
