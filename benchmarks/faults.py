@@ -862,37 +862,95 @@ def metrics_differences(ref: Path, got: Path) -> list[str]:
             for k in sorted((a.keys() | b.keys()) - faults.MEASURED) if a.get(k) != b.get(k)]
 
 
+def parts_conversion(c: Campaign, root: Path) -> tuple[Path, Path, Path]:
+    """A conversion of 12 stage-2 records in 2 parts and their merge: (part 0, part 1, merged)."""
+    from fastross.data import convert, merge
+
+    synth = c.shards.parent / "synth"
+    src = root / "parts_src.json"
+    src.write_text(json.dumps(json.loads((synth / "stage2.json").read_text())[:12]))
+    parts = []
+    for i in range(2):
+        out = root / f"part{i}"
+        rc, said = in_process(convert.main, [
+            "--json", str(src), "--images", str(synth / "images"), "--tokenizer", str(c.models / "llm"), "--vision",
+            str(c.models / "vision"), "--vae", str(c.models / "vae"), "--template", "qwen2_ross", "--out", str(out),
+            "--quiet", "--shard-size", "65536", "--part", f"{i}/2"])
+        if rc != 0:
+            raise RuntimeError(f"faults: converting part {i}/2 failed:\n{said[-2000:]}")
+        parts.append(out)
+    rc, said = in_process(merge.main, [str(parts[0]), str(parts[1]), "--out", str(root / "merged")])
+    if rc != 0:
+        raise RuntimeError(f"faults: merging the parts failed:\n{said[-2000:]}")
+    return parts[0], parts[1], root / "merged"
+
+
+def same_folder(a: Path, b: Path) -> bool:
+    """Every file of two folders byte for byte (fastross.json's paths aside: each merge names its own)."""
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir()):
+        return False
+    for n in names:
+        x, y = (a / n).read_bytes(), (b / n).read_bytes()
+        if n == "fastross.json":
+            x, y = x.replace(str(a).encode(), b"<out>"), y.replace(str(b).encode(), b"<out>")
+        if x != y:
+            return False
+    return True
+
+
 def tamper_trials(s: Small, seed: int, limit: int | None = None) -> tuple[int, int]:
-    """Every file of a checkpoint step (resumed from) and of a converted data set (trained on), flipped and edited
-    in turn, on a fresh copy each: caught (the run fails naming the file) or recovered (the resume is exact / the
-    training identical to the untampered one). Returns (caught or recovered, trials)."""
-    trials = [("checkpoint", *case) for case in checkpoint_tamper_cases(seed)]
-    trials += [("data", *case) for case in dataset_tamper_cases(s.c.shards, seed)]
+    """Every file of a checkpoint step (resumed from), of a converted data set (trained on) and of one part of a
+    split conversion (merged), flipped and edited in turn, on a fresh copy each: caught (the command fails naming
+    the file) or recovered (the resume exact / the training identical / the merge identical to the untampered
+    one). Returns (caught or recovered, trials)."""
+    from fastross.data import merge
+
+    parts: list = []
+
+    def checkpoint_trial(tamper):
+        rd = s.copy_run("tamper_ckpt")
+        tamper(rd / "checkpoints" / s.step.name)
+        rc, said = s.resume(rd)
+        return rc, said, lambda: not s.c.differences_from(s.run, rd), [rd]
+
+    def data_trial(tamper):
+        d, rd = s.fresh("tamper_data"), s.fresh("tamper_data_run")
+        shutil.copytree(s.c.shards, d)
+        tamper(d)
+        rc, said = train_here(s.config(rd, steps=2, every=100, shards=d))
+        return rc, said, lambda: not metrics_differences(s.data_run, rd), [d, rd]
+
+    def parts_trial(tamper):
+        part0, part1, merged = parts
+        d, out = s.fresh("tamper_part"), s.fresh("tamper_merged")
+        shutil.copytree(part1, d)
+        tamper(d)
+        rc, said = in_process(merge.main, [str(part0), str(d), "--out", str(out)])
+        return rc, said, lambda: out.is_dir() and same_folder(merged, out), [d, out]
+
+    trials = [("checkpoint", n, h, t, checkpoint_trial) for n, h, t in checkpoint_tamper_cases(seed)]
+    trials += [("data set", n, h, t, data_trial) for n, h, t in dataset_tamper_cases(s.c.shards, seed)]
+    if limit is None or limit > len(trials):  # the split conversion is made only when its trials are asked for
+        root = s.fresh("parts")
+        root.mkdir()
+        parts.extend(parts_conversion(s.c, root))
+        trials += [("part 1/2 (merged)", n, h, t, parts_trial) for n, h, t in dataset_tamper_cases(parts[1], seed)]
     trials = trials[:limit] if limit is not None else trials
     ok = 0
-    for i, (where, name, how, tamper) in enumerate(trials):
-        if where == "checkpoint":
-            rd = s.copy_run("tamper_ckpt")
-            tamper(rd / "checkpoints" / s.step.name)
-            rc, said = s.resume(rd)
-            verdict = faults.judge(rc, said, [name], lambda: not s.c.differences_from(s.run, rd))
-        else:
-            d = s.fresh("tamper_data")
-            shutil.copytree(s.c.shards, d)
-            tamper(d)
-            rd = s.fresh("tamper_data_run")
-            rc, said = train_here(s.config(rd, steps=2, every=100, shards=d))
-            verdict = faults.judge(rc, said, [name], lambda: not metrics_differences(s.data_run, rd))
-            shutil.rmtree(d, ignore_errors=True)
+    for i, (where, name, how, tamper, run) in enumerate(trials):
+        rc, said, same, leftovers = run(tamper)
+        verdict = faults.judge(rc, said, [name], same)
         good = verdict in (faults.CAUGHT, faults.RECOVERED)
         ok += good
         detail = {faults.CAUGHT: f"refused naming {name}", faults.RECOVERED: "recovered, identical to the untampered "
-                  "run", faults.SILENT: "TRAINED ON IT (rc 0, a different result)",
+                  "run", faults.SILENT: "WENT ON WITH IT (exit 0, a different result)",
                   faults.UNNAMED: f"refused (exit {rc}) without naming {name}"}[verdict]
         report("tamper", i, good, f"{where} {name} {how}: {detail}")
         if not good:
             print(f"faults:   its last words: {said.strip()[-300:]!r}", flush=True)
-        shutil.rmtree(rd, ignore_errors=True)
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True)
     return ok, len(trials)
 
 

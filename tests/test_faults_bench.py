@@ -255,3 +255,25 @@ def test_final_line_format(load_benchmark):
                         r"pickle_executed \d+/\d+ tamper_caught \d+/\d+", line)
     assert len(bench.PAYLOAD_TRIALS) >= 12 and {e for e, _ in bench.PAYLOAD_TRIALS} == {
         "resume", "init_from", "export", "generate", "eval", "reference"}
+
+
+@pytest.mark.slow
+def test_one_payload_and_one_tamper_trial_end_to_end(tiny_models, stage2_shards, tmp_path, capsys, load_benchmark):
+    """The 1-rank base run, then resume x .metadata (refused, today and after: the payload must not run) and a
+    checkpoint's manifest.json edited (the resume falls back to step 2 and ends exactly as the base run)."""
+    bench = load_benchmark("faults")
+    c = bench.Campaign(tmp_path, 0, tiny_models, stage2_shards, ranks=1)
+    s = bench.Small(c)
+    assert bench.payload_trial(s, 0, "resume", "metadata") is False
+    assert not (tmp_path / "marker_payload0").exists()
+    cases = bench.checkpoint_tamper_cases(0)
+    manifest_edit = [case for case in cases if case[:2] == ("manifest.json", "edited")]
+    bench_cases = bench.checkpoint_tamper_cases
+    try:
+        bench.checkpoint_tamper_cases = lambda seed: manifest_edit
+        assert bench.tamper_trials(s, 0, limit=1) == (1, 1)
+    finally:
+        bench.checkpoint_tamper_cases = bench_cases
+    out = capsys.readouterr().out
+    assert "pickle 0: ok: resume x metadata: refused naming the file, no code ran" in out
+    assert "tamper 0: ok: checkpoint manifest.json edited: recovered, identical to the untampered run" in out
