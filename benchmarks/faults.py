@@ -516,10 +516,12 @@ def rng_escape(c: Campaign) -> int:
 def in_process(fn, *args) -> tuple[int, str]:
     """Call an entry point's main (or any function) here: (its exit code, everything it printed and the message of
     what it raised). An exception counts as exit 1, as it would end the command; os.environ is restored after it
-    (a training run sets the world-of-one variables)."""
+    (a training run sets the world-of-one variables), and so is sys.excepthook."""
     import traceback
 
-    out, env = io.StringIO(), dict(os.environ)
+    import sys
+
+    out, env, hook = io.StringIO(), dict(os.environ), sys.excepthook  # init_process_group wraps sys.excepthook
     rc = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
@@ -536,6 +538,7 @@ def in_process(fn, *args) -> tuple[int, str]:
         finally:
             os.environ.clear()
             os.environ.update(env)
+            sys.excepthook = hook
             import torch.distributed as dist
 
             if dist.is_initialized():  # an entry point that raised before its own shutdown
