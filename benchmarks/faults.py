@@ -1,6 +1,7 @@
 """The fault campaign: kills, full disks, corrupt shards and checkpoints, hostile records, escape attempts.
 
-    python benchmarks/faults.py [--seed S] [--kills 10] [--save-kills 10] [--fuzz 1000] [--save]
+    python benchmarks/faults.py [--seed S] [--kills 10] [--save-kills 10] [--fuzz 1000] [--payloads P]
+                                [--tampers U] [--skip SECTION,...] [--save]
 
 On 2 CPU ranks with the tiny models and the tests' data set (fastross.tools.golden.prepare), in a temporary
 folder removed at the end. One uninterrupted reference run (8 steps, a checkpoint every 2, 2 kept) is made first;
@@ -21,7 +22,17 @@ every checkpoint both runs keep (model, optimizer, trainer.json, RNG files).
   or a refusal; no NaN trained on, no code run.
 - escapes: `../`, absolute and symlinked image paths out of --images, and a crafted rng_rank0.pt; each refused,
   nothing from outside in the shards, no code run (the payload would create a marker file).
-- fuzz: N records (fastross.tools.faults.fuzz_records) converted in chunks of 100: crashes (the converter raised,
+- pickle: every checkpoint entry point (resume, model.init_from, export, generate, eval, the reference importer)
+  x every payload kind it reads (a bytes item in `.metadata` pointing at a pickle, a model entry declared as bytes,
+  `.metadata`, rng_rank0.pt, trainer.json, a YAML tag in the config, a reference mm_projector.bin), the manifest
+  rewritten to match; pickle_executed counts the trials where the payload's code ran (it writes a marker file).
+  Run in this process from a 1-rank base run (4 steps, checkpoints at 2 and 4) and its export.
+- tamper: every file of that run's step 4 (and `latest`) and of the converted data set, flipped and edited in turn
+  (the manifest left as it was); tamper_caught counts those refused naming the file (exit non-zero) or recovered
+  (the resume exact / 2 training steps identical to the untampered data's).
+- fuzz: N records (fastross.tools.faults.fuzz_records, with JSON-level families -- lone surrogates, deep nesting,
+  wrong types, duplicate keys -- and EPS, PDF, SVG, ICO, animated GIF/WebP/APNG, 16-bit and float TIFF files),
+  one JSONL line each, converted in chunks of 100: crashes (the converter raised,
   or its counts do not add up), lost (a valid record not written), silent_corruption (a written sample that differs
   from a clean conversion of the record -- its image re-encoded as a plain 8-bit RGB PNG -- or from the pixels a
   direct computation gives, or a record that had to be skipped but was written).
@@ -505,10 +516,12 @@ def rng_escape(c: Campaign) -> int:
 def in_process(fn, *args) -> tuple[int, str]:
     """Call an entry point's main (or any function) here: (its exit code, everything it printed and the message of
     what it raised). An exception counts as exit 1, as it would end the command; os.environ is restored after it
-    (a training run sets the world-of-one variables)."""
+    (a training run sets the world-of-one variables), and so is sys.excepthook."""
     import traceback
 
-    out, env = io.StringIO(), dict(os.environ)
+    import sys
+
+    out, env, hook = io.StringIO(), dict(os.environ), sys.excepthook  # init_process_group wraps sys.excepthook
     rc = 0
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
         try:
@@ -525,6 +538,7 @@ def in_process(fn, *args) -> tuple[int, str]:
         finally:
             os.environ.clear()
             os.environ.update(env)
+            sys.excepthook = hook
             import torch.distributed as dist
 
             if dist.is_initialized():  # an entry point that raised before its own shutdown
@@ -851,44 +865,102 @@ def metrics_differences(ref: Path, got: Path) -> list[str]:
             for k in sorted((a.keys() | b.keys()) - faults.MEASURED) if a.get(k) != b.get(k)]
 
 
+def parts_conversion(c: Campaign, root: Path) -> tuple[Path, Path, Path]:
+    """A conversion of 12 stage-2 records in 2 parts and their merge: (part 0, part 1, merged)."""
+    from fastross.data import convert, merge
+
+    synth = c.shards.parent / "synth"
+    src = root / "parts_src.json"
+    src.write_text(json.dumps(json.loads((synth / "stage2.json").read_text())[:12]))
+    parts = []
+    for i in range(2):
+        out = root / f"part{i}"
+        rc, said = in_process(convert.main, [
+            "--json", str(src), "--images", str(synth / "images"), "--tokenizer", str(c.models / "llm"), "--vision",
+            str(c.models / "vision"), "--vae", str(c.models / "vae"), "--template", "qwen2_ross", "--out", str(out),
+            "--quiet", "--shard-size", "65536", "--part", f"{i}/2"])
+        if rc != 0:
+            raise RuntimeError(f"faults: converting part {i}/2 failed:\n{said[-2000:]}")
+        parts.append(out)
+    rc, said = in_process(merge.main, [str(parts[0]), str(parts[1]), "--out", str(root / "merged")])
+    if rc != 0:
+        raise RuntimeError(f"faults: merging the parts failed:\n{said[-2000:]}")
+    return parts[0], parts[1], root / "merged"
+
+
+def same_folder(a: Path, b: Path) -> bool:
+    """Every file of two folders byte for byte (fastross.json's paths aside: each merge names its own)."""
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir()):
+        return False
+    for n in names:
+        x, y = (a / n).read_bytes(), (b / n).read_bytes()
+        if n == "fastross.json":
+            x, y = x.replace(str(a).encode(), b"<out>"), y.replace(str(b).encode(), b"<out>")
+        if x != y:
+            return False
+    return True
+
+
 def tamper_trials(s: Small, seed: int, limit: int | None = None) -> tuple[int, int]:
-    """Every file of a checkpoint step (resumed from) and of a converted data set (trained on), flipped and edited
-    in turn, on a fresh copy each: caught (the run fails naming the file) or recovered (the resume is exact / the
-    training identical to the untampered one). Returns (caught or recovered, trials)."""
-    trials = [("checkpoint", *case) for case in checkpoint_tamper_cases(seed)]
-    trials += [("data", *case) for case in dataset_tamper_cases(s.c.shards, seed)]
+    """Every file of a checkpoint step (resumed from), of a converted data set (trained on) and of one part of a
+    split conversion (merged), flipped and edited in turn, on a fresh copy each: caught (the command fails naming
+    the file) or recovered (the resume exact / the training identical / the merge identical to the untampered
+    one). Returns (caught or recovered, trials)."""
+    from fastross.data import merge
+
+    parts: list = []
+
+    def checkpoint_trial(tamper):
+        rd = s.copy_run("tamper_ckpt")
+        tamper(rd / "checkpoints" / s.step.name)
+        rc, said = s.resume(rd)
+        return rc, said, lambda: not s.c.differences_from(s.run, rd), [rd]
+
+    def data_trial(tamper):
+        d, rd = s.fresh("tamper_data"), s.fresh("tamper_data_run")
+        shutil.copytree(s.c.shards, d)
+        tamper(d)
+        rc, said = train_here(s.config(rd, steps=2, every=100, shards=d))
+        return rc, said, lambda: not metrics_differences(s.data_run, rd), [d, rd]
+
+    def parts_trial(tamper):
+        part0, part1, merged = parts
+        d, out = s.fresh("tamper_part"), s.fresh("tamper_merged")
+        shutil.copytree(part1, d)
+        tamper(d)
+        rc, said = in_process(merge.main, [str(part0), str(d), "--out", str(out)])
+        return rc, said, lambda: out.is_dir() and same_folder(merged, out), [d, out]
+
+    trials = [("checkpoint", n, h, t, checkpoint_trial) for n, h, t in checkpoint_tamper_cases(seed)]
+    trials += [("data set", n, h, t, data_trial) for n, h, t in dataset_tamper_cases(s.c.shards, seed)]
+    if limit is None or limit > len(trials):  # the split conversion is made only when its trials are asked for
+        root = s.fresh("parts")
+        root.mkdir()
+        parts.extend(parts_conversion(s.c, root))
+        trials += [("part 1/2 (merged)", n, h, t, parts_trial) for n, h, t in dataset_tamper_cases(parts[1], seed)]
     trials = trials[:limit] if limit is not None else trials
     ok = 0
-    for i, (where, name, how, tamper) in enumerate(trials):
-        if where == "checkpoint":
-            rd = s.copy_run("tamper_ckpt")
-            tamper(rd / "checkpoints" / s.step.name)
-            rc, said = s.resume(rd)
-            verdict = faults.judge(rc, said, [name], lambda: not s.c.differences_from(s.run, rd))
-        else:
-            d = s.fresh("tamper_data")
-            shutil.copytree(s.c.shards, d)
-            tamper(d)
-            rd = s.fresh("tamper_data_run")
-            rc, said = train_here(s.config(rd, steps=2, every=100, shards=d))
-            verdict = faults.judge(rc, said, [name], lambda: not metrics_differences(s.data_run, rd))
-            shutil.rmtree(d, ignore_errors=True)
+    for i, (where, name, how, tamper, run) in enumerate(trials):
+        rc, said, same, leftovers = run(tamper)
+        verdict = faults.judge(rc, said, [name], same)
         good = verdict in (faults.CAUGHT, faults.RECOVERED)
         ok += good
         detail = {faults.CAUGHT: f"refused naming {name}", faults.RECOVERED: "recovered, identical to the untampered "
-                  "run", faults.SILENT: "TRAINED ON IT (rc 0, a different result)",
+                  "run", faults.SILENT: "WENT ON WITH IT (exit 0, a different result)",
                   faults.UNNAMED: f"refused (exit {rc}) without naming {name}"}[verdict]
         report("tamper", i, good, f"{where} {name} {how}: {detail}")
         if not good:
             print(f"faults:   its last words: {said.strip()[-300:]!r}", flush=True)
-        shutil.rmtree(rd, ignore_errors=True)
+        for p in leftovers:
+            shutil.rmtree(p, ignore_errors=True)
     return ok, len(trials)
 
 
 # ---------------------------------------------------------------- fuzzed records
 
 
-def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100) -> dict:
+def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100, kinds: tuple = faults.KINDS) -> dict:
     """n fuzzed records through the converter, `chunk` per conversion: crashes, lost, silent_corruption."""
     from fastross.data import convert
     from fastross.data.images import preprocess
@@ -904,9 +976,9 @@ def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100) -> dict:
     conv = convert.Converter(args)
     counts = {"records": 0, "crashes": 0, "lost": 0, "silent_corruption": 0}
     for start in range(0, n, chunk):
-        batch = faults.fuzz_records(min(chunk, n - start), seed * 1_000_003 + start, images, start)
+        batch = faults.fuzz_records(min(chunk, n - start), seed * 1_000_003 + start, images, start, kinds)
         counts["records"] += len(batch)
-        got, problem = convert_records(conv, root, f"fuzz{start}", [f.record for f in batch])
+        got, problem = convert_records(conv, root, f"fuzz{start}", batch)
         if problem:
             counts["crashes"] += 1
             report("fuzz", start // chunk, False, problem)
@@ -967,8 +1039,9 @@ def convert_records(conv, root: Path, name: str, records: list) -> tuple[dict, s
     """Convert `records` with a loaded Converter: ({sample id: sample}, None), or ({}, what went wrong)."""
     from fastross.data.shards import MDSShards
 
-    src = root / f"{name}.json"
-    src.write_text(json.dumps(records), encoding="utf-8")
+    src = root / f"{name}.jsonl"  # one line per record: a record only its text can hold goes as written
+    src.write_text("".join((r.text() if isinstance(r, faults.Fuzzed) else json.dumps(r)) + "\n" for r in records),
+                   encoding="utf-8")
     conv.a.json, conv.a.out = [str(src)], str(root / name)
     try:
         rep = conv.run()
@@ -1052,11 +1125,19 @@ def campaign(work: Path, seed: int, a) -> str:
             tampered, tampers = tamper_trials(small, seed, getattr(a, "tampers", None))
     left = lifecycle.clean_dead_multiprocessing_dirs(work, say=lambda m: None)  # the killed runs' pymp-* folders
     print(f"faults: removed {len(left)} pymp-* folder(s) the SIGKILLed runs left in {work}", flush=True)
-    return (f"faults: resume_exact {exact}/{kills} save_kill_ok {save_ok}/{save_kills} "
-            f"fuzz_records {f['records']} crashes {f['crashes']} lost {f['lost']} "
-            f"silent_corruption {f['silent_corruption']} escapes {escaped} disk_full_ok {full}/{full_n} "
-            f"corrupt_ckpt_ok {ckpt_ok}/{ckpt_n} pickle_executed {executed}/{payloads} "
-            f"tamper_caught {tampered}/{tampers}")
+    return final_line(exact, kills, save_ok, save_kills, f, escaped, full, full_n, ckpt_ok, ckpt_n, executed, payloads,
+                      tampered, tampers)
+
+
+LINE = ("faults: resume_exact {}/{} save_kill_ok {}/{} fuzz_records {} crashes {} lost {} silent_corruption {} "
+        "escapes {} disk_full_ok {}/{} corrupt_ckpt_ok {}/{} pickle_executed {}/{} tamper_caught {}/{}")
+
+
+def final_line(exact, kills, save_ok, save_kills, f: dict, escaped, full, full_n, ckpt_ok, ckpt_n, executed, payloads,
+               tampered, tampers) -> str:
+    return LINE.format(exact, kills, save_ok, save_kills, f["records"], f["crashes"], f["lost"],
+                       f["silent_corruption"], escaped, full, full_n, ckpt_ok, ckpt_n, executed, payloads, tampered,
+                       tampers)
 
 
 if __name__ == "__main__":

@@ -277,6 +277,10 @@ class Fuzzed:
     rgb: np.ndarray | None = None  # a VALID image record's 8-bit RGB pixels, computed directly
     image: str | None = None  # the image file's name under the images folder
     data: bytes | None = None  # its bytes
+    raw: str | None = None  # the record's JSON text where json.dumps(record) cannot make it (one line, for JSONL)
+
+    def text(self) -> str:
+        return self.raw if self.raw is not None else json.dumps(self.record)
 
 
 def _words(r: random.Random, n: int) -> str:
@@ -293,7 +297,14 @@ def _conversation(r: random.Random, image: bool) -> list[dict]:
     return turns
 
 
-def fuzz_records(n: int, seed: int, images: Path, start: int = 0) -> list[Fuzzed]:
+# The kinds drawn (repeats weigh them): the record-level ones, then JSON-level families and exotic image formats.
+BASE_KINDS = ("text", "image", "image", "image", "not_a_dict", "no_conversations", "conv_not_list", "turn_missing_key",
+              "value_wrong_type", "image_wrong_type", "odd_text", "odd_role", "truncated", "not_an_image",
+              "zero_bytes", "tiny", "missing_file", "escape")
+KINDS = BASE_KINDS + ("lone_surrogate", "deep_nesting", "wrong_types", "duplicate_keys", "exotic", "exotic")
+
+
+def fuzz_records(n: int, seed: int, images: Path, start: int = 0, kinds: tuple = KINDS) -> list[Fuzzed]:
     """n records of mixed kinds, their image files written into `images`: valid ones (plain text, or a whole
     image of any mode with sides >= 8 px) that must be written, broken ones that must be skipped (malformed JSON
     values, missing keys, wrong types, broken/tiny/absent images, paths leading out), and odd ones that may be
@@ -302,9 +313,7 @@ def fuzz_records(n: int, seed: int, images: Path, start: int = 0) -> list[Fuzzed
     out = []
     for i in range(start, start + n):
         rid = f"f{i}"
-        kind = r.choice(["text", "image", "image", "image", "not_a_dict", "no_conversations", "conv_not_list",
-                         "turn_missing_key", "value_wrong_type", "image_wrong_type", "odd_text", "odd_role",
-                         "truncated", "not_an_image", "zero_bytes", "tiny", "missing_file", "escape"])
+        kind = r.choice(kinds)
         fz = _fuzzed(r, rid, kind, images)
         out.append(fz)
     return out
@@ -335,6 +344,15 @@ def _fuzzed(r: random.Random, rid: str, kind: str, images: Path) -> Fuzzed:
     if kind == "escape":
         path = r.choice(["../outside.png", "/etc/hostname", "sub/../../outside.png", str(images.parent / "outside.png")])
         return Fuzzed({"id": rid, "image": path, "conversations": _conversation(r, True)}, INVALID, kind)
+    if kind in JSON_FAMILIES:
+        return _json_family(r, rid, kind)
+    if kind == "exotic":
+        fmt = r.choice(sorted(EXOTIC))
+        data, rgb, expect = make_exotic(fmt, r.randint(8, 40), r.randint(8, 40), r.randrange(2**32))
+        name = f"{rid}.{EXOTIC[fmt]}"
+        (images / name).write_bytes(data)
+        rec = {"id": rid, "image": name, "conversations": _conversation(r, True)}
+        return Fuzzed(rec, expect, f"exotic:{fmt}", rgb if expect == VALID else None, name, data)
     if kind == "not_a_dict":
         return Fuzzed(r.choice([[], "record", 7, None, 2.5, [{"from": "human"}]]), INVALID, kind)
     if kind == "no_conversations":
@@ -507,3 +525,97 @@ def judge(rc: int, said: str, names: list[str], same) -> str:
     if rc != 0:
         return CAUGHT if any(n in said for n in names) else UNNAMED
     return RECOVERED if same() else SILENT
+
+
+# ---------------------------------------------------------------- JSON-level families and exotic image formats
+
+JSON_FAMILIES = ("lone_surrogate", "deep_nesting", "wrong_types", "duplicate_keys")
+DEEP = 100_000  # nesting depth of a deep_nesting record: past any recursive parser's stack
+
+
+def _json_family(r: random.Random, rid: str, kind: str) -> Fuzzed:
+    """A record only its JSON text can hold: a lone surrogate (in the id: it cannot be written as UTF-8, so skipped;
+    in a value: either), nesting DEEP levels deep (skipped), wrong JSON types in a turn (skipped) or duplicate keys
+    (JSON's last one wins: either)."""
+    conv = _conversation(r, False)
+    if kind == "lone_surrogate":
+        if r.random() < 0.5:
+            return Fuzzed({"id": rid + r.choice(["\ud800", "\udfff", "\udc80x"]), "conversations": conv}, INVALID,
+                          "lone_surrogate:id")
+        conv[r.randrange(len(conv))]["value"] += r.choice(["\ud800", "\udbff", "\udc00"])
+        return Fuzzed({"id": rid, "conversations": conv}, EITHER, "lone_surrogate:value")
+    if kind == "deep_nesting":
+        where = r.choice(["conversations", "value"])
+        deep = "[" * DEEP + "]" * DEEP
+        if where == "conversations":
+            raw = f'{{"id": {json.dumps(rid)}, "conversations": {deep}}}'
+        else:
+            raw = f'{{"id": {json.dumps(rid)}, "conversations": [{{"from": "human", "value": {deep}}}]}}'
+        return Fuzzed({"id": rid, "conversations": f"<{DEEP} levels>"}, INVALID, f"deep_nesting:{where}", raw=raw)
+    if kind == "wrong_types":
+        turn = conv[r.randrange(len(conv))]
+        how = r.choice(["from", "turn", "conversations_dict", "id"])
+        if how == "from":
+            turn["from"] = r.choice([7, None, ["human"], {"human": 1}, False])
+        elif how == "turn":
+            conv[r.randrange(len(conv))] = r.choice(["human: hi", 3, None, [["from", "human"]]])
+        elif how == "conversations_dict":
+            return Fuzzed({"id": rid, "conversations": {str(k): t for k, t in enumerate(conv)}}, INVALID,
+                          "wrong_types:conversations_dict")
+        else:
+            bad_id = r.choice([["a"], {"id": rid}])  # no string form a sample could be keyed by
+            return Fuzzed({"id": bad_id, "conversations": conv}, INVALID, "wrong_types:id")
+        return Fuzzed({"id": rid, "conversations": conv}, INVALID, f"wrong_types:{how}")
+    # duplicate_keys: the parsed record is the last value of each key (json.loads, like most parsers)
+    first = _conversation(r, False)
+    if r.random() < 0.5:
+        raw = (f'{{"id": {json.dumps(rid)}, "conversations": {json.dumps(first)}, '
+               f'"conversations": {json.dumps(conv)}}}')
+    else:
+        raw = f'{{"id": "other_{rid}", "conversations": {json.dumps(conv)}, "id": {json.dumps(rid)}}}'
+    return Fuzzed({"id": rid, "conversations": conv}, EITHER, "duplicate_keys", raw=raw)
+
+
+# format -> file suffix. Formats outside LLaVA's (PNG, JPEG, WebP, GIF, BMP, TIFF) must be skipped; an animated
+# file's first frame is its image; 16-bit TIFF is scaled as 16-bit PNG is (>> 8); float TIFF may go either way.
+EXOTIC = {"EPS": "eps", "PDF": "pdf", "SVG": "svg", "ICO": "ico", "GIF_animated": "gif", "WEBP_animated": "webp",
+          "APNG": "png", "TIFF16": "tif", "TIFF_float": "tif"}
+
+
+def make_exotic(fmt: str, h: int, w: int, seed: int) -> tuple[bytes, np.ndarray | None, str]:
+    """(file bytes, the 8-bit RGB pixels its image must give or None, VALID / INVALID / EITHER), made with Pillow
+    and numpy here (no downloads)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    if fmt == "SVG":
+        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}"><rect width="{w}" height="{h}" '
+                f'fill="#{rgb[0, 0, 0]:02x}{rgb[0, 0, 1]:02x}{rgb[0, 0, 2]:02x}"/></svg>').encode(), None, INVALID
+    if fmt in ("EPS", "PDF", "ICO"):
+        Image.fromarray(rgb, "RGB").save(buf, fmt, **({"sizes": [(w, h)]} if fmt == "ICO" else {}))
+        return buf.getvalue(), None, INVALID
+    if fmt == "GIF_animated":
+        palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+        frames = []
+        for _ in range(3):
+            f = Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8), "P")
+            f.putpalette(palette.tobytes())
+            frames.append(f)
+        frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], optimize=False, duration=50, loop=0)
+        return buf.getvalue(), palette[np.asarray(frames[0])], VALID
+    if fmt in ("WEBP_animated", "APNG"):
+        frames = [Image.fromarray(rgb, "RGB")] + [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+                                                  for _ in range(2)]
+        kind, extra = ("WEBP", {"lossless": True}) if fmt == "WEBP_animated" else ("PNG", {})
+        frames[0].save(buf, kind, save_all=True, append_images=frames[1:], duration=50, loop=0, **extra)
+        return buf.getvalue(), rgb, VALID
+    if fmt == "TIFF16":
+        a = rng.integers(0, 65536, (h, w), dtype=np.uint16)
+        Image.fromarray(a).save(buf, "TIFF")
+        return buf.getvalue(), np.repeat((a >> 8).astype(np.uint8)[..., None], 3, axis=2), VALID
+    if fmt == "TIFF_float":
+        Image.fromarray(rng.random((h, w), dtype=np.float32) * 255, "F").save(buf, "TIFF")
+        return buf.getvalue(), None, EITHER
+    raise ValueError(f"make_exotic: unknown format {fmt!r}")
