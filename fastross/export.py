@@ -155,7 +155,7 @@ def llava_config(cfg: fconfig.Config, meta: ShardMeta):
 
     m = cfg.model
     kind = read_tower(m.vision_path).kind
-    vision = kind.transformers_class("config").from_pretrained(m.vision_path, **dict(kind.config_overrides))
+    vision = kind.load_config(m.vision_path)
     if vision.image_size // vision.patch_size != meta.grid:
         raise ValueError(f"{m.vision_path} has a {vision.image_size // vision.patch_size}-patch grid, "
                          f"the shards {meta_folder(cfg.data)} {meta.grid}: the run's folders and shards disagree")

@@ -36,7 +36,7 @@ class TowerKind:
     config_class: str  # transformers class names: the tower's config, model and image processor
     model_class: str
     processor_class: str
-    config_overrides: tuple[tuple[str, object], ...]  # from_pretrained keywords: SigLIP's pooling head off
+    config_overrides: tuple[tuple[str, object], ...]  # set on the read config (load_config): SigLIP's head off
     class_tokens: int  # leading tokens before the patches (CLIP's class token), dropped from the features
     pre_norm: bool  # a LayerNorm (`pre_layrnorm`) between the embeddings and the first layer
     layer_kwargs: tuple[str, ...]  # the encoder layer's mask arguments, passed as None (full attention)
@@ -49,6 +49,16 @@ class TowerKind:
 
         return getattr(transformers, {"config": self.config_class, "model": self.model_class,
                                       "processor": self.processor_class}[role])
+
+    def load_config(self, path: str | Path):
+        """The folder's tower config (a two-tower folder's vision_config), the transformers defaults where its
+        config.json is silent, with `config_overrides` set on it. Not passed to from_pretrained as keywords: a key
+        the folder lacks (transformers 4.57's own save_pretrained omits SigLIP's `vision_use_head`) would go on to the
+        model's __init__ as an unexpected keyword. Build the model with `from_pretrained(path, config=...)`."""
+        config = self.transformers_class("config").from_pretrained(str(path))
+        for key, value in self.config_overrides:
+            setattr(config, key, value)
+        return config
 
 
 SIGLIP = TowerKind(
@@ -116,5 +126,5 @@ def read_tower(path: str | Path) -> Tower:
     if not file.is_file():
         raise TowerError(f"{file} is missing: {path} is not a Hugging Face vision model folder")
     kind = kind_of(json.loads(file.read_text()).get("model_type"), str(path))
-    c = kind.transformers_class("config").from_pretrained(str(path), **dict(kind.config_overrides))
+    c = kind.load_config(path)
     return Tower(kind, c.image_size, c.patch_size, c.hidden_size, c.num_hidden_layers)

@@ -42,14 +42,13 @@ class VisionTower(nn.Module):
         tower = towers.read_tower(path)
         kind = tower.kind
         keep = tower.kept_layers(select_layer)
-        overrides = dict(kind.config_overrides)
+        config = kind.load_config(path)
         if meta:
-            config = kind.transformers_class("config").from_pretrained(path, **overrides)
             config.num_hidden_layers = keep
             with torch.device("meta"):
                 model = kind.transformers_class("model")(config)
         else:
-            model = kind.transformers_class("model").from_pretrained(path, **overrides)
+            model = kind.transformers_class("model").from_pretrained(path, config=config)
         vm = model.vision_model
         vm.encoder.layers = vm.encoder.layers[:keep]
         self.embeddings = vm.embeddings
