@@ -18,13 +18,12 @@ duration.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -58,7 +57,7 @@ def target(arch: str) -> GPUTarget:
 
 
 def ptxas_path(arch: str) -> Path:
-    """The ptxas Triton itself uses for this arch (triton/backends/nvidia/bin: ptxas, or ptxas-blackwell for sm_100+)."""
+    """The ptxas Triton itself uses for this arch (triton/backends/nvidia/bin: ptxas; ptxas-blackwell for sm_100+)."""
     name = "ptxas-blackwell" if ARCHS[arch] >= 100 else "ptxas"
     env = os.environ.get(f"TRITON_{name.upper().replace('-', '_')}_PATH")
     return Path(env) if env else Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
