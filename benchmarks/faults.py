@@ -532,7 +532,7 @@ def in_process(fn, *args) -> tuple[int, str]:
             out.write(f"\nSystemExit: {e.code}\n")
         except KeyboardInterrupt:
             raise
-        except BaseException as e:  # noqa: BLE001  (what it raised is judged; DCP's CheckpointException is a BaseException)
+        except BaseException as e:  # noqa: BLE001  (judged; DCP's CheckpointException is a BaseException)
             rc = 1
             out.write(f"\nraised {type(e).__name__}: {e}\n{''.join(traceback.format_exception_only(e))}")
         finally:
