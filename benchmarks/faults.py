@@ -26,8 +26,8 @@ every checkpoint both runs keep (model, optimizer, trainer.json, RNG files).
   x every payload kind it reads (a bytes item in `.metadata` pointing at a pickle, a model entry declared as bytes,
   `.metadata`, rng_rank0.pt, trainer.json, a YAML tag in the config, a reference mm_projector.bin), the manifest
   rewritten to match; pickle_executed counts the trials where the payload's code ran (it writes a marker file).
-  Run in this process from a 1-rank base run (4 steps, checkpoints at 2 and 4) and its export.
-- tamper: every file of that run's step 4 (and `latest`) and of the converted data set, flipped and edited in turn
+  Run in this process from a 1-rank base run (2 steps, checkpoints at 1 and 2) and its export.
+- tamper: every file of that run's step 2 (and `latest`) and of the converted data set, flipped and edited in turn
   (the manifest left as it was); tamper_caught counts those refused naming the file (exit non-zero) or recovered
   (the resume exact / 2 training steps identical to the untampered data's).
 - fuzz: N records (fastross.tools.faults.fuzz_records, with JSON-level families -- lone surrogates, deep nesting,
@@ -532,7 +532,7 @@ def in_process(fn, *args) -> tuple[int, str]:
             out.write(f"\nSystemExit: {e.code}\n")
         except KeyboardInterrupt:
             raise
-        except BaseException as e:  # noqa: BLE001  (what it raised is judged; DCP's CheckpointException is a BaseException)
+        except BaseException as e:  # noqa: BLE001  (judged; DCP's CheckpointException is a BaseException)
             rc = 1
             out.write(f"\nraised {type(e).__name__}: {e}\n{''.join(traceback.format_exception_only(e))}")
         finally:
@@ -553,19 +553,22 @@ def train_here(cfg: Path, *overrides: str) -> tuple[int, str]:
     return in_process(train.main, [str(cfg), *overrides])
 
 
+BASE_STEPS, BASE_EVERY = 2, 1  # a tampered newest checkpoint falls back to the one before: one step to retrain
+
+
 class Small:
     """The 1-rank run the payload and tamper trials start from, trained in this process once: a run folder with
-    checkpoints at steps 2 and 4, its export, the data set's untampered 2-step metrics, and the pieces to call each
-    entry point."""
+    checkpoints at steps 1 and 2 (BASE_STEPS, BASE_EVERY), its export, the data set's untampered 2-step metrics,
+    and the pieces to call each entry point."""
 
     def __init__(self, c: Campaign):
         self.c, self.root = c, c.work / "small"
         self.root.mkdir()
         self.run = self.root / "run"
-        rc, out = train_here(self.config(self.run, steps=4, every=2))
+        rc, out = train_here(self.config(self.run, steps=BASE_STEPS, every=BASE_EVERY))
         if rc != 0 or "train: done" not in out:
             raise RuntimeError(f"faults: the 1-rank base run failed:\n{out[-3000:]}")
-        self.step = self.run / "checkpoints" / "step_00000004"
+        self.step = self.run / "checkpoints" / f"step_{BASE_STEPS:08d}"
         self.export = self.root / "export"
         rc, out = in_process(self._export_main, self.run, self.export)
         if rc != 0:
@@ -598,7 +601,7 @@ class Small:
     # -- the entry points: each returns (exit code, what it said)
 
     def resume(self, run_dir: Path, cfg: Path | None = None) -> tuple[int, str]:
-        return train_here(cfg or self.config(run_dir, steps=4, every=2))
+        return train_here(cfg or self.config(run_dir, steps=BASE_STEPS, every=BASE_EVERY))
 
     def init_from(self, src: Path) -> tuple[int, str]:
         rd = self.fresh("init_from_run")
@@ -671,7 +674,7 @@ def payload_trial(s: Small, i: int, entry: str, kind: str) -> bool:
         names = [name]
     elif kind == "yaml_tag":
         if entry == "resume":
-            cfg = s.config(rd, steps=4, every=2)
+            cfg = s.config(rd, steps=BASE_STEPS, every=BASE_EVERY)
             faults.plant_yaml(cfg, marker)
             names = [cfg.name]
         elif entry == "init_from":

@@ -204,8 +204,10 @@ def clean_dead_multiprocessing_dirs(tmp: str | Path | None = None, say=print) ->
     socket, nothing but sockets, and none of them is bound. Left alone: a folder with no socket (a process may be
     about to bind its first one there), one holding anything else, another user's, and everything when
     /proc/net/unix cannot be read. (/proc/net/unix lists this network namespace's sockets: a process of this user in
-    another namespace that shares this temporary folder would look dead.) A socket that goes away between the listing and the check means a live owner:
-    its folder is kept."""
+    another namespace that shares this temporary folder would look dead.) A socket that goes away between the
+    listing and the check means a live owner: its folder is kept. Not told apart: a live process that holds no
+    socket of its own in its folder while a forked child that bound one there has died; its next listener there
+    would fail."""
     root = Path(tmp or tempfile.gettempdir())
     try:
         candidates = sorted(p for p in root.glob("pymp-*") if not p.is_symlink() and p.is_dir() and _owned(p))
