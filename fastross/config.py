@@ -146,7 +146,8 @@ class ProfileConfig:
 class TrainConfig:
     trainable: list[Part] = field(default_factory=lambda: ["projector", "llm", "denoiser"])  # parts that train
     epochs: int = 1  # passes over the shards
-    max_steps: int = 0  # stop after this many optimizer steps (0: all the epochs' steps)
+    # the run's length in optimizer steps, inside or past train.epochs (then more epochs run); 0: the epochs' steps
+    max_steps: int = 0
     # End this invocation after this step, checkpointed; the run's length and learning-rate schedule stay those of
     # epochs/max_steps, so starting it again resumes where it stopped (0: run to the end).
     stop_after: int = 0
@@ -473,6 +474,11 @@ def _check_folders(cfg: Config) -> None:
     except towers.TowerError as e:
         raise ConfigError(str(e)) from None
     llm = _folder_config("model.llm_path", m.llm_path)
+    if str(llm.get("model_type")).startswith("ross_"):  # the reference's whole checkpoint (fastross.ross_format)
+        raise ConfigError(
+            f"model.llm_path: {m.llm_path} is a reference ROSS checkpoint ({llm['model_type']}), not an LLM folder: "
+            f"import it once with `python -m fastross.convert_checkpoint {m.llm_path} --out RUN`, then start from it "
+            "with model.init_from=RUN and model.llm_path=the base LLM's folder it names")
     if llm.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"model.llm_path: {m.llm_path} holds a {llm.get('model_type')!r} model, not a causal LM")
     if m.vae_path:

@@ -209,8 +209,12 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
         aspect = "pad" if json.loads((path / "preprocessor_config.json").read_text()).get("do_pad") else "square"
         tok = templates.load_tokenizer(str(path))
     else:
+        from fastross.ross_format import is_reference
+
+        hint = (f"; it is a reference ROSS checkpoint: import it once with `python -m fastross.convert_checkpoint "
+                f"{path} --out RUN` and use RUN" if path.is_dir() and is_reference(path) else "")
         raise FileNotFoundError(f"--model {path}: no fastross checkpoint (checkpoints/latest or .metadata) and no "
-                                "fastross export (fastross_config.yaml + denoiser.safetensors)")
+                                f"fastross export (fastross_config.yaml + denoiser.safetensors){hint}")
     for key, folder in (("model.vision_path", cfg.model.vision_path), ("model.llm_path", cfg.model.llm_path)):
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{key}: {folder} (from {path}'s config) is not a folder; the model is built "

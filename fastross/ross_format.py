@@ -195,9 +195,10 @@ def _sources(path: Path, stack: ExitStack):
     return sources, cfg, False
 
 
-def reference_state(path: str | Path, model) -> dict[str, torch.Tensor]:
+def reference_state(path: str | Path, model, fresh: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """The tensors of a reference-layout checkpoint or stage-1 adapter under fastross's names, each checked against
-    `model` (a RossModel, FSDP-sharded or not) and converted to its dtype."""
+    `model` (a RossModel, FSDP-sharded or not) and converted to its dtype. `fresh`: name prefixes the file need not
+    hold, the caller fills them (fastross.convert_checkpoint --fresh-denoiser: "denoiser.")."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     path = Path(path)
@@ -243,17 +244,17 @@ def reference_state(path: str | Path, model) -> dict[str, torch.Tensor]:
                 if tuple(t.shape) != have[name][0]:
                     raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, this model's {name} {have[name][0]}")
                 state[name] = t.to(have[name][1])
-    _complete(state, have, model, path, full, denoiser)
+    _complete(state, have, model, path, full, denoiser, fresh)
     return state
 
 
-def _complete(state: dict, have: dict, model, path: Path, full: bool, denoiser: bool) -> None:
+def _complete(state: dict, have: dict, model, path: Path, full: bool, denoiser: bool, fresh: tuple = ()) -> None:
     """Tie the head if the LLM ties it, then refuse a file set that leaves part of what it claims to set unset."""
     if "llm.lm_head.weight" in have and "llm.lm_head.weight" not in state and "llm.model.embed_tokens.weight" in state \
             and model.llm.config.tie_word_embeddings:
         state["llm.lm_head.weight"] = state["llm.model.embed_tokens.weight"]
     parts = ("projector.", "denoiser.") if denoiser else ("projector.",)
-    wanted = [k for k in have if not k.startswith("vae.") and (full or k.startswith(parts))]
+    wanted = [k for k in have if not k.startswith(("vae.", *fresh)) and (full or k.startswith(parts))]
     missing = sorted(set(wanted) - state.keys())
     if missing:
         names = [reference_name(k) or k for k in missing]

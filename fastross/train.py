@@ -19,6 +19,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
@@ -77,6 +78,95 @@ def llm_attention_cost_tokens(llm) -> float:
     return attention_cost_tokens(params, c.num_hidden_layers, c.hidden_size)
 
 
+def run_steps(epochs: int, max_steps: int, per_epoch: int) -> int:
+    """The run's length in optimizer steps: train.max_steps when set, whether it ends inside train.epochs or past them
+    (the data goes on into further epochs, each a fresh order); else the epochs' steps."""
+    return max_steps if max_steps else epochs * per_epoch
+
+
+def steps_note(epochs: int, max_steps: int, per_epoch: int) -> str:
+    """The run's length as the trainer says it at start (and --check): where train.max_steps and train.epochs differ,
+    both numbers."""
+    total, by_epochs = run_steps(epochs, max_steps, per_epoch), epochs * per_epoch
+    note = f"{total} steps ({per_epoch}/epoch)"
+    if max_steps and max_steps != by_epochs:
+        note += (f": train.max_steps={max_steps} sets the length, {total / per_epoch:.2f} epochs "
+                 f"(train.epochs={epochs} alone gives {by_epochs} steps)")
+    return note
+
+
+def check_shards(cfg: config.Config, model: RossModel, data: list[tuple[str, ShardMeta, str]]) -> None:
+    """What each shard set (key, its ShardMeta, its name) says against the model, data.shards first: the grid, the
+    image token, the latents and the VAE's constants, the tokenizer. Needs the model's architecture only (a meta build
+    will do): the trainer runs it before loading any weight, and --check (`check_before_training`) runs it too."""
+    ours_tok = None
+    for key, meta, shards in data:
+        if meta.grid != model.vision.grid:
+            raise config.ConfigError(
+                f"{key}: {shards} was converted for a {meta.grid}x{meta.grid} patch grid, "
+                f"but model.vision_path has {model.vision.grid}x{model.vision.grid}: convert again with this vision tower"
+            )
+        vocab = model.llm.get_input_embeddings().num_embeddings
+        if meta.image_token_id >= vocab:
+            raise config.ConfigError(
+                f"{key}: image token id {meta.image_token_id} is outside model.llm_path's vocabulary ({vocab})"
+            )
+        if not meta.latents and model.vae is None:
+            raise config.ConfigError(
+                f"{key}: {shards} holds no latent moments: set model.vae_path to encode images on the fly"
+            )
+        if meta.latents and meta.latent_channels != model.latent_channels:
+            raise config.ConfigError(
+                f"{key}: latents have {meta.latent_channels} channels, the model expects {model.latent_channels}"
+            )
+        ours_tok = ours_tok or tokenizer_fingerprint(load_tokenizer(cfg.model.llm_path))
+        problem = fingerprint_problem(meta.tokenizer_fingerprint, ours_tok, f"{key}: {shards} (tokenised by {meta.tokenizer})",
+                                      f"model.llm_path {cfg.model.llm_path}")
+        if problem is not None:
+            raise config.ConfigError(problem)
+        if meta.latents:
+            stored = (meta.latent_channels, meta.latent_shift, meta.latent_scale)
+            ours = (model.latent_channels, model.latent_shift, model.latent_scale)
+            # The held-out shards are checked after data.shards, whose constants the model holds by then.
+            if (model.vae is not None or key != "data.shards") and stored != ours:
+                theirs = f"model.vae_path {cfg.model.vae_path}" if model.vae is not None else "data.shards"
+                raise config.ConfigError(
+                    f"{key}: {shards}'s latents were made by a VAE with (channels, shift, scale) {stored}, but "
+                    f"{theirs} has {ours}: use that VAE or convert again"
+                )
+            # The targets are built with the constants of the VAE that made the stored moments, whatever the config.
+            model.latent_shift, model.latent_scale = meta.latent_shift, meta.latent_scale
+
+
+def check_before_training(cfg: config.Config) -> list[str]:
+    """--check's share of the trainer's start: every check it makes before training that needs no weights and no
+    ranks. The model built on the meta device from the folders' config.json files (no weight read), the image
+    processor, the data sources opened and compared field by field (fastross.data.sources.check_agree: template,
+    tokenizer, grid, latents...) without hashing their shard files, and `check_shards` on them. Returns notes (the
+    run's length, samples planned alone) to print; raises ConfigError, ValueError or FileNotFoundError."""
+    from fastross.data.sources import open_sources
+
+    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed, meta=True)
+    ImageSpec.from_pretrained(cfg.model.vision_path)
+    d, t = cfg.data, cfg.train
+    sources = open_sources(d, check=False)
+    data = [("data.shards", sources[0].meta, ", ".join(s.name for s in sources))]
+    if d.eval_shards:
+        held = open_sources(dataclasses.replace(d, shards=d.eval_shards, sources=[]), check=False)
+        data.append(("data.eval_shards", held[0].meta, held[0].name))
+    check_shards(cfg, model, data)
+    notes = []
+    if len(sources) == 1:  # a mixture's epoch is planned by its weights (the trainer says it at start)
+        per_epoch = len(sources[0].lengths) // d.global_batch
+        notes.append(steps_note(t.epochs, t.max_steps, per_epoch))
+    lengths = np.concatenate([s.lengths for s in sources])
+    too_long = int((lengths > d.max_tokens).sum())
+    if too_long:
+        notes.append(f"{too_long} of {len(lengths)} samples are longer than data.max_tokens={d.max_tokens}: each is "
+                     "planned alone in its micro-batch")
+    return notes
+
+
 class Trainer:
     def __init__(self, cfg: config.Config, world: distributed.World):
         self.cfg, self.world = cfg, world
@@ -110,7 +200,6 @@ class Trainer:
             image=ImageSpec.from_pretrained(m.vision_path), latent_channels=model.latent_channels,
             replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
         )
-        self._check_shards(self.loader.meta, model)
         for ids, problem in self.loader.corrupt:  # data.corrupt_shards=skip: said once, at start
             self._say(f"skipped a corrupt shard ({len(ids)} samples): {problem}")
         if world.size > 1:  # every rank must leave out the same samples (each node may hold its own copy of the shards)
@@ -143,7 +232,9 @@ class Trainer:
                 attn_tokens=llm_attention_cost_tokens(model.llm), image=ImageSpec.from_pretrained(m.vision_path),
                 latent_channels=model.latent_channels, replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
             )
-            self._check_shards(self.eval_loader.meta, model, "data.eval_shards")
+        # What the shards say against the model (the sources agree already: open_sources); --check runs the same
+        check_shards(cfg, model, [("data.shards", self.loader.meta, self.loader.name)]
+                     + ([("data.eval_shards", self.eval_loader.meta, self.eval_loader.name)] if self.eval_loader else []))
         model.requires_grad_(False)
         for part in t.trainable:
             getattr(model, part).requires_grad_(True)
@@ -173,8 +264,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused, foreach=not fused
         )
-        steps = t.epochs * self.loader.steps_per_epoch
-        self.total_steps = min(steps, t.max_steps) if t.max_steps else steps
+        self.total_steps = run_steps(t.epochs, t.max_steps, self.loader.steps_per_epoch)
         warmup = math.ceil(o.warmup_ratio * self.total_steps)
         # Linear warm-up from 0, then cosine decay to 0: the reference's schedule, the same learning rates to the last
         # bit as fastross's own formula had (tests/test_config.py).
@@ -200,51 +290,13 @@ class Trainer:
         self._say(
             f"{world.size} rank(s) on {world.device.type}, {d.global_batch} samples/step packed into micro-batches "
             f"of <= {d.max_tokens} tokens, attention {self.attention}, denoiser {self.denoiser_impl}, "
-            f"{self.total_steps} steps ({self.loader.steps_per_epoch}/epoch), "
+            f"{steps_note(t.epochs, t.max_steps, self.loader.steps_per_epoch)}, "
             f"training {', '.join(t.trainable)} ({n / 1e6:.2f}M params, this rank's shards)"
         )
 
     def _say(self, msg: str) -> None:
         if self.world.is_main:
             self.metrics.say(f"train: {msg}")
-
-    def _check_shards(self, meta: ShardMeta, model: RossModel, key: str = "data.shards") -> None:
-        shards = (self.eval_loader if key == "data.eval_shards" else self.loader).name
-        if meta.grid != model.vision.grid:
-            raise config.ConfigError(
-                f"{key}: {shards} was converted for a {meta.grid}x{meta.grid} patch grid, "
-                f"but model.vision_path has {model.vision.grid}x{model.vision.grid}: convert again with this vision tower"
-            )
-        vocab = model.llm.get_input_embeddings().num_embeddings
-        if meta.image_token_id >= vocab:
-            raise config.ConfigError(
-                f"{key}: image token id {meta.image_token_id} is outside model.llm_path's vocabulary ({vocab})"
-            )
-        if not meta.latents and model.vae is None:
-            raise config.ConfigError(
-                f"{key}: {shards} holds no latent moments: set model.vae_path to encode images on the fly"
-            )
-        if meta.latents and meta.latent_channels != model.latent_channels:
-            raise config.ConfigError(
-                f"{key}: latents have {meta.latent_channels} channels, the model expects {model.latent_channels}"
-            )
-        llm = self.cfg.model.llm_path
-        problem = fingerprint_problem(meta.tokenizer_fingerprint, tokenizer_fingerprint(load_tokenizer(llm)),
-                                      f"{key}: {shards} (tokenised by {meta.tokenizer})", f"model.llm_path {llm}")
-        if problem is not None:
-            raise config.ConfigError(problem)
-        if meta.latents:
-            stored = (meta.latent_channels, meta.latent_shift, meta.latent_scale)
-            ours = (model.latent_channels, model.latent_shift, model.latent_scale)
-            # The held-out shards are checked after data.shards, whose constants the model holds by then.
-            if (model.vae is not None or key != "data.shards") and stored != ours:
-                theirs = f"model.vae_path {self.cfg.model.vae_path}" if model.vae is not None else "data.shards"
-                raise config.ConfigError(
-                    f"{key}: {shards}'s latents were made by a VAE with (channels, shift, scale) {stored}, but "
-                    f"{theirs} has {ours}: use that VAE or convert again"
-                )
-            # The targets are built with the constants of the VAE that made the stored moments, whatever the config.
-            model.latent_shift, model.latent_scale = meta.latent_shift, meta.latent_scale
 
     def train_step(self, step: StepBatch) -> dict:
         cfg, world, device = self.cfg, self.world, self.world.device
@@ -454,24 +506,49 @@ def check(path: str, overrides: list[str]) -> int:
     except config.ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr)
         return 2
+    notes = []
+    if not missing:  # what the trainer checks before training, short of the weights (check_before_training)
+        try:
+            notes = check_before_training(cfg)
+        except (config.ConfigError, ValueError, FileNotFoundError) as e:
+            print(f"train: config error: {e}", file=sys.stderr)
+            return 2
     print(config.dump(cfg), end="")
     for msg in missing:
         print(f"train: warning: {msg}", file=sys.stderr)
+    for msg in notes:
+        print(f"train: {msg}", file=sys.stderr)
     unchecked = " (what the folders hold is checked once they all exist)" if missing else ""
     print(f"train: {path}: config valid, {len(missing)} missing folder(s){unchecked}", file=sys.stderr)
     return 0
 
 
+def usage() -> str:
+    """What `python -m fastross.train` without arguments prints: the command's form and the recipes in configs/."""
+    folder = next((f for f in (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs") if f.is_dir()),
+                  None)
+    recipes = sorted(folder.glob("*.yaml")) if folder else []
+    lines = ["usage: [torchrun --nproc-per-node N] python -m fastross.train CONFIG [key.sub=value ...] [--check]",
+             "       python -m fastross.train --help-config      (every key)"]
+    if recipes:
+        lines.append(f"recipes in {folder}: " + ", ".join(p.name for p in recipes))
+    lines.append("e.g. python -m fastross.train configs/tiny.yaml --check")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Train a ROSS model (see configs/ and README.md).",
                                 epilog="Every config key, with its type, default and meaning: --help-config.")
-    p.add_argument("config", help="YAML recipe, e.g. configs/tiny.yaml")
+    p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
     p.add_argument("--help-config", action=HelpConfig, nargs=0,
                    help="list every config key (dotted name, type, default, meaning) and exit")
     p.add_argument("--check", action="store_true",
                    help="validate the config and exit without training; missing model and data folders are warnings")
     a = p.parse_intermixed_args(argv)  # options may follow the overrides: CONFIG key=value --check
+    if a.config is None:
+        print(usage(), file=sys.stderr)
+        return 2
     if a.check:
         return check(a.config, a.overrides)
     try:

@@ -427,3 +427,24 @@ def test_keys_of_a_list_of_sections_and_comment_placement():
         ("sources[].weight", "float", "1.0", "how much of it"),
         ("window", "int | None", "null", "optional"),
     ]
+
+
+def test_no_arguments_print_the_usage_and_the_recipes(capsys):
+    from fastross.train import main
+
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: ") and "python -m fastross.train CONFIG" in err
+    assert all(p.name in err for p in RECIPES) and "configs" in err
+
+
+def test_max_steps_sets_the_length_past_the_epochs():
+    """train.max_steps is the run's length whether it ends inside train.epochs or past them (more epochs run); the
+    start line says both when they differ (tests/test_default_save.py runs 3 steps of a 2-step epoch)."""
+    from fastross.train import run_steps, steps_note
+
+    assert [run_steps(1, m, 18) for m in (0, 10, 18, 40)] == [18, 10, 18, 40]
+    assert run_steps(2, 0, 18) == 36
+    assert steps_note(2, 40, 18) == ("40 steps (18/epoch): train.max_steps=40 sets the length, 2.22 epochs "
+                                     "(train.epochs=2 alone gives 36 steps)")
+    assert steps_note(2, 0, 18) == steps_note(2, 36, 18) == "36 steps (18/epoch)"

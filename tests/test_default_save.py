@@ -18,7 +18,7 @@ import torch
 from fastross.tools.faults import metrics, write_config
 
 KINDS = ("siglip", "clip")
-RECORDS = 12  # of the bundled stage-2 set: enough for a global batch of 4, quick to convert
+RECORDS = 8  # of the bundled stage-2 set: two global batches of 4 an epoch, quick to convert
 
 
 def make_default_tower(out: Path, kind: str, seed: int = 0) -> Path:
@@ -70,31 +70,36 @@ def shards(tower, tiny_models, synth_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def recipe(tower, shards, tiny_models, tmp_path_factory) -> tuple[Path, list[str]]:
     tmp = tmp_path_factory.mktemp(f"default_{tower.name}_run")
-    cfg = write_config(tmp / "c.yaml", tiny_models, shards, tmp / "run", workers=0, max_steps=1, ckpt_every=10)
+    # 3 steps of a 2-step epoch: train.max_steps sets the length (issue 20, item 4)
+    cfg = write_config(tmp / "c.yaml", tiny_models, shards, tmp / "run", workers=0, max_steps=3, ckpt_every=10)
     return cfg, [f"model.vision_path={tower}", "data.global_batch=4"]
 
 
 @pytest.fixture(scope="module")
 def run_dir(recipe) -> Path:
-    """One step on one rank, `python -m fastross.train` as a user starts it (no torchrun)."""
+    """Three steps on one rank, `python -m fastross.train` as a user starts it (no torchrun)."""
     cfg, overrides = recipe
     p = subprocess.run([sys.executable, "-m", "fastross.train", str(cfg), *overrides], capture_output=True, text=True,
                        timeout=600)
     out = p.stdout + p.stderr
     assert "train: done" in out, out[-4000:]
     assert "returned a view tensor" not in out  # item 6: FSDP2's warning about the denoiser's output, gone at its cause
+    assert ("3 steps (2/epoch): train.max_steps=3 sets the length, 1.50 epochs (train.epochs=1 alone gives 2 steps)"
+            in out)
     return cfg.parent / "run"
 
 
 def test_default_save_check_and_train(kind, recipe, run_dir, capsys):
-    """--check passes (what the trainer checks before training, short of the weights); the run trained its step."""
+    """--check passes (what the trainer checks before training, short of the weights); the run trained its steps,
+    into a second epoch."""
     from fastross.train import main
 
     cfg, overrides = recipe
     assert main([str(cfg), "--check", *overrides]) == 0
     assert "config valid, 0 missing folder(s)" in capsys.readouterr().err
-    (m,) = metrics(run_dir)
-    assert m["step"] == 1 and m["images"] > 0 and 0 < m["text_loss"] < 20 and 0 < m["recon_loss"] < 10
+    got = metrics(run_dir)
+    assert [m["step"] for m in got] == [1, 2, 3]
+    assert all(m["images"] > 0 and 0 < m["text_loss"] < 20 and 0 < m["recon_loss"] < 10 for m in got)
 
 
 def test_default_save_plan(recipe, capsys):

@@ -127,3 +127,33 @@ def test_mixture_memory_planner_draws_the_union_by_weight(tmp_path):
     long = int((m.lengths == 2000).sum())
     assert set(m.lengths.tolist()) == {100, 2000} and str(tmp_path / "b") in m.source
     assert abs(long - 1500) < 3 * np.sqrt(2000 * 0.75 * 0.25), long
+
+
+def test_check_refuses_what_training_refuses(stage2_shards, tiny_models, tmp_path, capsys):
+    """`fastross.train CONFIG --check` runs the checks the trainer makes before training that need no weights
+    (fastross.train.check_before_training, the trainer's own check_shards among them): sources that disagree on the
+    template, and shards of another tokenizer, are refused there as at training, not passed."""
+    from fastross.tools.faults import write_config
+    from fastross.train import main
+
+    cfg = write_config(tmp_path / "c.yaml", tiny_models, stage2_shards, tmp_path / "run")
+    assert main([str(cfg), "--check"]) == 0
+    assert "train: 9 steps (9/epoch)" in capsys.readouterr().err  # the run's length, as the trainer says it
+
+    def altered(name: str, **change) -> str:
+        other = tmp_path / name
+        shutil.copytree(stage2_shards, other)
+        meta = json.loads((other / "fastross.json").read_text())
+        (other / "fastross.json").write_text(json.dumps(meta | change))
+        return str(other)
+
+    plain = altered("plain", template="plain")
+    mixed = ["data.shards=", f"data.sources=[{{shards: {stage2_shards}}}, {{shards: {plain}}}]"]
+    assert main([str(cfg), "--check", *mixed]) == 2
+    err = capsys.readouterr().err
+    assert "disagree on template ('qwen2_ross' vs 'plain')" in err and plain in err
+    meta = json.loads((stage2_shards / "fastross.json").read_text())
+    other_tok = altered("other_tok", tokenizer_fingerprint=meta["tokenizer_fingerprint"] | {"vocab_sha256": "0" * 16})
+    assert main([str(cfg), "--check", f"data.shards={other_tok}"]) == 2
+    assert f"data.shards: {other_tok} was tokenised by" in capsys.readouterr().err
+    assert main([str(cfg), "--check", f"data.shards={plain}"]) == 0  # one source alone agrees with itself
