@@ -150,40 +150,37 @@ def test_merged_folder_and_rebuilt_index_carry_manifests(shards):
 # 4. the tokenizer fingerprint --------------------------------------------------------------------------------
 
 
-def test_fingerprint_covers_the_normalizer_and_chat_template(tiny_models, tmp_path):
-    from fastross.data.templates import load_tokenizer
+def test_fingerprint_covers_the_normalizer_and_chat_template(tokenizer):
+    """The session's tokenizer with its normalizer, then its chat template, changed in place (what a changed
+    tokenizer.json or chat_template.jinja loads as; loading copies would cost 11 s each here), then restored."""
+    from tokenizers import normalizers
 
-    base = load_tokenizer(str(tiny_models / "llm"))
-    fp = tokenizer_fingerprint(base)
-    assert fp == tokenizer_fingerprint(load_tokenizer(str(tiny_models / "llm")))  # stable across loads
-    assert fp["version"] == 2 and len(fp["sha256"]) == 64 and fp["vocab_size"] == len(base)
-
-    changed = tmp_path / "llm"
-    shutil.copytree(tiny_models / "llm", changed)
-    spec = json.loads((changed / "tokenizer.json").read_text())
-    spec["normalizer"] = {"type": "Lowercase"}
-    (changed / "tokenizer.json").write_text(json.dumps(spec))
-    other = load_tokenizer(str(changed))
+    fp = tokenizer_fingerprint(tokenizer)  # stable across loads: every training test compares it with the converter's
+    assert fp["version"] == 2 and len(fp["sha256"]) == 64 and fp["vocab_size"] == len(tokenizer)
     text = "What Is Shown In The Picture? Shapes And Colours."
-    assert other.get_vocab() == base.get_vocab()  # the vocabulary alone (fingerprint v1) cannot tell them apart
-    assert other(text)["input_ids"] != base(text)["input_ids"]
-    assert tokenizer_fingerprint(other)["sha256"] != fp["sha256"]
-    msg = fingerprint_problem(fp, tokenizer_fingerprint(other), "data.shards: S", "model.llm_path L")
+    ids, vocab = tokenizer(text)["input_ids"], tokenizer.get_vocab()
+    backend, normalizer, template = tokenizer.backend_tokenizer, tokenizer.backend_tokenizer.normalizer, \
+        tokenizer.chat_template
+    try:
+        backend.normalizer = normalizers.Lowercase()
+        assert tokenizer.get_vocab() == vocab  # the vocabulary alone (fingerprint v1) cannot tell them apart
+        assert tokenizer(text)["input_ids"] != ids
+        changed = tokenizer_fingerprint(tokenizer)
+        backend.normalizer = normalizer
+        tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        templated = tokenizer_fingerprint(tokenizer)
+    finally:
+        backend.normalizer, tokenizer.chat_template = normalizer, template
+    assert tokenizer(text)["input_ids"] == ids and tokenizer_fingerprint(tokenizer) == fp  # restored
+    assert len({fp["sha256"], changed["sha256"], templated["sha256"]}) == 3
+    msg = fingerprint_problem(fp, changed, "data.shards: S", "model.llm_path L")
     assert msg.startswith("data.shards: S was tokenised by another tokenizer than the one in model.llm_path L")
     assert msg.endswith("convert the data again with --tokenizer model.llm_path L")
     assert fingerprint_problem(fp, fp, "S", "L") is None
 
-    templated = tmp_path / "llm_template"
-    shutil.copytree(tiny_models / "llm", templated)
-    (templated / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    assert load_tokenizer(str(templated)).chat_template.startswith("{% for m in messages %}")
-    assert tokenizer_fingerprint(load_tokenizer(str(templated)))["sha256"] != fp["sha256"]
 
-
-def test_old_fingerprint_gets_a_clear_message(tiny_models):
-    from fastross.data.templates import load_tokenizer
-
-    ours = tokenizer_fingerprint(load_tokenizer(str(tiny_models / "llm")))
+def test_old_fingerprint_gets_a_clear_message():
+    ours = {"version": 2, "sha256": "ab" * 32, "vocab_size": 151647, "special_ids": {"eos_token": 151645}}
     old = {"vocab_sha256": "0123456789abcdef", "vocab_size": ours["vocab_size"], "special_ids": ours["special_ids"]}
     msg = fingerprint_problem(old, ours, "data.shards: S", "L")
     assert "records a tokenizer fingerprint of an older fastross" in msg and "convert the data again" in msg
