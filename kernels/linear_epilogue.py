@@ -58,7 +58,8 @@ def _configs():
     Chosen by benchmarks/kernels/compile_report.py (ptxas -v for sm_90a, no device needed): none of these spills
     for the "none"/"bias_act"/"gate_res" epilogues in bf16 or fp32. The 128x256, 256x128 and 128x128/4-warp tiles
     of the earlier list spilled 88-5920 bytes there and are gone. The "act_grad" epilogue (h read in fp32, two
-    outputs) spills at any tile above 64 x 128 (24-72 bytes at 128 x 128): `_prune` keeps it to the two small ones."""
+    outputs) spills in bf16 at every tile above 64 x 128 (8-24 bytes; fp32 24-72 at 128 x 128): `_prune` keeps it
+    to the two small ones. FASTROSS_AUTOTUNE=0's 64 x 128 tile spills in no epilogue."""
     cfg = lambda bm, bn, bk, s, w: triton.Config(  # noqa: E731
         {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w
     )
