@@ -202,7 +202,7 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
             say(f"convert_checkpoint: {src} holds no denoiser: a fresh one (seed {seed}, "
                 f"{cfg.model.denoiser.kind} depth {cfg.model.denoiser.depth} width {cfg.model.denoiser.width})")
         if model.vae is not None:  # the folder's frozen VAE, as a run reads it (SRC's copy is often rounded to bf16)
-            state |= vae_state(paths["vae"])
+            state |= vae_state(cfg.model.vae_path)
         else:
             say("convert_checkpoint: no VAE folder (mm_pixel_decoder / --vae): the checkpoint holds no VAE; a run "
                 "that sets model.vae_path cannot start from it")

@@ -156,11 +156,12 @@ def check_before_training(cfg: config.Config) -> list[str]:
         held = open_sources(dataclasses.replace(d, shards=d.eval_shards, sources=[]), check=False)
         data.append(("data.eval_shards", held[0].meta, held[0].name))
     check_shards(cfg, model, data)
-    notes = []
-    if len(sources) == 1:  # a mixture's epoch is planned by its weights (the trainer says it at start)
-        per_epoch = len(sources[0].lengths) // d.global_batch
-        notes.append(steps_note(t.epochs, t.max_steps, per_epoch))
     lengths = np.concatenate([s.lengths for s in sources])
+    per_epoch = len(lengths) // d.global_batch  # StepStream's epoch: the union of the sources
+    if per_epoch == 0:
+        raise config.ConfigError(f"data.global_batch={d.global_batch} is larger than the {len(lengths)} samples of "
+                                 f"{data[0][2]}")
+    notes = [steps_note(t.epochs, t.max_steps, per_epoch)]
     too_long = int((lengths > d.max_tokens).sum())
     if too_long:
         notes.append(f"{too_long} of {len(lengths)} samples are longer than data.max_tokens={d.max_tokens}: each is "

@@ -17,6 +17,8 @@ import torch
 
 from fastross.tools.faults import metrics, write_config
 
+pytestmark = pytest.mark.slow  # a training process per tower
+
 KINDS = ("siglip", "clip")
 RECORDS = 8  # of the bundled stage-2 set: two global batches of 4 an epoch, quick to convert
 
