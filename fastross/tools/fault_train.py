@@ -11,7 +11,7 @@ SIGKILLs the run once the file appears, so "killed at this moment" is a state, n
     rename       the manifest written, step_N.tmp not yet renamed
     renamed      renamed to step_N, `latest` still names the previous checkpoint
     latest       `latest` names step_N, older checkpoints not yet pruned
-    prune        pruning: the oldest checkpoint's .metadata already deleted, its other files not
+    prune        pruning: the oldest checkpoint renamed to step_M.pruned.tmp, its .metadata deleted, its other files not
 Full disks (OSError ENOSPC where the write happens; the run then fails as it would on a real full disk):
     enospc_save     DCP's write of step_N.tmp, on every rank
     enospc_metrics  the record of step N in metrics.jsonl: half of it lands, then the disk is full
@@ -99,7 +99,9 @@ def install(moment: str, step: int, markers: Path) -> None:
         def prune(self):
             done = sorted(p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
             if done and done[-1].name == final_name and len(done) > self.keep:
-                (done[0] / ".metadata").unlink()
+                trash = done[0].with_name(done[0].name + ".pruned.tmp")  # as checkpoint.discard renames it
+                os.replace(done[0], trash)
+                (trash / ".metadata").unlink()
                 hold(moment, markers)
             return original_prune(self)
 
