@@ -946,7 +946,9 @@ def tamper_trials(s: Small, seed: int, limit: int | None = None) -> tuple[int, i
         root = s.fresh("parts")
         root.mkdir()
         parts.extend(parts_conversion(s.c, root))
-        trials += [("part 1/2 (merged)", n, h, t, parts_trial) for n, h, t in dataset_tamper_cases(parts[1], seed)]
+        first = min(p.name for p in parts[1].glob("*.mds"))  # the other shard files are checked the same way
+        trials += [("part 1/2 (merged)", n, h, t, parts_trial) for n, h, t in dataset_tamper_cases(parts[1], seed)
+                   if not n.endswith(".mds") or n == first]
     trials = trials[:limit] if limit is not None else trials
     ok = 0
     for i, (where, name, how, tamper, run) in enumerate(trials):
