@@ -3,7 +3,7 @@ and with a linear probe of what its hidden states at the visual positions keep o
 
     python benchmarks/ross_effect.py [--seeds 3] [--epochs1 4] [--epochs2 8] [--lr 2e-3] [--vocab 512]
                                      [--train-images 600] [--eval-images 64] [--probe-images 400] [--probe-layer -1]
-                                     [--ranks 2] [--work DIR] [--save]
+                                     [--pool mean] [--ranks 2] [--work DIR] [--save]
 
 Setup, once: the bundled generator's data (generator seed 0, --train-images shapes images for training,
 --eval-images held-out ones, 9 questions each) and tiny random-initialised models whose LLM reads a byte-level BPE
@@ -19,8 +19,8 @@ Each stage-2 run is scored two ways:
          baseline (every question answered with its answer type's most frequent held-out answer);
   probe  --probe-images fresh shapes images (generator seed 10_000, never trained on) go through the model; the LLM's
          hidden states at the visual positions, at --probe-layer (a hidden_states index: 0 the projector's output, -1
-         the last layer's), mean-pooled over the visual positions, are one feature vector per
-         image. Closed-form ridge classifiers (one-hot targets, the ridge chosen by 5-fold cross-validation on the
+         the last layer's), mean-pooled over the visual positions (--pool grid: over each of 3 x 3 regions
+         of the visual token grid, concatenated), are one feature vector per image. Closed-form ridge classifiers (one-hot targets, the ridge chosen by 5-fold cross-validation on the
          training half) are fitted on the first half of the images and scored on the second, for the generator's
          ground truth: count (1-3), colour (each of 4 present or not), shape (each of 3 present or not) and position
          (each of 9 grid cells occupied or not). The probe score is the mean of the four attributes' held-out
@@ -169,10 +169,24 @@ def probe(features: np.ndarray, truth: dict[str, np.ndarray]) -> dict[str, tuple
     return out
 
 
-def visual_features(run_dir: Path, images: list[Path], layer: int, batch: int = 32) -> np.ndarray:
-    """(images, hidden) float64: the LLM's hidden states at the visual positions of a prompt holding one image,
-    at hidden_states[layer], mean-pooled over the visual positions. Under the causal mask the states at the visual
-    positions depend only on the text before the image, so the question asked does not matter."""
+def pool_regions(n_visual: int, pool: str) -> list[np.ndarray]:
+    """The visual positions each pooled feature block averages: "mean" one block of all of them; "grid" 9 blocks,
+    the square grid of visual tokens (row-major) cut into 3 x 3 regions, as the generator cuts its images."""
+    if pool == "mean":
+        return [np.arange(n_visual)]
+    side = math.isqrt(n_visual)
+    if pool != "grid" or side * side != n_visual or side < 3:
+        raise ValueError(f"--pool {pool}: 'mean', or 'grid' on a square grid of at least 3 x 3 visual tokens "
+                         f"(this model has {n_visual})")
+    grid = np.arange(n_visual).reshape(side, side)
+    return [grid[np.ix_(r, c)].ravel() for r in np.array_split(np.arange(side), 3)
+            for c in np.array_split(np.arange(side), 3)]
+
+
+def visual_features(run_dir: Path, images: list[Path], layer: int, pool: str = "mean", batch: int = 32) -> np.ndarray:
+    """(images, blocks x hidden) float64: the LLM's hidden states at the visual positions of a prompt holding one
+    image, at hidden_states[layer], mean-pooled over each of pool_regions' blocks. Under the causal mask the states
+    at the visual positions depend only on the text before the image, so the question asked does not matter."""
     import torch
 
     from fastross.generate import hf_sdpa, load, pixel_values, prompt_ids
@@ -186,6 +200,7 @@ def visual_features(run_dir: Path, images: list[Path], layer: int, batch: int = 
         expanded += [t] * n_vis if t == loaded.image_token_id else [t]
     ids_t = torch.tensor(expanded)
     where = ids_t == loaded.image_token_id
+    regions = pool_regions(n_vis, pool)
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
@@ -196,7 +211,8 @@ def visual_features(run_dir: Path, images: list[Path], layer: int, batch: int = 
             embeds = embeds.masked_scatter(where[None, :, None].expand_as(embeds), vis.flatten(0, 1))
             with hf_sdpa(llm):
                 hs = llm.model(inputs_embeds=embeds, output_hidden_states=True).hidden_states[layer]
-            out.append(hs[:, where].mean(1).double().numpy())
+            vis_states = hs[:, where].double().numpy()
+            out.append(np.concatenate([vis_states[:, r].mean(1) for r in regions], 1))
     return np.concatenate(out)
 
 
@@ -274,6 +290,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-images", type=int, default=64, help="held-out images (9 questions each)")
     p.add_argument("--probe-images", type=int, default=400, help="the probe's images, half fitted, half scored")
     p.add_argument("--probe-layer", type=int, default=-1, help="hidden_states index the probe reads")
+    p.add_argument("--pool", choices=("mean", "grid"), default="mean",
+                   help="the probe's features: the mean over all visual positions, or over each of 3 x 3 regions")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--work", help="work folder, kept (default: a temporary one, removed)")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/ross_effect.md")
@@ -300,7 +318,7 @@ def main(argv=None) -> int:
                 evaluate(run_dir, work / "data" / "eval.json", run_dir.parent / "eval", max_new_tokens=8)
                 rows = [json.loads(x) for x in (run_dir.parent / "eval" / "items.jsonl").read_text().splitlines()]
                 baselines.append(majority_baseline(rows))
-                got = probe(visual_features(run_dir, probe_images, a.probe_layer), truth)
+                got = probe(visual_features(run_dir, probe_images, a.probe_layer, a.pool), truth)
                 chance = {k: v[1] for k, v in got.items()}
                 v = values[lam]
                 v["acc"].append(sum(r["correct"] for r in rows) / len(rows))
@@ -315,7 +333,7 @@ def main(argv=None) -> int:
     mean = {lam: {n: statistics.fmean(v) for n, v in values[lam].items()} for lam in LAMBDAS}
     setup = (f"{a.seeds} seeds, stage 1 {a.epochs1} epochs, stage 2 {a.epochs2} epochs at lr {a.lr:g}, tokenizer "
              f"{f'{a.vocab} ids' if a.vocab else 'Qwen2'}, {a.train_images} training / {a.eval_images} held-out images, "
-             f"probe on {len(probe_images)} images (half fitted) at hidden_states[{a.probe_layer}], {a.ranks} ranks, "
+             f"probe on {len(probe_images)} images (half fitted) at hidden_states[{a.probe_layer}], {a.pool}-pooled, {a.ranks} ranks, "
              f"wall {wall:.0f} s, load average {load0:.2f} -> {os.getloadavg()[0]:.2f}")
     chance_line = ("probe chance (majority class): " + ", ".join(f"{k} {v:.3f}" for k, v in chance.items())
                    + f"; majority-answer baseline {statistics.fmean(baselines):.3f}")

@@ -113,3 +113,14 @@ def test_toy_run_trains_both_lambdas_probes_and_saves(tmp_path, monkeypatch, loa
                         final), final
     assert "| acc |" in text and "| probe_position |" in text
     assert "+- nan |" in text  # one seed: no interval, said so rather than a zero width
+
+
+def test_pool_regions_cut_the_visual_grid_into_3_by_3(load_benchmark):
+    e = load_benchmark("ross_effect")
+    assert [r.tolist() for r in e.pool_regions(64, "mean")] == [list(range(64))]
+    regions = e.pool_regions(64, "grid")  # an 8 x 8 grid: rows and columns cut 3, 3, 2
+    assert len(regions) == 9 and sorted(np.concatenate(regions).tolist()) == list(range(64))
+    assert regions[0].tolist() == [0, 1, 2, 8, 9, 10, 16, 17, 18]  # the top-left region
+    assert regions[8].tolist() == [54, 55, 62, 63]  # the bottom-right one
+    with pytest.raises(ValueError, match="square grid"):
+        e.pool_regions(60, "grid")
