@@ -19,10 +19,10 @@ Each stage-2 run is scored two ways:
          baseline (every question answered with its answer type's most frequent held-out answer);
   probe  --probe-images fresh shapes images (generator seed 10_000, never trained on) go through the model; the LLM's
          hidden states at the visual positions, at --probe-layer (a hidden_states index: 0 the projector's output, -1
-         the last layer's), mean-pooled over the visual positions (--pool grid: over each of 3 x 3 regions
-         of the visual token grid, concatenated), are one feature vector per image. Closed-form ridge classifiers (one-hot targets, the ridge chosen by 5-fold cross-validation on the
-         training half) are fitted on the first half of the images and scored on the second, for the generator's
-         ground truth: count (1-3), colour (each of 4 present or not), shape (each of 3 present or not) and position
+         the last layer's), mean-pooled over the visual positions (--pool grid: over each of 3 x 3 regions of the
+         visual token grid, concatenated), are one feature vector per image. Closed-form ridge classifiers (one-hot
+         targets, the ridge chosen by 5-fold cross-validation on the training half) are fitted on the first half of
+         the images and scored on the second, for the generator's ground truth: count (1-3), colour (each of 4 present or not), shape (each of 3 present or not) and position
          (each of 9 grid cells occupied or not). The probe score is the mean of the four attributes' held-out
          accuracies (an attribute's: the mean over its targets); the chance line is the same with the training half's
          majority class.
@@ -233,7 +233,8 @@ def prepare(work: Path, a) -> None:
     run([py, "-m", "fastross.data.synth", str(data), "--seed", "0", "--train", str(a.train_images),
          "--eval", str(a.eval_images)])
     write_dataset(work / "probe", seed=PROBE_SEED, n_train=a.probe_images, n_eval=0)
-    corpus = ["--corpus", str(data / "stage1.json"), str(data / "stage2.json"), "--vocab", str(a.vocab)] if a.vocab else []
+    corpus = (["--corpus", str(data / "stage1.json"), str(data / "stage2.json"), "--vocab", str(a.vocab)]
+              if a.vocab else [])
     run([py, "-m", "fastross.tools.make_tiny", str(models), *corpus])
     for stage, template in ((1, "plain"), (2, "qwen2_ross")):
         run([py, "-m", "fastross.data.convert", "--json", str(data / f"stage{stage}.json"),
@@ -248,13 +249,15 @@ def train_pair(work: Path, seed: int, lam: float, a, env: dict) -> Path:
     common = [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}",
               f"model.recon_weight={lam}", f"train.seed={seed}", f"data.seed={seed}",
               *(f"optim.lr_{k}={a.lr}" for k in ("projector", "llm", "denoiser"))]
-    torchrun = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.ranks}", "-m", "fastross.train"]
+    torchrun = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.ranks}",
+                "-m", "fastross.train"]
     # stage 2 reads stage 1's newest checkpoint; stage 2's newest one is what the scoring loads. The LLM is random
     # here: stage 1's captions are where it first learns to read the image, so it trains there too.
     run([*torchrun, "configs/tiny_pretrain.yaml", *common, f"data.shards={shards / 'stage1'}",
          f"train.run_dir={out / 'stage1'}", f"train.epochs={a.epochs1}", "train.ckpt_every=100000",
          "train.trainable=[projector,llm,denoiser]"], env=env)
-    run([*torchrun, "configs/tiny.yaml", *common, f"data.shards={shards / 'stage2'}", f"model.init_from={out / 'stage1'}",
+    run([*torchrun, "configs/tiny.yaml", *common, f"data.shards={shards / 'stage2'}",
+         f"model.init_from={out / 'stage1'}",
          f"train.run_dir={out / 'stage2'}", f"train.epochs={a.epochs2}", "train.ckpt_every=100000"], env=env)
     return out / "stage2"
 
@@ -332,8 +335,9 @@ def main(argv=None) -> int:
     rows = table(values)
     mean = {lam: {n: statistics.fmean(v) for n, v in values[lam].items()} for lam in LAMBDAS}
     setup = (f"{a.seeds} seeds, stage 1 {a.epochs1} epochs, stage 2 {a.epochs2} epochs at lr {a.lr:g}, tokenizer "
-             f"{f'{a.vocab} ids' if a.vocab else 'Qwen2'}, {a.train_images} training / {a.eval_images} held-out images, "
-             f"probe on {len(probe_images)} images (half fitted) at hidden_states[{a.probe_layer}], {a.pool}-pooled, {a.ranks} ranks, "
+             f"{f'{a.vocab} ids' if a.vocab else 'Qwen2'}, {a.train_images} training / {a.eval_images} held-out "
+             f"images, probe on {len(probe_images)} images (half fitted) at hidden_states[{a.probe_layer}], "
+             f"{a.pool}-pooled, {a.ranks} ranks, "
              f"wall {wall:.0f} s, load average {load0:.2f} -> {os.getloadavg()[0]:.2f}")
     chance_line = ("probe chance (majority class): " + ", ".join(f"{k} {v:.3f}" for k, v in chance.items())
                    + f"; majority-answer baseline {statistics.fmean(baselines):.3f}")
