@@ -22,10 +22,10 @@ Each stage-2 run is scored two ways:
          the last layer's), mean-pooled over the visual positions (--pool grid: over each of 3 x 3 regions of the
          visual token grid, concatenated), are one feature vector per image. Closed-form ridge classifiers (one-hot
          targets, the ridge chosen by 5-fold cross-validation on the training half) are fitted on the first half of
-         the images and scored on the second, for the generator's ground truth: count (1-3), colour (each of 4 present or not), shape (each of 3 present or not) and position
-         (each of 9 grid cells occupied or not). The probe score is the mean of the four attributes' held-out
-         accuracies (an attribute's: the mean over its targets); the chance line is the same with the training half's
-         majority class.
+         the images and scored on the second, for the generator's ground truth: count (1-3), colour (each of 4
+         present or not), shape (each of 3 present or not) and position (each of 9 grid cells occupied or not).
+         The probe score is the mean of the four attributes' held-out accuracies (an attribute's: the mean over its
+         targets); the chance line is the same with the training half's majority class.
 
 Prints per metric lambda = 0 and lambda = 1 as mean +- sample std over seeds and their difference (lambda 1 - lambda 0)
 with a 95% t-interval over seeds of the PAIRED difference, and ends with
