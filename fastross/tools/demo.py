@@ -1,6 +1,6 @@
 """The CPU demo: tiny models, bundled data, both ROSS stages on 2 ranks, answers to held-out questions.
 
-    python -m fastross.tools.demo [--work runs/demo] [--ranks 2] [--vocab 768] [--epochs1 6] [--epochs2 8] [--lr 2e-3]
+    python -m fastross.tools.demo [--work runs/demo] [--ranks 2] [--vocab 768] [--epochs1 20] [--epochs2 8] [--lr 3e-3]
 
 Generates the bundled shapes data, builds tiny random-initialised model folders whose LLM reads a
 --vocab-id tokenizer trained on that data's text (fastross.tools.make_tiny --corpus), converts the
@@ -105,11 +105,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/demo", help="work folder (must match the paths in configs/tiny*.yaml)")
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=768, help="the tiny LLM's tokenizer size at most, trained on the data's text "
-                                                          "(0: the real Qwen2 tokenizer, 151k ids)")
-    p.add_argument("--epochs1", type=int, default=6, help="stage 1's epochs (configs/tiny_pretrain.yaml has 2)")
+    p.add_argument("--vocab", type=int, default=768,
+                   help="the tiny LLM's tokenizer size at most, trained on the data's text (0: Qwen2's, 151k ids)")
+    p.add_argument("--epochs1", type=int, default=20, help="stage 1's epochs (configs/tiny_pretrain.yaml has 2)")
     p.add_argument("--epochs2", type=int, default=8, help="stage 2's epochs (configs/tiny.yaml has 2)")
-    p.add_argument("--lr", type=float, default=2e-3, help="both stages' learning rates (the configs have 1e-3)")
+    p.add_argument("--lr", type=float, default=3e-3, help="both stages' learning rates (the configs have 1e-3)")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
     py = sys.executable

@@ -188,7 +188,8 @@ def main() -> None:
     p.add_argument("--corpus", nargs="+", metavar="FILE",
                    help="LLaVA-format files: train the LLM's tokenizer on their text (a byte-level BPE of --vocab "
                         "ids) instead of using Qwen2's")
-    p.add_argument("--vocab", type=int, default=512, help="with --corpus: the tokenizer's size, special tokens included")
+    p.add_argument("--vocab", type=int, default=512,
+                   help="with --corpus: the tokenizer's size at most, special tokens included")
     a = p.parse_args()
     tok = build_corpus_tokenizer(corpus_texts(a.corpus), a.vocab) if a.corpus else None
     out = make_tiny(a.out, a.seed, tok)
