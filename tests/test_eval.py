@@ -188,7 +188,8 @@ def test_every_turn_scored_with_context_or_alone(tiny_models, synth_data, tmp_pa
         for p in prompts:
             text = tok.decode(p.input_ids)
             asked.append((text, p.pixel_values is not None, p.input_ids))
-            question = text.rsplit("USER: ", 1)[1].removesuffix(" ASSISTANT:").replace(templates.IMAGE_TOKEN, "").strip()
+            question = text.rsplit("USER: ", 1)[1].removesuffix(" ASSISTANT:")
+            question = question.replace(templates.IMAGE_TOKEN, "").strip()
             out.append(tok(REPLIES[question], add_special_tokens=False).input_ids + [eos])
         return out
 

