@@ -44,6 +44,7 @@ import torch.distributed.checkpoint as dcp
 
 from fastross import config as fconfig
 from fastross import ross_format, towers
+from fastross.data.schema import write_manifest as write_data_manifest
 
 STEP = "step_00000000"
 # The reference's model type -> the fastross prompt template its conversations used.
@@ -190,6 +191,7 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
     (tmp / "data").mkdir(parents=True)
     try:
         (tmp / "data" / "fastross.json").write_text(json.dumps(meta, indent=2))
+        write_data_manifest(tmp / "data")  # fastross.json alone: the folder holds no samples
         # Validated against the folders with data.shards at its final place's twin (the same fastross.json)
         cfg = fconfig.load(None, [k.replace(f"data.shards={data}", f"data.shards={tmp / 'data'}") for k in keys])
         model = RossModel(cfg.model, "sdpa", seed=seed, meta=True)  # shapes only: nothing is read twice

@@ -103,6 +103,25 @@ def test_edited_index_json_and_folder_without_manifest_are_refused(shards):
         open_source(SourceConfig(str(shards)))
 
 
+def test_facts_only_folder_reads_its_meta_but_is_no_data_set(shards, tmp_path):
+    """convert_checkpoint's RUN/data: fastross.json alone, listed alone; its facts read, training from it refused,
+    and a manifest that drops a file the folder holds is refused for that file."""
+    facts = tmp_path / "facts"
+    facts.mkdir()
+    shutil.copy(shards / "fastross.json", facts / "fastross.json")
+    assert set(write_manifest(facts)["sha256"]) == {"fastross.json"}
+    assert read_meta(facts) == read_meta(shards)
+    with pytest.raises(ShardCorruptError, match=f"{facts / 'index.json'}: not listed in"):
+        verify_folder(facts)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["sha256"]["lengths.npy"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ShardCorruptError, match=f"{shards / 'lengths.npy'}: not listed in"):
+        verify_folder(shards)
+    write_manifest(shards)
+    verify_folder(shards)
+
+
 def test_invalid_json_files_are_named(shards):
     """Item 6: a fastross.json or index.json that is not UTF-8 JSON is an error naming it, even with a manifest
     that matches it (as one written by a broken tool would)."""

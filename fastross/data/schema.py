@@ -103,9 +103,13 @@ def _sha256(data: bytes) -> str:
 
 
 def write_manifest(folder: str | Path) -> dict:
-    """Hash the folder's MANIFEST_COVERS into its manifest.json (call it when they are all written); returns it."""
+    """Hash the folder's MANIFEST_COVERS into its manifest.json (call it when they are all written); returns it.
+
+    A folder of prompt facts only (fastross.json, no samples: what fastross.convert_checkpoint writes) lists
+    fastross.json alone; a loader that needs index.json or lengths.npy then refuses it (`verified_bytes`)."""
     folder = Path(folder)
-    manifest = {"version": MANIFEST_VERSION, "sha256": {n: _sha256((folder / n).read_bytes()) for n in MANIFEST_COVERS}}
+    covers = [n for n in MANIFEST_COVERS if n == META_FILE or (folder / n).exists()]
+    manifest = {"version": MANIFEST_VERSION, "sha256": {n: _sha256((folder / n).read_bytes()) for n in covers}}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
@@ -138,7 +142,7 @@ def read_manifest(folder: str | Path) -> dict[str, str]:
     manifest = parse_json(path)
     hashes = manifest.get("sha256") if isinstance(manifest, dict) else None
     if (manifest.get("version") if isinstance(manifest, dict) else None) != MANIFEST_VERSION or not isinstance(
-            hashes, dict) or set(hashes) != set(MANIFEST_COVERS):
+            hashes, dict) or META_FILE not in hashes or not set(hashes) <= set(MANIFEST_COVERS):
         raise ShardCorruptError(f"{path}: not a version-{MANIFEST_VERSION} manifest of {', '.join(MANIFEST_COVERS)}; "
                                 "convert the data again")
     return hashes
@@ -147,7 +151,10 @@ def read_manifest(folder: str | Path) -> dict[str, str]:
 def verified_bytes(folder: str | Path, name: str) -> bytes:
     """The bytes of one of the folder's MANIFEST_COVERS, once their sha256 matches the manifest's."""
     path = Path(folder) / name
-    expected = read_manifest(folder)[name]
+    expected = read_manifest(folder).get(name)
+    if expected is None:  # a folder of prompt facts only (write_manifest)
+        raise ShardCorruptError(f"{path}: not listed in {Path(folder) / MANIFEST_FILE}: {folder} holds no samples "
+                                "(or its manifest was edited); convert the data again")
     try:
         data = path.read_bytes()
     except FileNotFoundError:
