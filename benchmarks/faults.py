@@ -316,7 +316,7 @@ def _same(x, y) -> bool:
 def corrupt_shard_trials(c: Campaign, multi: Path, spec) -> int:
     """Each corruption on a fresh copy of a multi-shard folder: an error naming the file, and skipped and counted
     with data.corrupt_shards=skip (the loader then plans only the other shards' samples)."""
-    from fastross.data.schema import ShardCorruptError
+    from fastross.data.schema import MANIFEST_FILE, ShardCorruptError, write_manifest
 
     index = json.loads((multi / "index.json").read_text())["shards"]
     second = index[1]["raw_data"]["basename"]
@@ -343,6 +343,8 @@ def corrupt_shard_trials(c: Campaign, multi: Path, spec) -> int:
         raw = json.loads((d / "index.json").read_text())
         raw["shards"][1]["samples"] -= 1
         (d / "index.json").write_text(json.dumps(raw, sort_keys=True))
+        if (d / MANIFEST_FILE).is_file():  # re-vouched for, so that the count check behind the manifest's is tried
+            write_manifest(d)  # (an edit the manifest catches, naming index.json, is a tamper trial below)
         return d / second
 
     def deleted(d: Path) -> Path:

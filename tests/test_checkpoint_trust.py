@@ -237,6 +237,13 @@ def test_yaml_tag_payload_in_a_config_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+def test_non_utf8_config_is_refused_naming_the_file(tmp_path):
+    cfg = tmp_path / "config.yaml"
+    cfg.write_bytes(b"model: {vision_path: \xff\xfe}\n")
+    with pytest.raises(config.ConfigError, match=f"{cfg} is not UTF-8 text \\(byte 21"):
+        config.load(str(cfg))
+
+
 def test_genuine_checkpoint_resumes_and_exports_bit_exact(saved, tmp_path):
     ck, ckpt, model, opt, sched = saved
     other, other_opt, other_sched = trainer(1)

@@ -311,6 +311,26 @@ def test_id_with_a_lone_surrogate_is_skipped_not_the_run(tmp_path, tiny_models):
     assert meta["skipped_examples"]["malformed"][0].startswith("r.json[1]: a string holds a lone surrogate")
 
 
+def test_id_of_no_string_form_is_skipped(tmp_path, tiny_models):
+    """A list or object id was written as its Python repr ("['a']"); an integer id is kept as its digits."""
+    records = [text_rec("a"), {**text_rec("x"), "id": ["a"]}, {**text_rec("y"), "id": {"id": "y"}},
+               {**text_rec("z"), "id": None}, {**text_rec("t"), "id": True}, {**text_rec("n"), "id": 7}]
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(records))
+    rc, out = run_convert(tmp_path, tiny_models, src)
+    meta = read_meta(out)
+    assert rc == 0 and meta["written"] == 2 and meta["skipped"] == {"malformed": 4}
+    assert meta["skipped_examples"]["malformed"] == [
+        "r.json[1]: its id is a list, not a string or an integer",
+        "r.json[2]: its id is a dict, not a string or an integer",
+        "r.json[3]: its id is a NoneType, not a string or an integer",
+        "r.json[4]: its id is a bool, not a string or an integer"]
+    from fastross.data.shards import MDSShards
+
+    shards = MDSShards(out)
+    assert sorted(shards.read(k)["id"] for k in range(len(shards))) == ["7", "a"]
+
+
 def test_a_failure_while_writing_one_record_is_its_skip(tmp_path, tiny_models, monkeypatch):
     from fastross.data.shards import MDSShards, MDSWriter
 

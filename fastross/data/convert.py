@@ -359,6 +359,9 @@ class Converter:
             raise rec
         if not isinstance(rec, dict) or not isinstance(rec.get("conversations"), list):
             raise Skip("malformed", "not an object with a 'conversations' list")
+        rid_in = rec.get("id", rid)
+        if not isinstance(rid_in, (str, int)) or isinstance(rid_in, bool):  # a list or object has no one string form
+            raise Skip("malformed", f"its id is a {type(rid_in).__name__}, not a string or an integer")
         image = rec.get("image")
         if image is not None and not isinstance(image, str):
             raise Skip("malformed", "'image' must be one relative path (multi-image records are not supported)")
@@ -385,7 +388,7 @@ class Converter:
         length = len(ids) + (self.num_visual - 1 if image else 0)
         if length > self.a.max_length:
             raise Skip("too_long", f"{length} tokens > --max-length {self.a.max_length}")
-        rid_out = str(rec.get("id", rid))
+        rid_out = str(rid_in)
         try:
             rid_out.encode("utf-8")
         except UnicodeEncodeError:

@@ -87,17 +87,16 @@ def metrics(run_dir: Path) -> list[dict]:
 # ---------------------------------------------------------------- comparing runs bit for bit
 
 
-def read_checkpoint(path: Path, tmp: Path) -> dict:
-    """A DCP checkpoint as one state dict (model, optim), read back as tensors and plain values only."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+def read_checkpoint(path: Path, tmp: Path | None = None) -> dict:
+    """A DCP checkpoint as {part: {key: value}} (part model, optim), read by fastross.checkpoint_read.read_state:
+    tensors, and the optimizer's param_groups entries as vetted plain values; nothing in it is unpickled unchecked."""
+    from fastross.checkpoint_read import read_state
 
-    out = Path(tmp) / f"{path.parent.parent.name}_{path.name}.pt"
-    dcp_to_torch_save(str(path), str(out))
-    try:
-        return torch.load(out, weights_only=True)
-    finally:
-        out.unlink()
+    out: dict[str, dict] = {}
+    for fqn, v in read_state(path, None).items():
+        part, _, key = fqn.partition(".")
+        out.setdefault(part, {})[key] = v
+    return out
 
 
 def flatten(d, prefix: str = "") -> dict:
@@ -110,14 +109,14 @@ def flatten(d, prefix: str = "") -> dict:
     return out
 
 
-def checkpoint_differences(a: Path, b: Path, tmp: Path) -> list[str]:
+def checkpoint_differences(a: Path, b: Path, tmp: Path | None = None) -> list[str]:
     """What differs between two checkpoints: every model and optimizer tensor, trainer.json and the RNG files."""
     import torch
 
-    sa, sb = read_checkpoint(a, tmp), read_checkpoint(b, tmp)
+    sa, sb = read_checkpoint(a), read_checkpoint(b)
     diffs = []
     for part in ("model", "optim"):
-        fa, fb = flatten(sa[part]), flatten(sb[part])
+        fa, fb = sa.get(part, {}), sb.get(part, {})
         if fa.keys() != fb.keys():
             diffs.append(f"{b.name} {part}: keys differ ({sorted(fa.keys() ^ fb.keys())[:3]})")
             continue
