@@ -120,9 +120,7 @@ def check_shards(cfg: config.Config, model: RossModel, data: list[tuple[str, Sha
                 f"{key}: latents have {meta.latent_channels} channels, the model expects {model.latent_channels}"
             )
         ours_tok = ours_tok or tokenizer_fingerprint(load_tokenizer(cfg.model.llm_path))
-        problem = fingerprint_problem(meta.tokenizer_fingerprint, ours_tok,
-                                      f"{key}: {shards} (tokenised by {meta.tokenizer})",
-                                      f"model.llm_path {cfg.model.llm_path}")
+        problem = fingerprint_problem(meta.tokenizer_fingerprint, ours_tok, f"{key}: {shards}", cfg.model.llm_path)
         if problem is not None:
             raise config.ConfigError(problem)
         if meta.latents:

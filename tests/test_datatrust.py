@@ -192,9 +192,9 @@ def test_fingerprint_covers_the_normalizer_and_chat_template(tokenizer):
         backend.normalizer, tokenizer.chat_template = normalizer, template
     assert tokenizer(text)["input_ids"] == ids and tokenizer_fingerprint(tokenizer) == fp  # restored
     assert len({fp["sha256"], changed["sha256"], templated["sha256"]}) == 3
-    msg = fingerprint_problem(fp, changed, "data.shards: S", "model.llm_path L")
-    assert msg.startswith("data.shards: S was tokenised by another tokenizer than the one in model.llm_path L")
-    assert msg.endswith("convert the data again with --tokenizer model.llm_path L")
+    msg = fingerprint_problem(fp, changed, "data.shards: S", "L")
+    assert msg.startswith("data.shards: S was tokenised by another tokenizer than the one in L")
+    assert msg.endswith("convert the data again with --tokenizer L")
     assert fingerprint_problem(fp, fp, "S", "L") is None
 
 
