@@ -53,6 +53,7 @@ import numpy as np
 from scipy import stats
 
 from fastross.tools import results as R
+from fastross.tools.demo import majority_baseline  # the demo's accuracy line uses the same baseline
 
 REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = (0.0, 1.0)
@@ -82,15 +83,6 @@ def paired_interval(a: list[float], b: list[float]) -> tuple[float, float]:
     if len(d) < 2:
         return m, math.nan
     return m, float(stats.t.ppf(0.975, len(d) - 1)) * s / math.sqrt(len(d))
-
-
-def majority_baseline(rows: list[dict]) -> float:
-    """The accuracy of answering every question with the most frequent gold answer of its type (over these rows)."""
-    right = 0
-    for typ in {r["type"] for r in rows}:
-        golds = [json.dumps(r["gold"]) for r in rows if r["type"] == typ]
-        right += max(golds.count(g) for g in set(golds))
-    return right / len(rows)
 
 
 # --- the linear probe ------------------------------------------------------------------------------------------------
