@@ -6,7 +6,7 @@ fastross.export (both formats) and the reference importer (fastross.ross_format'
 
 What a crafted file could do, and what stops it:
 - `.metadata` (a pickle): unpickled with only DCP's own metadata classes allowed (`read_metadata`).
-- A *bytes* item (DCP's default planner reads these with `torch.load(weights_only=False)`): fastross saves
+- A *bytes* item (DCP's default planner unpickles these without any restriction): fastross saves
   exactly one kind of them, an optimizer `param_groups` entry (`optim.param_groups.<i>.<field>`: a number, a
   flag, a name list). `check_kinds` refuses a `.metadata` that declares any other key as bytes (a model entry is
   always a tensor), and `load_into` reads every bytes item with `torch.load(weights_only=True)` and keeps it only
@@ -198,7 +198,7 @@ class SafeReader(FileSystemReader):
 
 class _VettedPlanner(DefaultLoadPlanner):
     """DCP's default load planner, but a bytes item is read with weights_only=True and kept only as a plain value of
-    the kind the state dict holds at its key (DefaultLoadPlanner.load_bytes uses weights_only=False)."""
+    the kind the state dict holds at its key (DefaultLoadPlanner.load_bytes unpickles without restriction)."""
 
     def __init__(self, folder: Path):
         super().__init__()
