@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 # Levers that run on CPU, flipped from the recipe (full checkpointing, 2 loader workers, synchronous saves).
 CHEAP = ["train.activation_checkpointing=[none, selective]", "data.workers=0", "train.async_checkpoint=true"]
-# The levers that make the 7B step fast, on together (README, "How I will check" of the step issue): compile,
+# The levers that make the 7B step fast, on together (docs/training.md, "The 7B step: levers"): compile,
 # fused CE and per-layer checkpointing, with the recipe's 2 loader workers.
 FAST = ["train.compile=true", "model.fused_ce=true", "train.activation_checkpointing=[full, selective]"]
 

@@ -155,13 +155,14 @@ def test_footprint_matches_fsdp_shards_arithmetic():
 
 
 
-def test_readme_states_the_7b_figures():
-    """The README's 7B line is this command's output (python -m fastross.tools.footprint configs/7b.yaml --ranks 8)."""
+def test_training_docs_state_the_7b_figures():
+    """docs/training.md's 7B line is this command's output
+    (python -m fastross.tools.footprint configs/7b.yaml --ranks 8)."""
     from fastross.tools.footprint import summary
 
     root = Path(__file__).resolve().parents[1]
     line = summary(str(root / "configs" / "7b.yaml"), ranks=8)
-    assert line in (root / "README.md").read_text()
+    assert line in (root / "docs" / "training.md").read_text()
     assert "32.4 GB whole model" in line  # the issue's figure for today's per-rank copy
 
 

@@ -1,8 +1,8 @@
 """The step's levers train the same model: activation checkpointing per layer, fused CE, Liger, compile.
 
-Each lever is a switch of the typed config (README, "The 7B step"). Here each is checked in one process on the
-tiny model (no FSDP) against the plain path; tests/test_golden.py holds them, under FSDP2 on 2 ranks, to the
-committed golden losses.
+Each lever is a switch of the typed config (docs/training.md, "The 7B step: levers"). Here each is checked in one
+process on the tiny model (no FSDP) against the plain path; tests/test_golden.py holds them, under FSDP2 on 2 ranks,
+to the committed golden losses.
 """
 
 import copy
