@@ -1,7 +1,7 @@
 """What the reconstruction loss buys: the tiny model trained with lambda = 0 against lambda = 1, on held-out answers
 and with a linear probe of what its hidden states at the visual positions keep of the image.
 
-    python benchmarks/ross_effect.py [--seeds 3] [--epochs1 4] [--epochs2 8] [--lr 2e-3] [--vocab 512]
+    python benchmarks/ross_effect.py [--seeds 3] [--epochs1 20] [--epochs2 16] [--lr 3e-3] [--vocab 768]
                                      [--train-images 600] [--eval-images 64] [--probe-images 400] [--probe-layer -1]
                                      [--pool mean] [--ranks 2] [--work DIR] [--save]
 
@@ -276,10 +276,10 @@ def final_line(acc0: float, acc1: float, baseline: float, p0: float, p1: float, 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--epochs1", type=int, default=4, help="stage 1's epochs")
-    p.add_argument("--epochs2", type=int, default=8, help="stage 2's epochs")
-    p.add_argument("--lr", type=float, default=2e-3, help="both stages' projector, LLM and denoiser learning rate")
-    p.add_argument("--vocab", type=int, default=512, help="the tiny LLM's tokenizer, trained on the data's text "
+    p.add_argument("--epochs1", type=int, default=20, help="stage 1's epochs (the demo's)")
+    p.add_argument("--epochs2", type=int, default=16, help="stage 2's epochs (twice the demo's)")
+    p.add_argument("--lr", type=float, default=3e-3, help="both stages' projector, LLM and denoiser learning rate")
+    p.add_argument("--vocab", type=int, default=768, help="the tiny LLM's tokenizer, trained on the data's text "
                                                           "(0: Qwen2's)")
     p.add_argument("--train-images", type=int, default=600, help="the generator's training shapes images")
     p.add_argument("--eval-images", type=int, default=64, help="held-out images (9 questions each)")
