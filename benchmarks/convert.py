@@ -23,8 +23,10 @@ from pathlib import Path
 
 from fastross.data.convert import main as convert
 from fastross.data.synth import write_dataset
-from fastross.tools import results as R
 from fastross.tools.make_tiny import make_tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 
 def timed_convert(models: Path, data: Path, out: Path, extra: list[str]) -> float:

@@ -46,7 +46,9 @@ from pathlib import Path
 
 import yaml
 
-from fastross.tools import results as R
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = 20

@@ -38,8 +38,10 @@ from fastross.data.shards import MDSShards
 from fastross.data.synth import write_dataset
 from fastross.model import diffusion
 from fastross.model.denoiser import Denoiser
-from fastross.tools import results as R
 from fastross.tools.make_tiny import make_tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 
 def moments(models: Path, vae: str, vision: str, data: Path, out: Path,

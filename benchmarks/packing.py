@@ -24,14 +24,18 @@ benchmarks/results/packing.csv.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from fastross.data import planner
 from fastross.data.mix import QWEN2_7B, VISUAL, draw
 from fastross.data.planner import attention_cost_tokens, plan_step, sample_cost
-from fastross.tools import results as R
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 def padded_slots(micro_batches: list[list[int]], lengths) -> int:
     return sum(len(mb) * max(lengths[i] for i in mb) for mb in micro_batches if mb)

@@ -17,12 +17,15 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from fastross.data import planner
 from fastross.data.mix import QWEN2_7B, draw
-from fastross.tools import results as R
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 
 def lengths_of(n: int, seed: int) -> np.ndarray:

@@ -52,8 +52,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from fastross.tools import results as R
 from fastross.tools.demo import majority_baseline  # the demo's accuracy line uses the same baseline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = (0.0, 1.0)

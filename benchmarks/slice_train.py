@@ -3,7 +3,7 @@ measured peak.
 
     python benchmarks/slice_train.py --layers K [--shrink S] [--steps 30] [--slice-dir DIR] [--csv PATH]
 
-The slice (fastross.tools.make_slice: the 7B shapes with K LLM layers, random weights, the bundled data with
+The slice (devtools.make_slice: the 7B shapes with K LLM layers, random weights, the bundled data with
 stored latents) trains configs/7b.yaml on one rank with make_slice.run_settings, once per backend of
 `attention.backend` that can train here: sdpa always; on CUDA varlen (torch's varlen_attn), flex, and flash
 when flash-attn is importable. Each prints one line as soon as it ends: steps, first and last losses,
@@ -32,8 +32,10 @@ import numpy as np
 import torch
 
 from fastross import config
-from fastross.tools import make_slice
-from fastross.tools import results as R
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import make_slice  # noqa: E402
+from devtools import results as R  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "7b.yaml"

@@ -57,7 +57,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastross.tools import results as R
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -88,7 +90,7 @@ def slice_mode(layers: int, shrink: int, work: Path) -> tuple[Path, Path, Path]:
     global CONFIG, RANKS, SETTINGS, TOL
     import torch
 
-    from fastross.tools import make_slice
+    from devtools import make_slice
 
     cuda = torch.cuda.is_available()
     CONFIG, RANKS, TOL = REPO / "configs" / "7b.yaml", 1, 1e-2 if cuda else 1e-4
@@ -100,7 +102,7 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     """Tiny model folders, and the tests' stage-2 data converted twice: with latent moments and without."""
     from fastross.data.convert import main as convert
     from fastross.data.synth import write_dataset
-    from fastross.tools.golden import SYNTH
+    from devtools.golden import SYNTH
     from fastross.tools.make_tiny import make_tiny
 
     models = make_tiny(work / "models")
@@ -185,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-interpreted", action="store_true",
                    help="on CPU, skip row 5i (rung 5 with the Triton kernels in the interpreter)")
     p.add_argument("--slice-layers", type=int, default=0, metavar="K",
-                   help="the 7B shapes with K LLM layers on one device (fastross.tools.make_slice), not the tiny recipe")
+                   help="the 7B shapes with K LLM layers on one device (devtools.make_slice), not the tiny recipe")
     p.add_argument("--shrink", type=int, default=1, help="with --slice-layers: every width divided by this (smoke shapes)")
     p.add_argument("--slice-dir", help="with --slice-layers: keep the slice's folders here, or use those made before")
     a = p.parse_args(argv)

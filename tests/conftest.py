@@ -58,7 +58,7 @@ def tiny_models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_tokenizers(tmp_path_factory) -> Path:
     """Tiny Vicuna-style (llama/) and Llama-3-style (llama3/) tokenizer folders."""
-    from fastross.tools.tiny_tokenizers import write
+    from devtools.tiny_tokenizers import write
 
     return write(tmp_path_factory.mktemp("llama_tokenizers"))
 
@@ -66,7 +66,7 @@ def llama_tokenizers(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     from fastross.data.synth import write_dataset
-    from fastross.tools.golden import SYNTH
+    from devtools.golden import SYNTH
 
     out = tmp_path_factory.mktemp("synth")
     write_dataset(out, **SYNTH)

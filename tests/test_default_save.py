@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastross.tools.faults import metrics, write_config
+from devtools.faults import metrics, write_config
 
 pytestmark = pytest.mark.slow  # a training process per tower
 

@@ -133,7 +133,7 @@ def test_check_refuses_what_training_refuses(stage2_shards, tiny_models, tmp_pat
     """`fastross.train CONFIG --check` runs the checks the trainer makes before training that need no weights
     (fastross.train.check_before_training, the trainer's own check_shards among them): sources that disagree on the
     template, and shards of another tokenizer, are refused there as at training, not passed."""
-    from fastross.tools.faults import write_config
+    from devtools.faults import write_config
     from fastross.train import main
 
     cfg = write_config(tmp_path / "c.yaml", tiny_models, stage2_shards, tmp_path / "run")

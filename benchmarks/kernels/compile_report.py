@@ -51,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _static as S  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # devtools/ is never installed
 RESULTS = REPO / "benchmarks" / "results" / "compile_report.csv"
 
 DENOISER = {  # benchmarks/kernels/bench_denoiser.py's 7b_dit; tiny: configs/tiny_pretrain.yaml's denoiser width
@@ -428,7 +429,7 @@ def main(argv=None) -> int:
                 print(progress(i, len(ind), {**dict.fromkeys(FIELDS, ""), **row}), flush=True)
     wall = time.perf_counter() - t_start
     if a.save:
-        from fastross.tools import results as R
+        from devtools import results as R
 
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         stamp = dict(date=R.today(), commit=R.commit(), device="none: compiled only, never launched")
