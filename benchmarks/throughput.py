@@ -103,7 +103,7 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     from fastross.data.convert import main as convert
     from fastross.data.synth import write_dataset
     from devtools.golden import SYNTH
-    from fastross.tools.make_tiny import make_tiny
+    from fastross.demo.make_tiny import make_tiny
 
     models = make_tiny(work / "models")
     write_dataset(work / "synth", **SYNTH)

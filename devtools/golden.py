@@ -34,7 +34,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     """Tiny model folders and stage-2 shards, made exactly as the test fixtures make them."""
     from fastross.data.convert import main as convert
     from fastross.data.synth import write_dataset
-    from fastross.tools.make_tiny import make_tiny
+    from fastross.demo.make_tiny import make_tiny
 
     models = make_tiny(work / "models")
     write_dataset(work / "synth", **SYNTH)

@@ -56,7 +56,7 @@ def make_models(out: str | Path, layers: int, shrink: int = 1, seed: int = 0, de
     from diffusers import AutoencoderKL
     from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-    from fastross.tools.make_tiny import build_qwen2_tokenizer
+    from fastross.demo.make_tiny import build_qwen2_tokenizer
 
     out, a = Path(out), archs(layers, shrink)
     torch.manual_seed(seed)

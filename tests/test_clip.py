@@ -302,7 +302,7 @@ def test_clip_reference_layout(clip_ours, clip_run_dir, tiny_clip, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["mm_vision_tower"] == str(tiny_clip) and "clip" in cfg["mm_vision_tower"]
     assert (cfg["image_embed_len"], cfg["decode_image_size"], cfg["mm_vision_select_layer"]) == (64, 128, -2)
-    from fastross.tools.make_tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from fastross.demo.make_tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     assert (cfg["image_mean"], cfg["image_std"]) == (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     tensors = load_file(str(out / "model.safetensors"))

@@ -58,7 +58,7 @@ DENOISER = {  # benchmarks/kernels/bench_denoiser.py's 7b_dit; tiny: configs/tin
     "7b": dict(n=16, r=4, grid=27, width=1024, ch=64),
     "tiny": dict(n=2, r=4, grid=4, width=64, ch=16),
 }
-LLM = {  # Qwen2-7B at data.max_tokens 16384; tiny: fastross/tools/make_tiny.py's LLM at max_tokens 512
+LLM = {  # Qwen2-7B at data.max_tokens 16384; tiny: fastross/demo/make_tiny.py's LLM at max_tokens 512
     "7b": dict(tokens=16384, hidden=3584, inter=18944, heads=28, kv=4, head_dim=128, vocab=152064),
     "tiny": dict(tokens=512, hidden=64, inter=160, heads=4, kv=2, head_dim=16, vocab=1024),
 }
