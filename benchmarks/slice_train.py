@@ -9,7 +9,7 @@ stored latents) trains configs/7b.yaml on one rank with make_slice.run_settings,
 when flash-attn is importable. Each prints one line as soon as it ends: steps, first and last losses,
 samples/s, tokens/s, MFU and the peak allocated memory (CUDA).
 
-Then fastross.plan.simulate (FakeTensorMode, a fake process group of 1, FSDPMemTracker) on the largest
+Then fastross.memory_plan.simulate (FakeTensorMode, a fake process group of 1, FSDPMemTracker) on the largest
 micro-batch those steps actually trained, with the run's own settings, against the first backend's measured
 `torch.cuda.max_memory_allocated` (metrics' mem_peak_allocated_gib, the largest record):
 `slice_train: memory simulated_gib S measured_gib M ratio R` (measured / simulated; n/a without CUDA).
@@ -93,18 +93,18 @@ def trained_micro_batches(cfg: config.Config, steps: int, attn_tokens: float):
 
 
 def simulate(cfg: config.Config, steps: int) -> float:
-    """fastross.plan's simulated peak (GiB) of one rank on the run's largest micro-batch."""
-    from fastross import flops, plan
+    """fastross.memory_plan's simulated peak (GiB) of one rank on the run's largest micro-batch."""
+    from fastross import flops, memory_plan
     from fastross.train import llm_attention_cost_tokens
 
-    world = plan.init_fake_world(1)
+    world = memory_plan.init_fake_world(1)
     try:
         fake = flops.FakeModel(cfg.model, cfg.train.trainable)
         samples = trained_micro_batches(cfg, steps, llm_attention_cost_tokens(fake.model.llm))
         policy = config.checkpoint_policies(cfg.train.activation_checkpointing, fake.arch.llm_layers)
-        return plan.simulate(cfg, cfg.model, world, policy, samples).peak / GIB
+        return memory_plan.simulate(cfg, cfg.model, world, policy, samples).peak / GIB
     finally:
-        plan.dist.destroy_process_group()
+        memory_plan.dist.destroy_process_group()
 
 
 def main(argv=None) -> int:

@@ -127,10 +127,10 @@ def test_clip_336_preset_plans_576_tokens():
     assert tower.kind is towers.CLIP and (tower.grid, tower.num_tokens, len(tower.encoder.layers)) == (24, 576, 23)
     # The planner's default stage-2 mix counts the tower's visual tokens: the same samples as for SigLIP's 729,
     # each image sample 153 tokens shorter, the same text.
-    from fastross import plan
+    from fastross import memory_plan
 
     cfg = config.load("configs/7b.yaml", ["data.shards=''"], check_paths=False)
-    clip, siglip = plan.sample_mix(cfg, 576), plan.sample_mix(cfg, 729)
+    clip, siglip = memory_plan.sample_mix(cfg, 576), memory_plan.sample_mix(cfg, 729)
     assert clip.images.any() and np.array_equal(clip.images, siglip.images)
     assert np.array_equal(clip.lengths, siglip.lengths - 153 * siglip.images)
     assert np.array_equal(clip.supervised, siglip.supervised)
