@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) -m fastross.tools.demo
+	$(PY) -m fastross.demo
 
 clean:
 	rm -rf runs/demo .pytest_cache

@@ -21,6 +21,7 @@ import argparse
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +31,9 @@ import torch.distributed as dist
 
 from fastross import checkpoint
 from fastross.checkpoint import Checkpointer
-from fastross.tools import results as R
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 
 def build(params_mb: float, width: int = 1024):

@@ -2,7 +2,7 @@
 
     python benchmarks/convert.py [--records 200] [--vae-batch 16] [--device cpu|cuda] [--save]
 
-Builds the tiny test models (fastross.tools.make_tiny: 64 px SigLIP, the real Qwen2 vocabulary, a
+Builds the tiny test models (fastross.demo.make_tiny: 64 px SigLIP, the real Qwen2 vocabulary, a
 FLUX-like 16-channel VAE) and the synthetic stage-2 set (fastross.data.synth, `--records` records,
 each with a 64 px PNG) in a temporary folder, then converts it with the qwen2_ross template twice:
 without `--vae` (tokenise, decode, check) and with it (plus the VAE's latent moments). Reports
@@ -23,8 +23,10 @@ from pathlib import Path
 
 from fastross.data.convert import main as convert
 from fastross.data.synth import write_dataset
-from fastross.tools import results as R
-from fastross.tools.make_tiny import make_tiny
+from fastross.demo.make_tiny import make_tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 
 def timed_convert(models: Path, data: Path, out: Path, extra: list[str]) -> float:

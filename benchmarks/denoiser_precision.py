@@ -3,8 +3,8 @@
     python benchmarks/denoiser_precision.py [--steps 200] [--work DIR] [--save]
 
 Three runs of the real trainer (`torchrun --standalone -m fastross.train`, FSDP2, 1 rank by default)
-on the CPU demo's tiny model and data (fastross.tools.make_tiny, fastross.data.synth, converted with
-VAE latent moments as fastross.tools.demo does), stage-1 data with only the denoiser training (the
+on the CPU demo's tiny model and data (fastross.demo.make_tiny, fastross.data.synth, converted with
+VAE latent moments as fastross.demo does), stage-1 data with only the denoiser training (the
 vision tower, projector and LLM frozen, so the condition is the same function in all three runs and the
 reconstruction loss measures the denoiser alone; it is also the cheapest step), 8 samples per step,
 the same data order in all three. The three runs go side by side (one process each, one thread each):
@@ -46,7 +46,9 @@ from pathlib import Path
 
 import yaml
 
-from fastross.tools import results as R
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = 20
@@ -63,7 +65,7 @@ def prepare(work: Path) -> Path:
     py = sys.executable
     models, data, shards = work / "models", work / "data", work / "shards" / "stage1"
     if not (shards / "index.json").exists():
-        sh([py, "-m", "fastross.tools.make_tiny", str(models)])
+        sh([py, "-m", "fastross.demo.make_tiny", str(models)])
         sh([py, "-m", "fastross.data.synth", str(data), "--seed", "0"])
         sh([py, "-m", "fastross.data.convert", "--json", str(data / "stage1.json"), "--images", str(data / "images"),
             "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"), "--vae", str(models / "vae"),

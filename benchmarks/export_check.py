@@ -3,7 +3,7 @@
     python benchmarks/export_check.py [--python PY] [--device cpu|cuda] [--work DIR] [--save]
     python benchmarks/export_check.py --load EXPORT REF.npz [--device cpu|cuda]    # the loader alone
 
-Makes a tiny fastross run exactly as the tests do (fastross.tools.golden.prepare: the tiny models, the generator's
+Makes a tiny fastross run exactly as the tests do (devtools.golden.prepare: the tiny models, the generator's
 data converted with qwen2_ross and VAE latents; then one real training step on 1 CPU rank under torchrun, Triton's
 interpreter, on a GPU machine too; checkpointed, as tests/conftest.py's `run_dir`), exports it with
 `python -m fastross.export`, and computes fastross's reference numbers for 2 images (53 x 37 random pixels, where
@@ -46,6 +46,8 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+
 QUESTION = "What shape is in the picture?"
 CONV = [{"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": "A red circle."}]
 USER = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]}]
@@ -75,8 +77,8 @@ def images() -> list[bytes]:
 
 def train_tiny(work: Path) -> Path:
     """The tests' one-step run (tests/conftest.py `run_dir`): returns the run folder, holding its checkpoint."""
-    from fastross.tools.faults import torchrun_cmd, write_config
-    from fastross.tools.golden import prepare
+    from devtools.faults import torchrun_cmd, write_config
+    from devtools.golden import prepare
 
     models, shards = prepare(work)
     run = work / "run"
@@ -206,7 +208,7 @@ def main(argv=None) -> int:
         return 0
 
     from fastross.export import main as export_main
-    from fastross.tools import results as R
+    from devtools import results as R
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fastross-export-check-") as tmp:

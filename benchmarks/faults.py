@@ -3,13 +3,13 @@
     python benchmarks/faults.py [--seed S] [--kills 10] [--save-kills 10] [--fuzz 1000] [--payloads P]
                                 [--tampers U] [--skip SECTION,...] [--save]
 
-On 2 CPU ranks with the tiny models and the tests' data set (fastross.tools.golden.prepare), in a temporary
+On 2 CPU ranks with the tiny models and the tests' data set (devtools.golden.prepare), in a temporary
 folder removed at the end. One uninterrupted reference run (8 steps, a checkpoint every 2, 2 kept) is made first;
 every trial that trains is compared with it bit for bit: each step's metrics record (measured times aside) and
 every checkpoint both runs keep (model, optimizer, trainer.json, RNG files).
 
 - kills: SIGKILL of torchrun and all its processes at a seeded random step, then a resume to the end.
-- save kills: SIGKILL at a named moment of a checkpoint save (fastross.tools.fault_train), including between the
+- save kills: SIGKILL at a named moment of a checkpoint save (devtools.fault_train), including between the
   folder's rename and the `latest` update, synchronous and asynchronous saves; the resume must start from the
   newest complete checkpoint at that moment, and be exact.
 - full disk (ENOSPC injected where the write happens): a checkpoint save and a metrics write (the error names
@@ -30,7 +30,7 @@ every checkpoint both runs keep (model, optimizer, trainer.json, RNG files).
 - tamper: every file of that run's step 2 (and `latest`) and of the converted data set, flipped and edited in turn
   (the manifest left as it was); tamper_caught counts those refused naming the file (exit non-zero) or recovered
   (the resume exact / 2 training steps identical to the untampered data's).
-- fuzz: N records (fastross.tools.faults.fuzz_records, with JSON-level families -- lone surrogates, deep nesting,
+- fuzz: N records (devtools.faults.fuzz_records, with JSON-level families -- lone surrogates, deep nesting,
   wrong types, duplicate keys -- and EPS, PDF, SVG, ICO, animated GIF/WebP/APNG, 16-bit and float TIFF files),
   one JSONL line each, converted in chunks of 100: crashes (the converter raised,
   or its counts do not add up), lost (a valid record not written), silent_corruption (a written sample that differs
@@ -54,6 +54,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -62,8 +63,11 @@ from unittest import mock
 import numpy as np
 
 import fastross.kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET before Liger imports Triton)
-from fastross.tools import faults
-from fastross.tools.faults import INVALID, VALID
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the repo root: devtools/ is never installed
+from devtools import faults  # noqa: E402
+from devtools.faults import INVALID, VALID  # noqa: E402
 
 STEPS, CKPT_EVERY, KEEP, RANKS = 8, 2, 2, 2
 # Save moments killed in order (the first --save-kills of them): (moment, asynchronous save, checkpoint steps).
@@ -99,8 +103,10 @@ class Campaign:
         env = dict(self.env)
         module = "fastross.train"
         if fault:
-            env.update(FASTROSS_FAULT=fault, FASTROSS_FAULT_MARKERS=str(markers))
-            module = "fastross.tools.fault_train"
+            # devtools is never installed: torchrun's workers find it through PYTHONPATH
+            path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+            env.update(FASTROSS_FAULT=fault, FASTROSS_FAULT_MARKERS=str(markers), PYTHONPATH=path)
+            module = "devtools.fault_train"
         return subprocess.Popen(faults.torchrun_cmd(self.ranks, cfg, *overrides, module=module),
                                 stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
@@ -256,7 +262,7 @@ def disk_full_in_conversion(c: Campaign, i: int) -> tuple[bool, Path]:
     from fastross.data import convert
 
     out = c.work / "multi_shards"
-    synth = c.shards.parent / "synth"  # fastross.tools.golden.prepare's layout
+    synth = c.shards.parent / "synth"  # devtools.golden.prepare's layout
     argv = ["--json", str(synth / "stage2.json"), "--images", str(synth / "images"), "--tokenizer",
             str(c.models / "llm"), "--vision", str(c.models / "vision"), "--vae", str(c.models / "vae"),
             "--template", "qwen2_ross", "--out", str(out), "--quiet", "--shard-size", "65536"]
@@ -1090,7 +1096,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     print(f"faults: wall {wall:.0f} s", flush=True)
     if a.save:
-        from fastross.tools import results
+        from devtools import results
 
         path = results.append_csv("faults.csv", ["date", "commit", "machine", "seed", "wall_s", "line"],
                                   [[results.today(), results.commit(), results.machine(), seed, f"{wall:.0f}", line]])
@@ -1102,7 +1108,7 @@ def main(argv=None) -> int:
 def campaign(work: Path, seed: int, a) -> str:
     from fastross import lifecycle
     from fastross.data.images import ImageSpec
-    from fastross.tools.golden import prepare
+    from devtools.golden import prepare
 
     skip = {x.strip() for x in (getattr(a, "skip", "") or "").split(",") if x.strip()}
     kills = 0 if "kills" in skip else a.kills

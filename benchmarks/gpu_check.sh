@@ -6,7 +6,7 @@
 #                                     # the tests marked gpu (Liger RMSNorm/SwiGLU/RoPE in bf16 first, then the
 #                                     # Triton kernels and varlen attention), the kernel microbenchmarks, the text loss,
 #                                     # a tiny export loaded by the image's transformers (benchmarks/export_check.py)
-#   bash benchmarks/gpu_check.sh 2    # the 7B slice (K LLM layers, fastross.tools.make_slice): 30 steps with each
+#   bash benchmarks/gpu_check.sh 2    # the 7B slice (K LLM layers, devtools.make_slice): 30 steps with each
 #                                     # attention backend present and the memory plan against the measured peak
 #                                     # (benchmarks/slice_train.py), then the ladder (benchmarks/throughput.py)
 #   bash benchmarks/gpu_check.sh 1|2 --dry-run    # on a CPU: the same steps at smoke shapes (Triton's interpreter,

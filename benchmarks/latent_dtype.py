@@ -3,7 +3,7 @@
     python benchmarks/latent_dtype.py [--records 64] [--seed 0] [--vae DIR --vision DIR] [--save]
 
 Converts the same records (the synthetic stage-2 set's images, 64 px, with the tiny FLUX-like VAE of
-fastross.tools.make_tiny) twice through the converter, `--latent-dtype float32` and `float16`, reads
+fastross.demo.make_tiny) twice through the converter, `--latent-dtype float32` and `float16`, reads
 the stored moments back as training does (ShardMeta.decode_latent), and compares, image by image:
 
 - mean:   the scaled mean target (mean - shift) * scale (the posterior's centre, what xi = 0 gives);
@@ -38,8 +38,10 @@ from fastross.data.shards import MDSShards
 from fastross.data.synth import write_dataset
 from fastross.model import diffusion
 from fastross.model.denoiser import Denoiser
-from fastross.tools import results as R
-from fastross.tools.make_tiny import make_tiny
+from fastross.demo.make_tiny import make_tiny
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 
 def moments(models: Path, vae: str, vision: str, data: Path, out: Path,

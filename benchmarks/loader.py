@@ -41,7 +41,9 @@ from fastross.data.loader import Loader
 from fastross.data.schema import COLUMNS, LENGTHS_FILE, META_FILE, SHARD_HASH, write_manifest
 from fastross.data.shards import MDSWriter
 from fastross.data.stream import Position
-from fastross.tools import results as R
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 GRID, CHANNELS, IMAGE_TOKEN = 27, 16, 151646
 DEMAND = 44.0  # samples/s per rank the sleeping consumer implies

@@ -3,9 +3,10 @@
     python benchmarks/packing.py [--steps 200] [--ranks 8] [--global-batch 128] [--max-tokens 16384]
 
 Simulates the 7B instruction-tuning recipe on the CPU (no model runs): each step draws a global
-batch from the stated default stage-2 mix (fastross/data/mix.py), and three strategies turn it into micro-batches:
+batch from the stated default stage-2 mix (fastross/data/default_mix.py), and three strategies turn it into
+micro-batches:
 
-- fastross: fastross.data.planner.plan_step, the planner the trainer uses: samples assigned to
+- fastross: fastross.data.packing_planner.plan_step, the planner the trainer uses: samples assigned to
   ranks by estimated compute, packed into varlen micro-batches of <= max_tokens tokens; a
   micro-batch without an image (including the empty ones a rank with less work runs) computes
   a weight-0 dummy image sample of 729 tokens, counted here as wasted slots.
@@ -24,14 +25,18 @@ benchmarks/results/packing.csv.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from fastross.data import planner
-from fastross.data.mix import QWEN2_7B, VISUAL, draw
-from fastross.data.planner import attention_cost_tokens, plan_step, sample_cost
-from fastross.tools import results as R
+from fastross.data import packing_planner
+from fastross.data.default_mix import QWEN2_7B, VISUAL, draw
+from fastross.data.packing_planner import attention_cost_tokens, plan_step, sample_cost
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 def padded_slots(micro_batches: list[list[int]], lengths) -> int:
     return sum(len(mb) * max(lengths[i] for i in mb) for mb in micro_batches if mb)
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
     print(f"{'fastross':<10} {e:>10.4f} {i:>15.4f} {np.mean(mbs_f):>19.2f}")
     print(f"{'padded':<10} {pp:>10.4f} {np.mean(imb_p):>15.4f} {a.global_batch / a.ranks / a.micro_batch:>19.2f}")
     print(f"{'grouped':<10} {g:>10.4f} {np.mean(imb_g):>15.4f} {a.global_batch / a.ranks / a.micro_batch:>19.2f}")
-    impl = "native" if planner.NATIVE is not None else "plain Python"
+    impl = "native" if packing_planner.NATIVE is not None else "plain Python"
     print(f"planner: {plan_s / a.steps * 1e3:.3f} ms per step ({impl})")
     if a.save:
         out = R.append_csv("packing.csv", ["date", "commit", "device", "steps", "ranks", "global_batch", "max_tokens",

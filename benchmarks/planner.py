@@ -2,7 +2,7 @@
 
     python benchmarks/planner.py [--sizes 1000000 10000000 100000000] [--threads 2]
 
-Plans whole epochs of lengths drawn from the default stage-2 mix (fastross/data/mix.py) (7B recipe:
+Plans whole epochs of lengths drawn from the default stage-2 mix (fastross/data/default_mix.py) (7B recipe:
 global batch 128, 8 ranks, max_tokens 16384), timing `plan_epoch` (every step planned, per-step
 summaries kept) with the native twin and with the Python reference. The reference runs only
 where its estimate is under a minute and is extrapolated linearly beyond (marked so). Where both
@@ -17,12 +17,15 @@ import os
 import platform
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
-from fastross.data import planner
-from fastross.data.mix import QWEN2_7B, draw
-from fastross.tools import results as R
+from fastross.data import packing_planner
+from fastross.data.default_mix import QWEN2_7B, draw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 
 def lengths_of(n: int, seed: int) -> np.ndarray:
@@ -53,19 +56,20 @@ def main(argv=None) -> int:
     p.add_argument("--reference-budget-s", type=float, default=60.0)
     p.add_argument("--save", action="store_true", help="append rows to benchmarks/results/planner.csv")
     a = p.parse_args(argv)
-    if planner.NATIVE is None:
+    if packing_planner.NATIVE is None:
         print("planner: error: fastross._native is not built; run `pip install -e .`", file=sys.stderr)
         return 2
-    attn = planner.attention_cost_tokens(**QWEN2_7B)
+    attn = packing_planner.attention_cost_tokens(**QWEN2_7B)
     args = (a.global_batch, a.ranks, a.max_tokens, attn)
     rows, ref_rate = [], None
     print(f"{'samples':>12} {'native s':>10} {'reference s':>12} {'speedup':>8}  note")
     for n in sorted(a.sizes):
         lengths = lengths_of(n, seed=n)
-        native_s, summary = timed(lambda: planner.plan_epoch(lengths, *args, threads=a.threads), 3 if n <= 10**7 else 1)
+        native_s, summary = timed(lambda: packing_planner.plan_epoch(lengths, *args, threads=a.threads),
+                                  3 if n <= 10**7 else 1)
         estimate = ref_rate * n if ref_rate else 0.0
         if estimate < a.reference_budget_s:
-            ref_s, ref = timed(lambda: planner.plan_epoch_ref(lengths, *args), 1)
+            ref_s, ref = timed(lambda: packing_planner.plan_epoch_ref(lengths, *args), 1)
             for field in ("micro_batches", "imbalance", "tokens", "slots"):
                 if not np.array_equal(getattr(summary, field), getattr(ref, field)):
                     print(f"planner: error: native and reference plans differ ({field}) at {n} samples", file=sys.stderr)

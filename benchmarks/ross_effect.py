@@ -7,7 +7,7 @@ and with a linear probe of what its hidden states at the visual positions keep o
 
 Setup, once: the bundled generator's data (generator seed 0, --train-images shapes images for training,
 --eval-images held-out ones, 9 questions each) and tiny random-initialised models whose LLM reads a byte-level BPE
-of --vocab ids trained on that data's text (fastross.tools.make_tiny --corpus; --vocab 0: Qwen2's 151k ids, which a
+of --vocab ids trained on that data's text (fastross.demo.make_tiny --corpus; --vocab 0: Qwen2's 151k ids, which a
 tiny model does not learn in this budget: it then answers one POPE answer to everything). Then for every seed and
 for lambda (model.recon_weight) = 0 and 1: stage 1 (configs/tiny_pretrain.yaml, projector, LLM and denoiser
 trained, --epochs1 epochs) then stage 2 (configs/tiny.yaml from that stage 1, --epochs2 epochs), both at --lr, under
@@ -52,8 +52,10 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from fastross.tools import results as R
-from fastross.tools.demo import majority_baseline  # the demo's accuracy line uses the same baseline
+from fastross.demo import majority_baseline  # the demo's accuracy line uses the same baseline
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LAMBDAS = (0.0, 1.0)
@@ -215,10 +217,10 @@ def prepare(work: Path, a) -> None:
     """The generator's data in WORK/data, the probe images in WORK/probe, tiny models in WORK/models, both stages'
     shards in WORK/shards."""
     from fastross.data.synth import write_dataset
-    from fastross.tools import make_tiny
+    from fastross.demo import make_tiny
 
     if a.vocab and not hasattr(make_tiny, "build_corpus_tokenizer"):
-        raise SystemExit("ross_effect: --vocab needs fastross.tools.make_tiny --corpus (a tokenizer trained on the "
+        raise SystemExit("ross_effect: --vocab needs fastross.demo.make_tiny --corpus (a tokenizer trained on the "
                          "data's text), which this checkout lacks; --vocab 0 uses Qwen2's tokenizer")
     py = sys.executable
     models, data, shards = work / "models", work / "data", work / "shards"
@@ -227,7 +229,7 @@ def prepare(work: Path, a) -> None:
     write_dataset(work / "probe", seed=PROBE_SEED, n_train=a.probe_images, n_eval=0)
     corpus = (["--corpus", str(data / "stage1.json"), str(data / "stage2.json"), "--vocab", str(a.vocab)]
               if a.vocab else [])
-    run([py, "-m", "fastross.tools.make_tiny", str(models), *corpus])
+    run([py, "-m", "fastross.demo.make_tiny", str(models), *corpus])
     for stage, template in ((1, "plain"), (2, "qwen2_ross")):
         run([py, "-m", "fastross.data.convert", "--json", str(data / f"stage{stage}.json"),
              "--images", str(data / "images"), "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"),

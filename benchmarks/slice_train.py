@@ -3,13 +3,13 @@ measured peak.
 
     python benchmarks/slice_train.py --layers K [--shrink S] [--steps 30] [--slice-dir DIR] [--csv PATH]
 
-The slice (fastross.tools.make_slice: the 7B shapes with K LLM layers, random weights, the bundled data with
+The slice (devtools.make_slice: the 7B shapes with K LLM layers, random weights, the bundled data with
 stored latents) trains configs/7b.yaml on one rank with make_slice.run_settings, once per backend of
 `attention.backend` that can train here: sdpa always; on CUDA varlen (torch's varlen_attn), flex, and flash
 when flash-attn is importable. Each prints one line as soon as it ends: steps, first and last losses,
 samples/s, tokens/s, MFU and the peak allocated memory (CUDA).
 
-Then fastross.plan.simulate (FakeTensorMode, a fake process group of 1, FSDPMemTracker) on the largest
+Then fastross.memory_plan.simulate (FakeTensorMode, a fake process group of 1, FSDPMemTracker) on the largest
 micro-batch those steps actually trained, with the run's own settings, against the first backend's measured
 `torch.cuda.max_memory_allocated` (metrics' mem_peak_allocated_gib, the largest record):
 `slice_train: memory simulated_gib S measured_gib M ratio R` (measured / simulated; n/a without CUDA).
@@ -32,8 +32,10 @@ import numpy as np
 import torch
 
 from fastross import config
-from fastross.tools import make_slice
-from fastross.tools import results as R
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import make_slice  # noqa: E402
+from devtools import results as R  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "7b.yaml"
@@ -91,18 +93,18 @@ def trained_micro_batches(cfg: config.Config, steps: int, attn_tokens: float):
 
 
 def simulate(cfg: config.Config, steps: int) -> float:
-    """fastross.plan's simulated peak (GiB) of one rank on the run's largest micro-batch."""
-    from fastross import flops, plan
+    """fastross.memory_plan's simulated peak (GiB) of one rank on the run's largest micro-batch."""
+    from fastross import flops, memory_plan
     from fastross.train import llm_attention_cost_tokens
 
-    world = plan.init_fake_world(1)
+    world = memory_plan.init_fake_world(1)
     try:
         fake = flops.FakeModel(cfg.model, cfg.train.trainable)
         samples = trained_micro_batches(cfg, steps, llm_attention_cost_tokens(fake.model.llm))
         policy = config.checkpoint_policies(cfg.train.activation_checkpointing, fake.arch.llm_layers)
-        return plan.simulate(cfg, cfg.model, world, policy, samples).peak / GIB
+        return memory_plan.simulate(cfg, cfg.model, world, policy, samples).peak / GIB
     finally:
-        plan.dist.destroy_process_group()
+        memory_plan.dist.destroy_process_group()
 
 
 def main(argv=None) -> int:

@@ -24,12 +24,15 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 import fastross.kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET before Liger imports Triton)
 from fastross.model.text_loss import FusedLinearCrossEntropy, LinearCrossEntropy
-from fastross.tools import results as R
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 
 def run(module, hidden, weight, targets, repeats: int, cuda: bool) -> dict:

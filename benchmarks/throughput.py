@@ -15,7 +15,7 @@ Rungs (cumulative; every one trains the same model, so their step-1 losses agree
                 there (fastross.model.denoiser.resolve_impl). On CPU the row "5i +triton interp." beside the
                 chain runs rung 5 with the Triton kernels in the interpreter (impl=triton): what they cost there,
                 reported, not part of the chain (--no-interpreted skips it)
-  6 +planned AC per-layer activation checkpointing as the planner chooses it (fastross.plan.plan_policy) within
+  6 +planned AC per-layer activation checkpointing as the planner chooses it (fastross.memory_plan.plan_policy) within
                 --budget-gib per rank (default: the host's memory over the ranks); the policy is printed
   7 +compile    torch.compile of every decoder layer and denoiser block
   8 +loader     2 loader workers per rank preparing steps ahead: fastross
@@ -27,7 +27,7 @@ samples/s, tokens/s per rank and MFU (model FLOPs over the device's peak; on CPU
 fastross/flops.py) are the medians of the logged steps after the first `--skip` (start-up and compiling).
 Peak memory per rank: on CUDA the trainer's measured `torch.cuda.max_memory_allocated` (the largest over the
 rung's steps); elsewhere simulated for the rung's config and its step's largest micro-batch (padded for rung 1)
-by fastross.plan.simulate_config (FakeTensorMode, fake process group, FSDPMemTracker; compile not simulated).
+by fastross.memory_plan.simulate_config (FakeTensorMode, fake process group, FSDPMemTracker; compile not simulated).
 The header says which.
 
 On CPU compiling is slow and loader workers share the cores with the ranks: a rung may be slower than the one
@@ -57,7 +57,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from fastross.tools import results as R
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
+
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -88,7 +90,7 @@ def slice_mode(layers: int, shrink: int, work: Path) -> tuple[Path, Path, Path]:
     global CONFIG, RANKS, SETTINGS, TOL
     import torch
 
-    from fastross.tools import make_slice
+    from devtools import make_slice
 
     cuda = torch.cuda.is_available()
     CONFIG, RANKS, TOL = REPO / "configs" / "7b.yaml", 1, 1e-2 if cuda else 1e-4
@@ -100,8 +102,8 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     """Tiny model folders, and the tests' stage-2 data converted twice: with latent moments and without."""
     from fastross.data.convert import main as convert
     from fastross.data.synth import write_dataset
-    from fastross.tools.golden import SYNTH
-    from fastross.tools.make_tiny import make_tiny
+    from devtools.golden import SYNTH
+    from fastross.demo.make_tiny import make_tiny
 
     models = make_tiny(work / "models")
     write_dataset(work / "synth", **SYNTH)
@@ -132,20 +134,20 @@ def rung_config(models: Path, shards: Path, overrides: list[str], vae: bool):
 
 def planned_policy(cfg, budget: float, device: str) -> str:
     """Rung 6: the planner's per-layer checkpointing policy for this rung's config within `budget` GiB per rank."""
-    from fastross import plan
+    from fastross import memory_plan
 
-    chosen = plan.plan_policy(cfg, RANKS, budget, device)
+    chosen = memory_plan.plan_policy(cfg, RANKS, budget, device)
     if chosen is None:
         raise RuntimeError(f"throughput: no checkpointing policy fits {budget:.1f} GiB per rank (--budget-gib)")
-    return plan.override(chosen)
+    return memory_plan.override(chosen)
 
 
 def simulated_peak_gib(cfg, device: str) -> float:
-    """A rank's peak memory for this rung's config by simulation (fastross.plan.simulate_config; compile not
+    """A rank's peak memory for this rung's config by simulation (fastross.memory_plan.simulate_config; compile not
     simulated: the eager step)."""
-    from fastross import plan
+    from fastross import memory_plan
 
-    return plan.simulate_config(cfg, RANKS, device).peak / GIB
+    return memory_plan.simulate_config(cfg, RANKS, device).peak / GIB
 
 
 def train(models: Path, shards: Path, run_dir: Path, overrides: list[str], steps: int,
@@ -180,12 +182,12 @@ def main(argv=None) -> int:
     p.add_argument("--rungs", default=f"1-{len(RUNGS)}", help="which rungs to run, e.g. 1-8 or 1,2,8")
     p.add_argument("--budget-gib", type=float,
                    help="memory per rank that rung 6's planner may spend (default: on CUDA the device's memory less "
-                        "fastross.plan's margin, else the host's memory over the ranks)")
+                        "fastross.memory_plan's margin, else the host's memory over the ranks)")
     p.add_argument("--save", action="store_true", help="append the table to benchmarks/results/throughput.csv")
     p.add_argument("--no-interpreted", action="store_true",
                    help="on CPU, skip row 5i (rung 5 with the Triton kernels in the interpreter)")
     p.add_argument("--slice-layers", type=int, default=0, metavar="K",
-                   help="the 7B shapes with K LLM layers on one device (fastross.tools.make_slice), not the tiny recipe")
+                   help="the 7B shapes with K LLM layers on one device (devtools.make_slice), not the tiny recipe")
     p.add_argument("--shrink", type=int, default=1, help="with --slice-layers: every width divided by this (smoke shapes)")
     p.add_argument("--slice-dir", help="with --slice-layers: keep the slice's folders here, or use those made before")
     a = p.parse_args(argv)
@@ -205,9 +207,9 @@ def main(argv=None) -> int:
         else:
             models, latents, pixels = prepare(Path(work))
         if a.budget_gib is None:
-            from fastross import plan
+            from fastross import memory_plan
 
-            a.budget_gib = (plan.budget_gib(torch.cuda.get_device_properties(0).total_memory / GIB) if measured
+            a.budget_gib = (memory_plan.budget_gib(torch.cuda.get_device_properties(0).total_memory / GIB) if measured
                             else host_gib() / RANKS)
         overrides, stored = [], False
         header = (f"{'rung':<17} {'denoiser':>8} {'samples/s':>10} {'tokens/s/rank':>14} {'MFU':>7} "

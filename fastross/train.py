@@ -27,7 +27,7 @@ from fastross import checkpoint, config, distributed, flops, lifecycle, metrics,
 from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
-from fastross.data.planner import attention_cost_tokens
+from fastross.data.packing_planner import attention_cost_tokens
 from fastross.data.remote import parse_size
 from fastross.data.schema import ShardMeta, fingerprint_problem, tokenizer_fingerprint
 from fastross.data.templates import load_tokenizer

@@ -1,4 +1,4 @@
-// The packing planner's native twin (reference: fastross/data/planner.py, which documents the
+// The packing planner's native twin (reference: fastross/data/packing_planner.py, which documents the
 // algorithm). Plans must be identical to the reference, so each step mirrors it exactly: the
 // order (cost descending, position ascending), the least-loaded-rank rule (ties to the lowest
 // rank, costs summed in the same order in double precision), first-fit decreasing bins, and

@@ -50,7 +50,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    from fastross.tools.make_tiny import make_tiny
+    from fastross.demo.make_tiny import make_tiny
 
     return make_tiny(tmp_path_factory.mktemp("models"))
 
@@ -58,7 +58,7 @@ def tiny_models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama_tokenizers(tmp_path_factory) -> Path:
     """Tiny Vicuna-style (llama/) and Llama-3-style (llama3/) tokenizer folders."""
-    from fastross.tools.tiny_tokenizers import write
+    from devtools.tiny_tokenizers import write
 
     return write(tmp_path_factory.mktemp("llama_tokenizers"))
 
@@ -66,7 +66,7 @@ def llama_tokenizers(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
     from fastross.data.synth import write_dataset
-    from fastross.tools.golden import SYNTH
+    from devtools.golden import SYNTH
 
     out = tmp_path_factory.mktemp("synth")
     write_dataset(out, **SYNTH)
@@ -214,9 +214,9 @@ def skewed_shards(tiny_models, synth_data, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
-    """A tiny CLIP vision folder (fastross.tools.make_tiny.make_tiny_clip), in a folder named clip as the
+    """A tiny CLIP vision folder (fastross.demo.make_tiny.make_tiny_clip), in a folder named clip as the
     reference code needs (fastross.ross_format)."""
-    from fastross.tools.make_tiny import make_tiny_clip
+    from fastross.demo.make_tiny import make_tiny_clip
 
     return make_tiny_clip(tmp_path_factory.mktemp("clip_models"))
 

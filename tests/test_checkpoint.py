@@ -19,7 +19,7 @@ from torch.distributed.checkpoint import filesystem
 
 from fastross import checkpoint
 from fastross.checkpoint import Checkpointer, load_rng
-from fastross.tools.faults import MEASURED, RunsCode, checkpoint_differences, kill_tree, read_checkpoint
+from devtools.faults import MEASURED, RunsCode, checkpoint_differences, kill_tree, read_checkpoint
 
 TESTS = Path(__file__).parent
 

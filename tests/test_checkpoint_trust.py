@@ -21,7 +21,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from fastross import checkpoint, checkpoint_read, config, export
 from fastross.checkpoint import Checkpointer, CheckpointError
-from fastross.tools.faults import RunsCode
+from devtools.faults import RunsCode
 from test_checkpoint import tiny_trained, world_of_one  # noqa: F401  (a fixture)
 
 LR = 0.01
@@ -332,7 +332,7 @@ def moments():
         return patch
 
     def legacy_half_deleted(mp, root):
-        """What a kill in the old prune left (fastross.tools.fault_train's `prune`): step_1 without its .metadata."""
+        """What a kill in the old prune left (devtools.fault_train's `prune`): step_1 without its .metadata."""
         def prune(self):
             (self.root / "step_00000001" / ".metadata").unlink()
             raise Killed()

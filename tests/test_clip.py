@@ -127,10 +127,10 @@ def test_clip_336_preset_plans_576_tokens():
     assert tower.kind is towers.CLIP and (tower.grid, tower.num_tokens, len(tower.encoder.layers)) == (24, 576, 23)
     # The planner's default stage-2 mix counts the tower's visual tokens: the same samples as for SigLIP's 729,
     # each image sample 153 tokens shorter, the same text.
-    from fastross import plan
+    from fastross import memory_plan
 
     cfg = config.load("configs/7b.yaml", ["data.shards=''"], check_paths=False)
-    clip, siglip = plan.sample_mix(cfg, 576), plan.sample_mix(cfg, 729)
+    clip, siglip = memory_plan.sample_mix(cfg, 576), memory_plan.sample_mix(cfg, 729)
     assert clip.images.any() and np.array_equal(clip.images, siglip.images)
     assert np.array_equal(clip.lengths, siglip.lengths - 153 * siglip.images)
     assert np.array_equal(clip.supervised, siglip.supervised)
@@ -302,7 +302,7 @@ def test_clip_reference_layout(clip_ours, clip_run_dir, tiny_clip, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["mm_vision_tower"] == str(tiny_clip) and "clip" in cfg["mm_vision_tower"]
     assert (cfg["image_embed_len"], cfg["decode_image_size"], cfg["mm_vision_select_layer"]) == (64, 128, -2)
-    from fastross.tools.make_tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    from fastross.demo.make_tiny import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
     assert (cfg["image_mean"], cfg["image_std"]) == (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
     tensors = load_file(str(out / "model.safetensors"))

@@ -113,7 +113,7 @@ def test_shipped_configs_load(recipe, tiny_models, stage2_shards):
     cfg = config.load(f"configs/{recipe}.yaml", [f"model.vision_path={tiny_models / 'vision'}",
                                                  f"model.llm_path={tiny_models / 'llm'}", f"data.shards={stage2_shards}",
                                                  "data.global_batch=8", "model.init_from="])
-    if recipe.startswith("7b"):  # per-layer policies for the recipe's own LLM (fastross.plan chose 7b.yaml's)
+    if recipe.startswith("7b"):  # per-layer policies for the recipe's own LLM (fastross.memory_plan chose 7b.yaml's)
         from fastross.model.presets import QWEN2_7B
 
         policies = config.checkpoint_policies(cfg.train.activation_checkpointing, QWEN2_7B["num_hidden_layers"])

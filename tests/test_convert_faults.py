@@ -22,7 +22,7 @@ from PIL import Image
 from fastross.data import convert
 from fastross.data.images import ImageSpec, latent_moments, preprocess
 from fastross.data.schema import ShardMeta, check_shard_file, corrupt_shards, read_meta, write_manifest
-from fastross.tools.faults import IMAGE_MODES, expected_pixels, make_image, png, png_rgb16, rgb_image
+from devtools.faults import IMAGE_MODES, expected_pixels, make_image, png, png_rgb16, rgb_image
 
 ASK = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Shapes."}]
 

@@ -87,7 +87,7 @@ def test_flipped_length_bytes_are_refused_naming_lengths_npy(shards):
     (shards / "lengths.npy").write_bytes(bytes(data))
     with pytest.raises(ShardCorruptError, match=f"{shards / 'lengths.npy'}: its sha256 differs"):
         open_source(SourceConfig(str(shards)))
-    from fastross.data.plan import main as plan_main
+    from fastross.data.packing_report import main as plan_main
 
     with pytest.raises(ShardCorruptError, match="lengths.npy: its sha256 differs"):
         plan_main([str(shards), "--max-tokens", "4096", "--ranks", "1", "--global-batch", "4"])

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastross.tools.faults import metrics, write_config
+from devtools.faults import metrics, write_config
 
 pytestmark = pytest.mark.slow  # a training process per tower
 
@@ -105,10 +105,10 @@ def test_default_save_check_and_train(kind, recipe, run_dir, capsys):
 
 
 def test_default_save_plan(recipe, capsys):
-    from fastross import plan
+    from fastross import memory_plan
 
     cfg, overrides = recipe
-    plan.main([str(cfg), "--gpus", "1", "--gpu-gib", "8", *overrides])
+    memory_plan.main([str(cfg), "--gpus", "1", "--gpu-gib", "8", *overrides])
     last = capsys.readouterr().out.strip().splitlines()[-1].split()
     assert last[:2] == ["plan:", "peak_gib"] and 0 < float(last[2]) < 8 and last[6] == "yes"
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from fastross.data import templates
-from fastross.tools import demo
-from fastross.tools.make_tiny import build_corpus_tokenizer, corpus_texts, make_tiny
+from fastross import demo
+from fastross.demo.make_tiny import build_corpus_tokenizer, corpus_texts, make_tiny
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastross import config
-from fastross.tools import golden
+from devtools import golden
 
 
 def test_the_keys_go_together(tmp_path, tiny_models, stage2_shards):

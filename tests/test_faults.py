@@ -17,7 +17,7 @@ from torch.distributed.checkpoint import filesystem
 
 from fastross import checkpoint
 from fastross.checkpoint import Checkpointer, CheckpointError
-from fastross.tools.faults import RunsCode, flip_bytes, kill_tree
+from devtools.faults import RunsCode, flip_bytes, kill_tree
 from test_checkpoint import tiny_trained, world_of_one  # noqa: F401  (a fixture)
 
 
@@ -196,7 +196,7 @@ def poisoned_shards(src: Path, dst: Path, first: int, last: int) -> tuple[Path, 
 def test_nan_sample_skips_the_step_and_then_stops_the_run(tiny_models, skewed_shards, tmp_path):
     import subprocess
 
-    from fastross.tools.faults import flatten, read_checkpoint
+    from devtools.faults import flatten, read_checkpoint
     from test_train import metrics, run, torchrun_cmd, write_config
 
     # Unshuffled, 8 samples a step on one rank: step 2 holds samples 8..15, one of them poisoned.

@@ -16,7 +16,7 @@ def spec(tiny_models):
 def test_fuzz_counts_and_a_lost_record_is_counted(tiny_models, stage2_shards, tmp_path, spec, monkeypatch,
                                                   load_benchmark):
     from fastross.data import convert
-    from fastross.tools import faults
+    from devtools import faults
 
     bench = load_benchmark("faults")
     c = bench.Campaign(tmp_path, 0, tiny_models, stage2_shards)
@@ -69,7 +69,7 @@ def test_judge_classifies_by_exit_and_the_files_name(load_benchmark):
     """Fake entry points: one that reads the file and says nothing, one that refuses naming it, one with a bare
     error, one that recovers. The verdict depends on the exit and the file's name only, not on the wording."""
     from fastross.checkpoint import CheckpointError
-    from fastross.tools import faults
+    from devtools import faults
 
     bench = load_benchmark("faults")
 
@@ -104,7 +104,7 @@ def test_payload_runs_under_pickle_and_not_under_weights_only(tmp_path):
 
     import torch
 
-    from fastross.tools import faults
+    from devtools import faults
 
     marker = tmp_path / "ran"
     buf = io.BytesIO()
@@ -126,7 +126,7 @@ def test_planted_bytes_item_passes_the_metadata_check_and_runs_under_dcps_own_re
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     from fastross import checkpoint
-    from fastross.tools import faults
+    from devtools import faults
     from test_checkpoint import tiny_trained
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
@@ -165,7 +165,7 @@ def test_fuzz_families_are_what_they_claim(tmp_path):
     from PIL import Image
 
     from fastross.data.images import to_rgb8
-    from fastross.tools import faults
+    from devtools import faults
 
     drawn = [faults._json_family(__import__("random").Random(s), f"f{s}", k) for s in range(40)
              for k in faults.JSON_FAMILIES]

@@ -1,6 +1,6 @@
 """Every switch combination that runs on CPU trains the model of the golden file (tests/golden/tiny_losses.json).
 
-The file holds configs/tiny.yaml's first 20 losses on 2 CPU ranks, written by `python -m fastross.tools.golden
+The file holds configs/tiny.yaml's first 20 losses on 2 CPU ranks, written by `python -m devtools.golden
 --write`. Each variant below trains the same recipe with switches flipped and must reproduce those losses within
 the tolerance its switches justify. A lever that changes the model, not only its speed, fails here.
 
@@ -11,7 +11,7 @@ model.denoiser.dtype=bf16 changes the arithmetic by design (benchmarks/denoiser_
 
 import pytest
 
-from fastross.tools import golden
+from devtools import golden
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ VARIANTS = {  # name: (overrides, tolerance, steps)
     # Inductor fuses and reorders fp32 arithmetic, and fused CE sums the logits in chunks: rounding, which AdamW at
     # lr 1e-3 carries into the weights; seen 1.8e-7 over the 20 steps (test_compile.py holds compile alone to 1e-5).
     # The first 8 steps only (train.stop_after keeps the 20-step schedule): the interpreted fused CE made all 20 the
-    # suite's slowest test (207 s). All 20: python -m fastross.tools.golden train.compile=true model.fused_ce=true ...
+    # suite's slowest test (207 s). All 20: python -m devtools.golden train.compile=true model.fused_ce=true ...
     "fast": (FAST, 1e-5, 8),
     # ... and the Triton denoiser and asynchronous saves as well, for the golden run's first 3 steps only (its
     # kernels run in Triton's interpreter; train.stop_after keeps the 20-step schedule): seen 7.9e-8.

@@ -1,4 +1,4 @@
-"""The 7B slice's folders (fastross.tools.make_slice): the presets' shapes with K layers, built at shrunken widths
+"""The 7B slice's folders (devtools.make_slice): the presets' shapes with K layers, built at shrunken widths
 on CPU and read back through fastross's own model, tokenizer and data paths."""
 
 import json
@@ -12,7 +12,7 @@ from fastross import config
 from fastross.data.schema import ShardMeta
 from fastross.data.shards import MDSShards
 from fastross.model import presets
-from fastross.tools import make_slice
+from devtools import make_slice
 
 
 def test_full_width_slice_is_the_presets_with_k_layers():

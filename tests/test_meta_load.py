@@ -157,8 +157,8 @@ def test_footprint_matches_fsdp_shards_arithmetic():
 
 def test_training_docs_state_the_7b_figures():
     """docs/training.md's 7B line is this command's output
-    (python -m fastross.tools.footprint configs/7b.yaml --ranks 8)."""
-    from fastross.tools.footprint import summary
+    (python -m fastross.load_footprint configs/7b.yaml --ranks 8)."""
+    from fastross.load_footprint import summary
 
     root = Path(__file__).resolve().parents[1]
     line = summary(str(root / "configs" / "7b.yaml"), ranks=8)

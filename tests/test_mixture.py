@@ -111,8 +111,8 @@ def test_mixture_config_keys_are_checked(tmp_path):
 
 
 def test_mixture_memory_planner_draws_the_union_by_weight(tmp_path):
-    """fastross.plan's step samples come from every source's length index, by weight (3 sigma of a binomial)."""
-    from fastross import config, plan
+    """fastross.memory_plan's step samples come from every source's length index, by weight (3 sigma of a binomial)."""
+    from fastross import config, memory_plan
 
     for name, length in (("a", 100), ("b", 2000)):
         (tmp_path / name).mkdir()
@@ -123,7 +123,7 @@ def test_mixture_memory_planner_draws_the_union_by_weight(tmp_path):
     sources = f"[{{shards: {tmp_path / 'a'}, weight: 1}}, {{shards: {tmp_path / 'b'}, weight: 3}}]"
     cfg = config.load("configs/7b.yaml", ["data.shards=''", f"data.sources={sources}", "data.global_batch=2000"],
                       check_paths=False)
-    m = plan.sample_mix(cfg, visual_tokens=729)
+    m = memory_plan.sample_mix(cfg, visual_tokens=729)
     long = int((m.lengths == 2000).sum())
     assert set(m.lengths.tolist()) == {100, 2000} and str(tmp_path / "b") in m.source
     assert abs(long - 1500) < 3 * np.sqrt(2000 * 0.75 * 0.25), long
@@ -133,7 +133,7 @@ def test_check_refuses_what_training_refuses(stage2_shards, tiny_models, tmp_pat
     """`fastross.train CONFIG --check` runs the checks the trainer makes before training that need no weights
     (fastross.train.check_before_training, the trainer's own check_shards among them): sources that disagree on the
     template, and shards of another tokenizer, are refused there as at training, not passed."""
-    from fastross.tools.faults import write_config
+    from devtools.faults import write_config
     from fastross.train import main
 
     cfg = write_config(tmp_path / "c.yaml", tiny_models, stage2_shards, tmp_path / "run")

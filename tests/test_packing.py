@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastross.data.planner import attention_cost_tokens, plan_step
+from fastross.data.packing_planner import attention_cost_tokens, plan_step
 from fastross.model.attention import _flex, _sdpa, build_mask
 
 

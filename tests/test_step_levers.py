@@ -192,7 +192,7 @@ def test_the_reference_recipes_switches_train_the_same_model(tiny_models, collat
 
 
 def test_padded_plan_is_the_reference_split():
-    from fastross.data.planner import plan_padded_step, sample_cost
+    from fastross.data.packing_planner import plan_padded_step, sample_cost
 
     lengths = [10, 40, 20, 30, 5, 50, 60, 70]
     plan = plan_padded_step(lengths, ranks=2, samples=3, attn_tokens=100.0)

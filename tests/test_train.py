@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastross.tools.faults import descendants, kill_tree, metrics, torchrun_cmd, write_config  # noqa: F401  (shared)
+from devtools.faults import descendants, kill_tree, metrics, torchrun_cmd, write_config  # noqa: F401  (shared)
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,9 @@ from typing import Callable
 import torch
 
 from fastross.flops import measured_cpu_peak
-from fastross.tools import results as R
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: devtools/ is never installed
+from devtools import results as R  # noqa: E402
 
 PROVIDERS = ("reference", "torch_bf16", "fastross", "torch_bf16_compiled")  # run in this order: compiling is slowest
 MODES = ("forward", "backward", "full")

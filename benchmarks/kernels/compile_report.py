@@ -51,13 +51,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _static as S  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # devtools/ is never installed
 RESULTS = REPO / "benchmarks" / "results" / "compile_report.csv"
 
 DENOISER = {  # benchmarks/kernels/bench_denoiser.py's 7b_dit; tiny: configs/tiny_pretrain.yaml's denoiser width
     "7b": dict(n=16, r=4, grid=27, width=1024, ch=64),
     "tiny": dict(n=2, r=4, grid=4, width=64, ch=16),
 }
-LLM = {  # Qwen2-7B at data.max_tokens 16384; tiny: fastross/tools/make_tiny.py's LLM at max_tokens 512
+LLM = {  # Qwen2-7B at data.max_tokens 16384; tiny: fastross/demo/make_tiny.py's LLM at max_tokens 512
     "7b": dict(tokens=16384, hidden=3584, inter=18944, heads=28, kv=4, head_dim=128, vocab=152064),
     "tiny": dict(tokens=512, hidden=64, inter=160, heads=4, kv=2, head_dim=16, vocab=1024),
 }
@@ -428,7 +429,7 @@ def main(argv=None) -> int:
                 print(progress(i, len(ind), {**dict.fromkeys(FIELDS, ""), **row}), flush=True)
     wall = time.perf_counter() - t_start
     if a.save:
-        from fastross.tools import results as R
+        from devtools import results as R
 
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         stamp = dict(date=R.today(), commit=R.commit(), device="none: compiled only, never launched")

@@ -1,7 +1,7 @@
 """Per-step sample plans over MDS shards, with an exact, random-access position.
 
 Every rank computes the same epoch order (a seeded permutation of the dataset), takes the
-step's global batch from it, and plans it with fastross.data.planner using the shards'
+step's global batch from it, and plans it with fastross.data.packing_planner using the shards'
 length index (`lengths.npy`, written by the converter). Each rank then reads only its own
 samples, by id (fastross.data.shards). Ranks may consume different numbers of samples, yet
 the data position is simply (epoch, step in epoch), and any step can be recomputed from its
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from fastross.config import LEGACY_BOOLS, SourceConfig
-from fastross.data.planner import StepPlan, plan_padded_step, plan_step
+from fastross.data.packing_planner import StepPlan, plan_padded_step, plan_step
 from fastross.data.schema import ShardCorruptError
 from fastross.data.sources import Source, open_source
 
@@ -61,7 +61,7 @@ _MIX_KEY = 0x6D6978  # separates the mixture's draws from the orders' generators
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> np.ndarray:
-    """The order of the n samples in `epoch` (training's, and `python -m fastross.data.plan`'s)."""
+    """The order of the n samples in `epoch` (training's, and `python -m fastross.data.packing_report`'s)."""
     return np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
 
 

@@ -1,6 +1,6 @@
 """Architecture presets of the paper's models: published config.json values, no weights.
 
-Tools that need only shapes (fastross.flops, fastross.plan, fastross.tools.footprint) use a model
+Tools that need only shapes (fastross.flops, fastross.memory_plan, fastross.load_footprint) use a model
 folder's own config.json when it exists and these otherwise; `arch_folders` writes a preset into a
 temporary folder so the ordinary builders (RossModel(meta=True)) read it like any model folder.
 """

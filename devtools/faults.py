@@ -1,8 +1,9 @@
 """What the fault campaign (benchmarks/faults.py) and the fault tests share: launching and killing torchrun runs,
 comparing runs bit for bit, corrupting files, code-running pickle payloads, odd images and fuzzed records.
 
-Nothing here is used by training or conversion: it is the adversary's toolbox, kept in the package so that the
-benchmark runs from a fresh clone and the tests import the same code instead of a copy.
+Nothing here is used by training or conversion: it is the adversary's toolbox, kept in devtools/ (beside the
+package, never installed) so that the benchmark runs from a fresh clone and the tests import the same code instead
+of a copy.
 """
 
 from __future__ import annotations

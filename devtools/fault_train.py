@@ -1,7 +1,7 @@
 """`fastross.train` with one fault injected at a named moment (benchmarks/faults.py; never used by training itself).
 
     FASTROSS_FAULT=MOMENT:STEP FASTROSS_FAULT_MARKERS=DIR \\
-        torchrun ... -m fastross.tools.fault_train CONFIG [overrides]
+        torchrun ... -m devtools.fault_train CONFIG [overrides]
 
 Moments of checkpoint step STEP's save at which rank 0 drops DIR/hit_rank0 and then waits to be killed: the caller
 SIGKILLs the run once the file appears, so "killed at this moment" is a state, not a race against a fast disk.

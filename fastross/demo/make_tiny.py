@@ -1,6 +1,6 @@
 """Write tiny random-initialised model folders that load through the real loading code.
 
-    python -m fastross.tools.make_tiny OUT [--seed 0] [--clip] [--corpus FILE... --vocab 512]
+    python -m fastross.demo.make_tiny OUT [--seed 0] [--clip] [--corpus FILE... --vocab 512]
 
 OUT/vision  a SigLIP vision tower (no pooling head) and its image processor
 OUT/llm     a Qwen2 causal LM with the real Qwen2 tokenizer (built offline from the

@@ -1,4 +1,5 @@
-"""fastross.plan: the memory simulation against hand arithmetic on the tiny models, the policy search, the CLI."""
+"""fastross.memory_plan: the memory simulation against hand arithmetic on the tiny models, the policy search, the
+CLI."""
 
 import dataclasses
 import json
@@ -6,7 +7,7 @@ import math
 
 import pytest
 
-from fastross import config, plan
+from fastross import config, memory_plan
 from fastross.model import presets
 
 SAMPLES = ([150, 90], [True, False], [20, 40])  # one micro-batch: an image sample (64 visual tokens) and a text one
@@ -23,14 +24,14 @@ def test_simulated_state_equals_hand_arithmetic(tiny_cfg):
     tower whole (out of FSDP, unseen by the tracker: added), and AdamW's two fp32 states of its trainable shards."""
     from fastross.model.ross import RossModel
 
-    world = plan.init_fake_world(2)
+    world = memory_plan.init_fake_world(2)
     try:
         with presets.arch_folders(tiny_cfg.model) as (mc, sources):
             assert sources["llm"].startswith("folder")  # the folders' own config.json, not a preset
-            mem = plan.simulate(tiny_cfg, mc, world, "full", SAMPLES)
+            mem = memory_plan.simulate(tiny_cfg, mc, world, "full", SAMPLES)
             model = RossModel(mc, meta=True)
     finally:
-        plan.dist.destroy_process_group()
+        memory_plan.dist.destroy_process_group()
     vision = {id(p) for p in model.vision.parameters()}
     shard = lambda p: math.ceil(p.shape[0] / 2) * math.prod(p.shape[1:]) * 4  # noqa: E731
     sharded = sum(shard(p) for p in model.parameters() if id(p) not in vision)
@@ -51,14 +52,14 @@ def test_checkpointing_cost_is_per_layer(tiny_cfg, tmp_path):
     small = dict(presets.QWEN2_7B, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512)
     (tmp_path / "llm" / "config.json").write_text(json.dumps(small))
-    world = plan.init_fake_world(2)
+    world = memory_plan.init_fake_world(2)
     samples = ([400, 400], [True, True], [8, 8])
     try:
         with presets.arch_folders(dataclasses.replace(tiny_cfg.model, llm_path=str(tmp_path / "llm"))) as (mc, _):
-            peaks = {str(p): plan.simulate(tiny_cfg, mc, world, p, samples).kinds["Activation"]
+            peaks = {str(p): memory_plan.simulate(tiny_cfg, mc, world, p, samples).kinds["Activation"]
                      for p in ("full", "none", ["full", "none"])}
     finally:
-        plan.dist.destroy_process_group()
+        memory_plan.dist.destroy_process_group()
     assert peaks["none"] > peaks["full"]
     assert peaks["['full', 'none']"] == pytest.approx((peaks["full"] + peaks["none"]) / 2, rel=0.02)
 
@@ -67,17 +68,18 @@ def test_choose_policy_by_hand():
     """28 layers, 30 GiB with all-full, +1.5 per selective, +3 per none, budget 60: 20 non-full layers fit
     (20 x 1.5 = 30); selective recomputes no matmul, so the least recompute is 8 full, 20 selective."""
     recompute = lambda ps: 1 + 0.01 * ps.count("full") + 0.0001 * ps.count("none")  # noqa: E731
-    assert plan.choose_policy(28, 30.0, 1.5, 3.0, 60.0, recompute) == (8, 20, 0)
-    assert plan.choose_policy(28, 30.0, 1.5, 3.0, 29.0, recompute) is None
-    assert plan.override(["full"] * 8 + ["selective"] * 20) == "[full*8,selective*20]"
-    assert plan.override(["full"] * 28) == "full" and plan.override(["none", "full", "full"]) == "[none,full*2]"
+    assert memory_plan.choose_policy(28, 30.0, 1.5, 3.0, 60.0, recompute) == (8, 20, 0)
+    assert memory_plan.choose_policy(28, 30.0, 1.5, 3.0, 29.0, recompute) is None
+    assert memory_plan.override(["full"] * 8 + ["selective"] * 20) == "[full*8,selective*20]"
+    assert memory_plan.override(["full"] * 28) == "full"
+    assert memory_plan.override(["none", "full", "full"]) == "[none,full*2]"
     assert config.checkpoint_policies(["full*8", "selective*20"], 28) == ["full"] * 8 + ["selective"] * 20
-    assert plan.budget_gib(80.0) == pytest.approx(80 * 0.9 - 2)
+    assert memory_plan.budget_gib(80.0) == pytest.approx(80 * 0.9 - 2)
 
 
 def test_cli_final_line(tiny_models, capsys):
-    plan.main(["configs/tiny.yaml", "--gpus", "2", "--gpu-gib", "8", f"model.vision_path={tiny_models / 'vision'}",
-               f"model.llm_path={tiny_models / 'llm'}"])
+    memory_plan.main(["configs/tiny.yaml", "--gpus", "2", "--gpu-gib", "8",
+                      f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={tiny_models / 'llm'}"])
     out = capsys.readouterr().out
     assert "chosen (least recompute within the budget): train.activation_checkpointing=" in out
     last = out.strip().splitlines()[-1].split()
@@ -96,11 +98,11 @@ def test_mix_from_the_length_index(tmp_path):
         (tmp_path / other).write_text("{}")
     write_manifest(tmp_path)
     cfg = config.load("configs/7b.yaml", [f"data.shards={tmp_path}", "data.global_batch=64"], check_paths=False)
-    m = plan.sample_mix(cfg, visual_tokens=729)
+    m = memory_plan.sample_mix(cfg, visual_tokens=729)
     assert set(m.lengths.tolist()) <= {100, 800, 2000} and len(m.lengths) == 64 and "lengths.npy" in m.source
     assert (m.images == (m.lengths > 729)).all()
     assert (m.supervised == np.maximum(1, ((m.lengths - 729 * m.images) * 0.5).astype(int))).all()
-    default = plan.sample_mix(config.load("configs/7b.yaml", ["data.shards=''"], check_paths=False), 729)
+    default = memory_plan.sample_mix(config.load("configs/7b.yaml", ["data.shards=''"], check_paths=False), 729)
     assert "default stage-2 mix" in default.source and len(default.lengths) == 128
 
 
@@ -109,12 +111,12 @@ def test_padded_micro_batch_by_hand(tiny_cfg):
     padded to the longest of its micro-batch, and the largest is the one of most padded tokens: [300, 300]."""
     import numpy as np
 
-    m = plan.Mix(np.array([100, 300, 50, 200, 120, 120, 90, 10]), np.array([1, 0, 1, 1, 0, 0, 1, 1], bool),
+    m = memory_plan.Mix(np.array([100, 300, 50, 200, 120, 120, 90, 10]), np.array([1, 0, 1, 1, 0, 0, 1, 1], bool),
                  np.array([5, 6, 7, 8, 9, 10, 11, 12]), "by hand")
     padded = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, packing="padded", padded_samples=2))
-    assert plan.step_micro_batch(padded, m, 2, 1000.0) == ([300, 300], [True, False], [5, 6])
-    lengths, _, _ = plan.step_micro_batch(tiny_cfg, m, 2, 1000.0)  # packed: real lengths, within max_tokens
-    assert lengths == m.lengths[plan.largest_micro_batch(m, 2, 512, 1000.0)].tolist() and sum(lengths) <= 512
+    assert memory_plan.step_micro_batch(padded, m, 2, 1000.0) == ([300, 300], [True, False], [5, 6])
+    lengths, _, _ = memory_plan.step_micro_batch(tiny_cfg, m, 2, 1000.0)  # packed: real lengths, within max_tokens
+    assert lengths == m.lengths[memory_plan.largest_micro_batch(m, 2, 512, 1000.0)].tolist() and sum(lengths) <= 512
 
 
 def test_reference_levers_in_the_simulation(tiny_cfg, tiny_models):
@@ -125,12 +127,12 @@ def test_reference_levers_in_the_simulation(tiny_cfg, tiny_models):
 
     def sim(**model):
         cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, fused_ce=False, **model))
-        world = plan.init_fake_world(2)
+        world = memory_plan.init_fake_world(2)
         try:
             with presets.arch_folders(cfg.model) as (mc, _):
-                return plan.simulate(cfg, mc, world, "full", SAMPLES), RossModel(mc, meta=True)
+                return memory_plan.simulate(cfg, mc, world, "full", SAMPLES), RossModel(mc, meta=True)
         finally:
-            plan.dist.destroy_process_group()
+            memory_plan.dist.destroy_process_group()
 
     sup, model = sim()
     every, _ = sim(ce_positions="all")

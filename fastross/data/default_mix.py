@@ -17,7 +17,7 @@ DISTRIBUTION = [
     (0.08, "image + long description", True, lambda r, n: r.integers(200, 800, n)),
     (0.17, "text-only conversation", False, lambda r, n: np.clip(r.lognormal(np.log(650), 0.9, n), 40, 7000)),
 ]
-# The planner's attention term for Qwen2-7B (fastross.data.planner.attention_cost_tokens).
+# The planner's attention term for Qwen2-7B (fastross.data.packing_planner.attention_cost_tokens).
 QWEN2_7B = dict(non_embedding_params=6.53e9, layers=28, hidden=3584)
 
 

@@ -1,6 +1,6 @@
 """Per-rank bytes while loading a recipe's model: the whole model before meta loading vs its shards now.
 
-    python -m fastross.tools.footprint [configs/7b.yaml] [--ranks 8]
+    python -m fastross.load_footprint [configs/7b.yaml] [--ranks 8]
 
 Builds the recipe's RossModel on the meta device from the published configs of Qwen2-7B-Instruct
 and SigLIP so400m-patch14-384 (written to a temporary folder: no weights are needed, only

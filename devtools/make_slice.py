@@ -1,7 +1,7 @@
 """A slice of the 7B model that fits one GPU: the paper's shapes with K decoder layers, random weights, and the
 bundled data converted for it. Nothing comes from a hub.
 
-    python -m fastross.tools.make_slice OUT --layers K [--shrink S] [--n-train N] [--device cuda]
+    python -m devtools.make_slice OUT --layers K [--shrink S] [--n-train N] [--device cuda]
 
 OUT/models/vision  SigLIP so400m-384 (fastross.model.presets), no pooling head, with its image processor
 OUT/models/llm     Qwen2-7B with K decoder layers, the Qwen2 tokenizer of make_tiny (its vocabulary fits the
@@ -56,7 +56,7 @@ def make_models(out: str | Path, layers: int, shrink: int = 1, seed: int = 0, de
     from diffusers import AutoencoderKL
     from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
-    from fastross.tools.make_tiny import build_qwen2_tokenizer
+    from fastross.demo.make_tiny import build_qwen2_tokenizer
 
     out, a = Path(out), archs(layers, shrink)
     torch.manual_seed(seed)

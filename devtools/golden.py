@@ -1,7 +1,7 @@
 """Golden losses: the tiny config's first 20 losses on 2 CPU ranks, which every lever must reproduce.
 
-    python -m fastross.tools.golden --write            # (re)write tests/golden/tiny_losses.json
-    python -m fastross.tools.golden model.fused_ce=false train.compile=true ...   # compare a variant
+    python -m devtools.golden --write            # (re)write tests/golden/tiny_losses.json
+    python -m devtools.golden model.fused_ce=false train.compile=true ...   # compare a variant
 
 The recipe is configs/tiny.yaml (the demo's stage 2: the tiny models, global batch 16, micro-batches of <= 512
 tokens, lr 1e-3, fp32) on the test suite's data (tests/conftest.py: `make_tiny`, `write_dataset` with the
@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
 GOLDEN = REPO / "tests" / "golden" / "tiny_losses.json"
 STEPS = 20
@@ -34,7 +34,7 @@ def prepare(work: Path) -> tuple[Path, Path]:
     """Tiny model folders and stage-2 shards, made exactly as the test fixtures make them."""
     from fastross.data.convert import main as convert
     from fastross.data.synth import write_dataset
-    from fastross.tools.make_tiny import make_tiny
+    from fastross.demo.make_tiny import make_tiny
 
     models = make_tiny(work / "models")
     write_dataset(work / "synth", **SYNTH)
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         import torch
 
         GOLDEN.write_text(json.dumps({
-            "recipe": f"configs/tiny.yaml, {STEPS} steps on {RANKS} CPU ranks, fresh weights (fastross.tools.golden)",
+            "recipe": f"configs/tiny.yaml, {STEPS} steps on {RANKS} CPU ranks, fresh weights (devtools.golden)",
             "torch": torch.__version__, "losses": got}, indent=1) + "\n")
         print(f"golden: wrote {len(got)} steps to {GOLDEN}")
         return 0

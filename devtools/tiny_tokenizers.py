@@ -1,6 +1,6 @@
 """Tiny Llama-family tokenizer folders, built offline, that behave as the real ones do at the joints that matter.
 
-    python -m fastross.tools.tiny_tokenizers OUT
+    python -m devtools.tiny_tokenizers OUT
 
 OUT/llama   a Llama-2 / Vicuna-style LlamaTokenizerFast: a byte-fallback BPE with sentencepiece's `▁` word marker,
             <unk> <s> </s>, a BOS added to every encoding, `legacy: false` (no `▁` is added to text that follows a

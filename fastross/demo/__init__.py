@@ -1,9 +1,9 @@
 """The CPU demo: tiny models, bundled data, both ROSS stages on 2 ranks, answers to held-out questions.
 
-    python -m fastross.tools.demo [--work runs/demo] [--ranks 2] [--vocab 768] [--epochs1 20] [--epochs2 8] [--lr 3e-3]
+    python -m fastross.demo [--work runs/demo] [--ranks 2] [--vocab 768] [--epochs1 20] [--epochs2 8] [--lr 3e-3]
 
 Generates the bundled shapes data, builds tiny random-initialised model folders whose LLM reads a
---vocab-id tokenizer trained on that data's text (fastross.tools.make_tiny --corpus), converts the
+--vocab-id tokenizer trained on that data's text (fastross.demo.make_tiny --corpus), converts the
 data to MDS shards (with VAE latent moments), trains stage 1 (configs/tiny_pretrain.yaml, the LLM
 trained too, for --epochs1 epochs) then stage 2 (configs/tiny.yaml, --epochs2 epochs), both at --lr,
 under torchrun with FSDP2 on gloo,
@@ -54,7 +54,7 @@ def prepare(work: Path, synth_args: list[str], vocab: int = 0) -> None:
     models, data, shards = work / "models", work / "data", work / "shards"
     run([py, "-m", "fastross.data.synth", str(data), *synth_args])
     corpus = ["--corpus", str(data / "stage1.json"), str(data / "stage2.json"), "--vocab", str(vocab)] if vocab else []
-    run([py, "-m", "fastross.tools.make_tiny", str(models), *corpus])
+    run([py, "-m", "fastross.demo.make_tiny", str(models), *corpus])
     for stage, template in ((1, "plain"), (2, "qwen2_ross")):
         run([py, "-m", "fastross.data.convert", "--json", str(data / f"stage{stage}.json"),
              "--images", str(data / "images"), "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"),
@@ -102,7 +102,8 @@ def answers(work: Path, model: Path, out: Path) -> float:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m fastross.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--work", default="runs/demo", help="work folder (must match the paths in configs/tiny*.yaml)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--vocab", type=int, default=768,
@@ -153,6 +154,3 @@ def main(argv=None) -> int:
     )
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
