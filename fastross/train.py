@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from fastross import checkpoint, config, distributed, flops, lifecycle, metrics, provenance
+from fastross import checkpoint, config, distributed, flops, lifecycle, metrics, provenance, weights
 from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
@@ -251,7 +251,7 @@ class Trainer:
         self._say(f"weights: {loaded.from_files} tensors read from the folders, {loaded.fresh} fresh; "
                   f"{loaded.held_bytes / 2**20:.1f} MiB held per rank")
         if m.init_from:
-            src = checkpoint.load_model_weights(m.init_from, self.model)
+            src = weights.load_model_weights(m.init_from, self.model)
             self._say(f"model weights from {src}")
 
         lrs = {"projector": o.lr_projector, "denoiser": o.lr_denoiser, "llm": o.lr_llm}
