@@ -129,7 +129,7 @@ def llava_name(name: str) -> str | None:
 
 
 def llava_config(cfg: fconfig.Config, meta: ShardMeta):
-    from transformers import AutoConfig, LlavaConfig
+    from transformers import AutoConfig, LlavaConfig  # transformers (seconds) only where its classes are made
 
     m = cfg.model
     kind = read_tower(m.vision_path).kind
@@ -165,7 +165,7 @@ def llava_weights(cfg: fconfig.Config, state: dict[str, torch.Tensor], tied: boo
 
 def image_processor(spec: ImageSpec, aspect: str):
     """The LlavaImageProcessor that computes fastross.data.images.preprocess(., spec, aspect) (pil backend)."""
-    from transformers import LlavaImageProcessor
+    from transformers import LlavaImageProcessor  # as in llava_config
 
     if aspect not in ("pad", "square"):
         raise ValueError(f"image aspect must be 'pad' or 'square', got {aspect!r}")
@@ -180,7 +180,7 @@ def image_processor(spec: ImageSpec, aspect: str):
 
 def export(src: str | Path, out: str | Path) -> Path:
     """Write the Llava folder for the newest checkpoint of `src` (a run folder or a checkpoint) into `out`."""
-    from transformers import GenerationConfig, LlavaProcessor
+    from transformers import GenerationConfig, LlavaProcessor  # as in llava_config
 
     ckpt, cfg, state = read_checkpoint(src)
     meta = ShardMeta.read(meta_folder(cfg.data))  # the run's sources agree on it

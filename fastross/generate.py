@@ -121,7 +121,7 @@ def hf_sdpa(llm):
 def decode(model, prompts: list[Prompt], image_token_id: int, sampling: Sampling, eos_token_id: int | None,
            pad_token_id: int = 0) -> list[list[int]]:
     """The new token ids of each prompt (eos included when reached), all prompts as one left-padded batch."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # transformers (seconds) only once decoding starts
 
     model.eval()
     llm, device = model.llm, model.projector[0].weight.device

@@ -273,7 +273,7 @@ def load_into(path: str | Path, model) -> Path:
 
 def reference_config(cfg, meta, vae_path: str, dtype: torch.dtype) -> dict:
     """config.json: the LLM's config as the reference model's, with the mm_* keys its trainer writes."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers (seconds) only where the layout is written
 
     m = cfg.model
     llm = AutoConfig.from_pretrained(m.llm_path)
@@ -339,7 +339,7 @@ def reference_weights(cfg, state: dict[str, torch.Tensor], vae_path: str, grid: 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: str | int) -> list[str]:
     """model.safetensors, or Hugging Face's model-0000K-of-0000N.safetensors and model.safetensors.index.json."""
-    from huggingface_hub import split_torch_state_dict_into_shards
+    from huggingface_hub import split_torch_state_dict_into_shards  # likewise (transformers' own dependency)
 
     split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
