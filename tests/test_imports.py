@@ -124,3 +124,30 @@ def test_config_imports_light():
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == repr(["fastross", "fastross.config", "fastross.towers"])
 
+
+def test_each_import_of_fastross_inside_a_function_says_why():
+    """An import of a fastross module inside a function is the exception (an optional part, a heavy import kept off
+    a light path): each says why, in a comment on its line or just above. fastross.tools is moving to devtools/."""
+    bare = []
+    for name, path in modules().items():
+        if name.startswith("fastross.tools"):
+            continue
+        lines = path.read_text().splitlines()
+        for func in ast.walk(ast.parse("\n".join(lines))):
+            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(func):
+                if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                    continue
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                if not any(n.split(".")[0] == "fastross" for n in names) and not (
+                        isinstance(node, ast.ImportFrom) and node.level):
+                    continue
+                own = lines[node.lineno - 1: node.end_lineno]
+                i = node.lineno - 2  # the comment may stand above a group of such imports
+                while i >= 0 and lines[i].strip().startswith(("from ", "import ")):
+                    i -= 1
+                above = lines[i].strip() if i >= 0 else ""
+                if not any("#" in line for line in own) and not above.startswith("#"):
+                    bare.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not bare, f"imports inside functions without a comment saying why: {bare}"
