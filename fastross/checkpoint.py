@@ -40,6 +40,11 @@ a step for the same result). Two saves never overlap: each save, and the end of 
 wait for the previous write and its finalisation (that wait counts as blocked time). A write
 that failed on any rank raises at that wait; the previous checkpoint stays `latest`.
 Trade-off: host memory holds one copy of this rank's shard of the model and optimizer.
+
+Besides the save and the resume, the two reads of a finished checkpoint that other modules build on:
+`load_model_state` (the model's weights alone) and `read_checkpoint` (config and full model state on one host). This
+module knows DCP checkpoints only; `model.init_from`'s choice among a checkpoint, an export and the reference layout
+is fastross.weights's, above it and the exports.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from fastross import config as fconfig
 from fastross.checkpoint_read import (  # noqa: F401  (CheckpointError, read_metadata, SafeReader: fastross.checkpoint's)
     CheckpointError,
     SafeReader,
@@ -75,6 +81,7 @@ from fastross.checkpoint_read import (  # noqa: F401  (CheckpointError, read_met
     load_into,
     read_json_object,
     read_metadata,
+    read_state,
     read_tensor_file,
 )
 
@@ -490,42 +497,25 @@ def resolve(path: str | Path, say=None) -> Path | None:
     )
 
 
-def load_model_weights(path: str | Path, model) -> Path:
-    """Load only the model's weights from a checkpoint (stage 2 starting from stage 1), a fastross.export folder, or
-    the reference ROSS layout / a stage-1 mm_projector.bin (fastross.ross_format, tensors read weights_only)."""
-    from fastross import export, ross_format
-
-    if export.is_export(path):
-        return _load_export_weights(Path(path), model)
-    if ross_format.is_reference(path):
-        return ross_format.load_into(path, model)
-    if Path(path).is_file():
-        raise ValueError(
-            f"model.init_from: {path} is a file, and not a reference ROSS mm_projector.bin; fastross reads a run "
-            "folder, a checkpoint folder, a fastross export or the reference ROSS layout, never other pickles: load "
-            "it in a trusted session and save its tensors with safetensors (a Hugging Face folder for "
-            "model.vision_path/model.llm_path), or start a run from them and use its checkpoint"
-        )
-    ckpt = agreed(lambda: resolve(path, say=print), dist.get_rank() if dist.is_initialized() else 0)
-    if ckpt is None:
-        raise FileNotFoundError(f"model.init_from: {path} holds no complete fastross checkpoint, no fastross export "
-                                "and no reference ROSS checkpoint or mm_projector.bin")
+def load_model_state(ckpt: Path, model) -> Path:
+    """Only the model's weights from the verified checkpoint folder `ckpt` (model.init_from's fastross case,
+    fastross.weights), read by fastross.checkpoint_read; every rank keeps its shards (DCP's collective when a process
+    group is up)."""
     msd = get_model_state_dict(model)
     load_into({"model": msd}, ckpt)
     set_model_state_dict(model, msd, options=StateDictOptions(strict=True))
     return ckpt
 
 
-def _load_export_weights(folder: Path, model) -> Path:
-    """Every rank reads the whole export (fastross.export.load_export) and keeps its shards; the VAE stays as loaded."""
-    from fastross.export import load_export
-
-    state = load_export(folder)
-    have = set(get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)))
-    missing = sorted(k for k in have - state.keys() if not k.startswith("vae."))
-    extra = sorted(state.keys() - have)
-    if missing or extra:
-        raise KeyError(f"model.init_from: the export {folder} does not fit this model: missing {missing[:5]}, "
-                       f"unexpected {extra[:5]} (is model.* the export's fastross_config.yaml's?)")
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    return folder
+def read_checkpoint(path: str | Path) -> tuple[Path, fconfig.Config, dict[str, torch.Tensor]]:
+    """A run folder or checkpoint folder -> (checkpoint, its resolved config, the model's full state dict), on the
+    host, in one process, read by fastross.checkpoint_read (nothing in the checkpoint runs): what the exports
+    (fastross.export, fastross.ross_format) and fastross.weights.checkpoint_model start from."""
+    ckpt = resolve(path)
+    if ckpt is None:
+        raise FileNotFoundError(f"{path} holds no complete fastross checkpoint (no .metadata, no checkpoints/latest)")
+    cfg_path = ckpt / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} is missing: the checkpoint was not written by fastross's trainer")
+    cfg = fconfig.load(str(cfg_path), ["model.init_from="])  # the checkpoint's weights: where they started is moot
+    return ckpt, cfg, read_state(ckpt, "model")

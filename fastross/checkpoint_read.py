@@ -1,7 +1,7 @@
 """Reading a checkpoint without running anything it holds: the one way fastross reads checkpoint files.
 
 Every reader of a checkpoint goes through here: the resume (fastross.checkpoint.Checkpointer.load),
-`model.init_from` (fastross.checkpoint.load_model_weights, also behind fastross.generate and fastross.eval),
+`model.init_from` (fastross.weights.load_model_weights, also behind fastross.generate and fastross.eval),
 fastross.export (both formats) and the reference importer (fastross.ross_format's `.bin` files).
 
 What a crafted file could do, and what stops it:
@@ -37,6 +37,7 @@ from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.protocol import _is_checkpointable_tensor
 
@@ -253,8 +254,6 @@ def load_into(state: dict, folder: str | Path) -> None:
     `get_state_dict` gives them; DCP's collective when a process group is up) from `folder`, refusing whatever
     fastross would not have written there (see the module's header). Refusals raise CheckpointError, naming the
     file and the key, before DCP reads any data."""
-    from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-
     folder = Path(folder)
     md = read_metadata(folder / ".metadata")
     check_kinds(md, folder)

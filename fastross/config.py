@@ -18,6 +18,7 @@ import inspect
 import io
 import json
 import os
+import re
 import textwrap
 import tokenize
 import types
@@ -328,7 +329,8 @@ def absolute(path: str) -> str:
 
 
 def load(path: str | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """check_paths=False: shapes-only tools (fastross.plan) that need no folder to exist."""
+    """check_paths=False: shapes-only tools (fastross.plan) that need no folder to exist. No shard file is read here:
+    what the shards say against data.* is fastross.data.sources.check_shard_facts, which the trainer runs next."""
     raw = read_yaml(path) if path else {}
     for o in overrides:
         if "=" not in o:
@@ -348,8 +350,8 @@ def load(path: str | None, overrides: list[str] = (), check_paths: bool = True) 
 
 def check(path: str, overrides: list[str] = ()) -> tuple[Config, list[str]]:
     """`fastross.train CONFIG --check`: the config validated as `load` does, except that folders which do not exist
-    come back as warnings, so that a recipe can be checked on a machine without its models and data. What the
-    folders hold is checked only when all of them exist."""
+    come back as warnings, so that a recipe can be checked on a machine without its models and data. What the model
+    folders hold is checked only when all of them exist (what the shards hold: the caller, as `load`'s)."""
     cfg = load(path, overrides, check_paths=False)
     missing = missing_folders(cfg)
     if not missing:
@@ -433,10 +435,21 @@ def data_sources(d: DataConfig) -> list[SourceConfig]:
     return d.sources or [SourceConfig(d.shards, 1.0)]
 
 
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """'50gb' -> 50 * 10**9 bytes (kb/mb/gb/tb decimal, kib/mib/gib/tib binary, a bare number in bytes)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if m is None or m.group(2).lower() not in _UNITS:
+        units = ", ".join(k for k in _UNITS if k)
+        raise ValueError(f"{text!r} is not a size: use a number with an optional unit ({units})")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 def _validate_sources(d: DataConfig) -> None:
     """What data.sources and the remote keys must be whatever the folders hold (missing_folders checks those)."""
-    from fastross.data.remote import parse_size  # no heavy imports: streaming only when a remote opens
-
     if d.shards and d.sources:
         raise ConfigError("data.shards and data.sources are both set: use data.shards for one folder, or list it "
                           "among data.sources")
@@ -462,10 +475,13 @@ def _folder_config(key: str, path: str) -> dict:
 
 
 def _check_folders(cfg: Config) -> None:
-    """What the folders say against the config: model types, select_layer, the data set's size and image tokens."""
+    """What the model folders say against the config: model types, select_layer. What the shards say (the data
+    set's size, its image tokens) is the data side's to read: fastross.data.sources.check_shard_facts, which the
+    trainer runs after `load`."""
+    # transformers (torch under it) only when folders are checked: `import fastross.config` stays light (data side)
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    m, d = cfg.model, cfg.data
+    m = cfg.model
     _folder_config("model.vision_path", m.vision_path)
     try:
         tower = towers.read_tower(m.vision_path)
@@ -487,30 +503,6 @@ def _check_folders(cfg: Config) -> None:
         vae = _folder_config("model.vae_path", m.vae_path)
         if vae.get("_class_name") != "AutoencoderKL":
             raise ConfigError(f"model.vae_path: {m.vae_path} holds a {vae.get('_class_name')!r}, not an AutoencoderKL")
-    # The data set's facts, when local shards carry them (the loader names what is missing otherwise), verified
-    # against each folder's manifest first (fastross.data.schema): an edited file is refused here, naming it.
-    from fastross.data.schema import META_FILE, read_lengths, read_meta
-
-    local = [s.shards for s in data_sources(d) if "://" not in s.shards]
-    metas = {}
-    for p in local:
-        if (Path(p) / META_FILE).is_file():
-            try:
-                metas[p] = read_meta(p)
-            except (ValueError, OSError) as e:
-                raise ConfigError(f"data: {e}") from None
-    try:
-        counts = [len(read_lengths(p)) for p in local if p in metas and (Path(p) / "lengths.npy").is_file()]
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"data: {e}") from None
-    if len(counts) == len(data_sources(d)) and d.global_batch > sum(counts):
-        raise ConfigError(f"data.global_batch={d.global_batch} is larger than {', '.join(local)}'s {sum(counts)} "
-                          "samples")
-    for p, meta in metas.items():
-        visual = meta.get("num_visual_tokens", 0)
-        if d.max_tokens < visual + 1:
-            raise ConfigError(f"data.max_tokens={d.max_tokens} holds no image sample: one image is {visual} visual "
-                              f"tokens, plus at least one text token ({p})")
 
 
 @functools.cache

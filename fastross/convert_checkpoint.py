@@ -44,7 +44,15 @@ import torch.distributed.checkpoint as dcp
 
 from fastross import config as fconfig
 from fastross import ross_format, towers
+from fastross.checkpoint import LATEST, write_manifest
+from fastross.data import templates
+from fastross.data.schema import tokenizer_fingerprint
 from fastross.data.schema import write_manifest as write_data_manifest
+from fastross.data.sources import check_shard_facts
+from fastross.model import init
+from fastross.model.denoiser import Denoiser, resolve_impl
+from fastross.model.load import SafetensorsFolder
+from fastross.model.ross import RossModel
 
 STEP = "step_00000000"
 # The reference's model type -> the fastross prompt template its conversations used.
@@ -86,8 +94,6 @@ def _folder(src_cfg: dict, key: str, given: str | None, flag: str, where: Path, 
 
 def _net_shapes(src: Path) -> dict[str, tuple[int, ...]]:
     """The shapes of SRC's DiT tensors (model.mm_inv_projector.net.*), without reading them."""
-    from fastross.model.load import SafetensorsFolder
-
     with ExitStack() as stack:
         files = SafetensorsFolder(str(src), stack)
         return {k: tuple(files.get_slice(k).get_shape()) for k in files.where if k.startswith(ross_format.NET)}
@@ -118,9 +124,6 @@ def model_overrides(src: Path, src_cfg: dict, paths: dict, net: dict, fresh_deno
 
 def shard_meta(llm_path: str, vision_path: str, template: str, aspect: str, vae_path: str) -> dict:
     """fastross.json for RUN/data: the prompt and image facts a converted folder records, and no samples."""
-    from fastross.data import templates
-    from fastross.data.schema import tokenizer_fingerprint
-
     tok = templates.load_tokenizer(llm_path)
     templates.check_tokenizer(template, tok, llm_path)
     grid = towers.read_tower(vision_path).grid
@@ -136,9 +139,6 @@ def shard_meta(llm_path: str, vision_path: str, template: str, aspect: str, vae_
 def fresh_denoiser_state(cfg, model, seed: int) -> dict[str, torch.Tensor]:
     """The denoiser a training run with this seed starts from (RossModel's own init rules), built on the host.
     cfg: model.denoiser; model: the meta-built RossModel it belongs to."""
-    from fastross.model import init
-    from fastross.model.denoiser import Denoiser, resolve_impl
-
     fresh = Denoiser(cfg.kind, model.llm.config.hidden_size, cfg.width, cfg.depth, cfg.heads, model.vision.grid,
                      channels=4 * model.latent_channels, impl=resolve_impl(cfg.impl, "cpu"), dtype=cfg.dtype,
                      repeat_cond=cfg.repeat_cond)
@@ -147,8 +147,6 @@ def fresh_denoiser_state(cfg, model, seed: int) -> dict[str, torch.Tensor]:
 
 
 def vae_state(vae_path: str) -> dict[str, torch.Tensor]:
-    from fastross.model.load import SafetensorsFolder
-
     with ExitStack() as stack:
         files = SafetensorsFolder(vae_path, stack)
         return {"vae." + k: files.get_tensor(k).float() for k in files.where}
@@ -158,10 +156,6 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
             vae: str | None = None, template: str | None = None, fresh_denoiser: bool = False, seed: int = 0,
             overrides: list[str] = (), say=print) -> Path:
     """SRC (the reference layout) -> RUN, a fastross run folder with one verified checkpoint; returns RUN."""
-    from fastross.checkpoint import LATEST, write_manifest
-    from fastross.data import templates
-    from fastross.model.ross import RossModel
-
     src, out = Path(src).resolve(), Path(out).resolve()
     src_cfg = _src_config(src)
     where = src / ross_format.CONFIG
@@ -194,6 +188,7 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
         write_data_manifest(tmp / "data")  # fastross.json alone: the folder holds no samples
         # Validated against the folders with data.shards at its final place's twin (the same fastross.json)
         cfg = fconfig.load(None, [k.replace(f"data.shards={data}", f"data.shards={tmp / 'data'}") for k in keys])
+        check_shard_facts(cfg.data)  # data.max_tokens against RUN/data's fastross.json, as the trainer will
         model = RossModel(cfg.model, "sdpa", seed=seed, meta=True)  # shapes only: nothing is read twice
         fresh = ("denoiser.",) if fresh_denoiser and not net else ()
         if fresh_denoiser and not fresh:

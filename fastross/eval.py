@@ -31,6 +31,8 @@ import re
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 YES, NO, UNKNOWN = "yes", "no", "unknown"
 TURNS = ("context", "alone")
 TYPES = ("yesno", "number", "colour", "where", "text")
@@ -233,8 +235,8 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, images: s
              turns: str = "context") -> dict:
     """Ask every question of DATA; turns: "context" asks each turn after its record's earlier turns (their gold
     answers), "alone" asks it as the record's only turn."""
-    from tqdm import tqdm
-
+    # Here, not at the top: the model side (torch, the model, its kernels) only once a model is asked; the parsers
+    # and metrics above import without it (tests/test_eval.py, scripts that score an answer file).
     from fastross.generate import Sampling, answer, load
 
     if turns not in TURNS:
@@ -269,7 +271,7 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, images: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
+    import torch  # the default --device only: the module imports without torch (see `evaluate`)
 
     p = argparse.ArgumentParser(prog="python -m fastross.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,19 +25,22 @@ from __future__ import annotations
 
 import argparse
 import json
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from fastross import config as fconfig
-from fastross.checkpoint import resolve
-from fastross.checkpoint_read import read_state
+from fastross import ross_format
+from fastross.checkpoint import read_checkpoint
 from fastross.data import templates
 from fastross.data.images import ImageSpec
 from fastross.data.schema import ShardMeta
 from fastross.data.sources import meta_folder
-from fastross.towers import read_tower
+from fastross.model.load import SafetensorsFolder
+from fastross.towers import VISION_FOLDER_PREFIX, read_tower
 
 DENOISER_FILE = "denoiser.safetensors"
 CONFIG_FILE = "fastross_config.yaml"
@@ -49,7 +52,6 @@ NAMES = (
     ("llm.model.", "model.language_model."),
     ("llm.lm_head.", "lm_head."),
 )
-VISION_FOLDER_PREFIX = "vision_model."  # the key prefix of a vision folder's tower (SigLIP, CLIP, either whole model)
 
 # A message's content as fastross's templates see it: a string, or Hugging Face's list of parts with the
 # image parts first as `<image>\n` (fastross.data.templates.normalise_turns moves the image to the front).
@@ -118,30 +120,6 @@ def chat_template(template: str, tokenizer) -> str:
     return _FLATTEN + body
 
 
-def read_checkpoint(path: str | Path) -> tuple[Path, fconfig.Config, dict[str, torch.Tensor]]:
-    """A run folder or checkpoint folder -> (checkpoint, its resolved config, the model's full state dict), read by
-    fastross.checkpoint_read (nothing in the checkpoint runs)."""
-    ckpt = resolve(path)
-    if ckpt is None:
-        raise FileNotFoundError(f"{path} holds no complete fastross checkpoint (no .metadata, no checkpoints/latest)")
-    cfg_path = ckpt / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} is missing: the checkpoint was not written by fastross's trainer")
-    cfg = fconfig.load(str(cfg_path), ["model.init_from="])  # the checkpoint's weights: where they started is moot
-    return ckpt, cfg, read_state(ckpt, "model")
-
-
-def checkpoint_model(path: str | Path):
-    """A run folder or checkpoint folder -> (fastross's own model with the checkpoint's weights, in eval mode, on the
-    host; its config): what the export is compared with (tests/test_export.py, benchmarks/export_check.py)."""
-    from fastross.model.ross import RossModel
-
-    _, cfg, state = read_checkpoint(path)
-    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), cfg
-
-
 def llava_name(name: str) -> str | None:
     """A fastross parameter name -> its Llava name; None for parts Llava has no place for (denoiser, VAE)."""
     for ours, theirs in NAMES:
@@ -151,7 +129,7 @@ def llava_name(name: str) -> str | None:
 
 
 def llava_config(cfg: fconfig.Config, meta: ShardMeta):
-    from transformers import AutoConfig, LlavaConfig
+    from transformers import AutoConfig, LlavaConfig  # transformers (seconds) only where its classes are made
 
     m = cfg.model
     kind = read_tower(m.vision_path).kind
@@ -170,10 +148,6 @@ def llava_config(cfg: fconfig.Config, meta: ShardMeta):
 
 def llava_weights(cfg: fconfig.Config, state: dict[str, torch.Tensor], tied: bool) -> dict[str, torch.Tensor]:
     """The checkpoint's weights under Llava's names, plus the tower's layers fastross dropped (from vision_path)."""
-    from contextlib import ExitStack
-
-    from fastross.model.load import SafetensorsFolder
-
     out = {}
     for name, t in state.items():
         theirs = llava_name(name)
@@ -191,7 +165,7 @@ def llava_weights(cfg: fconfig.Config, state: dict[str, torch.Tensor], tied: boo
 
 def image_processor(spec: ImageSpec, aspect: str):
     """The LlavaImageProcessor that computes fastross.data.images.preprocess(., spec, aspect) (pil backend)."""
-    from transformers import LlavaImageProcessor
+    from transformers import LlavaImageProcessor  # as in llava_config
 
     if aspect not in ("pad", "square"):
         raise ValueError(f"image aspect must be 'pad' or 'square', got {aspect!r}")
@@ -206,8 +180,7 @@ def image_processor(spec: ImageSpec, aspect: str):
 
 def export(src: str | Path, out: str | Path) -> Path:
     """Write the Llava folder for the newest checkpoint of `src` (a run folder or a checkpoint) into `out`."""
-    from safetensors.torch import save_file
-    from transformers import GenerationConfig, LlavaProcessor
+    from transformers import GenerationConfig, LlavaProcessor  # as in llava_config
 
     ckpt, cfg, state = read_checkpoint(src)
     meta = ShardMeta.read(meta_folder(cfg.data))  # the run's sources agree on it
@@ -249,8 +222,6 @@ def is_export(folder: str | Path) -> bool:
 
 def load_export(folder: str | Path) -> dict[str, torch.Tensor]:
     """An exported folder -> the model state under fastross's names (frozen VAE excluded: it comes from vae_path)."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     for f in ("model.safetensors", DENOISER_FILE, CONFIG_FILE):
         if not (folder / f).is_file():
@@ -285,8 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-shard-size", default="5GB", help="ross only: safetensors shard size, as Hugging Face's")
     a = p.parse_args(argv)
     if a.format == "ross":
-        from fastross import ross_format
-
         out = ross_format.export(a.src, a.out, a.dtype, a.max_shard_size)
         print(f"export: wrote {out} (reference ROSS layout, {a.dtype})")
         return 0

@@ -27,9 +27,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
+from fastross import config as fconfig
+from fastross.checkpoint import resolve
+from fastross.data import templates
 from fastross.data.batch import MicroBatch, TextSample, pack_text
+from fastross.data.images import ImageSpec, preprocess
+from fastross.data.schema import ShardMeta
+from fastross.data.sources import meta_folder
 from fastross.data.templates import IGNORE
+from fastross.export import CONFIG_FILE, DENOISER_FILE, is_export
+from fastross.model.ross import RossModel
+from fastross.ross_format import is_reference
+from fastross.weights import load_model_weights
 
 
 def micro_batch(input_ids: list[int], pixel_values: torch.Tensor, image_token_id: int, num_visual: int) -> MicroBatch:
@@ -110,7 +121,7 @@ def hf_sdpa(llm):
 def decode(model, prompts: list[Prompt], image_token_id: int, sampling: Sampling, eos_token_id: int | None,
            pad_token_id: int = 0) -> list[list[int]]:
     """The new token ids of each prompt (eos included when reached), all prompts as one left-padded batch."""
-    from transformers import DynamicCache
+    from transformers import DynamicCache  # transformers (seconds) only once decoding starts
 
     model.eval()
     llm, device = model.llm, model.projector[0].weight.device
@@ -180,13 +191,6 @@ class Loaded:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """A fastross run folder, checkpoint or export folder -> the model and what its prompts and images need."""
-    from fastross import config as fconfig
-    from fastross.checkpoint import load_model_weights, resolve
-    from fastross.data import templates
-    from fastross.data.images import ImageSpec
-    from fastross.export import CONFIG_FILE, DENOISER_FILE, is_export
-    from fastross.model.ross import RossModel
-
     path = Path(path)
     ckpt = resolve(path)
     if ckpt is not None:
@@ -194,23 +198,16 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{cfg_file} is missing: the checkpoint was not written by fastross's trainer")
         cfg = fconfig.load(str(cfg_file), check_paths=False)
-        from fastross.data.schema import ShardMeta
-        from fastross.data.sources import meta_folder
-
         meta = ShardMeta.read(meta_folder(cfg.data))
         template, aspect = meta.template, meta.image_aspect
         tok = templates.load_tokenizer(cfg.model.llm_path)
     elif is_export(path):
-        from safetensors import safe_open
-
         cfg = fconfig.load(str(path / CONFIG_FILE), check_paths=False)
         with safe_open(str(path / DENOISER_FILE), "pt") as f:
             template = f.metadata()["template"]
         aspect = "pad" if json.loads((path / "preprocessor_config.json").read_text()).get("do_pad") else "square"
         tok = templates.load_tokenizer(str(path))
     else:
-        from fastross.ross_format import is_reference
-
         hint = (f"; it is a reference ROSS checkpoint: import it once with `python -m fastross.convert_checkpoint "
                 f"{path} --out RUN` and use RUN" if path.is_dir() and is_reference(path) else "")
         raise FileNotFoundError(f"--model {path}: no fastross checkpoint (checkpoints/latest or .metadata) and no "
@@ -233,8 +230,6 @@ def prompt_ids(loaded: Loaded, question: str, image: bool, history: list[tuple[s
     history: the conversation's earlier (question, answer) turns, rendered before this one as a multi-turn training
     sample holds them; the `<image>` stays where the conversation has it, else goes before the first question. The
     plain template renders one exchange only: there the history is dropped."""
-    from fastross.data import templates
-
     turns = [*(history if templates.canonical(loaded.template) != "plain" else ()), (question, "A")]
     conv = [{"from": who, "value": v} for q, a in turns for who, v in (("human", q), ("gpt", a))]
     if image and not any(templates.IMAGE_TOKEN in t["value"] for t in conv):
@@ -247,8 +242,6 @@ def prompt_ids(loaded: Loaded, question: str, image: bool, history: list[tuple[s
 
 
 def pixel_values(loaded: Loaded, image: str | Path) -> torch.Tensor:
-    from fastross.data.images import preprocess
-
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")

@@ -31,8 +31,12 @@ import torch.distributed as dist
 
 from fastross import config, distributed, flops
 from fastross.data import default_mix as mix, packing_planner as planner  # renamed; the body keeps its names
+from fastross.data.batch import MicroBatch
+from fastross.data.remote import cache_folder, is_remote
 from fastross.data.schema import LENGTHS_FILE, read_lengths
 from fastross.model import presets
+from fastross.model.denoiser import resolve_impl
+from fastross.model.ross import RossModel
 
 GIB = 1 << 30
 # Kept free of the device's memory: CUDA context and NCCL buffers (2 GiB), and the caching allocator's
@@ -51,8 +55,6 @@ class Mix:
 
 def length_indexes(d: config.DataConfig) -> list[tuple[Path, float]]:
     """(lengths.npy, weight) of every source, a remote's from its cache; [] unless every source has one here."""
-    from fastross.data.remote import cache_folder, is_remote
-
     found = []
     for s in config.data_sources(d):
         folder = cache_folder(d.cache_dir, s.shards) if is_remote(s.shards) else Path(s.shards)
@@ -117,8 +119,6 @@ class Memory:
 def _fake_micro_batch(model, lengths, images, supervised):
     """A MicroBatch of these samples, real small tensors (the fake mode converts): stored latent moments, or none
     when the model has a VAE (model.vae_path: the reference's encoding on the fly)."""
-    from fastross.data.batch import MicroBatch
-
     n_vis = model.num_visual_tokens
     cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     vpos = np.concatenate([cu[i] + np.arange(n_vis) for i in range(len(lengths)) if images[i]] or [np.arange(n_vis)])
@@ -186,8 +186,6 @@ def simulate(cfg: config.Config, model_cfg, world: distributed.World, policy, sa
     with train.activation_checkpointing = policy; model_cfg's folders hold config.json (presets.arch_folders)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
-    from fastross.model.ross import RossModel
 
     t = dataclasses.replace(cfg.train, activation_checkpointing=policy, compile=False)
     model = RossModel(model_cfg, attention="varlen", seed=t.seed, meta=True)
@@ -291,8 +289,6 @@ class Setup:
 def setup(cfg: config.Config, gpus: int, device: str = "cuda"):
     """A Setup for cfg on `gpus` fake ranks of `device` (its type: what model.denoiser.impl=auto resolves to); the
     fake process group lives as long as the context."""
-    from fastross.model.denoiser import resolve_impl
-
     world = init_fake_world(gpus)
     try:
         with presets.arch_folders(cfg.model) as (model_cfg, sources):

@@ -47,9 +47,17 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from fastross import towers
+from fastross.checkpoint import read_checkpoint
 from fastross.checkpoint_read import read_json_object, read_tensor_file
+from fastross.data import templates
+from fastross.data.schema import ShardMeta, read_meta
+from fastross.data.sources import meta_folder
+from fastross.model.denoiser import sincos_2d
+from fastross.model.load import SafetensorsFolder
 
 CONFIG = "config.json"
 PROJECTOR_BIN = "mm_projector.bin"
@@ -160,8 +168,6 @@ def _vision_layers(names) -> int:
 
 
 def _expected_pos_embed(model) -> torch.Tensor:
-    from fastross.model.denoiser import sincos_2d
-
     tokens, width = model.denoiser.pos_embed.shape
     return sincos_2d(width, math.isqrt(tokens))[None]
 
@@ -177,8 +183,6 @@ def _check_pos_embed(t: torch.Tensor, model, where: str) -> None:
 
 def _sources(path: Path, stack: ExitStack):
     """(where, {key: loader}) pairs of the file set, the config dict or None, and whether it is a whole checkpoint."""
-    from fastross.model.load import SafetensorsFolder
-
     if path.is_file():
         bins, cfg_path = [path], path.parent / CONFIG
     elif (path / PROJECTOR_BIN).is_file():
@@ -199,8 +203,6 @@ def reference_state(path: str | Path, model, fresh: tuple[str, ...] = ()) -> dic
     """The tensors of a reference-layout checkpoint or stage-1 adapter under fastross's names, each checked against
     `model` (a RossModel, FSDP-sharded or not) and converted to its dtype. `fresh`: name prefixes the file need not
     hold, the caller fills them (fastross.convert_checkpoint --fresh-denoiser: "denoiser.")."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     path = Path(path)
     have = {k: (tuple(v.shape), v.dtype) for k, v in
             get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)).items()}
@@ -264,8 +266,6 @@ def _complete(state: dict, have: dict, model, path: Path, full: bool, denoiser: 
 def load_into(path: str | Path, model) -> Path:
     """model.init_from for the reference layout: every rank reads the files and keeps its shards (strict=False: the
     parts a stage-1 adapter does not hold, and the VAE, stay as loaded)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
     state = reference_state(path, model)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     return Path(path)
@@ -273,7 +273,7 @@ def load_into(path: str | Path, model) -> Path:
 
 def reference_config(cfg, meta, vae_path: str, dtype: torch.dtype) -> dict:
     """config.json: the LLM's config as the reference model's, with the mm_* keys its trainer writes."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # transformers (seconds) only where the layout is written
 
     m = cfg.model
     llm = AutoConfig.from_pretrained(m.llm_path)
@@ -316,10 +316,6 @@ def reference_weights(cfg, state: dict[str, torch.Tensor], vae_path: str, grid: 
                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The checkpoint's weights under the reference's names, plus what it keeps that fastross does not: the tower's
     later layers, post-layernorm and head (from vision_path), the VAE (from its folder), the DiT's pos_embed."""
-    from fastross.export import VISION_FOLDER_PREFIX
-    from fastross.model.denoiser import sincos_2d
-    from fastross.model.load import SafetensorsFolder
-
     out = {}
     for name, t in state.items():
         if name.startswith("vae."):
@@ -332,8 +328,8 @@ def reference_weights(cfg, state: dict[str, torch.Tensor], vae_path: str, grid: 
         out.pop("lm_head.weight", None)
     out[POS_EMBED] = sincos_2d(state[CONV[0]].shape[0], grid)[None]
     with ExitStack() as stack:
-        for folder, prefix, keep in ((cfg.model.vision_path, "model.vision_tower.vision_tower.", VISION_FOLDER_PREFIX),
-                                     (vae_path, "model.pixel_decoder.pixel_decoder.", "")):
+        tower = (cfg.model.vision_path, "model.vision_tower.vision_tower.", towers.VISION_FOLDER_PREFIX)
+        for folder, prefix, keep in (tower, (vae_path, "model.pixel_decoder.pixel_decoder.", "")):
             files = SafetensorsFolder(str(folder), stack)
             for key in files.where:
                 if key.startswith(keep) and prefix + key not in out:
@@ -343,8 +339,7 @@ def reference_weights(cfg, state: dict[str, torch.Tensor], vae_path: str, grid: 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_size: str | int) -> list[str]:
     """model.safetensors, or Hugging Face's model-0000K-of-0000N.safetensors and model.safetensors.index.json."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
+    from huggingface_hub import split_torch_state_dict_into_shards  # likewise (transformers' own dependency)
 
     split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
                                                max_shard_size=max_shard_size)
@@ -360,11 +355,6 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", max_shard_size
     """Write the newest checkpoint of `src` (a run folder or a checkpoint) in the reference layout into `out`.
 
     dtype fp32 reads back bit for bit; bf16 is what the reference's bf16 runs save."""
-    from fastross.data import templates
-    from fastross.data.schema import ShardMeta, read_meta
-    from fastross.data.sources import meta_folder
-    from fastross.export import read_checkpoint
-
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(dtype)
     if torch_dtype is None:
         raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")

@@ -45,7 +45,7 @@ class TowerKind:
 
     def transformers_class(self, role: str):
         """The transformers class for role "config", "model" or "processor"."""
-        import transformers
+        import transformers  # here, not at the top: see the module's last paragraph
 
         return getattr(transformers, {"config": self.config_class, "model": self.model_class,
                                       "processor": self.processor_class}[role])
@@ -75,6 +75,8 @@ CLIP = TowerKind(
 )
 KINDS = (SIGLIP, CLIP)
 VISION_TYPES = tuple(t for k in KINDS for t in k.folder_types)  # every model_type a vision folder may have
+# The key prefix of a vision folder's tower weights (SigLIP, CLIP, either whole model): what the exports copy from it.
+VISION_FOLDER_PREFIX = "vision_model."
 
 
 class TowerError(ValueError):

@@ -23,13 +23,13 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from fastross import checkpoint, config, distributed, flops, lifecycle, metrics, provenance
+from fastross import checkpoint, config, distributed, flops, lifecycle, metrics, provenance, weights
 from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
 from fastross.data.packing_planner import attention_cost_tokens
-from fastross.data.remote import parse_size
 from fastross.data.schema import ShardMeta, fingerprint_problem, tokenizer_fingerprint
+from fastross.data.sources import check_shard_facts, open_sources
 from fastross.data.templates import load_tokenizer
 from fastross.data.stream import Position
 from fastross.metrics import MetricsLogger
@@ -143,8 +143,6 @@ def check_before_training(cfg: config.Config) -> list[str]:
     processor, the data sources opened and compared field by field (fastross.data.sources.check_agree: template,
     tokenizer, grid, latents...) without hashing their shard files, and `check_shards` on them. Returns notes (the
     run's length, samples planned alone) to print; raises ConfigError, ValueError or FileNotFoundError."""
-    from fastross.data.sources import open_sources
-
     model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed, meta=True)
     ImageSpec.from_pretrained(cfg.model.vision_path)
     d, t = cfg.data, cfg.train
@@ -216,7 +214,7 @@ class Trainer:
             self._say("data: " + "; ".join(f"{s.name} ({len(s.lengths)} samples, weight {w:.3g}, {o.shuffle} order)"
                                            for s, w, o in zip(stream.sources, stream.weights, stream.orders)))
         window = sum(sum(sorted(s.shard_bytes.tolist())[-d.shuffle_window:]) for s in stream.sources if s.remote)
-        if window > parse_size(d.cache_limit):  # not an error: it costs downloads, nothing else
+        if window > config.parse_size(d.cache_limit):  # not an error: it costs downloads, nothing else
             self._say(f"data.cache_limit={d.cache_limit} is less than a block shuffle's window of every remote "
                       f"({window} bytes): shards will be downloaded more than once per epoch")
         lengths = stream.lengths
@@ -253,7 +251,7 @@ class Trainer:
         self._say(f"weights: {loaded.from_files} tensors read from the folders, {loaded.fresh} fresh; "
                   f"{loaded.held_bytes / 2**20:.1f} MiB held per rank")
         if m.init_from:
-            src = checkpoint.load_model_weights(m.init_from, self.model)
+            src = weights.load_model_weights(m.init_from, self.model)
             self._say(f"model weights from {src}")
 
         lrs = {"projector": o.lr_projector, "denoiser": o.lr_denoiser, "llm": o.lr_llm}
@@ -509,6 +507,7 @@ def check(path: str, overrides: list[str]) -> int:
     notes = []
     if not missing:  # what the trainer checks before training, short of the weights (check_before_training)
         try:
+            check_shard_facts(cfg.data)
             notes = check_before_training(cfg)
         except (config.ConfigError, ValueError, FileNotFoundError) as e:
             print(f"train: config error: {e}", file=sys.stderr)
@@ -553,6 +552,7 @@ def main(argv=None) -> int:
         return check(a.config, a.overrides)
     try:
         cfg = config.load(a.config, a.overrides)
+        check_shard_facts(cfg.data)  # what the shards say against data.*, before any work
     except config.ConfigError as e:
         print(f"train: config error: {e}", file=sys.stderr)
         return 2

@@ -82,7 +82,7 @@ def main(models: str, out_dir: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    from fastross import checkpoint, distributed
+    from fastross import checkpoint, distributed, weights
     from fastross.config import Config, DenoiserConfig, ModelConfig, TrainConfig
     from fastross.model import load
     from fastross.model.ross import RossModel
@@ -118,7 +118,7 @@ def main(models: str, out_dir: str) -> None:
     other = distributed.parallelize(RossModel(cfg, seed=6, meta=True), world, plain)
     other.load_weights(world.device)
     fresh_differ_before, _ = compare(other, reference)
-    checkpoint.load_model_weights(ckpt, other)
+    weights.load_model_weights(ckpt, other)
     init_from_differ, _ = compare(other, reference)
     Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps({
         "differ": differ, "sharded": sharded, "untied": untied,

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 from transformers import get_cosine_schedule_with_warmup
 
-from fastross import checkpoint, checkpoint_read, config, export
+from fastross import checkpoint, checkpoint_read, config, weights
 from fastross.checkpoint import Checkpointer, CheckpointError
 from devtools.faults import RunsCode
 from test_checkpoint import tiny_trained, world_of_one  # noqa: F401  (a fixture)
@@ -84,11 +84,11 @@ def torch_saved(obj) -> bytes:
 
 def every_entry_point(ck, ckpt, tmp_path, monkeypatch, with_resume: bool = True):
     """Each way fastross reads a checkpoint's DCP data: resume, model.init_from (also generate's and eval's way in),
-    fastross.export's reader (both formats call it). Yields (name, callable)."""
-    monkeypatch.setattr(export.fconfig, "load", lambda *a, **k: "the checkpoint's config")
+    fastross.checkpoint.read_checkpoint (both export formats call it). Yields (name, callable)."""
+    monkeypatch.setattr(checkpoint.fconfig, "load", lambda *a, **k: "the checkpoint's config")
     other, other_opt, other_sched = trainer(1)
-    points = [("init_from", lambda: checkpoint.load_model_weights(tmp_path / "run", other)),
-              ("export", lambda: export.read_checkpoint(tmp_path / "run"))]
+    points = [("init_from", lambda: weights.load_model_weights(tmp_path / "run", other)),
+              ("export", lambda: checkpoint.read_checkpoint(tmp_path / "run"))]
     if with_resume:
         points.insert(0, ("resume", lambda: ck.load(ck.latest(), other, other_opt, other_sched)))
     return points
@@ -108,7 +108,7 @@ def test_bytes_item_holding_a_pickle_runs_nothing_on_resume(saved, tmp_path, fmt
     assert not marker.exists()
     # A model-only reader never reads the optimizer's items: init_from and export load, and run nothing.
     model2, _, _ = trainer(2)
-    checkpoint.load_model_weights(tmp_path / "run", model2)
+    weights.load_model_weights(tmp_path / "run", model2)
     assert torch.equal(model2[0].weight, saved[2][0].weight)
     assert not marker.exists()
     # The payload is real, and returns a valid lr (a plain pickle runs too: torch.load's legacy reader unpickles

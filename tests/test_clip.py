@@ -219,7 +219,7 @@ def test_clip_convert_train_resume(tiny_models, tiny_clip, clip_shards, clip_run
 
 @pytest.fixture(scope="module")
 def clip_ours(clip_run_dir):
-    from fastross.export import checkpoint_model
+    from fastross.weights import checkpoint_model
 
     return checkpoint_model(clip_run_dir)[0]
 
@@ -244,10 +244,11 @@ def test_clip_export_parity(clip_ours, clip_exported, clip_run_dir, clip_shards,
     within fp32 tolerance, and the export reads back as the checkpoint (CLIP's pre-layernorm included)."""
     from transformers import CLIPVisionModel
 
+    from fastross.checkpoint import read_checkpoint
     from fastross.data import templates
     from fastross.data.images import ImageSpec, preprocess
     from fastross.data.schema import ShardMeta
-    from fastross.export import load_export, read_checkpoint
+    from fastross.export import load_export
     from fastross.generate import micro_batch
 
     model, proc, folder = clip_exported

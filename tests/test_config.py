@@ -48,8 +48,6 @@ def test_defaults_and_overrides(base):
         ("train.epochs=0", "train.epochs must be >= 1, got 0"),
         ("model.select_layer=-4", "model.select_layer=-4 is out of range for the vision tower's 3 layers"),
         ("model.select_layer=0", "model.select_layer=0 is out of range"),
-        ("data.global_batch=77", "data.global_batch=77 is larger than"),
-        ("data.max_tokens=64", "data.max_tokens=64 holds no image sample: one image is 64 visual tokens"),
         ("optim.betas=[0.9, fast]", "optim.betas[1]: expected float, got 'fast' (str)"),
         ("train.trainable=[llm, 3]", "train.trainable[1] must be one of 'projector', 'llm', 'denoiser', got 3"),
         ("train.loggers=[mlflow]", "train.loggers[0] must be one of 'tensorboard', 'wandb', got 'mlflow'"),
@@ -62,6 +60,25 @@ def test_bad_config_names_the_key(base, override, message):
     with pytest.raises(config.ConfigError, match=None) as e:
         config.load(str(base), [override])
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.global_batch=77", "data.global_batch=77 is larger than"),
+    ("data.max_tokens=64", "data.max_tokens=64 holds no image sample: one image is 64 visual tokens"),
+])
+def test_shard_facts_against_data_keys_before_work(base, override, message, capsys):
+    """What the shards say is read on the data side (config.load reads no shard file), before any work: by the
+    trainer's entry point and by --check, both with the message that names the key."""
+    from fastross import train
+    from fastross.data.sources import check_shard_facts
+
+    cfg = config.load(str(base), [override])  # valid as a config: the shards are not its to read
+    with pytest.raises(config.ConfigError) as e:
+        check_shard_facts(cfg.data)
+    assert message in str(e.value)
+    for argv in ([str(base), override], [str(base), override, "--check"]):
+        assert train.main(argv) == 2
+        assert f"train: config error: {message}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("key, folder, message", [

@@ -74,12 +74,13 @@ def test_convert_checkpoint_logits_equal_the_reference_import(reference, convert
 
 def test_convert_checkpoint_is_read_by_init_from_export_and_eval(converted, reference, tiny_models, synth_data,
                                                                  tmp_path):
-    from fastross.checkpoint import load_model_weights, resolve
+    from fastross.checkpoint import read_checkpoint, resolve
     from fastross.config import load as load_config
     from fastross.eval import main as eval_main
     from fastross.export import load_export
     from fastross.export import main as export_main
     from fastross.model.ross import RossModel
+    from fastross.weights import load_model_weights
 
     ckpt = resolve(converted)
     assert ckpt == converted / "checkpoints" / cc.STEP
@@ -88,7 +89,6 @@ def test_convert_checkpoint_is_read_by_init_from_export_and_eval(converted, refe
     # model.init_from=RUN, as a training run with the config's architecture loads it (DCP, strict)
     fresh = RossModel(cfg.model, "sdpa", seed=7)
     assert load_model_weights(converted, fresh) == ckpt
-    from fastross.export import read_checkpoint
 
     _, _, state = read_checkpoint(converted)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in state.items())
@@ -104,7 +104,7 @@ def test_convert_checkpoint_is_read_by_init_from_export_and_eval(converted, refe
 def test_convert_checkpoint_fresh_denoiser(reference, tiny_models, tmp_path, capsys):
     """No DiT tensors: refused naming --fresh-denoiser; with it, a training run's fresh denoiser (its seed) beside
     the file's other tensors."""
-    from fastross.export import read_checkpoint
+    from fastross.checkpoint import read_checkpoint
     from fastross.model.ross import RossModel
 
     src, tensors = reference

@@ -25,7 +25,7 @@ from fastross.config import DataConfig, SourceConfig
 from fastross.data import convert, images
 from fastross.data.schema import (ShardCorruptError, ShardMeta, fingerprint_problem, read_meta, tokenizer_fingerprint,
                                   verify_folder, write_manifest)
-from fastross.data.sources import open_source
+from fastross.data.sources import check_shard_facts, open_source
 from fastross.data.stream import StepStream
 
 ASK = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Shapes."}]
@@ -76,9 +76,10 @@ def test_edited_vae_constant_is_refused_naming_fastross_json(shards, tiny_models
         open_source(SourceConfig(str(shards)))  # the trainer's loader
     with pytest.raises(ShardCorruptError, match=want):
         ShardMeta.read(shards)  # export, generate, eval
-    with pytest.raises(config.ConfigError, match=want):  # train --check, and every config load with its folders
-        config.load(None, [f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={tiny_models / 'llm'}",
-                           f"data.shards={shards}"])
+    cfg = config.load(None, [f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={tiny_models / 'llm'}",
+                              f"data.shards={shards}"])  # reads no shard file
+    with pytest.raises(config.ConfigError, match=want):  # the trainer's entry point and --check, before any work
+        check_shard_facts(cfg.data)
 
 
 def test_flipped_length_bytes_are_refused_naming_lengths_npy(shards):

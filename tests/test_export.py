@@ -76,8 +76,8 @@ def test_image_processor_equals_fastross(aspect, tiny_models):
 
 
 def test_bad_source_is_named(tmp_path):
-    from fastross.checkpoint import load_model_weights
     from fastross.export import main
+    from fastross.weights import load_model_weights
 
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         main([str(tmp_path), "--out", str(tmp_path / "out")])
@@ -97,7 +97,7 @@ def exported(run_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(run_dir):
     """fastross's own model with the checkpoint's weights."""
-    from fastross.export import checkpoint_model
+    from fastross.weights import checkpoint_model
 
     return checkpoint_model(run_dir)[0]
 
@@ -201,7 +201,8 @@ def test_greedy_generate_equals_fastross(ours, theirs, tokenizer):
 @pytest.mark.slow
 def test_export_round_trips_the_checkpoint(exported, run_dir):
     """Every trained weight (denoiser included, from the sidecar) reads back bit for bit."""
-    from fastross.export import load_export, read_checkpoint
+    from fastross.checkpoint import read_checkpoint
+    from fastross.export import load_export
 
     _, _, state = read_checkpoint(run_dir)
     back = load_export(exported)

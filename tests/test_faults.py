@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import filesystem
 
-from fastross import checkpoint
+from fastross import checkpoint, weights
 from fastross.checkpoint import Checkpointer, CheckpointError
 from devtools.faults import RunsCode, flip_bytes, kill_tree
 from test_checkpoint import tiny_trained, world_of_one  # noqa: F401  (a fixture)
@@ -51,7 +51,7 @@ def test_crafted_checkpoint_file_is_refused_and_runs_no_code(world_of_one, tmp_p
         ck.load(ckpt, other, other_opt)
     if name == ".metadata":  # model.init_from and fastross.export read a checkpoint's metadata the same way
         with pytest.raises(CheckpointError, match="refused to load"):
-            checkpoint.load_model_weights(tmp_path / "run", other)
+            weights.load_model_weights(tmp_path / "run", other)
     assert not marker.exists()
     pickle.loads(pickle.dumps(RunsCode(marker)))  # the payload is real: a plain unpickle runs it
     assert marker.read_text() == "pwned"
@@ -72,7 +72,7 @@ def test_init_from_a_pickle_file_is_refused_with_how_to_convert(world_of_one, tm
     torch.save(model.state_dict(), pt)
     with pytest.raises(ValueError, match="is a file, and not a reference ROSS mm_projector.bin.*never other pickles"
                                          ".*safetensors"):
-        checkpoint.load_model_weights(pt, model)
+        weights.load_model_weights(pt, model)
 
 
 # ---------------------------------------------------------------- manifests: corrupt, incomplete, `latest`

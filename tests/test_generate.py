@@ -110,7 +110,7 @@ def test_top_p_filter_by_hand():
 def test_cli_on_a_run_folder(run_dir, synth_data, tmp_path, capsys):
     """--prompt/--image and --batch on a trained run: the answers are the cached decoder's on the checkpoint's
     weights, the batch file's answers equal the single ones."""
-    from fastross.export import read_checkpoint
+    from fastross.checkpoint import read_checkpoint
     from fastross.generate import answer, load, main
 
     loaded = load(run_dir)

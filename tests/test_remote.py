@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
-from fastross.config import SourceConfig
-from fastross.data.remote import INDEX_FILES, cached_shards, parse_size
+from fastross.config import SourceConfig, parse_size
+from fastross.data.remote import INDEX_FILES, cached_shards
 from fastross.data.schema import COLUMNS, META_FILE, SHARD_HASH, ShardCorruptError, write_manifest
 from fastross.data.shards import MDSShards, MDSWriter
 from fastross.data.sources import open_source

@@ -22,7 +22,7 @@ DEPTH = 2
 
 @pytest.fixture(scope="module")
 def checkpoint(run_dir):
-    from fastross.export import read_checkpoint
+    from fastross.checkpoint import read_checkpoint
 
     return read_checkpoint(run_dir)
 
@@ -236,7 +236,7 @@ def reference_folder(tiny_models, tmp_path_factory):
 
 def test_imported_reference_checkpoint_computes_the_reference_denoiser(reference_folder, tiny_models):
     folder, tensors = reference_folder
-    from fastross.checkpoint import load_model_weights
+    from fastross.weights import load_model_weights
 
     model = fresh_model(model_cfg(tiny_models), seed=0)
     assert load_model_weights(folder, model) == folder  # model.init_from's dispatch

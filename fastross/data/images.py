@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from fastross.towers import read_tower
+
 class ImageError(ValueError):
     """An image the converter skips: `reason` is its skip reason (bad_image, image_too_small, image_too_large)."""
 
@@ -122,8 +124,6 @@ class ImageSpec:
     def from_pretrained(cls, path: str) -> "ImageSpec":
         """From a vision model folder's preprocessor_config.json, read by the image processor class of the folder's
         tower (fastross.towers; transformers' defaults apply)."""
-        from fastross.towers import read_tower
-
         return cls.from_processor(read_tower(path).kind.transformers_class("processor").from_pretrained(path))
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
@@ -263,6 +263,7 @@ def preprocess_pil(img: Image.Image, spec: ImageSpec, aspect: Aspect) -> torch.T
 
 
 def _preprocess_torchvision(data: bytes, spec: ImageSpec, aspect: Aspect) -> torch.Tensor:
+    # torchvision only for data.image_backend=torchvision: the default "pil" backend never imports it
     from torchvision.io import ImageReadMode, decode_jpeg
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF

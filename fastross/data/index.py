@@ -20,6 +20,11 @@ from fastross.data.schema import (INDEX_FILE, LENGTHS_FILE, MANIFEST_FILE, META_
                                   write_manifest)
 from fastross.data.shards import MDSShards
 
+try:  # the native twin; absent only when the package was not built (as fastross.data.planner's NATIVE)
+    from fastross import _native
+except ImportError:
+    _native = None
+
 
 def native_layout(shards: Path, column: str = "length"):
     """(files, num_var, num_var_before, fixed_before) for the native reader, or None if it cannot read them."""
@@ -50,10 +55,6 @@ def build(shards: str | Path) -> np.ndarray:
         for name in (INDEX_FILE, META_FILE):
             verified_bytes(shards, name)
     layout = native_layout(shards)
-    try:
-        from fastross import _native
-    except ImportError:
-        _native = None
     if layout is not None and _native is not None:
         lengths = _native.read_mds_int_column(*layout).astype(np.int32)
     else:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from fastross.data import packing_planner
+from fastross.data.index import build
 from fastross.data.progress import progress
 from fastross.data.schema import LENGTHS_FILE, read_lengths
 from fastross.data.stream import epoch_order
@@ -40,8 +41,6 @@ def main(argv=None) -> int:
 
     path = Path(a.shards) / LENGTHS_FILE
     if not path.exists():
-        from fastross.data.index import build
-
         print(f"plan: {path} is missing; building it")
         build(a.shards)
     lengths = read_lengths(a.shards).astype(np.int64)  # verified against the folder's manifest

@@ -30,22 +30,11 @@ from fastross.data.schema import LENGTHS_FILE, MANIFEST_FILE, META_FILE, ShardCo
 # Fetched first, never evicted; the trainer verifies the other three against the manifest before using them.
 INDEX_FILES = (MANIFEST_FILE, "index.json", META_FILE, LENGTHS_FILE)
 SHARD_SUFFIX = ".mds"
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def is_remote(shards: str) -> bool:
     """A URL with a scheme (s3://, gs://, file://, ...), as opposed to a local folder."""
     return "://" in shards
-
-
-def parse_size(text: str | int) -> int:
-    """'50gb' -> 50 * 10**9 bytes (kb/mb/gb/tb decimal, kib/mib/gib/tib binary, a bare number in bytes)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if m is None or m.group(2).lower() not in _UNITS:
-        units = ", ".join(k for k in _UNITS if k)
-        raise ValueError(f"{text!r} is not a size: use a number with an optional unit ({units})")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def cache_folder(cache_dir: str | Path, url: str) -> Path:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fastross.config import ConfigError, DataConfig, SourceConfig, data_sources
-from fastross.data.remote import RemoteShards, is_remote, parse_size
-from fastross.data.schema import LENGTHS_FILE, ShardMeta, corrupt_shards, read_index, read_lengths, verify_folder
+from fastross.config import ConfigError, DataConfig, SourceConfig, data_sources, parse_size
+from fastross.data.remote import RemoteShards, is_remote
+from fastross.data.schema import (LENGTHS_FILE, META_FILE, ShardMeta, corrupt_shards, read_index, read_lengths,
+                                  read_meta, verify_folder)
 from fastross.data.shards import MDSShards
 
 # ShardMeta fields that may differ between mixed sources: the tokenizer folder's path (its fingerprint must agree).
@@ -52,6 +53,34 @@ def load_lengths(folder: str | Path, name: str | None = None) -> np.ndarray:
             "writes it)"
         )
     return read_lengths(folder)
+
+
+def check_shard_facts(d: DataConfig) -> None:
+    """What the local sources' fastross.json and lengths.npy say against data.*, checked before any work starts (the
+    trainer, right after fastross.config.load; --check; fastross.convert_checkpoint): each file verified against its
+    folder's manifest first (an edited one is refused, named), data.global_batch within the samples, data.max_tokens
+    room for an image sample. Remote sources, and folders without fastross.json, are the loader's to check (it names
+    what is missing). Raises ConfigError."""
+    local = [s.shards for s in data_sources(d) if not is_remote(s.shards)]
+    metas = {}
+    for p in local:
+        if (Path(p) / META_FILE).is_file():
+            try:
+                metas[p] = read_meta(p)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"data: {e}") from None
+    try:
+        counts = [len(read_lengths(p)) for p in local if p in metas and (Path(p) / LENGTHS_FILE).is_file()]
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"data: {e}") from None
+    if len(counts) == len(data_sources(d)) and d.global_batch > sum(counts):
+        raise ConfigError(f"data.global_batch={d.global_batch} is larger than {', '.join(local)}'s {sum(counts)} "
+                          "samples")
+    for p, meta in metas.items():
+        visual = meta.get("num_visual_tokens", 0)
+        if d.max_tokens < visual + 1:
+            raise ConfigError(f"data.max_tokens={d.max_tokens} holds no image sample: one image is {visual} visual "
+                              f"tokens, plus at least one text token ({p})")
 
 
 def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str | int = 0, check: bool = True) -> Source:
