@@ -982,7 +982,6 @@ def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100, kinds: tuple = 
     """n fuzzed records through the converter, `chunk` per conversion: crashes, lost, silent_corruption."""
     from fastross.data import convert
     from fastross.data.images import preprocess
-    from fastross.data.shards import MDSShards
 
     root = c.work / "fuzz"
     images = root / "images"

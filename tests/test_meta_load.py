@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastross.config import DenoiserConfig, ModelConfig
-from fastross.model import init, load
+from fastross.model import load
 from fastross.model.ross import RossModel
 
 WORKER = Path(__file__).with_name("meta_load_worker.py")
