@@ -388,11 +388,12 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", max_shard_size
     if not reference_tower_name(cfg.model.vision_path, kind):
         warnings.warn(f"{out}: mm_vision_tower={cfg.model.vision_path} is a {kind.name} tower, but the reference code "
                       f"chooses its tower class by the path's name and would not build a {kind.name} one from it: "
-                      f"rename the folder so that its path contains {kind.name!r} (and not 'clip' for SigLIP)")
+                      f"rename the folder so that its path contains {kind.name!r} (and not 'clip' for SigLIP)",
+                      stacklevel=2)
     d = cfg.model.denoiser
     if not reference_builds(d):
         warnings.warn(f"{out}: the reference code builds denoiser_vit{d.depth}x at width "
                       f"{REFERENCE_WIDTHS.get(d.depth, 1024)} with {REFERENCE_HEADS} heads, this one has width "
                       f"{d.width} and {d.heads} heads: fastross reads it back, the reference code cannot load "
-                      "its denoiser")
+                      "its denoiser", stacklevel=2)
     return out

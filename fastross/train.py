@@ -299,7 +299,7 @@ class Trainer:
             self.metrics.say(f"train: {msg}")
 
     def train_step(self, step: StepBatch) -> dict:
-        cfg, world, device = self.cfg, self.world, self.world.device
+        cfg, device = self.cfg, self.world.device
         # The loader's finished micro-batches, already on the device; every rank runs the same
         # number of them (the plan pads with empty ones).
         mbs, self.data_position = step.micro_batches, step.position
