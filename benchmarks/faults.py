@@ -834,11 +834,11 @@ def dataset_tamper_cases(d: Path, seed: int) -> list[tuple[str, str, object]]:
     for f in sorted(p.name for p in d.iterdir() if p.is_file()):
         cases.append((f, "flipped", lambda d, f=f: _flip(d / f, seed)))
         if f == "fastross.json":
-            edit = lambda d: _edit_json(d / "fastross.json", lambda t: t.update(  # noqa: E731
-                latent_scale=t["latent_scale"] * 10))
+            edit = lambda d: _edit_json(  # noqa: E731
+                d / "fastross.json", lambda t: t.update(latent_scale=t["latent_scale"] * 10))
         elif f == "index.json":
-            edit = lambda d: _edit_json(d / "index.json", lambda t: t["shards"][0].update(  # noqa: E731
-                samples=t["shards"][0]["samples"] - 1))
+            edit = lambda d: _edit_json(  # noqa: E731
+                d / "index.json", lambda t: t["shards"][0].update(samples=t["shards"][0]["samples"] - 1))
         elif f == "lengths.npy":
             edit = lambda d: _edit_lengths(d / "lengths.npy")  # noqa: E731
         elif f.endswith(".mds"):
@@ -982,7 +982,6 @@ def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100, kinds: tuple = 
     """n fuzzed records through the converter, `chunk` per conversion: crashes, lost, silent_corruption."""
     from fastross.data import convert
     from fastross.data.images import preprocess
-    from fastross.data.shards import MDSShards
 
     root = c.work / "fuzz"
     images = root / "images"

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             timed = recs[min(2, len(recs) - 1):]  # the first steps load, compile and warm up
             peak = max((r.get("mem_peak_allocated_gib", 0.0) for r in recs), default=0.0) if cuda else None
             measured = measured if measured is not None else peak
-            mean = lambda k: sum(r[k] for r in timed) / len(timed)  # noqa: E731
+            mean = lambda k: sum(r[k] for r in timed) / len(timed)  # noqa: E731, B023 (used in this iteration only)
             row = [backend, len(recs), f"{recs[0]['text_loss']:.4f}", f"{recs[-1]['text_loss']:.4f}",
                    f"{recs[0]['recon_loss']:.4f}", f"{recs[-1]['recon_loss']:.4f}", f"{mean('samples_per_s'):.3f}",
                    f"{mean('tokens_per_s_per_rank'):.0f}", f"{mean('mfu'):.4f}", f"{peak:.2f}" if cuda else "",

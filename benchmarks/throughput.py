@@ -22,9 +22,10 @@ Rungs (cumulative; every one trains the same model, so their step-1 losses agree
 
 On CPU it trains configs/tiny.yaml on 2 ranks (torchrun, gloo) on the tests' tiny models and data. With
 --slice-layers K it trains configs/7b.yaml on one device at the 7B shapes with K LLM layers (random weights, the
-bundled data converted for them; see slice_mode); --shrink S divides the widths for a smoke run on CPU. Each rung runs `--steps` optimizer steps; its
-samples/s, tokens/s per rank and MFU (model FLOPs over the device's peak; on CPU the measured matmul rate, see
-fastross/flops.py) are the medians of the logged steps after the first `--skip` (start-up and compiling).
+bundled data converted for them; see slice_mode); --shrink S divides the widths for a smoke run on CPU. Each rung runs
+`--steps` optimizer steps; its samples/s, tokens/s per rank and MFU (model FLOPs over the device's peak; on CPU the
+measured matmul rate, see fastross/flops.py) are the medians of the logged steps after the first `--skip` (start-up
+and compiling).
 Peak memory per rank: on CUDA the trainer's measured `torch.cuda.max_memory_allocated` (the largest over the
 rung's steps); elsewhere simulated for the rung's config and its step's largest micro-batch (padded for rung 1)
 by fastross.memory_plan.simulate_config (FakeTensorMode, fake process group, FSDPMemTracker; compile not simulated).
@@ -40,7 +41,8 @@ PyTorch counterparts, and the ladder does as fastross does (README, "The ladder"
   supervised row: `python benchmarks/text_loss.py` times both).
 
 Ends with `throughput: speedup X mfu M mem_ratio R device D` (X: the last rung's samples/s over the first's; M:
-its MFU; R: its peak memory over the first's; D: the GPU's name, or cpu; the line before names the machine). --save appends the table to benchmarks/results/throughput.csv.
+its MFU; R: its peak memory over the first's; D: the GPU's name, or cpu; the line before names the machine). --save
+appends the table to benchmarks/results/throughput.csv.
 """
 
 from __future__ import annotations
@@ -263,8 +265,9 @@ def main(argv=None) -> int:
     speedup = rows[-1]["samples_per_s"] / first["samples_per_s"]
     mem_ratio = rows[-1]["peak_gib"] / first["peak_gib"]
     for b in beside:
+        twin = next(r for r in rows if str(r["rung"]) == b["rung"][:-1])  # the rung it stands beside
         print(f"row {b['rung']} (beside the chain): the Triton kernels interpreted, {b['samples_per_s']:.2f} samples/s "
-              f"against rung {b['rung'][:-1]}'s {next(r for r in rows if str(r['rung']) == b['rung'][:-1])['samples_per_s']:.2f} "
+              f"against rung {b['rung'][:-1]}'s {twin['samples_per_s']:.2f} "
               f"with their PyTorch twins")
     print(f"ladder: {len(rows)} rungs{f' and {len(beside)} beside' if beside else ''}, {a.steps} steps each, "
           f"{time.perf_counter() - t0:.0f} s on {device}")

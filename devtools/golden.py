@@ -110,7 +110,8 @@ def main(argv=None) -> int:
     dev = deviation(got, read()["losses"][: len(got)])
     print(f"{'step':>4} {'text_loss':>12} {'recon_loss':>12}   relative deviation from the golden file")
     for g, d in zip(got, dev):
-        print(f"{g['step']:>4} {g['text_loss']:>12.6f} {g['recon_loss']:>12.6f}   {d['text_loss']:.1e} {d['recon_loss']:.1e}")
+        print(f"{g['step']:>4} {g['text_loss']:>12.6f} {g['recon_loss']:>12.6f}   "
+              f"{d['text_loss']:.1e} {d['recon_loss']:.1e}")
     worst = max(max(d["text_loss"], d["recon_loss"]) for d in dev)
     print(f"golden: largest relative deviation {worst:.2e} over {len(dev)} steps")
     return 0

@@ -111,8 +111,8 @@ class DataConfig:
     # A shard file whose hash differs from index.json's (checked when the loader opens the folder): "error" stops
     # the run naming the file; "skip" leaves its samples out of every epoch and reports their count at start.
     corrupt_shards: Literal["error", "skip"] = "error"
-    # Held-out shards (`python -m fastross.data.convert`, the same tokenizer, template and vision tower) whose losses are
-    # computed every train.eval_every steps, in global batches of global_batch samples ("": no held-out evaluation)
+    # Held-out shards (`python -m fastross.data.convert`, the same tokenizer, template and vision tower) whose losses
+    # are computed every train.eval_every steps, in global batches of global_batch samples ("": no held-out evaluation)
     eval_shards: str = ""
 
 

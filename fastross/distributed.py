@@ -23,8 +23,6 @@ from fastross.lifecycle import die_with_parent
 from fastross.model.denoiser import compile_blocks as compile_denoiser_blocks
 from fastross.model.denoiser import mp_policy as denoiser_mp_policy
 
-from fastross.model.denoiser import mp_policy as denoiser_mp_policy
-
 
 @dataclass
 class World:

@@ -5,9 +5,9 @@
 Needs no weights and no data: architectures come from the model folders' config.json when they exist,
 else from fastross.model.presets; the sample mix from the shards' length indexes when `data.shards` (or every
 source of `data.sources`, drawn by weight) holds one, else the stated default stage-2 mix (fastross.data.mix.draw).
-Memory is simulated on the CPU: the recipe's RossModel built on the meta device, parallelized as the trainer does (checkpointing, FSDP2 over a
-fake process group of N ranks), materialised as fake tensors, and one training step tracked by
-FSDPMemTracker on the step's largest micro-batch (one untracked step first: AdamW's state created inside
+Memory is simulated on the CPU: the recipe's RossModel built on the meta device, parallelized as the trainer does
+(checkpointing, FSDP2 over a fake process group of N ranks), materialised as fake tensors, and one training step
+tracked by FSDPMemTracker on the step's largest micro-batch (one untracked step first: AdamW's state created inside
 the tracked region is reported ~27x too large, CPU_AND_GPU.md).
 
 The planner picks the per-layer policy (train.activation_checkpointing) with the least recompute R

@@ -63,7 +63,8 @@ class GPUStats:
 
 
 def memory(device: torch.device) -> dict:
-    """Peak memory since the last call: the CUDA caching allocator's (then reset) on GPU; the process's peak RSS always."""
+    """Peak memory since the last call: the CUDA caching allocator's (then reset) on GPU; the process's peak RSS
+    always."""
     out = {}
     if device.type == "cuda":
         out["mem_peak_allocated_gib"] = torch.cuda.max_memory_allocated(device) / GIB

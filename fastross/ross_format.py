@@ -16,7 +16,8 @@ The facts, read from the reference repository (not copied from its code):
   the LLM under its usual names (`model.*`, `lm_head.*`, absent when tied), `model.mm_projector.{0,2}`, the
   whole tower under `model.vision_tower.vision_tower.vision_model.*` (every layer and post-layernorm; SigLIP's
   pooling head; CLIP's class embedding and pre-layernorm, as CLIPVisionModel names them: the reference's
-  ross/model/multimodal_encoder/clip_encoder.py holds a CLIPVisionModel at `vision_tower`), the VAE under `model.pixel_decoder.pixel_decoder.*`, the DiT under `model.mm_inv_projector.net.*`.
+  ross/model/multimodal_encoder/clip_encoder.py holds a CLIPVisionModel at `vision_tower`), the VAE under
+  `model.pixel_decoder.pixel_decoder.*`, the DiT under `model.mm_inv_projector.net.*`.
 - The DiT against fastross.model.denoiser: the input embedding is a 1x1 Conv2d over the (64, g, g) latent image
   (weight (W, 64, 1, 1); fastross: Linear (W, 64), the same numbers per token in row-major token order); its
   `pos_embed` (1, g*g, W) is a frozen nn.Parameter holding the fixed 2-D sin-cos table (fastross recomputes it
@@ -31,10 +32,10 @@ The facts, read from the reference repository (not copied from its code):
 - Its stage 1 saves only `mm_projector.bin` and `mm_inv_projector.bin` (torch.save of {name: tensor}) beside
   config.json; read here with torch.load(weights_only=True) (fastross.checkpoint_read.read_tensor_file).
 
-Every tensor maps both ways through PARTS; any other name is an error naming it. Importing keeps the parts the
-file cannot change as they are: the tower's layers fastross drops, its post-layernorm (and SigLIP's head), and the VAE when
-the model has none (the shards hold the latents). Trade-off, as for the Llava export: every rank reads the whole
-file set into host memory once, then keeps its FSDP shards.
+Every tensor maps both ways through PARTS; any other name is an error naming it. Importing keeps the parts the file
+cannot change as they are: the tower's layers fastross drops, its post-layernorm (and SigLIP's head), and the VAE when
+the model has none (the shards hold the latents). Trade-off, as for the Llava export: every rank reads the whole file
+set into host memory once, then keeps its FSDP shards.
 """
 
 from __future__ import annotations
@@ -378,11 +379,12 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", max_shard_size
     if not reference_tower_name(cfg.model.vision_path, kind):
         warnings.warn(f"{out}: mm_vision_tower={cfg.model.vision_path} is a {kind.name} tower, but the reference code "
                       f"chooses its tower class by the path's name and would not build a {kind.name} one from it: "
-                      f"rename the folder so that its path contains {kind.name!r} (and not 'clip' for SigLIP)")
+                      f"rename the folder so that its path contains {kind.name!r} (and not 'clip' for SigLIP)",
+                      stacklevel=2)
     d = cfg.model.denoiser
     if not reference_builds(d):
         warnings.warn(f"{out}: the reference code builds denoiser_vit{d.depth}x at width "
                       f"{REFERENCE_WIDTHS.get(d.depth, 1024)} with {REFERENCE_HEADS} heads, this one has width "
                       f"{d.width} and {d.heads} heads: fastross reads it back, the reference code cannot load "
-                      "its denoiser")
+                      "its denoiser", stacklevel=2)
     return out

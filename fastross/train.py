@@ -104,7 +104,8 @@ def check_shards(cfg: config.Config, model: RossModel, data: list[tuple[str, Sha
         if meta.grid != model.vision.grid:
             raise config.ConfigError(
                 f"{key}: {shards} was converted for a {meta.grid}x{meta.grid} patch grid, "
-                f"but model.vision_path has {model.vision.grid}x{model.vision.grid}: convert again with this vision tower"
+                f"but model.vision_path has {model.vision.grid}x{model.vision.grid}: "
+                "convert again with this vision tower"
             )
         vocab = model.llm.get_input_embeddings().num_embeddings
         if meta.image_token_id >= vocab:
@@ -297,7 +298,7 @@ class Trainer:
             self.metrics.say(f"train: {msg}")
 
     def train_step(self, step: StepBatch) -> dict:
-        cfg, world, device = self.cfg, self.world, self.world.device
+        cfg, device = self.cfg, self.world.device
         # The loader's finished micro-batches, already on the device; every rank runs the same
         # number of them (the plan pads with empty ones).
         mbs, self.data_position = step.micro_batches, step.position

@@ -238,3 +238,14 @@ def clip_run_dir(tiny_models, tiny_clip, clip_shards, tmp_path_factory) -> Path:
     run(1, write_config(tmp / "c.yaml", tiny_models, clip_shards, rd, max_steps=2, ckpt_every=1),
         f"model.vision_path={tiny_clip}")
     return rd
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    """An in-process gloo world of one rank, for the checkpoint tests (a test module's own world_of_one overrides
+    this one)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint import filesystem
 
 from fastross import checkpoint
@@ -24,14 +23,7 @@ from devtools.faults import MEASURED, RunsCode, checkpoint_differences, kill_tre
 TESTS = Path(__file__).parent
 
 
-# ---------------------------------------------------------------- in-process, world of one
-
-
-@pytest.fixture
-def world_of_one(tmp_path):
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+# ---------------------------------------------------------------- in-process, world of one (conftest.py's world_of_one)
 
 
 def tiny_trained(seed: int, device: str = "cpu"):

@@ -22,7 +22,7 @@ from transformers import get_cosine_schedule_with_warmup
 from fastross import checkpoint, checkpoint_read, config, weights
 from fastross.checkpoint import Checkpointer, CheckpointError
 from devtools.faults import RunsCode
-from test_checkpoint import tiny_trained, world_of_one  # noqa: F401  (a fixture)
+from test_checkpoint import tiny_trained
 
 LR = 0.01
 

@@ -12,7 +12,7 @@ from test_step_levers import build, collate, loss_and_grads  # noqa: F401  (coll
 pytestmark = pytest.mark.slow
 
 
-def test_compiled_model_matches_eager_and_compiles_at_most_twice_per_block(tiny_models, collate, stage2_samples):
+def test_compiled_model_matches_eager_and_compiles_at_most_twice_per_block(tiny_models, collate, stage2_samples):  # noqa: F811 (the fixture imported above)
     from torch._dynamo.utils import clear_compilation_metrics, get_compilation_metrics
 
     rng = random.Random(0)

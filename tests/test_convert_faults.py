@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from fastross.data import convert
-from fastross.data.images import ImageSpec, latent_moments, preprocess
+from fastross.data.images import ImageSpec, preprocess
 from fastross.data.schema import ShardMeta, check_shard_file, corrupt_shards, read_meta, write_manifest
 from devtools.faults import IMAGE_MODES, expected_pixels, make_image, png, png_rgb16, rgb_image
 
@@ -508,7 +508,7 @@ TURN = st.one_of(
 def plausible_turns(draw, image: bool):
     """Alternating human/gpt turns with odd text, the placeholder in the first human turn when there is an image."""
     turns = []
-    for k in range(draw(st.integers(1, 3))):
+    for _ in range(draw(st.integers(1, 3))):
         turns += [{"from": "human", "value": draw(TEXT)}, {"from": "gpt", "value": draw(TEXT)}]
     if image:
         turns[0]["value"] = "<image>\n" + turns[0]["value"].replace("<image>", "")

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint import filesystem
 from fastross import checkpoint, weights
 from fastross.checkpoint import Checkpointer, CheckpointError
 from devtools.faults import RunsCode, flip_bytes, kill_tree
-from test_checkpoint import tiny_trained, world_of_one  # noqa: F401  (a fixture)
+from test_checkpoint import tiny_trained
 
 
 def saved(tmp_path: Path, steps=(1,), keep: int = 5) -> tuple[Checkpointer, torch.nn.Module, torch.optim.Optimizer]:

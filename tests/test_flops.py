@@ -60,8 +60,8 @@ def test_full_checkpointing_recompute_is_a_layer_forward_without_down_proj(fake_
     arch = fake_models(STAGE2, "none").arch
     none = flops.step_flops(arch, [4096], [False], [2048], STAGE2, ["none"] * 28)
     full = flops.step_flops(arch, [4096], [False], [2048], STAGE2, ["full"] * 28)
-    H, I, q, kv = 3584, 18944, 3584, 512
-    per_layer = 2 * 4096 * (2 * H * q + 2 * H * kv + 2 * H * I) + 4 * 4096**2 * q
+    H, inter, q, kv = 3584, 18944, 3584, 512  # hidden, intermediate (MLP), q and kv projection widths
+    per_layer = 2 * 4096 * (2 * H * q + 2 * H * kv + 2 * H * inter) + 4 * 4096**2 * q
     assert full.hardware_total - none.hardware_total == pytest.approx(28 * per_layer, rel=1e-9)
     assert full.model == none.model
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastross.config import DenoiserConfig, ModelConfig
-from fastross.model import init, load
+from fastross.model import load
 from fastross.model.ross import RossModel
 
 WORKER = Path(__file__).with_name("meta_load_worker.py")
@@ -167,7 +167,8 @@ def test_training_docs_state_the_7b_figures():
 
 
 def test_wrapped_layers_load_under_their_plain_names(tiny_models):
-    """parallelize may wrap layers (activation checkpointing, torch.compile); names in files and rules have no wrappers."""
+    """parallelize may wrap layers (activation checkpointing, torch.compile); names in files and rules have no
+    wrappers."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     cfg = model_cfg(tiny_models)

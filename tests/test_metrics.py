@@ -120,7 +120,8 @@ def scalars(run_dir):
 
 
 def session_starts(run_dir) -> list[int]:
-    """The steps of the SessionLog START events a writer with purge_step leaves (what tells a reader to drop later ones)."""
+    """The steps of the SessionLog START events a writer with purge_step leaves (what tells a reader to drop later
+    ones)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     steps = []

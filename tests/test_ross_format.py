@@ -369,10 +369,10 @@ def test_name_table_is_a_bijection_ready_for_llama(tiny_models):
         llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                              num_attention_heads=4, vocab_size=128, tie_word_embeddings=False))
     hf = list(llama.state_dict())
-    for names in (names, ["llm." + k for k in hf]):
-        theirs = [ross_format.reference_name(n) for n in names]
+    for ours in (names, ["llm." + k for k in hf]):
+        theirs = [ross_format.reference_name(n) for n in ours]
         assert None not in theirs and len(set(theirs)) == len(theirs)
-        assert [ross_format.fastross_name(k) for k in theirs] == names
+        assert [ross_format.fastross_name(k) for k in theirs] == ours
     assert theirs == hf
     assert ross_format.MODEL_TYPES["llama"] == ("ross_llama", "RossLlamaForCausalLM")
 

@@ -14,7 +14,7 @@ from fastross.config import DenoiserConfig, ModelConfig
 from fastross.data.batch import Collator
 from fastross.data.images import ImageSpec
 from fastross.data.schema import ShardMeta
-from fastross.distributed import apply_activation_checkpointing, compile_blocks
+from fastross.distributed import apply_activation_checkpointing
 from fastross.model.ross import RossModel
 
 

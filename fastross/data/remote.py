@@ -3,10 +3,10 @@
 A source whose `shards` is a URL (s3://, gs://, oci://, hf://, ..., or file:// for a path on a network
 filesystem served the same way) is fetched with mosaicml-streaming's downloaders (`CloudDownloader`,
 streaming.base.storage) into `data.cache_dir/<hash of the URL>/`: first its length index (manifest.json,
-index.json, fastross.json, lengths.npy, verified against the manifest), which is all planning needs, then each shard file when a sample in it is first
-read. A downloaded shard is hash-checked against index.json before it is put in place, so a shard in the cache
-is always whole and correct. When the shards of all remote sources would exceed `data.cache_limit`, the least
-recently used shard files are deleted first.
+index.json, fastross.json, lengths.npy, verified against the manifest), which is all planning needs, then each shard
+file when a sample in it is first read. A downloaded shard is hash-checked against index.json before it is put in
+place, so a shard in the cache is always whole and correct. When the shards of all remote sources would exceed
+`data.cache_limit`, the least recently used shard files are deleted first.
 
 streaming is imported here only, and only when a remote is opened: its imports are heavy, and fail where any of
 its storage back-ends is missing (docs/DEVELOPING.md). The downloader is made once per process (loader workers are

@@ -112,7 +112,8 @@ def normalise_turns(conversations, has_image: bool) -> list[tuple[str, str]]:
     """LLaVA turns -> [(role, text)] with role user/assistant, the `<image>` moved to the front of its message.
 
     As the reference's preprocess_multimodal: the message that holds the placeholder loses it, is stripped, and
-    becomes `<image>\\n` + what is left (just `<image>` when nothing is); the other messages are kept as they are. A conversation that starts with an assistant turn drops that turn.
+    becomes `<image>\\n` + what is left (just `<image>` when nothing is); the other messages are kept as they are.
+    A conversation that starts with an assistant turn drops that turn.
     """
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
     turns = []

@@ -106,7 +106,8 @@ def aliases(model: nn.Module) -> dict[int, list[str]]:
 
 
 def retie(model: nn.Module, tied: list[list[str]]) -> None:
-    """Make each group of names one tensor again: nn.Module.to_empty unties plain tied weights (FSDP2's DTensors stay tied)."""
+    """Make each group of names one tensor again: nn.Module.to_empty unties plain tied weights (FSDP2's DTensors
+    stay tied)."""
     for group in tied:
         owner, _, leaf = group[0].rpartition(".")
         m = model.get_submodule(owner)

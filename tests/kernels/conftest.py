@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-# Small interpreter tiles (2^14 elements: 128 x 128 x 64 matmul tiles, row-wise tiles of <= 64 rows) so that the tests' odd shapes
-# cross tile edges in every direction, as they do on a GPU; training under the interpreter takes 2^20
+# Small interpreter tiles (2^14 elements: 128 x 128 x 64 matmul tiles, row-wise tiles of <= 64 rows) so that the
+# tests' odd shapes cross tile edges in every direction, as they do on a GPU; training under the interpreter takes 2^20
 # (fastross/kernels/_common.py). Read at each launch, so setting it here, before any test runs, is enough.
 os.environ.setdefault("FASTROSS_INTERPRET_ELEMENTS", str(1 << 14))
 

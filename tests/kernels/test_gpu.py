@@ -34,7 +34,7 @@ def test_ln_modulate_gpu(check, rows, w, dtype):
     g = torch.Generator().manual_seed(0)
     x, ada = torch.randn(rows, w, generator=g) * 2 + 1, torch.randn(rows, 6 * w, generator=g)
     check(ln_modulate, ln_modulate_ref, [x, ada], [True, True], dtype, device="cuda",
-          prep=lambda l: (l[0], *l[1].chunk(6, dim=-1)[:2]))
+          prep=lambda xs: (xs[0], *xs[1].chunk(6, dim=-1)[:2]))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -77,7 +77,7 @@ def test_fused_mlp_branch_gpu(check, act, hidden, dtype):
               torch.randn(hidden, w, generator=g) / w**0.5, torch.randn(hidden, generator=g) * 0.1,
               torch.randn(w, hidden, generator=g) / hidden**0.5, torch.randn(w, generator=g) * 0.1]
     check(lambda *a: fused_mlp_branch(*a, act=act), lambda *a: fused_mlp_branch_ref(*a, act=act), inputs, [True] * 6,
-          dtype, device="cuda", prep=lambda l: [l[0], *l[1].chunk(3, dim=-1), *l[2:]])
+          dtype, device="cuda", prep=lambda xs: [xs[0], *xs[1].chunk(3, dim=-1), *xs[2:]])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -86,7 +86,7 @@ def test_gated_linear_gpu(check, dtype):
     inputs = [torch.randn(2, 729, 1024, generator=g), torch.randn(1024, 1024, generator=g) / 32,
               torch.randn(1024, generator=g), torch.randn(2, 729, 3072, generator=g), torch.randn(2, 729, 1024, generator=g)]
     check(gated_linear, gated_linear_ref, inputs, [True] * 5, dtype, device="cuda",
-          prep=lambda l: (l[0], l[1], l[2], l[3].chunk(3, dim=-1)[2], l[4]))
+          prep=lambda xs: (xs[0], xs[1], xs[2], xs[3].chunk(3, dim=-1)[2], xs[4]))
 
 
 def test_generator_on_gpu():
