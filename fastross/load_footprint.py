@@ -6,7 +6,7 @@ Builds the recipe's RossModel on the meta device from the published configs of Q
 and SigLIP so400m-patch14-384 (written to a temporary folder: no weights are needed, only
 shapes), and prints fastross.model.load.footprint for it: the whole model in fp32 (what every
 rank held before, built on the host then moved), each rank's FSDP2 shards, and the loading
-peak bound (shards plus the largest single tensor). The README quotes this command's output.
+peak bound (shards plus the largest single tensor). docs/training.md quotes this command's output.
 """
 
 from __future__ import annotations
@@ -16,16 +16,15 @@ import json
 import tempfile
 from pathlib import Path
 
+from fastross import config, distributed
+from fastross.model import load
 from fastross.model.presets import QWEN2_7B as QWEN2_7B_INSTRUCT  # Qwen2-7B-Instruct has Qwen2-7B's shapes
 from fastross.model.presets import SIGLIP_SO400M_384
+from fastross.model.ross import RossModel
 
 
 def footprint_7b(recipe: str = "configs/7b.yaml", ranks: int = 8):
     """fastross.model.load.Footprint of the recipe's model on `ranks` ranks, and its parameter count."""
-    from fastross import config, distributed
-    from fastross.model import load
-    from fastross.model.ross import RossModel
-
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in (("llm", QWEN2_7B_INSTRUCT), ("vision", SIGLIP_SO400M_384)):
             (Path(tmp) / name).mkdir()

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from fastross.data.templates import ROSS_SYSTEM, VICUNA_SYSTEM
+
 IMAGE_TOKEN = "<image>"
 # Qwen2's pre-tokenisation pattern (single digits, unlike GPT-4's 1-3).
 QWEN2_PATTERN = (
@@ -132,8 +134,6 @@ def build_corpus_tokenizer(texts: list[str], vocab: int = 512):
     import transformers
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from fastross.data.templates import ROSS_SYSTEM, VICUNA_SYSTEM
 
     specials = [*QWEN2_SPECIAL, IMAGE_TOKEN]
     if vocab < 256 + len(specials):
