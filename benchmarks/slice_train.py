@@ -95,12 +95,15 @@ def simulate(cfg: config.Config, steps: int) -> float:
     from fastross import flops, plan
     from fastross.train import llm_attention_cost_tokens
 
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the slice trains (model.denoiser.impl=auto)
     world = plan.init_fake_world(1)
     try:
         fake = flops.FakeModel(cfg.model, cfg.train.trainable)
         samples = trained_micro_batches(cfg, steps, llm_attention_cost_tokens(fake.model.llm))
         policy = config.checkpoint_policies(cfg.train.activation_checkpointing, fake.arch.llm_layers)
-        return plan.simulate(cfg, cfg.model, world, policy, samples).peak / GIB
+        return plan.simulate(cfg, cfg.model, world, policy, samples, device).peak / GIB
     finally:
         plan.dist.destroy_process_group()
 
