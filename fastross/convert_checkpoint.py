@@ -137,10 +137,10 @@ def fresh_denoiser_state(cfg, model, seed: int) -> dict[str, torch.Tensor]:
     """The denoiser a training run with this seed starts from (RossModel's own init rules), built on the host.
     cfg: model.denoiser; model: the meta-built RossModel it belongs to."""
     from fastross.model import init
-    from fastross.model.denoiser import Denoiser, resolve_impl
+    from fastross.model.denoiser import Denoiser
 
     fresh = Denoiser(cfg.kind, model.llm.config.hidden_size, cfg.width, cfg.depth, cfg.heads, model.vision.grid,
-                     channels=4 * model.latent_channels, impl=resolve_impl(cfg.impl, "cpu"), dtype=cfg.dtype,
+                     channels=4 * model.latent_channels, impl=model.denoiser.impl, dtype=cfg.dtype,
                      repeat_cond=cfg.repeat_cond)
     init.apply_rules(fresh, fresh.init_rules(), seed, "denoiser.")
     return {"denoiser." + k: v for k, v in fresh.state_dict().items()}
@@ -160,7 +160,7 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
     """SRC (the reference layout) -> RUN, a fastross run folder with one verified checkpoint; returns RUN."""
     from fastross.checkpoint import LATEST, write_manifest
     from fastross.data import templates
-    from fastross.model.ross import RossModel
+    from fastross import build
 
     src, out = Path(src).resolve(), Path(out).resolve()
     src_cfg = _src_config(src)
@@ -194,7 +194,7 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
         write_data_manifest(tmp / "data")  # fastross.json alone: the folder holds no samples
         # Validated against the folders with data.shards at its final place's twin (the same fastross.json)
         cfg = fconfig.load(None, [k.replace(f"data.shards={data}", f"data.shards={tmp / 'data'}") for k in keys])
-        model = RossModel(cfg.model, "sdpa", seed=seed, meta=True)  # shapes only: nothing is read twice
+        model = build.meta(cfg.model, "sdpa", "cpu", seed=seed)  # shapes only: nothing is read twice
         fresh = ("denoiser.",) if fresh_denoiser and not net else ()
         if fresh_denoiser and not fresh:
             say(f"convert_checkpoint: {src} holds a denoiser: --fresh-denoiser ignored, its denoiser imported")

@@ -134,10 +134,10 @@ def read_checkpoint(path: str | Path) -> tuple[Path, fconfig.Config, dict[str, t
 def checkpoint_model(path: str | Path):
     """A run folder or checkpoint folder -> (fastross's own model with the checkpoint's weights, in eval mode, on the
     host; its config): what the export is compared with (tests/test_export.py, benchmarks/export_check.py)."""
-    from fastross.model.ross import RossModel
+    from fastross import build
 
     _, cfg, state = read_checkpoint(path)
-    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
+    model = build.host(cfg.model, "sdpa", "cpu", seed=cfg.train.seed)
     model.load_state_dict(state, strict=True)
     return model.eval(), cfg
 

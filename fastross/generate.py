@@ -185,7 +185,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     from fastross.data import templates
     from fastross.data.images import ImageSpec
     from fastross.export import CONFIG_FILE, DENOISER_FILE, is_export
-    from fastross.model.ross import RossModel
+    from fastross import build
 
     path = Path(path)
     ckpt = resolve(path)
@@ -219,7 +219,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{key}: {folder} (from {path}'s config) is not a folder; the model is built "
                                     "from it before the weights are loaded")
-    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
+    model = build.host(cfg.model, "sdpa", torch.device(device).type, seed=cfg.train.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP: "assuming the intent is to load in a single process": it is
         source = load_model_weights(path, model)

@@ -24,7 +24,7 @@ def footprint_7b(recipe: str = "configs/7b.yaml", ranks: int = 8):
     """fastross.model.load.Footprint of the recipe's model on `ranks` ranks, and its parameter count."""
     from fastross import config, distributed
     from fastross.model import load
-    from fastross.model.ross import RossModel
+    from fastross import build
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in (("llm", QWEN2_7B_INSTRUCT), ("vision", SIGLIP_SO400M_384)):
@@ -32,7 +32,7 @@ def footprint_7b(recipe: str = "configs/7b.yaml", ranks: int = 8):
             (Path(tmp) / name / "config.json").write_text(json.dumps(cfg))
         cfg = config.load(recipe, [f"model.llm_path={tmp}/llm", f"model.vision_path={tmp}/vision",
                                    f"data.shards={tmp}", "model.init_from="])  # the architecture, not its weights
-        model = RossModel(cfg.model, meta=True)
+        model = build.meta(cfg.model, "sdpa", "cuda")  # the shapes that 8 GPUs would hold
     params = sum(p.numel() for p in model.parameters())
     return load.footprint(model, ranks, distributed.frozen_parts(model)), params
 
