@@ -636,8 +636,8 @@ class Small:
         from fastross import ross_format
 
         if self._model is None:
-            from fastross import config as fconfig
             from fastross import build
+            from fastross import config as fconfig
 
             cfg = fconfig.load(str(self.step / "config.yaml"), check_paths=False)
             self._model = build.host(cfg.model, "sdpa", "cpu", seed=cfg.train.seed)

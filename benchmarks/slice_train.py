@@ -92,10 +92,10 @@ def trained_micro_batches(cfg: config.Config, steps: int, attn_tokens: float):
 
 def simulate(cfg: config.Config, steps: int) -> float:
     """fastross.plan's simulated peak (GiB) of one rank on the run's largest micro-batch."""
+    import torch
+
     from fastross import flops, plan
     from fastross.train import llm_attention_cost_tokens
-
-    import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the slice trains (model.denoiser.impl=auto)
     world = plan.init_fake_world(1)

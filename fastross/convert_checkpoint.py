@@ -158,9 +158,9 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
             vae: str | None = None, template: str | None = None, fresh_denoiser: bool = False, seed: int = 0,
             overrides: list[str] = (), say=print) -> Path:
     """SRC (the reference layout) -> RUN, a fastross run folder with one verified checkpoint; returns RUN."""
+    from fastross import build
     from fastross.checkpoint import LATEST, write_manifest
     from fastross.data import templates
-    from fastross import build
 
     src, out = Path(src).resolve(), Path(out).resolve()
     src_cfg = _src_config(src)

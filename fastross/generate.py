@@ -180,12 +180,12 @@ class Loaded:
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
     """A fastross run folder, checkpoint or export folder -> the model and what its prompts and images need."""
+    from fastross import build
     from fastross import config as fconfig
     from fastross.checkpoint import load_model_weights, resolve
     from fastross.data import templates
     from fastross.data.images import ImageSpec
     from fastross.export import CONFIG_FILE, DENOISER_FILE, is_export
-    from fastross import build
 
     path = Path(path)
     ckpt = resolve(path)

@@ -22,9 +22,8 @@ from fastross.model.presets import SIGLIP_SO400M_384
 
 def footprint_7b(recipe: str = "configs/7b.yaml", ranks: int = 8):
     """fastross.model.load.Footprint of the recipe's model on `ranks` ranks, and its parameter count."""
-    from fastross import config, distributed
+    from fastross import build, config, distributed
     from fastross.model import load
-    from fastross import build
 
     with tempfile.TemporaryDirectory() as tmp:
         for name, cfg in (("llm", QWEN2_7B_INSTRUCT), ("vision", SIGLIP_SO400M_384)):
