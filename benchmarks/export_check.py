@@ -101,7 +101,7 @@ def reference(run: Path, export: Path) -> dict[str, np.ndarray]:
     from fastross.data.schema import ShardMeta
     from fastross.data.sources import meta_folder
     from fastross.generate import greedy, micro_batch
-    from fastross.weights import checkpoint_model
+    from fastross.build import checkpoint_model
 
     model, cfg = checkpoint_model(run)
     meta = ShardMeta.read(meta_folder(cfg.data))

@@ -642,11 +642,11 @@ class Small:
         from fastross import ross_format
 
         if self._model is None:
+            from fastross import build
             from fastross import config as fconfig
-            from fastross.model.ross import RossModel
 
             cfg = fconfig.load(str(self.step / "config.yaml"), check_paths=False)
-            self._model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
+            self._model = build.host(cfg.model, "sdpa", "cpu", seed=cfg.train.seed)
         return in_process(ross_format.reference_state, src, self._model)
 
 

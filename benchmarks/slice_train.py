@@ -94,15 +94,18 @@ def trained_micro_batches(cfg: config.Config, steps: int, attn_tokens: float):
 
 def simulate(cfg: config.Config, steps: int) -> float:
     """fastross.memory_plan's simulated peak (GiB) of one rank on the run's largest micro-batch."""
+    import torch
+
     from fastross import flops, memory_plan
     from fastross.train import llm_attention_cost_tokens
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the slice trains (model.denoiser.impl=auto)
     world = memory_plan.init_fake_world(1)
     try:
         fake = flops.FakeModel(cfg.model, cfg.train.trainable)
         samples = trained_micro_batches(cfg, steps, llm_attention_cost_tokens(fake.model.llm))
         policy = config.checkpoint_policies(cfg.train.activation_checkpointing, fake.arch.llm_layers)
-        return memory_plan.simulate(cfg, cfg.model, world, policy, samples).peak / GIB
+        return memory_plan.simulate(cfg, cfg.model, world, policy, samples, device).peak / GIB
     finally:
         memory_plan.dist.destroy_process_group()
 

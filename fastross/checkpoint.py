@@ -510,7 +510,7 @@ def load_model_state(ckpt: Path, model) -> Path:
 def read_checkpoint(path: str | Path) -> tuple[Path, fconfig.Config, dict[str, torch.Tensor]]:
     """A run folder or checkpoint folder -> (checkpoint, its resolved config, the model's full state dict), on the
     host, in one process, read by fastross.checkpoint_read (nothing in the checkpoint runs): what the exports
-    (fastross.export, fastross.ross_format) and fastross.weights.checkpoint_model start from."""
+    (fastross.export, fastross.ross_format) and fastross.build.checkpoint_model start from."""
     ckpt = resolve(path)
     if ckpt is None:
         raise FileNotFoundError(f"{path} holds no complete fastross checkpoint (no .metadata, no checkpoints/latest)")

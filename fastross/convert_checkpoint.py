@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
+from fastross import build
 from fastross import config as fconfig
 from fastross import ross_format, towers
 from fastross.checkpoint import LATEST, write_manifest
@@ -50,9 +51,8 @@ from fastross.data.schema import tokenizer_fingerprint
 from fastross.data.schema import write_manifest as write_data_manifest
 from fastross.data.sources import check_shard_facts
 from fastross.model import init
-from fastross.model.denoiser import Denoiser, resolve_impl
+from fastross.model.denoiser import Denoiser
 from fastross.model.load import SafetensorsFolder
-from fastross.model.ross import RossModel
 
 STEP = "step_00000000"
 # The reference's model type -> the fastross prompt template its conversations used.
@@ -140,7 +140,7 @@ def fresh_denoiser_state(cfg, model, seed: int) -> dict[str, torch.Tensor]:
     """The denoiser a training run with this seed starts from (RossModel's own init rules), built on the host.
     cfg: model.denoiser; model: the meta-built RossModel it belongs to."""
     fresh = Denoiser(cfg.kind, model.llm.config.hidden_size, cfg.width, cfg.depth, cfg.heads, model.vision.grid,
-                     channels=4 * model.latent_channels, impl=resolve_impl(cfg.impl, "cpu"), dtype=cfg.dtype,
+                     channels=4 * model.latent_channels, impl=model.denoiser.impl, dtype=cfg.dtype,
                      repeat_cond=cfg.repeat_cond)
     init.apply_rules(fresh, fresh.init_rules(), seed, "denoiser.")
     return {"denoiser." + k: v for k, v in fresh.state_dict().items()}
@@ -189,7 +189,7 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
         # Validated against the folders with data.shards at its final place's twin (the same fastross.json)
         cfg = fconfig.load(None, [k.replace(f"data.shards={data}", f"data.shards={tmp / 'data'}") for k in keys])
         check_shard_facts(cfg.data)  # data.max_tokens against RUN/data's fastross.json, as the trainer will
-        model = RossModel(cfg.model, "sdpa", seed=seed, meta=True)  # shapes only: nothing is read twice
+        model = build.meta(cfg.model, "sdpa", "cpu", seed=seed)  # shapes only: nothing is read twice
         fresh = ("denoiser.",) if fresh_denoiser and not net else ()
         if fresh_denoiser and not fresh:
             say(f"convert_checkpoint: {src} holds a denoiser: --fresh-denoiser ignored, its denoiser imported")

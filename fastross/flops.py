@@ -230,26 +230,25 @@ class FakeModel:
 
     model_cfg: fastross.config.ModelConfig whose folders hold config.json (fastross.model.presets.arch_folders);
     the LLM uses the `varlen` attention backend (its op has a fake implementation); `policy` is
-    train.activation_checkpointing, applied as the trainer does (fastross.distributed)."""
+    train.activation_checkpointing, applied as the trainer does (fastross.distributed); device: the type of device
+    counted for, what model.denoiser.impl=auto resolves to (the default, cpu, gives the PyTorch ops, which the counter
+    sees; the Triton kernels are custom ops it does not). Built as the trainer builds it (fastross.build), short of
+    FSDP: fake tensors in place of its weights."""
 
-    def __init__(self, model_cfg, trainable=("projector", "llm", "denoiser"), policy: str | list = "none"):
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
+    def __init__(self, model_cfg, trainable=("projector", "llm", "denoiser"), policy: str | list = "none",
+                 device: str = "cpu"):
         # The model (and the Triton kernels under it) only for the counter: fastross.metrics and the kernel
         # benchmarks import this module for its formula and device peaks alone.
+        from fastross import build
         from fastross.distributed import apply_activation_checkpointing
-        from fastross.model.ross import RossModel
 
         _register_formulas()
         cfg = dataclasses.replace(model_cfg, fused_ce=False, liger_kernels=False)
-        self.model = RossModel(cfg, attention="varlen", meta=True)
-        for part in ("projector", "llm", "denoiser"):
-            getattr(self.model, part).requires_grad_(part in trainable)
+        self.model = build.meta(cfg, "varlen", device)
+        build.freeze(self.model, trainable)
         self.trainable = tuple(trainable)
         self.policies = apply_activation_checkpointing(self.model.llm.model.layers, policy)
-        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with self.mode:
-            self.model.to_empty(device="cpu")
+        self.mode = build.fake(self.model)
         self.arch = Arch.of(self.model)
 
 

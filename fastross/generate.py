@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from fastross import build
 from fastross import config as fconfig
 from fastross.checkpoint import resolve
 from fastross.data import templates
@@ -38,7 +39,6 @@ from fastross.data.schema import ShardMeta
 from fastross.data.sources import meta_folder
 from fastross.data.templates import IGNORE
 from fastross.export import CONFIG_FILE, DENOISER_FILE, is_export
-from fastross.model.ross import RossModel
 from fastross.ross_format import is_reference
 from fastross.weights import load_model_weights
 
@@ -216,7 +216,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"{key}: {folder} (from {path}'s config) is not a folder; the model is built "
                                     "from it before the weights are loaded")
-    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
+    model = build.host(cfg.model, "sdpa", torch.device(device).type, seed=cfg.train.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP: "assuming the intent is to load in a single process": it is
         source = load_model_weights(path, model)

@@ -31,7 +31,7 @@ def footprint_7b(recipe: str = "configs/7b.yaml", ranks: int = 8):
             (Path(tmp) / name / "config.json").write_text(json.dumps(cfg))
         cfg = config.load(recipe, [f"model.llm_path={tmp}/llm", f"model.vision_path={tmp}/vision",
                                    f"data.shards={tmp}", "model.init_from="])  # the architecture, not its weights
-        model = RossModel(cfg.model, meta=True)
+        model = build.meta(cfg.model, "sdpa", "cuda")  # the shapes that 8 GPUs would hold
     params = sum(p.numel() for p in model.parameters())
     return load.footprint(model, ranks, distributed.frozen_parts(model)), params
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from fastross import config, distributed, flops
+from fastross import build, config, distributed, flops
 from fastross.data import default_mix as mix, packing_planner as planner  # renamed; the body keeps its names
 from fastross.data.batch import MicroBatch
 from fastross.data.remote import cache_folder, is_remote
@@ -181,24 +181,21 @@ def init_fake_world(gpus: int) -> distributed.World:
     return distributed.World(0, gpus, 0, torch.device("cpu"))
 
 
-def simulate(cfg: config.Config, model_cfg, world: distributed.World, policy, samples: tuple) -> Memory:
+def simulate(cfg: config.Config, model_cfg, world: distributed.World, policy, samples: tuple,
+             device: str = "cuda") -> Memory:
     """Rank 0's peak over one tracked training step of the micro-batch `samples` = (lengths, images, supervised),
-    with train.activation_checkpointing = policy; model_cfg's folders hold config.json (presets.arch_folders)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    with train.activation_checkpointing = policy; model_cfg's folders hold config.json (presets.arch_folders);
+    device: the type of device planned for (what model.denoiser.impl=auto resolves to). The model is built as the
+    trainer builds it (fastross.build), fake tensors in place of its weights."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     t = dataclasses.replace(cfg.train, activation_checkpointing=policy, compile=False)
-    model = RossModel(model_cfg, attention="varlen", seed=t.seed, meta=True)
+    model = build.meta(model_cfg, "varlen", device, seed=t.seed)
     if model_cfg.fused_ce:
         model.text_loss = _FusedCEStandIn()
-    model.requires_grad_(False)
-    for part in t.trainable:
-        getattr(model, part).requires_grad_(True)
-    model.vision.requires_grad_(False)
-    distributed.parallelize(model, world, dataclasses.replace(cfg, train=t))
-    distributed.cast_frozen(model, t.dtype)  # on meta: swapping a Conv2d's weight fails under the fake mode
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model.to_empty(device="cpu")
+    build.freeze(model, t.trainable)
+    build.parallelize(model, world, dataclasses.replace(cfg, train=t))
+    with build.fake(model, t.dtype):
         params = [p for part in t.trainable for p in getattr(model, part).parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)
         mb = _fake_micro_batch(model, *samples)
@@ -267,6 +264,7 @@ class Setup:
     cfg: config.Config
     model_cfg: config.ModelConfig
     world: distributed.World
+    device: str  # the type of device planned for: what model.denoiser.impl=auto resolves to (fastross.build)
     arch: flops.Arch
     mix: Mix
     samples: tuple  # (lengths, images, supervised) of the simulated micro-batch
@@ -281,7 +279,7 @@ class Setup:
         """The simulated peak with these per-layer policies (each policy simulated once)."""
         key = override(config.checkpoint_policies(policies, self.arch.llm_layers))
         if key not in self.sims:
-            self.sims[key] = simulate(self.cfg, self.model_cfg, self.world, policies, self.samples)
+            self.sims[key] = simulate(self.cfg, self.model_cfg, self.world, policies, self.samples, self.device)
         return self.sims[key]
 
 
@@ -292,12 +290,10 @@ def setup(cfg: config.Config, gpus: int, device: str = "cuda"):
     world = init_fake_world(gpus)
     try:
         with presets.arch_folders(cfg.model) as (model_cfg, sources):
-            d = model_cfg.denoiser
-            model_cfg = dataclasses.replace(model_cfg, denoiser=dataclasses.replace(d, impl=resolve_impl(d.impl, device)))
-            arch = flops.FakeModel(model_cfg, cfg.train.trainable).arch
+            arch = flops.FakeModel(model_cfg, cfg.train.trainable, device=device).arch
             m = sample_mix(cfg, arch.visual_tokens)
             attn_tokens = planner.attention_cost_tokens(arch.layer_linear * arch.llm_layers, arch.llm_layers, arch.hidden)
-            yield Setup(cfg, model_cfg, world, arch, m, step_micro_batch(cfg, m, gpus, attn_tokens), sources)
+            yield Setup(cfg, model_cfg, world, device, arch, m, step_micro_batch(cfg, m, gpus, attn_tokens), sources)
     finally:
         dist.destroy_process_group()
 

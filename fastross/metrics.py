@@ -231,6 +231,14 @@ class MetricsLogger:
                                                   for k, v in values.items()) + f" ({seconds:.1f} s)")
         return rec
 
+    def drop_after(self, step: int) -> str | None:
+        """A run that starts at `step` (its checkpoint's, 0 without one): metrics.jsonl keeps the records up to it,
+        as `trim` does (the later steps run again; torn lines go). Returns what was dropped, to say, or None."""
+        if not self.enabled:
+            return None
+        dropped = trim(self.path, step)
+        return f"{self.path}: dropped {dropped} record(s) past step {step} or torn" if dropped else None
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

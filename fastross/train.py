@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
-from fastross import checkpoint, config, distributed, flops, lifecycle, metrics, provenance, weights
+from fastross import build, checkpoint, config, distributed, flops, lifecycle, metrics, provenance
 from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
@@ -33,7 +33,6 @@ from fastross.data.sources import check_shard_facts, open_sources
 from fastross.data.templates import load_tokenizer
 from fastross.data.stream import Position
 from fastross.metrics import MetricsLogger
-from fastross.model.denoiser import resolve_impl
 from fastross.model.ross import RossModel
 
 
@@ -144,7 +143,7 @@ def check_before_training(cfg: config.Config) -> list[str]:
     processor, the data sources opened and compared field by field (fastross.data.sources.check_agree: template,
     tokenizer, grid, latents...) without hashing their shard files, and `check_shards` on them. Returns notes (the
     run's length, samples planned alone) to print; raises ConfigError, ValueError or FileNotFoundError."""
-    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed, meta=True)
+    model = build.meta(cfg.model, "sdpa", "cpu", seed=cfg.train.seed)  # the architecture: its ops never run here
     ImageSpec.from_pretrained(cfg.model.vision_path)
     d, t = cfg.data, cfg.train
     sources = open_sources(d, check=False)
@@ -167,13 +166,33 @@ def check_before_training(cfg: config.Config) -> list[str]:
 
 
 class Trainer:
+    """One run: `__init__` calls the builders, in the order a start needs them (as torchtitan's trainer does);
+    `fit` runs the steps, `train_step` reads top to bottom."""
+
     def __init__(self, cfg: config.Config, world: distributed.World):
         self.cfg, self.world = cfg, world
-        m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-        self.run_dir = Path(t.run_dir)
+        self.run_dir = Path(cfg.train.run_dir)
+        self.metrics = self.build_metrics()
+        torch.manual_seed(cfg.train.seed)
+        # Built on the meta device: no rank ever holds the whole model (fastross.build, fastross/model/load.py).
+        model = self.build_meta_model()
+        self.loader, self.eval_loader = self.build_loaders(model)
+        self.arch, self.policies = self.build_flops(model)
+        self.model = self.build_model(model)
+        self.optimizer, self.params = self.build_optimizer()
+        self.total_steps, self.scheduler = self.build_schedule()
+        self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, cfg.train.keep_checkpoints,
+                                                    cfg.train.async_checkpoint)
+        self.resume()
+        self.write_provenance()
+        self._say(self.start_note())
+
+    def build_metrics(self) -> MetricsLogger:
+        """The run folder and its records; the CUDA allocator's history from here when train.memory_snapshot."""
+        cfg, world, t = self.cfg, self.world, self.cfg.train
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = MetricsLogger(
+        logger = MetricsLogger(
             self.run_dir, world.is_main, world.size, device=world.device, loggers=t.loggers,
             wandb_project=t.wandb_project, config=config.to_dict(cfg), progress=sys.stdout.isatty(),
         )
@@ -185,91 +204,97 @@ class Trainer:
                 )
             torch.cuda.memory._record_memory_history(max_entries=1_000_000)  # from before the weights load
         self.recording_memory = t.memory_snapshot
-        torch.manual_seed(t.seed)
+        return logger
 
-        if d.global_batch < world.size:
-            raise config.ConfigError(f"data.global_batch={d.global_batch} is smaller than the {world.size} ranks")
-        self.attention = attention.resolve(cfg.attention.backend, world.device)
-        self.denoiser_impl = resolve_impl(m.denoiser.impl, world.device.type)
-        m = dataclasses.replace(m, denoiser=dataclasses.replace(m.denoiser, impl=self.denoiser_impl))
-        # Built on the meta device: no rank ever holds the whole model (fastross/model/load.py).
-        model = RossModel(m, self.attention, seed=t.seed, meta=True)
-        self.loader = Loader(
-            d, rank=world.rank, world=world.size, attn_tokens=llm_attention_cost_tokens(model.llm),
-            image=ImageSpec.from_pretrained(m.vision_path), latent_channels=model.latent_channels,
-            replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
-        )
-        for ids, problem in self.loader.corrupt:  # data.corrupt_shards=skip: said once, at start
-            self._say(f"skipped a corrupt shard ({len(ids)} samples): {problem}")
+    def build_meta_model(self) -> RossModel:
+        """The architecture on the meta device (fastross.build.meta), attention.backend and model.denoiser.impl
+        resolved for this run's device: what the loaders and the checks need, before any weight is read."""
+        cfg, world = self.cfg, self.world
+        if cfg.data.global_batch < world.size:
+            raise config.ConfigError(f"data.global_batch={cfg.data.global_batch} is smaller than the {world.size} ranks")
+        backend = attention.resolve(cfg.attention.backend, world.device)
+        return build.meta(cfg.model, backend, world.device.type, seed=cfg.train.seed)
+
+    def build_loaders(self, model: RossModel) -> tuple[Loader, Loader | None]:
+        """The training loader and, with data.eval_shards, the held-out one (Trainer.evaluate: the same planner and
+        collator, in the shards' order); what each says at start; what their shards say against the model."""
+        d, m, t, world = self.cfg.data, self.cfg.model, self.cfg.train, self.world
+
+        def loader(data: config.DataConfig) -> Loader:
+            return Loader(
+                data, rank=world.rank, world=world.size, attn_tokens=llm_attention_cost_tokens(model.llm),
+                image=ImageSpec.from_pretrained(m.vision_path), latent_channels=model.latent_channels,
+                replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
+            )
+
+        train = loader(d)
         if world.size > 1:  # every rank must leave out the same samples (each node may hold its own copy of the shards)
-            skipped = sum(len(ids) for ids, _ in self.loader.corrupt)
+            skipped = train.skipped_samples
             spread = torch.tensor([skipped, -skipped], device=world.device)
             torch.distributed.all_reduce(spread, op=torch.distributed.ReduceOp.MAX)
             if spread[0] != -spread[1]:
                 raise config.ConfigError(
-                    f"data.shards: the ranks found different corrupt shards in {self.loader.name} ({skipped} samples "
+                    f"data.shards: the ranks found different corrupt shards in {train.name} ({skipped} samples "
                     f"skipped on rank {world.rank}): repair the copies so that every rank reads the same data"
                 )
-        stream = self.loader.stream
-        if len(stream.sources) > 1 or stream.sources[0].remote:
-            self._say("data: " + "; ".join(f"{s.name} ({len(s.lengths)} samples, weight {w:.3g}, {o.shuffle} order)"
-                                           for s, w, o in zip(stream.sources, stream.weights, stream.orders)))
-        window = sum(sum(sorted(s.shard_bytes.tolist())[-d.shuffle_window:]) for s in stream.sources if s.remote)
-        if window > config.parse_size(d.cache_limit):  # not an error: it costs downloads, nothing else
-            self._say(f"data.cache_limit={d.cache_limit} is less than a block shuffle's window of every remote "
-                      f"({window} bytes): shards will be downloaded more than once per epoch")
-        lengths = stream.lengths
-        too_long = int((lengths > d.max_tokens).sum())
-        if too_long:
-            self._say(f"{too_long} of {len(lengths)} samples are longer than data.max_tokens={d.max_tokens}: "
-                      "each is planned alone in its micro-batch")
-        self.eval_loader = None
-        if d.eval_shards:  # held-out losses (Trainer.evaluate): the same planner and collator, in the shards' order
-            self.eval_loader = Loader(
-                dataclasses.replace(d, shards=d.eval_shards, sources=[], shuffle="none"), rank=world.rank,
-                world=world.size,
-                attn_tokens=llm_attention_cost_tokens(model.llm), image=ImageSpec.from_pretrained(m.vision_path),
-                latent_channels=model.latent_channels, replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
-            )
+        for note in train.notes():
+            self._say(note)
+        held = None
+        if d.eval_shards:
+            held = loader(dataclasses.replace(d, shards=d.eval_shards, sources=[], shuffle="none"))
         # What the shards say against the model (the sources agree already: open_sources); --check runs the same
-        check_shards(cfg, model, [("data.shards", self.loader.meta, self.loader.name)]
-                     + ([("data.eval_shards", self.eval_loader.meta, self.eval_loader.name)] if self.eval_loader else []))
-        model.requires_grad_(False)
-        for part in t.trainable:
-            getattr(model, part).requires_grad_(True)
-        model.vision.requires_grad_(False)
-        # What a step costs (fastross.flops), from the built architecture: model FLOPs for MFU, hardware FLOPs with
-        # the checkpointing policy's recompute.
-        self.arch = flops.Arch.of(model)
-        self.policies = config.checkpoint_policies(t.activation_checkpointing, self.arch.llm_layers)
-        self.metrics.peak_tflops, peak_from = flops.peak_tflops(t.peak_tflops, world.device)
+        check_shards(self.cfg, model, [("data.shards", train.meta, train.name)]
+                     + ([("data.eval_shards", held.meta, held.name)] if held else []))
+        return train, held
+
+    def build_flops(self, model: RossModel) -> tuple[flops.Arch, list[str]]:
+        """What a step costs (fastross.flops), from the built architecture: model FLOPs for MFU, hardware FLOPs with
+        the checkpointing policy's recompute; the device's peak for MFU."""
+        t = self.cfg.train
+        arch = flops.Arch.of(model)
+        policies = config.checkpoint_policies(t.activation_checkpointing, arch.llm_layers)
+        self.metrics.peak_tflops, peak_from = flops.peak_tflops(t.peak_tflops, self.world.device)
         self._say(f"MFU against {self.metrics.peak_tflops:.3g} TFLOP/s per device ({peak_from})")
         self._work = [0, 0]  # the global batches' tokens and squared lengths since the last record (host ints)
-        self._counts = torch.zeros(2, device=world.device)  # and their supervised tokens and images (no host sync)
-        self.model = distributed.parallelize(model, world, cfg)
-        loaded = self.model.load_weights(world.device)  # each rank's shards only
-        distributed.cast_frozen(self.model, t.dtype)
-        self._say(f"weights: {loaded.from_files} tensors read from the folders, {loaded.fresh} fresh; "
-                  f"{loaded.held_bytes / 2**20:.1f} MiB held per rank")
-        if m.init_from:
-            src = weights.load_model_weights(m.init_from, self.model)
-            self._say(f"model weights from {src}")
+        self._counts = torch.zeros(2, device=self.world.device)  # and their supervised tokens and images (no host sync)
+        return arch, policies
 
+    def build_model(self, model: RossModel) -> RossModel:
+        """The meta-built model frozen, parallelized and loaded (fastross.build): each rank's shards only."""
+        build.freeze(model, self.cfg.train.trainable)
+        model = build.parallelize(model, self.world, self.cfg)
+        loaded = build.load(model, self.world.device, self.cfg)
+        r = loaded.report
+        self._say(f"weights: {r.from_files} tensors read from the folders, {r.fresh} fresh; "
+                  f"{r.held_bytes / 2**20:.1f} MiB held per rank")
+        if loaded.init_from is not None:
+            self._say(f"model weights from {loaded.init_from}")
+        return model
+
+    def build_optimizer(self) -> tuple[torch.optim.AdamW, list]:
+        """AdamW over the trainable parts' groups (`param_groups`); the parameters it steps, for clipping."""
+        o, t = self.cfg.optim, self.cfg.train
         lrs = {"projector": o.lr_projector, "denoiser": o.lr_denoiser, "llm": o.lr_llm}
         groups = param_groups(self.model, t.trainable, lrs, o.weight_decay)
-        self.params = [p for g in groups for p in g["params"]]
         # One fused kernel per parameter group on GPUs; the multi-tensor (foreach) path elsewhere.
-        fused = world.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
+        fused = self.world.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
             groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused, foreach=not fused
         )
-        self.total_steps = run_steps(t.epochs, t.max_steps, self.loader.steps_per_epoch)
-        warmup = math.ceil(o.warmup_ratio * self.total_steps)
-        # Linear warm-up from 0, then cosine decay to 0: the reference's schedule, the same learning rates to the last
-        # bit as fastross's own formula had (tests/test_config.py).
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+        return optimizer, [p for g in groups for p in g["params"]]
 
-        self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, t.keep_checkpoints, t.async_checkpoint)
+    def build_schedule(self):
+        """The run's length in steps and its learning-rate schedule: linear warm-up from 0, then cosine decay to 0,
+        the reference's schedule, the same learning rates to the last bit as fastross's own formula had
+        (tests/test_config.py)."""
+        t = self.cfg.train
+        total = run_steps(t.epochs, t.max_steps, self.loader.steps_per_epoch)
+        warmup = math.ceil(self.cfg.optim.warmup_ratio * total)
+        return total, get_cosine_schedule_with_warmup(self.optimizer, warmup, total)
+
+    def resume(self) -> None:
+        """From the run folder's latest checkpoint when it holds one (files vetted first), else from step 0; the
+        records of steps about to run again dropped."""
         self.step, self.data_position = 0, Position()
         self.bad_in_a_row = self.skipped_steps = self._skipped_logged = 0  # non-finite steps (Trainer._skip)
         latest = self.checkpointer.latest()
@@ -279,17 +304,26 @@ class Trainer:
             self.step = state["step"]
             self.bad_in_a_row = state.get("bad_in_a_row", 0)
             self._say(f"resumed from {latest} at step {self.step}")
-        if world.is_main:  # also without a checkpoint: an early kill's records are of steps about to run again
-            dropped = metrics.trim(self.metrics.path, self.step)
-            if dropped:
-                self._say(f"{self.metrics.path}: dropped {dropped} record(s) past step {self.step} or torn")
-            (self.run_dir / "config.yaml").write_text(config.dump(cfg))  # its paths absolute (config.load)
+        # also without a checkpoint: an early kill's records are of steps about to run again
+        note = self.metrics.drop_after(self.step)
+        if note is not None:
+            self._say(note)
+
+    def write_provenance(self) -> None:
+        """The resolved config (its paths absolute: config.load) and where the code came from, beside the records."""
+        if self.world.is_main:
+            (self.run_dir / "config.yaml").write_text(config.dump(self.cfg))
             provenance.write(self.run_dir)
+
+    def start_note(self) -> str:
+        """The line a start ends with: ranks, packing, the resolved attention and denoiser ops, the length, what
+        trains."""
+        cfg, world, t = self.cfg, self.world, self.cfg.train
         n = sum(p.numel() for p in self.params)
-        self._say(
-            f"{world.size} rank(s) on {world.device.type}, {d.global_batch} samples/step packed into micro-batches "
-            f"of <= {d.max_tokens} tokens, attention {self.attention}, denoiser {self.denoiser_impl}, "
-            f"{steps_note(t.epochs, t.max_steps, self.loader.steps_per_epoch)}, "
+        return (
+            f"{world.size} rank(s) on {world.device.type}, {cfg.data.global_batch} samples/step packed into "
+            f"micro-batches of <= {cfg.data.max_tokens} tokens, attention {self.model.attention}, "
+            f"denoiser {self.model.denoiser.impl}, {steps_note(t.epochs, t.max_steps, self.loader.steps_per_epoch)}, "
             f"training {', '.join(t.trainable)} ({n / 1e6:.2f}M params, this rank's shards)"
         )
 

@@ -14,7 +14,6 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 
 from fastross import checkpoint, export, ross_format
-from fastross.model.ross import RossModel
 
 
 def load_model_weights(path: str | Path, model) -> Path:
@@ -50,12 +49,3 @@ def _load_export_weights(folder: Path, model) -> Path:
                        f"unexpected {extra[:5]} (is model.* the export's fastross_config.yaml's?)")
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     return folder
-
-
-def checkpoint_model(path: str | Path):
-    """A run folder or checkpoint folder -> (fastross's own model with the checkpoint's weights, in eval mode, on the
-    host; its config): what the export is compared with (tests/test_export.py, benchmarks/export_check.py)."""
-    _, cfg, state = checkpoint.read_checkpoint(path)
-    model = RossModel(cfg.model, "sdpa", seed=cfg.train.seed)
-    model.load_state_dict(state, strict=True)
-    return model.eval(), cfg

@@ -219,7 +219,7 @@ def test_clip_convert_train_resume(tiny_models, tiny_clip, clip_shards, clip_run
 
 @pytest.fixture(scope="module")
 def clip_ours(clip_run_dir):
-    from fastross.weights import checkpoint_model
+    from fastross.build import checkpoint_model
 
     return checkpoint_model(clip_run_dir)[0]
 

@@ -316,6 +316,9 @@ def test_corrupt_shard_is_named_or_skipped(many_shards, tmp_path, spec):
     read = [s["id"] for i in range(skipping.stream.steps_per_epoch)
             for mb in skipping.stream.step(i).micro_batches for s in mb]
     assert len(read) == 4 * (kept // 4) and all(int(r[1:]) not in bad[0][0] for r in read)
+    # What the trainer says at start about it (Loader.notes), and what the ranks compare (skipped_samples)
+    assert skipping.skipped_samples == index[1]["samples"]
+    assert skipping.notes()[0] == f"skipped a corrupt shard ({index[1]['samples']} samples): {bad[0][1]}"
 
     victim.write_bytes(bytes(data[:-10]))  # truncated
     assert corrupt_shards(shards)[0][1] == f"{victim}: {len(data) - 10} bytes, index.json records {len(data)}"

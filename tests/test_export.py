@@ -97,7 +97,7 @@ def exported(run_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def ours(run_dir):
     """fastross's own model with the checkpoint's weights."""
-    from fastross.weights import checkpoint_model
+    from fastross.build import checkpoint_model
 
     return checkpoint_model(run_dir)[0]
 

@@ -58,6 +58,21 @@ def test_record_averages_the_step_times_and_counts_throughput(tmp_path, clock):
     assert "ckpt_blocked_s" not in rec and "data_wait_s" not in rec
 
 
+def test_a_start_drops_the_records_of_steps_that_run_again(tmp_path):
+    """MetricsLogger.drop_after(step): rank 0 keeps the records up to the start's step and drops the torn line, and
+    says so; another rank neither touches the file nor says anything; a file with nothing to drop is left alone."""
+    path = tmp_path / "metrics.jsonl"
+    recs = [json.dumps({"step": s, "text_loss": 1.0}) for s in (1, 2, 3)]
+    path.write_text("\n".join(recs) + '\n{"step": 4, "te')
+    other = MetricsLogger(tmp_path, False, world=2)
+    assert other.drop_after(1) is None and path.read_text().startswith(recs[0])
+    assert len(path.read_text().splitlines()) == 4
+    main = MetricsLogger(tmp_path, True, world=2)
+    assert main.drop_after(2) == f"{path}: dropped 2 record(s) past step 2 or torn"
+    assert path.read_text() == recs[0] + "\n" + recs[1] + "\n"
+    assert main.drop_after(2) is None and path.read_text() == recs[0] + "\n" + recs[1] + "\n"
+
+
 def test_mfu_appears_only_with_counted_flops_and_a_peak(tmp_path, clock):
     log = MetricsLogger(tmp_path, True, world=4, peak_tflops=100.0, stream=io.StringIO())
     log.start(0, 10)

@@ -40,6 +40,7 @@ from fastross.config import DataConfig
 from fastross.lifecycle import die_with_parent
 from fastross.data.batch import Collator, MicroBatch
 from fastross.data.images import ImageSpec
+from fastross.config import parse_size
 from fastross.data.schema import ShardCorruptError
 from fastross.data.sources import open_sources
 from fastross.data.stream import Position, StepStream
@@ -173,6 +174,29 @@ class Loader:
         self.collate = Collator(meta=self.meta, image=image, latent_channels=latent_channels, replicas=replicas,
                                 seed=seed, image_backend=cfg.image_backend, pad=padded)
         self.steps_per_epoch = self.stream.steps_per_epoch
+
+    @property
+    def skipped_samples(self) -> int:
+        """The samples of the corrupt shards left out (data.corrupt_shards=skip)."""
+        return sum(len(ids) for ids, _ in self.corrupt)
+
+    def notes(self) -> list[str]:
+        """What a run says about its data at start: each corrupt shard skipped, the sources of a mixture or a
+        remote, a cache smaller than a block shuffle's window, the samples longer than data.max_tokens."""
+        cfg, stream = self.cfg, self.stream
+        notes = [f"skipped a corrupt shard ({len(ids)} samples): {problem}" for ids, problem in self.corrupt]
+        if len(stream.sources) > 1 or stream.sources[0].remote:
+            notes.append("data: " + "; ".join(f"{s.name} ({len(s.lengths)} samples, weight {w:.3g}, {o.shuffle} order)"
+                                              for s, w, o in zip(stream.sources, stream.weights, stream.orders)))
+        window = sum(sum(sorted(s.shard_bytes.tolist())[-cfg.shuffle_window:]) for s in stream.sources if s.remote)
+        if window > parse_size(cfg.cache_limit):  # not an error: it costs downloads, nothing else
+            notes.append(f"data.cache_limit={cfg.cache_limit} is less than a block shuffle's window of every remote "
+                         f"({window} bytes): shards will be downloaded more than once per epoch")
+        too_long = int((stream.lengths > cfg.max_tokens).sum())
+        if too_long:
+            notes.append(f"{too_long} of {len(stream.lengths)} samples are longer than data.max_tokens={cfg.max_tokens}: "
+                         "each is planned alone in its micro-batch")
+        return notes
 
     def dataset(self, position: Position, step: int, total_steps: int) -> StepDataset:
         # A worker's step n is still held by the trainer while the worker makes at most steps n+1..n+prefetch+1.

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
+from fastross.config import DenoiserConfig, choices
 from fastross.kernels.adaln import adaln_chunks, silu_cond, silu_cond_ref
 from fastross.kernels.fused_mlp import fused_mlp_branch, fused_mlp_branch_ref, gated_linear, gated_linear_ref
 from fastross.kernels.ln_modulate import ln_modulate, ln_modulate_ref
@@ -59,11 +60,11 @@ class DenoiserOps:
     mlp_branch: Callable  # (x, shift, scale, gate, w1, b1, w2, b2, act, eps) -> x + gate * fc2(act(fc1(LN-mod(x))))
 
 
-OPS = {
+IMPLS = choices(DenoiserConfig, "impl")  # model.denoiser.impl: declared once, on the config field
+OPS = {  # by impl, "auto" resolved (resolve_impl); tests/kernels/test_denoiser_impl.py holds the keys to IMPLS
     "torch": DenoiserOps(silu_cond_ref, ln_modulate_ref, gated_linear_ref, fused_mlp_branch_ref),
     "triton": DenoiserOps(silu_cond, ln_modulate, gated_linear, fused_mlp_branch),
 }
-IMPLS = ("auto", *OPS)  # model.denoiser.impl
 
 
 def resolve_impl(impl: str, device_type: str) -> str:
@@ -227,8 +228,9 @@ class Denoiser(nn.Module):
         self.repeat_cond = repeat_cond
         if kind not in ("dit", "mlp"):
             raise ValueError(f"model.denoiser.kind must be 'dit' or 'mlp', got {kind!r}")
-        if impl not in OPS:  # resolve_impl turns "auto" into one of them
-            raise ValueError(f"model.denoiser.impl must be one of {', '.join(map(repr, OPS))}, got {impl!r}")
+        if impl not in OPS:  # resolve_impl turns "auto" into one of them (fastross.build.resolve, before any build)
+            how = ": resolve it for the device first (fastross.build)" if impl in IMPLS else ""
+            raise ValueError(f"model.denoiser.impl must be one of {', '.join(map(repr, OPS))}, got {impl!r}{how}")
         self.kind = kind
         self.impl = impl  # a record of what was built; nothing branches on it
         self.ops = ops = OPS[impl]

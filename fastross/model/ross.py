@@ -17,7 +17,7 @@ from torch import nn
 from fastross.model import diffusion, init, liger, load, text_loss
 from fastross.model.attention import build_mask
 from fastross.model.attention import register as register_attention
-from fastross.model.denoiser import Denoiser, resolve_impl
+from fastross.model.denoiser import Denoiser
 from fastross.model.projector import Projector
 from fastross.model.vision import VisionTower
 
@@ -31,9 +31,9 @@ class LossSums:
 class RossModel(nn.Module):
     """Two builds that give equal weights (tests/test_meta_load.py):
 
-    - eager (`meta=False`, tests and tools): every pretrained part through Hugging Face's
+    - eager (`meta=False`, tests and tools; fastross.build.host): every pretrained part through Hugging Face's
       from_pretrained, whole, on the host;
-    - meta (`meta=True`, the trainer): every part built from its folder's config on the meta
+    - meta (`meta=True`, the trainer; fastross.build.meta): every part built from its folder's config on the meta
       device, no storage at all; after `fully_shard`, `load_weights(device)` materialises each
       rank's shards and fills them from the safetensors files (fastross.model.load).
 
@@ -45,7 +45,8 @@ class RossModel(nn.Module):
     FRESH = ("projector", "denoiser")  # parts not read from any folder
 
     def __init__(self, cfg, attention: str = "sdpa", seed: int = 0, meta: bool = False):
-        """cfg: fastross.config.ModelConfig; attention: a resolved fastross.model.attention backend;
+        """cfg: fastross.config.ModelConfig, model.denoiser.impl resolved (fastross.build builds through here);
+        attention: a resolved fastross.model.attention backend;
         seed: train.seed, keys the fresh parameters; meta: build on the meta device (see the class)."""
         super().__init__()
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -87,8 +88,7 @@ class RossModel(nn.Module):
             self.latent_channels = cfg.latent_channels
             self.latent_shift, self.latent_scale = cfg.latent_shift, cfg.latent_scale
         d = cfg.denoiser
-        # "auto" for the device this model will run on; the trainer and the planner resolve it for theirs first
-        impl = resolve_impl(d.impl, "cuda" if torch.cuda.is_available() else "cpu")
+        impl = d.impl  # resolved for the device this model will run on ("auto" refused: fastross.build resolves it)
         with on_meta:
             self.projector = Projector(self.vision.hidden_size, hidden)
             self.denoiser = Denoiser(

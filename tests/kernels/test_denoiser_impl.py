@@ -218,16 +218,32 @@ def test_auto_impl_resolves_by_device():
         resolve_impl("cuda", "cpu")
 
 
-def test_auto_impl_builds_the_ops_of_this_machine(tiny_models):
-    """A RossModel of impl=auto holds the refs and the materialised eps loss without CUDA, the kernels with it."""
+def test_auto_impl_builds_the_ops_of_the_device(tiny_models):
+    """fastross.build resolves impl=auto for the device a model will run on: the refs and the materialised eps loss
+    for a CPU, the kernels and the fused loss for CUDA (built on the meta device: no GPU needed). RossModel itself
+    takes a resolved impl and refuses auto, saying where it is resolved."""
+    from fastross import build
     from fastross.config import DenoiserConfig, ModelConfig
     from fastross.model import diffusion
     from fastross.model.ross import RossModel
 
-    want = "triton" if torch.cuda.is_available() else "torch"
     cfg = ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
                       denoiser=DenoiserConfig(kind="dit", depth=1, width=32, heads=4, replicas=4, impl="auto"))
-    model = RossModel(cfg, meta=True)
-    assert model.denoiser.impl == want and all(blk.ops is OPS[want] for blk in model.denoiser.blocks)
-    assert model.eps_loss is diffusion.EPS_LOSSES[want]
+    for device, want in (("cpu", "torch"), ("cuda", "triton")):
+        model = build.meta(cfg, "sdpa", device)
+        assert model.denoiser.impl == want and all(blk.ops is OPS[want] for blk in model.denoiser.blocks)
+        assert model.eps_loss is diffusion.EPS_LOSSES[want]
     assert diffusion.EPS_LOSSES["torch"] is diffusion.eps_loss_materialised
+    with pytest.raises(ValueError, match=r"got 'auto': resolve it for the device first \(fastross.build\)"):
+        RossModel(cfg, meta=True)
+
+
+def test_impl_names_are_the_config_fields():
+    """model.denoiser.impl's names are declared once, on the config field: the denoiser's ops and the eps losses
+    are keyed by exactly those names less auto."""
+    from fastross.config import DenoiserConfig, choices
+    from fastross.model import diffusion
+    from fastross.model.denoiser import IMPLS
+
+    assert IMPLS == choices(DenoiserConfig, "impl") == ("auto", *OPS)
+    assert tuple(diffusion.EPS_LOSSES) == tuple(OPS)
