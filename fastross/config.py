@@ -328,7 +328,7 @@ def absolute(path: str) -> str:
 
 
 def load(path: str | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """check_paths=False: shapes-only tools (fastross.plan) that need no folder to exist."""
+    """check_paths=False: shapes-only tools (fastross.memory_plan) that need no folder to exist."""
     raw = read_yaml(path) if path else {}
     for o in overrides:
         if "=" not in o:

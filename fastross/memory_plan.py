@@ -1,10 +1,10 @@
 """Plan a run from architectures alone: FLOPs by part, per-GPU peak memory by simulation, a checkpointing policy.
 
-    python -m fastross.plan CONFIG --gpus N [--gpu-gib 80] [key.sub=value ...]
+    python -m fastross.memory_plan CONFIG --gpus N [--gpu-gib 80] [key.sub=value ...]
 
 Needs no weights and no data: architectures come from the model folders' config.json when they exist,
 else from fastross.model.presets; the sample mix from the shards' length indexes when `data.shards` (or every
-source of `data.sources`, drawn by weight) holds one, else the stated default stage-2 mix (fastross.data.mix.draw).
+source of `data.sources`, drawn by weight) holds one, else the stated default stage-2 mix (fastross.data.default_mix).
 Memory is simulated on the CPU: the recipe's RossModel built on the meta device, parallelized as the trainer does (checkpointing, FSDP2 over a
 fake process group of N ranks), materialised as fake tensors, and one training step tracked by
 FSDPMemTracker on the step's largest micro-batch (one untracked step first: AdamW's state created inside
@@ -80,7 +80,7 @@ def sample_mix(cfg: config.Config, visual_tokens: int, seed: int = 0) -> Mix:
                                                         for index, w in indexes)
     else:
         lengths, images = mix.draw(rng, n, visual_tokens)
-        source = f"{n} samples of the default stage-2 mix (fastross/data/mix.py)"
+        source = f"{n} samples of the default stage-2 mix (fastross/data/default_mix.py)"
     text = lengths - images * visual_tokens
     return Mix(lengths, images, np.maximum(1, (text * SUPERVISED_SHARE).astype(np.int64)), source)
 
@@ -228,7 +228,8 @@ def simulate(cfg: config.Config, model_cfg, world: distributed.World, policy, sa
     parts["parameters"] += frozen
     unknown = set(by) - {k for keys in groups.values() for k in keys} - {"Total"}
     if unknown:
-        raise RuntimeError(f"FSDPMemTracker reported memory kinds fastross.plan does not group: {sorted(unknown)}")
+        raise RuntimeError(f"FSDPMemTracker reported memory kinds fastross.memory_plan does not group: "
+                           f"{sorted(unknown)}")
     return Memory(by["Total"] + frozen, parts, by)
 
 
