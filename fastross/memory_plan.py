@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fastross import config, distributed, flops
-from fastross.data import default_mix as mix, packing_planner as planner  # renamed; the body keeps its names
+from fastross.data import default_mix, packing_planner
 from fastross.data.schema import LENGTHS_FILE, read_lengths
 from fastross.model import presets
 
@@ -79,7 +79,7 @@ def sample_mix(cfg: config.Config, visual_tokens: int, seed: int = 0) -> Mix:
         source = f"{n} samples drawn from " + ", ".join(f"{index} (weight {w:g})" if len(indexes) > 1 else str(index)
                                                         for index, w in indexes)
     else:
-        lengths, images = mix.draw(rng, n, visual_tokens)
+        lengths, images = default_mix.draw(rng, n, visual_tokens)
         source = f"{n} samples of the default stage-2 mix (fastross/data/default_mix.py)"
     text = lengths - images * visual_tokens
     return Mix(lengths, images, np.maximum(1, (text * SUPERVISED_SHARE).astype(np.int64)), source)
@@ -87,7 +87,7 @@ def sample_mix(cfg: config.Config, visual_tokens: int, seed: int = 0) -> Mix:
 
 def largest_micro_batch(m: Mix, gpus: int, max_tokens: int, attn_tokens: float) -> list[int]:
     """The samples of the step's largest micro-batch (most tokens, then most images) as the trainer packs them."""
-    plan = planner.plan_step(m.lengths.tolist(), gpus, max_tokens, attn_tokens)
+    plan = packing_planner.plan_step(m.lengths.tolist(), gpus, max_tokens, attn_tokens)
     bins = [b for rank in plan.micro_batches for b in rank]
     return max(bins, key=lambda b: (int(m.lengths[b].sum()), int(m.images[b].sum())))
 
@@ -99,7 +99,7 @@ def step_micro_batch(cfg: config.Config, m: Mix, gpus: int, attn_tokens: float) 
     if cfg.data.packing == "packed":
         mb = largest_micro_batch(m, gpus, cfg.data.max_tokens, attn_tokens)
         return m.lengths[mb].tolist(), m.images[mb].tolist(), m.supervised[mb].tolist()
-    plan = planner.plan_padded_step(m.lengths.tolist(), gpus, cfg.data.padded_samples, attn_tokens)
+    plan = packing_planner.plan_padded_step(m.lengths.tolist(), gpus, cfg.data.padded_samples, attn_tokens)
     mb = max((b for rank in plan.micro_batches for b in rank),
              key=lambda b: (len(b) * int(m.lengths[b].max()), int(m.images[b].sum())))
     return [int(m.lengths[mb].max())] * len(mb), m.images[mb].tolist(), m.supervised[mb].tolist()
@@ -301,7 +301,8 @@ def setup(cfg: config.Config, gpus: int, device: str = "cuda"):
             model_cfg = dataclasses.replace(model_cfg, denoiser=dataclasses.replace(d, impl=resolve_impl(d.impl, device)))
             arch = flops.FakeModel(model_cfg, cfg.train.trainable).arch
             m = sample_mix(cfg, arch.visual_tokens)
-            attn_tokens = planner.attention_cost_tokens(arch.layer_linear * arch.llm_layers, arch.llm_layers, arch.hidden)
+            attn_tokens = packing_planner.attention_cost_tokens(arch.layer_linear * arch.llm_layers, arch.llm_layers,
+                                                                arch.hidden)
             yield Setup(cfg, model_cfg, world, arch, m, step_micro_batch(cfg, m, gpus, attn_tokens), sources)
     finally:
         dist.destroy_process_group()
