@@ -329,8 +329,8 @@ def absolute(path: str) -> str:
 
 
 def load(path: str | None, overrides: list[str] = (), check_paths: bool = True) -> Config:
-    """check_paths=False: shapes-only tools (fastross.plan) that need no folder to exist. No shard file is read here:
-    what the shards say against data.* is fastross.data.sources.check_shard_facts, which the trainer runs next."""
+    """check_paths=False: shapes-only tools (fastross.memory_plan) that need no folder to exist. No shard file is read
+    here: what the shards say against data.* is fastross.data.sources.check_shard_facts, which the trainer runs next."""
     raw = read_yaml(path) if path else {}
     for o in overrides:
         if "=" not in o:

@@ -1,10 +1,10 @@
 """Plan a run from architectures alone: FLOPs by part, per-GPU peak memory by simulation, a checkpointing policy.
 
-    python -m fastross.plan CONFIG --gpus N [--gpu-gib 80] [key.sub=value ...]
+    python -m fastross.memory_plan CONFIG --gpus N [--gpu-gib 80] [key.sub=value ...]
 
 Needs no weights and no data: architectures come from the model folders' config.json when they exist,
 else from fastross.model.presets; the sample mix from the shards' length indexes when `data.shards` (or every
-source of `data.sources`, drawn by weight) holds one, else the stated default stage-2 mix (fastross.data.mix.draw).
+source of `data.sources`, drawn by weight) holds one, else the stated default stage-2 mix (fastross.data.default_mix.draw).
 Memory is simulated on the CPU: the recipe's RossModel built on the meta device, parallelized as the trainer does
 (checkpointing, FSDP2 over a fake process group of N ranks), materialised as fake tensors, and one training step
 tracked by FSDPMemTracker on the step's largest micro-batch (one untracked step first: AdamW's state created inside
@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fastross import build, config, distributed, flops
-from fastross.data import default_mix as mix, packing_planner as planner  # renamed; the body keeps its names
+from fastross.data import default_mix, packing_planner
 from fastross.data.batch import MicroBatch
 from fastross.data.remote import cache_folder, is_remote
 from fastross.data.schema import LENGTHS_FILE, read_lengths
@@ -81,15 +81,15 @@ def sample_mix(cfg: config.Config, visual_tokens: int, seed: int = 0) -> Mix:
         source = f"{n} samples drawn from " + ", ".join(f"{index} (weight {w:g})" if len(indexes) > 1 else str(index)
                                                         for index, w in indexes)
     else:
-        lengths, images = mix.draw(rng, n, visual_tokens)
-        source = f"{n} samples of the default stage-2 mix (fastross/data/mix.py)"
+        lengths, images = default_mix.draw(rng, n, visual_tokens)
+        source = f"{n} samples of the default stage-2 mix (fastross/data/default_mix.py)"
     text = lengths - images * visual_tokens
     return Mix(lengths, images, np.maximum(1, (text * SUPERVISED_SHARE).astype(np.int64)), source)
 
 
 def largest_micro_batch(m: Mix, gpus: int, max_tokens: int, attn_tokens: float) -> list[int]:
     """The samples of the step's largest micro-batch (most tokens, then most images) as the trainer packs them."""
-    plan = planner.plan_step(m.lengths.tolist(), gpus, max_tokens, attn_tokens)
+    plan = packing_planner.plan_step(m.lengths.tolist(), gpus, max_tokens, attn_tokens)
     bins = [b for rank in plan.micro_batches for b in rank]
     return max(bins, key=lambda b: (int(m.lengths[b].sum()), int(m.images[b].sum())))
 
@@ -101,7 +101,7 @@ def step_micro_batch(cfg: config.Config, m: Mix, gpus: int, attn_tokens: float) 
     if cfg.data.packing == "packed":
         mb = largest_micro_batch(m, gpus, cfg.data.max_tokens, attn_tokens)
         return m.lengths[mb].tolist(), m.images[mb].tolist(), m.supervised[mb].tolist()
-    plan = planner.plan_padded_step(m.lengths.tolist(), gpus, cfg.data.padded_samples, attn_tokens)
+    plan = packing_planner.plan_padded_step(m.lengths.tolist(), gpus, cfg.data.padded_samples, attn_tokens)
     mb = max((b for rank in plan.micro_batches for b in rank),
              key=lambda b: (len(b) * int(m.lengths[b].max()), int(m.images[b].sum())))
     return [int(m.lengths[mb].max())] * len(mb), m.images[mb].tolist(), m.supervised[mb].tolist()
@@ -223,7 +223,8 @@ def simulate(cfg: config.Config, model_cfg, world: distributed.World, policy, sa
     parts["parameters"] += frozen
     unknown = set(by) - {k for keys in groups.values() for k in keys} - {"Total"}
     if unknown:
-        raise RuntimeError(f"FSDPMemTracker reported memory kinds fastross.plan does not group: {sorted(unknown)}")
+        raise RuntimeError(f"FSDPMemTracker reported memory kinds fastross.memory_plan does not group: "
+                           f"{sorted(unknown)}")
     return Memory(by["Total"] + frozen, parts, by)
 
 
@@ -292,7 +293,8 @@ def setup(cfg: config.Config, gpus: int, device: str = "cuda"):
         with presets.arch_folders(cfg.model) as (model_cfg, sources):
             arch = flops.FakeModel(model_cfg, cfg.train.trainable, device=device).arch
             m = sample_mix(cfg, arch.visual_tokens)
-            attn_tokens = planner.attention_cost_tokens(arch.layer_linear * arch.llm_layers, arch.llm_layers, arch.hidden)
+            attn_tokens = packing_planner.attention_cost_tokens(arch.layer_linear * arch.llm_layers, arch.llm_layers,
+                                                                arch.hidden)
             yield Setup(cfg, model_cfg, world, device, arch, m, step_micro_batch(cfg, m, gpus, attn_tokens), sources)
     finally:
         dist.destroy_process_group()

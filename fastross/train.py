@@ -71,7 +71,7 @@ def param_groups(model, trainable: list[str], lrs: dict[str, float], weight_deca
 
 
 def llm_attention_cost_tokens(llm) -> float:
-    """The planner's attention cost scale for this LLM (fastross.data.planner)."""
+    """The planner's attention cost scale for this LLM (fastross.data.packing_planner)."""
     c = llm.config
     params = sum(p.numel() for n, p in llm.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
     return attention_cost_tokens(params, c.num_hidden_layers, c.hidden_size)
