@@ -16,11 +16,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from fastross import config, distributed
+from fastross import build, config, distributed
 from fastross.model import load
 from fastross.model.presets import QWEN2_7B as QWEN2_7B_INSTRUCT  # Qwen2-7B-Instruct has Qwen2-7B's shapes
 from fastross.model.presets import SIGLIP_SO400M_384
-from fastross.model.ross import RossModel
 
 
 def footprint_7b(recipe: str = "configs/7b.yaml", ranks: int = 8):

@@ -35,8 +35,6 @@ from fastross.data.batch import MicroBatch
 from fastross.data.remote import cache_folder, is_remote
 from fastross.data.schema import LENGTHS_FILE, read_lengths
 from fastross.model import presets
-from fastross.model.denoiser import resolve_impl
-from fastross.model.ross import RossModel
 
 GIB = 1 << 30
 # Kept free of the device's memory: CUDA context and NCCL buffers (2 GiB), and the caching allocator's
