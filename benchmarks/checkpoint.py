@@ -71,8 +71,11 @@ def run_mode(root: Path, async_save: bool, model, opt, saves: int, step_ms: floa
     gib = sum(f.stat().st_size for f in latest.iterdir()) / 2**30
     t0 = time.perf_counter()
     assert checkpoint.verify(latest) is None
-    return {"blocked": statistics.median(blocked), "complete": statistics.median(written),
-            "verify_s_per_gib": (time.perf_counter() - t0) / gib}
+    return {
+        "blocked": statistics.median(blocked),
+        "complete": statistics.median(written),
+        "verify_s_per_gib": (time.perf_counter() - t0) / gib,
+    }
 
 
 def main() -> None:
@@ -99,11 +102,35 @@ def main() -> None:
     print(f"checkpoint: verifying the manifest (sha256) {res['sync']['verify_s_per_gib']:.2f} s/GiB")
     if a.save:
         device = "cuda" if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)"
-        out = R.append_csv("checkpoint.csv", ["date", "commit", "device", "state_mb", "saves", "sync_blocked_s",
-                                              "async_blocked_s", "async_complete_s", "ratio"],
-                           [[R.today(), R.commit(), device, round(state_mb), a.saves, f"{res['sync']['blocked']:.4f}",
-                             f"{res['async']['blocked']:.4f}", f"{res['async']['complete']:.4f}", f"{ratio:.3f}"]])
+        out = R.append_csv(
+            "checkpoint.csv",
+            [
+                "date",
+                "commit",
+                "device",
+                "state_mb",
+                "saves",
+                "sync_blocked_s",
+                "async_blocked_s",
+                "async_complete_s",
+                "ratio",
+            ],
+            [
+                [
+                    R.today(),
+                    R.commit(),
+                    device,
+                    round(state_mb),
+                    a.saves,
+                    f"{res['sync']['blocked']:.4f}",
+                    f"{res['async']['blocked']:.4f}",
+                    f"{res['async']['complete']:.4f}",
+                    f"{ratio:.3f}",
+                ]
+            ],
+        )
         print(f"appended to {out}")
+
 
 if __name__ == "__main__":
     main()

@@ -31,8 +31,22 @@ from devtools import results as R  # noqa: E402
 
 def timed_convert(models: Path, data: Path, out: Path, extra: list[str]) -> float:
     """Seconds one conversion of data/stage2.json takes."""
-    argv = ["--json", str(data / "stage2.json"), "--images", str(data / "images"), "--tokenizer", str(models / "llm"),
-            "--vision", str(models / "vision"), "--template", "qwen2_ross", "--out", str(out), "--quiet", *extra]
+    argv = [
+        "--json",
+        str(data / "stage2.json"),
+        "--images",
+        str(data / "images"),
+        "--tokenizer",
+        str(models / "llm"),
+        "--vision",
+        str(models / "vision"),
+        "--template",
+        "qwen2_ross",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
     start = time.perf_counter()
     if convert(argv) != 0:
         raise RuntimeError(f"benchmark: the conversion {' '.join(argv)} failed")
@@ -53,18 +67,36 @@ def main(argv=None) -> int:
         records = len(json.loads((work / "synth" / "stage2.json").read_text()))
         device = ["--device", a.device] if a.device else []
         plain = timed_convert(models, work / "synth", work / "plain", device)
-        vae = timed_convert(models, work / "synth", work / "vae",
-                            ["--vae", str(models / "vae"), "--vae-batch", str(a.vae_batch), *device])
+        vae = timed_convert(
+            models,
+            work / "synth",
+            work / "vae",
+            ["--vae", str(models / "vae"), "--vae-batch", str(a.vae_batch), *device],
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
     no_vae_rate, vae_rate = records / plain, records / vae
-    print(f"convert: records {records} no_vae {no_vae_rate:.1f} rec/s vae {vae_rate:.1f} rec/s "
-          f"(vae_batch {a.vae_batch}, device {a.device or 'default'})")
+    print(
+        f"convert: records {records} no_vae {no_vae_rate:.1f} rec/s vae {vae_rate:.1f} rec/s "
+        f"(vae_batch {a.vae_batch}, device {a.device or 'default'})"
+    )
     if a.save:
-        out = R.append_csv("convert.csv", ["date", "commit", "machine", "records", "vae_batch", "device",
-                                           "no_vae_rec_per_s", "vae_rec_per_s"],
-                           [[R.today(), R.commit(), R.machine(), records, a.vae_batch, a.device or "default",
-                             f"{no_vae_rate:.1f}", f"{vae_rate:.1f}"]])
+        out = R.append_csv(
+            "convert.csv",
+            ["date", "commit", "machine", "records", "vae_batch", "device", "no_vae_rec_per_s", "vae_rec_per_s"],
+            [
+                [
+                    R.today(),
+                    R.commit(),
+                    R.machine(),
+                    records,
+                    a.vae_batch,
+                    a.device or "default",
+                    f"{no_vae_rate:.1f}",
+                    f"{vae_rate:.1f}",
+                ]
+            ],
+        )
         print(f"convert: appended a row to {out}")
     return 0
 

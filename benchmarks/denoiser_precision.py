@@ -49,7 +49,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
 from devtools import results as R  # noqa: E402
 
-
 REPO = Path(__file__).resolve().parents[1]
 WINDOW = 20
 RUNS = {"fp32_a": ("fp32", 0), "fp32_b": ("fp32", 1), "bf16_a": ("bf16", 0)}  # name: (denoiser dtype, train.seed)
@@ -67,9 +66,28 @@ def prepare(work: Path) -> Path:
     if not (shards / "index.json").exists():
         sh([py, "-m", "fastross.demo.make_tiny", str(models)])
         sh([py, "-m", "fastross.data.synth", str(data), "--seed", "0"])
-        sh([py, "-m", "fastross.data.convert", "--json", str(data / "stage1.json"), "--images", str(data / "images"),
-            "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"), "--vae", str(models / "vae"),
-            "--template", "plain", "--out", str(shards), "--quiet"])
+        sh(
+            [
+                py,
+                "-m",
+                "fastross.data.convert",
+                "--json",
+                str(data / "stage1.json"),
+                "--images",
+                str(data / "images"),
+                "--tokenizer",
+                str(models / "llm"),
+                "--vision",
+                str(models / "vision"),
+                "--vae",
+                str(models / "vae"),
+                "--template",
+                "plain",
+                "--out",
+                str(shards),
+                "--quiet",
+            ]
+        )
     return shards
 
 
@@ -82,13 +100,25 @@ def launch(work: Path, shards: Path, name: str, dtype: str, seed: int, steps: in
             return None, run_dir, None
     models = work / "models"
     cfg = {
-        "model": {"vision_path": str(models / "vision"), "llm_path": str(models / "llm"),
-                  "denoiser": {"kind": "dit", "depth": 2, "width": 64, "heads": 4, "replicas": 4, "dtype": dtype},
-                  "fused_ce": False},  # Liger's CE is ~35x slower in Triton's CPU interpreter
+        "model": {
+            "vision_path": str(models / "vision"),
+            "llm_path": str(models / "llm"),
+            "denoiser": {"kind": "dit", "depth": 2, "width": 64, "heads": 4, "replicas": 4, "dtype": dtype},
+            "fused_ce": False,
+        },  # Liger's CE is ~35x slower in Triton's CPU interpreter
         "data": {"shards": str(shards), "global_batch": 8, "max_tokens": 512},
         "optim": {"lr_denoiser": 1e-3, "warmup_ratio": 0.03},
-        "train": {"trainable": ["denoiser"], "dtype": "fp32", "seed": seed, "epochs": 100, "max_steps": steps,
-                  "log_every": 1, "ckpt_every": 100000, "run_dir": str(run_dir), "activation_checkpointing": False},
+        "train": {
+            "trainable": ["denoiser"],
+            "dtype": "fp32",
+            "seed": seed,
+            "epochs": 100,
+            "max_steps": steps,
+            "log_every": 1,
+            "ckpt_every": 100000,
+            "run_dir": str(run_dir),
+            "activation_checkpointing": False,
+        },
     }
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -96,8 +126,16 @@ def launch(work: Path, shards: Path, name: str, dtype: str, seed: int, steps: in
     run_tmp = Path(tmp) / name  # streaming's shared-memory lock files stay in here
     run_tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TMPDIR": str(run_tmp), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-           "-m", "fastross.train", str(path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={ranks}",
+        "-m",
+        "fastross.train",
+        str(path),
+    ]
     print(f"precision: $ {' '.join(cmd)}  > {log}", flush=True)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), run_dir, log
 
@@ -132,8 +170,16 @@ def band_verdict(curves: dict[str, list[float]], w: int = WINDOW) -> dict:
     band = {k: max(d_ab[j] for j in range(max(w - 1, k - w), min(n, k + w + 1))) for k in valid}
     inside = sum(d_bf[k] <= band[k] for k in valid) / len(valid)
     mean_ab, mean_bf = sum(d_ab.values()) / len(valid), sum(d_bf.values()) / len(valid)
-    return {"ma": ma, "d_ab": d_ab, "d_bf": d_bf, "band": band, "inside": inside, "mean_ab": mean_ab,
-            "mean_bf": mean_bf, "ok": inside >= 0.9 and mean_bf <= mean_ab}
+    return {
+        "ma": ma,
+        "d_ab": d_ab,
+        "d_bf": d_bf,
+        "band": band,
+        "inside": inside,
+        "mean_ab": mean_ab,
+        "mean_bf": mean_bf,
+        "ok": inside >= 0.9 and mean_bf <= mean_ab,
+    }
 
 
 def device_name() -> str:
@@ -151,8 +197,14 @@ def write(out: Path, curves: dict, v: dict, header: str) -> tuple[Path, Path]:
     lines = [f"# {header}", ",".join(["step", *names, *(f"ma_{k}" for k in names), "d_ab", "band", "d_bf"])]
     fmt = lambda x: "" if x is None else f"{x:.6f}"  # noqa: E731
     for i in range(len(curves["fp32_a"])):
-        row = [str(i + 1), *(fmt(curves[k][i]) for k in names), *(fmt(v["ma"][k][i]) for k in names),
-               fmt(v["d_ab"].get(i)), fmt(v["band"].get(i)), fmt(v["d_bf"].get(i))]
+        row = [
+            str(i + 1),
+            *(fmt(curves[k][i]) for k in names),
+            *(fmt(v["ma"][k][i]) for k in names),
+            fmt(v["d_ab"].get(i)),
+            fmt(v["band"].get(i)),
+            fmt(v["d_bf"].get(i)),
+        ]
         lines.append(",".join(row))
     csv.write_text("\n".join(lines) + "\n")
 
@@ -166,8 +218,13 @@ def write(out: Path, curves: dict, v: dict, header: str) -> tuple[Path, Path]:
     colors = {"fp32_a": "tab:blue", "fp32_b": "tab:green", "bf16_a": "tab:red"}
     for k in names:
         ax.plot(steps, curves[k], color=colors[k], alpha=0.2, linewidth=0.8)
-        ax.plot(steps, [float("nan") if x is None else x for x in v["ma"][k]], color=colors[k], label=f"{k} (MA {WINDOW})",
-                linestyle="--" if k == "bf16_a" else "-")  # dashed: bf16 may lie on fp32_a
+        ax.plot(
+            steps,
+            [float("nan") if x is None else x for x in v["ma"][k]],
+            color=colors[k],
+            label=f"{k} (MA {WINDOW})",
+            linestyle="--" if k == "bf16_a" else "-",
+        )  # dashed: bf16 may lie on fp32_a
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("recon_loss")
     ax.set_title(f"denoiser precision, tiny model on {dev}: bf16 within fp32 seed band: {'yes' if v['ok'] else 'no'}")
@@ -182,15 +239,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     p.add_argument("--ranks", type=int, default=1, help="torchrun ranks per run")
-    p.add_argument("--work", default="", help="work folder (models, shards, runs), reused when given; default a temp dir")
+    p.add_argument(
+        "--work", default="", help="work folder (models, shards, runs), reused when given; default a temp dir"
+    )
     p.add_argument("--save", action="store_true", help="write the CSV and PNG to benchmarks/results/ (committed)")
     a = p.parse_args(argv)
     t0, head = time.perf_counter(), R.commit()  # the code the runs import
     with tempfile.TemporaryDirectory(prefix="fastross-precision-work-") as tmp:
         work = Path(a.work).resolve() if a.work else Path(tmp)
         shards = prepare(work)
-        procs = {name: launch(work, shards, name, dtype, seed, a.steps, a.ranks, tmp)
-                 for name, (dtype, seed) in RUNS.items()}
+        procs = {
+            name: launch(work, shards, name, dtype, seed, a.steps, a.ranks, tmp) for name, (dtype, seed) in RUNS.items()
+        }
         walls = {}
         for name, (proc, _, _) in procs.items():
             if proc is not None:
@@ -199,20 +259,31 @@ def main(argv=None) -> int:
         curves = {name: read_run(name, run_dir, a.steps, log) for name, (_, run_dir, log) in procs.items()}
         v = band_verdict(curves)
         wall = time.perf_counter() - t0
-        header = (f"device={device_name()} commit={head} date={datetime.date.today()} steps={a.steps} "
-                  f"window={WINDOW} inside={v['inside']:.3f} mean_d_ab={v['mean_ab']:.5f} "
-                  f"mean_d_bf={v['mean_bf']:.5f} within_band={v['ok']} wall_s={wall:.0f}")
-        print(f"\n{'step':>5} " + " ".join(f"{'ma_' + k:>10}" for k in RUNS) + f" {'|A-B|':>8} {'band':>8} {'|bf-A|':>9}")
+        header = (
+            f"device={device_name()} commit={head} date={datetime.date.today()} steps={a.steps} "
+            f"window={WINDOW} inside={v['inside']:.3f} mean_d_ab={v['mean_ab']:.5f} "
+            f"mean_d_bf={v['mean_bf']:.5f} within_band={v['ok']} wall_s={wall:.0f}"
+        )
+        print(
+            f"\n{'step':>5} " + " ".join(f"{'ma_' + k:>10}" for k in RUNS) + f" {'|A-B|':>8} {'band':>8} {'|bf-A|':>9}"
+        )
         for k in range(WINDOW - 1, a.steps, WINDOW):
-            print(f"{k + 1:>5} " + " ".join(f"{v['ma'][n][k]:>10.4f}" for n in RUNS)
-                  + f" {v['d_ab'][k]:>8.4f} {v['band'][k]:>8.4f} {v['d_bf'][k]:>9.2e}")
-        print("finished after (s, side by side, preparation included): "
-              + ", ".join(f"{k} {w:.0f}" for k, w in walls.items()))
+            print(
+                f"{k + 1:>5} "
+                + " ".join(f"{v['ma'][n][k]:>10.4f}" for n in RUNS)
+                + f" {v['d_ab'][k]:>8.4f} {v['band'][k]:>8.4f} {v['d_bf'][k]:>9.2e}"
+            )
+        print(
+            "finished after (s, side by side, preparation included): "
+            + ", ".join(f"{k} {w:.0f}" for k, w in walls.items())
+        )
         out = REPO / "benchmarks" / "results" if a.save else REPO / "runs" / "denoiser_precision"
         csv, png = write(out, curves, v, header)
-        print(f"precision: bf16 {'stays' if v['ok'] else 'does NOT stay'} within the fp32 seed-to-seed band: "
-              f"inside on {100 * v['inside']:.0f} % of steps (need 90 %), mean |bf16-A| {v['mean_bf']:.2e} vs "
-              f"mean |A-B| {v['mean_ab']:.2e}; wall {wall:.0f} s; {csv} {png}")
+        print(
+            f"precision: bf16 {'stays' if v['ok'] else 'does NOT stay'} within the fp32 seed-to-seed band: "
+            f"inside on {100 * v['inside']:.0f} % of steps (need 90 %), mean |bf16-A| {v['mean_bf']:.2e} vs "
+            f"mean |A-B| {v['mean_ab']:.2e}; wall {wall:.0f} s; {csv} {png}"
+        )
     return 0
 
 

@@ -87,8 +87,9 @@ def train_tiny(work: Path) -> Path:
     env = {**os.environ, "TMPDIR": str(work), "CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
     p = subprocess.run(torchrun_cmd(1, cfg), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if not (run / "checkpoints").is_dir():
-        raise RuntimeError(f"export_check: the one-step run wrote no checkpoint in {run}:\n"
-                           f"{(p.stdout + p.stderr)[-4000:]}")
+        raise RuntimeError(
+            f"export_check: the one-step run wrote no checkpoint in {run}:\n{(p.stdout + p.stderr)[-4000:]}"
+        )
     return run
 
 
@@ -96,12 +97,12 @@ def reference(run: Path, export: Path) -> dict[str, np.ndarray]:
     """fastross's numbers per image, on the CPU in fp32: prompt ids (expanded), pixel values, logits, greedy ids."""
     import torch
 
+    from fastross.build import checkpoint_model
     from fastross.data import templates
     from fastross.data.images import ImageSpec, preprocess
     from fastross.data.schema import ShardMeta
     from fastross.data.sources import meta_folder
     from fastross.generate import greedy, micro_batch
-    from fastross.build import checkpoint_model
 
     model, cfg = checkpoint_model(run)
     meta = ShardMeta.read(meta_folder(cfg.data))
@@ -116,8 +117,13 @@ def reference(run: Path, export: Path) -> dict[str, np.ndarray]:
         with torch.no_grad():
             logits = model.llm.get_output_embeddings()(model.hidden_states(mb))
         answer = greedy(model, prompt, pixels, meta.image_token_id, NEW_TOKENS, eos_token_id=tok.eos_token_id)
-        ref |= {f"image{i}": np.frombuffer(data, np.uint8), f"input_ids{i}": mb.input_ids[0].numpy(),
-                f"pixels{i}": pixels[0].numpy(), f"logits{i}": logits.numpy(), f"greedy{i}": np.array(answer)}
+        ref |= {
+            f"image{i}": np.frombuffer(data, np.uint8),
+            f"input_ids{i}": mb.input_ids[0].numpy(),
+            f"pixels{i}": pixels[0].numpy(),
+            f"logits{i}": logits.numpy(),
+            f"greedy{i}": np.array(answer),
+        }
     return ref
 
 
@@ -137,8 +143,10 @@ def load(export: Path, ref_path: Path, device: str) -> dict:
     model, info = AutoModelForImageTextToText.from_pretrained(export, output_loading_info=True)
     problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
     if type(model).__name__ != "LlavaForConditionalGeneration" or problems:
-        raise RuntimeError(f"{export}: loaded as {type(model).__name__} with {problems or 'every weight in place'}; "
-                           "want LlavaForConditionalGeneration with no missing, unexpected or mismatched weight")
+        raise RuntimeError(
+            f"{export}: loaded as {type(model).__name__} with {problems or 'every weight in place'}; "
+            "want LlavaForConditionalGeneration with no missing, unexpected or mismatched weight"
+        )
     model = model.to(device=device, dtype=torch.float32).eval()
     slow = AutoProcessor.from_pretrained(export, use_fast=False)
     fast = AutoProcessor.from_pretrained(export, use_fast=True).image_processor
@@ -146,10 +154,20 @@ def load(export: Path, ref_path: Path, device: str) -> dict:
     if type(fast) is type(slow.image_processor):  # without torchvision transformers falls back to the PIL one
         fast, fast_name = None, "no fast processor (torchvision absent)"
     text = slow.apply_chat_template(USER, add_generation_prompt=True)
-    out = {"transformers": transformers.__version__, "torch": torch.__version__, "device": device,
-           "slow_processor": type(slow.image_processor).__name__, "fast_processor": fast_name,
-           "ids_equal": True, "pixels_equal": True, "logits_max_diff": 0.0, "logits_scale": 0.0,
-           "greedy_equal": True, "greedy_tokens": 0, "fast_levels": 0.0 if fast is not None else None}
+    out = {
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "device": device,
+        "slow_processor": type(slow.image_processor).__name__,
+        "fast_processor": fast_name,
+        "ids_equal": True,
+        "pixels_equal": True,
+        "logits_max_diff": 0.0,
+        "logits_scale": 0.0,
+        "greedy_equal": True,
+        "greedy_tokens": 0,
+        "fast_levels": 0.0 if fast is not None else None,
+    }
     for i in range(len(SIZES)):
         img = Image.open(io.BytesIO(ref[f"image{i}"].tobytes()))
         hf = slow(text=text, images=img, return_tensors="pt")
@@ -162,11 +180,13 @@ def load(export: Path, ref_path: Path, device: str) -> dict:
         hf = hf.to(device)
         with torch.no_grad():
             logits = model(**hf).logits[0].float().cpu()
-            answer = model.generate(**hf, max_new_tokens=NEW_TOKENS, do_sample=False)[0, hf.input_ids.shape[1]:]
+            answer = model.generate(**hf, max_new_tokens=NEW_TOKENS, do_sample=False)[0, hf.input_ids.shape[1] :]
         want = torch.from_numpy(ref[f"logits{i}"])
         if logits.shape != want.shape:
-            raise RuntimeError(f"{export}: logits of shape {tuple(logits.shape)} for image {i}, fastross's are "
-                               f"{tuple(want.shape)}: the prompts differ (ids equal: {out['ids_equal']})")
+            raise RuntimeError(
+                f"{export}: logits of shape {tuple(logits.shape)} for image {i}, fastross's are "
+                f"{tuple(want.shape)}: the prompts differ (ids equal: {out['ids_equal']})"
+            )
         out["logits_max_diff"] = max(out["logits_max_diff"], (logits - want).abs().max().item())
         out["logits_scale"] = max(out["logits_scale"], want.abs().max().item())
         out["greedy_equal"] &= answer.tolist() == ref[f"greedy{i}"].tolist()
@@ -183,9 +203,11 @@ def run_loader(python: str, export: Path, ref_path: Path, device: str) -> dict:
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith(RESULT)]
     if p.returncode != 0 or not lines:
-        raise RuntimeError(f"export_check: the loader ({' '.join(cmd)}) failed with exit {p.returncode}:\n"
-                           f"{(p.stdout + p.stderr)[-4000:]}")
-    return json.loads(lines[-1][len(RESULT):])
+        raise RuntimeError(
+            f"export_check: the loader ({' '.join(cmd)}) failed with exit {p.returncode}:\n"
+            f"{(p.stdout + p.stderr)[-4000:]}"
+        )
+    return json.loads(lines[-1][len(RESULT) :])
 
 
 def yes(b: bool) -> str:
@@ -207,8 +229,8 @@ def main(argv=None) -> int:
         print(RESULT + json.dumps(got))
         return 0
 
-    from fastross.export import main as export_main
     from devtools import results as R
+    from fastross.export import main as export_main
 
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fastross-export-check-") as tmp:
@@ -220,34 +242,79 @@ def main(argv=None) -> int:
         if export_main([str(run), "--out", str(export)]) != 0:
             return 1
         np.savez(work / "ref.npz", **reference(run, export))
-        device = a.device or subprocess.run(
-            [a.python, "-c", "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"],
-            capture_output=True, text=True, check=True).stdout.strip()
+        device = (
+            a.device
+            or subprocess.run(
+                [a.python, "-c", "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.strip()
+        )
         got = run_loader(a.python, export, work / "ref.npz", device)
     wall = time.perf_counter() - t0
     fast = got["fast_levels"]
-    ok = {"input ids equal fastross's": got["ids_equal"], "pixel values equal": got["pixels_equal"],
-          f"logits max |diff| <= {LOGITS_BOUND:g}": got["logits_max_diff"] <= LOGITS_BOUND,
-          "greedy answers equal": got["greedy_equal"],
-          f"fast processor within {FAST_LEVELS_BOUND:g} levels": fast is None or fast <= FAST_LEVELS_BOUND}
-    print(f"  loader {a.python}: transformers {got['transformers']}, torch {got['torch']}, device {got['device']}; "
-          f"processors {got['slow_processor']} (use_fast=False), {got['fast_processor']} (use_fast=True)")
-    print(f"  logits max |diff| {got['logits_max_diff']:.2e} at scale {got['logits_scale']:.2f}; greedy "
-          f"{got['greedy_tokens']} tokens over {len(SIZES)} images; wall {wall:.0f} s ({t_train:.0f} s making the run)")
+    ok = {
+        "input ids equal fastross's": got["ids_equal"],
+        "pixel values equal": got["pixels_equal"],
+        f"logits max |diff| <= {LOGITS_BOUND:g}": got["logits_max_diff"] <= LOGITS_BOUND,
+        "greedy answers equal": got["greedy_equal"],
+        f"fast processor within {FAST_LEVELS_BOUND:g} levels": fast is None or fast <= FAST_LEVELS_BOUND,
+    }
+    print(
+        f"  loader {a.python}: transformers {got['transformers']}, torch {got['torch']}, device {got['device']}; "
+        f"processors {got['slow_processor']} (use_fast=False), {got['fast_processor']} (use_fast=True)"
+    )
+    print(
+        f"  logits max |diff| {got['logits_max_diff']:.2e} at scale {got['logits_scale']:.2f}; greedy "
+        f"{got['greedy_tokens']} tokens over {len(SIZES)} images; wall {wall:.0f} s ({t_train:.0f} s making the run)"
+    )
     for what, good in ok.items():
         if not good:
             print(f"export_check: FAILED: {what}")
     levels = "n/a" if fast is None else f"{fast:.2f}"
-    print(f"export_check: transformers {got['transformers']} logits_max_diff {got['logits_max_diff']:.2e} "
-          f"greedy_equal {yes(got['greedy_equal'])} pixels_equal {yes(got['pixels_equal'])} fast_levels {levels}")
+    print(
+        f"export_check: transformers {got['transformers']} logits_max_diff {got['logits_max_diff']:.2e} "
+        f"greedy_equal {yes(got['greedy_equal'])} pixels_equal {yes(got['pixels_equal'])} fast_levels {levels}"
+    )
     if a.save:
-        out = R.append_csv("export_check.csv", ["date", "commit", "machine", "device", "transformers", "torch",
-                                                "logits_max_diff", "logits_scale", "greedy_equal", "greedy_tokens",
-                                                "pixels_equal", "ids_equal", "fast_levels", "wall_s"],
-                           [[R.today(), R.commit(), R.machine(), got["device"], got["transformers"], got["torch"],
-                             f"{got['logits_max_diff']:.3e}", f"{got['logits_scale']:.3f}", yes(got["greedy_equal"]),
-                             got["greedy_tokens"], yes(got["pixels_equal"]), yes(got["ids_equal"]), levels,
-                             f"{wall:.0f}"]])
+        out = R.append_csv(
+            "export_check.csv",
+            [
+                "date",
+                "commit",
+                "machine",
+                "device",
+                "transformers",
+                "torch",
+                "logits_max_diff",
+                "logits_scale",
+                "greedy_equal",
+                "greedy_tokens",
+                "pixels_equal",
+                "ids_equal",
+                "fast_levels",
+                "wall_s",
+            ],
+            [
+                [
+                    R.today(),
+                    R.commit(),
+                    R.machine(),
+                    got["device"],
+                    got["transformers"],
+                    got["torch"],
+                    f"{got['logits_max_diff']:.3e}",
+                    f"{got['logits_scale']:.3f}",
+                    yes(got["greedy_equal"]),
+                    got["greedy_tokens"],
+                    yes(got["pixels_equal"]),
+                    yes(got["ids_equal"]),
+                    levels,
+                    f"{wall:.0f}",
+                ]
+            ],
+        )
         print(f"export_check: appended to {out}")
     return 0 if all(ok.values()) else 1
 

@@ -60,9 +60,8 @@ import time
 from pathlib import Path
 from unittest import mock
 
-import numpy as np
-
 import fastross.kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET before Liger imports Triton)
+import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo root: devtools/ is never installed
@@ -71,10 +70,18 @@ from devtools.faults import INVALID, VALID  # noqa: E402
 
 STEPS, CKPT_EVERY, KEEP, RANKS = 8, 2, 2, 2
 # Save moments killed in order (the first --save-kills of them): (moment, asynchronous save, checkpoint steps).
-SAVE_KILLS = [("renamed", False, (2, 4, 6)), ("dcp_write", False, (2, 4, 6)), ("small_files", False, (4, 6)),
-              ("manifest", False, (4, 6)), ("rename", False, (2, 4, 6)), ("latest", False, (2, 4, 6)),
-              ("prune", False, (6, 8)), ("dcp_write", True, (4, 6)), ("renamed", True, (4, 6)),
-              ("prune", True, (6,))]
+SAVE_KILLS = [
+    ("renamed", False, (2, 4, 6)),
+    ("dcp_write", False, (2, 4, 6)),
+    ("small_files", False, (4, 6)),
+    ("manifest", False, (4, 6)),
+    ("rename", False, (2, 4, 6)),
+    ("latest", False, (2, 4, 6)),
+    ("prune", False, (6, 8)),
+    ("dcp_write", True, (4, 6)),
+    ("renamed", True, (4, 6)),
+    ("prune", True, (6,)),
+]
 RESUMES_AT_THE_NEW_ONE = {"renamed", "latest", "prune"}  # the new checkpoint is complete from the rename on
 
 
@@ -94,12 +101,20 @@ class Campaign:
             raise RuntimeError(f"faults: the reference run failed:\n{out[-3000:]}")
 
     def config(self, run_dir: Path, shards: Path | None = None) -> Path:
-        return faults.write_config(run_dir.parent / f"{run_dir.name}.yaml", self.models, shards or self.shards,
-                                   run_dir, workers=0, max_steps=STEPS, ckpt_every=CKPT_EVERY,
-                                   keep_checkpoints=KEEP)
+        return faults.write_config(
+            run_dir.parent / f"{run_dir.name}.yaml",
+            self.models,
+            shards or self.shards,
+            run_dir,
+            workers=0,
+            max_steps=STEPS,
+            ckpt_every=CKPT_EVERY,
+            keep_checkpoints=KEEP,
+        )
 
-    def launch(self, cfg: Path, *overrides: str, fault: str | None = None, markers: Path | None = None,
-               log: Path) -> subprocess.Popen:
+    def launch(
+        self, cfg: Path, *overrides: str, fault: str | None = None, markers: Path | None = None, log: Path
+    ) -> subprocess.Popen:
         env = dict(self.env)
         module = "fastross.train"
         if fault:
@@ -107,8 +122,13 @@ class Campaign:
             path = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
             env.update(FASTROSS_FAULT=fault, FASTROSS_FAULT_MARKERS=str(markers), PYTHONPATH=path)
             module = "devtools.fault_train"
-        return subprocess.Popen(faults.torchrun_cmd(self.ranks, cfg, *overrides, module=module),
-                                stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        return subprocess.Popen(
+            faults.torchrun_cmd(self.ranks, cfg, *overrides, module=module),
+            stdout=open(log, "w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
 
     def train(self, cfg: Path, *overrides: str, fault: str | None = None, markers: Path | None = None) -> str:
         """A run to its end (or its failure); returns its output."""
@@ -170,7 +190,9 @@ START = time.perf_counter()
 
 def report(kind: str, i: int, ok: bool, detail: str) -> bool:
     """One trial's progress line, with the seconds since the start."""
-    print(f"faults: [{time.perf_counter() - START:5.0f} s] {kind} {i}: {'ok' if ok else 'FAILED'}: {detail}", flush=True)
+    print(
+        f"faults: [{time.perf_counter() - START:5.0f} s] {kind} {i}: {'ok' if ok else 'FAILED'}: {detail}", flush=True
+    )
     return ok
 
 
@@ -191,8 +213,13 @@ def kill_at_random_step(c: Campaign, i: int) -> bool:
     out = c.train(cfg)
     diffs = c.differences(rd) if "train: done" in out else [f"the resume failed:\n{out[-2000:]}"]
     shutil.rmtree(rd)
-    return report("kill", i, not diffs, f"SIGKILL {delay:.2f} s after step {step} was logged, resumed at step "
-                                        f"{resumed_at(out)}" + (f": {diffs[:3]}" if diffs else ", exact"))
+    return report(
+        "kill",
+        i,
+        not diffs,
+        f"SIGKILL {delay:.2f} s after step {step} was logged, resumed at step "
+        f"{resumed_at(out)}" + (f": {diffs[:3]}" if diffs else ", exact"),
+    )
 
 
 def kill_during_save(c: Campaign, i: int) -> bool:
@@ -216,8 +243,12 @@ def kill_during_save(c: Campaign, i: int) -> bool:
         diffs.insert(0, f"resumed at step {resumed_at(out)}, the newest complete checkpoint was step {want}")
     shutil.rmtree(rd)
     shutil.rmtree(markers)
-    return report("save_kill", i, not diffs, f"SIGKILL at the {what}, resumed at step {resumed_at(out)}"
-                                             + (f": {diffs[:3]}" if diffs else ", exact"))
+    return report(
+        "save_kill",
+        i,
+        not diffs,
+        f"SIGKILL at the {what}, resumed at step {resumed_at(out)}" + (f": {diffs[:3]}" if diffs else ", exact"),
+    )
 
 
 # ---------------------------------------------------------------- full disks
@@ -239,7 +270,8 @@ def disk_full_in_training(c: Campaign, i: int, moment: str) -> bool:
         problems = [] if named in out else [f"no error naming the file ({named!r})"]
         with contextlib.suppress(ValueError):  # every line whole: the torn half was cut off
             if logged_steps(rd) != list(range(1, step)) or len(logged_steps(rd)) != len(
-                    (rd / "metrics.jsonl").read_text().splitlines()):
+                (rd / "metrics.jsonl").read_text().splitlines()
+            ):
                 problems.append(f"metrics.jsonl holds steps {logged_steps(rd)} or a torn line")
     if "train: done" in out:
         problems.append("the run did not fail")
@@ -249,9 +281,13 @@ def disk_full_in_training(c: Campaign, i: int, moment: str) -> bool:
         problems.append(f"resumed at step {resumed_at(resumed)}, not at the previous checkpoint {previous}")
     shutil.rmtree(rd)
     where = "checkpoint save" if moment == "enospc_save" else "metrics write"
-    return report("disk_full", i, not problems, f"ENOSPC at step {step}'s {where}, resumed at step "
-                                                f"{resumed_at(resumed)}" + (f": {problems[:3]}" if problems else
-                                                                           ", error named the path, exact"))
+    return report(
+        "disk_full",
+        i,
+        not problems,
+        f"ENOSPC at step {step}'s {where}, resumed at step "
+        f"{resumed_at(resumed)}" + (f": {problems[:3]}" if problems else ", error named the path, exact"),
+    )
 
 
 def disk_full_in_conversion(c: Campaign, i: int) -> tuple[bool, Path]:
@@ -263,9 +299,25 @@ def disk_full_in_conversion(c: Campaign, i: int) -> tuple[bool, Path]:
 
     out = c.work / "multi_shards"
     synth = c.shards.parent / "synth"  # devtools.golden.prepare's layout
-    argv = ["--json", str(synth / "stage2.json"), "--images", str(synth / "images"), "--tokenizer",
-            str(c.models / "llm"), "--vision", str(c.models / "vision"), "--vae", str(c.models / "vae"),
-            "--template", "qwen2_ross", "--out", str(out), "--quiet", "--shard-size", "65536"]
+    argv = [
+        "--json",
+        str(synth / "stage2.json"),
+        "--images",
+        str(synth / "images"),
+        "--tokenizer",
+        str(c.models / "llm"),
+        "--vision",
+        str(c.models / "vision"),
+        "--vae",
+        str(c.models / "vae"),
+        "--template",
+        "qwen2_ross",
+        "--out",
+        str(out),
+        "--quiet",
+        "--shard-size",
+        "65536",
+    ]
     real = P.write_bytes
 
     def full(path, data):
@@ -275,8 +327,11 @@ def disk_full_in_conversion(c: Campaign, i: int) -> tuple[bool, Path]:
         return real(path, data)
 
     err = io.StringIO()
-    with mock.patch.object(P, "write_bytes", full), contextlib.redirect_stderr(err), \
-            contextlib.redirect_stdout(io.StringIO()):
+    with (
+        mock.patch.object(P, "write_bytes", full),
+        contextlib.redirect_stderr(err),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         try:
             rc = convert.main(argv)
         except OSError as e:
@@ -295,8 +350,13 @@ def disk_full_in_conversion(c: Campaign, i: int) -> tuple[bool, Path]:
         problems += sample_differences(c.shards, out)
         if len(list(out.glob("*.mds"))) < 3:
             problems.append("fewer than 3 shard files")
-    return report("disk_full", i, not problems, "ENOSPC during conversion" + (
-        f": {problems[:3]}" if problems else ", error named the folder, --out untouched, the rerun is clean")), out
+    return report(
+        "disk_full",
+        i,
+        not problems,
+        "ENOSPC during conversion"
+        + (f": {problems[:3]}" if problems else ", error named the folder, --out untouched, the rerun is clean"),
+    ), out
 
 
 def sample_differences(a: Path, b: Path) -> list[str]:
@@ -358,9 +418,13 @@ def corrupt_shard_trials(c: Campaign, multi: Path, spec) -> int:
         return d / second
 
     # (what, how, whether data.corrupt_shards=skip can skip it: an edited index.json shifts every later sample id)
-    cases = [("flipped token bytes", tokens, True), ("flipped latent bytes", latents, True),
-             ("truncated file", truncated, True), ("index.json edited", index_edited, False),
-             ("shard file deleted", deleted, True)]
+    cases = [
+        ("flipped token bytes", tokens, True),
+        ("flipped latent bytes", latents, True),
+        ("truncated file", truncated, True),
+        ("index.json edited", index_edited, False),
+        ("shard file deleted", deleted, True),
+    ]
     ok = 0
     for i, (name, corrupt, skippable) in enumerate(cases):
         d = c.work / f"corrupt_shards{i}"
@@ -387,8 +451,12 @@ def corrupt_shard_trials(c: Campaign, multi: Path, spec) -> int:
                 problems.append(f"skip: {got.stream.steps_per_epoch} steps/epoch, {skipped} samples skipped")
         shutil.rmtree(d)
         outcome = "skipped and counted" if skippable else "refused in skip mode too"
-        ok += report("corrupt_shard", i, not problems, name + (f": {problems}" if problems else
-                                                               f": the error names {victim.name}; {outcome}"))
+        ok += report(
+            "corrupt_shard",
+            i,
+            not problems,
+            name + (f": {problems}" if problems else f": the error names {victim.name}; {outcome}"),
+        )
     return ok
 
 
@@ -405,8 +473,17 @@ def loader(shards: Path, mode: str, spec):
     from fastross.data.loader import Loader
 
     cfg = DataConfig(shards=str(shards), global_batch=4, corrupt_shards=mode, workers=0)
-    return Loader(cfg, rank=0, world=1, attn_tokens=1e4, image=spec, latent_channels=16, replicas=1, seed=0,
-                  device=torch.device("cpu"))
+    return Loader(
+        cfg,
+        rank=0,
+        world=1,
+        attn_tokens=1e4,
+        image=spec,
+        latent_channels=16,
+        replicas=1,
+        seed=0,
+        device=torch.device("cpu"),
+    )
 
 
 # ---------------------------------------------------------------- corrupt checkpoints, escapes through a checkpoint
@@ -486,9 +563,23 @@ def converter_escapes(c: Campaign) -> int:
     (root / "records.json").write_text(json.dumps(records))
     out = root / "shards"
     with contextlib.redirect_stdout(io.StringIO()):
-        rc = convert.main(["--json", str(root / "records.json"), "--images", str(images), "--tokenizer",
-                           str(c.models / "llm"), "--vision", str(c.models / "vision"), "--template", "qwen2_ross",
-                           "--out", str(out), "--quiet"])
+        rc = convert.main(
+            [
+                "--json",
+                str(root / "records.json"),
+                "--images",
+                str(images),
+                "--tokenizer",
+                str(c.models / "llm"),
+                "--vision",
+                str(c.models / "vision"),
+                "--template",
+                "qwen2_ross",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
     from fastross.data.schema import read_meta
     from fastross.data.shards import MDSShards
 
@@ -499,8 +590,12 @@ def converter_escapes(c: Campaign) -> int:
     for i, (name, path) in enumerate(attempts.items()):
         got_through = name in written or leaked
         escaped += got_through
-        report("escape", i, not got_through and rc == 0 and written == ["ok"], f"image {path!r}: " + (
-            "WRITTEN" if got_through else f"skipped ({skipped})"))
+        report(
+            "escape",
+            i,
+            not got_through and rc == 0 and written == ["ok"],
+            f"image {path!r}: " + ("WRITTEN" if got_through else f"skipped ({skipped})"),
+        )
     shutil.rmtree(root)
     return escaped
 
@@ -513,8 +608,13 @@ def rng_escape(c: Campaign) -> int:
     run_out = c.train(c.config(rd))
     ran = marker.exists()
     refused = "rng_rank0.pt: refused to load" in run_out and "train: done" not in run_out
-    report("escape", 3, refused and not ran, "crafted rng_rank0.pt: " + (
-        "THE PAYLOAD RAN" if ran else "refused, no code ran" if refused else f"not refused:\n{run_out[-1500:]}"))
+    report(
+        "escape",
+        3,
+        refused and not ran,
+        "crafted rng_rank0.pt: "
+        + ("THE PAYLOAD RAN" if ran else "refused, no code ran" if refused else f"not refused:\n{run_out[-1500:]}"),
+    )
     shutil.rmtree(rd)
     return int(ran)
 
@@ -594,8 +694,16 @@ class Small:
         self._model = None
 
     def config(self, run_dir: Path, steps: int, every: int, shards: Path | None = None) -> Path:
-        return faults.write_config(run_dir.parent / f"{run_dir.name}.yaml", self.c.models, shards or self.c.shards,
-                                   run_dir, workers=0, max_steps=steps, ckpt_every=every, keep_checkpoints=2)
+        return faults.write_config(
+            run_dir.parent / f"{run_dir.name}.yaml",
+            self.c.models,
+            shards or self.c.shards,
+            run_dir,
+            workers=0,
+            max_steps=steps,
+            ckpt_every=every,
+            keep_checkpoints=2,
+        )
 
     def fresh(self, name: str) -> Path:
         """A folder name not used before in this campaign."""
@@ -626,24 +734,41 @@ class Small:
     def generate(self, src: Path) -> tuple[int, str]:
         from fastross import generate
 
-        return in_process(generate.main, ["--model", str(src), "--prompt", "What is shown?", "--max-new-tokens", "2",
-                                          "--device", "cpu"])
+        return in_process(
+            generate.main,
+            ["--model", str(src), "--prompt", "What is shown?", "--max-new-tokens", "2", "--device", "cpu"],
+        )
 
     def eval_(self, src: Path) -> tuple[int, str]:
         from fastross import eval as feval
 
         synth = self.c.shards.parent / "synth"
-        return in_process(feval.main, ["--model", str(src), "--data", str(synth / "eval.json"), "--images",
-                                       str(synth / "images"), "--out", str(self.fresh("eval_out")), "--limit", "1",
-                                       "--max-new-tokens", "2", "--device", "cpu"])
+        return in_process(
+            feval.main,
+            [
+                "--model",
+                str(src),
+                "--data",
+                str(synth / "eval.json"),
+                "--images",
+                str(synth / "images"),
+                "--out",
+                str(self.fresh("eval_out")),
+                "--limit",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--device",
+                "cpu",
+            ],
+        )
 
     def reference(self, src: Path) -> tuple[int, str]:
         """The reference-checkpoint importer, into this run's model."""
         from fastross import ross_format
 
         if self._model is None:
-            from fastross import build
-            from fastross import config as fconfig
+            from fastross import build, config as fconfig
 
             cfg = fconfig.load(str(self.step / "config.yaml"), check_paths=False)
             self._model = build.host(cfg.model, "sdpa", "cpu", seed=cfg.train.seed)
@@ -659,13 +784,29 @@ class Small:
 # own; init_from: an export's fastross_config.yaml; else the checkpoint's config.yaml); reference_bin: a reference
 # mm_projector.bin.
 PAYLOAD_TRIALS = [
-    ("resume", "bytes_item"), ("resume", "model_bytes"), ("resume", "metadata"), ("resume", "rng"),
-    ("resume", "trainer_json"), ("resume", "yaml_tag"),
-    ("init_from", "bytes_item"), ("init_from", "model_bytes"), ("init_from", "metadata"),
-    ("init_from", "yaml_tag"), ("init_from", "reference_bin"),
-    ("export", "bytes_item"), ("export", "model_bytes"), ("export", "metadata"), ("export", "yaml_tag"),
-    ("generate", "bytes_item"), ("generate", "model_bytes"), ("generate", "metadata"), ("generate", "yaml_tag"),
-    ("eval", "bytes_item"), ("eval", "model_bytes"), ("eval", "metadata"), ("eval", "yaml_tag"),
+    ("resume", "bytes_item"),
+    ("resume", "model_bytes"),
+    ("resume", "metadata"),
+    ("resume", "rng"),
+    ("resume", "trainer_json"),
+    ("resume", "yaml_tag"),
+    ("init_from", "bytes_item"),
+    ("init_from", "model_bytes"),
+    ("init_from", "metadata"),
+    ("init_from", "yaml_tag"),
+    ("init_from", "reference_bin"),
+    ("export", "bytes_item"),
+    ("export", "model_bytes"),
+    ("export", "metadata"),
+    ("export", "yaml_tag"),
+    ("generate", "bytes_item"),
+    ("generate", "model_bytes"),
+    ("generate", "metadata"),
+    ("generate", "yaml_tag"),
+    ("eval", "bytes_item"),
+    ("eval", "model_bytes"),
+    ("eval", "metadata"),
+    ("eval", "yaml_tag"),
     ("reference", "reference_bin"),
 ]
 
@@ -678,8 +819,11 @@ def payload_trial(s: Small, i: int, entry: str, kind: str) -> bool:
     ck = rd / "checkpoints" / s.step.name
     src, cfg = rd, None
     if kind in ("bytes_item", "model_bytes"):
-        what = faults.plant_bytes_item(ck, marker, {"bytes_item": "param_group" if entry == "resume" else
-                                                    "extra_model", "model_bytes": "model"}[kind])
+        what = faults.plant_bytes_item(
+            ck,
+            marker,
+            {"bytes_item": "param_group" if entry == "resume" else "extra_model", "model_bytes": "model"}[kind],
+        )
         names = [".metadata", faults.PAYLOAD_FILE, what]
     elif kind in ("metadata", "rng", "trainer_json"):
         name = {"metadata": ".metadata", "rng": "rng_rank0.pt", "trainer_json": "trainer.json"}[kind]
@@ -702,15 +846,24 @@ def payload_trial(s: Small, i: int, entry: str, kind: str) -> bool:
         names = ["mm_projector.bin"]
     else:
         raise ValueError(kind)
-    call = {"resume": lambda: s.resume(rd, cfg), "init_from": lambda: s.init_from(src),
-            "export": lambda: s.export_(src), "generate": lambda: s.generate(src), "eval": lambda: s.eval_(src),
-            "reference": lambda: s.reference(src)}[entry]
+    call = {
+        "resume": lambda: s.resume(rd, cfg),
+        "init_from": lambda: s.init_from(src),
+        "export": lambda: s.export_(src),
+        "generate": lambda: s.generate(src),
+        "eval": lambda: s.eval_(src),
+        "reference": lambda: s.reference(src),
+    }[entry]
     rc, said = call()
     ran = marker.exists()
     refused = rc != 0 and any(n in said for n in names)
-    outcome = ("THE PAYLOAD RAN" + (f", and the entry point went on (exit {rc})" if rc == 0 else f", exit {rc}")
-               if ran else "refused naming the file, no code ran" if refused else
-               f"no code ran (exit {rc}{'' if rc == 0 else ', the message names none of ' + str(names)})")
+    outcome = (
+        "THE PAYLOAD RAN" + (f", and the entry point went on (exit {rc})" if rc == 0 else f", exit {rc}")
+        if ran
+        else "refused naming the file, no code ran"
+        if refused
+        else f"no code ran (exit {rc}{'' if rc == 0 else ', the message names none of ' + str(names)})"
+    )
     report("pickle", i, not ran, f"{entry} x {kind}: {outcome}")
     if ran or rc != 0 and not refused:
         print(f"faults:   its last words: {said.strip()[-400:]!r}", flush=True)
@@ -772,8 +925,11 @@ def _edit_metadata(path: Path) -> None:
     from fastross import checkpoint
 
     md = checkpoint.read_metadata(path)
-    key = sorted(k for k, v in md.state_dict_metadata.items() if isinstance(v, m.TensorStorageMetadata)
-                 and k.startswith("model."))[0]
+    key = sorted(
+        k
+        for k, v in md.state_dict_metadata.items()
+        if isinstance(v, m.TensorStorageMetadata) and k.startswith("model.")
+    )[0]
     for k in list(md.storage_data):
         if k.fqn == key:
             info = md.storage_data[k]
@@ -803,6 +959,7 @@ def _edit_distcp(path: Path) -> None:
 def checkpoint_tamper_cases(seed: int) -> list[tuple[str, str, object]]:
     """(file, how, tamper(step folder)) for every file of a checkpoint step and the run's `latest`: flipped bytes
     and a plausible edit, the manifest left as it was (it is what vouches for the files)."""
+
     def distcp(ck):
         return sorted(ck.glob("*.distcp"))[0]
 
@@ -812,18 +969,37 @@ def checkpoint_tamper_cases(seed: int) -> list[tuple[str, str, object]]:
         ("__0_0.distcp", "flipped", lambda ck: _flip(distcp(ck), seed)),
         ("__0_0.distcp", "edited", lambda ck: _edit_distcp(distcp(ck))),
         ("trainer.json", "flipped", lambda ck: _flip(ck / "trainer.json", seed)),
-        ("trainer.json", "edited", lambda ck: _edit_json(ck / "trainer.json", lambda t: t["scheduler"].update(
-            base_lrs=[x * 10 for x in t["scheduler"]["base_lrs"]]))),
+        (
+            "trainer.json",
+            "edited",
+            lambda ck: _edit_json(
+                ck / "trainer.json",
+                lambda t: t["scheduler"].update(base_lrs=[x * 10 for x in t["scheduler"]["base_lrs"]]),
+            ),
+        ),
         ("rng_rank0.pt", "flipped", lambda ck: _flip(ck / "rng_rank0.pt", seed)),
         ("rng_rank0.pt", "edited", lambda ck: _edit_rng(ck / "rng_rank0.pt")),
         ("config.yaml", "flipped", lambda ck: _flip(ck / "config.yaml", seed)),
-        ("config.yaml", "edited", lambda ck: faults.replace_file(ck / "config.yaml", (ck / "config.yaml").read_bytes()
-                                                                 .replace(b"lr_llm: 0.001", b"lr_llm: 0.01"))),
+        (
+            "config.yaml",
+            "edited",
+            lambda ck: faults.replace_file(
+                ck / "config.yaml", (ck / "config.yaml").read_bytes().replace(b"lr_llm: 0.001", b"lr_llm: 0.01")
+            ),
+        ),
         ("manifest.json", "flipped", lambda ck: _flip(ck / "manifest.json", seed)),
-        ("manifest.json", "edited", lambda ck: _edit_json(ck / "manifest.json", lambda t: t["sha256"].update(
-            {"trainer.json": "0" * 64}))),
-        ("latest", "flipped", lambda ck: faults.replace_file(ck.parent / "latest", bytes(
-            b ^ 0xFF for b in (ck.parent / "latest").read_bytes()))),
+        (
+            "manifest.json",
+            "edited",
+            lambda ck: _edit_json(ck / "manifest.json", lambda t: t["sha256"].update({"trainer.json": "0" * 64})),
+        ),
+        (
+            "latest",
+            "flipped",
+            lambda ck: faults.replace_file(
+                ck.parent / "latest", bytes(b ^ 0xFF for b in (ck.parent / "latest").read_bytes())
+            ),
+        ),
         ("latest", "edited", lambda ck: faults.replace_file(ck.parent / "latest", b"step_00000003")),
     ]
 
@@ -835,10 +1011,12 @@ def dataset_tamper_cases(d: Path, seed: int) -> list[tuple[str, str, object]]:
         cases.append((f, "flipped", lambda d, f=f: _flip(d / f, seed)))
         if f == "fastross.json":
             edit = lambda d: _edit_json(  # noqa: E731
-                d / "fastross.json", lambda t: t.update(latent_scale=t["latent_scale"] * 10))
+                d / "fastross.json", lambda t: t.update(latent_scale=t["latent_scale"] * 10)
+            )
         elif f == "index.json":
             edit = lambda d: _edit_json(  # noqa: E731
-                d / "index.json", lambda t: t["shards"][0].update(samples=t["shards"][0]["samples"] - 1))
+                d / "index.json", lambda t: t["shards"][0].update(samples=t["shards"][0]["samples"] - 1)
+            )
         elif f == "lengths.npy":
             edit = lambda d: _edit_lengths(d / "lengths.npy")  # noqa: E731
         elif f.endswith(".mds"):
@@ -877,8 +1055,12 @@ def metrics_differences(ref: Path, got: Path) -> list[str]:
     rm, gm = faults.metrics(ref), faults.metrics(got)
     if [m["step"] for m in rm] != [m["step"] for m in gm]:
         return [f"metrics steps {[m['step'] for m in gm]}, the untampered run has {[m['step'] for m in rm]}"]
-    return [f"step {a['step']} {k}: {b.get(k)!r}, untampered {a.get(k)!r}" for a, b in zip(rm, gm)
-            for k in sorted((a.keys() | b.keys()) - faults.MEASURED) if a.get(k) != b.get(k)]
+    return [
+        f"step {a['step']} {k}: {b.get(k)!r}, untampered {a.get(k)!r}"
+        for a, b in zip(rm, gm)
+        for k in sorted((a.keys() | b.keys()) - faults.MEASURED)
+        if a.get(k) != b.get(k)
+    ]
 
 
 def parts_conversion(c: Campaign, root: Path) -> tuple[Path, Path, Path]:
@@ -891,10 +1073,30 @@ def parts_conversion(c: Campaign, root: Path) -> tuple[Path, Path, Path]:
     parts = []
     for i in range(2):
         out = root / f"part{i}"
-        rc, said = in_process(convert.main, [
-            "--json", str(src), "--images", str(synth / "images"), "--tokenizer", str(c.models / "llm"), "--vision",
-            str(c.models / "vision"), "--vae", str(c.models / "vae"), "--template", "qwen2_ross", "--out", str(out),
-            "--quiet", "--shard-size", "65536", "--part", f"{i}/2"])
+        rc, said = in_process(
+            convert.main,
+            [
+                "--json",
+                str(src),
+                "--images",
+                str(synth / "images"),
+                "--tokenizer",
+                str(c.models / "llm"),
+                "--vision",
+                str(c.models / "vision"),
+                "--vae",
+                str(c.models / "vae"),
+                "--template",
+                "qwen2_ross",
+                "--out",
+                str(out),
+                "--quiet",
+                "--shard-size",
+                "65536",
+                "--part",
+                f"{i}/2",
+            ],
+        )
         if rc != 0:
             raise RuntimeError(f"faults: converting part {i}/2 failed:\n{said[-2000:]}")
         parts.append(out)
@@ -955,8 +1157,11 @@ def tamper_trials(s: Small, seed: int, limit: int | None = None) -> tuple[int, i
         root.mkdir()
         parts.extend(parts_conversion(s.c, root))
         first = min(p.name for p in parts[1].glob("*.mds"))  # the other shard files are checked the same way
-        trials += [("part 1/2 (merged)", n, h, t, parts_trial) for n, h, t in dataset_tamper_cases(parts[1], seed)
-                   if not n.endswith(".mds") or n == first]
+        trials += [
+            ("part 1/2 (merged)", n, h, t, parts_trial)
+            for n, h, t in dataset_tamper_cases(parts[1], seed)
+            if not n.endswith(".mds") or n == first
+        ]
     trials = trials[:limit] if limit is not None else trials
     ok = 0
     for i, (where, name, how, tamper, run) in enumerate(trials):
@@ -964,9 +1169,12 @@ def tamper_trials(s: Small, seed: int, limit: int | None = None) -> tuple[int, i
         verdict = faults.judge(rc, said, [name], same)
         good = verdict in (faults.CAUGHT, faults.RECOVERED)
         ok += good
-        detail = {faults.CAUGHT: f"refused naming {name}", faults.RECOVERED: "recovered, identical to the untampered "
-                  "run", faults.SILENT: "WENT ON WITH IT (exit 0, a different result)",
-                  faults.UNNAMED: f"refused (exit {rc}) without naming {name}"}[verdict]
+        detail = {
+            faults.CAUGHT: f"refused naming {name}",
+            faults.RECOVERED: "recovered, identical to the untampered run",
+            faults.SILENT: "WENT ON WITH IT (exit 0, a different result)",
+            faults.UNNAMED: f"refused (exit {rc}) without naming {name}",
+        }[verdict]
         report("tamper", i, good, f"{where} {name} {how}: {detail}")
         if not good:
             print(f"faults:   its last words: {said.strip()[-300:]!r}", flush=True)
@@ -987,9 +1195,27 @@ def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100, kinds: tuple = 
     images = root / "images"
     images.mkdir(parents=True)
     (root / "outside.png").write_bytes(faults.png(faults.rgb_image(16, 16, 0)))
-    args = convert.parse_args(["--json", "-", "--images", str(images), "--tokenizer", str(c.models / "llm"),
-                               "--template", "qwen2_ross", "--vision", str(c.models / "vision"), "--vae",
-                               str(c.models / "vae"), "--out", "-", "--image-aspect", "square", "--quiet"])
+    args = convert.parse_args(
+        [
+            "--json",
+            "-",
+            "--images",
+            str(images),
+            "--tokenizer",
+            str(c.models / "llm"),
+            "--template",
+            "qwen2_ross",
+            "--vision",
+            str(c.models / "vision"),
+            "--vae",
+            str(c.models / "vae"),
+            "--out",
+            "-",
+            "--image-aspect",
+            "square",
+            "--quiet",
+        ]
+    )
     conv = convert.Converter(args)
     counts = {"records": 0, "crashes": 0, "lost": 0, "silent_corruption": 0}
     for start in range(0, n, chunk):
@@ -1025,8 +1251,11 @@ def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100, kinds: tuple = 
             if twin is None:
                 bad.append(f"{f.kind}: a clean conversion skips it")
                 continue
-            bad += [f"{f.kind}: {k}" for k in sample if k not in ("image", "index", "latent_mean", "latent_std")
-                    and not _same(sample[k], twin[k])]
+            bad += [
+                f"{f.kind}: {k}"
+                for k in sample
+                if k not in ("image", "index", "latent_mean", "latent_std") and not _same(sample[k], twin[k])
+            ]
             for k in ("latent_mean", "latent_std"):  # fp32 reordering: VAE batches of other companions
                 a, b = (np.frombuffer(s[k], np.float32) for s in (sample, twin))
                 if a.shape != b.shape or not np.allclose(a, b, rtol=0, atol=1e-5):
@@ -1043,9 +1272,14 @@ def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100, kinds: tuple = 
         counts["lost"] += len(lost)
         counts["silent_corruption"] += len(bad)
         kinds = sorted({f.kind.split(":")[0] for f in batch})
-        report("fuzz", start // chunk, not (lost or bad), f"{len(batch)} records ({len(kinds)} kinds), "
-               f"{len(got)} written, lost {len(lost)}, silent_corruption {len(bad)}"
-               + (f": {lost[:3]} {bad[:3]}" if lost or bad else ""))
+        report(
+            "fuzz",
+            start // chunk,
+            not (lost or bad),
+            f"{len(batch)} records ({len(kinds)} kinds), "
+            f"{len(got)} written, lost {len(lost)}, silent_corruption {len(bad)}"
+            + (f": {lost[:3]} {bad[:3]}" if lost or bad else ""),
+        )
         shutil.rmtree(root / f"fuzz{start}", ignore_errors=True)
         shutil.rmtree(root / f"clean{start}", ignore_errors=True)
     shutil.rmtree(root)
@@ -1057,8 +1291,9 @@ def convert_records(conv, root: Path, name: str, records: list) -> tuple[dict, s
     from fastross.data.shards import MDSShards
 
     src = root / f"{name}.jsonl"  # one line per record: a record only its text can hold goes as written
-    src.write_text("".join((r.text() if isinstance(r, faults.Fuzzed) else json.dumps(r)) + "\n" for r in records),
-                   encoding="utf-8")
+    src.write_text(
+        "".join((r.text() if isinstance(r, faults.Fuzzed) else json.dumps(r)) + "\n" for r in records), encoding="utf-8"
+    )
     conv.a.json, conv.a.out = [str(src)], str(root / name)
     try:
         rep = conv.run()
@@ -1077,14 +1312,26 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seed", type=int, default=None, help="seeds the kill steps, delays and fuzz (default: random)")
     p.add_argument("--kills", type=int, default=10, help="SIGKILLs at random steps")
-    p.add_argument("--save-kills", type=int, default=10, help=f"SIGKILLs during saves (at most {len(SAVE_KILLS)} "
-                                                              "moments, then repeated)")
+    p.add_argument(
+        "--save-kills",
+        type=int,
+        default=10,
+        help=f"SIGKILLs during saves (at most {len(SAVE_KILLS)} moments, then repeated)",
+    )
     p.add_argument("--fuzz", type=int, default=1000, help="fuzzed converter records")
-    p.add_argument("--payloads", type=int, default=len(PAYLOAD_TRIALS),
-                   help=f"entry point x payload trials (the first N of {len(PAYLOAD_TRIALS)})")
+    p.add_argument(
+        "--payloads",
+        type=int,
+        default=len(PAYLOAD_TRIALS),
+        help=f"entry point x payload trials (the first N of {len(PAYLOAD_TRIALS)})",
+    )
     p.add_argument("--tampers", type=int, default=None, help="tampered-file trials (the first N; default: all)")
-    p.add_argument("--skip", default="", help="comma-separated sections to leave out (a reduced run): kills, "
-                   "save_kills, disk_full, corrupt, escapes, fuzz, payloads, tampers; their counts print as 0/0")
+    p.add_argument(
+        "--skip",
+        default="",
+        help="comma-separated sections to leave out (a reduced run): kills, "
+        "save_kills, disk_full, corrupt, escapes, fuzz, payloads, tampers; their counts print as 0/0",
+    )
     p.add_argument("--save", action="store_true", help="append the counts to benchmarks/results/faults.csv")
     a = p.parse_args(argv)
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1_000_000)
@@ -1097,17 +1344,20 @@ def main(argv=None) -> int:
     if a.save:
         from devtools import results
 
-        path = results.append_csv("faults.csv", ["date", "commit", "machine", "seed", "wall_s", "line"],
-                                  [[results.today(), results.commit(), results.machine(), seed, f"{wall:.0f}", line]])
+        path = results.append_csv(
+            "faults.csv",
+            ["date", "commit", "machine", "seed", "wall_s", "line"],
+            [[results.today(), results.commit(), results.machine(), seed, f"{wall:.0f}", line]],
+        )
         print(f"faults: appended to {path}", flush=True)
     print(line, flush=True)
     return 0
 
 
 def campaign(work: Path, seed: int, a) -> str:
+    from devtools.golden import prepare
     from fastross import lifecycle
     from fastross.data.images import ImageSpec
-    from devtools.golden import prepare
 
     skip = {x.strip() for x in (getattr(a, "skip", "") or "").split(",") if x.strip()}
     kills = 0 if "kills" in skip else a.kills
@@ -1142,19 +1392,65 @@ def campaign(work: Path, seed: int, a) -> str:
             tampered, tampers = tamper_trials(small, seed, getattr(a, "tampers", None))
     left = lifecycle.clean_dead_multiprocessing_dirs(work, say=lambda m: None)  # the killed runs' pymp-* folders
     print(f"faults: removed {len(left)} pymp-* folder(s) the SIGKILLed runs left in {work}", flush=True)
-    return final_line(exact, kills, save_ok, save_kills, f, escaped, full, full_n, ckpt_ok, ckpt_n, executed, payloads,
-                      tampered, tampers)
+    return final_line(
+        exact,
+        kills,
+        save_ok,
+        save_kills,
+        f,
+        escaped,
+        full,
+        full_n,
+        ckpt_ok,
+        ckpt_n,
+        executed,
+        payloads,
+        tampered,
+        tampers,
+    )
 
 
-LINE = ("faults: resume_exact {}/{} save_kill_ok {}/{} fuzz_records {} crashes {} lost {} silent_corruption {} "
-        "escapes {} disk_full_ok {}/{} corrupt_ckpt_ok {}/{} pickle_executed {}/{} tamper_caught {}/{}")
+LINE = (
+    "faults: resume_exact {}/{} save_kill_ok {}/{} fuzz_records {} crashes {} lost {} silent_corruption {} "
+    "escapes {} disk_full_ok {}/{} corrupt_ckpt_ok {}/{} pickle_executed {}/{} tamper_caught {}/{}"
+)
 
 
-def final_line(exact, kills, save_ok, save_kills, f: dict, escaped, full, full_n, ckpt_ok, ckpt_n, executed, payloads,
-               tampered, tampers) -> str:
-    return LINE.format(exact, kills, save_ok, save_kills, f["records"], f["crashes"], f["lost"],
-                       f["silent_corruption"], escaped, full, full_n, ckpt_ok, ckpt_n, executed, payloads, tampered,
-                       tampers)
+def final_line(
+    exact,
+    kills,
+    save_ok,
+    save_kills,
+    f: dict,
+    escaped,
+    full,
+    full_n,
+    ckpt_ok,
+    ckpt_n,
+    executed,
+    payloads,
+    tampered,
+    tampers,
+) -> str:
+    return LINE.format(
+        exact,
+        kills,
+        save_ok,
+        save_kills,
+        f["records"],
+        f["crashes"],
+        f["lost"],
+        f["silent_corruption"],
+        escaped,
+        full,
+        full_n,
+        ckpt_ok,
+        ckpt_n,
+        executed,
+        payloads,
+        tampered,
+        tampers,
+    )
 
 
 if __name__ == "__main__":

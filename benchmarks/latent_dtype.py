@@ -36,20 +36,39 @@ from fastross.data.noise import draw_timesteps, noise_key
 from fastross.data.schema import ShardMeta
 from fastross.data.shards import MDSShards
 from fastross.data.synth import write_dataset
+from fastross.demo.make_tiny import make_tiny
 from fastross.model import diffusion
 from fastross.model.denoiser import Denoiser
-from fastross.demo.make_tiny import make_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
 from devtools import results as R  # noqa: E402
 
 
-def moments(models: Path, vae: str, vision: str, data: Path, out: Path,
-            dtype: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShardMeta]:
+def moments(
+    models: Path, vae: str, vision: str, data: Path, out: Path, dtype: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShardMeta]:
     """Convert data/stage2.json with --latent-dtype `dtype`: (mean, std, sample indices) of its images, in fp32."""
-    argv = ["--json", str(data / "stage2.json"), "--images", str(data / "images"), "--tokenizer", str(models / "llm"),
-            "--vision", vision, "--vae", vae, "--template", "qwen2_ross",
-            "--latent-dtype", dtype, "--device", "cpu", "--out", str(out), "--quiet"]
+    argv = [
+        "--json",
+        str(data / "stage2.json"),
+        "--images",
+        str(data / "images"),
+        "--tokenizer",
+        str(models / "llm"),
+        "--vision",
+        vision,
+        "--vae",
+        vae,
+        "--template",
+        "qwen2_ross",
+        "--latent-dtype",
+        dtype,
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     if convert(argv) != 0:
         raise RuntimeError(f"benchmark: converting with --latent-dtype {dtype} failed")
     meta, shards = ShardMeta.read(out), MDSShards(out)
@@ -63,8 +82,13 @@ def compare(name: str, ref: torch.Tensor, half: torch.Tensor) -> dict:
     """The differences' size, absolute and relative to the fp32 value's (relative to its RMS for the maximum: an
     element-wise ratio is unbounded where the target crosses 0)."""
     d, a = (half - ref).abs().double(), ref.abs().double()
-    return {"what": name, "max_abs": d.max().item(), "mean_abs": d.mean().item(),
-            "mean_rel": (d.mean() / a.mean()).item(), "max_rel": (d.max() / a.pow(2).mean().sqrt()).item()}
+    return {
+        "what": name,
+        "max_abs": d.max().item(),
+        "mean_abs": d.mean().item(),
+        "mean_rel": (d.mean() / a.mean()).item(),
+        "max_rel": (d.max() / a.pow(2).mean().sqrt()).item(),
+    }
 
 
 def tiny_denoiser(grid: int, channels: int, seed: int) -> Denoiser:
@@ -100,29 +124,43 @@ def main(argv=None) -> int:
     keys = torch.tensor([noise_key(a.seed, 0, int(i)) for i in index], dtype=torch.long)
     xi = diffusion.keyed_xi(keys, tokens, 4 * c)
     zero = torch.zeros_like(xi)
-    rows = [compare("mean", *(diffusion.latent_target(m, s, zero, shift, scale) for m, s in
-                              ((mean32, std32), (mean16, std16)))),
-            compare("sample", *(diffusion.latent_target(m, s, xi, shift, scale) for m, s in
-                                ((mean32, std32), (mean16, std16))))]
+    rows = [
+        compare(
+            "mean", *(diffusion.latent_target(m, s, zero, shift, scale) for m, s in ((mean32, std32), (mean16, std16)))
+        ),
+        compare(
+            "sample", *(diffusion.latent_target(m, s, xi, shift, scale) for m, s in ((mean32, std32), (mean16, std16)))
+        ),
+    ]
     den, t = tiny_denoiser(side // 2, c, a.seed), draw_timesteps(keys, 4)
     ab = diffusion.cosine_alphas_cumprod().float()
-    cond = torch.nn.functional.layer_norm(torch.randn(n, tokens, 32, generator=torch.Generator().manual_seed(a.seed)),
-                                          (32,))
+    cond = torch.nn.functional.layer_norm(
+        torch.randn(n, tokens, 32, generator=torch.Generator().manual_seed(a.seed)), (32,)
+    )
     with torch.no_grad():
-        losses = [diffusion.eps_loss_materialised(den, m, s, keys, t, ab[t].sqrt(), (1 - ab[t]).sqrt(), cond, shift,
-                                                  scale) for m, s in ((mean32, std32), (mean16, std16))]
+        losses = [
+            diffusion.eps_loss_materialised(den, m, s, keys, t, ab[t].sqrt(), (1 - ab[t]).sqrt(), cond, shift, scale)
+            for m, s in ((mean32, std32), (mean16, std16))
+        ]
     rows.append(compare("loss", *losses))
-    print(f"latent_dtype: {n} images, moments {c}x{side}x{side}; "
-          f"fp32 mean in [{mean32.min():.3g}, {mean32.max():.3g}], "
-          f"std in [{std32.min():.3g}, {std32.max():.3g}]; per-image loss {losses[0].mean():.4f} (fp32)")
+    print(
+        f"latent_dtype: {n} images, moments {c}x{side}x{side}; "
+        f"fp32 mean in [{mean32.min():.3g}, {mean32.max():.3g}], "
+        f"std in [{std32.min():.3g}, {std32.max():.3g}]; per-image loss {losses[0].mean():.4f} (fp32)"
+    )
     print(f"{'target':<8} {'max |d|':>10} {'mean |d|':>10} {'mean rel':>10} {'max/RMS':>10}")
     for r in rows:
         print(f"{r['what']:<8}", *(f"{r[k]:>10.3g}" for k in ("max_abs", "mean_abs", "mean_rel", "max_rel")))
     if a.save:
-        out = R.append_csv("latent_dtype.csv", ["date", "commit", "machine", "images", "target", "max_abs", "mean_abs",
-                                                "mean_rel", "max_over_rms"],
-                           [[R.today(), R.commit(), R.machine(), n, r["what"]] +
-                            [f"{r[k]:.4g}" for k in ("max_abs", "mean_abs", "mean_rel", "max_rel")] for r in rows])
+        out = R.append_csv(
+            "latent_dtype.csv",
+            ["date", "commit", "machine", "images", "target", "max_abs", "mean_abs", "mean_rel", "max_over_rms"],
+            [
+                [R.today(), R.commit(), R.machine(), n, r["what"]]
+                + [f"{r[k]:.4g}" for k in ("max_abs", "mean_abs", "mean_rel", "max_rel")]
+                for r in rows
+            ],
+        )
         print(f"latent_dtype: appended {len(rows)} rows to {out}")
     return 0
 

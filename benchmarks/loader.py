@@ -83,25 +83,67 @@ def write_shards(out: Path, n: int, seed: int) -> None:
             ids[int(rng.integers(0, 20))] = IMAGE_TOKEN
             labels = np.where(np.arange(text) > text // 2, ids, -100).astype(np.int32)
             m = moments[i % len(moments)]
-            w.write({"id": f"bench_{i}", "index": i, "input_ids": ids, "labels": labels, "image": jpegs[i % len(jpegs)],
-                     "length": text - 1 + GRID * GRID, "latent_mean": m[0].tobytes(), "latent_std": np.abs(m[1]).tobytes()})
+            w.write(
+                {
+                    "id": f"bench_{i}",
+                    "index": i,
+                    "input_ids": ids,
+                    "labels": labels,
+                    "image": jpegs[i % len(jpegs)],
+                    "length": text - 1 + GRID * GRID,
+                    "latent_mean": m[0].tobytes(),
+                    "latent_std": np.abs(m[1]).tobytes(),
+                }
+            )
             lengths.append(text - 1 + GRID * GRID)
     np.save(out / LENGTHS_FILE, np.asarray(lengths, dtype=np.int32))
-    (out / META_FILE).write_text(json.dumps({
-        "template": "qwen2_ross", "image_aspect": "pad", "grid": GRID, "num_visual_tokens": GRID * GRID,
-        "image_token_id": IMAGE_TOKEN, "latents": True, "latent_channels": CHANNELS, "latent_dtype": "float32",
-        "latent_shift": 0.1159, "latent_scale": 0.3611, "tokenizer": "none: random ids (the trainer would refuse these)",
-        "tokenizer_fingerprint": {}, "read": n, "written": n, "skipped": {},
-    }))
+    (out / META_FILE).write_text(
+        json.dumps(
+            {
+                "template": "qwen2_ross",
+                "image_aspect": "pad",
+                "grid": GRID,
+                "num_visual_tokens": GRID * GRID,
+                "image_token_id": IMAGE_TOKEN,
+                "latents": True,
+                "latent_channels": CHANNELS,
+                "latent_dtype": "float32",
+                "latent_shift": 0.1159,
+                "latent_scale": 0.3611,
+                "tokenizer": "none: random ids (the trainer would refuse these)",
+                "tokenizer_fingerprint": {},
+                "read": n,
+                "written": n,
+                "skipped": {},
+            }
+        )
+    )
     write_manifest(out)  # as the converter does: the loader verifies the folder against it
 
 
 def run(shards: Path, n: int, workers: int, backend: str, sleep: bool, batch: int) -> dict:
     """Drain the loader over all samples once; returns samples/s and the waiting share, first step apart."""
-    cfg = DataConfig(shards=str(shards), global_batch=batch, max_tokens=16384, shuffle=True, seed=0,
-                     workers=workers, prefetch=2, image_backend=backend)
-    ld = Loader(cfg, rank=0, world=1, attn_tokens=32768.0, image=SIGLIP_384, latent_channels=CHANNELS,
-                replicas=4, seed=0, device=torch.device("cpu"))
+    cfg = DataConfig(
+        shards=str(shards),
+        global_batch=batch,
+        max_tokens=16384,
+        shuffle=True,
+        seed=0,
+        workers=workers,
+        prefetch=2,
+        image_backend=backend,
+    )
+    ld = Loader(
+        cfg,
+        rank=0,
+        world=1,
+        attn_tokens=32768.0,
+        image=SIGLIP_384,
+        latent_channels=CHANNELS,
+        replicas=4,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     it = ld.steps(Position(), 0, n // batch)
     t0 = time.perf_counter()
     first = next(it)
@@ -140,16 +182,32 @@ def main(argv=None) -> int:
         many = run(shards, a.samples, a.workers, a.backend, sleep=False, batch=a.batch)
         fed = run(shards, a.samples, a.workers, a.backend, sleep=True, batch=a.batch)
     print(f"{'run':<28} {'samples/s':>10} {'data_wait':>10} {'first step s':>13}")
-    for name, r in ((f"1 worker, draining", one), (f"{a.workers} workers, draining", many),
-                    (f"{a.workers} workers, {DEMAND:.0f}/s consumer", fed)):
+    for name, r in (
+        ("1 worker, draining", one),
+        (f"{a.workers} workers, draining", many),
+        (f"{a.workers} workers, {DEMAND:.0f}/s consumer", fed),
+    ):
         print(f"{name:<28} {r['samples_per_s']:>10.1f} {r['data_wait']:>10.4f} {r['first_step_s']:>13.2f}")
     s, pw, d = many["samples_per_s"], one["samples_per_s"], fed["data_wait"]
     print(f"loader: samples_per_s {s:.1f} per_worker {pw:.1f} workers {a.workers} data_wait {d:.4f}")
     if a.save:
-        out = R.append_csv("loader.csv", ["date", "commit", "machine", "backend", "samples", "samples_per_s", "per_worker",
-                                          "workers", "data_wait"],
-                           [[R.today(), R.commit(), R.machine(), a.backend, a.samples, f"{s:.1f}", f"{pw:.1f}",
-                             a.workers, f"{d:.4f}"]])
+        out = R.append_csv(
+            "loader.csv",
+            ["date", "commit", "machine", "backend", "samples", "samples_per_s", "per_worker", "workers", "data_wait"],
+            [
+                [
+                    R.today(),
+                    R.commit(),
+                    R.machine(),
+                    a.backend,
+                    a.samples,
+                    f"{s:.1f}",
+                    f"{pw:.1f}",
+                    a.workers,
+                    f"{d:.4f}",
+                ]
+            ],
+        )
         print(f"appended to {out}")
     return 0
 

@@ -32,8 +32,9 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     with tempfile.TemporaryDirectory(prefix="fastross-nonfinite-") as tmp:
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.FileStore(str(Path(tmp) / "store"), 1), rank=0,
-                                world_size=1)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo", store=dist.FileStore(str(Path(tmp) / "store"), 1), rank=0, world_size=1
+        )
         try:
             print(measure(a, cuda, device))
         finally:
@@ -81,7 +82,7 @@ def measure(a, cuda: bool, device: torch.device) -> str:
     run(True)  # warm-up
     base, checked = run(False), run(True)
     cost = checked - base
-    return (f"nonfinite: check {cost * 1e3:.3f} ms/step ({cost / base:.2%} of a {base * 1e3:.1f} ms step) on {name}")
+    return f"nonfinite: check {cost * 1e3:.3f} ms/step ({cost / base:.2%} of a {base * 1e3:.1f} ms step) on {name}"
 
 
 if __name__ == "__main__":

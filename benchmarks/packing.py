@@ -38,6 +38,7 @@ from fastross.data.packing_planner import attention_cost_tokens, plan_step, samp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
 from devtools import results as R  # noqa: E402
 
+
 def padded_slots(micro_batches: list[list[int]], lengths) -> int:
     return sum(len(mb) * max(lengths[i] for i in mb) for mb in micro_batches if mb)
 
@@ -67,8 +68,11 @@ def grouped_step(lengths, image, ranks: int, mb: int, rng):
         megabatch = sorted(megabatch, key=lambda i: -lengths[i])
         chunks, totals = [[] for _ in range(ranks)], [0] * ranks
         for i in megabatch:  # split_to_even_chunks: longest first to the lightest chunk with room
-            r = min((r for r in range(ranks) if len(chunks[r]) < max(1, len(megabatch) // ranks)),
-                    key=lambda r: totals[r], default=int(np.argmin(totals)))
+            r = min(
+                (r for r in range(ranks) if len(chunks[r]) < max(1, len(megabatch) // ranks)),
+                key=lambda r: totals[r],
+                default=int(np.argmin(totals)),
+            )
             chunks[r].append(i)
             totals[r] += lengths[i]
         for r, c in enumerate(chunks):
@@ -100,8 +104,11 @@ def main(argv=None) -> int:
         plan_s += time.perf_counter() - t0
         # A micro-batch without an image (an empty one included) carries a weight-0 dummy image
         # sample of VISUAL tokens (fastross.data.batch.Collator): count it as computed slots.
-        packed += sum(sum(int(lengths[i]) for i in mb) + (0 if any(image[i] for i in mb) else VISUAL)
-                      for r in plan.micro_batches for mb in r)
+        packed += sum(
+            sum(int(lengths[i]) for i in mb) + (0 if any(image[i] for i in mb) else VISUAL)
+            for r in plan.micro_batches
+            for mb in r
+        )
         imb_f.append(plan.imbalance())
         mbs_f.append(plan.num_micro_batches)
         s, items = padded_step(lengths, a.ranks, a.micro_batch)
@@ -112,8 +119,10 @@ def main(argv=None) -> int:
         imb_g.append(imbalance(items, lengths, attn))
 
     e, pp, g, i = real / packed, real / pad, real / grp, float(np.mean(imb_f))
-    print(f"{a.steps} steps, {a.ranks} ranks, global batch {a.global_batch}, max_tokens {a.max_tokens}, "
-          f"mean sample {real / a.steps / a.global_batch:.0f} tokens")
+    print(
+        f"{a.steps} steps, {a.ranks} ranks, global batch {a.global_batch}, max_tokens {a.max_tokens}, "
+        f"mean sample {real / a.steps / a.global_batch:.0f} tokens"
+    )
     print(f"{'strategy':<10} {'efficiency':>10} {'rank imbalance':>15} {'micro-batches/rank':>19}")
     print(f"{'fastross':<10} {e:>10.4f} {i:>15.4f} {np.mean(mbs_f):>19.2f}")
     print(f"{'padded':<10} {pp:>10.4f} {np.mean(imb_p):>15.4f} {a.global_batch / a.ranks / a.micro_batch:>19.2f}")
@@ -121,12 +130,41 @@ def main(argv=None) -> int:
     impl = "native" if packing_planner.NATIVE is not None else "plain Python"
     print(f"planner: {plan_s / a.steps * 1e3:.3f} ms per step ({impl})")
     if a.save:
-        out = R.append_csv("packing.csv", ["date", "commit", "device", "steps", "ranks", "global_batch", "max_tokens",
-                                           "efficiency", "padded", "grouped", "imbalance", "padded_imbalance",
-                                           "grouped_imbalance"],
-                           [[R.today(), R.commit(), "cpu (simulation)", a.steps, a.ranks, a.global_batch, a.max_tokens,
-                             f"{e:.4f}", f"{pp:.4f}", f"{g:.4f}", f"{i:.4f}", f"{np.mean(imb_p):.4f}",
-                             f"{np.mean(imb_g):.4f}"]])
+        out = R.append_csv(
+            "packing.csv",
+            [
+                "date",
+                "commit",
+                "device",
+                "steps",
+                "ranks",
+                "global_batch",
+                "max_tokens",
+                "efficiency",
+                "padded",
+                "grouped",
+                "imbalance",
+                "padded_imbalance",
+                "grouped_imbalance",
+            ],
+            [
+                [
+                    R.today(),
+                    R.commit(),
+                    "cpu (simulation)",
+                    a.steps,
+                    a.ranks,
+                    a.global_batch,
+                    a.max_tokens,
+                    f"{e:.4f}",
+                    f"{pp:.4f}",
+                    f"{g:.4f}",
+                    f"{i:.4f}",
+                    f"{np.mean(imb_p):.4f}",
+                    f"{np.mean(imb_g):.4f}",
+                ]
+            ],
+        )
         print(f"appended to {out}")
     print(f"packing: efficiency {e:.4f} padded {pp:.4f} grouped {g:.4f} imbalance {i:.4f}")
     return 0

@@ -67,14 +67,17 @@ def main(argv=None) -> int:
     for n in sorted(a.sizes):
         lengths = lengths_of(n, seed=n)
         # partial, not a lambda: it binds this size's lengths now, and the `del lengths` below frees them
-        native_s, summary = timed(partial(packing_planner.plan_epoch, lengths, *args, threads=a.threads),
-                                  3 if n <= 10**7 else 1)
+        native_s, summary = timed(
+            partial(packing_planner.plan_epoch, lengths, *args, threads=a.threads), 3 if n <= 10**7 else 1
+        )
         estimate = ref_rate * n if ref_rate else 0.0
         if estimate < a.reference_budget_s:
             ref_s, ref = timed(partial(packing_planner.plan_epoch_ref, lengths, *args), 1)
             for field in ("micro_batches", "imbalance", "tokens", "slots"):
                 if not np.array_equal(getattr(summary, field), getattr(ref, field)):
-                    print(f"planner: error: native and reference plans differ ({field}) at {n} samples", file=sys.stderr)
+                    print(
+                        f"planner: error: native and reference plans differ ({field}) at {n} samples", file=sys.stderr
+                    )
                     return 1
             ref_rate, note = ref_s / n, "measured; plans identical"
         else:
@@ -83,10 +86,23 @@ def main(argv=None) -> int:
         print(f"{n:>12} {native_s:>10.3f} {ref_s:>12.3f} {ref_s / native_s:>8.1f}  {note}")
         del lengths
     if a.save:
-        out = R.append_csv("planner.csv", ["date", "commit", "device", "threads", "samples", "native_s", "reference_s",
-                                           "note"],
-                           [[R.today(), R.commit(), f"cpu {platform.machine()} x{os.cpu_count()}", a.threads, n,
-                             f"{ns:.4f}", f"{rs:.4f}", note] for n, ns, rs, note in rows])
+        out = R.append_csv(
+            "planner.csv",
+            ["date", "commit", "device", "threads", "samples", "native_s", "reference_s", "note"],
+            [
+                [
+                    R.today(),
+                    R.commit(),
+                    f"cpu {platform.machine()} x{os.cpu_count()}",
+                    a.threads,
+                    n,
+                    f"{ns:.4f}",
+                    f"{rs:.4f}",
+                    note,
+                ]
+                for n, ns, rs, note in rows
+            ],
+        )
         print(f"appended to {out}")
     by = {n: (ns, rs) for n, ns, rs, _ in rows}
     s100 = by.get(100_000_000, (float("nan"), 0))[0]

@@ -119,7 +119,7 @@ def _ridge_predict(w: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (np.hstack([x, np.ones((len(x), 1))]) @ w).argmax(1)
 
 
-ALPHAS = tuple(10.0 ** k for k in range(-3, 5))
+ALPHAS = tuple(10.0**k for k in range(-3, 5))
 
 
 def ridge_classifier(x: np.ndarray, labels: np.ndarray, classes: int, folds: int = 5) -> np.ndarray:
@@ -170,11 +170,16 @@ def pool_regions(n_visual: int, pool: str) -> list[np.ndarray]:
         return [np.arange(n_visual)]
     side = math.isqrt(n_visual)
     if pool != "grid" or side * side != n_visual or side < 3:
-        raise ValueError(f"--pool {pool}: 'mean', or 'grid' on a square grid of at least 3 x 3 visual tokens "
-                         f"(this model has {n_visual})")
+        raise ValueError(
+            f"--pool {pool}: 'mean', or 'grid' on a square grid of at least 3 x 3 visual tokens "
+            f"(this model has {n_visual})"
+        )
     grid = np.arange(n_visual).reshape(side, side)
-    return [grid[np.ix_(r, c)].ravel() for r in np.array_split(np.arange(side), 3)
-            for c in np.array_split(np.arange(side), 3)]
+    return [
+        grid[np.ix_(r, c)].ravel()
+        for r in np.array_split(np.arange(side), 3)
+        for c in np.array_split(np.arange(side), 3)
+    ]
 
 
 def visual_features(run_dir: Path, images: list[Path], layer: int, pool: str = "mean", batch: int = 32) -> np.ndarray:
@@ -198,7 +203,7 @@ def visual_features(run_dir: Path, images: list[Path], layer: int, pool: str = "
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
-            pix = torch.stack([pixel_values(loaded, p) for p in images[i: i + batch]])
+            pix = torch.stack([pixel_values(loaded, p) for p in images[i : i + batch]])
             rows = ids_t[None].expand(len(pix), -1)
             embeds = llm.get_input_embeddings()(rows)
             vis = model.projector(model.vision(pix).to(model.projector[0].weight.dtype)).to(embeds.dtype)
@@ -220,39 +225,105 @@ def prepare(work: Path, a) -> None:
     from fastross.demo import make_tiny
 
     if a.vocab and not hasattr(make_tiny, "build_corpus_tokenizer"):
-        raise SystemExit("ross_effect: --vocab needs fastross.demo.make_tiny --corpus (a tokenizer trained on the "
-                         "data's text), which this checkout lacks; --vocab 0 uses Qwen2's tokenizer")
+        raise SystemExit(
+            "ross_effect: --vocab needs fastross.demo.make_tiny --corpus (a tokenizer trained on the "
+            "data's text), which this checkout lacks; --vocab 0 uses Qwen2's tokenizer"
+        )
     py = sys.executable
     models, data, shards = work / "models", work / "data", work / "shards"
-    run([py, "-m", "fastross.data.synth", str(data), "--seed", "0", "--train", str(a.train_images),
-         "--eval", str(a.eval_images)])
+    run(
+        [
+            py,
+            "-m",
+            "fastross.data.synth",
+            str(data),
+            "--seed",
+            "0",
+            "--train",
+            str(a.train_images),
+            "--eval",
+            str(a.eval_images),
+        ]
+    )
     write_dataset(work / "probe", seed=PROBE_SEED, n_train=a.probe_images, n_eval=0)
-    corpus = (["--corpus", str(data / "stage1.json"), str(data / "stage2.json"), "--vocab", str(a.vocab)]
-              if a.vocab else [])
+    corpus = (
+        ["--corpus", str(data / "stage1.json"), str(data / "stage2.json"), "--vocab", str(a.vocab)] if a.vocab else []
+    )
     run([py, "-m", "fastross.demo.make_tiny", str(models), *corpus])
     for stage, template in ((1, "plain"), (2, "qwen2_ross")):
-        run([py, "-m", "fastross.data.convert", "--json", str(data / f"stage{stage}.json"),
-             "--images", str(data / "images"), "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"),
-             "--vae", str(models / "vae"), "--template", template, "--out", str(shards / f"stage{stage}"), "--quiet"])
+        run(
+            [
+                py,
+                "-m",
+                "fastross.data.convert",
+                "--json",
+                str(data / f"stage{stage}.json"),
+                "--images",
+                str(data / "images"),
+                "--tokenizer",
+                str(models / "llm"),
+                "--vision",
+                str(models / "vision"),
+                "--vae",
+                str(models / "vae"),
+                "--template",
+                template,
+                "--out",
+                str(shards / f"stage{stage}"),
+                "--quiet",
+            ]
+        )
 
 
 def train_pair(work: Path, seed: int, lam: float, a, env: dict) -> Path:
     """Stage 1 then stage 2 for one seed and lambda; returns stage 2's run folder."""
     py, models, shards = sys.executable, work / "models", work / "shards"
     out = work / f"seed{seed}_lambda{lam:g}"
-    common = [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}",
-              f"model.recon_weight={lam}", f"train.seed={seed}", f"data.seed={seed}",
-              *(f"optim.lr_{k}={a.lr}" for k in ("projector", "llm", "denoiser"))]
-    torchrun = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.ranks}",
-                "-m", "fastross.train"]
+    common = [
+        f"model.vision_path={models / 'vision'}",
+        f"model.llm_path={models / 'llm'}",
+        f"model.recon_weight={lam}",
+        f"train.seed={seed}",
+        f"data.seed={seed}",
+        *(f"optim.lr_{k}={a.lr}" for k in ("projector", "llm", "denoiser")),
+    ]
+    torchrun = [
+        py,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={a.ranks}",
+        "-m",
+        "fastross.train",
+    ]
     # stage 2 reads stage 1's newest checkpoint; stage 2's newest one is what the scoring loads. The LLM is random
     # here: stage 1's captions are where it first learns to read the image, so it trains there too.
-    run([*torchrun, "configs/tiny_pretrain.yaml", *common, f"data.shards={shards / 'stage1'}",
-         f"train.run_dir={out / 'stage1'}", f"train.epochs={a.epochs1}", "train.ckpt_every=100000",
-         "train.trainable=[projector,llm,denoiser]"], env=env)
-    run([*torchrun, "configs/tiny.yaml", *common, f"data.shards={shards / 'stage2'}",
-         f"model.init_from={out / 'stage1'}",
-         f"train.run_dir={out / 'stage2'}", f"train.epochs={a.epochs2}", "train.ckpt_every=100000"], env=env)
+    run(
+        [
+            *torchrun,
+            "configs/tiny_pretrain.yaml",
+            *common,
+            f"data.shards={shards / 'stage1'}",
+            f"train.run_dir={out / 'stage1'}",
+            f"train.epochs={a.epochs1}",
+            "train.ckpt_every=100000",
+            "train.trainable=[projector,llm,denoiser]",
+        ],
+        env=env,
+    )
+    run(
+        [
+            *torchrun,
+            "configs/tiny.yaml",
+            *common,
+            f"data.shards={shards / 'stage2'}",
+            f"model.init_from={out / 'stage1'}",
+            f"train.run_dir={out / 'stage2'}",
+            f"train.epochs={a.epochs2}",
+            "train.ckpt_every=100000",
+        ],
+        env=env,
+    )
     return out / "stage2"
 
 
@@ -281,14 +352,19 @@ def main(argv=None) -> int:
     p.add_argument("--epochs1", type=int, default=20, help="stage 1's epochs (the demo's)")
     p.add_argument("--epochs2", type=int, default=16, help="stage 2's epochs (twice the demo's)")
     p.add_argument("--lr", type=float, default=3e-3, help="both stages' projector, LLM and denoiser learning rate")
-    p.add_argument("--vocab", type=int, default=768, help="the tiny LLM's tokenizer, trained on the data's text "
-                                                          "(0: Qwen2's)")
+    p.add_argument(
+        "--vocab", type=int, default=768, help="the tiny LLM's tokenizer, trained on the data's text (0: Qwen2's)"
+    )
     p.add_argument("--train-images", type=int, default=600, help="the generator's training shapes images")
     p.add_argument("--eval-images", type=int, default=64, help="held-out images (9 questions each)")
     p.add_argument("--probe-images", type=int, default=400, help="the probe's images, half fitted, half scored")
     p.add_argument("--probe-layer", type=int, default=-1, help="hidden_states index the probe reads")
-    p.add_argument("--pool", choices=("mean", "grid"), default="mean",
-                   help="the probe's features: the mean over all visual positions, or over each of 3 x 3 regions")
+    p.add_argument(
+        "--pool",
+        choices=("mean", "grid"),
+        default="mean",
+        help="the probe's features: the mean over all visual positions, or over each of 3 x 3 regions",
+    )
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--work", help="work folder, kept (default: a temporary one, removed)")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/ross_effect.md")
@@ -303,8 +379,9 @@ def main(argv=None) -> int:
         work = Path(a.work).resolve() if a.work else Path(tmp) / "work"
         env = {**os.environ, "TMPDIR": tmp}  # streaming's shared-memory lock files stay in here
         prepare(work, a)
-        scenes = [s for s in json.loads((work / "probe" / "scenes.json").read_text())
-                  if s["image"].startswith("shapes_")]
+        scenes = [
+            s for s in json.loads((work / "probe" / "scenes.json").read_text()) if s["image"].startswith("shapes_")
+        ]
         truth = targets(scenes)
         probe_images = [work / "probe" / "images" / s["image"] for s in scenes]
         values = {lam: {name: [] for name in METRICS} for lam in LAMBDAS}
@@ -323,20 +400,30 @@ def main(argv=None) -> int:
                 for at in ATTRIBUTES:
                     v[f"probe_{at}"].append(got[at][0])
                 v["text_loss"].append(final_text_loss(run_dir))
-                print(f"ross_effect: seed {seed} lambda {lam:g}: " + ", ".join(f"{n} {v[n][-1]:.3f}" for n in METRICS)
-                      + f" ({len(rows)} questions, baseline {baselines[-1]:.3f})", flush=True)
+                print(
+                    f"ross_effect: seed {seed} lambda {lam:g}: "
+                    + ", ".join(f"{n} {v[n][-1]:.3f}" for n in METRICS)
+                    + f" ({len(rows)} questions, baseline {baselines[-1]:.3f})",
+                    flush=True,
+                )
     wall = time.perf_counter() - t0
     rows = table(values)
     mean = {lam: {n: statistics.fmean(v) for n, v in values[lam].items()} for lam in LAMBDAS}
-    setup = (f"{a.seeds} seeds, stage 1 {a.epochs1} epochs, stage 2 {a.epochs2} epochs at lr {a.lr:g}, tokenizer "
-             f"{f'{a.vocab} ids' if a.vocab else 'Qwen2'}, {a.train_images} training / {a.eval_images} held-out "
-             f"images, probe on {len(probe_images)} images (half fitted) at hidden_states[{a.probe_layer}], "
-             f"{a.pool}-pooled, {a.ranks} ranks, "
-             f"wall {wall:.0f} s, load average {load0:.2f} -> {os.getloadavg()[0]:.2f}")
-    chance_line = ("probe chance (majority class): " + ", ".join(f"{k} {v:.3f}" for k, v in chance.items())
-                   + f"; majority-answer baseline {statistics.fmean(baselines):.3f}")
-    final = final_line(mean[0.0]["acc"], mean[1.0]["acc"], statistics.fmean(baselines), mean[0.0]["probe"],
-                       mean[1.0]["probe"], a.seeds)
+    setup = (
+        f"{a.seeds} seeds, stage 1 {a.epochs1} epochs, stage 2 {a.epochs2} epochs at lr {a.lr:g}, tokenizer "
+        f"{f'{a.vocab} ids' if a.vocab else 'Qwen2'}, {a.train_images} training / {a.eval_images} held-out "
+        f"images, probe on {len(probe_images)} images (half fitted) at hidden_states[{a.probe_layer}], "
+        f"{a.pool}-pooled, {a.ranks} ranks, "
+        f"wall {wall:.0f} s, load average {load0:.2f} -> {os.getloadavg()[0]:.2f}"
+    )
+    chance_line = (
+        "probe chance (majority class): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in chance.items())
+        + f"; majority-answer baseline {statistics.fmean(baselines):.3f}"
+    )
+    final = final_line(
+        mean[0.0]["acc"], mean[1.0]["acc"], statistics.fmean(baselines), mean[0.0]["probe"], mean[1.0]["probe"], a.seeds
+    )
     print("\n".join(rows))
     print(f"ross_effect: {setup}")
     print(f"ross_effect: {chance_line}")
@@ -344,8 +431,10 @@ def main(argv=None) -> int:
     if a.save:
         path = R.RESULTS / "ross_effect.md"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(f"# benchmarks/ross_effect.py, commit {R.commit()}, {R.machine()}, {R.today()}\n\n"
-                        f"{setup}.\n\n{chance_line}.\n\n" + "\n".join(rows) + f"\n\n    {final}\n")
+        path.write_text(
+            f"# benchmarks/ross_effect.py, commit {R.commit()}, {R.machine()}, {R.today()}\n\n"
+            f"{setup}.\n\n{chance_line}.\n\n" + "\n".join(rows) + f"\n\n    {final}\n"
+        )
         print(f"ross_effect: wrote {path}")
     return 0
 

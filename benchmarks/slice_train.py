@@ -34,8 +34,10 @@ import torch
 from fastross import config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
-from devtools import make_slice  # noqa: E402
-from devtools import results as R  # noqa: E402
+from devtools import (
+    make_slice,  # noqa: E402
+    results as R,  # noqa: E402
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "7b.yaml"
@@ -51,20 +53,40 @@ def backends(cuda: bool) -> list[str]:
 
 
 def overrides(models: Path, shards: Path, run_dir: Path, steps: int, settings: list[str], backend: str) -> list[str]:
-    return [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}", "model.init_from=''",
-            "model.vae_path=''", f"data.shards={shards}", f"train.run_dir={run_dir}", f"train.max_steps={steps}",
-            "train.epochs=100", "train.log_every=1", *settings, f"attention.backend={backend}"]
+    return [
+        f"model.vision_path={models / 'vision'}",
+        f"model.llm_path={models / 'llm'}",
+        "model.init_from=''",
+        "model.vae_path=''",
+        f"data.shards={shards}",
+        f"train.run_dir={run_dir}",
+        f"train.max_steps={steps}",
+        "train.epochs=100",
+        "train.log_every=1",
+        *settings,
+        f"attention.backend={backend}",
+    ]
 
 
 def train(args: list[str], timeout: float) -> tuple[list[dict], str]:
     """One run on one rank; its metrics records (empty when it did not finish) and its output's tail."""
     run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("train.run_dir=")))
     with tempfile.TemporaryDirectory(prefix="fastross-slice-") as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-               "-m", "fastross.train", str(CONFIG), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=1",
+            "-m",
+            "fastross.train",
+            str(CONFIG),
+            *args,
+        ]
         try:
-            p = subprocess.run(cmd, cwd=REPO, env={**os.environ, "TMPDIR": tmp}, capture_output=True, text=True,
-                               timeout=timeout)
+            p = subprocess.run(
+                cmd, cwd=REPO, env={**os.environ, "TMPDIR": tmp}, capture_output=True, text=True, timeout=timeout
+            )
             out = p.stdout + p.stderr
         except subprocess.TimeoutExpired as e:
             out = f"timed out after {timeout:.0f} s\n" + (e.stdout or b"").decode()[-3000:]
@@ -125,9 +147,12 @@ def main(argv=None) -> int:
     rows, measured = [], None
     with tempfile.TemporaryDirectory(prefix="fastross-slice-work-") as work:
         folder = Path(a.slice_dir or Path(work) / "slice")
-        models, latents, _ = make_slice.prepare(folder, a.layers, a.shrink, n_train=60 if cuda else 8,
-                                                device="cuda" if cuda else "cpu")
-        print(f"slice_train: slice K={a.layers} shrink {a.shrink} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        models, latents, _ = make_slice.prepare(
+            folder, a.layers, a.shrink, n_train=60 if cuda else 8, device="cuda" if cuda else "cpu"
+        )
+        print(
+            f"slice_train: slice K={a.layers} shrink {a.shrink} ready in {time.perf_counter() - t0:.0f} s", flush=True
+        )
         for backend in backends(cuda):
             args = overrides(models, latents, Path(work) / backend, a.steps, settings, backend)
             t = time.perf_counter()
@@ -136,35 +161,86 @@ def main(argv=None) -> int:
                 print(f"slice_train: backend {backend} failed:\n{tail}", flush=True)
                 rows.append([backend, "failed", "", "", "", "", "", "", f"{time.perf_counter() - t:.0f}"])
                 continue
-            timed = recs[min(2, len(recs) - 1):]  # the first steps load, compile and warm up
+            timed = recs[min(2, len(recs) - 1) :]  # the first steps load, compile and warm up
             peak = max((r.get("mem_peak_allocated_gib", 0.0) for r in recs), default=0.0) if cuda else None
             measured = measured if measured is not None else peak
             mean = lambda k: sum(r[k] for r in timed) / len(timed)  # noqa: E731, B023 (used in this iteration only)
-            row = [backend, len(recs), f"{recs[0]['text_loss']:.4f}", f"{recs[-1]['text_loss']:.4f}",
-                   f"{recs[0]['recon_loss']:.4f}", f"{recs[-1]['recon_loss']:.4f}", f"{mean('samples_per_s'):.3f}",
-                   f"{mean('tokens_per_s_per_rank'):.0f}", f"{mean('mfu'):.4f}", f"{peak:.2f}" if cuda else "",
-                   f"{time.perf_counter() - t:.0f}"]
+            row = [
+                backend,
+                len(recs),
+                f"{recs[0]['text_loss']:.4f}",
+                f"{recs[-1]['text_loss']:.4f}",
+                f"{recs[0]['recon_loss']:.4f}",
+                f"{recs[-1]['recon_loss']:.4f}",
+                f"{mean('samples_per_s'):.3f}",
+                f"{mean('tokens_per_s_per_rank'):.0f}",
+                f"{mean('mfu'):.4f}",
+                f"{peak:.2f}" if cuda else "",
+                f"{time.perf_counter() - t:.0f}",
+            ]
             rows.append(row)
-            print(f"slice_train: backend {backend} steps {row[1]} text_loss {row[2]} -> {row[3]} recon_loss {row[4]} -> "
-                  f"{row[5]} samples/s {row[6]} tokens/s/rank {row[7]} mfu {row[8]} peak_alloc_gib {row[9] or 'n/a'} "
-                  f"wall {row[10]} s", flush=True)
-        cfg = config.load(str(CONFIG), overrides(models, latents, Path(work) / "plan", a.steps, settings, "varlen"),
-                          check_paths=False)
+            print(
+                f"slice_train: backend {backend} steps {row[1]} text_loss {row[2]} -> {row[3]} recon_loss {row[4]} -> "
+                f"{row[5]} samples/s {row[6]} tokens/s/rank {row[7]} mfu {row[8]} peak_alloc_gib {row[9] or 'n/a'} "
+                f"wall {row[10]} s",
+                flush=True,
+            )
+        cfg = config.load(
+            str(CONFIG), overrides(models, latents, Path(work) / "plan", a.steps, settings, "varlen"), check_paths=False
+        )
         simulated = simulate(cfg, a.steps)
     ratio = f"{measured / simulated:.3f}" if measured else "n/a"
-    print(f"slice_train: memory simulated_gib {simulated:.2f} measured_gib "
-          f"{f'{measured:.2f}' if measured else 'n/a'} ratio {ratio} device {device}", flush=True)
+    print(
+        f"slice_train: memory simulated_gib {simulated:.2f} measured_gib "
+        f"{f'{measured:.2f}' if measured else 'n/a'} ratio {ratio} device {device}",
+        flush=True,
+    )
     if a.csv:
-        head = ["date", "commit", "device", "layers", "shrink", "what", "steps", "text_loss_first", "text_loss_last",
-                "recon_loss_first", "recon_loss_last", "samples_per_s", "tokens_per_s_per_rank", "mfu",
-                "peak_alloc_gib", "wall_s"]
+        head = [
+            "date",
+            "commit",
+            "device",
+            "layers",
+            "shrink",
+            "what",
+            "steps",
+            "text_loss_first",
+            "text_loss_last",
+            "recon_loss_first",
+            "recon_loss_last",
+            "samples_per_s",
+            "tokens_per_s_per_rank",
+            "mfu",
+            "peak_alloc_gib",
+            "wall_s",
+        ]
         lines = [[R.today(), R.commit(), device, a.layers, a.shrink, *r[:1], *r[1:]] for r in rows]
         lines = [x if len(x) == len(head) else x + [""] * (len(head) - len(x)) for x in lines]
-        lines.append([R.today(), R.commit(), device, a.layers, a.shrink, f"memory simulated {simulated:.2f} ratio {ratio}",
-                      "", "", "", "", "", "", "", "", f"{measured:.2f}" if measured else "", ""])
+        lines.append(
+            [
+                R.today(),
+                R.commit(),
+                device,
+                a.layers,
+                a.shrink,
+                f"memory simulated {simulated:.2f} ratio {ratio}",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                f"{measured:.2f}" if measured else "",
+                "",
+            ]
+        )
         R.append_csv(str(Path(a.csv).resolve()), head, lines)  # an absolute path: not under results/
-    print(f"slice_train: {len([r for r in rows if r[1] != 'failed'])} of {len(rows)} backends trained, "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"slice_train: {len([r for r in rows if r[1] != 'failed'])} of {len(rows)} backends trained, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     return 0 if rows and all(r[1] != "failed" for r in rows) else 1
 
 

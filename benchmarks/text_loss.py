@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+import fastross.kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET before Liger imports Triton)
 import torch
 
-import fastross.kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET before Liger imports Triton)
 from fastross.model.text_loss import FusedLinearCrossEntropy, LinearCrossEntropy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
@@ -66,28 +66,37 @@ def main(argv=None) -> int:
     dev, dtype = (torch.device("cuda"), torch.bfloat16) if cuda else (torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(a.rows, a.hidden, generator=g).to(dev, dtype)
-    weight = (torch.randn(a.vocab, a.hidden, generator=g) * a.hidden ** -0.5).to(dev, dtype)
+    weight = (torch.randn(a.vocab, a.hidden, generator=g) * a.hidden**-0.5).to(dev, dtype)
     targets = torch.randint(0, a.vocab, (a.rows,), generator=g)
     targets[::8] = -100
     targets = targets.to(dev)
     device = R.machine()
     print(f"text loss: K {a.rows} H {a.hidden} V {a.vocab} {str(dtype).removeprefix('torch.')} on {device}")
     res = {}
-    modules = [("plain", LinearCrossEntropy()), ("fused", FusedLinearCrossEntropy())]  # fused: Liger on CUDA, torch here
+    modules = [
+        ("plain", LinearCrossEntropy()),
+        ("fused", FusedLinearCrossEntropy()),
+    ]  # fused: Liger on CUDA, torch here
     if not cuda:  # what model.fused_ce cost on CPU before the torch path: Liger's kernel, interpreted
         modules.append(("liger", FusedLinearCrossEntropy("liger")))
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-4  # bf16 logits vs fp32 accumulation in the fused chunks
     for name, module in modules:
         res[name] = r = run(module, hidden, weight, targets, a.repeats, cuda)
-        print(f"  {name:<6} {r['s'] * 1e3:10.1f} ms   peak {r['peak'] / 2**20:9.1f} MiB   loss {r['loss'].item():.6g}",
-              flush=True)
+        print(
+            f"  {name:<6} {r['s'] * 1e3:10.1f} ms   peak {r['peak'] / 2**20:9.1f} MiB   loss {r['loss'].item():.6g}",
+            flush=True,
+        )
         if name == "plain":
             continue
         pl = res["plain"]
-        rel = {k: ((r[k].float() - pl[k].float()).abs().max() / pl[k].float().abs().max().clamp_min(1e-30)).item()
-               for k in ("loss", "dh", "dw")}
-        print(f"  {name} vs plain, largest difference relative to the largest value: "
-              + ", ".join(f"{k} {v:.1e}" for k, v in rel.items()))
+        rel = {
+            k: ((r[k].float() - pl[k].float()).abs().max() / pl[k].float().abs().max().clamp_min(1e-30)).item()
+            for k in ("loss", "dh", "dw")
+        }
+        print(
+            f"  {name} vs plain, largest difference relative to the largest value: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in rel.items())
+        )
         if max(rel.values()) > tol:
             print(f"text_loss: error: {name} and plain differ beyond {tol:.0e}", file=sys.stderr)
             return 1
@@ -98,12 +107,41 @@ def main(argv=None) -> int:
     m_ratio = fu["peak"] / pl["peak"] if pl["peak"] else 0.0
     print(f"text_loss: fused_over_plain_time {t_ratio:.2f} fused_over_plain_peak {m_ratio:.3f} device {device}")
     if a.save:
-        out = R.append_csv("text_loss.csv", ["date", "commit", "device", "rows", "hidden", "vocab", "dtype", "plain_ms",
-                                             "fused_ms", "plain_peak_mib", "fused_peak_mib", "time_ratio",
-                                             "peak_ratio"],
-                           [[R.today(), R.commit(), device, a.rows, a.hidden, a.vocab, str(dtype).removeprefix("torch."),
-                             f"{pl['s'] * 1e3:.1f}", f"{fu['s'] * 1e3:.1f}", f"{pl['peak'] / 2**20:.1f}",
-                             f"{fu['peak'] / 2**20:.1f}", f"{t_ratio:.3f}", f"{m_ratio:.4f}"]])
+        out = R.append_csv(
+            "text_loss.csv",
+            [
+                "date",
+                "commit",
+                "device",
+                "rows",
+                "hidden",
+                "vocab",
+                "dtype",
+                "plain_ms",
+                "fused_ms",
+                "plain_peak_mib",
+                "fused_peak_mib",
+                "time_ratio",
+                "peak_ratio",
+            ],
+            [
+                [
+                    R.today(),
+                    R.commit(),
+                    device,
+                    a.rows,
+                    a.hidden,
+                    a.vocab,
+                    str(dtype).removeprefix("torch."),
+                    f"{pl['s'] * 1e3:.1f}",
+                    f"{fu['s'] * 1e3:.1f}",
+                    f"{pl['peak'] / 2**20:.1f}",
+                    f"{fu['peak'] / 2**20:.1f}",
+                    f"{t_ratio:.3f}",
+                    f"{m_ratio:.4f}",
+                ]
+            ],
+        )
         print(f"appended to {out}")
     return 0
 

@@ -62,14 +62,21 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
 from devtools import results as R  # noqa: E402
 
-
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
 RANKS = 2
 
-REFERENCE = ["data.packing=padded", "data.padded_samples=4", "model.fused_ce=false", "model.ce_positions=all",
-             "model.denoiser.impl=torch", "model.denoiser.repeat_cond=true", "train.activation_checkpointing=full",
-             "train.compile=false", "data.workers=0"]
+REFERENCE = [
+    "data.packing=padded",
+    "data.padded_samples=4",
+    "model.fused_ce=false",
+    "model.ce_positions=all",
+    "model.denoiser.impl=torch",
+    "model.denoiser.repeat_cond=true",
+    "train.activation_checkpointing=full",
+    "train.compile=false",
+    "data.workers=0",
+]
 RUNGS = [  # (name, overrides on top of the rung before; "LATENTS" switches to the shards with stored moments)
     ("reference", REFERENCE),
     ("+packing", ["data.packing=packed"]),
@@ -102,18 +109,30 @@ def slice_mode(layers: int, shrink: int, work: Path) -> tuple[Path, Path, Path]:
 
 def prepare(work: Path) -> tuple[Path, Path, Path]:
     """Tiny model folders, and the tests' stage-2 data converted twice: with latent moments and without."""
+    from devtools.golden import SYNTH
     from fastross.data.convert import main as convert
     from fastross.data.synth import write_dataset
-    from devtools.golden import SYNTH
     from fastross.demo.make_tiny import make_tiny
 
     models = make_tiny(work / "models")
     write_dataset(work / "synth", **SYNTH)
     out = {}
     for name, vae in (("latents", True), ("pixels", False)):
-        argv = ["--json", str(work / "synth" / "stage2.json"), "--images", str(work / "synth" / "images"),
-                "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"), "--template", "qwen2_ross",
-                "--out", str(work / name), "--quiet"] + (["--vae", str(models / "vae")] if vae else [])
+        argv = [
+            "--json",
+            str(work / "synth" / "stage2.json"),
+            "--images",
+            str(work / "synth" / "images"),
+            "--tokenizer",
+            str(models / "llm"),
+            "--vision",
+            str(models / "vision"),
+            "--template",
+            "qwen2_ross",
+            "--out",
+            str(work / name),
+            "--quiet",
+        ] + (["--vae", str(models / "vae")] if vae else [])
         if convert(argv) != 0:
             raise RuntimeError(f"throughput: converting the tiny data set ({name}) failed")
         out[name] = work / name
@@ -122,9 +141,19 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
 
 def base_overrides(models: Path, shards: Path, run_dir: Path, steps: int, vae: bool) -> list[str]:
     """What every rung sets on top of configs/tiny.yaml: the ladder's own model folders and shards, fresh weights."""
-    return [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}", "model.init_from=''",
-            "model.vae_path=" + (str(models / "vae") if vae else "''"), f"data.shards={shards}", f"train.run_dir={run_dir}",
-            f"train.max_steps={steps}", "train.epochs=10", "train.log_every=1", f"train.ckpt_every={10 * steps}", *SETTINGS]
+    return [
+        f"model.vision_path={models / 'vision'}",
+        f"model.llm_path={models / 'llm'}",
+        "model.init_from=''",
+        "model.vae_path=" + (str(models / "vae") if vae else "''"),
+        f"data.shards={shards}",
+        f"train.run_dir={run_dir}",
+        f"train.max_steps={steps}",
+        "train.epochs=10",
+        "train.log_every=1",
+        f"train.ckpt_every={10 * steps}",
+        *SETTINGS,
+    ]
 
 
 def rung_config(models: Path, shards: Path, overrides: list[str], vae: bool):
@@ -152,16 +181,28 @@ def simulated_peak_gib(cfg, device: str) -> float:
     return memory_plan.simulate_config(cfg, RANKS, device).peak / GIB
 
 
-def train(models: Path, shards: Path, run_dir: Path, overrides: list[str], steps: int,
-          vae: bool) -> tuple[list[dict], str]:
+def train(
+    models: Path, shards: Path, run_dir: Path, overrides: list[str], steps: int, vae: bool
+) -> tuple[list[dict], str]:
     """One rung: configs/tiny.yaml from fresh weights for `steps` steps on RANKS ranks; its metrics records and the
     denoiser ops it ran (model.denoiser.impl as the trainer resolved it)."""
     base = base_overrides(models, shards, run_dir, steps, vae)
     with tempfile.TemporaryDirectory(prefix="fastross-ladder-") as tmp:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
-               "-m", "fastross.train", str(CONFIG), *base, *overrides]
-        p = subprocess.run(cmd, cwd=REPO, env={**os.environ, "TMPDIR": tmp}, capture_output=True, text=True,
-                           timeout=3600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={RANKS}",
+            "-m",
+            "fastross.train",
+            str(CONFIG),
+            *base,
+            *overrides,
+        ]
+        p = subprocess.run(
+            cmd, cwd=REPO, env={**os.environ, "TMPDIR": tmp}, capture_output=True, text=True, timeout=3600
+        )
     out = p.stdout + p.stderr
     if "train: done" not in out:
         raise RuntimeError(f"throughput: the rung did not finish ({' '.join(overrides)}):\n{out[-4000:]}")
@@ -179,18 +220,36 @@ def host_gib() -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=10, help="optimizer steps per rung (on a shared CPU the medians of 4 steps moved rungs by up to 30%%)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=10,
+        help="optimizer steps per rung (on a shared CPU the medians of 4 steps moved rungs by up to 30%%)",
+    )
     p.add_argument("--skip", type=int, default=2, help="first steps left out of the rates (start-up, compiling)")
     p.add_argument("--rungs", default=f"1-{len(RUNGS)}", help="which rungs to run, e.g. 1-8 or 1,2,8")
-    p.add_argument("--budget-gib", type=float,
-                   help="memory per rank that rung 6's planner may spend (default: on CUDA the device's memory less "
-                        "fastross.memory_plan's margin, else the host's memory over the ranks)")
+    p.add_argument(
+        "--budget-gib",
+        type=float,
+        help="memory per rank that rung 6's planner may spend (default: on CUDA the device's memory less "
+        "fastross.memory_plan's margin, else the host's memory over the ranks)",
+    )
     p.add_argument("--save", action="store_true", help="append the table to benchmarks/results/throughput.csv")
-    p.add_argument("--no-interpreted", action="store_true",
-                   help="on CPU, skip row 5i (rung 5 with the Triton kernels in the interpreter)")
-    p.add_argument("--slice-layers", type=int, default=0, metavar="K",
-                   help="the 7B shapes with K LLM layers on one device (devtools.make_slice), not the tiny recipe")
-    p.add_argument("--shrink", type=int, default=1, help="with --slice-layers: every width divided by this (smoke shapes)")
+    p.add_argument(
+        "--no-interpreted",
+        action="store_true",
+        help="on CPU, skip row 5i (rung 5 with the Triton kernels in the interpreter)",
+    )
+    p.add_argument(
+        "--slice-layers",
+        type=int,
+        default=0,
+        metavar="K",
+        help="the 7B shapes with K LLM layers on one device (devtools.make_slice), not the tiny recipe",
+    )
+    p.add_argument(
+        "--shrink", type=int, default=1, help="with --slice-layers: every width divided by this (smoke shapes)"
+    )
     p.add_argument("--slice-dir", help="with --slice-layers: keep the slice's folders here, or use those made before")
     a = p.parse_args(argv)
     if a.steps <= a.skip:
@@ -211,30 +270,47 @@ def main(argv=None) -> int:
         if a.budget_gib is None:
             from fastross import memory_plan
 
-            a.budget_gib = (memory_plan.budget_gib(torch.cuda.get_device_properties(0).total_memory / GIB) if measured
-                            else host_gib() / RANKS)
+            a.budget_gib = (
+                memory_plan.budget_gib(torch.cuda.get_device_properties(0).total_memory / GIB)
+                if measured
+                else host_gib() / RANKS
+            )
         overrides, stored = [], False
-        header = (f"{'rung':<17} {'denoiser':>8} {'samples/s':>10} {'tokens/s/rank':>14} {'MFU':>7} "
-                  f"{'peak GiB ' + ('measured' if measured else 'simulated'):>19} {'step-1 text':>12} "
-                  f"{'step-1 recon':>13} {'wall s':>7}")
+        header = (
+            f"{'rung':<17} {'denoiser':>8} {'samples/s':>10} {'tokens/s/rank':>14} {'MFU':>7} "
+            f"{'peak GiB ' + ('measured' if measured else 'simulated'):>19} {'step-1 text':>12} "
+            f"{'step-1 recon':>13} {'wall s':>7}"
+        )
         print(header)
 
         def rung(k, name: str, overrides: list[str], stored: bool) -> dict:
             t = time.perf_counter()
             shards = latents if stored else pixels
             recs, ops = train(models, shards, Path(work) / f"rung{k}", overrides, a.steps, vae=not stored)
-            timed = recs[a.skip:]
-            peak = (max(r["mem_peak_allocated_gib"] for r in recs) if measured
-                    else simulated_peak_gib(rung_config(models, shards, overrides, vae=not stored), device_type))
-            row = {"rung": k, "name": name, "ops": ops,
-                   "samples_per_s": statistics.median(r["samples_per_s"] for r in timed),
-                   "tokens_per_s_per_rank": statistics.median(r["tokens_per_s_per_rank"] for r in timed),
-                   "mfu": statistics.median(r["mfu"] for r in timed), "peak_gib": peak,
-                   "text_loss_1": recs[0]["text_loss"], "recon_loss_1": recs[0]["recon_loss"],
-                   "wall_s": time.perf_counter() - t}
-            print(f"{name:<17} {ops:>8} {row['samples_per_s']:>10.2f} {row['tokens_per_s_per_rank']:>14.0f} "
-                  f"{row['mfu']:>7.2%} {peak:>19.3f} {row['text_loss_1']:>12.6f} {row['recon_loss_1']:>13.6f} "
-                  f"{row['wall_s']:>7.0f}", flush=True)
+            timed = recs[a.skip :]
+            peak = (
+                max(r["mem_peak_allocated_gib"] for r in recs)
+                if measured
+                else simulated_peak_gib(rung_config(models, shards, overrides, vae=not stored), device_type)
+            )
+            row = {
+                "rung": k,
+                "name": name,
+                "ops": ops,
+                "samples_per_s": statistics.median(r["samples_per_s"] for r in timed),
+                "tokens_per_s_per_rank": statistics.median(r["tokens_per_s_per_rank"] for r in timed),
+                "mfu": statistics.median(r["mfu"] for r in timed),
+                "peak_gib": peak,
+                "text_loss_1": recs[0]["text_loss"],
+                "recon_loss_1": recs[0]["recon_loss"],
+                "wall_s": time.perf_counter() - t,
+            }
+            print(
+                f"{name:<17} {ops:>8} {row['samples_per_s']:>10.2f} {row['tokens_per_s_per_rank']:>14.0f} "
+                f"{row['mfu']:>7.2%} {peak:>19.3f} {row['text_loss_1']:>12.6f} {row['recon_loss_1']:>13.6f} "
+                f"{row['wall_s']:>7.0f}",
+                flush=True,
+            )
             return row
 
         for k, (name, delta) in enumerate(RUNGS, 1):
@@ -244,8 +320,11 @@ def main(argv=None) -> int:
                 elif o == "PLANNED":
                     cfg = rung_config(models, latents if stored else pixels, overrides, vae=not stored)
                     policy = planned_policy(cfg, a.budget_gib, device_type)
-                    print(f"rung {k}: the planner's policy within {a.budget_gib:.1f} GiB per rank: "
-                          f"train.activation_checkpointing={policy}", flush=True)
+                    print(
+                        f"rung {k}: the planner's policy within {a.budget_gib:.1f} GiB per rank: "
+                        f"train.activation_checkpointing={policy}",
+                        flush=True,
+                    )
                     overrides.append(f"train.activation_checkpointing={policy}")
                 else:
                     overrides.append(o)
@@ -256,8 +335,13 @@ def main(argv=None) -> int:
                 # beside the chain: what the Triton kernels cost here, in the interpreter (not in the chain)
                 beside.append(rung(f"{k}i", f"{name} interp.", [*overrides, "model.denoiser.impl=triton"], stored))
     first = rows[0]
-    worst = max(max(abs(r["text_loss_1"] - first["text_loss_1"]) / first["text_loss_1"],
-                    abs(r["recon_loss_1"] - first["recon_loss_1"]) / first["recon_loss_1"]) for r in rows + beside)
+    worst = max(
+        max(
+            abs(r["text_loss_1"] - first["text_loss_1"]) / first["text_loss_1"],
+            abs(r["recon_loss_1"] - first["recon_loss_1"]) / first["recon_loss_1"],
+        )
+        for r in rows + beside
+    )
     print(f"step-1 losses: largest relative difference from the first rung {worst:.1e} (the same model: <= {TOL:g})")
     if worst > TOL:
         print("throughput: error: the rungs do not train the same model", file=sys.stderr)
@@ -266,23 +350,56 @@ def main(argv=None) -> int:
     mem_ratio = rows[-1]["peak_gib"] / first["peak_gib"]
     for b in beside:
         twin = next(r for r in rows if str(r["rung"]) == b["rung"][:-1])  # the rung it stands beside
-        print(f"row {b['rung']} (beside the chain): the Triton kernels interpreted, {b['samples_per_s']:.2f} samples/s "
-              f"against rung {b['rung'][:-1]}'s {twin['samples_per_s']:.2f} "
-              f"with their PyTorch twins")
-    print(f"ladder: {len(rows)} rungs{f' and {len(beside)} beside' if beside else ''}, {a.steps} steps each, "
-          f"{time.perf_counter() - t0:.0f} s on {device}")
-    print(f"throughput: speedup {speedup:.2f} mfu {rows[-1]['mfu']:.4f} mem_ratio {mem_ratio:.3f} "
-          f"device {device if measured else 'cpu'}")
+        print(
+            f"row {b['rung']} (beside the chain): the Triton kernels interpreted, {b['samples_per_s']:.2f} samples/s "
+            f"against rung {b['rung'][:-1]}'s {twin['samples_per_s']:.2f} "
+            f"with their PyTorch twins"
+        )
+    print(
+        f"ladder: {len(rows)} rungs{f' and {len(beside)} beside' if beside else ''}, {a.steps} steps each, "
+        f"{time.perf_counter() - t0:.0f} s on {device}"
+    )
+    print(
+        f"throughput: speedup {speedup:.2f} mfu {rows[-1]['mfu']:.4f} mem_ratio {mem_ratio:.3f} "
+        f"device {device if measured else 'cpu'}"
+    )
     if a.save:
-        out = R.append_csv("throughput.csv", ["date", "commit", "device", "rung", "name", "steps", "samples_per_s",
-                                              "tokens_per_s_per_rank", "mfu", "peak_gib", "peak_kind", "text_loss_1",
-                                              "recon_loss_1"],
-                           [[R.today(), R.commit(), device, r["rung"], f"{r['name']} ({r['ops']} denoiser)", a.steps,
-                             f"{r['samples_per_s']:.3f}",
-                             f"{r['tokens_per_s_per_rank']:.1f}", f"{r['mfu']:.5f}", f"{r['peak_gib']:.4f}",
-                             "measured" if measured else "simulated", f"{r['text_loss_1']:.6f}",
-                             f"{r['recon_loss_1']:.6f}"]
-                            for r in rows + beside])
+        out = R.append_csv(
+            "throughput.csv",
+            [
+                "date",
+                "commit",
+                "device",
+                "rung",
+                "name",
+                "steps",
+                "samples_per_s",
+                "tokens_per_s_per_rank",
+                "mfu",
+                "peak_gib",
+                "peak_kind",
+                "text_loss_1",
+                "recon_loss_1",
+            ],
+            [
+                [
+                    R.today(),
+                    R.commit(),
+                    device,
+                    r["rung"],
+                    f"{r['name']} ({r['ops']} denoiser)",
+                    a.steps,
+                    f"{r['samples_per_s']:.3f}",
+                    f"{r['tokens_per_s_per_rank']:.1f}",
+                    f"{r['mfu']:.5f}",
+                    f"{r['peak_gib']:.4f}",
+                    "measured" if measured else "simulated",
+                    f"{r['text_loss_1']:.6f}",
+                    f"{r['recon_loss_1']:.6f}",
+                ]
+                for r in rows + beside
+            ],
+        )
         print(f"appended to {out}")
     return 0
 

@@ -23,8 +23,19 @@ from pathlib import Path
 import numpy as np
 
 # A metrics record's measured fields (fastross/metrics.py), which differ from run to run; the rest must match.
-MEASURED = frozenset({"samples_per_s", "tokens_per_s_per_rank", "model_tflops_per_rank", "mfu", "step_s",
-                      "host_peak_rss_gib", "data_wait_s", "compute_s", "ckpt_blocked_s"})
+MEASURED = frozenset(
+    {
+        "samples_per_s",
+        "tokens_per_s_per_rank",
+        "model_tflops_per_rank",
+        "mfu",
+        "step_s",
+        "host_peak_rss_gib",
+        "data_wait_s",
+        "compute_s",
+        "ckpt_blocked_s",
+    }
+)
 
 # ---------------------------------------------------------------- torchrun runs
 
@@ -35,22 +46,37 @@ def write_config(path: Path, models: Path, shards: Path, run_dir: Path, workers:
 
     cfg = {
         "model": {
-            "vision_path": str(models / "vision"), "llm_path": str(models / "llm"),
+            "vision_path": str(models / "vision"),
+            "llm_path": str(models / "llm"),
             "denoiser": {"kind": "dit", "depth": 1, "width": 32, "heads": 4, "replicas": 4},
             "fused_ce": False,  # slow in Triton's CPU interpreter; tests/test_golden.py runs it on 2 ranks
         },
         "data": {"shards": str(shards), "global_batch": 8, "max_tokens": 256, "workers": workers},
         "optim": {"lr_projector": 1e-3, "lr_denoiser": 1e-3, "lr_llm": 1e-3, "warmup_ratio": 0.0},
-        "train": {"trainable": ["projector", "llm", "denoiser"], "dtype": "fp32", "log_every": 1,
-                  "run_dir": str(run_dir), **train},
+        "train": {
+            "trainable": ["projector", "llm", "denoiser"],
+            "dtype": "fp32",
+            "log_every": 1,
+            "run_dir": str(run_dir),
+            **train,
+        },
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
 
 
 def torchrun_cmd(nproc: int, config: Path, *overrides: str, module: str = "fastross.train") -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", module, str(config), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        module,
+        str(config),
+        *overrides,
+    ]
 
 
 def descendants(pid: int) -> list[int]:
@@ -202,13 +228,18 @@ def png(array: np.ndarray, mode: str | None = None, **save) -> bytes:
 
 def png_rgb16(a: np.ndarray) -> bytes:
     """A 16-bit RGB PNG written by hand (Pillow cannot write one): (H, W, 3) big-endian uint16."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     h, w, _ = a.shape
     rows = b"".join(b"\x00" + a[y].tobytes() for y in range(h))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
 
 
 def rgb_image(h: int, w: int, seed: int) -> np.ndarray:
@@ -265,8 +296,18 @@ def expected_pixels(rgb: np.ndarray, spec):
 # ---------------------------------------------------------------- fuzzed converter records
 
 VALID, INVALID, EITHER = "valid", "invalid", "either"  # what a record must become: written, skipped, or either
-ODD_TEXT = ["", "<image>", "<|im_end|>", "<|im_start|>user", "\u202e\u0000\ufeff", "\u4eba\u5de5 \U0001f600",
-            "x" * 30000, "a\nb\tc", "null", "{\"from\": \"gpt\"}"]
+ODD_TEXT = [
+    "",
+    "<image>",
+    "<|im_end|>",
+    "<|im_start|>user",
+    "\u202e\u0000\ufeff",
+    "\u4eba\u5de5 \U0001f600",
+    "x" * 30000,
+    "a\nb\tc",
+    "null",
+    '{"from": "gpt"}',
+]
 
 
 @dataclass
@@ -290,17 +331,36 @@ def _words(r: random.Random, n: int) -> str:
 def _conversation(r: random.Random, image: bool) -> list[dict]:
     turns = []
     for _ in range(r.randint(1, 2)):
-        turns += [{"from": "human", "value": _words(r, r.randint(1, 12))},
-                  {"from": "gpt", "value": _words(r, r.randint(1, 12))}]
+        turns += [
+            {"from": "human", "value": _words(r, r.randint(1, 12))},
+            {"from": "gpt", "value": _words(r, r.randint(1, 12))},
+        ]
     if image:
         turns[0]["value"] = "<image>\n" + turns[0]["value"]
     return turns
 
 
 # The kinds drawn (repeats weigh them): the record-level ones, then JSON-level families and exotic image formats.
-BASE_KINDS = ("text", "image", "image", "image", "not_a_dict", "no_conversations", "conv_not_list", "turn_missing_key",
-              "value_wrong_type", "image_wrong_type", "odd_text", "odd_role", "truncated", "not_an_image",
-              "zero_bytes", "tiny", "missing_file", "escape")
+BASE_KINDS = (
+    "text",
+    "image",
+    "image",
+    "image",
+    "not_a_dict",
+    "no_conversations",
+    "conv_not_list",
+    "turn_missing_key",
+    "value_wrong_type",
+    "image_wrong_type",
+    "odd_text",
+    "odd_role",
+    "truncated",
+    "not_an_image",
+    "zero_bytes",
+    "tiny",
+    "missing_file",
+    "escape",
+)
 KINDS = BASE_KINDS + ("lone_surrogate", "deep_nesting", "wrong_types", "duplicate_keys", "exotic", "exotic")
 
 
@@ -342,7 +402,9 @@ def _fuzzed(r: random.Random, rid: str, kind: str, images: Path) -> Fuzzed:
     if kind == "missing_file":
         return Fuzzed({"id": rid, "image": f"gone_{rid}.png", "conversations": _conversation(r, True)}, INVALID, kind)
     if kind == "escape":
-        path = r.choice(["../outside.png", "/etc/hostname", "sub/../../outside.png", str(images.parent / "outside.png")])
+        path = r.choice(
+            ["../outside.png", "/etc/hostname", "sub/../../outside.png", str(images.parent / "outside.png")]
+        )
         return Fuzzed({"id": rid, "image": path, "conversations": _conversation(r, True)}, INVALID, kind)
     if kind in JSON_FAMILIES:
         return _json_family(r, rid, kind)
@@ -420,8 +482,10 @@ def _read_item(ckpt: Path, info):
 
 
 def _tensor_expr(t) -> str:
-    return f"__import__('torch').tensor({t.flatten().tolist()!r}, dtype=__import__('torch').{str(t.dtype)[6:]})" \
-           f".reshape({tuple(t.shape)!r})"
+    return (
+        f"__import__('torch').tensor({t.flatten().tolist()!r}, dtype=__import__('torch').{str(t.dtype)[6:]})"
+        f".reshape({tuple(t.shape)!r})"
+    )
 
 
 def plant_bytes_item(ckpt: Path, marker: Path, kind: str) -> str:
@@ -441,12 +505,21 @@ def plant_bytes_item(ckpt: Path, marker: Path, kind: str) -> str:
     md = checkpoint.read_metadata(ckpt / ".metadata")
     sd = md.state_dict_metadata
     if kind == "param_group":
-        key = sorted(k for k, v in sd.items() if k.startswith("optim.param_groups.") and k.endswith(".lr")
-                     and isinstance(v, m.BytesStorageMetadata))[0]
+        key = sorted(
+            k
+            for k, v in sd.items()
+            if k.startswith("optim.param_groups.") and k.endswith(".lr") and isinstance(v, m.BytesStorageMetadata)
+        )[0]
         value = repr(float(_read_item(ckpt, md.storage_data[m.MetadataIndex(key)])))
     elif kind == "model":
-        key = min((k for k, v in sd.items() if k.startswith("model.") and isinstance(v, m.TensorStorageMetadata)
-                   and len(v.chunks) == 1), key=lambda k: (sd[k].size.numel(), k))
+        key = min(
+            (
+                k
+                for k, v in sd.items()
+                if k.startswith("model.") and isinstance(v, m.TensorStorageMetadata) and len(v.chunks) == 1
+            ),
+            key=lambda k: (sd[k].size.numel(), k),
+        )
         chunk = sd[key].chunks[0]
         old = m.MetadataIndex(key, chunk.offsets, 0)
         info = md.storage_data.pop(old)
@@ -540,8 +613,11 @@ def _json_family(r: random.Random, rid: str, kind: str) -> Fuzzed:
     conv = _conversation(r, False)
     if kind == "lone_surrogate":
         if r.random() < 0.5:
-            return Fuzzed({"id": rid + r.choice(["\ud800", "\udfff", "\udc80x"]), "conversations": conv}, INVALID,
-                          "lone_surrogate:id")
+            return Fuzzed(
+                {"id": rid + r.choice(["\ud800", "\udfff", "\udc80x"]), "conversations": conv},
+                INVALID,
+                "lone_surrogate:id",
+            )
         conv[r.randrange(len(conv))]["value"] += r.choice(["\ud800", "\udbff", "\udc00"])
         return Fuzzed({"id": rid, "conversations": conv}, EITHER, "lone_surrogate:value")
     if kind == "deep_nesting":
@@ -560,8 +636,11 @@ def _json_family(r: random.Random, rid: str, kind: str) -> Fuzzed:
         elif how == "turn":
             conv[r.randrange(len(conv))] = r.choice(["human: hi", 3, None, [["from", "human"]]])
         elif how == "conversations_dict":
-            return Fuzzed({"id": rid, "conversations": {str(k): t for k, t in enumerate(conv)}}, INVALID,
-                          "wrong_types:conversations_dict")
+            return Fuzzed(
+                {"id": rid, "conversations": {str(k): t for k, t in enumerate(conv)}},
+                INVALID,
+                "wrong_types:conversations_dict",
+            )
         else:
             bad_id = r.choice([["a"], {"id": rid}])  # no string form a sample could be keyed by
             return Fuzzed({"id": bad_id, "conversations": conv}, INVALID, "wrong_types:id")
@@ -569,8 +648,7 @@ def _json_family(r: random.Random, rid: str, kind: str) -> Fuzzed:
     # duplicate_keys: the parsed record is the last value of each key (json.loads, like most parsers)
     first = _conversation(r, False)
     if r.random() < 0.5:
-        raw = (f'{{"id": {json.dumps(rid)}, "conversations": {json.dumps(first)}, '
-               f'"conversations": {json.dumps(conv)}}}')
+        raw = f'{{"id": {json.dumps(rid)}, "conversations": {json.dumps(first)}, "conversations": {json.dumps(conv)}}}'
     else:
         raw = f'{{"id": "other_{rid}", "conversations": {json.dumps(conv)}, "id": {json.dumps(rid)}}}'
     return Fuzzed({"id": rid, "conversations": conv}, EITHER, "duplicate_keys", raw=raw)
@@ -578,8 +656,17 @@ def _json_family(r: random.Random, rid: str, kind: str) -> Fuzzed:
 
 # format -> file suffix. Formats outside LLaVA's (PNG, JPEG, WebP, GIF, BMP, TIFF) must be skipped; an animated
 # file's first frame is its image; 16-bit TIFF is scaled as 16-bit PNG is (>> 8); float TIFF may go either way.
-EXOTIC = {"EPS": "eps", "PDF": "pdf", "SVG": "svg", "ICO": "ico", "GIF_animated": "gif", "WEBP_animated": "webp",
-          "APNG": "png", "TIFF16": "tif", "TIFF_float": "tif"}
+EXOTIC = {
+    "EPS": "eps",
+    "PDF": "pdf",
+    "SVG": "svg",
+    "ICO": "ico",
+    "GIF_animated": "gif",
+    "WEBP_animated": "webp",
+    "APNG": "png",
+    "TIFF16": "tif",
+    "TIFF_float": "tif",
+}
 
 
 def make_exotic(fmt: str, h: int, w: int, seed: int) -> tuple[bytes, np.ndarray | None, str]:
@@ -591,8 +678,14 @@ def make_exotic(fmt: str, h: int, w: int, seed: int) -> tuple[bytes, np.ndarray 
     buf = io.BytesIO()
     rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
     if fmt == "SVG":
-        return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}"><rect width="{w}" height="{h}" '
-                f'fill="#{rgb[0, 0, 0]:02x}{rgb[0, 0, 1]:02x}{rgb[0, 0, 2]:02x}"/></svg>').encode(), None, INVALID
+        return (
+            (
+                f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}"><rect width="{w}" height="{h}" '
+                f'fill="#{rgb[0, 0, 0]:02x}{rgb[0, 0, 1]:02x}{rgb[0, 0, 2]:02x}"/></svg>'
+            ).encode(),
+            None,
+            INVALID,
+        )
     if fmt in ("EPS", "PDF", "ICO"):
         Image.fromarray(rgb, "RGB").save(buf, fmt, **({"sizes": [(w, h)]} if fmt == "ICO" else {}))
         return buf.getvalue(), None, INVALID
@@ -606,8 +699,9 @@ def make_exotic(fmt: str, h: int, w: int, seed: int) -> tuple[bytes, np.ndarray 
         frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], optimize=False, duration=50, loop=0)
         return buf.getvalue(), palette[np.asarray(frames[0])], VALID
     if fmt in ("WEBP_animated", "APNG"):
-        frames = [Image.fromarray(rgb, "RGB")] + [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-                                                  for _ in range(2)]
+        frames = [Image.fromarray(rgb, "RGB")] + [
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for _ in range(2)
+        ]
         kind, extra = ("WEBP", {"lossless": True}) if fmt == "WEBP_animated" else ("PNG", {})
         frames[0].save(buf, kind, save_all=True, append_images=frames[1:], duration=50, loop=0, **extra)
         return buf.getvalue(), rgb, VALID

@@ -39,9 +39,23 @@ def prepare(work: Path) -> tuple[Path, Path]:
     models = make_tiny(work / "models")
     write_dataset(work / "synth", **SYNTH)
     shards = work / "shards"
-    argv = ["--json", str(work / "synth" / "stage2.json"), "--images", str(work / "synth" / "images"),
-            "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"), "--vae", str(models / "vae"),
-            "--template", "qwen2_ross", "--out", str(shards), "--quiet"]
+    argv = [
+        "--json",
+        str(work / "synth" / "stage2.json"),
+        "--images",
+        str(work / "synth" / "images"),
+        "--tokenizer",
+        str(models / "llm"),
+        "--vision",
+        str(models / "vision"),
+        "--vae",
+        str(models / "vae"),
+        "--template",
+        "qwen2_ross",
+        "--out",
+        str(shards),
+        "--quiet",
+    ]
     if convert(argv) != 0:
         raise RuntimeError("golden: converting the tiny data set failed")
     return models, shards
@@ -50,19 +64,39 @@ def prepare(work: Path) -> tuple[Path, Path]:
 def overrides(models: Path, shards: Path, run_dir: Path, steps: int = STEPS) -> list[str]:
     """configs/tiny.yaml pointed at these folders, from fresh weights: the first `steps` of the golden run's STEPS
     (train.stop_after keeps the learning-rate schedule of all STEPS)."""
-    return [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}", "model.init_from=''",
-            f"data.shards={shards}", f"train.run_dir={run_dir}", f"train.max_steps={STEPS}", "train.epochs=10",
-            "train.log_every=1", f"train.ckpt_every={STEPS}", f"train.stop_after={steps}"]
+    return [
+        f"model.vision_path={models / 'vision'}",
+        f"model.llm_path={models / 'llm'}",
+        "model.init_from=''",
+        f"data.shards={shards}",
+        f"train.run_dir={run_dir}",
+        f"train.max_steps={STEPS}",
+        "train.epochs=10",
+        "train.log_every=1",
+        f"train.ckpt_every={STEPS}",
+        f"train.stop_after={steps}",
+    ]
 
 
-def train(models: Path, shards: Path, run_dir: Path, variant: list[str], timeout: int = 1200,
-          steps: int = STEPS) -> list[dict]:
+def train(
+    models: Path, shards: Path, run_dir: Path, variant: list[str], timeout: int = 1200, steps: int = STEPS
+) -> list[dict]:
     """Run the recipe's first `steps` steps with `variant` overrides on RANKS ranks; returns its metrics records
     (judged by what it wrote: about 1 gloo run in 20 aborts at interpreter exit after finishing, CPU_AND_GPU.md)."""
     with tempfile.TemporaryDirectory(prefix="fastross-golden-") as tmp:
         env = {**os.environ, "TMPDIR": tmp}  # streaming's shared-memory lock files stay in here
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={RANKS}",
-               "-m", "fastross.train", str(CONFIG), *overrides(models, shards, run_dir, steps), *variant]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={RANKS}",
+            "-m",
+            "fastross.train",
+            str(CONFIG),
+            *overrides(models, shards, run_dir, steps),
+            *variant,
+        ]
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     out = p.stdout + p.stderr
     if "train: done" not in out:
@@ -78,8 +112,10 @@ def deviation(got: list[dict], want: list[dict]) -> list[dict]:
     """Per step, the relative deviation of each loss from the golden one."""
     if [r["step"] for r in got] != [r["step"] for r in want]:
         raise ValueError(f"steps differ: {[r['step'] for r in got]} vs {[r['step'] for r in want]}")
-    return [{"step": w["step"], **{k: abs(g[k] - w[k]) / abs(w[k]) for k in ("text_loss", "recon_loss")}}
-            for g, w in zip(got, want)]
+    return [
+        {"step": w["step"], **{k: abs(g[k] - w[k]) / abs(w[k]) for k in ("text_loss", "recon_loss")}}
+        for g, w in zip(got, want)
+    ]
 
 
 def read() -> dict:
@@ -102,16 +138,26 @@ def main(argv=None) -> int:
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         import torch
 
-        GOLDEN.write_text(json.dumps({
-            "recipe": f"configs/tiny.yaml, {STEPS} steps on {RANKS} CPU ranks, fresh weights (devtools.golden)",
-            "torch": torch.__version__, "losses": got}, indent=1) + "\n")
+        GOLDEN.write_text(
+            json.dumps(
+                {
+                    "recipe": f"configs/tiny.yaml, {STEPS} steps on {RANKS} CPU ranks, fresh weights (devtools.golden)",
+                    "torch": torch.__version__,
+                    "losses": got,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         print(f"golden: wrote {len(got)} steps to {GOLDEN}")
         return 0
     dev = deviation(got, read()["losses"][: len(got)])
     print(f"{'step':>4} {'text_loss':>12} {'recon_loss':>12}   relative deviation from the golden file")
     for g, d in zip(got, dev):
-        print(f"{g['step']:>4} {g['text_loss']:>12.6f} {g['recon_loss']:>12.6f}   "
-              f"{d['text_loss']:.1e} {d['recon_loss']:.1e}")
+        print(
+            f"{g['step']:>4} {g['text_loss']:>12.6f} {g['recon_loss']:>12.6f}   "
+            f"{d['text_loss']:.1e} {d['recon_loss']:.1e}"
+        )
     worst = max(max(d["text_loss"], d["recon_loss"]) for d in dev)
     print(f"golden: largest relative deviation {worst:.2e} over {len(dev)} steps")
     return 0

@@ -64,16 +64,18 @@ def make_models(out: str | Path, layers: int, shrink: int = 1, seed: int = 0, de
     with torch.device(device):
         vcfg = {k: v for k, v in a["vision"].items() if k != "model_type"}
         SiglipVisionModel(SiglipVisionConfig(**vcfg)).to(torch.bfloat16).save_pretrained(out / "vision")
-    SiglipImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
-                         image_std=[0.5] * 3).save_pretrained(out / "vision")
+    SiglipImageProcessor(
+        size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    ).save_pretrained(out / "vision")
 
     tok = build_qwen2_tokenizer()
     llm = {k: v for k, v in a["llm"].items() if k not in ("architectures", "model_type")}
     if len(tok) > llm["vocab_size"]:
         raise ValueError(f"the tokenizer has {len(tok)} tokens, more than the 7B's {llm['vocab_size']} rows")
     with torch.device(device):
-        model = Qwen2ForCausalLM(Qwen2Config(**llm, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                             bos_token_id=None))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(**llm, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None)
+        )
         model.to(torch.bfloat16).save_pretrained(out / "llm")
     del model
     tok.save_pretrained(out / "llm")
@@ -87,13 +89,19 @@ def run_settings(cuda: bool, shrink: int = 1) -> list[str]:
     """configs/7b.yaml's overrides to train the slice on one device, without checkpoints (a slice's are tens of
     GB). CUDA: bf16, 8 samples a step in micro-batches of up to 8192 tokens; CPU (smoke shapes): fp32, one sample
     a step (the 152k-row lm_head dominates there); the denoiser's width divided like the others."""
-    return ["train.ckpt_every=0", f"model.denoiser.width={_div(1024, shrink, 'the denoiser width')}",
-            f"train.dtype={'bf16' if cuda else 'fp32'}", f"data.global_batch={8 if cuda else 1}",
-            f"data.max_tokens={8192 if cuda else 2048}", "train.activation_checkpointing=full"]
+    return [
+        "train.ckpt_every=0",
+        f"model.denoiser.width={_div(1024, shrink, 'the denoiser width')}",
+        f"train.dtype={'bf16' if cuda else 'fp32'}",
+        f"data.global_batch={8 if cuda else 1}",
+        f"data.max_tokens={8192 if cuda else 2048}",
+        "train.activation_checkpointing=full",
+    ]
 
 
-def prepare(work: str | Path, layers: int, shrink: int = 1, n_train: int = 60, device: str = "cpu",
-            quiet: bool = True) -> tuple[Path, Path, Path]:
+def prepare(
+    work: str | Path, layers: int, shrink: int = 1, n_train: int = 60, device: str = "cpu", quiet: bool = True
+) -> tuple[Path, Path, Path]:
     """The slice's model folders and the bundled stage-2 data converted for them, with stored latent moments and
     without (the ladder's first rungs encode on the fly): (models, latents, pixels). A folder that already holds
     this slice (WORK/slice.json) is used as it is."""
@@ -109,9 +117,24 @@ def prepare(work: str | Path, layers: int, shrink: int = 1, n_train: int = 60, d
     models = make_models(work / "models", layers, shrink, device=device)
     write_dataset(work / "synth", seed=0, n_train=n_train, n_eval=0)
     for name, vae in (("latents", True), ("pixels", False)):
-        argv = ["--json", str(work / "synth" / "stage2.json"), "--images", str(work / "synth" / "images"),
-                "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"), "--template", "qwen2_ross",
-                "--out", str(work / name)] + (["--quiet"] if quiet else []) + (["--vae", str(models / "vae")] if vae else [])
+        argv = (
+            [
+                "--json",
+                str(work / "synth" / "stage2.json"),
+                "--images",
+                str(work / "synth" / "images"),
+                "--tokenizer",
+                str(models / "llm"),
+                "--vision",
+                str(models / "vision"),
+                "--template",
+                "qwen2_ross",
+                "--out",
+                str(work / name),
+            ]
+            + (["--quiet"] if quiet else [])
+            + (["--vae", str(models / "vae")] if vae else [])
+        )
         if convert(argv) != 0:
             raise RuntimeError(f"make_slice: converting the bundled data ({name}) failed")
     (work / "slice.json").write_text(json.dumps(made))

@@ -22,10 +22,12 @@ def commit() -> str:
     if os.environ.get("FASTROSS_COMMIT"):
         return os.environ["FASTROSS_COMMIT"]
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -39,8 +41,10 @@ def machine() -> str:
         return torch.cuda.get_device_name()
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    model = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
-                 platform.processor() or platform.machine())
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
     return f"{model} x{os.cpu_count()}"
 
 

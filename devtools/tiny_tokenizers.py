@@ -50,8 +50,9 @@ def _trained(pre_tokenizer, vocab_size: int, **trainer_kwargs) -> tuple[dict, li
 
     tk = Tokenizer(models.BPE())
     tk.pre_tokenizer = pre_tokenizer
-    tk.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
-                                                           **trainer_kwargs))
+    tk.train_from_iterator(
+        CORPUS * 4, trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, **trainer_kwargs)
+    )
     model = json.loads(tk.to_str())["model"]
     return model["vocab"], [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
 
@@ -69,10 +70,19 @@ def build_llama_tokenizer():
     backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     # transformers' LlamaConverter for legacy=False: no normaliser, `▁` prepended to the first section only
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(content=" ", left=1)])
-    tok = LlamaTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                             legacy=False, add_bos_token=True, add_eos_token=False, model_max_length=4096)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    )
+    tok = LlamaTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        legacy=False,
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=4096,
+    )
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     return tok
 
@@ -90,10 +100,13 @@ def build_llama3_tokenizer():
     backend.add_special_tokens(LLAMA3_SPECIAL)
     bos = backend.token_to_id("<|begin_of_text|>")
     backend.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|> $B",
-        special_tokens=[("<|begin_of_text|>", bos)])
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
-                                  model_max_length=8192)
+        single="<|begin_of_text|> $A",
+        pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+        special_tokens=[("<|begin_of_text|>", bos)],
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", model_max_length=8192
+    )
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tok.chat_template = LLAMA3_CHAT_TEMPLATE
     return tok

@@ -171,8 +171,10 @@ def load_rng(path: Path) -> dict:
     state = read_tensor_file(path)
     for key in ("torch", *sorted(state)):
         if key not in ("torch", "cuda") or key not in state or state[key].dtype != torch.uint8:
-            raise CheckpointError(f"{path}: refused to load key {key}: fastross writes the torch (and cuda) generator "
-                                  "states there, as uint8 tensors")
+            raise CheckpointError(
+                f"{path}: refused to load key {key}: fastross writes the torch (and cuda) generator "
+                "states there, as uint8 tensors"
+            )
     return state
 
 
@@ -184,13 +186,17 @@ def read_hint(file: Path, say=None) -> str | None:
         name = file.read_bytes().decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         if say:
-            say(f"checkpoint: warning: {file} is unreadable ({e}); it is only a hint: taking the newest verified "
-                "checkpoint instead")
+            say(
+                f"checkpoint: warning: {file} is unreadable ({e}); it is only a hint: taking the newest verified "
+                "checkpoint instead"
+            )
         return None
     if "/" in name or name in (".", ".."):
         if say:
-            say(f"checkpoint: warning: {file} names {name!r}, not a checkpoint folder; it is only a hint: taking the "
-                "newest verified checkpoint instead")
+            say(
+                f"checkpoint: warning: {file} names {name!r}, not a checkpoint folder; it is only a hint: taking the "
+                "newest verified checkpoint instead"
+            )
         return None
     return name
 
@@ -226,9 +232,14 @@ class Checkpointer:
             cuda = torch.cuda.is_available()
             # Synchronous staging: the copy is done when async_save returns, so the next
             # optimizer step cannot change what is being written.
-            self._stager = DefaultStager(StagingOptions(
-                use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=False, use_non_blocking_copy=False,
-            ))
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=cuda,
+                    use_shared_memory=False,
+                    use_async_staging=False,
+                    use_non_blocking_copy=False,
+                )
+            )
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
             for stale in self.root.glob("*.tmp"):
@@ -248,8 +259,14 @@ class Checkpointer:
         one is left for the next save of its step to replace), keep the newest `keep`."""
         if newest is None:
             return None
-        done = sorted((p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")
-                       and _step_of(p) <= _step_of(newest)), key=_step_of)
+        done = sorted(
+            (
+                p
+                for p in self.root.glob("step_*")
+                if p.is_dir() and not p.name.endswith(".tmp") and _step_of(p) <= _step_of(newest)
+            ),
+            key=_step_of,
+        )
         for old in done[: -self.keep]:
             try:
                 discard(old)
@@ -277,14 +294,18 @@ class Checkpointer:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
         # Captured now, with the tensors: they describe the same step.
-        self._agree(_attempt(lambda: self._write_small_files(tmp, trainer_state, config_yaml)), tmp,
-                    "writing the RNG state, trainer.json and config.yaml")
+        self._agree(
+            _attempt(lambda: self._write_small_files(tmp, trainer_state, config_yaml)),
+            tmp,
+            "writing the RNG state, trainer.json and config.yaml",
+        )
         if not self.async_save:
             try:
                 dcp.save(state, checkpoint_id=str(tmp))  # DCP gathers every rank's result: all raise or none
             except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
-                raise CheckpointError(f"checkpoint {tmp}: DCP's write failed ({_first_line(e)}); "
-                                      f"{self._previous()}") from e
+                raise CheckpointError(
+                    f"checkpoint {tmp}: DCP's write failed ({_first_line(e)}); {self._previous()}"
+                ) from e
             dist.barrier()  # every rank's shards and RNG files are on disk
             if self.rank == 0:
                 err = _attempt(lambda: (write_manifest(tmp), self._finalise(tmp, final)))
@@ -304,8 +325,11 @@ class Checkpointer:
 
     def _previous(self) -> str:
         previous = self.hint()
-        return (f"the previous checkpoint {previous} is intact and is where a restart resumes" if previous
-                else "no earlier checkpoint exists: a restart begins at step 0")
+        return (
+            f"the previous checkpoint {previous} is intact and is where a restart resumes"
+            if previous
+            else "no earlier checkpoint exists: a restart begins at step 0"
+        )
 
     def _agree(self, err: BaseException | None, tmp: Path, what: str) -> None:
         """Collective: raise on every rank if `what` failed on any (a rank alone raising would hang the others)."""
@@ -313,8 +337,9 @@ class Checkpointer:
         dist.all_reduce(failed, op=dist.ReduceOp.MAX)
         if failed.item():
             why = f"{_first_line(err)}" if err is not None else "it failed on another rank"
-            raise CheckpointError(f"checkpoint {tmp}: {what} failed on rank {self.rank}: {why}; "
-                                  f"{self._previous()}") from err
+            raise CheckpointError(
+                f"checkpoint {tmp}: {what} failed on rank {self.rank}: {why}; {self._previous()}"
+            ) from err
 
     def _write_small_files(self, tmp: Path, trainer_state: dict, config_yaml: str) -> None:
         with open(tmp / f"rng_rank{self.rank}.pt", "wb") as f:
@@ -331,8 +356,11 @@ class Checkpointer:
             upload.result()
             write_manifest(job.tmp)
             self._finalise(job.tmp, job.final)
-            print(f"train: checkpoint {job.final.name} complete, written {time.perf_counter() - job.staged_at:.2f} s "
-                  "after staging", flush=True)
+            print(
+                f"train: checkpoint {job.final.name} complete, written {time.perf_counter() - job.staged_at:.2f} s "
+                "after staging",
+                flush=True,
+            )
         except BaseException as e:  # raised to the training loop at the next wait()
             job.error = e
         finally:
@@ -470,8 +498,9 @@ def resolve(path: str | Path, say=None) -> Path | None:
     root = path / "checkpoints"
     hint_file = root / LATEST
     hint = read_hint(hint_file, say)
-    found = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")),
-                   key=_step_of, reverse=True)
+    found = sorted(
+        (p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), key=_step_of, reverse=True
+    )
     if not found:
         if hint is not None:
             raise CheckpointError(

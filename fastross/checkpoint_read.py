@@ -34,11 +34,11 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint._nested_dict import flatten_state_dict
+from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.planner import ReadItem
-from torch.distributed.checkpoint._nested_dict import flatten_state_dict
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.protocol import _is_checkpointable_tensor
 
 
@@ -49,13 +49,18 @@ class CheckpointError(RuntimeError):
 # The only keys fastross stores as bytes (pickled plain values): the optimizer's param_groups entries.
 BYTES_KEY = re.compile(r"^optim\.param_groups\.\d+\.[A-Za-z_][A-Za-z0-9_]*$")
 _PLAIN = (type(None), bool, int, float, str)
-_TAMPERED = ("this checkpoint was not written by fastross or was tampered with: delete its folder or move it away "
-             "to resume from an earlier one")
+_TAMPERED = (
+    "this checkpoint was not written by fastross or was tampered with: delete its folder or move it away "
+    "to resume from an earlier one"
+)
 
 # What a DCP `.metadata` pickle may name: DCP's own metadata classes and the plain values inside them.
 _METADATA_GLOBALS = {
-    *(("torch.distributed.checkpoint.metadata", n) for n, v in vars(dcp_metadata).items()
-      if isinstance(v, type) and v.__module__ == dcp_metadata.__name__),
+    *(
+        ("torch.distributed.checkpoint.metadata", n)
+        for n, v in vars(dcp_metadata).items()
+        if isinstance(v, type) and v.__module__ == dcp_metadata.__name__
+    ),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"),
     *(("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype)),
@@ -100,19 +105,25 @@ def check_kinds(md: dcp_metadata.Metadata, folder: Path) -> None:
             if not BYTES_KEY.match(fqn):
                 raise CheckpointError(
                     f"{where}: refused to load key {fqn}: it is declared as bytes (a pickle), fastross saves it as a "
-                    f"tensor (only optim.param_groups.<i>.<field> entries are bytes); {_TAMPERED}")
+                    f"tensor (only optim.param_groups.<i>.<field> entries are bytes); {_TAMPERED}"
+                )
         elif not isinstance(kind, dcp_metadata.TensorStorageMetadata):
-            raise CheckpointError(f"{where}: refused to load key {fqn}: its kind {type(kind).__name__} is no kind "
-                                  f"fastross saves; {_TAMPERED}")
+            raise CheckpointError(
+                f"{where}: refused to load key {fqn}: its kind {type(kind).__name__} is no kind "
+                f"fastross saves; {_TAMPERED}"
+            )
     for index, info in md.storage_data.items():
         name = getattr(info, "relative_path", None)
         fqn = getattr(index, "fqn", index)
         if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-            raise CheckpointError(f"{where}: refused to load key {fqn}: its data file {name!r} is not a file of "
-                                  f"{folder}; {_TAMPERED}")
+            raise CheckpointError(
+                f"{where}: refused to load key {fqn}: its data file {name!r} is not a file of {folder}; {_TAMPERED}"
+            )
         if getattr(info, "transform_descriptors", None):
-            raise CheckpointError(f"{where}: refused to load key {fqn}: its data passes through the stream transforms "
-                                  f"{info.transform_descriptors}, which fastross never writes; {_TAMPERED}")
+            raise CheckpointError(
+                f"{where}: refused to load key {fqn}: its data passes through the stream transforms "
+                f"{info.transform_descriptors}, which fastross never writes; {_TAMPERED}"
+            )
 
 
 def _plain(value, depth: int = 0) -> bool:
@@ -136,11 +147,17 @@ def _same_kind(value, template) -> bool:
     if isinstance(template, str):
         return isinstance(value, str)
     if isinstance(template, (list, tuple)):
-        return (isinstance(value, (list, tuple)) and len(value) == len(template)
-                and all(_same_kind(v, t) for v, t in zip(value, template)))
+        return (
+            isinstance(value, (list, tuple))
+            and len(value) == len(template)
+            and all(_same_kind(v, t) for v, t in zip(value, template))
+        )
     if isinstance(template, dict):
-        return isinstance(value, dict) and value.keys() == template.keys() and all(
-            _same_kind(value[k], template[k]) for k in template)
+        return (
+            isinstance(value, dict)
+            and value.keys() == template.keys()
+            and all(_same_kind(value[k], template[k]) for k in template)
+        )
     return False
 
 
@@ -151,14 +168,20 @@ def unpickle_bytes_item(data: bytes, file: Path, fqn: str, template=None):
             warnings.simplefilter("ignore")  # "Detected pickle protocol 4": the refusal below says what matters
             value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (the unpickler's refusals come as several types)
-        raise CheckpointError(f"{file}: refused to load key {fqn}: it is not a plain value that "
-                              f"torch.load(weights_only=True) reads ({_first_line(e)}); {_TAMPERED}") from None
+        raise CheckpointError(
+            f"{file}: refused to load key {fqn}: it is not a plain value that "
+            f"torch.load(weights_only=True) reads ({_first_line(e)}); {_TAMPERED}"
+        ) from None
     if not _plain(value):
-        raise CheckpointError(f"{file}: refused to load key {fqn}: it holds a {type(value).__name__}, fastross saves a "
-                              f"plain value there (a number, a flag, a list of names); {_TAMPERED}")
+        raise CheckpointError(
+            f"{file}: refused to load key {fqn}: it holds a {type(value).__name__}, fastross saves a "
+            f"plain value there (a number, a flag, a list of names); {_TAMPERED}"
+        )
     if template is not None and not _same_kind(value, template):
-        raise CheckpointError(f"{file}: refused to load key {fqn}: it holds {value!r}, where this optimizer holds "
-                              f"{template!r}; {_TAMPERED}")
+        raise CheckpointError(
+            f"{file}: refused to load key {fqn}: it holds {value!r}, where this optimizer holds "
+            f"{template!r}; {_TAMPERED}"
+        )
     return value
 
 
@@ -169,8 +192,9 @@ def check_bytes_items(folder: Path, md: dcp_metadata.Metadata, templates: dict[s
     for fqn, template in templates.items():
         info = md.storage_data.get(dcp_metadata.MetadataIndex(fqn))
         if info is None:
-            raise CheckpointError(f"{Path(folder) / '.metadata'}: key {fqn} is declared but has no storage entry; "
-                                  f"{_TAMPERED}")
+            raise CheckpointError(
+                f"{Path(folder) / '.metadata'}: key {fqn} is declared but has no storage entry; {_TAMPERED}"
+            )
         file = Path(folder) / info.relative_path
         try:
             with open(file, "rb") as f:
@@ -231,20 +255,28 @@ def check_template(flat: dict, md: dcp_metadata.Metadata, folder: Path) -> dict[
     for fqn, obj in flat.items():
         kind = md.state_dict_metadata.get(fqn)
         if kind is None:
-            raise CheckpointError(f"{where}: key {fqn} is missing: the checkpoint does not hold this model's or "
-                                  "optimizer's state (is model.* the checkpoint's config's?)")
+            raise CheckpointError(
+                f"{where}: key {fqn} is missing: the checkpoint does not hold this model's or "
+                "optimizer's state (is model.* the checkpoint's config's?)"
+            )
         if isinstance(obj, torch.Tensor) or _is_checkpointable_tensor(obj):
             if not isinstance(kind, dcp_metadata.TensorStorageMetadata):
-                raise CheckpointError(f"{where}: refused to load key {fqn}: the checkpoint declares it as "
-                                      f"{type(kind).__name__}, this model holds a tensor there; {_TAMPERED}")
+                raise CheckpointError(
+                    f"{where}: refused to load key {fqn}: the checkpoint declares it as "
+                    f"{type(kind).__name__}, this model holds a tensor there; {_TAMPERED}"
+                )
             shape = torch.Size(obj.global_shape) if _is_checkpointable_tensor(obj) else obj.size()
             if kind.size != shape:
-                raise CheckpointError(f"{where}: key {fqn} has shape {tuple(kind.size)} in the checkpoint, "
-                                      f"{tuple(shape)} in this model (is model.* the checkpoint's config's?)")
+                raise CheckpointError(
+                    f"{where}: key {fqn} has shape {tuple(kind.size)} in the checkpoint, "
+                    f"{tuple(shape)} in this model (is model.* the checkpoint's config's?)"
+                )
         else:
             if not isinstance(kind, dcp_metadata.BytesStorageMetadata) or not BYTES_KEY.match(fqn):
-                raise CheckpointError(f"{where}: refused to load key {fqn}: the checkpoint declares it as "
-                                      f"{type(kind).__name__}, fastross saves a plain value there; {_TAMPERED}")
+                raise CheckpointError(
+                    f"{where}: refused to load key {fqn}: the checkpoint declares it as "
+                    f"{type(kind).__name__}, fastross saves a plain value there; {_TAMPERED}"
+                )
             plain[fqn] = obj
     return plain
 
@@ -283,7 +315,7 @@ def read_state(folder: str | Path, prefix: str | None = "model") -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "assuming the intent is to load in a single process": it is
         load_into(tensors, folder)  # flat keys: DCP's flattening leaves them as they are
-    return {fqn[len(head):]: v for fqn, v in (tensors | values).items()}
+    return {fqn[len(head) :]: v for fqn, v in (tensors | values).items()}
 
 
 # ---------------------------------------------------------------- the checkpoint's other files
@@ -296,12 +328,15 @@ def read_tensor_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         out = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001  (the unpickler's refusals come as several types)
-        raise CheckpointError(f"{path}: refused to load, it holds more than tensors (fastross reads only a "
-                              f"torch.save of name -> tensor, with weights_only=True); {_TAMPERED} "
-                              f"({_first_line(e)})") from None
+        raise CheckpointError(
+            f"{path}: refused to load, it holds more than tensors (fastross reads only a "
+            f"torch.save of name -> tensor, with weights_only=True); {_TAMPERED} "
+            f"({_first_line(e)})"
+        ) from None
     if not isinstance(out, dict):
-        raise CheckpointError(f"{path}: refused to load, it holds a {type(out).__name__}, expected a dict of name -> "
-                              "tensor")
+        raise CheckpointError(
+            f"{path}: refused to load, it holds a {type(out).__name__}, expected a dict of name -> tensor"
+        )
     for k, v in out.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise CheckpointError(f"{path}: refused to load key {k!r}: a {type(v).__name__}, expected a tensor")
@@ -328,6 +363,7 @@ def _int(value) -> bool:
 
 def check_trainer_state(state: dict, path: str | Path) -> dict:
     """A trainer.json as fastross.train writes it: step, data position and scheduler state, with their types."""
+
     def refuse(key: str, want: str):
         got = "missing" if key not in state else f"{state[key]!r}"
         raise CheckpointError(f"{path}: key {key} is {got}, expected {want}; {_TAMPERED}")
@@ -335,8 +371,11 @@ def check_trainer_state(state: dict, path: str | Path) -> dict:
     if not _int(state.get("step")) or state["step"] < 0:
         refuse("step", "the step number (an integer >= 0)")
     data = state.get("data")
-    if not isinstance(data, dict) or set(data) != {"epoch", "step_in_epoch"} or not all(
-            _int(v) and v >= 0 for v in data.values()):
+    if (
+        not isinstance(data, dict)
+        or set(data) != {"epoch", "step_in_epoch"}
+        or not all(_int(v) and v >= 0 for v in data.values())
+    ):
         refuse("data", "{epoch, step_in_epoch} as integers >= 0")
     if not isinstance(state.get("scheduler"), dict):
         refuse("scheduler", "the learning-rate schedule's state (an object)")
@@ -352,12 +391,14 @@ def check_scheduler_state(state: dict, reference: dict, path: str | Path) -> dic
     extra, missing = sorted(state.keys() - reference.keys()), sorted(reference.keys() - state.keys())
     if extra or missing:
         key = (extra or missing)[0]
-        raise CheckpointError(f"{path}: key scheduler.{key} is {'not one the schedule has' if extra else 'missing'}; "
-                              f"{_TAMPERED}")
+        raise CheckpointError(
+            f"{path}: key scheduler.{key} is {'not one the schedule has' if extra else 'missing'}; {_TAMPERED}"
+        )
     for key, want in reference.items():
         if not _same_kind(state[key], want):
-            raise CheckpointError(f"{path}: key scheduler.{key} is {state[key]!r}, expected the kind of {want!r}; "
-                                  f"{_TAMPERED}")
+            raise CheckpointError(
+                f"{path}: key scheduler.{key} is {state[key]!r}, expected the kind of {want!r}; {_TAMPERED}"
+            )
     return state
 
 

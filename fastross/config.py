@@ -39,7 +39,9 @@ class ConfigError(ValueError):
 # Choices used by more than one field or function, declared once; the others are Literal types at their field.
 Part = Literal["projector", "llm", "denoiser"]  # what can train (train.trainable)
 CheckpointPolicy = Literal["none", "full", "selective"]  # per decoder layer (train.activation_checkpointing)
-Logger = Literal["tensorboard", "wandb"]  # train.loggers' backends; each is an optional extra: pip install 'fastross[NAME]'
+Logger = Literal[
+    "tensorboard", "wandb"
+]  # train.loggers' backends; each is an optional extra: pip install 'fastross[NAME]'
 
 
 @dataclass
@@ -53,7 +55,9 @@ class DenoiserConfig:
     # CUDA and PyTorch elsewhere (Triton has no CPU backend; its interpreter is for tests: fastross.model.denoiser).
     # The default stays torch until a lent GPU has run the kernels (README, "The 7B step: levers").
     impl: Literal["auto", "torch", "triton"] = "torch"
-    dtype: Literal["fp32", "bf16"] = "fp32"  # the denoiser's own FSDP2 precision, whatever train.dtype (fp32: the reference)
+    dtype: Literal["fp32", "bf16"] = (
+        "fp32"  # the denoiser's own FSDP2 precision, whatever train.dtype (fp32: the reference)
+    )
     # The reference's way: the condition repeated per replica before its embedding (R times the embedding's work);
     # fastross embeds it once per image and broadcasts. The same numbers (benchmarks/throughput.py's first rung).
     repeat_cond: bool = False
@@ -73,7 +77,9 @@ class ModelConfig:
     # reference ROSS layout, or a stage-1 mm_projector.bin (projector only; fastross.ross_format)
     init_from: str = ""
     fused_ce: bool = True  # text loss through Liger's fused linear cross-entropy: full-vocabulary logits never exist
-    liger_kernels: bool = False  # Liger's RMSNorm, SwiGLU MLP and RoPE in the LLM (GPU; RMSNorm and SwiGLU fail in the CPU interpreter)
+    liger_kernels: bool = (
+        False  # Liger's RMSNorm, SwiGLU MLP and RoPE in the LLM (GPU; RMSNorm and SwiGLU fail in the CPU interpreter)
+    )
     # Where the text loss forms logits: at the supervised positions only, or, as the reference does, at every position
     # (padding included) with the unsupervised ones ignored. The same loss; "all" costs the logits of every token.
     ce_positions: Literal["supervised", "all"] = "supervised"
@@ -82,7 +88,9 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    shards: str = ""  # a folder of MDS shards from `python -m fastross.data.convert`, or its URL (s3://, gs://, file://, ...)
+    shards: str = (
+        ""  # a folder of MDS shards from `python -m fastross.data.convert`, or its URL (s3://, gs://, file://, ...)
+    )
     weight: float = 1.0  # its share of every global batch, relative to the other sources' weights
 
 
@@ -102,7 +110,9 @@ class DataConfig:
     seed: int = 0  # shuffle seed (and the mixture's draws)
     workers: int = 2  # loader worker processes per rank that prepare steps ahead (0: inline, in the trainer)
     prefetch: int = 2  # steps each loader worker prepares ahead (the DataLoader's prefetch_factor)
-    image_backend: Literal["pil", "torchvision"] = "pil"  # pil: bit-exact with the HF processor; torchvision: faster, JPEG only, within 2/255
+    image_backend: Literal["pil", "torchvision"] = (
+        "pil"  # pil: bit-exact with the HF processor; torchvision: faster, JPEG only, within 2/255
+    )
     # packed: samples balanced over ranks by cost and packed into varlen micro-batches of <= max_tokens tokens.
     # padded: the reference's way: each rank takes its contiguous share of the step's samples, in micro-batches of
     # `padded_samples`, every sample padded to the longest of its micro-batch (the same losses, more tokens computed).
@@ -168,7 +178,9 @@ class TrainConfig:
     # entry per layer, where "policy*N" stands for N layers in a row: [full*8, selective*8, none*12].
     activation_checkpointing: str | list[str] = "full"
     compile: bool = False  # torch.compile each LLM decoder layer and each denoiser block, before FSDP
-    peak_tflops: float = 0.0  # the device's dense bf16 peak for MFU (0: fastross.flops' table by GPU name; CPU: measured)
+    peak_tflops: float = (
+        0.0  # the device's dense bf16 peak for MFU (0: fastross.flops' table by GPU name; CPU: measured)
+    )
     fsdp_prefetch: int = 0  # decoder layers whose all-gather is issued ahead explicitly (0: FSDP's implicit one-ahead)
     # Backends beside metrics.jsonl, e.g. [tensorboard, wandb]; each is an optional extra: pip install 'fastross[NAME]'
     loggers: list[Logger] = field(default_factory=list)
@@ -317,8 +329,15 @@ def _merge(base: dict, over: dict) -> dict:
 
 # The keys that name local files or folders. A relative path is taken against the current directory when the config
 # is loaded, so the run folder's config.yaml (and every checkpoint's) holds absolute paths.
-PATH_KEYS = ("model.vision_path", "model.llm_path", "model.vae_path", "model.init_from", "data.shards",
-             "data.eval_shards", "train.run_dir")
+PATH_KEYS = (
+    "model.vision_path",
+    "model.llm_path",
+    "model.vae_path",
+    "model.init_from",
+    "data.shards",
+    "data.eval_shards",
+    "train.run_dir",
+)
 
 
 def absolute(path: str) -> str:
@@ -417,13 +436,16 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if t.max_bad_steps < 1:
         raise ConfigError(f"train.max_bad_steps must be >= 1, got {t.max_bad_steps}")
     if t.max_steps < 0 or t.stop_after < 0:
-        raise ConfigError(f"train.max_steps ({t.max_steps}) and train.stop_after ({t.stop_after}) must be >= 0 "
-                          "(0: no limit)")
+        raise ConfigError(
+            f"train.max_steps ({t.max_steps}) and train.stop_after ({t.stop_after}) must be >= 0 (0: no limit)"
+        )
     if t.epochs < 1:
         raise ConfigError(f"train.epochs must be >= 1, got {t.epochs}")
     if t.eval_every < 0 or (t.eval_every > 0) != bool(d.eval_shards):
-        raise ConfigError("data.eval_shards and train.eval_every go together: a converted held-out folder and the "
-                          f"steps between evaluations (> 0), or neither (got {d.eval_shards!r} and {t.eval_every})")
+        raise ConfigError(
+            "data.eval_shards and train.eval_every go together: a converted held-out folder and the "
+            f"steps between evaluations (> 0), or neither (got {d.eval_shards!r} and {t.eval_every})"
+        )
     if t.log_every < 1 or t.ckpt_every < 0 or t.keep_checkpoints < 1:
         raise ConfigError("train.log_every and train.keep_checkpoints must be >= 1, train.ckpt_every >= 0")
     if t.ckpt_every == 0 and t.stop_after:
@@ -435,8 +457,18 @@ def data_sources(d: DataConfig) -> list[SourceConfig]:
     return d.sources or [SourceConfig(d.shards, 1.0)]
 
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -451,8 +483,9 @@ def parse_size(text: str | int) -> int:
 def _validate_sources(d: DataConfig) -> None:
     """What data.sources and the remote keys must be whatever the folders hold (missing_folders checks those)."""
     if d.shards and d.sources:
-        raise ConfigError("data.shards and data.sources are both set: use data.shards for one folder, or list it "
-                          "among data.sources")
+        raise ConfigError(
+            "data.shards and data.sources are both set: use data.shards for one folder, or list it among data.sources"
+        )
     for i, s in enumerate(d.sources):
         if not s.weight > 0:
             raise ConfigError(f"data.sources[{i}].weight must be > 0, got {s.weight}")
@@ -496,7 +529,8 @@ def _check_folders(cfg: Config) -> None:
         raise ConfigError(
             f"model.llm_path: {m.llm_path} is a reference ROSS checkpoint ({llm['model_type']}), not an LLM folder: "
             f"import it once with `python -m fastross.convert_checkpoint {m.llm_path} --out RUN`, then start from it "
-            "with model.init_from=RUN and model.llm_path=the base LLM's folder it names")
+            "with model.init_from=RUN and model.llm_path=the base LLM's folder it names"
+        )
     if llm.get("model_type") not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ConfigError(f"model.llm_path: {m.llm_path} holds a {llm.get('model_type')!r} model, not a causal LM")
     if m.vae_path:
@@ -563,8 +597,15 @@ def keys(cls=None, prefix: str = "") -> list[tuple[str, str, str, str]]:
 
 def describe() -> str:
     """`fastross.train --help-config`: one line per key, the dotted name first, then type, default and documentation."""
-    rows = [("base", "str", '""', "a config file, relative to this one's folder, whose keys this file overrides "
-                                  "(recursively: the base may have a base)")] + keys()
+    rows = [
+        (
+            "base",
+            "str",
+            '""',
+            "a config file, relative to this one's folder, whose keys this file overrides "
+            "(recursively: the base may have a base)",
+        )
+    ] + keys()
     width = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{k:<{width[0]}}  {t:<{width[1]}}  {d:<{width[2]}}  {doc}" for k, t, d, doc in rows)
 

@@ -42,13 +42,10 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from fastross import build
-from fastross import config as fconfig
-from fastross import ross_format, towers
+from fastross import build, config as fconfig, ross_format, towers
 from fastross.checkpoint import LATEST, write_manifest
 from fastross.data import templates
-from fastross.data.schema import tokenizer_fingerprint
-from fastross.data.schema import write_manifest as write_data_manifest
+from fastross.data.schema import tokenizer_fingerprint, write_manifest as write_data_manifest
 from fastross.data.sources import check_shard_facts
 from fastross.model import init
 from fastross.model.denoiser import Denoiser
@@ -67,14 +64,18 @@ class ConvertError(ValueError):
 def _src_config(src: Path) -> dict:
     file = src / ross_format.CONFIG
     if src.is_file() or (src / ross_format.PROJECTOR_BIN).is_file():
-        raise ConvertError(f"{src} is a stage-1 adapter (mm_projector.bin): it holds no LLM, so it makes no whole "
-                           "checkpoint; start a training run from it with model.init_from=" + str(src))
+        raise ConvertError(
+            f"{src} is a stage-1 adapter (mm_projector.bin): it holds no LLM, so it makes no whole "
+            "checkpoint; start a training run from it with model.init_from=" + str(src)
+        )
     if not file.is_file():
         raise ConvertError(f"{file} is missing: {src} is not a reference ROSS checkpoint folder")
     cfg = json.loads(file.read_text())
     if cfg.get("model_type") not in ross_format.REFERENCE_TYPES:
-        raise ConvertError(f"{file}: model_type is {cfg.get('model_type')!r}, a reference ROSS checkpoint has one of "
-                           f"{sorted(ross_format.REFERENCE_TYPES)}")
+        raise ConvertError(
+            f"{file}: model_type is {cfg.get('model_type')!r}, a reference ROSS checkpoint has one of "
+            f"{sorted(ross_format.REFERENCE_TYPES)}"
+        )
     return cfg
 
 
@@ -102,23 +103,36 @@ def _net_shapes(src: Path) -> dict[str, tuple[int, ...]]:
 def model_overrides(src: Path, src_cfg: dict, paths: dict, net: dict, fresh_denoiser: bool) -> list[str]:
     """The model.* keys SRC's config and its DiT tensors' shapes (`net`) give, before the user's own overrides."""
     where = src / ross_format.CONFIG
-    out = [f"model.vision_path={paths['vision']}", f"model.llm_path={paths['llm']}", f"model.vae_path={paths['vae']}",
-           f"model.select_layer={int(src_cfg.get('mm_vision_select_layer', -2))}", "model.init_from="]
+    out = [
+        f"model.vision_path={paths['vision']}",
+        f"model.llm_path={paths['llm']}",
+        f"model.vae_path={paths['vae']}",
+        f"model.select_layer={int(src_cfg.get('mm_vision_select_layer', -2))}",
+        "model.init_from=",
+    ]
     if not paths["vae"] and "mm_inv_hidden_size" in src_cfg:
         out.append(f"model.latent_channels={int(src_cfg['mm_inv_hidden_size']) // 4}")
     if not net and not fresh_denoiser:
-        raise ConvertError(f"{src} holds no denoiser tensors ({ross_format.NET}*): pass --fresh-denoiser to import "
-                           "it with a freshly initialised denoiser (drawn from --seed)")
+        raise ConvertError(
+            f"{src} holds no denoiser tensors ({ross_format.NET}*): pass --fresh-denoiser to import "
+            "it with a freshly initialised denoiser (drawn from --seed)"
+        )
     kind = src_cfg.get("mm_inv_projector_type")
     m = ross_format.DENOISER_TYPE.match(str(kind))
     if net and m is None:
-        raise ConvertError(f"{where}: mm_inv_projector_type is {kind!r}; fastross reads the DiT (denoiser_vit{{depth}}x)")
+        raise ConvertError(
+            f"{where}: mm_inv_projector_type is {kind!r}; fastross reads the DiT (denoiser_vit{{depth}}x)"
+        )
     if m is not None:
         depth = int(m.group(1))
         width = net[ross_format.CONV[1]][0] if net else ross_format.REFERENCE_WIDTHS.get(depth, 1024)
         heads = int(src_cfg.get(ross_format.HEADS_KEY, ross_format.REFERENCE_HEADS))
-        out += ["model.denoiser.kind=dit", f"model.denoiser.depth={depth}", f"model.denoiser.width={width}",
-                f"model.denoiser.heads={heads}"]
+        out += [
+            "model.denoiser.kind=dit",
+            f"model.denoiser.depth={depth}",
+            f"model.denoiser.width={width}",
+            f"model.denoiser.heads={heads}",
+        ]
     return out
 
 
@@ -128,20 +142,39 @@ def shard_meta(llm_path: str, vision_path: str, template: str, aspect: str, vae_
     templates.check_tokenizer(template, tok, llm_path)
     grid = towers.read_tower(vision_path).grid
     return {
-        "template": template, "image_aspect": aspect, "grid": grid, "num_visual_tokens": grid * grid,
-        "image_token_id": tok.convert_tokens_to_ids(templates.IMAGE_TOKEN), "latents": False,
-        "latent_channels": None, "latent_shift": None, "latent_scale": None, "latent_dtype": "float16",
-        "tokenizer": llm_path, "tokenizer_fingerprint": tokenizer_fingerprint(tok), "vae": vae_path or None,
-        "samples": 0, "written_by": "fastross.convert_checkpoint",
+        "template": template,
+        "image_aspect": aspect,
+        "grid": grid,
+        "num_visual_tokens": grid * grid,
+        "image_token_id": tok.convert_tokens_to_ids(templates.IMAGE_TOKEN),
+        "latents": False,
+        "latent_channels": None,
+        "latent_shift": None,
+        "latent_scale": None,
+        "latent_dtype": "float16",
+        "tokenizer": llm_path,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tok),
+        "vae": vae_path or None,
+        "samples": 0,
+        "written_by": "fastross.convert_checkpoint",
     }
 
 
 def fresh_denoiser_state(cfg, model, seed: int) -> dict[str, torch.Tensor]:
     """The denoiser a training run with this seed starts from (RossModel's own init rules), built on the host.
     cfg: model.denoiser; model: the meta-built RossModel it belongs to."""
-    fresh = Denoiser(cfg.kind, model.llm.config.hidden_size, cfg.width, cfg.depth, cfg.heads, model.vision.grid,
-                     channels=4 * model.latent_channels, impl=model.denoiser.impl, dtype=cfg.dtype,
-                     repeat_cond=cfg.repeat_cond)
+    fresh = Denoiser(
+        cfg.kind,
+        model.llm.config.hidden_size,
+        cfg.width,
+        cfg.depth,
+        cfg.heads,
+        model.vision.grid,
+        channels=4 * model.latent_channels,
+        impl=model.denoiser.impl,
+        dtype=cfg.dtype,
+        repeat_cond=cfg.repeat_cond,
+    )
     init.apply_rules(fresh, fresh.init_rules(), seed, "denoiser.")
     return {"denoiser." + k: v for k, v in fresh.state_dict().items()}
 
@@ -152,9 +185,19 @@ def vae_state(vae_path: str) -> dict[str, torch.Tensor]:
         return {"vae." + k: files.get_tensor(k).float() for k in files.where}
 
 
-def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision: str | None = None,
-            vae: str | None = None, template: str | None = None, fresh_denoiser: bool = False, seed: int = 0,
-            overrides: list[str] = (), say=print) -> Path:
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    llm: str | None = None,
+    vision: str | None = None,
+    vae: str | None = None,
+    template: str | None = None,
+    fresh_denoiser: bool = False,
+    seed: int = 0,
+    overrides: list[str] = (),
+    say=print,
+) -> Path:
     """SRC (the reference layout) -> RUN, a fastross run folder with one verified checkpoint; returns RUN."""
     src, out = Path(src).resolve(), Path(out).resolve()
     src_cfg = _src_config(src)
@@ -178,7 +221,11 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
     data = out / "data"
     net = _net_shapes(src)
     keys = model_overrides(src, src_cfg, paths, net, fresh_denoiser) + [
-        f"data.shards={data}", f"train.run_dir={out}", f"train.seed={seed}", *overrides]
+        f"data.shards={data}",
+        f"train.run_dir={out}",
+        f"train.seed={seed}",
+        *overrides,
+    ]
 
     tmp = out.with_name(f".{out.name}.partial")  # moved into place when complete: no half-written RUN
     shutil.rmtree(tmp, ignore_errors=True)
@@ -196,13 +243,17 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
         state = ross_format.reference_state(src, model, fresh=fresh)
         if fresh:
             state |= fresh_denoiser_state(cfg.model.denoiser, model, seed)
-            say(f"convert_checkpoint: {src} holds no denoiser: a fresh one (seed {seed}, "
-                f"{cfg.model.denoiser.kind} depth {cfg.model.denoiser.depth} width {cfg.model.denoiser.width})")
+            say(
+                f"convert_checkpoint: {src} holds no denoiser: a fresh one (seed {seed}, "
+                f"{cfg.model.denoiser.kind} depth {cfg.model.denoiser.depth} width {cfg.model.denoiser.width})"
+            )
         if model.vae is not None:  # the folder's frozen VAE, as a run reads it (SRC's copy is often rounded to bf16)
             state |= vae_state(cfg.model.vae_path)
         else:
-            say("convert_checkpoint: no VAE folder (mm_pixel_decoder / --vae): the checkpoint holds no VAE; a run "
-                "that sets model.vae_path cannot start from it")
+            say(
+                "convert_checkpoint: no VAE folder (mm_pixel_decoder / --vae): the checkpoint holds no VAE; a run "
+                "that sets model.vae_path cannot start from it"
+            )
         names = [k for k in model.state_dict()]
         missing = sorted(set(names) - state.keys())
         if missing:
@@ -224,29 +275,46 @@ def convert(src: str | Path, out: str | Path, *, llm: str | None = None, vision:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    say(f"convert_checkpoint: wrote {out} ({len(names)} tensors; vision {paths['vision']}, llm {paths['llm']}, "
+    say(
+        f"convert_checkpoint: wrote {out} ({len(names)} tensors; vision {paths['vision']}, llm {paths['llm']}, "
         f"template {name}, aspect {aspect}); use it as model.init_from={out}, or with fastross.export, "
-        "fastross.generate and fastross.eval")
+        "fastross.generate and fastross.eval"
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastross.convert_checkpoint", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fastross.convert_checkpoint",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", help="a reference ROSS checkpoint folder (config.json model_type ross_qwen2 / ross_llama)")
     p.add_argument("--out", required=True, help="the fastross run folder to write (new or empty)")
     p.add_argument("--llm", help="the base LLM folder with its tokenizer (default: SRC's _name_or_path)")
     p.add_argument("--vision", help="the vision tower folder (default: SRC's mm_vision_tower)")
     p.add_argument("--vae", help="the VAE folder (default: SRC's mm_pixel_decoder, when it is a folder here)")
     p.add_argument("--template", help=f"the prompt template (default by model type: {TEMPLATES})")
-    p.add_argument("--fresh-denoiser", action="store_true",
-                   help="import a checkpoint without denoiser tensors, drawing the denoiser fresh from --seed")
+    p.add_argument(
+        "--fresh-denoiser",
+        action="store_true",
+        help="import a checkpoint without denoiser tensors, drawing the denoiser fresh from --seed",
+    )
     p.add_argument("--seed", type=int, default=0, help="train.seed of the checkpoint (keys a fresh denoiser)")
     p.add_argument("overrides", nargs="*", help="key.sub=value config overrides, e.g. model.denoiser.depth=8")
     a = p.parse_intermixed_args(argv)
     try:
-        convert(a.src, a.out, llm=a.llm, vision=a.vision, vae=a.vae, template=a.template,
-                fresh_denoiser=a.fresh_denoiser, seed=a.seed, overrides=a.overrides)
+        convert(
+            a.src,
+            a.out,
+            llm=a.llm,
+            vision=a.vision,
+            vae=a.vae,
+            template=a.template,
+            fresh_denoiser=a.fresh_denoiser,
+            seed=a.seed,
+            overrides=a.overrides,
+        )
     except (ConvertError, fconfig.ConfigError, KeyError, ValueError, FileNotFoundError) as e:
         print(f"convert_checkpoint: error: {e}", file=sys.stderr)
         return 2

@@ -20,8 +20,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 from fastross.config import checkpoint_policies
 from fastross.lifecycle import die_with_parent
-from fastross.model.denoiser import compile_blocks as compile_denoiser_blocks
-from fastross.model.denoiser import mp_policy as denoiser_mp_policy
+from fastross.model.denoiser import compile_blocks as compile_denoiser_blocks, mp_policy as denoiser_mp_policy
 
 
 @dataclass
@@ -81,11 +80,21 @@ def apply_activation_checkpointing(layers: nn.ModuleList, spec) -> list[str]:
 @functools.cache
 def _save_ops() -> frozenset:
     """The ops whose outputs a selectively checkpointed layer keeps (built once: it runs every forward)."""
-    ops = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
-           torch.ops.aten.baddbmm.default, torch.ops.aten._scaled_mm.default}
-    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-                 "_flash_attention_forward", "_efficient_attention_forward"):
+    ops = {
+        torch.ops.aten.mm.default,
+        torch.ops.aten.addmm.default,
+        torch.ops.aten.bmm.default,
+        torch.ops.aten.baddbmm.default,
+        torch.ops.aten._scaled_mm.default,
+    }
+    for name in (
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+    ):
         if hasattr(torch.ops.aten, name):
             ops.add(getattr(torch.ops.aten, name).default)
     try:  # torch.nn.attention.varlen's op (fastross's `varlen` backend)

@@ -36,8 +36,21 @@ from tqdm import tqdm
 YES, NO, UNKNOWN = "yes", "no", "unknown"
 TURNS = ("context", "alone")
 TYPES = ("yesno", "number", "colour", "where", "text")
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven",
-                "twelve")
+NUMBER_WORDS = (
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+)
 COLOURS = ("red", "green", "blue", "yellow", "orange", "purple", "black", "white", "grey", "brown", "pink")
 ROW_WORDS = {"top": "top", "upper": "top", "bottom": "bottom", "lower": "bottom", "middle": "middle"}
 COL_WORDS = {"left": "left", "right": "right", "centre": "centre", "center": "centre"}
@@ -87,8 +100,13 @@ def normalise_text(text: str) -> str:
     return " ".join(w for w in words(text) if w not in ARTICLES)
 
 
-PARSERS = {"yesno": parse_yesno, "number": parse_number, "colour": parse_colour, "where": parse_where,
-           "text": normalise_text}
+PARSERS = {
+    "yesno": parse_yesno,
+    "number": parse_number,
+    "colour": parse_colour,
+    "where": parse_where,
+    "text": normalise_text,
+}
 
 
 def parse(kind: str, text: str):
@@ -142,16 +160,24 @@ def pair_accuracy(pairs: dict[str, list[bool]]) -> dict:
 def score(item: dict, prediction: str) -> dict:
     """One question's row of items.jsonl: the prediction, its parse and whether it is right."""
     gold, got = parse(item["type"], item["answer"]), parse(item["type"], prediction)
-    return {**{k: item[k] for k in ("id", "turn", "image", "kind", "type", "question", "answer") if k in item},
-            **({"pair": item["pair"]} if "pair" in item else {}),
-            "prediction": prediction, "parsed": got, "gold": gold, "unknown": unknown(got),
-            "correct": not unknown(got) and got == gold}
+    return {
+        **{k: item[k] for k in ("id", "turn", "image", "kind", "type", "question", "answer") if k in item},
+        **({"pair": item["pair"]} if "pair" in item else {}),
+        "prediction": prediction,
+        "parsed": got,
+        "gold": gold,
+        "unknown": unknown(got),
+        "correct": not unknown(got) and got == gold,
+    }
 
 
 def group(rs: list[dict]) -> dict:
     """The metrics of some rows of items.jsonl: n, accuracy and unknown rate, and those of their answer types."""
-    out = {"n": len(rs), "accuracy": sum(r["correct"] for r in rs) / len(rs),
-           "unknown_rate": sum(r["unknown"] for r in rs) / len(rs)}
+    out = {
+        "n": len(rs),
+        "accuracy": sum(r["correct"] for r in rs) / len(rs),
+        "unknown_rate": sum(r["unknown"] for r in rs) / len(rs),
+    }
     yn = [r for r in rs if r["type"] == "yesno"]
     if yn and len(yn) == len(rs):
         out |= yesno_metrics([r["gold"] for r in yn], [r["parsed"] for r in yn])
@@ -192,23 +218,31 @@ def read_items(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"--data {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    records = json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    records = (
+        json.loads(text) if text.lstrip().startswith("[") else [json.loads(x) for x in text.splitlines() if x.strip()]
+    )
     items = []
     for n, r in enumerate(records):
         conv = r.get("conversations") if isinstance(r, dict) else None
         if not conv or len(conv) < 2 or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in conv):
             rid = r.get("id", "no id") if isinstance(r, dict) else repr(r)[:40]
-            raise ValueError(f"{path}: record {n} ({rid}) has no "
-                             "conversations [{'from': 'human', 'value': ...}, {'from': 'gpt', 'value': ...}, ...]")
+            raise ValueError(
+                f"{path}: record {n} ({rid}) has no "
+                "conversations [{'from': 'human', 'value': ...}, {'from': 'gpt', 'value': ...}, ...]"
+            )
         rid = r.get("id", n)
         for k, t in enumerate(conv):
             want = ("human", "user") if k % 2 == 0 else ("gpt", "assistant")
             if t.get("from", want[0]) not in want:
-                raise ValueError(f"{path}: record {n} ({rid}): turn {k} is from {t.get('from')!r}, not {want[0]}: "
-                                 "the turns must alternate human, gpt")
+                raise ValueError(
+                    f"{path}: record {n} ({rid}): turn {k} is from {t.get('from')!r}, not {want[0]}: "
+                    "the turns must alternate human, gpt"
+                )
         if r.get("image") is not None and not isinstance(r["image"], str):
-            raise ValueError(f"{path}: record {n} ({rid}): 'image' must be one file name "
-                             f"(got {type(r['image']).__name__}); one image per question")
+            raise ValueError(
+                f"{path}: record {n} ({rid}): 'image' must be one file name "
+                f"(got {type(r['image']).__name__}); one image per question"
+            )
         pairs = [(conv[k]["value"], conv[k + 1]["value"]) for k in range(0, len(conv) - 1, 2)]
         types = r.get("type")
         if isinstance(types, list) and len(types) != len(pairs):
@@ -218,21 +252,48 @@ def read_items(path: str | Path) -> list[dict]:
             typ = typ or ("yesno" if parse_yesno(answer) != UNKNOWN and len(words(answer)) == 1 else "text")
             if typ not in TYPES:
                 raise ValueError(f"{path}: record {n} ({rid}): type {typ!r} is not one of {', '.join(TYPES)}")
-            items.append({"id": rid, "turn": k + 1, "image": r.get("image"), "kind": r.get("kind", "vqa"),
-                          "type": typ, "question": question.replace("<image>", "").strip(), "prompt": question,
-                          "answer": answer, "history": pairs[:k], **({"pair": r["pair"]} if "pair" in r else {})})
+            items.append(
+                {
+                    "id": rid,
+                    "turn": k + 1,
+                    "image": r.get("image"),
+                    "kind": r.get("kind", "vqa"),
+                    "type": typ,
+                    "question": question.replace("<image>", "").strip(),
+                    "prompt": question,
+                    "answer": answer,
+                    "history": pairs[:k],
+                    **({"pair": r["pair"]} if "pair" in r else {}),
+                }
+            )
     return items
 
 
 def pope_line(row: dict, n: int) -> dict:
     """One line of the POPE-format answer file (POPE's evaluate.py reads `answer`, LLaVA's eval_pope.py `text`)."""
-    return {"question_id": n, "id": row["id"], "image": row["image"], "prompt": row["question"],
-            "text": row["prediction"], "answer": row["prediction"], "label": row["gold"], "category": row["kind"]}
+    return {
+        "question_id": n,
+        "id": row["id"],
+        "image": row["image"],
+        "prompt": row["question"],
+        "text": row["prediction"],
+        "answer": row["prediction"],
+        "label": row["gold"],
+        "category": row["kind"],
+    }
 
 
-def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, images: str | Path | None = None,
-             batch_size: int = 32, max_new_tokens: int = 16, limit: int = 0, device: str = "cpu",
-             turns: str = "context") -> dict:
+def evaluate(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    images: str | Path | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int = 16,
+    limit: int = 0,
+    device: str = "cpu",
+    turns: str = "context",
+) -> dict:
     """Ask every question of DATA; turns: "context" asks each turn after its record's earlier turns (their gold
     answers), "alone" asks it as the record's only turn."""
     # Here, not at the top: the model side (torch, the model, its kernels) only once a model is asked; the parsers
@@ -242,12 +303,16 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, images: s
     if turns not in TURNS:
         raise ValueError(f"turns must be one of {', '.join(TURNS)}, got {turns!r}")
     items = read_items(data)[: limit or None]
-    root = Path(images) if images else (Path(data).parent / "images" if (Path(data).parent / "images").is_dir()
-                                        else Path(data).parent)
+    root = (
+        Path(images)
+        if images
+        else (Path(data).parent / "images" if (Path(data).parent / "images").is_dir() else Path(data).parent)
+    )
     for it in items:
         if it["image"] and not (root / it["image"]).is_file():
-            raise FileNotFoundError(f"{data}: record {it['id']}: image {root / it['image']} does not exist "
-                                    "(--images names the folder)")
+            raise FileNotFoundError(
+                f"{data}: record {it['id']}: image {root / it['image']} does not exist (--images names the folder)"
+            )
     loaded = load(model_dir, device)
     sampling = Sampling(max_new_tokens=max_new_tokens)
     out = Path(out)
@@ -255,13 +320,29 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, images: s
     rows = []
     with tqdm(total=len(items), desc="eval", unit="q", file=sys.stderr, disable=None) as bar:
         for i in range(0, len(items), batch_size):
-            chunk = items[i: i + batch_size]
-            got = answer(loaded, [(it["prompt"], root / it["image"] if it["image"] else None,
-                                   it["history"] if turns == "context" else ()) for it in chunk], sampling)
+            chunk = items[i : i + batch_size]
+            got = answer(
+                loaded,
+                [
+                    (
+                        it["prompt"],
+                        root / it["image"] if it["image"] else None,
+                        it["history"] if turns == "context" else (),
+                    )
+                    for it in chunk
+                ],
+                sampling,
+            )
             rows += [score(it, g) for it, g in zip(chunk, got)]
             bar.update(len(chunk))
-    summary = {"model": str(loaded.source), "data": str(data), "questions": len(rows), "turns": turns,
-               "metrics": summarise(rows), "by_turn": by_turn(rows)}
+    summary = {
+        "model": str(loaded.source),
+        "data": str(data),
+        "questions": len(rows),
+        "turns": turns,
+        "metrics": summarise(rows),
+        "by_turn": by_turn(rows),
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     with open(out / "items.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
@@ -273,30 +354,42 @@ def evaluate(model_dir: str | Path, data: str | Path, out: str | Path, images: s
 def main(argv: list[str] | None = None) -> int:
     import torch  # the default --device only: the module imports without torch (see `evaluate`)
 
-    p = argparse.ArgumentParser(prog="python -m fastross.eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fastross.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="run folder, checkpoint or fastross.export folder")
-    p.add_argument("--data", required=True, help="LLaVA-format QA file (JSON list or JSONL), e.g. the synth's eval.json")
+    p.add_argument(
+        "--data", required=True, help="LLaVA-format QA file (JSON list or JSONL), e.g. the synth's eval.json"
+    )
     p.add_argument("--out", required=True, help="folder for summary.json, items.jsonl and pope_answers.jsonl")
     p.add_argument("--images", help="image folder (default: DATA's folder's images/, else DATA's folder)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
-    p.add_argument("--turns", choices=TURNS, default="context",
-                   help="context: each turn asked after its record's earlier turns and their gold answers; "
-                        "alone: each turn asked as if it were the record's first")
+    p.add_argument(
+        "--turns",
+        choices=TURNS,
+        default="context",
+        help="context: each turn asked after its record's earlier turns and their gold answers; "
+        "alone: each turn asked as if it were the record's first",
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     s = evaluate(a.model, a.data, a.out, a.images, a.batch_size, a.max_new_tokens, a.limit, a.device, a.turns)
     m = s["metrics"]
     for kind, v in m.items():
-        extra = "".join(f" {k} {v[k]:.3f}" for k in ("f1", "hallucination", "yes_ratio", "exact_match", "mae",
-                                                     "pair_accuracy") if v.get(k) is not None)
+        extra = "".join(
+            f" {k} {v[k]:.3f}"
+            for k in ("f1", "hallucination", "yes_ratio", "exact_match", "mae", "pair_accuracy")
+            if v.get(k) is not None
+        )
         print(f"eval: {kind:<17} n {v['n']:>5} accuracy {v['accuracy']:.3f} unknown {v['unknown_rate']:.3f}{extra}")
     if len(s["by_turn"]) > 1:
         for turn, v in s["by_turn"].items():
-            print(f"eval: turn {turn:<12} n {v['n']:>5} accuracy {v['accuracy']:.3f} unknown {v['unknown_rate']:.3f}"
-                  f" ({s['turns']})")
+            print(
+                f"eval: turn {turn:<12} n {v['n']:>5} accuracy {v['accuracy']:.3f} unknown {v['unknown_rate']:.3f}"
+                f" ({s['turns']})"
+            )
     print(f"eval: wrote {Path(a.out) / 'summary.json'}, items.jsonl, pope_answers.jsonl")
     return 0
 

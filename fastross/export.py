@@ -32,8 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastross import config as fconfig
-from fastross import ross_format
+from fastross import config as fconfig, ross_format
 from fastross.checkpoint import read_checkpoint
 from fastross.data import templates
 from fastross.data.images import ImageSpec
@@ -124,7 +123,7 @@ def llava_name(name: str) -> str | None:
     """A fastross parameter name -> its Llava name; None for parts Llava has no place for (denoiser, VAE)."""
     for ours, theirs in NAMES:
         if name.startswith(ours):
-            return theirs + name[len(ours):]
+            return theirs + name[len(ours) :]
     return None
 
 
@@ -135,14 +134,21 @@ def llava_config(cfg: fconfig.Config, meta: ShardMeta):
     kind = read_tower(m.vision_path).kind
     vision = kind.load_config(m.vision_path)
     if vision.image_size // vision.patch_size != meta.grid:
-        raise ValueError(f"{m.vision_path} has a {vision.image_size // vision.patch_size}-patch grid, "
-                         f"the shards {meta_folder(cfg.data)} {meta.grid}: the run's folders and shards disagree")
+        raise ValueError(
+            f"{m.vision_path} has a {vision.image_size // vision.patch_size}-patch grid, "
+            f"the shards {meta_folder(cfg.data)} {meta.grid}: the run's folders and shards disagree"
+        )
     text = AutoConfig.from_pretrained(m.llm_path)
     return LlavaConfig(
-        vision_config=vision, text_config=text, image_token_index=meta.image_token_id,
-        projector_hidden_act="gelu", multimodal_projector_bias=True,
-        vision_feature_layer=m.select_layer, vision_feature_select_strategy=kind.llava_strategy,
-        image_seq_length=meta.num_visual_tokens, tie_word_embeddings=bool(text.tie_word_embeddings),
+        vision_config=vision,
+        text_config=text,
+        image_token_index=meta.image_token_id,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        vision_feature_layer=m.select_layer,
+        vision_feature_select_strategy=kind.llava_strategy,
+        image_seq_length=meta.num_visual_tokens,
+        tie_word_embeddings=bool(text.tie_word_embeddings),
     )
 
 
@@ -157,8 +163,11 @@ def llava_weights(cfg: fconfig.Config, state: dict[str, torch.Tensor], tied: boo
         folder = SafetensorsFolder(cfg.model.vision_path, stack)
         for key in folder.where:
             theirs = "model.vision_tower." + key
-            if key.startswith(VISION_FOLDER_PREFIX) and not key.startswith(VISION_FOLDER_PREFIX + "head.") \
-                    and theirs not in out:
+            if (
+                key.startswith(VISION_FOLDER_PREFIX)
+                and not key.startswith(VISION_FOLDER_PREFIX + "head.")
+                and theirs not in out
+            ):
                 out[theirs] = folder.get_tensor(key).to(torch.float32).contiguous()
     return out
 
@@ -172,9 +181,18 @@ def image_processor(spec: ImageSpec, aspect: str):
     crop = {"height": spec.height, "width": spec.width}
     size = {"shortest_edge": spec.shortest_edge} if spec.shortest_edge else crop
     return LlavaImageProcessor(
-        do_pad=aspect == "pad", do_resize=True, size=size, resample=spec.resample,
-        do_center_crop=bool(spec.shortest_edge), crop_size=crop, do_rescale=True, rescale_factor=spec.rescale_factor,
-        do_normalize=True, image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True,
+        do_pad=aspect == "pad",
+        do_resize=True,
+        size=size,
+        resample=spec.resample,
+        do_center_crop=bool(spec.shortest_edge),
+        crop_size=crop,
+        do_rescale=True,
+        rescale_factor=spec.rescale_factor,
+        do_normalize=True,
+        image_mean=list(spec.mean),
+        image_std=list(spec.std),
+        do_convert_rgb=True,
     )
 
 
@@ -186,32 +204,44 @@ def export(src: str | Path, out: str | Path) -> Path:
     meta = ShardMeta.read(meta_folder(cfg.data))  # the run's sources agree on it
     tok = templates.load_tokenizer(cfg.model.llm_path)
     if tok.convert_tokens_to_ids(templates.IMAGE_TOKEN) != meta.image_token_id:
-        raise ValueError(f"{cfg.model.llm_path}'s <image> id {tok.convert_tokens_to_ids(templates.IMAGE_TOKEN)} is "
-                         f"not the shards' {meta.image_token_id} ({meta_folder(cfg.data)})")
+        raise ValueError(
+            f"{cfg.model.llm_path}'s <image> id {tok.convert_tokens_to_ids(templates.IMAGE_TOKEN)} is "
+            f"not the shards' {meta.image_token_id} ({meta_folder(cfg.data)})"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     lcfg = llava_config(cfg, meta)
     kind = read_tower(cfg.model.vision_path).kind
     lcfg.save_pretrained(out)
-    save_file(llava_weights(cfg, state, lcfg.tie_word_embeddings), str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        llava_weights(cfg, state, lcfg.tie_word_embeddings), str(out / "model.safetensors"), metadata={"format": "pt"}
+    )
     GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
 
     tok.chat_template = chat_template(meta.template, tok)
     # Llava's forward takes no token_type_ids: a tokenizer that returns them would break `generate(**inputs)`.
     tok.model_input_names = tok.init_kwargs["model_input_names"] = ["input_ids", "attention_mask"]
     LlavaProcessor(
-        image_processor=image_processor(ImageSpec.from_pretrained(cfg.model.vision_path), meta.image_aspect), tokenizer=tok, patch_size=lcfg.vision_config.patch_size,
-        vision_feature_select_strategy=kind.llava_strategy, num_additional_image_tokens=kind.class_tokens,
+        image_processor=image_processor(ImageSpec.from_pretrained(cfg.model.vision_path), meta.image_aspect),
+        tokenizer=tok,
+        patch_size=lcfg.vision_config.patch_size,
+        vision_feature_select_strategy=kind.llava_strategy,
+        num_additional_image_tokens=kind.class_tokens,
         image_token=templates.IMAGE_TOKEN,
         chat_template=tok.chat_template,
     ).save_pretrained(out)
 
     denoiser = {k: t.contiguous() for k, t in state.items() if k.startswith("denoiser.")}
-    save_file(denoiser, str(out / DENOISER_FILE), metadata={
-        "denoiser": json.dumps(asdict(cfg.model.denoiser)), "checkpoint": str(ckpt), "template": meta.template,
-    })
+    save_file(
+        denoiser,
+        str(out / DENOISER_FILE),
+        metadata={
+            "denoiser": json.dumps(asdict(cfg.model.denoiser)),
+            "checkpoint": str(ckpt),
+            "template": meta.template,
+        },
+    )
     (out / CONFIG_FILE).write_text(fconfig.dump(cfg))
     return out
 
@@ -226,7 +256,9 @@ def load_export(folder: str | Path) -> dict[str, torch.Tensor]:
     for f in ("model.safetensors", DENOISER_FILE, CONFIG_FILE):
         if not (folder / f).is_file():
             raise FileNotFoundError(f"{folder / f} is missing: {folder} was not written by `python -m fastross.export`")
-    cfg = fconfig.load(str(folder / CONFIG_FILE), ["model.init_from="])  # the export's weights, whatever they started from
+    cfg = fconfig.load(
+        str(folder / CONFIG_FILE), ["model.init_from="]
+    )  # the export's weights, whatever they started from
     keep = read_tower(cfg.model.vision_path).kept_layers(cfg.model.select_layer)
     kept = ("vision.embeddings.", "vision.pre_layrnorm.", *(f"vision.encoder.layers.{i}." for i in range(keep)))
     ours_of = {theirs: ours for ours, theirs in NAMES}
@@ -235,7 +267,7 @@ def load_export(folder: str | Path) -> dict[str, torch.Tensor]:
         theirs = next((p for p in ours_of if key.startswith(p)), None)
         if theirs is None:
             raise KeyError(f"{folder / 'model.safetensors'}: {key} is no weight fastross.export writes")
-        name = ours_of[theirs] + key[len(theirs):]
+        name = ours_of[theirs] + key[len(theirs) :]
         if name.startswith("vision.") and not name.startswith(kept):
             continue  # the layers and post-layernorm fastross does not build
         state[name] = t
@@ -248,11 +280,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="a run folder (its newest checkpoint) or one checkpoint folder")
     p.add_argument("--out", required=True, help="folder to write the model into")
-    p.add_argument("--format", choices=("llava", "ross"), default="llava",
-                   help="llava: a transformers Llava folder (+ the denoiser sidecar); ross: the reference ROSS code's "
-                        "layout (fastross.ross_format)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="ross only: the weights' dtype (fp32 reads back bit for bit; the reference's runs save bf16)")
+    p.add_argument(
+        "--format",
+        choices=("llava", "ross"),
+        default="llava",
+        help="llava: a transformers Llava folder (+ the denoiser sidecar); ross: the reference ROSS code's "
+        "layout (fastross.ross_format)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="ross only: the weights' dtype (fp32 reads back bit for bit; the reference's runs save bf16)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="ross only: safetensors shard size, as Hugging Face's")
     a = p.parse_args(argv)
     if a.format == "ross":

@@ -33,8 +33,14 @@ import torch
 PARTS = ("vision", "projector", "llm_linear", "attention", "lm_head", "denoiser")
 
 # Dense bf16 peak TFLOP/s, matched by substring of the device name, first match wins (PCIe before SXM).
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0),
-               ("B200", 2250.0))
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0),
+    ("H100", 989.0),
+    ("H200", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("B200", 2250.0),
+)
 
 
 def table_peak_tflops(device_name: str) -> float | None:
@@ -103,24 +109,39 @@ class Arch:
     vision_class_tokens: int = 0  # tokens the tower runs beside its patches (CLIP's class token; SigLIP none)
 
     @classmethod
-    def of(cls, model) -> "Arch":
+    def of(cls, model) -> Arch:
         v, c, d = model.vision, model.llm.config, model.denoiser
         layer = v.encoder.layers[0]
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         return cls(
-            vision_layers=len(v.encoder.layers), vision_width=v.hidden_size, vision_mlp=layer.mlp.fc1.out_features,
-            patch_in=3 * v.patch_size**2, visual_tokens=v.num_tokens, hidden=c.hidden_size,
-            llm_layers=c.num_hidden_layers, heads=c.num_attention_heads, kv_heads=c.num_key_value_heads,
-            head_dim=head_dim, intermediate=c.intermediate_size, vocab=c.vocab_size, den_kind=d.kind,
-            den_width=d.x_embed.out_features, den_depth=len(d.blocks), den_replicas=model.replicas,
-            den_channels=d.x_embed.in_features, den_freq=d.t_embed.freq_dim, vision_class_tokens=v.kind.class_tokens,
+            vision_layers=len(v.encoder.layers),
+            vision_width=v.hidden_size,
+            vision_mlp=layer.mlp.fc1.out_features,
+            patch_in=3 * v.patch_size**2,
+            visual_tokens=v.num_tokens,
+            hidden=c.hidden_size,
+            llm_layers=c.num_hidden_layers,
+            heads=c.num_attention_heads,
+            kv_heads=c.num_key_value_heads,
+            head_dim=head_dim,
+            intermediate=c.intermediate_size,
+            vocab=c.vocab_size,
+            den_kind=d.kind,
+            den_width=d.x_embed.out_features,
+            den_depth=len(d.blocks),
+            den_replicas=model.replicas,
+            den_channels=d.x_embed.in_features,
+            den_freq=d.t_embed.freq_dim,
+            vision_class_tokens=v.kind.class_tokens,
         )
 
     @property
     def layer_linear(self) -> int:
         """Multiply-accumulates per token of one decoder layer's linears (q, k, v, o, gate, up, down)."""
         q = self.heads * self.head_dim
-        return 2 * self.hidden * q + 2 * self.hidden * self.kv_heads * self.head_dim + 3 * self.hidden * self.intermediate
+        return (
+            2 * self.hidden * q + 2 * self.hidden * self.kv_heads * self.head_dim + 3 * self.hidden * self.intermediate
+        )
 
 
 @dataclass(frozen=True)
@@ -144,17 +165,37 @@ class StepFlops:
         return self.hardware_total / self.model_total
 
 
-def step_flops(arch: Arch, lengths, images, supervised, trainable=("projector", "llm", "denoiser"),
-               policies: list[str] | None = None) -> StepFlops:
+def step_flops(
+    arch: Arch,
+    lengths,
+    images,
+    supervised,
+    trainable=("projector", "llm", "denoiser"),
+    policies: list[str] | None = None,
+) -> StepFlops:
     """The analytic FLOPs of samples with `lengths` (visual tokens included), `images` (bool each) and
     `supervised` tokens each; `policies`: one checkpointing policy per decoder layer (None: none)."""
     lengths = [int(x) for x in lengths]
-    return totals_flops(arch, sum(lengths), sum(x * x for x in lengths), int(sum(bool(x) for x in images)),
-                        int(sum(supervised)), trainable, policies)
+    return totals_flops(
+        arch,
+        sum(lengths),
+        sum(x * x for x in lengths),
+        int(sum(bool(x) for x in images)),
+        int(sum(supervised)),
+        trainable,
+        policies,
+    )
 
 
-def totals_flops(arch: Arch, tokens: int, tokens_sq: int, n_img: int, n_supervised: int,
-                 trainable=("projector", "llm", "denoiser"), policies: list[str] | None = None) -> StepFlops:
+def totals_flops(
+    arch: Arch,
+    tokens: int,
+    tokens_sq: int,
+    n_img: int,
+    n_supervised: int,
+    trainable=("projector", "llm", "denoiser"),
+    policies: list[str] | None = None,
+) -> StepFlops:
     """step_flops from the totals it depends on (it is linear in each): the samples' tokens, the sum of their
     squared lengths, their images and supervised tokens. The trainer sums these over the steps between records."""
     a = arch
@@ -170,8 +211,9 @@ def totals_flops(arch: Arch, tokens: int, tokens_sq: int, n_img: int, n_supervis
     m, hw = {}, {}
     vw = a.vision_width
     S = N + a.vision_class_tokens  # the tower's sequence: the patches (embedded by the convolution) and CLIP's CLS
-    per_image = 2 * N * a.patch_in * vw + a.vision_layers * (2 * S * (4 * vw * vw + 2 * vw * a.vision_mlp)
-                                                            + 4 * S * S * vw)
+    per_image = 2 * N * a.patch_in * vw + a.vision_layers * (
+        2 * S * (4 * vw * vw + 2 * vw * a.vision_mlp) + 4 * S * S * vw
+    )
     m["vision"] = n_img * per_image  # frozen: forward only
     m["projector"] = n_img * 2 * N * (vw * H * (1 + proj_t) + H * H * (1 + 2 * proj_t))
     m["llm_linear"] = 2 * tokens * a.llm_layers * a.layer_linear * (1 + llm_t + g_llm)
@@ -235,8 +277,9 @@ class FakeModel:
     sees; the Triton kernels are custom ops it does not). Built as the trainer builds it (fastross.build), short of
     FSDP: fake tensors in place of its weights."""
 
-    def __init__(self, model_cfg, trainable=("projector", "llm", "denoiser"), policy: str | list = "none",
-                 device: str = "cpu"):
+    def __init__(
+        self, model_cfg, trainable=("projector", "llm", "denoiser"), policy: str | list = "none", device: str = "cpu"
+    ):
         # The model (and the Triton kernels under it) only for the counter: fastross.metrics and the kernel
         # benchmarks import this module for its formula and device peaks alone.
         from fastross import build
@@ -286,9 +329,15 @@ def count_sample(fake: FakeModel, length: int, image: bool, supervised: int) -> 
         x = torch.zeros(1, length, H, requires_grad=g_llm)
         cu = torch.tensor([0, length], dtype=torch.int32)
         with window("llm"):
-            h = m.llm.model(inputs_embeds=x, position_ids=torch.arange(length)[None], attention_mask=None,
-                            use_cache=False, fastross_cu_seqlens=cu, fastross_max_seqlen=length,
-                            fastross_mask=None).last_hidden_state
+            h = m.llm.model(
+                inputs_embeds=x,
+                position_ids=torch.arange(length)[None],
+                attention_mask=None,
+                use_cache=False,
+                fastross_cu_seqlens=cu,
+                fastross_max_seqlen=length,
+                fastross_mask=None,
+            ).last_hidden_state
             if g_llm:
                 h.sum().backward()
         with window("lm_head"):

@@ -29,8 +29,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from fastross import build
-from fastross import config as fconfig
+from fastross import build, config as fconfig
 from fastross.checkpoint import resolve
 from fastross.data import templates
 from fastross.data.batch import MicroBatch, TextSample, pack_text
@@ -50,18 +49,34 @@ def micro_batch(input_ids: list[int], pixel_values: torch.Tensor, image_token_id
     n = len(packed.input_ids)
     one = torch.ones(1)
     return MicroBatch(
-        input_ids=torch.from_numpy(packed.input_ids)[None], position_ids=torch.from_numpy(packed.position_ids)[None],
-        cu_seqlens=torch.from_numpy(packed.cu_seqlens), doc_ids=torch.zeros(n, dtype=torch.long), max_seqlen=n,
-        text_pos=torch.from_numpy(packed.text_pos), text_targets=torch.from_numpy(packed.text_targets),
-        visual_pos=torch.from_numpy(packed.visual_pos), pixel_values=pixel_values, image_weight=one,
-        t=torch.zeros(1, 1, dtype=torch.long), noise_keys=torch.zeros(1, dtype=torch.long),
-        latent_mean=None, latent_std=None, num_images=1, num_text_tokens=0,
+        input_ids=torch.from_numpy(packed.input_ids)[None],
+        position_ids=torch.from_numpy(packed.position_ids)[None],
+        cu_seqlens=torch.from_numpy(packed.cu_seqlens),
+        doc_ids=torch.zeros(n, dtype=torch.long),
+        max_seqlen=n,
+        text_pos=torch.from_numpy(packed.text_pos),
+        text_targets=torch.from_numpy(packed.text_targets),
+        visual_pos=torch.from_numpy(packed.visual_pos),
+        pixel_values=pixel_values,
+        image_weight=one,
+        t=torch.zeros(1, 1, dtype=torch.long),
+        noise_keys=torch.zeros(1, dtype=torch.long),
+        latent_mean=None,
+        latent_std=None,
+        num_images=1,
+        num_text_tokens=0,
     )
 
 
 @torch.no_grad()
-def greedy(model, input_ids: list[int], pixel_values: torch.Tensor, image_token_id: int, max_new_tokens: int,
-           eos_token_id: int | None = None) -> list[int]:
+def greedy(
+    model,
+    input_ids: list[int],
+    pixel_values: torch.Tensor,
+    image_token_id: int,
+    max_new_tokens: int,
+    eos_token_id: int | None = None,
+) -> list[int]:
     """The new token ids (eos included when reached) of greedy decoding from a prompt with one image."""
     model.eval()
     ids, out = list(input_ids), []
@@ -118,8 +133,14 @@ def hf_sdpa(llm):
 
 
 @torch.no_grad()
-def decode(model, prompts: list[Prompt], image_token_id: int, sampling: Sampling, eos_token_id: int | None,
-           pad_token_id: int = 0) -> list[list[int]]:
+def decode(
+    model,
+    prompts: list[Prompt],
+    image_token_id: int,
+    sampling: Sampling,
+    eos_token_id: int | None,
+    pad_token_id: int = 0,
+) -> list[list[int]]:
     """The new token ids of each prompt (eos included when reached), all prompts as one left-padded batch."""
     from transformers import DynamicCache  # transformers (seconds) only once decoding starts
 
@@ -155,8 +176,9 @@ def decode(model, prompts: list[Prompt], image_token_id: int, sampling: Sampling
     done = [False] * len(prompts)
     with hf_sdpa(llm):
         for _ in range(sampling.max_new_tokens):
-            h = llm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True).last_hidden_state[:, -1]
+            h = llm.model(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+            ).last_hidden_state[:, -1]
             logits = head(h).float()
             if gens is None:
                 nxt = logits.argmax(-1)
@@ -208,20 +230,35 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
         aspect = "pad" if json.loads((path / "preprocessor_config.json").read_text()).get("do_pad") else "square"
         tok = templates.load_tokenizer(str(path))
     else:
-        hint = (f"; it is a reference ROSS checkpoint: import it once with `python -m fastross.convert_checkpoint "
-                f"{path} --out RUN` and use RUN" if path.is_dir() and is_reference(path) else "")
-        raise FileNotFoundError(f"--model {path}: no fastross checkpoint (checkpoints/latest or .metadata) and no "
-                                f"fastross export (fastross_config.yaml + denoiser.safetensors){hint}")
+        hint = (
+            f"; it is a reference ROSS checkpoint: import it once with `python -m fastross.convert_checkpoint "
+            f"{path} --out RUN` and use RUN"
+            if path.is_dir() and is_reference(path)
+            else ""
+        )
+        raise FileNotFoundError(
+            f"--model {path}: no fastross checkpoint (checkpoints/latest or .metadata) and no "
+            f"fastross export (fastross_config.yaml + denoiser.safetensors){hint}"
+        )
     for key, folder in (("model.vision_path", cfg.model.vision_path), ("model.llm_path", cfg.model.llm_path)):
         if not Path(folder).is_dir():
-            raise FileNotFoundError(f"{key}: {folder} (from {path}'s config) is not a folder; the model is built "
-                                    "from it before the weights are loaded")
+            raise FileNotFoundError(
+                f"{key}: {folder} (from {path}'s config) is not a folder; the model is built "
+                "from it before the weights are loaded"
+            )
     model = build.host(cfg.model, "sdpa", torch.device(device).type, seed=cfg.train.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # DCP: "assuming the intent is to load in a single process": it is
         source = load_model_weights(path, model)
-    return Loaded(model.to(device).eval(), tok, template, aspect, ImageSpec.from_pretrained(cfg.model.vision_path),
-                  tok.convert_tokens_to_ids(templates.IMAGE_TOKEN), source)
+    return Loaded(
+        model.to(device).eval(),
+        tok,
+        template,
+        aspect,
+        ImageSpec.from_pretrained(cfg.model.vision_path),
+        tok.convert_tokens_to_ids(templates.IMAGE_TOKEN),
+        source,
+    )
 
 
 def prompt_ids(loaded: Loaded, question: str, image: bool, history: list[tuple[str, str]] | tuple = ()) -> list[int]:
@@ -251,8 +288,10 @@ def pixel_values(loaded: Loaded, image: str | Path) -> torch.Tensor:
 def answer(loaded: Loaded, items: list[tuple], sampling: Sampling) -> list[str]:
     """(question, image path or None[, history]) -> the decoded answers, one batch, special tokens dropped; history
     as prompt_ids takes it."""
-    prompts = [Prompt(prompt_ids(loaded, q, img is not None, *h), None if img is None else pixel_values(loaded, img))
-               for q, img, *h in items]
+    prompts = [
+        Prompt(prompt_ids(loaded, q, img is not None, *h), None if img is None else pixel_values(loaded, img))
+        for q, img, *h in items
+    ]
     tok = loaded.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     ids = decode(loaded.model, prompts, loaded.image_token_id, sampling, tok.eos_token_id, pad)
@@ -277,8 +316,9 @@ def read_batch(path: str | Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastross.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fastross.generate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="run folder, checkpoint or fastross.export folder")
     p.add_argument("--image", help="image file for --prompt")
     p.add_argument("--prompt", help="the question")
@@ -301,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = read_batch(a.batch)
     with open(a.out, "w") if a.out else contextlib.nullcontext(sys.stdout) as f:
         for i in range(0, len(rows), a.batch_size):
-            chunk = rows[i: i + a.batch_size]
+            chunk = rows[i : i + a.batch_size]
             for row, text in zip(chunk, answer(loaded, [(r["prompt"], r.get("image")) for r in chunk], sampling)):
                 f.write(json.dumps({"id": row["id"], "prompt": row["prompt"], "answer": text}) + "\n")
     return 0

@@ -117,8 +117,17 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
 
 # mosaicml-streaming's shared-memory segments are named f"{N:06}_{name}" (streaming/base/shared/prefix.py), N the
 # first free prefix, name one of streaming.base.constant.SHM_TO_CLEAN (0.13; tests/test_faults.py checks the list).
-STREAMING_SHM = ("locals", "barrier", "next_epoch", "cache_usage", "shard_states", "shard_access_times", "resume",
-                 "epoch_shape", "epoch_data")
+STREAMING_SHM = (
+    "locals",
+    "barrier",
+    "next_epoch",
+    "cache_usage",
+    "shard_states",
+    "shard_access_times",
+    "resume",
+    "epoch_shape",
+    "epoch_data",
+)
 
 
 def clean_dead_streaming_shm(shm_dir: Path = Path("/dev/shm"), say=print) -> list[str]:
@@ -150,8 +159,10 @@ def clean_dead_streaming_shm(shm_dir: Path = Path("/dev/shm"), say=print) -> lis
             except FileNotFoundError:
                 pass
     if removed:
-        say(f"train: removed {len(removed)} shared-memory segment(s) of dead streaming runs from {shm_dir}: "
-            f"{', '.join(removed[:6])}{' ...' if len(removed) > 6 else ''}")
+        say(
+            f"train: removed {len(removed)} shared-memory segment(s) of dead streaming runs from {shm_dir}: "
+            f"{', '.join(removed[:6])}{' ...' if len(removed) > 6 else ''}"
+        )
     return removed
 
 
@@ -187,7 +198,7 @@ def _prefixes_in_use(shm_dir: Path) -> set[str]:
             continue
         for n in names:
             if n.startswith(root):
-                live.add(n[len(root):].partition("_")[0])
+                live.add(n[len(root) :].partition("_")[0])
     return live
 
 
@@ -240,8 +251,10 @@ def clean_dead_multiprocessing_dirs(tmp: str | Path | None = None, say=print) ->
             continue
         removed.append(d.name)
     if removed:
-        say(f"train: removed {len(removed)} multiprocessing folder(s) of dead processes from {root}: "
-            f"{', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}")
+        say(
+            f"train: removed {len(removed)} multiprocessing folder(s) of dead processes from {root}: "
+            f"{', '.join(removed[:4])}{' ...' if len(removed) > 4 else ''}"
+        )
     return removed
 
 

@@ -18,8 +18,10 @@ from pathlib import Path
 
 from fastross import build, config, distributed
 from fastross.model import load
-from fastross.model.presets import QWEN2_7B as QWEN2_7B_INSTRUCT  # Qwen2-7B-Instruct has Qwen2-7B's shapes
-from fastross.model.presets import SIGLIP_SO400M_384
+from fastross.model.presets import (
+    QWEN2_7B as QWEN2_7B_INSTRUCT,  # Qwen2-7B-Instruct has Qwen2-7B's shapes
+    SIGLIP_SO400M_384,
+)
 
 
 def footprint_7b(recipe: str = "configs/7b.yaml", ranks: int = 8):
@@ -28,8 +30,10 @@ def footprint_7b(recipe: str = "configs/7b.yaml", ranks: int = 8):
         for name, cfg in (("llm", QWEN2_7B_INSTRUCT), ("vision", SIGLIP_SO400M_384)):
             (Path(tmp) / name).mkdir()
             (Path(tmp) / name / "config.json").write_text(json.dumps(cfg))
-        cfg = config.load(recipe, [f"model.llm_path={tmp}/llm", f"model.vision_path={tmp}/vision",
-                                   f"data.shards={tmp}", "model.init_from="])  # the architecture, not its weights
+        cfg = config.load(
+            recipe,
+            [f"model.llm_path={tmp}/llm", f"model.vision_path={tmp}/vision", f"data.shards={tmp}", "model.init_from="],
+        )  # the architecture, not its weights
         model = build.meta(cfg.model, "sdpa", "cuda")  # the shapes that 8 GPUs would hold
     params = sum(p.numel() for p in model.parameters())
     return load.footprint(model, ranks, distributed.frozen_parts(model)), params
@@ -38,10 +42,12 @@ def footprint_7b(recipe: str = "configs/7b.yaml", ranks: int = 8):
 def summary(recipe: str = "configs/7b.yaml", ranks: int = 8) -> str:
     fp, params = footprint_7b(recipe, ranks)
     gb = 1e9
-    return (f"{Path(recipe).name}: {params / 1e9:.2f}B parameters; per rank on {ranks} ranks: "
-            f"{fp.full_bytes / gb:.1f} GB whole model in fp32 before, now {fp.shard_bytes / gb:.2f} GB of shards "
-            f"held and at most {fp.peak_bytes / gb:.2f} GB while loading (shards + largest tensor "
-            f"{fp.largest_bytes / gb:.2f} GB)")
+    return (
+        f"{Path(recipe).name}: {params / 1e9:.2f}B parameters; per rank on {ranks} ranks: "
+        f"{fp.full_bytes / gb:.1f} GB whole model in fp32 before, now {fp.shard_bytes / gb:.2f} GB of shards "
+        f"held and at most {fp.peak_bytes / gb:.2f} GB while loading (shards + largest tensor "
+        f"{fp.largest_bytes / gb:.2f} GB)"
+    )
 
 
 def main(argv=None) -> None:

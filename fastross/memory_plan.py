@@ -4,7 +4,8 @@
 
 Needs no weights and no data: architectures come from the model folders' config.json when they exist,
 else from fastross.model.presets; the sample mix from the shards' length indexes when `data.shards` (or every
-source of `data.sources`, drawn by weight) holds one, else the stated default stage-2 mix (fastross.data.default_mix.draw).
+source of `data.sources`, drawn by weight) holds one, else the stated default stage-2 mix
+(fastross.data.default_mix.draw).
 Memory is simulated on the CPU: the recipe's RossModel built on the meta device, parallelized as the trainer does
 (checkpointing, FSDP2 over a fake process group of N ranks), materialised as fake tensors, and one training step
 tracked by FSDPMemTracker on the step's largest micro-batch (one untracked step first: AdamW's state created inside
@@ -76,8 +77,9 @@ def sample_mix(cfg: config.Config, visual_tokens: int, seed: int = 0) -> Mix:
             at = np.flatnonzero(pick == k)
             lengths[at] = rng.choice(read_lengths(index.parent).astype(np.int64), len(at))  # verified
         images = lengths > visual_tokens  # the index holds total lengths only: longer than an image means one
-        source = f"{n} samples drawn from " + ", ".join(f"{index} (weight {w:g})" if len(indexes) > 1 else str(index)
-                                                        for index, w in indexes)
+        source = f"{n} samples drawn from " + ", ".join(
+            f"{index} (weight {w:g})" if len(indexes) > 1 else str(index) for index, w in indexes
+        )
     else:
         lengths, images = default_mix.draw(rng, n, visual_tokens)
         source = f"{n} samples of the default stage-2 mix (fastross/data/default_mix.py)"
@@ -100,8 +102,10 @@ def step_micro_batch(cfg: config.Config, m: Mix, gpus: int, attn_tokens: float) 
         mb = largest_micro_batch(m, gpus, cfg.data.max_tokens, attn_tokens)
         return m.lengths[mb].tolist(), m.images[mb].tolist(), m.supervised[mb].tolist()
     plan = packing_planner.plan_padded_step(m.lengths.tolist(), gpus, cfg.data.padded_samples, attn_tokens)
-    mb = max((b for rank in plan.micro_batches for b in rank),
-             key=lambda b: (len(b) * int(m.lengths[b].max()), int(m.images[b].sum())))
+    mb = max(
+        (b for rank in plan.micro_batches for b in rank),
+        key=lambda b: (len(b) * int(m.lengths[b].max()), int(m.images[b].sum())),
+    )
     return [int(m.lengths[mb].max())] * len(mb), m.images[mb].tolist(), m.supervised[mb].tolist()
 
 
@@ -111,7 +115,9 @@ class Memory:
 
     peak: int
     parts: dict[str, int]  # parameters, gradients, optimizer, activations, temporaries
-    kinds: dict[str, int]  # FSDPMemTracker's own kinds at the peak ("Sharded Param", "OptState", ...; frozen parts not included)
+    kinds: dict[
+        str, int
+    ]  # FSDPMemTracker's own kinds at the peak ("Sharded Param", "OptState", ...; frozen parts not included)
 
 
 def _fake_micro_batch(model, lengths, images, supervised):
@@ -127,13 +133,20 @@ def _fake_micro_batch(model, lengths, images, supervised):
     return MicroBatch(
         input_ids=torch.zeros(1, total, dtype=torch.long),
         position_ids=torch.from_numpy(np.concatenate([np.arange(x) for x in lengths]))[None],
-        cu_seqlens=torch.from_numpy(cu), doc_ids=torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)),
-        max_seqlen=int(max(lengths)), text_pos=torch.from_numpy(tpos), text_targets=torch.zeros(len(tpos), dtype=torch.long),
-        visual_pos=torch.from_numpy(vpos), pixel_values=torch.zeros(n_img, 3, size, size), image_weight=torch.ones(n_img),
-        t=torch.zeros(n_img, model.replicas, dtype=torch.long), noise_keys=torch.arange(1, n_img + 1),
+        cu_seqlens=torch.from_numpy(cu),
+        doc_ids=torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)),
+        max_seqlen=int(max(lengths)),
+        text_pos=torch.from_numpy(tpos),
+        text_targets=torch.zeros(len(tpos), dtype=torch.long),
+        visual_pos=torch.from_numpy(vpos),
+        pixel_values=torch.zeros(n_img, 3, size, size),
+        image_weight=torch.ones(n_img),
+        t=torch.zeros(n_img, model.replicas, dtype=torch.long),
+        noise_keys=torch.arange(1, n_img + 1),
         latent_mean=None if model.vae is not None else torch.zeros(n_img, c, 2 * g, 2 * g),
         latent_std=None if model.vae is not None else torch.ones(n_img, c, 2 * g, 2 * g),
-        num_images=int(sum(images)), num_text_tokens=len(tpos),
+        num_images=int(sum(images)),
+        num_text_tokens=len(tpos),
     )
 
 
@@ -150,11 +163,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, k, chunk):
-            x = hidden[i:i + chunk]
+            x = hidden[i : i + chunk]
             logits = (x @ weight.t()).float()
-            loss = loss + torch.nn.functional.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
+            loss = loss + torch.nn.functional.cross_entropy(logits, targets[i : i + chunk], reduction="sum")
             g = logits.softmax(-1)
-            grad_h[i:i + chunk] = (g.to(weight.dtype) @ weight)
+            grad_h[i : i + chunk] = g.to(weight.dtype) @ weight
             grad_w += g.t() @ x.float()
         ctx.save_for_backward(grad_h, grad_w)
         return loss
@@ -179,8 +192,9 @@ def init_fake_world(gpus: int) -> distributed.World:
     return distributed.World(0, gpus, 0, torch.device("cpu"))
 
 
-def simulate(cfg: config.Config, model_cfg, world: distributed.World, policy, samples: tuple,
-             device: str = "cuda") -> Memory:
+def simulate(
+    cfg: config.Config, model_cfg, world: distributed.World, policy, samples: tuple, device: str = "cuda"
+) -> Memory:
     """Rank 0's peak over one tracked training step of the micro-batch `samples` = (lengths, images, supervised),
     with train.activation_checkpointing = policy; model_cfg's folders hold config.json (presets.arch_folders);
     device: the type of device planned for (what model.denoiser.impl=auto resolves to). The model is built as the
@@ -211,9 +225,13 @@ def simulate(cfg: config.Config, model_cfg, world: distributed.World, policy, sa
             step()
         snap = tracker.get_tracker_snapshot("peak")
     by = {getattr(k, "value", k): v for k, v in next(iter(snap.values())).items()}
-    groups = {"parameters": ("Sharded Param", "Unsharded Param", "Buffer"), "gradients": ("Sharded Grad", "Unsharded Grad"),
-              "optimizer": ("OptState",), "activations": ("Activation", "Inputs"),
-              "temporaries": ("Temp", "All Gather", "Reduce Scatter")}
+    groups = {
+        "parameters": ("Sharded Param", "Unsharded Param", "Buffer"),
+        "gradients": ("Sharded Grad", "Unsharded Grad"),
+        "optimizer": ("OptState",),
+        "activations": ("Activation", "Inputs"),
+        "temporaries": ("Temp", "All Gather", "Reduce Scatter"),
+    }
     parts = {name: sum(by.get(k, 0) for k in keys) for name, keys in groups.items()}
     # The frozen parts (vision tower, VAE) are out of FSDP (ignored_params): the tracker does not see them, but
     # every rank holds them whole for the whole step.
@@ -221,8 +239,9 @@ def simulate(cfg: config.Config, model_cfg, world: distributed.World, policy, sa
     parts["parameters"] += frozen
     unknown = set(by) - {k for keys in groups.values() for k in keys} - {"Total"}
     if unknown:
-        raise RuntimeError(f"FSDPMemTracker reported memory kinds fastross.memory_plan does not group: "
-                           f"{sorted(unknown)}")
+        raise RuntimeError(
+            f"FSDPMemTracker reported memory kinds fastross.memory_plan does not group: {sorted(unknown)}"
+        )
     return Memory(by["Total"] + frozen, parts, by)
 
 
@@ -291,8 +310,9 @@ def setup(cfg: config.Config, gpus: int, device: str = "cuda"):
         with presets.arch_folders(cfg.model) as (model_cfg, sources):
             arch = flops.FakeModel(model_cfg, cfg.train.trainable, device=device).arch
             m = sample_mix(cfg, arch.visual_tokens)
-            attn_tokens = packing_planner.attention_cost_tokens(arch.layer_linear * arch.llm_layers, arch.llm_layers,
-                                                                arch.hidden)
+            attn_tokens = packing_planner.attention_cost_tokens(
+                arch.layer_linear * arch.llm_layers, arch.llm_layers, arch.hidden
+            )
             yield Setup(cfg, model_cfg, world, device, arch, m, step_micro_batch(cfg, m, gpus, attn_tokens), sources)
     finally:
         dist.destroy_process_group()
@@ -342,10 +362,14 @@ def main(argv=None) -> int:
     budget = budget_gib(a.gpu_gib)
     with setup(cfg, a.gpus) as s:
         lengths, images, _ = s.samples
-        print(f"plan: {a.config} on {a.gpus} GPUs of {a.gpu_gib:g} GiB; architectures: "
-              + ", ".join(f"{k} {v}" for k, v in s.sources.items()))
-        print(f"mix: {s.mix.source}; simulated micro-batch (the step's largest): {sum(lengths)} tokens, "
-              f"{len(lengths)} samples, {sum(images)} images")
+        print(
+            f"plan: {a.config} on {a.gpus} GPUs of {a.gpu_gib:g} GiB; architectures: "
+            + ", ".join(f"{k} {v}" for k, v in s.sources.items())
+        )
+        print(
+            f"mix: {s.mix.source}; simulated micro-batch (the step's largest): {sum(lengths)} tokens, "
+            f"{len(lengths)} samples, {sum(images)} images"
+        )
         configured = config.checkpoint_policies(cfg.train.activation_checkpointing, s.arch.llm_layers)
         f = s.step(configured)
         print(f"FLOPs per step by part, TFLOP (per GPU: / {a.gpus}); hardware with the config's policy:")
@@ -357,8 +381,11 @@ def main(argv=None) -> int:
             known = override(policies) in s.sims
             mem = s.memory(policies)
             if not known:
-                print(f"  {override(policies):<34} peak {mem.peak / GIB:6.1f} GiB: " + ", ".join(
-                    f"{k} {v / GIB:.1f}" for k, v in mem.parts.items()) + f"; recompute {s.step(policies).recompute:.3f}")
+                print(
+                    f"  {override(policies):<34} peak {mem.peak / GIB:6.1f} GiB: "
+                    + ", ".join(f"{k} {v / GIB:.1f}" for k, v in mem.parts.items())
+                    + f"; recompute {s.step(policies).recompute:.3f}"
+                )
             return mem
 
         print("memory of one rank (simulated: FakeTensorMode, fake process group, FSDPMemTracker), GiB:")
@@ -370,8 +397,10 @@ def main(argv=None) -> int:
         mem = memory(configured)
         r = f.recompute
         fits = "yes" if mem.peak / GIB <= budget else "no"
-        print(f"budget: {a.gpu_gib:g} GiB less {MARGIN_FIXED_GIB:g} GiB (CUDA context, NCCL buffers) and "
-              f"{MARGIN_SHARE:.0%} (fragmentation); {time.perf_counter() - t0:.0f} s")
+        print(
+            f"budget: {a.gpu_gib:g} GiB less {MARGIN_FIXED_GIB:g} GiB (CUDA context, NCCL buffers) and "
+            f"{MARGIN_SHARE:.0%} (fragmentation); {time.perf_counter() - t0:.0f} s"
+        )
         print(f"plan: peak_gib {mem.peak / GIB:.1f} budget_gib {budget:.1f} fits {fits} recompute {r:.3f}")
     return 0
 

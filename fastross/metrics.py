@@ -107,15 +107,18 @@ class WandbSink:
         try:
             import wandb
         except ImportError as e:
-            raise ConfigError("train.loggers has 'wandb', but wandb is not installed: pip install 'fastross[wandb]'") from e
+            raise ConfigError(
+                "train.loggers has 'wandb', but wandb is not installed: pip install 'fastross[wandb]'"
+            ) from e
         id_file = run_dir / "wandb_id"
         if id_file.exists():
             run_id = id_file.read_text().strip()
         else:
             run_id = secrets.token_hex(4)  # W&B run ids: 8 characters of [a-z0-9]
             id_file.write_text(run_id + "\n")
-        self.run = wandb.init(project=project, id=run_id, resume="allow", dir=str(run_dir), config=config,
-                              name=run_dir.name)
+        self.run = wandb.init(
+            project=project, id=run_id, resume="allow", dir=str(run_dir), config=config, name=run_dir.name
+        )
 
     def write(self, step: int, rec: dict) -> None:
         self.run.log({k: v for k, v in rec.items() if k != "step"}, step=step)
@@ -134,10 +137,20 @@ class MetricsLogger:
     terminal); peak_tflops: the device's peak, for MFU when the trainer counts model FLOPs.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool, world: int, *,
-                 device: torch.device = torch.device("cpu"), loggers: list[str] | None = None, wandb_project: str = "",
-                 config: dict | None = None, progress: bool = False, peak_tflops: float | None = None,
-                 stream: TextIO | None = None):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool,
+        world: int,
+        *,
+        device: torch.device = torch.device("cpu"),
+        loggers: list[str] | None = None,
+        wandb_project: str = "",
+        config: dict | None = None,
+        progress: bool = False,
+        peak_tflops: float | None = None,
+        stream: TextIO | None = None,
+    ):
         self.enabled, self.world, self.device = enabled, world, device
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
@@ -227,8 +240,11 @@ class MetricsLogger:
             f.write(json.dumps(rec) + "\n")
         for sink in self.sinks:
             sink.write(step, {f"eval/{k}": v for k, v in values.items()})
-        self.say(f"eval: step {step} " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                  for k, v in values.items()) + f" ({seconds:.1f} s)")
+        self.say(
+            f"eval: step {step} "
+            + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+            + f" ({seconds:.1f} s)"
+        )
         return rec
 
     def drop_after(self, step: int) -> str | None:
@@ -256,14 +272,17 @@ def append_line(path: Path, line: str) -> None:
         size = os.fstat(fd).st_size
         try:
             while data:
-                data = data[os.write(fd, data):]
+                data = data[os.write(fd, data) :]
         except OSError as e:
             try:
                 os.ftruncate(fd, size)
             except OSError:
                 pass  # the torn line stays; trim() drops it when the run resumes
-            raise OSError(e.errno, f"could not append a record to {path}: {e.strerror}. Free space and start the "
-                                   "run again: it resumes from its last checkpoint") from e
+            raise OSError(
+                e.errno,
+                f"could not append a record to {path}: {e.strerror}. Free space and start the "
+                "run again: it resumes from its last checkpoint",
+            ) from e
     finally:
         os.close(fd)
 
@@ -292,26 +311,34 @@ def trim(path: Path, step: int) -> int:
 def format_line(rec: dict, total_steps: int) -> str:
     """The console line of one record: losses, throughput, the step time split, memory and the GPU's state."""
     parts = [
-        f"step {rec['step']}/{total_steps}", f"text_loss {rec['text_loss']:.4f}", f"recon_loss {rec['recon_loss']:.4f}",
-        f"lr {rec['lr']:.2e}", f"grad_norm {rec['grad_norm']:.3f}", f"samples/s {rec['samples_per_s']:.1f}",
+        f"step {rec['step']}/{total_steps}",
+        f"text_loss {rec['text_loss']:.4f}",
+        f"recon_loss {rec['recon_loss']:.4f}",
+        f"lr {rec['lr']:.2e}",
+        f"grad_norm {rec['grad_norm']:.3f}",
+        f"samples/s {rec['samples_per_s']:.1f}",
         f"tokens/s/rank {rec['tokens_per_s_per_rank']:.0f}",
     ]
     if "mfu" in rec:
         parts.append(f"mfu {rec['mfu']:.1%}")
-    split = " + ".join(f"{k.removesuffix('_s').replace('ckpt_blocked', 'ckpt')} {rec[k]:.3f}"
-                       for k in STEP_TIMES if k in rec)
+    split = " + ".join(
+        f"{k.removesuffix('_s').replace('ckpt_blocked', 'ckpt')} {rec[k]:.3f}" for k in STEP_TIMES if k in rec
+    )
     parts.append(f"step {rec['step_s']:.3f} s" + (f" ({split})" if split else ""))
     if "mem_peak_allocated_gib" in rec:
         parts.append(f"mem peak {rec['mem_peak_allocated_gib']:.1f}/{rec['mem_peak_reserved_gib']:.1f} GiB alloc/res")
     parts.append(f"rss {rec['host_peak_rss_gib']:.1f} GiB")
     if "gpu_util" in rec:
-        parts.append(f"gpu {rec['gpu_util']}% {rec['gpu_power_w']:.0f} W {rec['gpu_sm_clock_mhz']} MHz "
-                     f"{rec['gpu_temp_c']} C {rec['gpu_mem_used_gib']:.1f} GiB")
+        parts.append(
+            f"gpu {rec['gpu_util']}% {rec['gpu_power_w']:.0f} W {rec['gpu_sm_clock_mhz']} MHz "
+            f"{rec['gpu_temp_c']} C {rec['gpu_mem_used_gib']:.1f} GiB"
+        )
     return " | ".join(parts)
 
 
-def profiler(wait: int, warmup: int, active: int, repeat: int, run_dir: Path, rank: int, first_step: int,
-             device: torch.device) -> torch.profiler.profile:
+def profiler(
+    wait: int, warmup: int, active: int, repeat: int, run_dir: Path, rank: int, first_step: int, device: torch.device
+) -> torch.profiler.profile:
     """torch.profiler over the step loop on this rank: after `wait` steps and `warmup` traced-and-dropped ones,
     `active` steps go to run_dir/profile/rank{R}_step{S}.json (a Chrome / Perfetto trace; S: its last run step),
     `repeat` times (0: until the run ends). The trainer calls .step() once per optimizer step."""
@@ -325,6 +352,7 @@ def profiler(wait: int, warmup: int, active: int, repeat: int, run_dir: Path, ra
     if device.type == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
     return torch.profiler.profile(
-        activities=activities, on_trace_ready=write,
+        activities=activities,
+        on_trace_ready=write,
         schedule=torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=repeat),
     )

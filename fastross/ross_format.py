@@ -110,7 +110,7 @@ def _rename(name: str, table) -> str | None:
     for pattern, target in table:
         m = pattern.match(name)
         if m:
-            return (target.replace("#", m.group(1)) if m.groups() else target) + name[m.end():]
+            return (target.replace("#", m.group(1)) if m.groups() else target) + name[m.end() :]
     return None
 
 
@@ -150,16 +150,24 @@ def check_config(cfg: dict, where: Path, model, full: bool, denoiser: bool) -> N
     d = model.denoiser
     m = DENOISER_TYPE.match(str(cfg.get("mm_inv_projector_type")))
     if m is None or d.kind != "dit":
-        raise _config_error(where, "mm_inv_projector_type", cfg.get("mm_inv_projector_type"),
-                            f"this model's denoiser is model.denoiser.kind={d.kind!r} (the layout holds dit: "
-                            "denoiser_vit{depth}x)")
+        raise _config_error(
+            where,
+            "mm_inv_projector_type",
+            cfg.get("mm_inv_projector_type"),
+            f"this model's denoiser is model.denoiser.kind={d.kind!r} (the layout holds dit: denoiser_vit{{depth}}x)",
+        )
     if int(m.group(1)) != len(d.blocks):
-        raise _config_error(where, "mm_inv_projector_type", m.group(0),
-                            f"this model has model.denoiser.depth={len(d.blocks)}: set it to {m.group(1)}")
+        raise _config_error(
+            where,
+            "mm_inv_projector_type",
+            m.group(0),
+            f"this model has model.denoiser.depth={len(d.blocks)}: set it to {m.group(1)}",
+        )
     heads = int(cfg.get(HEADS_KEY, REFERENCE_HEADS))
     if heads != d.blocks[0].attn.heads:
-        raise _config_error(where, HEADS_KEY, heads, f"this model has model.denoiser.heads={d.blocks[0].attn.heads}: "
-                            f"set it to {heads}")
+        raise _config_error(
+            where, HEADS_KEY, heads, f"this model has model.denoiser.heads={d.blocks[0].attn.heads}: set it to {heads}"
+        )
 
 
 def _vision_layers(names) -> int:
@@ -178,8 +186,10 @@ def _check_pos_embed(t: torch.Tensor, model, where: str) -> None:
     want = _expected_pos_embed(model)
     eps = torch.finfo(t.dtype).eps if t.dtype.is_floating_point else 0.0
     if tuple(t.shape) != tuple(want.shape) or not torch.allclose(t.float(), want.to(t.dtype).float(), rtol=0, atol=eps):
-        raise ValueError(f"{where}: {POS_EMBED} {tuple(t.shape)} is not the fixed 2-D sin-cos table of this model's "
-                         f"denoiser {tuple(want.shape)}; fastross does not train a position embedding")
+        raise ValueError(
+            f"{where}: {POS_EMBED} {tuple(t.shape)} is not the fixed 2-D sin-cos table of this model's "
+            f"denoiser {tuple(want.shape)}; fastross does not train a position embedding"
+        )
 
 
 def _sources(path: Path, stack: ExitStack):
@@ -205,8 +215,10 @@ def reference_state(path: str | Path, model, fresh: tuple[str, ...] = ()) -> dic
     `model` (a RossModel, FSDP-sharded or not) and converted to its dtype. `fresh`: name prefixes the file need not
     hold, the caller fills them (fastross.convert_checkpoint --fresh-denoiser: "denoiser.")."""
     path = Path(path)
-    have = {k: (tuple(v.shape), v.dtype) for k, v in
-            get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)).items()}
+    have = {
+        k: (tuple(v.shape), v.dtype)
+        for k, v in get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)).items()
+    }
     with ExitStack() as stack:
         sources, cfg, full = _sources(path, stack)
         keys = [k for _, src in sources for k in src]
@@ -219,8 +231,10 @@ def reference_state(path: str | Path, model, fresh: tuple[str, ...] = ()) -> dic
             select = int((cfg or {}).get("mm_vision_select_layer", -2))
             keep = in_file + 1 + select if select < 0 else select
             if keep != kept:
-                raise ValueError(f"{path}: mm_vision_select_layer={select} of its {in_file}-layer tower keeps {keep} "
-                                 f"layers, this model {kept}: set model.select_layer to {select}")
+                raise ValueError(
+                    f"{path}: mm_vision_select_layer={select} of its {in_file}-layer tower keeps {keep} "
+                    f"layers, this model {kept}: set model.select_layer to {select}"
+                )
         has_vae = any(k.startswith("vae.") for k in have)
         state = {}
         for where, src in sources:
@@ -237,8 +251,10 @@ def reference_state(path: str | Path, model, fresh: tuple[str, ...] = ()) -> dic
                 if name.startswith("vae.") and not has_vae:
                     continue  # no VAE in this model: the shards hold the latents
                 if name not in have:
-                    raise KeyError(f"{where}: {key} (fastross's {name}) has no place in this model: is model.* "
-                                   "(llm_path, vision_path, denoiser) the checkpoint's architecture?")
+                    raise KeyError(
+                        f"{where}: {key} (fastross's {name}) has no place in this model: is model.* "
+                        "(llm_path, vision_path, denoiser) the checkpoint's architecture?"
+                    )
                 t = load()
                 if key == CONV[1]:
                     if t.dim() != 4 or tuple(t.shape[2:]) != (1, 1):
@@ -253,8 +269,12 @@ def reference_state(path: str | Path, model, fresh: tuple[str, ...] = ()) -> dic
 
 def _complete(state: dict, have: dict, model, path: Path, full: bool, denoiser: bool, fresh: tuple = ()) -> None:
     """Tie the head if the LLM ties it, then refuse a file set that leaves part of what it claims to set unset."""
-    if "llm.lm_head.weight" in have and "llm.lm_head.weight" not in state and "llm.model.embed_tokens.weight" in state \
-            and model.llm.config.tie_word_embeddings:
+    if (
+        "llm.lm_head.weight" in have
+        and "llm.lm_head.weight" not in state
+        and "llm.model.embed_tokens.weight" in state
+        and model.llm.config.tie_word_embeddings
+    ):
         state["llm.lm_head.weight"] = state["llm.model.embed_tokens.weight"]
     parts = ("projector.", "denoiser.") if denoiser else ("projector.",)
     wanted = [k for k in have if not k.startswith(("vae.", *fresh)) and (full or k.startswith(parts))]
@@ -279,23 +299,43 @@ def reference_config(cfg, meta, vae_path: str, dtype: torch.dtype) -> dict:
     m = cfg.model
     llm = AutoConfig.from_pretrained(m.llm_path)
     if llm.model_type not in MODEL_TYPES:
-        raise ValueError(f"model.llm_path={m.llm_path} is a {llm.model_type!r} model; the reference layout has "
-                         f"{', '.join(MODEL_TYPES)} LLMs")
+        raise ValueError(
+            f"model.llm_path={m.llm_path} is a {llm.model_type!r} model; the reference layout has "
+            f"{', '.join(MODEL_TYPES)} LLMs"
+        )
     vision = towers.read_tower(m.vision_path)
     proc = vision.kind.transformers_class("processor").from_pretrained(m.vision_path)
     model_type, arch = MODEL_TYPES[llm.model_type]
     d = llm.to_dict()
     name = str(dtype).removeprefix("torch.")
     d.update(
-        model_type=model_type, architectures=[arch], dtype=name, torch_dtype=name, use_cache=True,  # 4.57's key, older
-        mm_vision_tower=str(m.vision_path), mm_pixel_decoder=str(vae_path), mm_projector_type="mlp2x_gelu",
-        mm_inv_projector_type=f"denoiser_vit{m.denoiser.depth}x", mm_vision_select_layer=m.select_layer,
-        mm_vision_select_feature="patch", mm_hidden_size=vision.hidden_size,
-        mm_inv_hidden_size=4 * m.latent_channels, mm_patch_merge_type="flat", image_aspect_ratio=meta.image_aspect,
-        image_embed_len=meta.num_visual_tokens, decode_image_size=16 * meta.grid,
-        image_mean=list(proc.image_mean), image_std=list(proc.image_std), use_mm_proj=True, use_mm_inv_proj=True,
-        ross_enable=True, mm_use_im_start_end=False, mm_use_im_patch_token=False, tune_mm_mlp_adapter=False,
-        freeze_mm_mlp_adapter=False, tokenizer_padding_side="right",
+        model_type=model_type,
+        architectures=[arch],
+        dtype=name,
+        torch_dtype=name,
+        use_cache=True,  # 4.57's key, older
+        mm_vision_tower=str(m.vision_path),
+        mm_pixel_decoder=str(vae_path),
+        mm_projector_type="mlp2x_gelu",
+        mm_inv_projector_type=f"denoiser_vit{m.denoiser.depth}x",
+        mm_vision_select_layer=m.select_layer,
+        mm_vision_select_feature="patch",
+        mm_hidden_size=vision.hidden_size,
+        mm_inv_hidden_size=4 * m.latent_channels,
+        mm_patch_merge_type="flat",
+        image_aspect_ratio=meta.image_aspect,
+        image_embed_len=meta.num_visual_tokens,
+        decode_image_size=16 * meta.grid,
+        image_mean=list(proc.image_mean),
+        image_std=list(proc.image_std),
+        use_mm_proj=True,
+        use_mm_inv_proj=True,
+        ross_enable=True,
+        mm_use_im_start_end=False,
+        mm_use_im_patch_token=False,
+        tune_mm_mlp_adapter=False,
+        freeze_mm_mlp_adapter=False,
+        tokenizer_padding_side="right",
     )
     if m.denoiser.heads != REFERENCE_HEADS:
         d[HEADS_KEY] = m.denoiser.heads
@@ -313,8 +353,9 @@ def reference_tower_name(path: str, kind: towers.TowerKind) -> bool:
     return ("clip" in name) == (kind is towers.CLIP) and (kind is towers.CLIP or "siglip" in name)
 
 
-def reference_weights(cfg, state: dict[str, torch.Tensor], vae_path: str, grid: int, tied: bool,
-                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def reference_weights(
+    cfg, state: dict[str, torch.Tensor], vae_path: str, grid: int, tied: bool, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """The checkpoint's weights under the reference's names, plus what it keeps that fastross does not: the tower's
     later layers, post-layernorm and head (from vision_path), the VAE (from its folder), the DiT's pos_embed."""
     out = {}
@@ -342,8 +383,9 @@ def write_safetensors(tensors: dict[str, torch.Tensor], out: Path, max_shard_siz
     """model.safetensors, or Hugging Face's model-0000K-of-0000N.safetensors and model.safetensors.index.json."""
     from huggingface_hub import split_torch_state_dict_into_shards  # likewise (transformers' own dependency)
 
-    split = split_torch_state_dict_into_shards(tensors, filename_pattern="model{suffix}.safetensors",
-                                               max_shard_size=max_shard_size)
+    split = split_torch_state_dict_into_shards(
+        tensors, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: tensors[k] for k in keys}, str(out / filename), metadata={"format": "pt"})
     if split.is_sharded:
@@ -361,13 +403,16 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", max_shard_size
         raise ValueError(f"--dtype must be fp32 or bf16, got {dtype!r}")
     ckpt, cfg, state = read_checkpoint(src)
     if cfg.model.denoiser.kind != "dit":
-        raise ValueError(f"{ckpt}: model.denoiser.kind={cfg.model.denoiser.kind!r}; the reference layout holds the "
-                         "DiT denoiser only")
+        raise ValueError(
+            f"{ckpt}: model.denoiser.kind={cfg.model.denoiser.kind!r}; the reference layout holds the DiT denoiser only"
+        )
     meta = ShardMeta.read(meta_folder(cfg.data))
     vae_path = cfg.model.vae_path or read_meta(meta_folder(cfg.data)).get("vae")
     if not vae_path:
-        raise ValueError(f"{ckpt}: neither model.vae_path nor the shards ({meta_folder(cfg.data)}) name the VAE folder the "
-                         "layout's model.pixel_decoder.* comes from: set model.vae_path in the run's config.yaml")
+        raise ValueError(
+            f"{ckpt}: neither model.vae_path nor the shards ({meta_folder(cfg.data)}) name the VAE folder the "
+            "layout's model.pixel_decoder.* comes from: set model.vae_path in the run's config.yaml"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = reference_config(cfg, meta, vae_path, torch_dtype)
@@ -377,14 +422,19 @@ def export(src: str | Path, out: str | Path, dtype: str = "fp32", max_shard_size
     templates.load_tokenizer(cfg.model.llm_path).save_pretrained(out)
     kind = towers.read_tower(cfg.model.vision_path).kind
     if not reference_tower_name(cfg.model.vision_path, kind):
-        warnings.warn(f"{out}: mm_vision_tower={cfg.model.vision_path} is a {kind.name} tower, but the reference code "
-                      f"chooses its tower class by the path's name and would not build a {kind.name} one from it: "
-                      f"rename the folder so that its path contains {kind.name!r} (and not 'clip' for SigLIP)",
-                      stacklevel=2)
+        warnings.warn(
+            f"{out}: mm_vision_tower={cfg.model.vision_path} is a {kind.name} tower, but the reference code "
+            f"chooses its tower class by the path's name and would not build a {kind.name} one from it: "
+            f"rename the folder so that its path contains {kind.name!r} (and not 'clip' for SigLIP)",
+            stacklevel=2,
+        )
     d = cfg.model.denoiser
     if not reference_builds(d):
-        warnings.warn(f"{out}: the reference code builds denoiser_vit{d.depth}x at width "
-                      f"{REFERENCE_WIDTHS.get(d.depth, 1024)} with {REFERENCE_HEADS} heads, this one has width "
-                      f"{d.width} and {d.heads} heads: fastross reads it back, the reference code cannot load "
-                      "its denoiser", stacklevel=2)
+        warnings.warn(
+            f"{out}: the reference code builds denoiser_vit{d.depth}x at width "
+            f"{REFERENCE_WIDTHS.get(d.depth, 1024)} with {REFERENCE_HEADS} heads, this one has width "
+            f"{d.width} and {d.heads} heads: fastross reads it back, the reference code cannot load "
+            "its denoiser",
+            stacklevel=2,
+        )
     return out

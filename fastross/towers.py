@@ -47,8 +47,10 @@ class TowerKind:
         """The transformers class for role "config", "model" or "processor"."""
         import transformers  # here, not at the top: see the module's last paragraph
 
-        return getattr(transformers, {"config": self.config_class, "model": self.model_class,
-                                      "processor": self.processor_class}[role])
+        return getattr(
+            transformers,
+            {"config": self.config_class, "model": self.model_class, "processor": self.processor_class}[role],
+        )
 
     def load_config(self, path: str | Path):
         """The folder's tower config (a two-tower folder's vision_config), the transformers defaults where its
@@ -62,16 +64,30 @@ class TowerKind:
 
 
 SIGLIP = TowerKind(
-    name="siglip", folder_types=("siglip_vision_model", "siglip"), config_class="SiglipVisionConfig",
-    model_class="SiglipVisionModel", processor_class="SiglipImageProcessor",
-    config_overrides=(("vision_use_head", False),), class_tokens=0, pre_norm=False, layer_kwargs=("attention_mask",),
-    llava_strategy="full", dropped=("vision.post_layernorm.", "vision.head."),
+    name="siglip",
+    folder_types=("siglip_vision_model", "siglip"),
+    config_class="SiglipVisionConfig",
+    model_class="SiglipVisionModel",
+    processor_class="SiglipImageProcessor",
+    config_overrides=(("vision_use_head", False),),
+    class_tokens=0,
+    pre_norm=False,
+    layer_kwargs=("attention_mask",),
+    llava_strategy="full",
+    dropped=("vision.post_layernorm.", "vision.head."),
 )
 CLIP = TowerKind(
-    name="clip", folder_types=("clip_vision_model", "clip"), config_class="CLIPVisionConfig",
-    model_class="CLIPVisionModel", processor_class="CLIPImageProcessor",
-    config_overrides=(), class_tokens=1, pre_norm=True, layer_kwargs=("attention_mask", "causal_attention_mask"),
-    llava_strategy="default", dropped=("vision.post_layernorm.",),
+    name="clip",
+    folder_types=("clip_vision_model", "clip"),
+    config_class="CLIPVisionConfig",
+    model_class="CLIPVisionModel",
+    processor_class="CLIPImageProcessor",
+    config_overrides=(),
+    class_tokens=1,
+    pre_norm=True,
+    layer_kwargs=("attention_mask", "causal_attention_mask"),
+    llava_strategy="default",
+    dropped=("vision.post_layernorm.",),
 )
 KINDS = (SIGLIP, CLIP)
 VISION_TYPES = tuple(t for k in KINDS for t in k.folder_types)  # every model_type a vision folder may have
@@ -88,8 +104,10 @@ def kind_of(model_type: str | None, where: str) -> TowerKind:
     for kind in KINDS:
         if model_type in kind.folder_types:
             return kind
-    raise TowerError(f"{where} holds a {model_type!r} model, not a supported vision tower "
-                     f"(model_type one of {', '.join(VISION_TYPES)})")
+    raise TowerError(
+        f"{where} holds a {model_type!r} model, not a supported vision tower "
+        f"(model_type one of {', '.join(VISION_TYPES)})"
+    )
 
 
 @dataclass(frozen=True)
@@ -116,8 +134,10 @@ class Tower:
         n = self.num_hidden_layers
         keep = n + 1 + select_layer if select_layer < 0 else select_layer
         if not 1 <= keep <= n:
-            raise TowerError(f"model.select_layer={select_layer} is out of range for the vision tower's {n} layers: "
-                             f"use -{n}..-1 or 1..{n}")
+            raise TowerError(
+                f"model.select_layer={select_layer} is out of range for the vision tower's {n} layers: "
+                f"use -{n}..-1 or 1..{n}"
+            )
         return keep
 
 

@@ -24,17 +24,16 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 from fastross import build, checkpoint, config, distributed, flops, lifecycle, metrics, provenance
-from fastross.model import attention
 from fastross.data.images import ImageSpec
 from fastross.data.loader import Loader, StepBatch
 from fastross.data.packing_planner import attention_cost_tokens
 from fastross.data.schema import ShardMeta, fingerprint_problem, tokenizer_fingerprint
 from fastross.data.sources import check_shard_facts, open_sources
-from fastross.data.templates import load_tokenizer
 from fastross.data.stream import Position
+from fastross.data.templates import load_tokenizer
 from fastross.metrics import MetricsLogger
+from fastross.model import attention
 from fastross.model.ross import RossModel
-
 
 NONFINITE = "nonfinite.jsonl"  # run_dir/: one line per skipped step, with its samples
 
@@ -64,9 +63,14 @@ def param_groups(model, trainable: list[str], lrs: dict[str, float], weight_deca
             groups.append({"params": params, "lr": lrs[part], "name": part})
             continue
         decayed, flat = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
-        groups += [g for g in ({"params": decayed, "lr": lrs[part], "name": part},
-                               {"params": flat, "lr": lrs[part], "name": f"{part}.no_decay", "weight_decay": 0.0})
-                   if g["params"]]
+        groups += [
+            g
+            for g in (
+                {"params": decayed, "lr": lrs[part], "name": part},
+                {"params": flat, "lr": lrs[part], "name": f"{part}.no_decay", "weight_decay": 0.0},
+            )
+            if g["params"]
+        ]
     return groups
 
 
@@ -89,8 +93,10 @@ def steps_note(epochs: int, max_steps: int, per_epoch: int) -> str:
     total, by_epochs = run_steps(epochs, max_steps, per_epoch), epochs * per_epoch
     note = f"{total} steps ({per_epoch}/epoch)"
     if max_steps and max_steps != by_epochs:
-        note += (f": train.max_steps={max_steps} sets the length, {total / per_epoch:.2f} epochs "
-                 f"(train.epochs={epochs} alone gives {by_epochs} steps)")
+        note += (
+            f": train.max_steps={max_steps} sets the length, {total / per_epoch:.2f} epochs "
+            f"(train.epochs={epochs} alone gives {by_epochs} steps)"
+        )
     return note
 
 
@@ -155,13 +161,16 @@ def check_before_training(cfg: config.Config) -> list[str]:
     lengths = np.concatenate([s.lengths for s in sources])
     per_epoch = len(lengths) // d.global_batch  # StepStream's epoch: the union of the sources
     if per_epoch == 0:
-        raise config.ConfigError(f"data.global_batch={d.global_batch} is larger than the {len(lengths)} samples of "
-                                 f"{data[0][2]}")
+        raise config.ConfigError(
+            f"data.global_batch={d.global_batch} is larger than the {len(lengths)} samples of {data[0][2]}"
+        )
     notes = [steps_note(t.epochs, t.max_steps, per_epoch)]
     too_long = int((lengths > d.max_tokens).sum())
     if too_long:
-        notes.append(f"{too_long} of {len(lengths)} samples are longer than data.max_tokens={d.max_tokens}: each is "
-                     "planned alone in its micro-batch")
+        notes.append(
+            f"{too_long} of {len(lengths)} samples are longer than data.max_tokens={d.max_tokens}: each is "
+            "planned alone in its micro-batch"
+        )
     return notes
 
 
@@ -181,8 +190,9 @@ class Trainer:
         self.model = self.build_model(model)
         self.optimizer, self.params = self.build_optimizer()
         self.total_steps, self.scheduler = self.build_schedule()
-        self.checkpointer = checkpoint.Checkpointer(self.run_dir, world.rank, cfg.train.keep_checkpoints,
-                                                    cfg.train.async_checkpoint)
+        self.checkpointer = checkpoint.Checkpointer(
+            self.run_dir, world.rank, cfg.train.keep_checkpoints, cfg.train.async_checkpoint
+        )
         self.resume()
         self.write_provenance()
         self._say(self.start_note())
@@ -193,8 +203,14 @@ class Trainer:
         if world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         logger = MetricsLogger(
-            self.run_dir, world.is_main, world.size, device=world.device, loggers=t.loggers,
-            wandb_project=t.wandb_project, config=config.to_dict(cfg), progress=sys.stdout.isatty(),
+            self.run_dir,
+            world.is_main,
+            world.size,
+            device=world.device,
+            loggers=t.loggers,
+            wandb_project=t.wandb_project,
+            config=config.to_dict(cfg),
+            progress=sys.stdout.isatty(),
         )
         if t.memory_snapshot:
             if world.device.type != "cuda":
@@ -211,7 +227,9 @@ class Trainer:
         resolved for this run's device: what the loaders and the checks need, before any weight is read."""
         cfg, world = self.cfg, self.world
         if cfg.data.global_batch < world.size:
-            raise config.ConfigError(f"data.global_batch={cfg.data.global_batch} is smaller than the {world.size} ranks")
+            raise config.ConfigError(
+                f"data.global_batch={cfg.data.global_batch} is smaller than the {world.size} ranks"
+            )
         backend = attention.resolve(cfg.attention.backend, world.device)
         return build.meta(cfg.model, backend, world.device.type, seed=cfg.train.seed)
 
@@ -222,9 +240,15 @@ class Trainer:
 
         def loader(data: config.DataConfig) -> Loader:
             return Loader(
-                data, rank=world.rank, world=world.size, attn_tokens=llm_attention_cost_tokens(model.llm),
-                image=ImageSpec.from_pretrained(m.vision_path), latent_channels=model.latent_channels,
-                replicas=m.denoiser.replicas, seed=t.seed, device=world.device,
+                data,
+                rank=world.rank,
+                world=world.size,
+                attn_tokens=llm_attention_cost_tokens(model.llm),
+                image=ImageSpec.from_pretrained(m.vision_path),
+                latent_channels=model.latent_channels,
+                replicas=m.denoiser.replicas,
+                seed=t.seed,
+                device=world.device,
             )
 
         train = loader(d)
@@ -243,8 +267,11 @@ class Trainer:
         if d.eval_shards:
             held = loader(dataclasses.replace(d, shards=d.eval_shards, sources=[], shuffle="none"))
         # What the shards say against the model (the sources agree already: open_sources); --check runs the same
-        check_shards(self.cfg, model, [("data.shards", train.meta, train.name)]
-                     + ([("data.eval_shards", held.meta, held.name)] if held else []))
+        check_shards(
+            self.cfg,
+            model,
+            [("data.shards", train.meta, train.name)] + ([("data.eval_shards", held.meta, held.name)] if held else []),
+        )
         return train, held
 
     def build_flops(self, model: RossModel) -> tuple[flops.Arch, list[str]]:
@@ -265,8 +292,10 @@ class Trainer:
         model = build.parallelize(model, self.world, self.cfg)
         loaded = build.load(model, self.world.device, self.cfg)
         r = loaded.report
-        self._say(f"weights: {r.from_files} tensors read from the folders, {r.fresh} fresh; "
-                  f"{r.held_bytes / 2**20:.1f} MiB held per rank")
+        self._say(
+            f"weights: {r.from_files} tensors read from the folders, {r.fresh} fresh; "
+            f"{r.held_bytes / 2**20:.1f} MiB held per rank"
+        )
         if loaded.init_from is not None:
             self._say(f"model weights from {loaded.init_from}")
         return model
@@ -371,9 +400,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {
-            "sums": sums, "counts": counts, "grad_norm": grad_norm,
+            "sums": sums,
+            "counts": counts,
+            "grad_norm": grad_norm,
             "tokens": step.tokens,  # the global batch's tokens, known to every rank
-            "micro_batches": step.num_micro_batches, "imbalance": step.imbalance,
+            "micro_batches": step.num_micro_batches,
+            "imbalance": step.imbalance,
         }
 
     def _skip(self, mbs: list, losses: torch.Tensor, grad_norm: torch.Tensor) -> None:
@@ -391,9 +423,11 @@ class Trainer:
             samples = sorted({i for ids in every for i in ids})
             rec = {"step": step, "grad_norm": norm, "samples": samples}
             metrics.append_line(self.run_dir / NONFINITE, json.dumps(rec))
-            self._say(f"step {step}: non-finite loss or gradient norm (grad_norm {norm}); update skipped "
-                      f"({self.bad_in_a_row} in a row, train.max_bad_steps={self.cfg.train.max_bad_steps}); "
-                      f"samples {samples} in {self.run_dir / NONFINITE}")
+            self._say(
+                f"step {step}: non-finite loss or gradient norm (grad_norm {norm}); update skipped "
+                f"({self.bad_in_a_row} in a row, train.max_bad_steps={self.cfg.train.max_bad_steps}); "
+                f"samples {samples} in {self.run_dir / NONFINITE}"
+            )
         if self.bad_in_a_row >= self.cfg.train.max_bad_steps:
             names = sorted({i for ids in every for i in ids}) if self.world.is_main else []
             raise TrainingStopped(
@@ -411,21 +445,33 @@ class Trainer:
         n_text, n_img = (int(x) for x in self._counts.tolist())
         work = flops.totals_flops(self.arch, *self._work, n_img, n_text, self.cfg.train.trainable, self.policies)
         self._work, self._counts = [0, 0], torch.zeros_like(self._counts)
-        self.metrics.log(self.step, self.total_steps, {
-            "recompute": work.recompute,  # hardware over model FLOPs (the checkpointing policy's recompute)
-            "text_loss": text, "recon_loss": recon, "lr": lr, "grad_norm": float(grad_norm),
-            "text_tokens": int(result["counts"][0]), "images": int(result["counts"][1]),
-            "micro_batches": result["micro_batches"], "rank_imbalance": result["imbalance"],
-            "skipped_steps": self.skipped_steps - self._skipped_logged,  # non-finite steps since the last record
-        }, flops=work.model_total)  # the global batches' model FLOPs since the last record
+        self.metrics.log(
+            self.step,
+            self.total_steps,
+            {
+                "recompute": work.recompute,  # hardware over model FLOPs (the checkpointing policy's recompute)
+                "text_loss": text,
+                "recon_loss": recon,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "text_tokens": int(result["counts"][0]),
+                "images": int(result["counts"][1]),
+                "micro_batches": result["micro_batches"],
+                "rank_imbalance": result["imbalance"],
+                "skipped_steps": self.skipped_steps - self._skipped_logged,  # non-finite steps since the last record
+            },
+            flops=work.model_total,
+        )  # the global batches' model FLOPs since the last record
         self._skipped_logged = self.skipped_steps
 
     def fit(self) -> None:
         t = self.cfg.train
         end = min(t.stop_after, self.total_steps) if t.stop_after else self.total_steps
         if self.step >= end:
-            self._say(f"already complete: {self.step}/{self.total_steps} steps in {self.run_dir}"
-                      + (f" (train.stop_after={t.stop_after})" if end < self.total_steps else ""))
+            self._say(
+                f"already complete: {self.step}/{self.total_steps} steps in {self.run_dir}"
+                + (f" (train.stop_after={t.stop_after})" if end < self.total_steps else "")
+            )
             # A run killed after its last checkpoint was final (while pruning) is done: said as a finished run says it.
             self._say(f"done: steps {self.step} -> {self.step} in 0.0 s; checkpoint in {self.checkpointer.hint()}")
             return
@@ -434,8 +480,13 @@ class Trainer:
         start, first = time.perf_counter(), self.step
         cuda = self.world.device.type == "cuda"
         pr = t.profile
-        prof = metrics.profiler(pr.wait, pr.warmup, pr.active, pr.repeat, self.run_dir, self.world.rank, first,
-                                self.world.device) if pr.active else None
+        prof = (
+            metrics.profiler(
+                pr.wait, pr.warmup, pr.active, pr.repeat, self.run_dir, self.world.rank, first, self.world.device
+            )
+            if pr.active
+            else None
+        )
         self.metrics.start(first, self.total_steps)
         try:
             if prof is not None:
@@ -488,9 +539,11 @@ class Trainer:
         distributed.all_reduce_sum(sums)
         distributed.all_reduce_sum(counts)
         text, recon = (sums / counts.clamp(min=1)).tolist()  # host sync: evaluation steps only
-        self.metrics.log_eval(self.step, {"text_loss": text, "recon_loss": recon,
-                                          "samples": loader.steps_per_epoch * self.cfg.data.global_batch},
-                              time.perf_counter() - t0)
+        self.metrics.log_eval(
+            self.step,
+            {"text_loss": text, "recon_loss": recon, "samples": loader.steps_per_epoch * self.cfg.data.global_batch},
+            time.perf_counter() - t0,
+        )
 
     def _timed(self, steps):
         """The loader's steps, with the time spent waiting in next() added to the record as data_wait_s."""
@@ -513,8 +566,10 @@ class Trainer:
 
     def save(self) -> None:
         state = {
-            "step": self.step, "data": self.data_position.to_dict(),
-            "scheduler": self.scheduler.state_dict(), "world_size": self.world.size,
+            "step": self.step,
+            "data": self.data_position.to_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "world_size": self.world.size,
             "bad_in_a_row": self.bad_in_a_row,
         }
         saved = self.checkpointer.save(self.step, self.model, self.optimizer, state, config.dump(self.cfg))
@@ -559,11 +614,14 @@ def check(path: str, overrides: list[str]) -> int:
 
 def usage() -> str:
     """What `python -m fastross.train` without arguments prints: the command's form and the recipes in configs/."""
-    folder = next((f for f in (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs") if f.is_dir()),
-                  None)
+    folder = next(
+        (f for f in (Path.cwd() / "configs", Path(__file__).resolve().parents[1] / "configs") if f.is_dir()), None
+    )
     recipes = sorted(folder.glob("*.yaml")) if folder else []
-    lines = ["usage: [torchrun --nproc-per-node N] python -m fastross.train CONFIG [key.sub=value ...] [--check]",
-             "       python -m fastross.train --help-config      (every key)"]
+    lines = [
+        "usage: [torchrun --nproc-per-node N] python -m fastross.train CONFIG [key.sub=value ...] [--check]",
+        "       python -m fastross.train --help-config      (every key)",
+    ]
     if recipes:
         lines.append(f"recipes in {folder}: " + ", ".join(p.name for p in recipes))
     lines.append("e.g. python -m fastross.train configs/tiny.yaml --check")
@@ -571,14 +629,23 @@ def usage() -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Train a ROSS model (see configs/ and README.md).",
-                                epilog="Every config key, with its type, default and meaning: --help-config.")
+    p = argparse.ArgumentParser(
+        description="Train a ROSS model (see configs/ and README.md).",
+        epilog="Every config key, with its type, default and meaning: --help-config.",
+    )
     p.add_argument("config", nargs="?", help="YAML recipe, e.g. configs/tiny.yaml")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.max_steps=10")
-    p.add_argument("--help-config", action=HelpConfig, nargs=0,
-                   help="list every config key (dotted name, type, default, meaning) and exit")
-    p.add_argument("--check", action="store_true",
-                   help="validate the config and exit without training; missing model and data folders are warnings")
+    p.add_argument(
+        "--help-config",
+        action=HelpConfig,
+        nargs=0,
+        help="list every config key (dotted name, type, default, meaning) and exit",
+    )
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config and exit without training; missing model and data folders are warnings",
+    )
     a = p.parse_intermixed_args(argv)  # options may follow the overrides: CONFIG key=value --check
     if a.config is None:
         print(usage(), file=sys.stderr)

@@ -33,8 +33,10 @@ def load_model_weights(path: str | Path, model) -> Path:
     rank = dist.get_rank() if dist.is_initialized() else 0
     ckpt = checkpoint.agreed(lambda: checkpoint.resolve(path, say=print), rank)
     if ckpt is None:
-        raise FileNotFoundError(f"model.init_from: {path} holds no complete fastross checkpoint, no fastross export "
-                                "and no reference ROSS checkpoint or mm_projector.bin")
+        raise FileNotFoundError(
+            f"model.init_from: {path} holds no complete fastross checkpoint, no fastross export "
+            "and no reference ROSS checkpoint or mm_projector.bin"
+        )
     return checkpoint.load_model_state(ckpt, model)
 
 
@@ -45,7 +47,9 @@ def _load_export_weights(folder: Path, model) -> Path:
     missing = sorted(k for k in have - state.keys() if not k.startswith("vae."))
     extra = sorted(state.keys() - have)
     if missing or extra:
-        raise KeyError(f"model.init_from: the export {folder} does not fit this model: missing {missing[:5]}, "
-                       f"unexpected {extra[:5]} (is model.* the export's fastross_config.yaml's?)")
+        raise KeyError(
+            f"model.init_from: the export {folder} does not fit this model: missing {missing[:5]}, "
+            f"unexpected {extra[:5]} (is model.* the export's fastross_config.yaml's?)"
+        )
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
     return folder

@@ -123,8 +123,9 @@ def silu_cond_op(cc: torch.Tensor, te: torch.Tensor) -> torch.Tensor:
 @silu_cond_op.register_fake
 def _(cc, te):
     _check(cc, te)
-    return cc.new_empty((cc.shape[0], te.shape[1], cc.shape[1], cc.shape[2]),
-                        dtype=torch.promote_types(cc.dtype, te.dtype))
+    return cc.new_empty(
+        (cc.shape[0], te.shape[1], cc.shape[1], cc.shape[2]), dtype=torch.promote_types(cc.dtype, te.dtype)
+    )
 
 
 @torch.library.custom_op("fastross::silu_cond_bwd", mutates_args=())

@@ -203,13 +203,23 @@ def _check_xt(mean, std, keys, sqrt_ab, sqrt_1m_ab) -> None:
         raise ValueError(f"latent moments must be (n, C, 2g, 2g), got {tuple(mean.shape)} and {tuple(std.shape)}")
     n, r = mean.shape[0], sqrt_ab.shape[1]
     if keys.dim() != 1 or keys.shape[0] != n or sqrt_ab.shape != (n, r) or sqrt_1m_ab.shape != (n, r):
-        raise ValueError(f"keys {tuple(keys.shape)}, sqrt_ab {tuple(sqrt_ab.shape)}, sqrt_1m_ab "
-                         f"{tuple(sqrt_1m_ab.shape)} do not match {n} images")
+        raise ValueError(
+            f"keys {tuple(keys.shape)}, sqrt_ab {tuple(sqrt_ab.shape)}, sqrt_1m_ab "
+            f"{tuple(sqrt_1m_ab.shape)} do not match {n} images"
+        )
 
 
 @torch.library.custom_op("fastross::diffusion_xt", mutates_args=())
-def diffusion_xt_op(mean: torch.Tensor, std: torch.Tensor, keys: torch.Tensor, sqrt_ab: torch.Tensor,
-                    sqrt_1m_ab: torch.Tensor, shift: float, scale: float, dtype: torch.dtype) -> torch.Tensor:
+def diffusion_xt_op(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    keys: torch.Tensor,
+    sqrt_ab: torch.Tensor,
+    sqrt_1m_ab: torch.Tensor,
+    shift: float,
+    scale: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
     keys = _check_keys(keys)
     _check_xt(mean, std, keys, sqrt_ab, sqrt_1m_ab)
     check_device(mean, std, keys, sqrt_ab, sqrt_1m_ab)
@@ -221,8 +231,19 @@ def diffusion_xt_op(mean: torch.Tensor, std: torch.Tensor, keys: torch.Tensor, s
     xt = torch.empty(n, r, tokens, c4, device=mean.device, dtype=dtype)
     block = min(elementwise_target(), triton.next_power_of_2(nc4))
     _xt_kernel[(n, triton.cdiv(nc4, block))](
-        mean.contiguous(), std.contiguous(), keys, sqrt_ab.float().contiguous(), sqrt_1m_ab.float().contiguous(),
-        xt, float(shift), float(scale), r, g, nc4, C4=c4, BLOCK=block,
+        mean.contiguous(),
+        std.contiguous(),
+        keys,
+        sqrt_ab.float().contiguous(),
+        sqrt_1m_ab.float().contiguous(),
+        xt,
+        float(shift),
+        float(scale),
+        r,
+        g,
+        nc4,
+        C4=c4,
+        BLOCK=block,
     )
     return xt
 

@@ -41,15 +41,23 @@ from ._common import rows2d
 from .linear_epilogue import act_ref, gate_backward, linear_epilogue
 from .ln_modulate import ln_modulate_bwd, ln_modulate_fwd, ln_modulate_ref
 
-
 # torch.library custom ops (opaque to torch.compile, with fake implementations), see ln_modulate.py.
 # The forward ops return the tensors their backward needs (LN statistics, h, b) as extra outputs.
 
 
 @torch.library.custom_op("fastross::fused_mlp_branch", mutates_args=())
-def fused_mlp_branch_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor,
-                        w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, act: str, eps: float
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_mlp_branch_op(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    gate: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    act: str,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(out shaped like x, LN mean (M,), LN rstd (M,), h (M, hidden), b (M, W)) with M the rows of x."""
     w = x.shape[-1]
     x2 = rows2d(x, w, "x")
@@ -65,15 +73,33 @@ def fused_mlp_branch_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tenso
 def _(x, shift, scale, gate, w1, b1, w2, b2, act, eps):
     m = x.numel() // x.shape[-1]
     stats = x.new_empty((m,), dtype=torch.float32)
-    return x.new_empty(x.shape), stats, torch.empty_like(stats), x.new_empty((m, w1.shape[0])), x.new_empty((m, x.shape[-1]))
+    return (
+        x.new_empty(x.shape),
+        stats,
+        torch.empty_like(stats),
+        x.new_empty((m, w1.shape[0])),
+        x.new_empty((m, x.shape[-1])),
+    )
 
 
 @torch.library.custom_op("fastross::fused_mlp_branch_bwd", mutates_args=())
-def fused_mlp_branch_bwd_op(dout: torch.Tensor, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                            gate: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, mean: torch.Tensor,
-                            rstd: torch.Tensor, h: torch.Tensor, b: torch.Tensor, act: str, eps: float
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                       torch.Tensor, torch.Tensor, torch.Tensor]:
+def fused_mlp_branch_bwd_op(
+    dout: torch.Tensor,
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    gate: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    h: torch.Tensor,
+    b: torch.Tensor,
+    act: str,
+    eps: float,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]:
     """(dx, d_xm (= dshift), dscale, dgate, dw1, db1 fp32, dw2, db2 fp32); the first four shaped like x."""
     w = x.shape[-1]
     x2 = rows2d(x, w, "x")
@@ -94,8 +120,13 @@ def fused_mlp_branch_bwd_op(dout: torch.Tensor, x: torch.Tensor, shift: torch.Te
 @fused_mlp_branch_bwd_op.register_fake
 def _(dout, x, shift, scale, gate, w1, w2, mean, rstd, h, b, act, eps):
     like = [x.new_empty(x.shape) for _ in range(4)]
-    return (*like, w1.new_empty(w1.shape), w1.new_empty((w1.shape[0],), dtype=torch.float32),
-            w2.new_empty(w2.shape), w2.new_empty((w2.shape[0],), dtype=torch.float32))
+    return (
+        *like,
+        w1.new_empty(w1.shape),
+        w1.new_empty((w1.shape[0],), dtype=torch.float32),
+        w2.new_empty(w2.shape),
+        w2.new_empty((w2.shape[0],), dtype=torch.float32),
+    )
 
 
 def _mlp_setup(ctx, inputs, output):
@@ -111,8 +142,18 @@ def _mlp_setup(ctx, inputs, output):
 def _mlp_backward(ctx, dout, *_extras):
     shs, scs, gs, b1_dtype, b2_dtype = ctx.shapes
     dx, d_xm, d_sc, d_gate, dw1, db1, dw2, db2 = fused_mlp_branch_bwd_op(dout, *ctx.saved_tensors, ctx.act, ctx.eps)
-    return (dx, d_xm.reshape(shs), d_sc.reshape(scs), d_gate.reshape(gs),
-            dw1, db1.to(b1_dtype), dw2, db2.to(b2_dtype), None, None)
+    return (
+        dx,
+        d_xm.reshape(shs),
+        d_sc.reshape(scs),
+        d_gate.reshape(gs),
+        dw1,
+        db1.to(b1_dtype),
+        dw2,
+        db2.to(b2_dtype),
+        None,
+        None,
+    )
 
 
 fused_mlp_branch_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
@@ -124,8 +165,9 @@ def fused_mlp_branch(x, shift, scale, gate, w1, b1, w2, b2, act: str = "gelu_tan
 
 
 @torch.library.custom_op("fastross::gated_linear", mutates_args=())
-def gated_linear_op(y: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor, res: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def gated_linear_op(
+    y: torch.Tensor, w: torch.Tensor, bias: torch.Tensor, gate: torch.Tensor, res: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(out shaped like res, b = y @ w^T + bias as (M, W)) for backward."""
     wd = w.shape[0]
     y2 = rows2d(y, y.shape[-1], "y")
@@ -140,8 +182,9 @@ def _(y, w, bias, gate, res):
 
 
 @torch.library.custom_op("fastross::gated_linear_bwd", mutates_args=())
-def gated_linear_bwd_op(dout: torch.Tensor, y: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, b: torch.Tensor
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def gated_linear_bwd_op(
+    dout: torch.Tensor, y: torch.Tensor, w: torch.Tensor, gate: torch.Tensor, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dy shaped like y, dw, dbias fp32, dgate shaped like gate); dres is dout itself."""
     y2 = rows2d(y, y.shape[-1], "y")
     d_b, d_gate, dbias = gate_backward(dout.reshape(b.shape), rows2d(gate, w.shape[0], "gate"), b)
@@ -150,8 +193,12 @@ def gated_linear_bwd_op(dout: torch.Tensor, y: torch.Tensor, w: torch.Tensor, ga
 
 @gated_linear_bwd_op.register_fake
 def _(dout, y, w, gate, b):
-    return y.new_empty(y.shape), w.new_empty(w.shape), w.new_empty((w.shape[0],), dtype=torch.float32), \
-        gate.new_empty(gate.shape)
+    return (
+        y.new_empty(y.shape),
+        w.new_empty(w.shape),
+        w.new_empty((w.shape[0],), dtype=torch.float32),
+        gate.new_empty(gate.shape),
+    )
 
 
 def _gated_setup(ctx, inputs, output):

@@ -65,8 +65,13 @@ def _configs():
     )
     if os.environ.get("FASTROSS_AUTOTUNE", "1") == "0":
         return [cfg(64, 128, 64, 4, 8)]
-    return [cfg(128, 128, 64, 3, 8), cfg(128, 128, 64, 4, 8), cfg(64, 256, 64, 3, 8), cfg(64, 128, 64, 4, 8),
-            cfg(64, 64, 64, 4, 4)]
+    return [
+        cfg(128, 128, 64, 3, 8),
+        cfg(128, 128, 64, 4, 8),
+        cfg(64, 256, 64, 3, 8),
+        cfg(64, 128, 64, 4, 8),
+        cfg(64, 64, 64, 4, 4),
+    ]
 
 
 ACT_GRAD_MAX_TILE = 64 * 128  # BLOCK_M * BLOCK_N above which the act_grad epilogue spills on sm_90a
@@ -101,8 +106,12 @@ def _act_grad(h, ACT: tl.constexpr):
 
 
 # colsum partials are indexed by the M tile, whose size differs between configs: zeroed before each try
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "EPILOGUE", "ACT", "HAS_BIAS"], reset_to_zero=["colsum_ptr"],
-                 prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(
+    configs=_configs(),
+    key=["M", "N", "K", "EPILOGUE", "ACT", "HAS_BIAS"],
+    reset_to_zero=["colsum_ptr"],
+    prune_configs_by={"early_config_prune": _prune},
+)
 @triton.jit
 def _linear_kernel(
     a_ptr,  # (M, K) left operand, strides (stride_am, stride_ak)
@@ -257,11 +266,29 @@ def linear_epilogue(
     # The interpreter skips the autotuner: its tiles follow the problem (fastross.kernels._common)
     kernel, tiles = (_linear_kernel.fn, interpreter_matmul_tiles(m, n, k)) if interpreting() else (_linear_kernel, {})
     kernel[grid](
-        a, b, bias if bias is not None else a, aux if aux is not None else a, gate if gate is not None else a,
-        o1, o2, colsum, m, n, k, a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-        aux.stride(0) if aux is not None else 0, gate.stride(0) if gate is not None else 0,
-        EPILOGUE=ep, ACT=ACTS[act], HAS_BIAS=bias is not None, COL_SUMS=col_sums,
-        UPCAST=interpreting() and a.dtype != torch.float32, DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
+        a,
+        b,
+        bias if bias is not None else a,
+        aux if aux is not None else a,
+        gate if gate is not None else a,
+        o1,
+        o2,
+        colsum,
+        m,
+        n,
+        k,
+        a.stride(0),
+        a.stride(1),
+        b.stride(0),
+        b.stride(1),
+        aux.stride(0) if aux is not None else 0,
+        gate.stride(0) if gate is not None else 0,
+        EPILOGUE=ep,
+        ACT=ACTS[act],
+        HAS_BIAS=bias is not None,
+        COL_SUMS=col_sums,
+        UPCAST=interpreting() and a.dtype != torch.float32,
+        DOT_PREC="ieee" if a.dtype == torch.float32 else "tf32",
         **tiles,
     )
     outs = (o1, o2) if ep else (o1,)

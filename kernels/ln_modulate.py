@@ -124,8 +124,21 @@ def ln_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, e
     rstd = torch.empty_like(mean)
     bm, bw = row_block(w, elementwise_target())
     _ln_mod_fwd_kernel[(triton.cdiv(m, bm),)](
-        x, shift, scale, y, mean, rstd, m, w, x.stride(0), shift.stride(0), scale.stride(0), eps,
-        BLOCK_M=bm, BLOCK_W=bw, num_warps=4 if bw <= 1024 else 8,
+        x,
+        shift,
+        scale,
+        y,
+        mean,
+        rstd,
+        m,
+        w,
+        x.stride(0),
+        shift.stride(0),
+        scale.stride(0),
+        eps,
+        BLOCK_M=bm,
+        BLOCK_W=bw,
+        num_warps=4 if bw <= 1024 else 8,
     )
     return y, mean, rstd
 
@@ -140,8 +153,22 @@ def ln_modulate_bwd(dy, x, scale, mean, rstd, dres=None):
     dsc = torch.empty(m, w, device=x.device, dtype=scale.dtype)
     bm, bw = row_block(w, elementwise_target())
     _ln_mod_bwd_kernel[(triton.cdiv(m, bm),)](
-        dy, x, scale, mean, rstd, dres if dres is not None else dy, dx, dsc, m, w, x.stride(0), scale.stride(0),
-        HAS_DRES=dres is not None, BLOCK_M=bm, BLOCK_W=bw, num_warps=4 if bw <= 1024 else 8,
+        dy,
+        x,
+        scale,
+        mean,
+        rstd,
+        dres if dres is not None else dy,
+        dx,
+        dsc,
+        m,
+        w,
+        x.stride(0),
+        scale.stride(0),
+        HAS_DRES=dres is not None,
+        BLOCK_M=bm,
+        BLOCK_W=bw,
+        num_warps=4 if bw <= 1024 else 8,
     )
     return dx, dsc
 
@@ -155,8 +182,9 @@ def ln_modulate_bwd(dy, x, scale, mean, rstd, dres=None):
 
 
 @torch.library.custom_op("fastross::ln_modulate", mutates_args=())
-def ln_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ln_modulate_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y shaped like x, row means, row rstd) with the statistics shaped x.shape[:-1], fp32."""
     w = x.shape[-1]
     y, mean, rstd = ln_modulate_fwd(rows2d(x, w, "x"), rows2d(shift, w, "shift"), rows2d(scale, w, "scale"), eps)
@@ -170,8 +198,9 @@ def _(x, shift, scale, eps):
 
 
 @torch.library.custom_op("fastross::ln_modulate_bwd", mutates_args=())
-def ln_modulate_bwd_op(dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor,
-                       rstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def ln_modulate_bwd_op(
+    dy: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx shaped like x, dscale shaped like scale); dshift is dy itself."""
     w = x.shape[-1]
     x2, sc2 = rows2d(x, w, "x"), rows2d(scale, w, "scale")

@@ -65,8 +65,8 @@ def llama_tokenizers(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
-    from fastross.data.synth import write_dataset
     from devtools.golden import SYNTH
+    from fastross.data.synth import write_dataset
 
     out = tmp_path_factory.mktemp("synth")
     write_dataset(out, **SYNTH)
@@ -80,12 +80,33 @@ def tokenizer(tiny_models):
     return load_tokenizer(str(tiny_models / "llm"))
 
 
-def convert(models: Path, data: Path, out: Path, template: str, json_name: str, vae: bool = True,
-            images: Path | None = None, vision: Path | None = None) -> Path:
+def convert(
+    models: Path,
+    data: Path,
+    out: Path,
+    template: str,
+    json_name: str,
+    vae: bool = True,
+    images: Path | None = None,
+    vision: Path | None = None,
+) -> Path:
     from fastross.data.convert import main
 
-    argv = ["--json", str(data / json_name), "--images", str(images or data / "images"), "--tokenizer", str(models / "llm"),
-            "--vision", str(vision or models / "vision"), "--template", template, "--out", str(out), "--quiet"]
+    argv = [
+        "--json",
+        str(data / json_name),
+        "--images",
+        str(images or data / "images"),
+        "--tokenizer",
+        str(models / "llm"),
+        "--vision",
+        str(vision or models / "vision"),
+        "--template",
+        template,
+        "--out",
+        str(out),
+        "--quiet",
+    ]
     if vae:
         argv += ["--vae", str(models / "vae")]
     assert main(argv) == 0
@@ -123,8 +144,11 @@ def first_step_from_run(run_dir, tiny_models, stage2_shards, tmp_path_factory) -
 
     tmp = tmp_path_factory.mktemp("from_run")
     rd = tmp / "run"
-    out = run(2, write_config(tmp / "c.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10),
-              f"model.init_from={run_dir}")
+    out = run(
+        2,
+        write_config(tmp / "c.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10),
+        f"model.init_from={run_dir}",
+    )
     assert f"model weights from {run_dir}" in out
     first = metrics(rd)[0]
     assert first["text_loss"] != metrics(run_dir)[0]["text_loss"]  # the trained weights were loaded, not fresh ones
@@ -147,8 +171,9 @@ def four_steps_1rank(tiny_models, skewed_shards, tmp_path_factory) -> Path:
     rank-change tests, and the logged run of tests/test_metrics.py."""
     from test_train import FOUR_STEPS, TELEMETRY
 
-    return skewed_run(1, FOUR_STEPS | TELEMETRY, tiny_models, skewed_shards,
-                      tmp_path_factory.mktemp("four_steps_1rank"))
+    return skewed_run(
+        1, FOUR_STEPS | TELEMETRY, tiny_models, skewed_shards, tmp_path_factory.mktemp("four_steps_1rank")
+    )
 
 
 @pytest.fixture(scope="session")
@@ -203,13 +228,18 @@ def skewed_shards(tiny_models, synth_data, tmp_path_factory) -> Path:
     for i in range(24):
         n = rng.choice([40, 150, 400, 900])
         q = " ".join(rng.choice(words) for _ in range(n))
-        records.append({"id": f"long_{i}", "conversations": [
-            {"from": "human", "value": f"Repeat after me: {q}"}, {"from": "gpt", "value": q}]})
+        records.append(
+            {
+                "id": f"long_{i}",
+                "conversations": [{"from": "human", "value": f"Repeat after me: {q}"}, {"from": "gpt", "value": q}],
+            }
+        )
     rng.shuffle(records)
     src = tmp_path_factory.mktemp("skewed") / "skewed.json"
     src.write_text(json.dumps(records))
-    return convert(tiny_models, src.parent, src.parent / "shards", "qwen2_ross", "skewed.json",
-                   images=synth_data / "images")
+    return convert(
+        tiny_models, src.parent, src.parent / "shards", "qwen2_ross", "skewed.json", images=synth_data / "images"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -224,8 +254,14 @@ def tiny_clip(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def clip_shards(tiny_models, tiny_clip, synth_data, tmp_path_factory) -> Path:
     """The bundled stage-2 records converted for the tiny CLIP tower (latent moments from the tiny VAE)."""
-    return convert(tiny_models, synth_data, tmp_path_factory.mktemp("clip_shards") / "stage2", "qwen2_ross",
-                   "stage2.json", vision=tiny_clip)
+    return convert(
+        tiny_models,
+        synth_data,
+        tmp_path_factory.mktemp("clip_shards") / "stage2",
+        "qwen2_ross",
+        "stage2.json",
+        vision=tiny_clip,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -235,8 +271,11 @@ def clip_run_dir(tiny_models, tiny_clip, clip_shards, tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("clip_run")
     rd = tmp / "run"
-    run(1, write_config(tmp / "c.yaml", tiny_models, clip_shards, rd, max_steps=2, ckpt_every=1),
-        f"model.vision_path={tiny_clip}")
+    run(
+        1,
+        write_config(tmp / "c.yaml", tiny_models, clip_shards, rd, max_steps=2, ckpt_every=1),
+        f"model.vision_path={tiny_clip}",
+    )
     return rd
 
 

@@ -89,7 +89,9 @@ def main(models: str, out_dir: str) -> None:
 
     world = distributed.init()
     cfg = ModelConfig(
-        vision_path=f"{models}/vision", llm_path=f"{models}/llm", vae_path=f"{models}/vae",
+        vision_path=f"{models}/vision",
+        llm_path=f"{models}/llm",
+        vae_path=f"{models}/vae",
         denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4),
     )
     plain = Config(model=cfg, train=TrainConfig(dtype="fp32", activation_checkpointing="none"))
@@ -120,15 +122,27 @@ def main(models: str, out_dir: str) -> None:
     fresh_differ_before, _ = compare(other, reference)
     weights.load_model_weights(ckpt, other)
     init_from_differ, _ = compare(other, reference)
-    Path(out_dir, f"rank{world.rank}.json").write_text(json.dumps({
-        "differ": differ, "sharded": sharded, "untied": untied,
-        "fresh_differ_before": fresh_differ_before, "init_from_differ": init_from_differ,
-        "checked": len(list(model.named_parameters())) + len(list(model.named_buffers())),
-        "peak_bytes": counter.peak, "held_bytes": report.held_bytes,
-        "shard_bytes": predicted.shard_bytes, "largest_bytes": predicted.largest_bytes,
-        "full_bytes": predicted.full_bytes, "bytes_read": report.bytes_read,
-        "from_files": report.from_files, "fresh": report.fresh, "recomputed": report.recomputed,
-    }))
+    Path(out_dir, f"rank{world.rank}.json").write_text(
+        json.dumps(
+            {
+                "differ": differ,
+                "sharded": sharded,
+                "untied": untied,
+                "fresh_differ_before": fresh_differ_before,
+                "init_from_differ": init_from_differ,
+                "checked": len(list(model.named_parameters())) + len(list(model.named_buffers())),
+                "peak_bytes": counter.peak,
+                "held_bytes": report.held_bytes,
+                "shard_bytes": predicted.shard_bytes,
+                "largest_bytes": predicted.largest_bytes,
+                "full_bytes": predicted.full_bytes,
+                "bytes_read": report.bytes_read,
+                "from_files": report.from_files,
+                "fresh": report.fresh,
+                "recomputed": report.recomputed,
+            }
+        )
+    )
     distributed.shutdown()
 
 

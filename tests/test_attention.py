@@ -18,8 +18,9 @@ def per_sample(q, k, v, cu, scale, causal, gqa):
     outs = []
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         qs, ks, vs = (x[a:b].transpose(0, 1) for x in (q, k, v))
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa)
-                    .transpose(0, 1))
+        outs.append(
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale, enable_gqa=gqa).transpose(0, 1)
+        )
     return torch.cat(outs)
 
 
@@ -27,13 +28,26 @@ def torch_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, is_causal
     return per_sample(query, key, value, cu_seq_q, scale, is_causal, gqa=False)
 
 
-def torch_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-               window_size=(-1, -1)):
+def torch_2_11(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)
+):
     return per_sample(query, key, value, cu_seq_q, scale, window_size == (-1, 0), gqa=False)
 
 
-def torch_later(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
-                window_size=(-1, -1), enable_gqa=False):
+def torch_later(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+):
     return per_sample(query, key, value, cu_seq_q, scale, window_size == (-1, 0), gqa=enable_gqa)
 
 

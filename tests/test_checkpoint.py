@@ -16,9 +16,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint import filesystem
 
+from devtools.faults import MEASURED, RunsCode, checkpoint_differences, kill_tree, read_checkpoint
 from fastross import checkpoint
 from fastross.checkpoint import Checkpointer, load_rng
-from devtools.faults import MEASURED, RunsCode, checkpoint_differences, kill_tree, read_checkpoint
 
 TESTS = Path(__file__).parent
 
@@ -181,7 +181,7 @@ def test_sigkill_during_async_write_resumes_from_previous(sync_run, tiny_models,
     markers.mkdir()
     cfg = write_config(tmp_path / "k.yaml", tiny_models, skewed_shards, rd, async_checkpoint=True, **STEPS)
     cmd = torchrun_cmd(2, cfg)
-    cmd[cmd.index("-m", 3):cmd.index("-m", 3) + 2] = [str(TESTS / "_held_write_train.py")]
+    cmd[cmd.index("-m", 3) : cmd.index("-m", 3) + 2] = [str(TESTS / "_held_write_train.py")]
     env = {**os.environ, "FASTROSS_TEST_HOLD_WRITE": "step_00000006.tmp", "FASTROSS_TEST_HOLD_MARKERS": str(markers)}
     log = open(tmp_path / "killed.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)

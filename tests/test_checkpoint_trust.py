@@ -19,9 +19,9 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, MetadataIndex
 from transformers import get_cosine_schedule_with_warmup
 
+from devtools.faults import RunsCode
 from fastross import checkpoint, checkpoint_read, config, weights
 from fastross.checkpoint import Checkpointer, CheckpointError
-from devtools.faults import RunsCode
 from test_checkpoint import tiny_trained
 
 LR = 0.01
@@ -45,8 +45,13 @@ def trainer(seed: int):
 
 
 def trainer_state(step: int, sched) -> dict:
-    return {"step": step, "data": {"epoch": 0, "step_in_epoch": step}, "scheduler": sched.state_dict(),
-            "world_size": 1, "bad_in_a_row": 0}
+    return {
+        "step": step,
+        "data": {"epoch": 0, "step_in_epoch": step},
+        "scheduler": sched.state_dict(),
+        "world_size": 1,
+        "bad_in_a_row": 0,
+    }
 
 
 @pytest.fixture
@@ -87,8 +92,10 @@ def every_entry_point(ck, ckpt, tmp_path, monkeypatch, with_resume: bool = True)
     fastross.checkpoint.read_checkpoint (both export formats call it). Yields (name, callable)."""
     monkeypatch.setattr(checkpoint.fconfig, "load", lambda *a, **k: "the checkpoint's config")
     other, other_opt, other_sched = trainer(1)
-    points = [("init_from", lambda: weights.load_model_weights(tmp_path / "run", other)),
-              ("export", lambda: checkpoint.read_checkpoint(tmp_path / "run"))]
+    points = [
+        ("init_from", lambda: weights.load_model_weights(tmp_path / "run", other)),
+        ("export", lambda: checkpoint.read_checkpoint(tmp_path / "run")),
+    ]
     if with_resume:
         points.insert(0, ("resume", lambda: ck.load(ck.latest(), other, other_opt, other_sched)))
     return points
@@ -123,8 +130,9 @@ def test_model_entry_declared_as_bytes_is_refused_at_every_entry_point(saved, tm
     payload = torch_saved(RunsCode(marker))
     plant(ckpt, "model.0.weight", payload, declare_bytes=True)
     for name, read in every_entry_point(ck, ckpt, tmp_path, monkeypatch):
-        with pytest.raises(CheckpointError, match=f"{ckpt / '.metadata'}: refused to load key model.0.weight: it is "
-                                                  "declared as bytes"):
+        with pytest.raises(
+            CheckpointError, match=f"{ckpt / '.metadata'}: refused to load key model.0.weight: it is declared as bytes"
+        ):
             read()
         assert not marker.exists(), name
     torch.load(io.BytesIO(payload), weights_only=False)
@@ -144,8 +152,14 @@ def test_model_entry_of_another_kind_where_a_value_is_kept_is_refused(saved, tmp
         ck.load(ck.latest(), other, other_opt, other_sched)
 
 
-@pytest.mark.parametrize("value, why", [(torch.zeros(3), "it holds a Tensor"), ("0.01", "it holds '0.01', where this optimizer holds"),
-                                        ({"lr": 0.01}, "it holds a dict")])
+@pytest.mark.parametrize(
+    "value, why",
+    [
+        (torch.zeros(3), "it holds a Tensor"),
+        ("0.01", "it holds '0.01', where this optimizer holds"),
+        ({"lr": 0.01}, "it holds a dict"),
+    ],
+)
 def test_bytes_item_of_the_wrong_kind_is_refused(saved, tmp_path, value, why):
     ck, ckpt, *_ = saved
     evil = plant(ckpt, "optim.param_groups.0.lr", torch_saved(value), declare_bytes=False)
@@ -185,14 +199,17 @@ def test_crafted_rng_file_refused_on_resume_before_anything_is_restored(saved, t
         checkpoint.load_rng(ckpt / "rng_rank0.pt")
 
 
-@pytest.mark.parametrize("edit, key", [
-    (lambda s: s.pop("scheduler"), "scheduler is missing"),
-    (lambda s: s.update(step="3"), "step is '3'"),
-    (lambda s: s.update(data={"epoch": 0}), "data is"),
-    (lambda s: s["scheduler"].update(optimizer="x"), "scheduler.optimizer is not one the schedule has"),
-    (lambda s: s["scheduler"].update(base_lrs=[1.0, 2.0, 3.0]), "scheduler.base_lrs is"),
-    (lambda s: s["scheduler"].pop("last_epoch"), "scheduler.last_epoch is missing"),
-])
+@pytest.mark.parametrize(
+    "edit, key",
+    [
+        (lambda s: s.pop("scheduler"), "scheduler is missing"),
+        (lambda s: s.update(step="3"), "step is '3'"),
+        (lambda s: s.update(data={"epoch": 0}), "data is"),
+        (lambda s: s["scheduler"].update(optimizer="x"), "scheduler.optimizer is not one the schedule has"),
+        (lambda s: s["scheduler"].update(base_lrs=[1.0, 2.0, 3.0]), "scheduler.base_lrs is"),
+        (lambda s: s["scheduler"].pop("last_epoch"), "scheduler.last_epoch is missing"),
+    ],
+)
 def test_trainer_json_is_checked_naming_the_key(saved, tmp_path, edit, key):
     ck, ckpt, *_ = saved
     path = ckpt / "trainer.json"
@@ -275,6 +292,7 @@ class Killed(BaseException):
 
 def moments():
     """(name, how to kill: a function (monkeypatch, root) that patches the moment in, the step resumed from)."""
+
     def at_small_files(mp, root):
         mp.setattr(checkpoint.Checkpointer, "_write_small_files", lambda *a: (_ for _ in ()).throw(Killed()))
 
@@ -284,6 +302,7 @@ def moments():
         def write_data(writer, plan, planner):
             (Path(writer.path) / "__0_0.distcp").write_bytes(b"half a shard")
             raise Killed()
+
         mp.setattr(filesystem._FileSystemWriter, "write_data", write_data)
 
     def at_write_manifest(mp, root):
@@ -301,7 +320,9 @@ def moments():
                 if pred(Path(src), Path(dst)):
                     raise Killed()
                 return real(src, dst)
+
             mp.setattr(checkpoint.os, "replace", replace)
+
         return patch
 
     def latest_when(after: bool):
@@ -314,7 +335,9 @@ def moments():
                 real(path, text)
                 if path.name == "latest" and text == "step_00000003":
                     raise Killed()
+
             mp.setattr(checkpoint, "_fsync_write", write)
+
         return patch
 
     def delete_when(files: int):
@@ -328,14 +351,18 @@ def moments():
                         f.unlink()
                     raise Killed()
                 return real(path, *a, **k)
+
             mp.setattr(checkpoint.shutil, "rmtree", rmtree)
+
         return patch
 
     def legacy_half_deleted(mp, root):
         """What a kill in the old prune left (devtools.fault_train's `prune`): step_1 without its .metadata."""
+
         def prune(self):
             (self.root / "step_00000001" / ".metadata").unlink()
             raise Killed()
+
         mp.setattr(checkpoint.Checkpointer, "_prune", prune)
 
     return [
@@ -357,7 +384,8 @@ MOMENTS = moments()
 
 @pytest.mark.parametrize("moment, kill, resumes_at", MOMENTS, ids=[m[0] for m in MOMENTS])
 def test_kill_at_each_moment_of_save_and_prune_resumes_from_the_newest_complete(
-        world_of_one, tmp_path, monkeypatch, capsys, moment, kill, resumes_at):
+    world_of_one, tmp_path, monkeypatch, capsys, moment, kill, resumes_at
+):
     model, opt, sched = trainer(0)
     run = tmp_path / "run"
     ck = Checkpointer(run, rank=0, keep=2)
@@ -392,10 +420,16 @@ def test_prune_renames_before_deleting(world_of_one, tmp_path, monkeypatch):
     ck.save(1, model, opt, trainer_state(1, sched), "")
     seen = []
     real_replace, real_rmtree = os.replace, shutil.rmtree
-    monkeypatch.setattr(checkpoint.os, "replace", lambda s, d: (seen.append(("replace", Path(s).name, Path(d).name)),
-                                                              real_replace(s, d))[1])
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda p, *a, **k: (seen.append(("rmtree", Path(p).name)),
-                                                                        real_rmtree(p, *a, **k))[1])
+    monkeypatch.setattr(
+        checkpoint.os,
+        "replace",
+        lambda s, d: (seen.append(("replace", Path(s).name, Path(d).name)), real_replace(s, d))[1],
+    )
+    monkeypatch.setattr(
+        checkpoint.shutil,
+        "rmtree",
+        lambda p, *a, **k: (seen.append(("rmtree", Path(p).name)), real_rmtree(p, *a, **k))[1],
+    )
     ck.save(2, model, opt, trainer_state(2, sched), "")
     i = seen.index(("replace", "step_00000001", "step_00000001.pruned.tmp"))
     assert ("rmtree", "step_00000001.pruned.tmp") in seen[i:]

@@ -151,14 +151,35 @@ def test_other_vision_towers_are_refused_by_name(model_type, tiny_clip, tiny_mod
         VisionTower(str(folder))
     assert repr(model_type) in str(e.value) and str(folder) in str(e.value) and supported in str(e.value)
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"model:\n  vision_path: {folder}\n  llm_path: {tiny_models / 'llm'}\n"
-                   f"data:\n  shards: {tmp_path}\ntrain:\n  run_dir: {tmp_path / 'run'}\n")
+    cfg.write_text(
+        f"model:\n  vision_path: {folder}\n  llm_path: {tiny_models / 'llm'}\n"
+        f"data:\n  shards: {tmp_path}\ntrain:\n  run_dir: {tmp_path / 'run'}\n"
+    )
     with pytest.raises(config.ConfigError) as e:
         config.load(str(cfg))
-    assert str(e.value).startswith("model.vision_path") and repr(model_type) in str(e.value) and supported in str(e.value)
-    assert convert_main(["--json", str(tmp_path / "none.json"), "--images", str(tmp_path), "--tokenizer",
-                         str(tiny_models / "llm"), "--vision", str(folder), "--template", "qwen2_ross",
-                         "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert (
+        str(e.value).startswith("model.vision_path") and repr(model_type) in str(e.value) and supported in str(e.value)
+    )
+    assert (
+        convert_main(
+            [
+                "--json",
+                str(tmp_path / "none.json"),
+                "--images",
+                str(tmp_path),
+                "--tokenizer",
+                str(tiny_models / "llm"),
+                "--vision",
+                str(folder),
+                "--template",
+                "qwen2_ross",
+                "--out",
+                str(tmp_path / "out"),
+                "--quiet",
+            ]
+        )
+        == 2
+    )
     assert f"convert: error: --vision: {folder} holds a {model_type!r} model" in capsys.readouterr().err
 
 
@@ -170,9 +191,18 @@ def test_clip_whole_model_folder_builds_its_vision_tower(tmp_path):
     from fastross.model.vision import VisionTower
 
     torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
-                     vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                                        num_attention_heads=4, image_size=32, patch_size=8), projection_dim=16)
+    cfg = CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     model = CLIPModel(cfg).eval()
     model.save_pretrained(tmp_path / "clip")
     tower = towers.read_tower(tmp_path / "clip")
@@ -191,9 +221,8 @@ def test_clip_convert_train_resume(tiny_models, tiny_clip, clip_shards, clip_run
     bit for bit (1 rank)."""
     import shutil
 
-    from test_train import final_weights, metrics, run, write_config
-
     from fastross.data.schema import ShardMeta, read_meta
+    from test_train import final_weights, metrics, run, write_config
 
     meta = ShardMeta.read(clip_shards)
     assert (meta.grid, meta.num_visual_tokens) == (8, 64) and read_meta(clip_shards)["vision"] == str(tiny_clip)
@@ -204,8 +233,11 @@ def test_clip_convert_train_resume(tiny_models, tiny_clip, clip_shards, clip_run
     shutil.rmtree(ckpts / "step_00000002")
     (ckpts / "latest").write_text((ckpts / "latest").read_text().replace("step_00000002", "step_00000001"))
     (rd / "metrics.jsonl").write_text((rd / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
-    out = run(1, write_config(tmp_path / "c.yaml", tiny_models, clip_shards, rd, max_steps=2, ckpt_every=1),
-              f"model.vision_path={tiny_clip}")
+    out = run(
+        1,
+        write_config(tmp_path / "c.yaml", tiny_models, clip_shards, rd, max_steps=2, ckpt_every=1),
+        f"model.vision_path={tiny_clip}",
+    )
     assert "steps 1 -> 2" in out, out[-2000:]
     ref, got = metrics(clip_run_dir), metrics(rd)
     assert [m["step"] for m in got] == [1, 2] and all(m["images"] > 0 for m in ref)
@@ -309,11 +341,12 @@ def test_clip_reference_layout(clip_ours, clip_run_dir, tiny_clip, tmp_path):
     tensors = load_file(str(out / "model.safetensors"))
     prefix = "model.vision_tower.vision_tower."
     tower = CLIPVisionModel(CLIPVisionConfig.from_pretrained(tiny_clip)).eval()
-    tower.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
+    tower.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}, strict=True)
     pix = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(clip_ours.vision(pix), tower(pix, output_hidden_states=True).hidden_states[-2][:, 1:],
-                                   rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            clip_ours.vision(pix), tower(pix, output_hidden_states=True).hidden_states[-2][:, 1:], rtol=0, atol=1e-6
+        )
     state = ross_format.reference_state(out, clip_ours)
     have = clip_ours.state_dict()
     assert "vision.pre_layrnorm.weight" in state and "vision.embeddings.class_embedding" in state

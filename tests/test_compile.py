@@ -19,8 +19,10 @@ def test_compiled_model_matches_eager_and_compiles_at_most_twice_per_block(tiny_
     img = [s for s in stage2_samples if len(s["image"])]
     txt = [s for s in stage2_samples if not len(s["image"])]
     # 20 micro-batches: 1-4 samples, 0-4 images, lengths from ~60 to ~550 tokens
-    mbs = [collate(rng.sample(img, k) + rng.sample(txt, rng.randint(0 if k else 1, 2)), step=i)
-           for i, k in enumerate([4, 3, 1, 0, 2, 1, 4, 0, 3, 1, 2, 3, 1, 3, 0, 2, 1, 4, 2, 1])]
+    mbs = [
+        collate(rng.sample(img, k) + rng.sample(txt, rng.randint(0 if k else 1, 2)), step=i)
+        for i, k in enumerate([4, 3, 1, 0, 2, 1, 4, 0, 3, 1, 2, 3, 1, 3, 0, 2, 1, 4, 2, 1])
+    ]
     lengths = {mb.input_ids.shape[1] for mb in mbs}
     assert len(lengths) >= 15 and {mb.num_images for mb in mbs} == {0, 1, 2, 3, 4}
 

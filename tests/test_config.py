@@ -62,10 +62,13 @@ def test_bad_config_names_the_key(base, override, message):
     assert message in str(e.value)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.global_batch=77", "data.global_batch=77 is larger than"),
-    ("data.max_tokens=64", "data.max_tokens=64 holds no image sample: one image is 64 visual tokens"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.global_batch=77", "data.global_batch=77 is larger than"),
+        ("data.max_tokens=64", "data.max_tokens=64 holds no image sample: one image is 64 visual tokens"),
+    ],
+)
 def test_shard_facts_against_data_keys_before_work(base, override, message, capsys):
     """What the shards say is read on the data side (config.load reads no shard file), before any work: by the
     trainer's entry point and by --check, both with the message that names the key."""
@@ -81,13 +84,20 @@ def test_shard_facts_against_data_keys_before_work(base, override, message, caps
         assert f"train: config error: {message}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("key, folder, message", [
-    ("model.vision_path", "llm", "holds a 'qwen2' model, not a supported vision tower (model_type one of "
-                          "siglip_vision_model, siglip, clip_vision_model, clip)"),
-    ("model.llm_path", "vision", "holds a 'siglip_vision_model' model, not a causal LM"),
-    ("model.vae_path", "llm", "holds a None, not an AutoencoderKL"),
-    ("model.llm_path", "missing", "config.json is missing"),
-])
+@pytest.mark.parametrize(
+    "key, folder, message",
+    [
+        (
+            "model.vision_path",
+            "llm",
+            "holds a 'qwen2' model, not a supported vision tower (model_type one of "
+            "siglip_vision_model, siglip, clip_vision_model, clip)",
+        ),
+        ("model.llm_path", "vision", "holds a 'siglip_vision_model' model, not a causal LM"),
+        ("model.vae_path", "llm", "holds a None, not an AutoencoderKL"),
+        ("model.llm_path", "missing", "config.json is missing"),
+    ],
+)
 def test_model_folder_of_the_wrong_type(base, tiny_models, tmp_path, key, folder, message):
     (tmp_path / "missing").mkdir()
     path = tmp_path / "missing" if folder == "missing" else tiny_models / folder
@@ -110,8 +120,9 @@ def test_yaml_round_trip(base, tmp_path):
 
 
 def test_train_cli_rejects_bad_key_before_work(base):
-    p = subprocess.run([sys.executable, "-m", "fastross.train", str(base), "optim.lr=1"],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "fastross.train", str(base), "optim.lr=1"], capture_output=True, text=True, timeout=120
+    )
     assert p.returncode == 2
     assert "unknown key 'optim.lr'" in p.stderr
 
@@ -127,9 +138,16 @@ def test_checkpoint_policies_expand():
 def test_shipped_configs_load(recipe, tiny_models, stage2_shards):
     """Every recipe in configs/ passes the type checks (its folders pointed at the test's own, its global batch at
     most the test data's 76 samples)."""
-    cfg = config.load(f"configs/{recipe}.yaml", [f"model.vision_path={tiny_models / 'vision'}",
-                                                 f"model.llm_path={tiny_models / 'llm'}", f"data.shards={stage2_shards}",
-                                                 "data.global_batch=8", "model.init_from="])
+    cfg = config.load(
+        f"configs/{recipe}.yaml",
+        [
+            f"model.vision_path={tiny_models / 'vision'}",
+            f"model.llm_path={tiny_models / 'llm'}",
+            f"data.shards={stage2_shards}",
+            "data.global_batch=8",
+            "model.init_from=",
+        ],
+    )
     if recipe.startswith("7b"):  # per-layer policies for the recipe's own LLM (fastross.memory_plan chose 7b.yaml's)
         from fastross.model.presets import QWEN2_7B
 
@@ -140,6 +158,7 @@ def test_shipped_configs_load(recipe, tiny_models, stage2_shards):
 
 
 # issue 12 item 6: a config a user can read ------------------------------------------------------------------------
+
 
 def dotted_fields(cls, prefix=""):
     """Every field of the config dataclasses by dotted name, sections (and lists of them: `key[].field`) included,
@@ -164,7 +183,11 @@ def test_help_config_lists_every_key_with_type_default_and_doc(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["base", *dotted_fields(config.Config)]  # one line per key
     by_key = {cols[0]: cols[1:] for cols in (re.split(r" {2,}", line) for line in lines)}  # columns: 2+ spaces apart
-    assert by_key["model.denoiser.kind"] == ["dit|mlp", '"dit"', "adaLN-Zero transformer over one image, or a per-token MLP"]
+    assert by_key["model.denoiser.kind"] == [
+        "dit|mlp",
+        '"dit"',
+        "adaLN-Zero transformer over one image, or a per-token MLP",
+    ]
     assert by_key["train.trainable"][:2] == ["list[projector|llm|denoiser]", '["projector", "llm", "denoiser"]']
     assert by_key["optim.betas"][:2] == ["list[float]", "[0.9, 0.999]"]
     assert by_key["train.activation_checkpointing"][:2] == ["str | list[str]", '"full"']
@@ -174,7 +197,8 @@ def test_help_config_lists_every_key_with_type_default_and_doc(capsys):
         "packed: samples balanced over ranks by cost and packed into varlen micro-batches of <= max_tokens tokens. "
         "padded: the reference's way: each rank takes its contiguous share of the step's samples, in micro-batches of "
         "`padded_samples`, every sample padded to the longest of its micro-batch (the same losses, more tokens "
-        "computed).")
+        "computed)."
+    )
     sections = {k for k, v in by_key.items() if v[0] == "section"}
     assert sections == {"model", "model.denoiser", "data", "attention", "optim", "train", "train.profile"}
     undocumented = [k for k, v in by_key.items() if len(v) != (2 if k in sections else 3)]
@@ -210,8 +234,11 @@ def test_base_is_merged_recursively_and_cycles_are_refused(tmp_path):
     (tmp_path / "bases").mkdir()
     (tmp_path / "bases" / "a.yaml").write_text(
         "model: {denoiser: {depth: 8, width: 1280, heads: 16}, recon_weight: 0.5}\n"
-        "data: {global_batch: 64}\ntrain: {trainable: [projector, llm], log_every: 7}\n")
-    (tmp_path / "bases" / "b.yaml").write_text("base: a.yaml\nmodel: {denoiser: {depth: 12}}\ndata: {global_batch: 32}\n")
+        "data: {global_batch: 64}\ntrain: {trainable: [projector, llm], log_every: 7}\n"
+    )
+    (tmp_path / "bases" / "b.yaml").write_text(
+        "base: a.yaml\nmodel: {denoiser: {depth: 12}}\ndata: {global_batch: 32}\n"
+    )
     (tmp_path / "c.yaml").write_text("base: bases/b.yaml\ntrain: {trainable: [denoiser]}\n")  # relative to its folder
     cfg = config.load(str(tmp_path / "c.yaml"), ["data.max_tokens=999"], check_paths=False)
     assert (cfg.model.denoiser.depth, cfg.model.denoiser.width, cfg.model.recon_weight) == (12, 1280, 0.5)
@@ -231,7 +258,10 @@ def test_7b_stage2_is_stage1_with_its_overrides():
     s1 = config.load(ROOT / "configs/7b_pretrain.yaml", check_paths=False)
     s2 = config.load(ROOT / "configs/7b.yaml", check_paths=False)
     assert (s2.model.vision_path, s2.model.denoiser, s2.data.max_tokens) == (
-        s1.model.vision_path, s1.model.denoiser, s1.data.max_tokens)
+        s1.model.vision_path,
+        s1.model.denoiser,
+        s1.data.max_tokens,
+    )
     assert (s2.data.global_batch, s2.optim.lr_llm, s2.train.trainable) == (128, 2e-5, ["projector", "llm", "denoiser"])
     assert (s1.data.global_batch, s1.optim.lr_denoiser, s1.train.trainable) == (256, 1e-4, ["projector", "denoiser"])
     assert "vision_path" not in (ROOT / "configs/7b.yaml").read_text()  # no longer repeated
@@ -256,7 +286,14 @@ RECIPES = sorted((ROOT / "configs").glob("*.yaml"))
 
 def test_recipes_include_the_papers_main_ones():
     names = {p.stem for p in RECIPES}
-    assert {"7b_pretrain", "7b", "clip_vicuna_7b_pretrain", "clip_vicuna_7b", "qwen25_7b_pretrain", "qwen25_7b"} <= names
+    assert {
+        "7b_pretrain",
+        "7b",
+        "clip_vicuna_7b_pretrain",
+        "clip_vicuna_7b",
+        "qwen25_7b_pretrain",
+        "qwen25_7b",
+    } <= names
     clip1, clip2 = (config.load(ROOT / f"configs/clip_vicuna_7b{s}.yaml", check_paths=False) for s in ("_pretrain", ""))
     # scripts/train_ross/{pretrain,finetune}_clip_vicuna.sh of the reference: 256 at 1e-3 (denoiser too), 128 at 2e-5
     assert (clip1.data.global_batch, clip1.optim.lr_projector, clip1.optim.lr_denoiser) == (256, 1e-3, 1e-3)
@@ -304,8 +341,9 @@ def world_of_one(tmp_path):
     dist.destroy_process_group()
 
 
-def test_relative_paths_stored_absolute_versions_and_decay_groups(tiny_models, stage2_shards, tmp_path, monkeypatch,
-                                                                  world_of_one):
+def test_relative_paths_stored_absolute_versions_and_decay_groups(
+    tiny_models, stage2_shards, tmp_path, monkeypatch, world_of_one
+):
     """Relative paths are taken against the current directory and the run folder's config.yaml holds them absolute;
     versions.json holds the commit and the library versions; with weight decay on, the 1-D parameters of every
     trainable part (biases, norms) are in groups without it."""
@@ -321,9 +359,20 @@ def test_relative_paths_stored_absolute_versions_and_decay_groups(tiny_models, s
     (tmp_path / "models").symlink_to(tiny_models)
     (tmp_path / "shards").symlink_to(stage2_shards)
     monkeypatch.chdir(tmp_path)
-    cfg = config.load(None, ["model.vision_path=models/vision", "model.llm_path=./models/llm", "data.shards=shards",
-                             "train.run_dir=run", "data.global_batch=4", "data.workers=0", "train.dtype=fp32",
-                             "model.fused_ce=false", "optim.weight_decay=0.1"])
+    cfg = config.load(
+        None,
+        [
+            "model.vision_path=models/vision",
+            "model.llm_path=./models/llm",
+            "data.shards=shards",
+            "train.run_dir=run",
+            "data.global_batch=4",
+            "data.workers=0",
+            "train.dtype=fp32",
+            "model.fused_ce=false",
+            "optim.weight_decay=0.1",
+        ],
+    )
     trainer = Trainer(cfg, World(0, 1, 0, torch.device("cpu")))
     stored = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert stored["model"]["vision_path"] == str(tmp_path / "models" / "vision")  # absolute, symlinks kept
@@ -332,8 +381,10 @@ def test_relative_paths_stored_absolute_versions_and_decay_groups(tiny_models, s
     assert stored["model"]["init_from"] == ""
 
     rec = json.loads((tmp_path / "run" / "versions.json").read_text())
-    assert rec["packages"] == {name: importlib.metadata.version(name) for name in
-                               ("torch", "transformers", "triton", "liger-kernel", "mosaicml-streaming")}
+    assert rec["packages"] == {
+        name: importlib.metadata.version(name)
+        for name in ("torch", "transformers", "triton", "liger-kernel", "mosaicml-streaming")
+    }
     repo = Path(__file__).resolve().parents[1]
     head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
     if (repo / ".git").exists() and head.returncode == 0:  # tests run from the checkout fastross is installed from
@@ -402,19 +453,37 @@ def test_slurm_script_runs_torchrun_with_c10d_for_two_nodes(tmp_path):
     bin_dir, argv_file = tmp_path / "bin", tmp_path / "srun_argv"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_file}\n')
-    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu-[07-08]" ] && printf "gpu-07\\ngpu-08\\n"\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu-[07-08]" ] && printf "gpu-07\\ngpu-08\\n"\n'
+    )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_NODELIST": "gpu-[07-08]", "SLURM_NNODES": "2",
-           "SLURM_JOB_ID": "4242", "SLURM_GPUS_ON_NODE": "8"}
-    p = subprocess.run(["bash", "scripts/slurm.sbatch", "configs/7b.yaml", "train.max_steps=5"], env=env,
-                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "SLURM_JOB_NODELIST": "gpu-[07-08]",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_GPUS_ON_NODE": "8",
+    }
+    p = subprocess.run(
+        ["bash", "scripts/slurm.sbatch", "configs/7b.yaml", "train.max_steps=5"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 0, p.stderr
     argv = argv_file.read_text().splitlines()
     assert argv[:2] == ["--kill-on-bad-exit=1", "torchrun"]
     a = get_args_parser().parse_args(argv[2:])
     assert (a.nnodes, a.nproc_per_node, a.rdzv_backend, a.rdzv_endpoint, a.rdzv_id) == (
-        "2", "8", "c10d", "gpu-07:29500", "fastross-4242")
+        "2",
+        "8",
+        "c10d",
+        "gpu-07:29500",
+        "fastross-4242",
+    )
     assert a.module and a.training_script == "fastross.train"
     assert a.training_script_args == ["configs/7b.yaml", "train.max_steps=5"]
     assert "#SBATCH --nodes=2" in (ROOT / "scripts/slurm.sbatch").read_text()
@@ -462,6 +531,7 @@ def test_max_steps_sets_the_length_past_the_epochs():
 
     assert [run_steps(1, m, 18) for m in (0, 10, 18, 40)] == [18, 10, 18, 40]
     assert run_steps(2, 0, 18) == 36
-    assert steps_note(2, 40, 18) == ("40 steps (18/epoch): train.max_steps=40 sets the length, 2.22 epochs "
-                                     "(train.epochs=2 alone gives 36 steps)")
+    assert steps_note(2, 40, 18) == (
+        "40 steps (18/epoch): train.max_steps=40 sets the length, 2.22 epochs (train.epochs=2 alone gives 36 steps)"
+    )
     assert steps_note(2, 0, 18) == steps_note(2, 36, 18) == "36 steps (18/epoch)"

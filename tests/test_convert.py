@@ -40,9 +40,10 @@ def g(value):
 @pytest.fixture(scope="module")
 def images(synth_data, tmp_path_factory) -> Path:
     """A folder of four distinct real images (copied from the synthetic set) plus a broken one."""
-    src = sorted((synth_data / "images").glob("shapes_*.png"))[:2] + sorted(
-        (synth_data / "images").glob("photo_*.png")
-    )[:2]
+    src = (
+        sorted((synth_data / "images").glob("shapes_*.png"))[:2]
+        + sorted((synth_data / "images").glob("photo_*.png"))[:2]
+    )
     assert len(src) == 4
     out = tmp_path_factory.mktemp("images")
     for i, p in enumerate(src):
@@ -53,8 +54,17 @@ def images(synth_data, tmp_path_factory) -> Path:
     return out
 
 
-def run_convert(tmp_path: Path, tiny_models: Path, images: Path, records, template: str, *extra: str,
-                name: str = "data.json", out_name: str = "out", jsonl_text: str | None = None):
+def run_convert(
+    tmp_path: Path,
+    tiny_models: Path,
+    images: Path,
+    records,
+    template: str,
+    *extra: str,
+    name: str = "data.json",
+    out_name: str = "out",
+    jsonl_text: str | None = None,
+):
     src = tmp_path / name
     if jsonl_text is not None:
         src.write_text(jsonl_text, encoding="utf-8")
@@ -62,8 +72,20 @@ def run_convert(tmp_path: Path, tiny_models: Path, images: Path, records, templa
         src.write_text(json.dumps(records), encoding="utf-8")
     out = tmp_path / out_name
     argv = [
-        "--json", str(src), "--images", str(images), "--tokenizer", str(tiny_models / "llm"),
-        "--template", template, "--vision", str(tiny_models / "vision"), "--out", str(out), "--quiet", *extra,
+        "--json",
+        str(src),
+        "--images",
+        str(images),
+        "--tokenizer",
+        str(tiny_models / "llm"),
+        "--template",
+        template,
+        "--vision",
+        str(tiny_models / "vision"),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
     ]
     return convert.main(argv), out
 
@@ -112,43 +134,92 @@ def check_labels(sample, tokenizer, expected_text: str, expected_runs: list[str]
 # 1. qwen2_ross round trip --------------------------------------------------------------
 
 QWEN_RECORDS = [
-    {"id": "multi", "image": "img0.png", "conversations": [
-        h("<image>\nWhat colour is the square?"), g("Red."), h("And the circle?"), g("Green."),
-    ]},
-    {"id": "moved", "image": "img1.png", "conversations": [
-        h("How many shapes are there?\n<image>"), g("Two."),
-    ]},
-    {"id": "text", "conversations": [
-        h("Spell the word lamp backwards."), g("pmal."), h("And cat?"), g("tac."),
-    ]},
-    {"id": "gptfirst", "image": "img2.png", "conversations": [
-        g("Hello there."), h("<image>\nDescribe the picture."), g("A photo of something."),
-    ]},
-    {"id": "later", "image": "img3.png", "conversations": [
-        h("Hi."), g("Hello."), h("<image>\nWhat is this?"), g("A picture."),
-    ]},
+    {
+        "id": "multi",
+        "image": "img0.png",
+        "conversations": [
+            h("<image>\nWhat colour is the square?"),
+            g("Red."),
+            h("And the circle?"),
+            g("Green."),
+        ],
+    },
+    {
+        "id": "moved",
+        "image": "img1.png",
+        "conversations": [
+            h("How many shapes are there?\n<image>"),
+            g("Two."),
+        ],
+    },
+    {
+        "id": "text",
+        "conversations": [
+            h("Spell the word lamp backwards."),
+            g("pmal."),
+            h("And cat?"),
+            g("tac."),
+        ],
+    },
+    {
+        "id": "gptfirst",
+        "image": "img2.png",
+        "conversations": [
+            g("Hello there."),
+            h("<image>\nDescribe the picture."),
+            g("A photo of something."),
+        ],
+    },
+    {
+        "id": "later",
+        "image": "img3.png",
+        "conversations": [
+            h("Hi."),
+            g("Hello."),
+            h("<image>\nWhat is this?"),
+            g("A picture."),
+        ],
+    },
 ]
 # (expected text, supervised runs as decoded text, has image) for each record, from the spec.
 QWEN_EXPECTED = [
-    (SYSTEM + " USER: <image>\nWhat colour is the square? ASSISTANT: Red." + END
-     + "USER: And the circle? ASSISTANT: Green." + END,
-     [" Red." + END, " Green." + END], "img0.png"),
-    (SYSTEM + " USER: <image>\nHow many shapes are there? ASSISTANT: Two." + END,
-     [" Two." + END], "img1.png"),
-    (SYSTEM + " USER: Spell the word lamp backwards. ASSISTANT: pmal." + END
-     + "USER: And cat? ASSISTANT: tac." + END,
-     [" pmal." + END, " tac." + END], None),
-    (SYSTEM + " USER: <image>\nDescribe the picture. ASSISTANT: A photo of something." + END,
-     [" A photo of something." + END], "img2.png"),
+    (
+        SYSTEM
+        + " USER: <image>\nWhat colour is the square? ASSISTANT: Red."
+        + END
+        + "USER: And the circle? ASSISTANT: Green."
+        + END,
+        [" Red." + END, " Green." + END],
+        "img0.png",
+    ),
+    (SYSTEM + " USER: <image>\nHow many shapes are there? ASSISTANT: Two." + END, [" Two." + END], "img1.png"),
+    (
+        SYSTEM
+        + " USER: Spell the word lamp backwards. ASSISTANT: pmal."
+        + END
+        + "USER: And cat? ASSISTANT: tac."
+        + END,
+        [" pmal." + END, " tac." + END],
+        None,
+    ),
+    (
+        SYSTEM + " USER: <image>\nDescribe the picture. ASSISTANT: A photo of something." + END,
+        [" A photo of something." + END],
+        "img2.png",
+    ),
     # the placeholder moves to the front of the message that held it, not to the first message
-    (SYSTEM + " USER: Hi. ASSISTANT: Hello." + END + "USER: <image>\nWhat is this? ASSISTANT: A picture." + END,
-     [" Hello." + END, " A picture." + END], "img3.png"),
+    (
+        SYSTEM + " USER: Hi. ASSISTANT: Hello." + END + "USER: <image>\nWhat is this? ASSISTANT: A picture." + END,
+        [" Hello." + END, " A picture." + END],
+        "img3.png",
+    ),
 ]
 
 
 def test_qwen2_ross_round_trip(tmp_path, tiny_models, images, tokenizer, capsys):
-    rc, out = run_convert(tmp_path, tiny_models, images, QWEN_RECORDS, "qwen2_ross",
-                          "--vae", str(tiny_models / "vae"), "--vae-batch", "2")
+    rc, out = run_convert(
+        tmp_path, tiny_models, images, QWEN_RECORDS, "qwen2_ross", "--vae", str(tiny_models / "vae"), "--vae-batch", "2"
+    )
     assert rc == 0, capsys.readouterr().err
     assert "convert: read 5, written 5, skipped 0 (none)" in capsys.readouterr().out
     meta = read_meta(out)
@@ -204,8 +275,7 @@ def test_qwen2_ross_round_trip(tmp_path, tiny_models, images, tokenizer, capsys)
 def test_plain_round_trip(tmp_path, tiny_models, images, tokenizer, capsys):
     captions = ["A red square at the top left.", "Two circles, one blue and one green.", "A photo."]
     records = [
-        {"id": f"cap{i}", "image": f"img{i}.png",
-         "conversations": [h("<image>\nDescribe the image briefly."), g(c)]}
+        {"id": f"cap{i}", "image": f"img{i}.png", "conversations": [h("<image>\nDescribe the image briefly."), g(c)]}
         for i, c in enumerate(captions)
     ]
     records[1]["conversations"][0] = h("Describe the image briefly.\n<image>")  # placeholder moved
@@ -233,19 +303,32 @@ def test_plain_round_trip(tmp_path, tiny_models, images, tokenizer, capsys):
 
 def test_chatml_uses_the_tokenizers_template(tmp_path, tiny_models, images, tokenizer, capsys):
     records = [
-        {"id": "img", "image": "img0.png", "conversations": [
-            h("What colour is the square?\n<image>"), g("Red."), h("And the circle?"), g("Green."),
-        ]},
+        {
+            "id": "img",
+            "image": "img0.png",
+            "conversations": [
+                h("What colour is the square?\n<image>"),
+                g("Red."),
+                h("And the circle?"),
+                g("Green."),
+            ],
+        },
         # One-letter answers also occur inside the template's own markup ("<|im_start|>assistant").
         {"id": "choice", "conversations": [h("Pick a or b."), g("a"), h("Now the other one."), g("b")]},
     ]
     messages = [
-        [{"role": "user", "content": "<image>\nWhat colour is the square?"},
-         {"role": "assistant", "content": "Red."},
-         {"role": "user", "content": "And the circle?"},
-         {"role": "assistant", "content": "Green."}],
-        [{"role": "user", "content": "Pick a or b."}, {"role": "assistant", "content": "a"},
-         {"role": "user", "content": "Now the other one."}, {"role": "assistant", "content": "b"}],
+        [
+            {"role": "user", "content": "<image>\nWhat colour is the square?"},
+            {"role": "assistant", "content": "Red."},
+            {"role": "user", "content": "And the circle?"},
+            {"role": "assistant", "content": "Green."},
+        ],
+        [
+            {"role": "user", "content": "Pick a or b."},
+            {"role": "assistant", "content": "a"},
+            {"role": "user", "content": "Now the other one."},
+            {"role": "assistant", "content": "b"},
+        ],
     ]
     rc, out = run_convert(tmp_path, tiny_models, images, records, "chatml")
     assert rc == 0, capsys.readouterr().err
@@ -264,32 +347,41 @@ def test_chatml_uses_the_tokenizers_template(tmp_path, tiny_models, images, toke
 
 GOOD_IMG = [h("<image>\nWhat is shown?"), g("Shapes.")]
 BAD_RECORDS = [
-    {"id": "ok0", "image": "img0.png", "conversations": GOOD_IMG},                      # 0
-    {"id": "missing", "image": "nope.png", "conversations": GOOD_IMG},                  # 1 missing_image
-    {"id": "broken", "image": "garbage.png", "conversations": GOOD_IMG},                # 2 bad_image
-    "just a string",                                                                    # 3 malformed
-    {"id": "noconv", "image": "img0.png"},                                              # 4 malformed
-    {"id": "roles", "conversations": [{"from": "system", "value": "x"}, g("y")]},      # 5 malformed
-    {"id": "twohuman", "conversations": [h("a?"), h("b?"), g("c.")]},                   # 6 malformed
-    {"id": "ok1", "conversations": [h("Say hi."), g("Hi.")]},                           # 7
-    {"id": "noimage", "conversations": GOOD_IMG},                                       # 8 placeholder_without_image
+    {"id": "ok0", "image": "img0.png", "conversations": GOOD_IMG},  # 0
+    {"id": "missing", "image": "nope.png", "conversations": GOOD_IMG},  # 1 missing_image
+    {"id": "broken", "image": "garbage.png", "conversations": GOOD_IMG},  # 2 bad_image
+    "just a string",  # 3 malformed
+    {"id": "noconv", "image": "img0.png"},  # 4 malformed
+    {"id": "roles", "conversations": [{"from": "system", "value": "x"}, g("y")]},  # 5 malformed
+    {"id": "twohuman", "conversations": [h("a?"), h("b?"), g("c.")]},  # 6 malformed
+    {"id": "ok1", "conversations": [h("Say hi."), g("Hi.")]},  # 7
+    {"id": "noimage", "conversations": GOOD_IMG},  # 8 placeholder_without_image
     {"id": "noplace", "image": "img1.png", "conversations": [h("What?"), g("Shapes.")]},  # 9 image_without_placeholder
-    {"id": "two", "image": "img1.png",
-     "conversations": [h("<image>\nWhat?"), g("Shapes."), h("<image> again?"), g("Yes.")]},  # 10 extra_placeholders
-    {"id": "gptonly", "conversations": [g("I talk alone."), g("Still me.")]},           # 11 malformed
-    {"id": "long", "conversations": [h("Repeat."), g("word " * 300)]},                  # 12 too_long
-    {"id": "multi", "image": ["img0.png", "img1.png"], "conversations": GOOD_IMG},      # 13 malformed
-    {"id": "ok2", "image": "img2.png", "conversations": GOOD_IMG},                      # 14
+    {
+        "id": "two",
+        "image": "img1.png",
+        "conversations": [h("<image>\nWhat?"), g("Shapes."), h("<image> again?"), g("Yes.")],
+    },  # 10 extra_placeholders
+    {"id": "gptonly", "conversations": [g("I talk alone."), g("Still me.")]},  # 11 malformed
+    {"id": "long", "conversations": [h("Repeat."), g("word " * 300)]},  # 12 too_long
+    {"id": "multi", "image": ["img0.png", "img1.png"], "conversations": GOOD_IMG},  # 13 malformed
+    {"id": "ok2", "image": "img2.png", "conversations": GOOD_IMG},  # 14
 ]
 BAD_SKIPPED = {
-    "missing_image": 1, "bad_image": 1, "malformed": 6, "placeholder_without_image": 1,
-    "image_without_placeholder": 1, "extra_placeholders": 1, "too_long": 1,
+    "missing_image": 1,
+    "bad_image": 1,
+    "malformed": 6,
+    "placeholder_without_image": 1,
+    "image_without_placeholder": 1,
+    "extra_placeholders": 1,
+    "too_long": 1,
 }
 
 
 def test_bad_records_skipped_and_counted(tmp_path, tiny_models, images, tokenizer, capsys):
-    rc, out = run_convert(tmp_path, tiny_models, images, BAD_RECORDS, "qwen2_ross", "--max-length", "200",
-                          name="bad.json")
+    rc, out = run_convert(
+        tmp_path, tiny_models, images, BAD_RECORDS, "qwen2_ross", "--max-length", "200", name="bad.json"
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert sum(BAD_SKIPPED.values()) + 3 == len(BAD_RECORDS)
@@ -304,7 +396,11 @@ def test_bad_records_skipped_and_counted(tmp_path, tiny_models, images, tokenize
     assert ex["missing_image"] == [ex["missing_image"][0]] and ex["missing_image"][0].startswith("bad.json[1]: ")
     assert ex["bad_image"][0].startswith("bad.json[2]: ")
     assert [e.split(":")[0] for e in ex["malformed"]] == [
-        "bad.json[3]", "bad.json[4]", "bad.json[5]", "bad.json[6]", "bad.json[11]",
+        "bad.json[3]",
+        "bad.json[4]",
+        "bad.json[5]",
+        "bad.json[6]",
+        "bad.json[11]",
     ]  # at most 5 examples kept per reason
     assert ex["too_long"][0].startswith("bad.json[12]: ")
     assert ex["placeholder_without_image"][0].startswith("bad.json[8]: ")
@@ -324,11 +420,13 @@ def test_max_length_counts_visual_tokens(tmp_path, tiny_models, images, tokenize
     text = SYSTEM + " USER: <image>\nWhat is shown? ASSISTANT: Shapes." + END
     total = len(enc(tokenizer, text)) - 1 + NUM_VISUAL
     records = [{"id": "a", "image": "img0.png", "conversations": GOOD_IMG}]
-    rc, out = run_convert(tmp_path, tiny_models, images, records, "qwen2_ross", "--max-length", str(total),
-                          out_name="fits")
+    rc, out = run_convert(
+        tmp_path, tiny_models, images, records, "qwen2_ross", "--max-length", str(total), out_name="fits"
+    )
     assert rc == 0 and read_meta(out)["written"] == 1
-    rc, out = run_convert(tmp_path, tiny_models, images, records, "qwen2_ross", "--max-length", str(total - 1),
-                          out_name="over")
+    rc, out = run_convert(
+        tmp_path, tiny_models, images, records, "qwen2_ross", "--max-length", str(total - 1), out_name="over"
+    )
     assert rc == 0
     meta = read_meta(out)
     assert meta["written"] == 0 and meta["skipped"] == {"too_long": 1}
@@ -343,8 +441,9 @@ def test_jsonl_invalid_line_is_malformed(tmp_path, tiny_models, images, capsys):
         json.dumps({"id": "j2", "conversations": [h("Say hi."), g("Hi.")]}),
         json.dumps({"id": "j3", "image": "img1.png", "conversations": GOOD_IMG}),
     ]
-    rc, out = run_convert(tmp_path, tiny_models, images, None, "qwen2_ross", name="data.jsonl",
-                          jsonl_text="\n".join(lines) + "\n")
+    rc, out = run_convert(
+        tmp_path, tiny_models, images, None, "qwen2_ross", name="data.jsonl", jsonl_text="\n".join(lines) + "\n"
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "convert: read 4, written 3, skipped 1 (malformed 1)" in captured.out
@@ -373,13 +472,22 @@ def test_strict_stops_at_first_bad_record(tmp_path, tiny_models, images, capsys)
     assert "strict.json[3]" in err and "missing_image" in err and "nope.png" in err
     assert "strict.json[4]" not in err and "extra_placeholders" not in err
 
-    rc, _ = run_convert(tmp_path, tiny_models, images, records[:3] + records[4:], "qwen2_ross", "--strict",
-                        name="strict2.json", out_name="out2")
+    rc, _ = run_convert(
+        tmp_path,
+        tiny_models,
+        images,
+        records[:3] + records[4:],
+        "qwen2_ross",
+        "--strict",
+        name="strict2.json",
+        out_name="out2",
+    )
     err = capsys.readouterr().err
     assert rc != 0 and "strict2.json[3]" in err and "extra_placeholders" in err
 
-    rc, out = run_convert(tmp_path, tiny_models, images, records[:3], "qwen2_ross", "--strict",
-                          name="strict3.json", out_name="out3")
+    rc, out = run_convert(
+        tmp_path, tiny_models, images, records[:3], "qwen2_ross", "--strict", name="strict3.json", out_name="out3"
+    )
     assert rc == 0 and read_meta(out)["written"] == 3
 
 

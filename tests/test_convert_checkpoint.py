@@ -11,10 +11,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_ross_format import NET, model_cfg, reference_logits, reference_tensors, write_reference
 
-from fastross import convert_checkpoint as cc
-from fastross import ross_format
+from fastross import convert_checkpoint as cc, ross_format
+from test_ross_format import NET, model_cfg, reference_logits, reference_tensors, write_reference
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +41,9 @@ def logits(model, ids, pixels, image_id):
     from fastross.generate import micro_batch
 
     with torch.no_grad():
-        return model.llm.get_output_embeddings()(model.hidden_states(micro_batch(ids, pixels, image_id,
-                                                                                  model.num_visual_tokens)))
+        return model.llm.get_output_embeddings()(
+            model.hidden_states(micro_batch(ids, pixels, image_id, model.num_visual_tokens))
+        )
 
 
 def test_convert_checkpoint_logits_equal_the_reference_import(reference, converted, tiny_models, tokenizer):
@@ -66,19 +66,21 @@ def test_convert_checkpoint_logits_equal_the_reference_import(reference, convert
     got = logits(loaded.model, pre + [image_id] + post, pixels, image_id)
     want = logits(direct, pre + [image_id] + post, pixels, image_id)
     err = (got - want).abs().max().item()
-    ref = (got - reference_logits(tensors, tiny_models, pre + [ross_format.IMAGE_TOKEN_INDEX] + post, pixels))
-    print(f"convert_checkpoint: logits against the reference import max |diff| {err:.1e}, against the reference's "
-          f"inference {ref.abs().max().item():.1e}")
+    ref = got - reference_logits(tensors, tiny_models, pre + [ross_format.IMAGE_TOKEN_INDEX] + post, pixels)
+    print(
+        f"convert_checkpoint: logits against the reference import max |diff| {err:.1e}, against the reference's "
+        f"inference {ref.abs().max().item():.1e}"
+    )
     assert err == 0.0 and ref.abs().max().item() <= 1e-4
 
 
-def test_convert_checkpoint_is_read_by_init_from_export_and_eval(converted, reference, tiny_models, synth_data,
-                                                                 tmp_path):
+def test_convert_checkpoint_is_read_by_init_from_export_and_eval(
+    converted, reference, tiny_models, synth_data, tmp_path
+):
     from fastross.checkpoint import read_checkpoint, resolve
     from fastross.config import load as load_config
     from fastross.eval import main as eval_main
-    from fastross.export import load_export
-    from fastross.export import main as export_main
+    from fastross.export import load_export, main as export_main
     from fastross.model.ross import RossModel
     from fastross.weights import load_model_weights
 
@@ -96,8 +98,23 @@ def test_convert_checkpoint_is_read_by_init_from_export_and_eval(converted, refe
     assert export_main([str(converted), "--out", str(tmp_path / "llava")]) == 0
     back = load_export(tmp_path / "llava")
     assert all(torch.equal(back[k], state[k]) for k in back)
-    assert eval_main(["--model", str(converted), "--data", str(synth_data / "eval.json"), "--out", str(tmp_path / "e"),
-                      "--limit", "2", "--max-new-tokens", "3"]) == 0
+    assert (
+        eval_main(
+            [
+                "--model",
+                str(converted),
+                "--data",
+                str(synth_data / "eval.json"),
+                "--out",
+                str(tmp_path / "e"),
+                "--limit",
+                "2",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "e" / "summary.json").read_text())["questions"] >= 2
 
 
@@ -118,8 +135,22 @@ def test_convert_checkpoint_fresh_denoiser(reference, tiny_models, tmp_path, cap
     assert "holds no denoiser tensors (model.mm_inv_projector.net.*): pass --fresh-denoiser" in capsys.readouterr().err
     assert not (tmp_path / "no").exists()
     out = tmp_path / "run"
-    assert cc.main([str(bare), "--out", str(out), "--fresh-denoiser", "--seed", "4",
-                    "model.denoiser.depth=1", "model.denoiser.width=32", "model.denoiser.heads=4"]) == 0
+    assert (
+        cc.main(
+            [
+                str(bare),
+                "--out",
+                str(out),
+                "--fresh-denoiser",
+                "--seed",
+                "4",
+                "model.denoiser.depth=1",
+                "model.denoiser.width=32",
+                "model.denoiser.heads=4",
+            ]
+        )
+        == 0
+    )
     assert "holds no denoiser: a fresh one (seed 4, dit depth 1 width 32)" in capsys.readouterr().out
     _, run_cfg, state = read_checkpoint(out)
     want = RossModel(run_cfg.model, "sdpa", seed=4).state_dict()  # what a training run with seed 4 starts from
@@ -138,25 +169,54 @@ def test_convert_checkpoint_asks_for_what_src_cannot_give(reference, tiny_models
         (hub / f.name).symlink_to(f)
     (hub / "config.json").unlink()
     cfg = json.loads((src / "config.json").read_text())
-    (hub / "config.json").write_text(json.dumps(cfg | {"mm_vision_tower": "google/siglip-so400m-patch14-384",
-                                                       "_name_or_path": "Qwen/Qwen2-7B-Instruct"}))
+    (hub / "config.json").write_text(
+        json.dumps(
+            cfg | {"mm_vision_tower": "google/siglip-so400m-patch14-384", "_name_or_path": "Qwen/Qwen2-7B-Instruct"}
+        )
+    )
     assert cc.main([str(hub), "--out", str(tmp_path / "a")]) == 2
-    assert "mm_vision_tower is 'google/siglip-so400m-patch14-384', not a local folder here: pass --vision DIR" in \
-        capsys.readouterr().err
+    assert (
+        "mm_vision_tower is 'google/siglip-so400m-patch14-384', not a local folder here: pass --vision DIR"
+        in capsys.readouterr().err
+    )
     assert cc.main([str(hub), "--out", str(tmp_path / "b"), "--vision", str(tiny_models / "vision")]) == 2
-    assert "_name_or_path is 'Qwen/Qwen2-7B-Instruct', not a local folder here: pass --llm DIR" in capsys.readouterr().err
-    assert cc.main([str(hub), "--out", str(tmp_path / "c"), "--vision", str(tiny_models / "vision"),
-                    "--llm", str(tiny_models / "llm")]) == 0
+    assert (
+        "_name_or_path is 'Qwen/Qwen2-7B-Instruct', not a local folder here: pass --llm DIR" in capsys.readouterr().err
+    )
+    assert (
+        cc.main(
+            [
+                str(hub),
+                "--out",
+                str(tmp_path / "c"),
+                "--vision",
+                str(tiny_models / "vision"),
+                "--llm",
+                str(tiny_models / "llm"),
+            ]
+        )
+        == 0
+    )
     from fastross.checkpoint import resolve
 
     assert resolve(tmp_path / "c") == tmp_path / "c" / "checkpoints" / cc.STEP  # verified against its manifest
     # model.llm_path or generate's --model at the reference folder itself: the message says what to do
     from fastross.generate import load
 
-    with pytest.raises(FileNotFoundError, match="reference ROSS checkpoint: import it once with `python -m "
-                                                "fastross.convert_checkpoint"):
+    with pytest.raises(
+        FileNotFoundError, match="reference ROSS checkpoint: import it once with `python -m fastross.convert_checkpoint"
+    ):
         load(src)
-    with pytest.raises(config.ConfigError, match=r"is a reference ROSS checkpoint \(ross_qwen2\), not an LLM folder: "
-                                                 r"import it once with `python -m fastross.convert_checkpoint"):
-        config.load(None, [f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={src}",
-                           f"data.shards={tmp_path / 'c' / 'data'}"])
+    with pytest.raises(
+        config.ConfigError,
+        match=r"is a reference ROSS checkpoint \(ross_qwen2\), not an LLM folder: "
+        r"import it once with `python -m fastross.convert_checkpoint",
+    ):
+        config.load(
+            None,
+            [
+                f"model.vision_path={tiny_models / 'vision'}",
+                f"model.llm_path={src}",
+                f"data.shards={tmp_path / 'c' / 'data'}",
+            ],
+        )

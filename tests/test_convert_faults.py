@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
+from devtools.faults import IMAGE_MODES, expected_pixels, make_image, png, png_rgb16, rgb_image
 from fastross.data import convert
 from fastross.data.images import ImageSpec, preprocess
 from fastross.data.schema import ShardMeta, check_shard_file, corrupt_shards, read_meta, write_manifest
-from devtools.faults import IMAGE_MODES, expected_pixels, make_image, png, png_rgb16, rgb_image
 
 ASK = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Shapes."}]
 
@@ -33,14 +33,29 @@ def rec(rid: str, image: str | None):
     return {"id": rid, "image": image, "conversations": ASK}
 
 
-def run(tmp_path: Path, tiny_models: Path, images: Path, records, *extra: str, out_name: str = "out",
-        vae: bool = False):
+def run(
+    tmp_path: Path, tiny_models: Path, images: Path, records, *extra: str, out_name: str = "out", vae: bool = False
+):
     src = tmp_path / f"{out_name}.json"
     src.write_text(json.dumps(records), encoding="utf-8")
     out = tmp_path / out_name
-    argv = ["--json", str(src), "--images", str(images), "--tokenizer", str(tiny_models / "llm"),
-            "--template", "qwen2_ross", "--vision", str(tiny_models / "vision"), "--out", str(out), "--quiet",
-            *(["--vae", str(tiny_models / "vae")] if vae else []), *extra]
+    argv = [
+        "--json",
+        str(src),
+        "--images",
+        str(images),
+        "--tokenizer",
+        str(tiny_models / "llm"),
+        "--template",
+        "qwen2_ross",
+        "--vision",
+        str(tiny_models / "vision"),
+        "--out",
+        str(out),
+        "--quiet",
+        *(["--vae", str(tiny_models / "vae")] if vae else []),
+        *extra,
+    ]
     return convert.main(argv), out
 
 
@@ -69,10 +84,14 @@ def test_paths_outside_images_are_skipped(tmp_path, tiny_models):
     os.symlink(root / "ok.png", root / "sub" / "link_in.png")
     os.symlink(outside, root / "dir_out")
     records = [
-        rec("dotdot", "../private/secret.png"), rec("abs", str(outside / "secret.png")),
-        rec("link_out", "link_out.png"), rec("dir_out", "dir_out/secret.png"),
+        rec("dotdot", "../private/secret.png"),
+        rec("abs", str(outside / "secret.png")),
+        rec("link_out", "link_out.png"),
+        rec("dir_out", "dir_out/secret.png"),
         rec("sub_dotdot", "sub/../../private/secret.png"),
-        rec("ok", "ok.png"), rec("link_in", "sub/link_in.png"), rec("dotdot_in", "sub/../ok.png"),
+        rec("ok", "ok.png"),
+        rec("link_in", "sub/link_in.png"),
+        rec("dotdot_in", "sub/../ok.png"),
     ]
     rc, out = run(tmp_path, tiny_models, root, records)
     assert rc == 0
@@ -165,8 +184,15 @@ def test_small_large_truncated_images_skipped_with_reasons(tmp_path, tiny_models
     (root / "big.png").write_bytes(png(rgb_image(40, 40, 4)))
     (root / "cut.png").write_bytes(png(rgb_image(30, 30, 5))[:-200])
     (root / "float.tif").write_bytes(_tiff_f())
-    records = [rec("one", "one.png"), rec("good", "good.png"), rec("seven", "seven.png"), rec("big", "big.png"),
-               rec("cut", "cut.png"), rec("float", "float.tif"), rec("text", None)]
+    records = [
+        rec("one", "one.png"),
+        rec("good", "good.png"),
+        rec("seven", "seven.png"),
+        rec("big", "big.png"),
+        rec("cut", "cut.png"),
+        rec("float", "float.tif"),
+        rec("text", None),
+    ]
     rc, out = run(tmp_path, tiny_models, root, records, "--max-image-pixels", "1000")
     assert rc == 0
     meta = read_meta(out)
@@ -212,13 +238,24 @@ def test_vae_failure_is_the_records_own(tmp_path, tiny_models, spec, monkeypatch
 
     monkeypatch.setattr(convert, "latent_moments", flaky)
     names = ["i0.png", "raise.png", "i1.png", "nan.png", "i2.png", "i3.png", "i4.png"]
-    rc, out = run(tmp_path, tiny_models, root, [rec(n, n) for n in names], "--image-aspect", "square",
-                  "--vae-batch", "4", vae=True)
+    rc, out = run(
+        tmp_path,
+        tiny_models,
+        root,
+        [rec(n, n) for n in names],
+        "--image-aspect",
+        "square",
+        "--vae-batch",
+        "4",
+        vae=True,
+    )
     assert rc == 0
     meta = read_meta(out)
     assert meta["skipped"] == {"vae_error": 2} and meta["written"] == 5
-    assert meta["skipped_examples"]["vae_error"] == ["out.json[1]: RuntimeError: out of memory (simulated)",
-                                                      "out.json[3]: non-finite latent moments in float32"]
+    assert meta["skipped_examples"]["vae_error"] == [
+        "out.json[1]: RuntimeError: out of memory (simulated)",
+        "out.json[3]: non-finite latent moments in float32",
+    ]
     vae = AutoencoderKL.from_pretrained(str(tiny_models / "vae"), torch_dtype=torch.float32).eval()
     shard_meta = ShardMeta.read(out)
     for s in samples(out):
@@ -272,9 +309,16 @@ def test_out_is_never_half_written(tmp_path, tiny_models, capsys):
 def many_shards(tiny_models, tmp_path_factory) -> Path:
     """24 text samples in shards of about 4 KB each (several shard files)."""
     tmp = tmp_path_factory.mktemp("many")
-    records = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Count to {i}."},
-                                                 {"from": "gpt", "value": " ".join(map(str, range(i + 20)))}]}
-               for i in range(24)]
+    records = [
+        {
+            "id": f"t{i}",
+            "conversations": [
+                {"from": "human", "value": f"Count to {i}."},
+                {"from": "gpt", "value": " ".join(map(str, range(i + 20)))},
+            ],
+        }
+        for i in range(24)
+    ]
     rc, out = run(tmp, tiny_models, tmp, records, "--shard-size", "4096")
     assert rc == 0
     return out
@@ -298,13 +342,26 @@ def test_corrupt_shard_is_named_or_skipped(many_shards, tmp_path, spec):
     victim.write_bytes(bytes(data))
     first = index[0]["samples"]
     bad = corrupt_shards(shards)
-    assert bad == [(range(first, first + index[1]["samples"]),
-                    f"{victim}: its xxh64 hash differs from index.json's: the file is corrupt")]
+    assert bad == [
+        (
+            range(first, first + index[1]["samples"]),
+            f"{victim}: its xxh64 hash differs from index.json's: the file is corrupt",
+        )
+    ]
 
     def loader(mode: str) -> Loader:
         cfg = DataConfig(shards=str(shards), global_batch=4, corrupt_shards=mode, workers=0)
-        return Loader(cfg, rank=0, world=1, attn_tokens=1e4, image=spec, latent_channels=16, replicas=1, seed=0,
-                      device=torch.device("cpu"))
+        return Loader(
+            cfg,
+            rank=0,
+            world=1,
+            attn_tokens=1e4,
+            image=spec,
+            latent_channels=16,
+            replicas=1,
+            seed=0,
+            device=torch.device("cpu"),
+        )
 
     with pytest.raises(ShardCorruptError, match=f"{victim}: its xxh64 hash differs.*data.corrupt_shards=skip"):
         loader("error")
@@ -313,8 +370,12 @@ def test_corrupt_shard_is_named_or_skipped(many_shards, tmp_path, spec):
     assert skipping.stream.steps_per_epoch == kept // 4
     order = np.concatenate([skipping.stream.epoch_order(e) for e in range(3)])
     assert len(order) == 3 * kept and not set(order.tolist()) & set(bad[0][0])
-    read = [s["id"] for i in range(skipping.stream.steps_per_epoch)
-            for mb in skipping.stream.step(i).micro_batches for s in mb]
+    read = [
+        s["id"]
+        for i in range(skipping.stream.steps_per_epoch)
+        for mb in skipping.stream.step(i).micro_batches
+        for s in mb
+    ]
     assert len(read) == 4 * (kept // 4) and all(int(r[1:]) not in bad[0][0] for r in read)
     # What the trainer says at start about it (Loader.notes), and what the ranks compare (skipped_samples)
     assert skipping.skipped_samples == index[1]["samples"]
@@ -343,8 +404,17 @@ def test_deleted_shard_is_skipped_and_an_edited_index_refused(many_shards, tmp_p
 
     def loader(shards: Path, mode: str) -> Loader:
         cfg = DataConfig(shards=str(shards), global_batch=4, corrupt_shards=mode, workers=0)
-        return Loader(cfg, rank=0, world=1, attn_tokens=1e4, image=spec, latent_channels=16, replicas=1, seed=0,
-                      device=torch.device("cpu"))
+        return Loader(
+            cfg,
+            rank=0,
+            world=1,
+            attn_tokens=1e4,
+            image=spec,
+            latent_channels=16,
+            replicas=1,
+            seed=0,
+            device=torch.device("cpu"),
+        )
 
     index = json.loads((many_shards / "index.json").read_text())["shards"]
     gone = tmp_path / "gone"
@@ -353,11 +423,17 @@ def test_deleted_shard_is_skipped_and_an_edited_index_refused(many_shards, tmp_p
     with pytest.raises(ShardCorruptError, match=f"{gone / index[1]['raw_data']['basename']}: cannot be read"):
         loader(gone, "error")
     skipping = loader(gone, "skip")
-    read = [s["id"] for i in range(skipping.stream.steps_per_epoch)
-            for mb in skipping.stream.step(i).micro_batches for s in mb]
+    read = [
+        s["id"]
+        for i in range(skipping.stream.steps_per_epoch)
+        for mb in skipping.stream.step(i).micro_batches
+        for s in mb
+    ]
     first = index[0]["samples"]
     kept = 24 - index[1]["samples"]
-    assert len(read) == 4 * (kept // 4) and not {int(r[1:]) for r in read} & set(range(first, first + index[1]["samples"]))
+    assert len(read) == 4 * (kept // 4) and not {int(r[1:]) for r in read} & set(
+        range(first, first + index[1]["samples"])
+    )
 
     edited = tmp_path / "edited"
     shutil.copytree(many_shards, edited)
@@ -366,9 +442,12 @@ def test_deleted_shard_is_skipped_and_an_edited_index_refused(many_shards, tmp_p
     (edited / "index.json").write_text(json.dumps(raw))
     write_manifest(edited)  # past the manifest (tests/test_datatrust.py): the sample count is checked on its own
     for mode in ("error", "skip"):  # not skippable: the index itself is wrong
-        with pytest.raises(ShardCorruptError, match=f"{edited / index[1]['raw_data']['basename']}: holds "
-                                                    f"{index[1]['samples']} samples, .*index.json records "
-                                                    f"{index[1]['samples'] - 1}"):
+        with pytest.raises(
+            ShardCorruptError,
+            match=f"{edited / index[1]['raw_data']['basename']}: holds "
+            f"{index[1]['samples']} samples, .*index.json records "
+            f"{index[1]['samples'] - 1}",
+        ):
             loader(edited, mode)
 
 
@@ -390,8 +469,10 @@ def test_full_disk_during_conversion_names_the_folder(tmp_path, tiny_models, cap
     monkeypatch.setattr(Path, "write_bytes", full)
     rc, out = run(tmp_path, tiny_models, root, records)
     assert rc == 2 and not out.exists() and not (tmp_path / ".out.partial").exists()
-    assert (f"convert: error: writing the shards into {tmp_path / '.out.partial'} failed ([Errno 28] No space left "
-            f"on device); {out} is as it was") in capsys.readouterr().err
+    assert (
+        f"convert: error: writing the shards into {tmp_path / '.out.partial'} failed ([Errno 28] No space left "
+        f"on device); {out} is as it was"
+    ) in capsys.readouterr().err
     monkeypatch.undo()
     rc, out = run(tmp_path, tiny_models, root, records)
     assert rc == 0 and read_meta(out)["written"] == 3
@@ -422,10 +503,20 @@ def world_of_one(tmp_path):
 def trainer_config(tiny_models, shards, tmp_path, *overrides):
     from fastross import config
 
-    return config.load(None, [f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={tiny_models / 'llm'}",
-                              f"data.shards={shards}", "data.global_batch=4", "data.workers=0",
-                              f"train.run_dir={tmp_path / 'run'}", "train.dtype=fp32", "model.fused_ce=false",
-                              *overrides])
+    return config.load(
+        None,
+        [
+            f"model.vision_path={tiny_models / 'vision'}",
+            f"model.llm_path={tiny_models / 'llm'}",
+            f"data.shards={shards}",
+            "data.global_batch=4",
+            "data.workers=0",
+            f"train.run_dir={tmp_path / 'run'}",
+            "train.dtype=fp32",
+            "model.fused_ce=false",
+            *overrides,
+        ],
+    )
 
 
 def test_trainer_refuses_another_tokenizer_or_vae(tiny_models, stage2_shards, tmp_path):
@@ -445,8 +536,9 @@ def test_trainer_refuses_another_tokenizer_or_vae(tiny_models, stage2_shards, tm
     with pytest.raises(ConfigError) as e:
         Trainer(trainer_config(tiny_models, stage2_shards, tmp_path, f"model.llm_path={llm}"), world)
     msg = str(e.value)
-    assert msg.startswith(f"data.shards: {stage2_shards} was tokenised by another tokenizer than the one in {llm} "
-                          "(fingerprint ")
+    assert msg.startswith(
+        f"data.shards: {stage2_shards} was tokenised by another tokenizer than the one in {llm} (fingerprint "
+    )
     assert "vocabulary 151647" in msg and ", 151648, " in msg and msg.endswith(f"--tokenizer {llm}")
 
     vae = tmp_path / "vae"
@@ -454,8 +546,11 @@ def test_trainer_refuses_another_tokenizer_or_vae(tiny_models, stage2_shards, tm
     cfg = json.loads((vae / "config.json").read_text())
     cfg["scaling_factor"] = 0.5
     (vae / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ConfigError, match=r"made by a VAE with \(channels, shift, scale\) \(16, 0.1159, 0.3611\), "
-                                          rf"but model.vae_path {vae} has \(16, 0.1159, 0.5\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"made by a VAE with \(channels, shift, scale\) \(16, 0.1159, 0.3611\), "
+        rf"but model.vae_path {vae} has \(16, 0.1159, 0.5\)",
+    ):
         Trainer(trainer_config(tiny_models, stage2_shards, tmp_path, f"model.vae_path={vae}"), world)
 
 
@@ -463,25 +558,37 @@ def test_trainer_uses_the_shards_latent_constants(tiny_models, stage2_shards, tm
     from fastross.distributed import World
     from fastross.train import Trainer
 
-    cfg = trainer_config(tiny_models, stage2_shards, tmp_path, "model.latent_scale=0.9", "model.latent_shift=0.0",
-                         "data.max_tokens=100")
+    cfg = trainer_config(
+        tiny_models, stage2_shards, tmp_path, "model.latent_scale=0.9", "model.latent_shift=0.0", "data.max_tokens=100"
+    )
     trainer = Trainer(cfg, World(0, 1, 0, torch.device("cpu")))
     assert (trainer.model.latent_shift, trainer.model.latent_scale) == (0.1159, 0.3611)
     lengths = np.load(stage2_shards / "lengths.npy")
     too_long = int((lengths > 100).sum())
     assert 0 < too_long < len(lengths)
-    assert (f"train: {too_long} of {len(lengths)} samples are longer than data.max_tokens=100: each is planned alone"
-            in capsys.readouterr().out)
+    assert (
+        f"train: {too_long} of {len(lengths)} samples are longer than data.max_tokens=100: each is planned alone"
+        in capsys.readouterr().out
+    )
 
 
 # 4. property tests (hypothesis): odd images and odd JSON --------------------------------
 
-from hypothesis import HealthCheck, event, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import (  # noqa: E402
+    HealthCheck,
+    event,
+    given,
+    settings,
+    strategies as st,  # noqa: E402
+)
 
-PROPERTY = settings(max_examples=40, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                           HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def odd_image(draw) -> tuple[bytes, np.ndarray, bool]:
@@ -496,7 +603,8 @@ def odd_image(draw) -> tuple[bytes, np.ndarray, bool]:
 
 
 TEXT = st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40) | st.sampled_from(
-    ["", "<image>", "<image>\n<image>", "x" * 30000, "\u202e\u0000\ufeff", "<|im_end|>", "<|im_start|>user"])
+    ["", "<image>", "<image>\n<image>", "x" * 30000, "\u202e\u0000\ufeff", "<|im_end|>", "<|im_start|>user"]
+)
 ROLE = st.sampled_from(["human", "gpt", "system", "user", "assistant", "", "GPT", "\u4eba"])
 TURN = st.one_of(
     st.fixed_dictionaries({"from": ROLE, "value": TEXT}),
@@ -523,9 +631,13 @@ def odd_record(draw, i: int):
     """(record, image file bytes and expected pixels or None) with image name im{i}.png when it has a file."""
     image_kind = draw(st.sampled_from(["file", "file", "file", "none", "missing", "escape", "not_str"]))
     kind = draw(st.sampled_from(["plausible"] * 4 + ["odd", "empty", "absent", "not_a_list"]))
-    conversations = {"plausible": lambda: draw(plausible_turns(image_kind != "none")),
-                     "odd": lambda: draw(st.lists(TURN, max_size=5)), "empty": list, "absent": lambda: None,
-                     "not_a_list": lambda: "text"}[kind]()
+    conversations = {
+        "plausible": lambda: draw(plausible_turns(image_kind != "none")),
+        "odd": lambda: draw(st.lists(TURN, max_size=5)),
+        "empty": list,
+        "absent": lambda: None,
+        "not_a_list": lambda: "text",
+    }[kind]()
     rec = {"conversations": conversations} if conversations is not None else {}
     if draw(st.booleans()):
         rec["id"] = f"r{i}"
@@ -550,9 +662,27 @@ def prop_converter(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("prop")
     (root / "images").mkdir()
     (root / "outside.png").write_bytes(png(rgb_image(16, 16, 0)))
-    a = convert.parse_args(["--json", "-", "--images", str(root / "images"), "--tokenizer", str(tiny_models / "llm"),
-                            "--template", "qwen2_ross", "--vision", str(tiny_models / "vision"), "--out", "-",
-                            "--image-aspect", "square", "--max-length", "4000", "--quiet"])
+    a = convert.parse_args(
+        [
+            "--json",
+            "-",
+            "--images",
+            str(root / "images"),
+            "--tokenizer",
+            str(tiny_models / "llm"),
+            "--template",
+            "qwen2_ross",
+            "--vision",
+            str(tiny_models / "vision"),
+            "--out",
+            "-",
+            "--image-aspect",
+            "square",
+            "--max-length",
+            "4000",
+            "--quiet",
+        ]
+    )
     return convert.Converter(a), root
 
 
@@ -611,7 +741,7 @@ def test_property_odd_records(prop_converter, spec, data):
     assert (meta["read"], meta["written"]) == (n, report.written)
     outside = png(rgb_image(16, 16, 0))
     for s in samples(out):
-        i = int(s["id"][1:]) if s["id"].startswith("r") else int(s["id"][len(name) + 1:-1])
+        i = int(s["id"][1:]) if s["id"].startswith("r") else int(s["id"][len(name) + 1 : -1])
         assert s["image"] != outside
         if s["image"]:
             rgb = drawn[i][1][1]
@@ -620,4 +750,3 @@ def test_property_odd_records(prop_converter, spec, data):
             event("an image written")
     for reason in report.skipped:
         event(f"skipped: {reason}")
-

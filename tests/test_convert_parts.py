@@ -18,6 +18,7 @@ from fastross.data.schema import LENGTHS_FILE, META_FILE, ShardMeta, read_meta, 
 from fastross.data.shards import MDSShards
 from fastross.data.stream import StepStream
 
+
 def write_sources(synth_data: Path, folder: Path) -> list[Path]:
     """a.json (6 records) and b.jsonl (9 records): bundled stage-2 records, a text-only one and bad ones, so that
     the 2-part split (records 0-6 | 7-14) falls inside b.jsonl and each part skips some."""
@@ -34,9 +35,26 @@ def write_sources(synth_data: Path, folder: Path) -> list[Path]:
 
 
 def args(tiny_models: Path, synth_data: Path, sources: list[Path], out: Path, *extra: str) -> list[str]:
-    return ["--json", *map(str, sources), "--images", str(synth_data / "images"), "--tokenizer",
-            str(tiny_models / "llm"), "--vision", str(tiny_models / "vision"), "--template", "qwen2_ross",
-            "--vae", str(tiny_models / "vae"), "--device", "cpu", "--out", str(out), "--quiet", *extra]
+    return [
+        "--json",
+        *map(str, sources),
+        "--images",
+        str(synth_data / "images"),
+        "--tokenizer",
+        str(tiny_models / "llm"),
+        "--vision",
+        str(tiny_models / "vision"),
+        "--template",
+        "qwen2_ross",
+        "--vae",
+        str(tiny_models / "vae"),
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +66,9 @@ def converted(tiny_models, synth_data, tmp_path_factory) -> dict[str, Path]:
     conv = None
     out = {"sources": tmp / "src", "merged": tmp / "merged"}
     for name, extra in (("one", ()), ("part0", ("--part", "0/2")), ("part1", ("--part", "1/2"))):
-        a = convert.parse_args(args(tiny_models, synth_data, sources, tmp / name, "--vae-batch", "1",
-                                    "--shard-size", "40000", *extra))  # several shards per part
+        a = convert.parse_args(
+            args(tiny_models, synth_data, sources, tmp / name, "--vae-batch", "1", "--shard-size", "40000", *extra)
+        )  # several shards per part
         conv = conv or convert.Converter(a)
         conv.a = a
         report = conv.run()
@@ -111,10 +130,13 @@ def test_merged_parts_are_the_one_part_conversion(converted):
 
 def test_vae_batches_match_one_at_a_time(converted, tiny_models, synth_data, tmp_path, monkeypatch):
     batched, sizes, encode = tmp_path / "b", [], convert.Converter.encode
-    monkeypatch.setattr(convert.Converter, "encode", lambda self, samples: sizes.append(len(samples)) or
-                        encode(self, samples))
-    assert convert.main(args(tiny_models, synth_data, sorted(converted["sources"].iterdir()), batched,
-                             "--vae-batch", "4")) == 0
+    monkeypatch.setattr(
+        convert.Converter, "encode", lambda self, samples: sizes.append(len(samples)) or encode(self, samples)
+    )
+    assert (
+        convert.main(args(tiny_models, synth_data, sorted(converted["sources"].iterdir()), batched, "--vae-batch", "4"))
+        == 0
+    )
     assert sizes == [4, 4, 3]  # the VAE's forwards: 11 images
     meta = ShardMeta.read(batched)
     a, b = MDSShards(converted["one"]), MDSShards(batched)
@@ -167,8 +189,24 @@ def test_merge_refuses_parts_of_other_conversions(converted, tmp_path, capsys):
 def test_part_and_device_arguments(tiny_models, synth_data, tmp_path, capsys):
     for bad in ("2/2", "1", "a/b", "0/0"):
         with pytest.raises(SystemExit):
-            convert.parse_args(["--json", "x", "--images", "i", "--tokenizer", "t", "--template", "plain",
-                                "--vision", "v", "--out", "o", "--part", bad])
+            convert.parse_args(
+                [
+                    "--json",
+                    "x",
+                    "--images",
+                    "i",
+                    "--tokenizer",
+                    "t",
+                    "--template",
+                    "plain",
+                    "--vision",
+                    "v",
+                    "--out",
+                    "o",
+                    "--part",
+                    bad,
+                ]
+            )
         assert "--part" in capsys.readouterr().err
     assert [convert.part_range(10, i, 3) for i in range(3)] == [(0, 3), (3, 6), (6, 10)]
     assert [convert.part_range(2, i, 3) for i in range(3)] == [(0, 0), (0, 1), (1, 2)]  # more parts than records

@@ -23,8 +23,15 @@ from PIL import Image
 
 from fastross.config import DataConfig, SourceConfig
 from fastross.data import convert, images
-from fastross.data.schema import (ShardCorruptError, ShardMeta, fingerprint_problem, read_meta, tokenizer_fingerprint,
-                                  verify_folder, write_manifest)
+from fastross.data.schema import (
+    ShardCorruptError,
+    ShardMeta,
+    fingerprint_problem,
+    read_meta,
+    tokenizer_fingerprint,
+    verify_folder,
+    write_manifest,
+)
 from fastross.data.sources import check_shard_facts, open_source
 from fastross.data.stream import StepStream
 
@@ -37,8 +44,22 @@ def text_rec(rid, text="Hi."):
 
 def run_convert(tmp_path: Path, tiny_models: Path, source: Path, images_dir: Path | None = None, *extra: str):
     out = tmp_path / "out"
-    argv = ["--json", str(source), "--images", str(images_dir or tmp_path), "--tokenizer", str(tiny_models / "llm"),
-            "--template", "qwen2_ross", "--vision", str(tiny_models / "vision"), "--out", str(out), "--quiet", *extra]
+    argv = [
+        "--json",
+        str(source),
+        "--images",
+        str(images_dir or tmp_path),
+        "--tokenizer",
+        str(tiny_models / "llm"),
+        "--template",
+        "qwen2_ross",
+        "--vision",
+        str(tiny_models / "vision"),
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
     return convert.main(argv), out
 
 
@@ -76,8 +97,14 @@ def test_edited_vae_constant_is_refused_naming_fastross_json(shards, tiny_models
         open_source(SourceConfig(str(shards)))  # the trainer's loader
     with pytest.raises(ShardCorruptError, match=want):
         ShardMeta.read(shards)  # export, generate, eval
-    cfg = config.load(None, [f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={tiny_models / 'llm'}",
-                              f"data.shards={shards}"])  # reads no shard file
+    cfg = config.load(
+        None,
+        [
+            f"model.vision_path={tiny_models / 'vision'}",
+            f"model.llm_path={tiny_models / 'llm'}",
+            f"data.shards={shards}",
+        ],
+    )  # reads no shard file
     with pytest.raises(config.ConfigError, match=want):  # the trainer's entry point and --check, before any work
         check_shard_facts(cfg.data)
 
@@ -152,8 +179,11 @@ def test_length_that_disagrees_with_its_sample_stops_naming_it(shards):
     np.save(shards / "lengths.npy", lengths)
     write_manifest(shards)
     stream = StepStream(str(shards), 8, 0, 1, "none", 0, max_tokens=10**6, attn_tokens=1e4)
-    with pytest.raises(ShardCorruptError, match=rf"sample 3 of {shards} \(record '{ok['id']}'\): lengths.npy gives "
-                                                rf"{lengths[3]} tokens, but the sample holds {lengths[3] - 7}"):
+    with pytest.raises(
+        ShardCorruptError,
+        match=rf"sample 3 of {shards} \(record '{ok['id']}'\): lengths.npy gives "
+        rf"{lengths[3]} tokens, but the sample holds {lengths[3] - 7}",
+    ):
         stream.step(0)  # step 0 of the converted order holds samples 0..7
 
 
@@ -179,8 +209,11 @@ def test_fingerprint_covers_the_normalizer_and_chat_template(tokenizer):
     assert fp["version"] == 2 and len(fp["sha256"]) == 64 and fp["vocab_size"] == len(tokenizer)
     text = "What Is Shown In The Picture? Shapes And Colours."
     ids, vocab = tokenizer(text)["input_ids"], tokenizer.get_vocab()
-    backend, normalizer, template = tokenizer.backend_tokenizer, tokenizer.backend_tokenizer.normalizer, \
-        tokenizer.chat_template
+    backend, normalizer, template = (
+        tokenizer.backend_tokenizer,
+        tokenizer.backend_tokenizer.normalizer,
+        tokenizer.chat_template,
+    )
     try:
         backend.normalizer = normalizers.Lowercase()
         assert tokenizer.get_vocab() == vocab  # the vocabulary alone (fingerprint v1) cannot tell them apart
@@ -234,20 +267,26 @@ def test_allowed_formats_decode_and_animated_gives_its_first_frame():
     assert images.decode(buf.getvalue()).getpixel((0, 0)) == (255, 0, 0)
 
 
-@pytest.mark.parametrize("name,data,found", [
-    ("eps", EPS, "EPS/PostScript"),
-    ("pdf", _encoded("PDF"), "PDF"),
-    ("svg", SVG, "SVG/XML"),
-    ("ico", _encoded("ICO"), "ICO"),
-    ("garbage", b"\x01\x02\x03\x04hello", "unrecognised (first bytes 01 02 03 04 68 65 6c 6c)"),
-])
+@pytest.mark.parametrize(
+    "name,data,found",
+    [
+        ("eps", EPS, "EPS/PostScript"),
+        ("pdf", _encoded("PDF"), "PDF"),
+        ("svg", SVG, "SVG/XML"),
+        ("ico", _encoded("ICO"), "ICO"),
+        ("garbage", b"\x01\x02\x03\x04hello", "unrecognised (first bytes 01 02 03 04 68 65 6c 6c)"),
+    ],
+)
 def test_other_formats_are_bad_images_naming_the_format_before_pillow(name, data, found, monkeypatch):
     def never(*a, **k):
         raise AssertionError("Pillow was handed a format outside the allow-list")
 
     monkeypatch.setattr(images.Image, "open", never)
-    with pytest.raises(images.ImageError, match=rf"format {__import__('re').escape(found)} is not one fastross "
-                                                r"opens \(PNG, JPEG, GIF, BMP, TIFF, WEBP\)") as e:
+    with pytest.raises(
+        images.ImageError,
+        match=rf"format {__import__('re').escape(found)} is not one fastross "
+        r"opens \(PNG, JPEG, GIF, BMP, TIFF, WEBP\)",
+    ) as e:
         images.decode(data)
     assert e.value.reason == "bad_image"
 
@@ -259,8 +298,10 @@ def test_conversion_skips_exotic_formats_as_bad_image(tmp_path, tiny_models):
     (root / "a.png").write_bytes(EPS)  # the name says PNG; the bytes decide
     (root / "b.pdf").write_bytes(_encoded("PDF"))
     (root / "c.svg").write_bytes(SVG)
-    records = [{"id": i, "image": f, "conversations": ASK} for i, f in
-               (("ok", "ok.png"), ("eps", "a.png"), ("pdf", "b.pdf"), ("svg", "c.svg"))]
+    records = [
+        {"id": i, "image": f, "conversations": ASK}
+        for i, f in (("ok", "ok.png"), ("eps", "a.png"), ("pdf", "b.pdf"), ("svg", "c.svg"))
+    ]
     src = tmp_path / "r.json"
     src.write_text(json.dumps(records))
     rc, out = run_convert(tmp_path, tiny_models, src, root)
@@ -278,17 +319,26 @@ def test_conversion_skips_exotic_formats_as_bad_image(tmp_path, tiny_models):
 def test_lone_surrogates_and_deep_nesting_are_counted_skips(tmp_path, tiny_models):
     deep = '{"id": "deep", "conversations": ' + "[" * 100 + "]" * 100 + "}"
     deeper = "[" * 100000 + "]" * 100000  # past Python's recursion limit: RecursionError in json.loads
-    lines = [json.dumps(text_rec("ok0")), '{"id": "\\ud800", "conversations": []}', deep, deeper,
-             json.dumps(text_rec("surrogate_text", "Hi \ud800.")), json.dumps(text_rec("ok1"))]
+    lines = [
+        json.dumps(text_rec("ok0")),
+        '{"id": "\\ud800", "conversations": []}',
+        deep,
+        deeper,
+        json.dumps(text_rec("surrogate_text", "Hi \ud800.")),
+        json.dumps(text_rec("ok1")),
+    ]
     src = tmp_path / "r.jsonl"
     src.write_text("\n".join(lines) + "\n")
     rc, out = run_convert(tmp_path, tiny_models, src)
     meta = read_meta(out)
     assert rc == 0 and meta["read"] == 6 and meta["written"] == 2 and meta["skipped"] == {"malformed": 4}
     ex = meta["skipped_examples"]["malformed"]
-    assert ex == ["r.jsonl:2: a string holds a lone surrogate ('\\ud800' at 0)",
-                  "r.jsonl:3: nested deeper than 64 levels", "r.jsonl:4: nested deeper than 64 levels",
-                  "r.jsonl:5: a string holds a lone surrogate ('\\ud800' at 3)"]
+    assert ex == [
+        "r.jsonl:2: a string holds a lone surrogate ('\\ud800' at 0)",
+        "r.jsonl:3: nested deeper than 64 levels",
+        "r.jsonl:4: nested deeper than 64 levels",
+        "r.jsonl:5: a string holds a lone surrogate ('\\ud800' at 3)",
+    ]
 
     # The same records in one JSON array: the deep ones are stepped over, the rest converted.
     arr = tmp_path / "a" / "r.json"
@@ -298,7 +348,11 @@ def test_lone_surrogates_and_deep_nesting_are_counted_skips(tmp_path, tiny_model
     meta = read_meta(out)
     assert rc == 0 and meta["written"] == 2 and meta["skipped"] == {"malformed": 4}
     assert [e.split(":")[0] for e in meta["skipped_examples"]["malformed"]] == [
-        "r.json[1]", "r.json[2]", "r.json[3]", "r.json[4]"]
+        "r.json[1]",
+        "r.json[2]",
+        "r.json[3]",
+        "r.json[4]",
+    ]
 
 
 def test_id_with_a_lone_surrogate_is_skipped_not_the_run(tmp_path, tiny_models):
@@ -314,8 +368,14 @@ def test_id_with_a_lone_surrogate_is_skipped_not_the_run(tmp_path, tiny_models):
 
 def test_id_of_no_string_form_is_skipped(tmp_path, tiny_models):
     """A list or object id was written as its Python repr ("['a']"); an integer id is kept as its digits."""
-    records = [text_rec("a"), {**text_rec("x"), "id": ["a"]}, {**text_rec("y"), "id": {"id": "y"}},
-               {**text_rec("z"), "id": None}, {**text_rec("t"), "id": True}, {**text_rec("n"), "id": 7}]
+    records = [
+        text_rec("a"),
+        {**text_rec("x"), "id": ["a"]},
+        {**text_rec("y"), "id": {"id": "y"}},
+        {**text_rec("z"), "id": None},
+        {**text_rec("t"), "id": True},
+        {**text_rec("n"), "id": 7},
+    ]
     src = tmp_path / "r.json"
     src.write_text(json.dumps(records))
     rc, out = run_convert(tmp_path, tiny_models, src)
@@ -325,7 +385,8 @@ def test_id_of_no_string_form_is_skipped(tmp_path, tiny_models):
         "r.json[1]: its id is a list, not a string or an integer",
         "r.json[2]: its id is a dict, not a string or an integer",
         "r.json[3]: its id is a NoneType, not a string or an integer",
-        "r.json[4]: its id is a bool, not a string or an integer"]
+        "r.json[4]: its id is a bool, not a string or an integer",
+    ]
     from fastross.data.shards import MDSShards
 
     shards = MDSShards(out)
@@ -349,7 +410,8 @@ def test_a_failure_while_writing_one_record_is_its_skip(tmp_path, tiny_models, m
     meta = read_meta(out)
     assert rc == 0 and (meta["read"], meta["written"]) == (4, 3) and meta["skipped"] == {"record_error": 1}
     assert meta["skipped_examples"]["record_error"] == [
-        "r.json[1]: writing it failed (ValueError: cannot encode this one)"]
+        "r.json[1]: writing it failed (ValueError: cannot encode this one)"
+    ]
     shards = MDSShards(out)
     got = [shards.read(i) for i in range(len(shards))]
     assert [s["id"] for s in got] == ["w0", "w2", "w3"] and [s["index"] for s in got] == [0, 1, 2]
@@ -377,5 +439,14 @@ def test_loader_refuses_an_edited_folder(shards, tiny_models):
     data[data.index(b'"samples": ') + 11] ^= 0x01  # a sample count's first digit
     (shards / "index.json").write_bytes(bytes(data))
     with pytest.raises(ShardCorruptError, match="index.json: its sha256 differs"):
-        Loader(DataConfig(shards=str(shards), global_batch=4, workers=0), rank=0, world=1, attn_tokens=1e4,
-               image=spec, latent_channels=16, replicas=1, seed=0, device=torch.device("cpu"))
+        Loader(
+            DataConfig(shards=str(shards), global_batch=4, workers=0),
+            rank=0,
+            world=1,
+            attn_tokens=1e4,
+            image=spec,
+            latent_channels=16,
+            replicas=1,
+            seed=0,
+            device=torch.device("cpu"),
+        )

@@ -26,12 +26,19 @@ RECORDS = 8  # of the bundled stage-2 set: two global batches of 4 an epoch, qui
 def make_default_tower(out: Path, kind: str, seed: int = 0) -> Path:
     """A tiny vision folder (64 px, 8 px patches, 3 layers) saved by save_pretrained with defaults only: no key that
     make_tiny sets by hand (SigLIP's vision_use_head above all), its image processor beside it."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipImageProcessor,
-                              SiglipVisionConfig, SiglipVisionModel)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     torch.manual_seed(seed)
-    shape = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=64,
-                 patch_size=8)
+    shape = dict(
+        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=64, patch_size=8
+    )
     if kind == "siglip":
         SiglipVisionModel(SiglipVisionConfig(**shape)).save_pretrained(out)
         SiglipImageProcessor(size={"height": 64, "width": 64}).save_pretrained(out)
@@ -62,9 +69,28 @@ def shards(tower, tiny_models, synth_data, tmp_path_factory) -> Path:
     records = json.loads((synth_data / "stage2.json").read_text())[:RECORDS]
     (tmp / "stage2.json").write_text(json.dumps(records))
     out = tmp / "stage2"
-    assert main(["--json", str(tmp / "stage2.json"), "--images", str(synth_data / "images"),
-                 "--tokenizer", str(tiny_models / "llm"), "--vision", str(tower), "--vae", str(tiny_models / "vae"),
-                 "--template", "qwen2_ross", "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "--json",
+                str(tmp / "stage2.json"),
+                "--images",
+                str(synth_data / "images"),
+                "--tokenizer",
+                str(tiny_models / "llm"),
+                "--vision",
+                str(tower),
+                "--vae",
+                str(tiny_models / "vae"),
+                "--template",
+                "qwen2_ross",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "fastross.json").read_text())["grid"] == 8
     return out
 
@@ -81,13 +107,15 @@ def recipe(tower, shards, tiny_models, tmp_path_factory) -> tuple[Path, list[str
 def run_dir(recipe) -> Path:
     """Three steps on one rank, `python -m fastross.train` as a user starts it (no torchrun)."""
     cfg, overrides = recipe
-    p = subprocess.run([sys.executable, "-m", "fastross.train", str(cfg), *overrides], capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "fastross.train", str(cfg), *overrides], capture_output=True, text=True, timeout=600
+    )
     out = p.stdout + p.stderr
     assert "train: done" in out, out[-4000:]
     assert "returned a view tensor" not in out  # item 6: FSDP2's warning about the denoiser's output, gone at its cause
-    assert ("3 steps (2/epoch): train.max_steps=3 sets the length, 1.50 epochs (train.epochs=1 alone gives 2 steps)"
-            in out)
+    assert (
+        "3 steps (2/epoch): train.max_steps=3 sets the length, 1.50 epochs (train.epochs=1 alone gives 2 steps)" in out
+    )
     return cfg.parent / "run"
 
 
@@ -128,8 +156,7 @@ def test_default_save_export_generate_eval(kind, run_dir, exported, synth_data, 
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from fastross import eval as fe
-    from fastross import generate
+    from fastross import eval as fe, generate
 
     theirs, info = AutoModelForImageTextToText.from_pretrained(exported, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or mismatched weight
@@ -141,10 +168,15 @@ def test_default_save_export_generate_eval(kind, run_dir, exported, synth_data, 
     prompt, image = record["conversations"][0]["value"], synth_data / "images" / record["image"]
     question = prompt.replace("<image>", "").strip()
     user = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    hf = proc(text=proc.apply_chat_template(user, add_generation_prompt=True), images=Image.open(image),
-              return_tensors="pt")
-    mb = generate.micro_batch(generate.prompt_ids(loaded, prompt, True), hf.pixel_values,
-                              theirs.config.image_token_id, theirs.config.image_seq_length)
+    hf = proc(
+        text=proc.apply_chat_template(user, add_generation_prompt=True), images=Image.open(image), return_tensors="pt"
+    )
+    mb = generate.micro_batch(
+        generate.prompt_ids(loaded, prompt, True),
+        hf.pixel_values,
+        theirs.config.image_token_id,
+        theirs.config.image_seq_length,
+    )
     assert torch.equal(hf.input_ids, mb.input_ids)  # the export's prompt and processor are fastross's
     with torch.no_grad():
         want = ours.llm.get_output_embeddings()(ours.hidden_states(mb))
@@ -154,15 +186,32 @@ def test_default_save_export_generate_eval(kind, run_dir, exported, synth_data, 
     assert err <= 1e-4
 
     capsys.readouterr()
-    assert generate.main(["--model", str(run_dir), "--prompt", prompt, "--image", str(image),
-                          "--max-new-tokens", "4"]) == 0
+    assert (
+        generate.main(["--model", str(run_dir), "--prompt", prompt, "--image", str(image), "--max-new-tokens", "4"])
+        == 0
+    )
     answer = capsys.readouterr().out.strip()
     assert answer == generate.answer(loaded, [(prompt, image)], generate.Sampling(4))[0]
     with torch.no_grad():
         out = theirs.generate(**hf, max_new_tokens=4, do_sample=False)
-    assert proc.tokenizer.decode(out[0, hf.input_ids.shape[1]:], skip_special_tokens=True).strip() == answer
+    assert proc.tokenizer.decode(out[0, hf.input_ids.shape[1] :], skip_special_tokens=True).strip() == answer
 
-    assert fe.main(["--model", str(run_dir), "--data", str(synth_data / "eval.json"), "--out", str(tmp_path / "eval"),
-                    "--limit", "1", "--max-new-tokens", "4"]) == 0
+    assert (
+        fe.main(
+            [
+                "--model",
+                str(run_dir),
+                "--data",
+                str(synth_data / "eval.json"),
+                "--out",
+                str(tmp_path / "eval"),
+                "--limit",
+                "1",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(x) for x in (tmp_path / "eval" / "items.jsonl").read_text().splitlines()]
     assert len(rows) >= 1 and rows[0]["prediction"] == answer

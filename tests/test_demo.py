@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from fastross.data import templates
 from fastross import demo
+from fastross.data import templates
 from fastross.demo.make_tiny import build_corpus_tokenizer, corpus_texts, make_tiny
 
 
@@ -31,7 +31,11 @@ def test_corpus_tokenizer(corpus_tokenizer, synth_data, tmp_path):
     # the template's frame merges into words: the system prompt takes far fewer tokens than its 162 characters
     assert len(tok(templates.ROSS_SYSTEM, add_special_tokens=False).input_ids) <= 30
     assert [tok.decode([i]) for i in tok("USER: ASSISTANT:", add_special_tokens=False).input_ids] == [
-        "USER", ":", " ASSISTANT", ":"]
+        "USER",
+        ":",
+        " ASSISTANT",
+        ":",
+    ]
     # answers merge with the space the template puts before them, so a prompt ending at "ASSISTANT:" asks for them
     for word in (" Yes", " No", " Red", " At"):
         assert tok.decode(tok(word + ".", add_special_tokens=False).input_ids[:1]) == word
@@ -55,14 +59,29 @@ def test_make_tiny_with_the_corpus_tokenizer(corpus_tokenizer, tmp_path):
 
 
 def row(kind, typ, gold, correct, question="q"):
-    return {"kind": kind, "type": typ, "gold": gold, "correct": correct, "question": question, "image": "x.png",
-            "answer": str(gold), "prediction": "p"}
+    return {
+        "kind": kind,
+        "type": typ,
+        "gold": gold,
+        "correct": correct,
+        "question": question,
+        "image": "x.png",
+        "answer": str(gold),
+        "prediction": "p",
+    }
 
 
 def test_majority_baseline_and_the_answers_shown():
-    rows = [row("pope", "yesno", "yes", True), row("pope", "yesno", "no", False), row("pope", "yesno", "yes", True),
-            row("count", "number", 2, False), row("count", "number", 2, True), row("count", "number", 3, False),
-            row("where", "where", ["top", "left"], False), row("where", "where", ["top", "right"], False)]
+    rows = [
+        row("pope", "yesno", "yes", True),
+        row("pope", "yesno", "no", False),
+        row("pope", "yesno", "yes", True),
+        row("count", "number", 2, False),
+        row("count", "number", 2, True),
+        row("count", "number", 3, False),
+        row("where", "where", ["top", "left"], False),
+        row("where", "where", ["top", "right"], False),
+    ]
     # yes 2 of 3, two 2 of 3, a place 1 of 2: (2 + 2 + 1) / 8
     assert demo.majority_baseline(rows) == pytest.approx(5 / 8)
     shown = demo.show_answers(rows, 4)  # one of each kind in turn, then the second of each

@@ -62,8 +62,9 @@ def test_bf16_denoiser_under_fsdp2_computes_in_bf16_and_keeps_an_fp32_loss(world
                     p.normal_(0, 0.2)
         fully_shard(m, mesh=world_of_one, mp_policy=mp_policy(m.precision))
         m.register_forward_hook(lambda mod, i, o, d=dtype: outs.__setitem__(d, o.dtype))
-        loss = diffusion.eps_loss_materialised(m, mean, std, keys, t, ab[t].sqrt(), (1 - ab[t]).sqrt(), cond,
-                                               0.1159, 0.3611)
+        loss = diffusion.eps_loss_materialised(
+            m, mean, std, keys, t, ab[t].sqrt(), (1 - ab[t]).sqrt(), cond, 0.1159, 0.3611
+        )
         loss.sum().backward()
         losses[dtype] = loss.detach()
         assert loss.dtype == torch.float32
@@ -87,8 +88,11 @@ def test_sharded_denoiser_returns_no_view_so_fsdp2_does_not_warn(world_of_one, k
             if torch.count_nonzero(p) == 0:
                 p.normal_(0, 0.2)
     g = torch.Generator().manual_seed(1)
-    x, t, cond = torch.randn(2, 4, 9, 20, generator=g), torch.randint(0, 1000, (2, 4), generator=g), torch.randn(
-        2, 9, 24, generator=g)
+    x, t, cond = (
+        torch.randn(2, 4, 9, 20, generator=g),
+        torch.randint(0, 1000, (2, 4), generator=g),
+        torch.randn(2, 9, 24, generator=g),
+    )
     with torch.no_grad():
         want = m(x, t, cond)
     fully_shard(m, mesh=world_of_one, mp_policy=mp_policy(m.precision))

@@ -10,10 +10,21 @@ from fastross import eval as fe
 Y, N, U = fe.YES, fe.NO, fe.UNKNOWN
 
 
-@pytest.mark.parametrize("text,want", [
-    ("Yes.", Y), ("YES!", Y), ("No, there is not.", N), ("no", N), ("Yes, there is no doubt.", U),
-    ("yes and no", U), ("", U), ("Nope.", U), ("The answer: yes", Y), ("There is a red circle.", U),
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("Yes.", Y),
+        ("YES!", Y),
+        ("No, there is not.", N),
+        ("no", N),
+        ("Yes, there is no doubt.", U),
+        ("yes and no", U),
+        ("", U),
+        ("Nope.", U),
+        ("The answer: yes", Y),
+        ("There is a red circle.", U),
+    ],
+)
 def test_yes_no_as_vlmevalkit(text, want):
     assert fe.parse_yesno(text) == want
 
@@ -21,10 +32,26 @@ def test_yes_no_as_vlmevalkit(text, want):
 def test_parsers():
     assert [fe.parse_number(t) for t in ("Two.", "There are 3 shapes.", "none", "Twelve")] == [2, 3, None, 12]
     assert [fe.parse_colour(t) for t in ("Red.", "It is blue", "red and blue", "dark")] == ["red", "blue", None, None]
-    assert [fe.parse_where(t) for t in ("At the top left.", "On the right.", "In the centre.", "in the center",
-                                        "At the bottom.", "top and bottom", "I do not know")] == [
-        ("top", "left"), ("middle", "right"), ("middle", "centre"), ("middle", "centre"), ("bottom", "centre"), None,
-        None]
+    assert [
+        fe.parse_where(t)
+        for t in (
+            "At the top left.",
+            "On the right.",
+            "In the centre.",
+            "in the center",
+            "At the bottom.",
+            "top and bottom",
+            "I do not know",
+        )
+    ] == [
+        ("top", "left"),
+        ("middle", "right"),
+        ("middle", "centre"),
+        ("middle", "centre"),
+        ("bottom", "centre"),
+        None,
+        None,
+    ]
     assert fe.normalise_text("A cup of coffee, on a saucer!") == "cup of coffee on saucer"
     assert fe.parse_number("3.5 apples") is None and fe.words("3.5 apples.") == ["3.5", "apples"]
 
@@ -32,8 +59,16 @@ def test_parsers():
 def test_yes_no_metrics_by_hand():
     # gold Y Y N N N, predicted Y N Y Y unknown: TP 1, FP 2, FN 1; 3 answered yes; one of five right
     m = fe.yesno_metrics([Y, Y, N, N, N], [Y, N, Y, Y, U])
-    want = {"n": 5, "accuracy": 0.2, "precision": 1 / 3, "recall": 0.5, "f1": 0.4, "yes_ratio": 0.6,
-            "hallucination": 2 / 3, "unknown_rate": 0.2}
+    want = {
+        "n": 5,
+        "accuracy": 0.2,
+        "precision": 1 / 3,
+        "recall": 0.5,
+        "f1": 0.4,
+        "yes_ratio": 0.6,
+        "hallucination": 2 / 3,
+        "unknown_rate": 0.2,
+    }
     assert m.keys() == want.keys()
     for k in want:
         assert m[k] == pytest.approx(want[k], abs=1e-12), k
@@ -68,7 +103,9 @@ def test_summary_groups_by_kind():
     s = fe.summarise(rows)
     assert s["pope-random"]["accuracy"] == 0.5 and s["pope-random"]["hallucination"] == 1.0
     assert s["pope"]["n"] == 3 and s["pope"]["accuracy"] == pytest.approx(2 / 3)
-    assert s["pope"]["precision"] == 0.5 and s["pope"]["recall"] == 1.0 and s["pope"]["yes_ratio"] == pytest.approx(2 / 3)
+    assert (
+        s["pope"]["precision"] == 0.5 and s["pope"]["recall"] == 1.0 and s["pope"]["yes_ratio"] == pytest.approx(2 / 3)
+    )
     assert s["count"]["exact_match"] == 0.5 and s["count"]["mae"] == 1.0
     assert s["position"]["accuracy"] == 0.5 and s["position"]["unknown_rate"] == 0.5 and "f1" not in s["position"]
     assert s["mmvp"]["accuracy"] == 0.75 and s["mmvp"]["pairs"] == 2 and s["mmvp"]["pair_accuracy"] == 0.5
@@ -80,15 +117,24 @@ def test_bad_data_is_named(tmp_path):
     bad.write_text(json.dumps([{"id": "r7", "image": "a.png", "conversations": [{"from": "human", "value": "q"}]}]))
     with pytest.raises(ValueError, match="record 0 \\(r7\\)"):
         fe.read_items(bad)
-    two = [{"id": "r8", "image": ["a.png", "b.png"], "conversations": [{"from": "human", "value": "q"},
-                                                                       {"from": "gpt", "value": "a"}]}]
+    two = [
+        {
+            "id": "r8",
+            "image": ["a.png", "b.png"],
+            "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}],
+        }
+    ]
     bad.write_text(json.dumps(two))
     with pytest.raises(ValueError, match="record 0 \\(r8\\): 'image' must be one file name"):
         fe.read_items(bad)
     with pytest.raises(FileNotFoundError, match="nope.json"):
         fe.read_items(tmp_path / "nope.json")
-    turns = [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}, {"from": "gpt", "value": "b"},
-             {"from": "human", "value": "c"}]
+    turns = [
+        {"from": "human", "value": "q"},
+        {"from": "gpt", "value": "a"},
+        {"from": "gpt", "value": "b"},
+        {"from": "human", "value": "c"},
+    ]
     bad.write_text(json.dumps([{"id": "r9", "conversations": turns}]))
     with pytest.raises(ValueError, match="record 0 \\(r9\\): turn 2 is from 'gpt', not human"):
         fe.read_items(bad)
@@ -105,8 +151,25 @@ def test_cli_on_the_benchmark_and_a_plain_file(run_dir, synth_data, tmp_path, ca
 
     limit = 40
     out = tmp_path / "out"
-    assert fe.main(["--model", str(run_dir), "--data", str(synth_data / "eval.json"), "--out", str(out),
-                    "--limit", str(limit), "--batch-size", "16", "--max-new-tokens", "4"]) == 0
+    assert (
+        fe.main(
+            [
+                "--model",
+                str(run_dir),
+                "--data",
+                str(synth_data / "eval.json"),
+                "--out",
+                str(out),
+                "--limit",
+                str(limit),
+                "--batch-size",
+                "16",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     rows = [json.loads(x) for x in (out / "items.jsonl").read_text().splitlines()]
     assert len(rows) == limit
@@ -123,7 +186,9 @@ def test_cli_on_the_benchmark_and_a_plain_file(run_dir, synth_data, tmp_path, ca
     pope = [json.loads(x) for x in (out / "pope_answers.jsonl").read_text().splitlines()]
     yn = [r for r in rows if r["type"] == "yesno"]
     assert [p["question_id"] for p in pope] == list(range(len(yn)))
-    assert [(p["text"], p["label"], p["category"]) for p in pope] == [(r["prediction"], r["gold"], r["kind"]) for r in yn]
+    assert [(p["text"], p["label"], p["category"]) for p in pope] == [
+        (r["prediction"], r["gold"], r["kind"]) for r in yn
+    ]
 
     loaded = load(run_dir)
     items = fe.read_items(synth_data / "eval.json")[:3]
@@ -132,42 +197,99 @@ def test_cli_on_the_benchmark_and_a_plain_file(run_dir, synth_data, tmp_path, ca
 
     # a plain LLaVA-format file: no kind, no type (inferred), one text-only record
     plain = tmp_path / "qa.jsonl"
-    recs = [{"id": "p1", "image": "photo_coffee.png", "conversations": [
-                {"from": "human", "value": "What is shown?\n<image>"}, {"from": "gpt", "value": "A cup of coffee."}]},
-            {"id": "p2", "image": "shapes_00001.png", "conversations": [
-                {"from": "human", "value": "<image>\nIs there a shape?"}, {"from": "gpt", "value": "Yes"}]},
-            {"id": "p3", "conversations": [
-                {"from": "human", "value": "What is 2 plus 3?"}, {"from": "gpt", "value": "5."}]},
-            {"id": "p4", "image": "shapes_00002.png", "conversations": [  # every turn asked, the second in context
-                {"from": "human", "value": "<image>\nHow many shapes are there?"}, {"from": "gpt", "value": "Two."},
-                {"from": "human", "value": "Is there a red circle?"}, {"from": "gpt", "value": "No."}]}]
+    recs = [
+        {
+            "id": "p1",
+            "image": "photo_coffee.png",
+            "conversations": [
+                {"from": "human", "value": "What is shown?\n<image>"},
+                {"from": "gpt", "value": "A cup of coffee."},
+            ],
+        },
+        {
+            "id": "p2",
+            "image": "shapes_00001.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nIs there a shape?"},
+                {"from": "gpt", "value": "Yes"},
+            ],
+        },
+        {
+            "id": "p3",
+            "conversations": [{"from": "human", "value": "What is 2 plus 3?"}, {"from": "gpt", "value": "5."}],
+        },
+        {
+            "id": "p4",
+            "image": "shapes_00002.png",
+            "conversations": [  # every turn asked, the second in context
+                {"from": "human", "value": "<image>\nHow many shapes are there?"},
+                {"from": "gpt", "value": "Two."},
+                {"from": "human", "value": "Is there a red circle?"},
+                {"from": "gpt", "value": "No."},
+            ],
+        },
+    ]
     plain.write_text("".join(json.dumps(r) + "\n" for r in recs))
     s = fe.evaluate(run_dir, plain, tmp_path / "plain", images=synth_data / "images", max_new_tokens=4)
     rows = [json.loads(x) for x in (tmp_path / "plain" / "items.jsonl").read_text().splitlines()]
     assert [(r["kind"], r["type"], r["turn"]) for r in rows] == [
-        ("vqa", "text", 1), ("vqa", "yesno", 1), ("vqa", "text", 1), ("vqa", "text", 1), ("vqa", "yesno", 2)]
+        ("vqa", "text", 1),
+        ("vqa", "yesno", 1),
+        ("vqa", "text", 1),
+        ("vqa", "text", 1),
+        ("vqa", "yesno", 2),
+    ]
     assert s["metrics"]["vqa"]["n"] == 5 and {t: v["n"] for t, v in s["by_turn"].items()} == {"1": 4, "2": 1}
     conv = recs[3]["conversations"]
-    want = answer(loaded, [(conv[2]["value"], synth_data / "images" / "shapes_00002.png",
-                            [(conv[0]["value"], conv[1]["value"])])], Sampling(4))
+    want = answer(
+        loaded,
+        [(conv[2]["value"], synth_data / "images" / "shapes_00002.png", [(conv[0]["value"], conv[1]["value"])])],
+        Sampling(4),
+    )
     assert rows[4]["prediction"] == want[0]
 
 
 MULTI = [  # two records of several turns and one of one; the fake model's reply to each question, right or wrong
-    {"id": "r1", "image": "shapes_00001.png", "kind": "shapes", "conversations": [
-        {"from": "human", "value": "<image>\nIs there a red circle in the image?"}, {"from": "gpt", "value": "Yes."},
-        {"from": "human", "value": "What colour is the square?"}, {"from": "gpt", "value": "Blue."},
-        {"from": "human", "value": "How many shapes are there?"}, {"from": "gpt", "value": "Two."}],
-     "type": ["yesno", "colour", "number"]},
-    {"id": "r2", "conversations": [
-        {"from": "human", "value": "What is 2 plus 3?"}, {"from": "gpt", "value": "5."},
-        {"from": "human", "value": "And 4 plus 4?"}, {"from": "gpt", "value": "8."}]},
-    {"id": "r3", "image": "shapes_00002.png", "conversations": [
-        {"from": "human", "value": "Is there a blue square?\n<image>"}, {"from": "gpt", "value": "No"}]},
+    {
+        "id": "r1",
+        "image": "shapes_00001.png",
+        "kind": "shapes",
+        "conversations": [
+            {"from": "human", "value": "<image>\nIs there a red circle in the image?"},
+            {"from": "gpt", "value": "Yes."},
+            {"from": "human", "value": "What colour is the square?"},
+            {"from": "gpt", "value": "Blue."},
+            {"from": "human", "value": "How many shapes are there?"},
+            {"from": "gpt", "value": "Two."},
+        ],
+        "type": ["yesno", "colour", "number"],
+    },
+    {
+        "id": "r2",
+        "conversations": [
+            {"from": "human", "value": "What is 2 plus 3?"},
+            {"from": "gpt", "value": "5."},
+            {"from": "human", "value": "And 4 plus 4?"},
+            {"from": "gpt", "value": "8."},
+        ],
+    },
+    {
+        "id": "r3",
+        "image": "shapes_00002.png",
+        "conversations": [
+            {"from": "human", "value": "Is there a blue square?\n<image>"},
+            {"from": "gpt", "value": "No"},
+        ],
+    },
 ]
-REPLIES = {"Is there a red circle in the image?": "Yes", "What colour is the square?": "Red.",
-           "How many shapes are there?": "two", "What is 2 plus 3?": "5", "And 4 plus 4?": "9.",
-           "Is there a blue square?": "No."}
+REPLIES = {
+    "Is there a red circle in the image?": "Yes",
+    "What colour is the square?": "Red.",
+    "How many shapes are there?": "two",
+    "What is 2 plus 3?": "5",
+    "And 4 plus 4?": "9.",
+    "Is there a blue square?": "No.",
+}
 
 
 def test_every_turn_scored_with_context_or_alone(tiny_models, synth_data, tmp_path, monkeypatch):
@@ -179,8 +301,15 @@ def test_every_turn_scored_with_context_or_alone(tiny_models, synth_data, tmp_pa
     from fastross.data.images import ImageSpec
 
     tok = templates.load_tokenizer(str(tiny_models / "llm"))
-    loaded = generate.Loaded(None, tok, "qwen2_ross", "pad", ImageSpec.from_pretrained(str(tiny_models / "vision")),
-                             tok.convert_tokens_to_ids(templates.IMAGE_TOKEN), tmp_path / "fake")
+    loaded = generate.Loaded(
+        None,
+        tok,
+        "qwen2_ross",
+        "pad",
+        ImageSpec.from_pretrained(str(tiny_models / "vision")),
+        tok.convert_tokens_to_ids(templates.IMAGE_TOKEN),
+        tmp_path / "fake",
+    )
     asked = []
 
     def fake_decode(model, prompts, image_token_id, sampling, eos, pad):
@@ -199,10 +328,17 @@ def test_every_turn_scored_with_context_or_alone(tiny_models, synth_data, tmp_pa
     data.write_text(json.dumps(MULTI))
     items = fe.read_items(data)
     assert [(it["id"], it["turn"], it["type"]) for it in items] == [
-        ("r1", 1, "yesno"), ("r1", 2, "colour"), ("r1", 3, "number"), ("r2", 1, "text"), ("r2", 2, "text"),
-        ("r3", 1, "yesno")]
-    assert items[2]["history"] == [("<image>\nIs there a red circle in the image?", "Yes."),
-                                   ("What colour is the square?", "Blue.")]
+        ("r1", 1, "yesno"),
+        ("r1", 2, "colour"),
+        ("r1", 3, "number"),
+        ("r2", 1, "text"),
+        ("r2", 2, "text"),
+        ("r3", 1, "yesno"),
+    ]
+    assert items[2]["history"] == [
+        ("<image>\nIs there a red circle in the image?", "Yes."),
+        ("What colour is the square?", "Blue."),
+    ]
 
     for mode in fe.TURNS:
         asked.clear()
@@ -210,11 +346,20 @@ def test_every_turn_scored_with_context_or_alone(tiny_models, synth_data, tmp_pa
         assert s["questions"] == 6 and s["turns"] == mode
         # right: r1 turns 1 and 3, r2 turn 1, r3; wrong: r1 turn 2 (Red, not Blue), r2 turn 2 (9, not 8)
         assert {t: (v["n"], v["accuracy"]) for t, v in s["by_turn"].items()} == {
-            "1": (3, 1.0), "2": (2, 0.0), "3": (1, 1.0)}
+            "1": (3, 1.0),
+            "2": (2, 0.0),
+            "3": (1, 1.0),
+        }
         assert s["metrics"]["overall"]["n"] == 6 and s["metrics"]["overall"]["accuracy"] == pytest.approx(4 / 6)
         rows = [json.loads(x) for x in (tmp_path / mode / "items.jsonl").read_text().splitlines()]
         assert [(r["id"], r["turn"], r["correct"]) for r in rows] == [
-            ("r1", 1, True), ("r1", 2, False), ("r1", 3, True), ("r2", 1, True), ("r2", 2, False), ("r3", 1, True)]
+            ("r1", 1, True),
+            ("r1", 2, False),
+            ("r1", 3, True),
+            ("r2", 1, True),
+            ("r2", 2, False),
+            ("r3", 1, True),
+        ]
         assert json.loads((tmp_path / mode / "summary.json").read_text())["by_turn"] == s["by_turn"]
         assert [image for _, image, _ in asked] == [True, True, True, False, False, True]
         assert all(text.count(templates.IMAGE_TOKEN) == image for text, image, _ in asked)

@@ -4,15 +4,22 @@ same noise at every evaluation, and training's losses untouched (the golden file
 import pytest
 import torch
 
-from fastross import config
 from devtools import golden
+from fastross import config
 
 
 def test_the_keys_go_together(tmp_path, tiny_models, stage2_shards):
-    base = [f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={tiny_models / 'llm'}",
-            f"data.shards={stage2_shards}", "data.global_batch=8"]
-    for bad in (["train.eval_every=5"], [f"data.eval_shards={stage2_shards}"],
-                [f"data.eval_shards={stage2_shards}", "train.eval_every=-1"]):
+    base = [
+        f"model.vision_path={tiny_models / 'vision'}",
+        f"model.llm_path={tiny_models / 'llm'}",
+        f"data.shards={stage2_shards}",
+        "data.global_batch=8",
+    ]
+    for bad in (
+        ["train.eval_every=5"],
+        [f"data.eval_shards={stage2_shards}"],
+        [f"data.eval_shards={stage2_shards}", "train.eval_every=-1"],
+    ):
         with pytest.raises(config.ConfigError, match="data.eval_shards and train.eval_every"):
             config.load(None, base + bad)
     with pytest.raises(config.ConfigError, match="data.eval_shards: .*nope is not a folder"):
@@ -26,9 +33,17 @@ def test_every_evaluation_sees_the_same_noise(eval_shards, tiny_models):
     from fastross.data.loader import Loader
     from fastross.data.stream import Position
 
-    loader = Loader(DataConfig(shards=str(eval_shards), global_batch=16, max_tokens=512, shuffle=False, workers=0),
-                    rank=0, world=2, attn_tokens=0.0, image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
-                    latent_channels=16, replicas=4, seed=0, device=torch.device("cpu"))
+    loader = Loader(
+        DataConfig(shards=str(eval_shards), global_batch=16, max_tokens=512, shuffle=False, workers=0),
+        rank=0,
+        world=2,
+        attn_tokens=0.0,
+        image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
+        latent_channels=16,
+        replicas=4,
+        seed=0,
+        device=torch.device("cpu"),
+    )
     passes = [list(loader.steps(Position(), 0, loader.steps_per_epoch)) for _ in range(2)]
     assert len(passes[0]) == loader.steps_per_epoch >= 4
     for a, b in zip(*passes):
@@ -42,8 +57,13 @@ def test_every_evaluation_sees_the_same_noise(eval_shards, tiny_models):
 @pytest.mark.slow
 def test_eval_on_two_ranks_leaves_the_golden_losses(eval_shards, tiny_models, stage2_shards, tmp_path):
     steps = 4
-    records = golden.train(tiny_models, stage2_shards, tmp_path / "run",
-                           [f"data.eval_shards={eval_shards}", "train.eval_every=2"], steps=steps)
+    records = golden.train(
+        tiny_models,
+        stage2_shards,
+        tmp_path / "run",
+        [f"data.eval_shards={eval_shards}", "train.eval_every=2"],
+        steps=steps,
+    )
     train = [r for r in records if not r.get("eval")]
     evals = [r for r in records if r.get("eval")]
     dev = golden.deviation(golden.losses(train), golden.read()["losses"][:steps])

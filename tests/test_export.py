@@ -28,8 +28,14 @@ def prompt_tokens(template: str, tokenizer) -> list[int]:
 
 
 # Each template with a tokenizer of its kind (tests/conftest.py: the Qwen2 one, and the tiny Llama ones).
-CHAT_CASES = [("plain", "qwen2"), ("qwen2_ross", "qwen2"), ("chatml", "qwen2"), ("hf", "llama3"),
-              ("vicuna_v1", "llama"), ("llama3", "llama3")]
+CHAT_CASES = [
+    ("plain", "qwen2"),
+    ("qwen2_ross", "qwen2"),
+    ("chatml", "qwen2"),
+    ("hf", "llama3"),
+    ("vicuna_v1", "llama"),
+    ("llama3", "llama3"),
+]
 
 
 def test_chat_template_cases_cover_every_template():
@@ -59,8 +65,12 @@ def test_chat_template_renders_the_training_prompt(template, llm, tokenizer, lla
         with pytest.raises(Exception, match="user and assistant turns only"):
             tok.apply_chat_template([{"role": "system", "content": "x"}, *USER], tokenize=False)
     # a plain string content is rendered as fastross renders it, too
-    assert tok.apply_chat_template([{"role": "user", "content": f"<image>\n{QUESTION}"}], tokenize=False,
-                                   add_generation_prompt=True) == prompt
+    assert (
+        tok.apply_chat_template(
+            [{"role": "user", "content": f"<image>\n{QUESTION}"}], tokenize=False, add_generation_prompt=True
+        )
+        == prompt
+    )
 
 
 @pytest.mark.parametrize("aspect", ["pad", "square"])
@@ -146,7 +156,7 @@ def test_fast_processor_is_close(theirs, exported):
     fast = AutoProcessor.from_pretrained(exported, use_fast=True).image_processor
     for data in images():
         img = Image.open(io.BytesIO(data))
-        diff = (fast(img, return_tensors="pt").pixel_values - slow.image_processor(img, return_tensors="pt").pixel_values)
+        diff = fast(img, return_tensors="pt").pixel_values - slow.image_processor(img, return_tensors="pt").pixel_values
         levels = diff.abs().max().item() * slow.image_processor.image_std[0] * 255  # in 8-bit levels
         print(f"export: fast processor, {img.size}: max |diff| {levels:.2f} levels of 255")
         assert levels <= 2 + 1e-4, levels
@@ -192,7 +202,7 @@ def test_greedy_generate_equals_fastross(ours, theirs, tokenizer):
         want = greedy(ours, ids, hf.pixel_values, model.config.image_token_id, new, eos_token_id=tokenizer.eos_token_id)
         with torch.no_grad():
             out = model.generate(**hf, max_new_tokens=new, do_sample=False)
-        got = out[0, hf.input_ids.shape[1]:].tolist()
+        got = out[0, hf.input_ids.shape[1] :].tolist()
         print(f"export: greedy answer of {len(want)} tokens equal")
         assert got == want, (got, want)
         assert len(want) >= 2  # a one-token answer would prove little
@@ -215,15 +225,19 @@ def test_export_round_trips_the_checkpoint(exported, run_dir):
 
 
 @pytest.mark.slow
-def test_training_starts_from_an_export_as_from_the_checkpoint(exported, first_step_from_run, tiny_models,
-                                                               stage2_shards, tmp_path):
+def test_training_starts_from_an_export_as_from_the_checkpoint(
+    exported, first_step_from_run, tiny_models, stage2_shards, tmp_path
+):
     """model.init_from = the export folder or the checkpoint it came from (first_step_from_run), on 2 ranks (each
     keeps its FSDP shards of the export): the same first step, bit for bit."""
     from test_train import metrics, run, write_config
 
     rd = tmp_path / "from_export"
-    out = run(2, write_config(tmp_path / "from_export.yaml", tiny_models, stage2_shards, rd, max_steps=1,
-                              ckpt_every=10), f"model.init_from={exported}")
+    out = run(
+        2,
+        write_config(tmp_path / "from_export.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10),
+        f"model.init_from={exported}",
+    )
     assert f"model weights from {exported}" in out
     for key in ("text_loss", "recon_loss", "grad_norm"):
         assert metrics(rd)[0][key] == first_step_from_run[key], key

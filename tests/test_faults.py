@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch.distributed.checkpoint import filesystem
 
+from devtools.faults import RunsCode, flip_bytes, kill_tree
 from fastross import checkpoint, weights
 from fastross.checkpoint import Checkpointer, CheckpointError
-from devtools.faults import RunsCode, flip_bytes, kill_tree
 from test_checkpoint import tiny_trained
 
 
@@ -70,8 +70,9 @@ def test_init_from_a_pickle_file_is_refused_with_how_to_convert(world_of_one, tm
     model, _ = tiny_trained(0)
     pt = tmp_path / "weights.pt"
     torch.save(model.state_dict(), pt)
-    with pytest.raises(ValueError, match="is a file, and not a reference ROSS mm_projector.bin.*never other pickles"
-                                         ".*safetensors"):
+    with pytest.raises(
+        ValueError, match="is a file, and not a reference ROSS mm_projector.bin.*never other pickles.*safetensors"
+    ):
         weights.load_model_weights(pt, model)
 
 
@@ -143,8 +144,11 @@ def test_disk_full_writing_small_files_names_the_folder_and_keeps_the_previous(w
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.os, "fsync", full)
-    with pytest.raises(CheckpointError, match=r"step_00000002\.tmp: writing the RNG state.*No space left.*"
-                                              r"step_00000001 is intact"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"step_00000002\.tmp: writing the RNG state.*No space left.*"
+        r"step_00000001 is intact",
+    ):
         ck.save(2, model, opt, {"step": 2}, "")
     monkeypatch.undo()
     assert ck.latest() == ck.root / "step_00000001"
@@ -170,7 +174,7 @@ def poisoned_shards(src: Path, dst: Path, first: int, last: int) -> tuple[Path, 
     raw = sample["latent_mean"]
     nan = np.full(len(raw) // np.dtype(meta.latent_dtype).itemsize, np.nan, meta.latent_dtype).tobytes()
     hits = [(f, f.read_bytes().count(raw)) for f in dst.glob("*.mds")]
-    (path, n), = [(f, n) for f, n in hits if n]
+    ((path, n),) = [(f, n) for f, n in hits if n]
     assert n == 1, "the sample's latent bytes are not unique in its shard"
     data = path.read_bytes().replace(raw, nan)
     path.write_bytes(data)
@@ -206,8 +210,9 @@ def test_nan_sample_skips_the_step_and_then_stops_the_run(tiny_models, skewed_sh
     over = ["data.shuffle=false", "data.workers=0"]
 
     # max_bad_steps=1: the first non-finite step stops the run, naming the sample; step 1's checkpoint stays.
-    p = subprocess.run(torchrun_cmd(1, cfg, *over, "train.max_bad_steps=1"), capture_output=True, text=True,
-                       timeout=600)
+    p = subprocess.run(
+        torchrun_cmd(1, cfg, *over, "train.max_bad_steps=1"), capture_output=True, text=True, timeout=600
+    )
     out = p.stdout + p.stderr
     assert "train: stopped: 1 steps in a row (through step 2) had a non-finite loss" in out, out[-4000:]
     assert bad_id in out.split("train: stopped:")[1].split("\n")[0]
@@ -286,11 +291,12 @@ def try_lock(run_dir: Path) -> str:
     import subprocess
     import sys
 
-    code = ("import sys; from fastross.lifecycle import RunLock, RunLocked\n"
-            "try:\n    RunLock(sys.argv[1]).release(); print('taken')\n"
-            "except RunLocked as e:\n    print('refused:', e)\n")
-    return subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True,
-                          timeout=60).stdout
+    code = (
+        "import sys; from fastross.lifecycle import RunLock, RunLocked\n"
+        "try:\n    RunLock(sys.argv[1]).release(); print('taken')\n"
+        "except RunLocked as e:\n    print('refused:', e)\n"
+    )
+    return subprocess.run([sys.executable, "-c", code, str(run_dir)], capture_output=True, text=True, timeout=60).stdout
 
 
 def test_lock_refuses_a_second_owner_and_takes_over_a_dead_ones(tmp_path, capsys):
@@ -313,8 +319,10 @@ def test_lock_refuses_a_second_owner_and_takes_over_a_dead_ones(tmp_path, capsys
     dead.wait()
     (rd / LOCK).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "since": "then"}))
     lock = RunLock(rd)  # the file names a dead process that holds no flock: taken over, with a message
-    assert f"taking over the stale lock {rd / LOCK} of host {socket.gethostname()} pid {dead.pid}" in \
-        capsys.readouterr().out
+    assert (
+        f"taking over the stale lock {rd / LOCK} of host {socket.gethostname()} pid {dead.pid}"
+        in capsys.readouterr().out
+    )
     assert json.loads((rd / LOCK).read_text())["pid"] == os.getpid()
     lock.release()
 
@@ -332,8 +340,9 @@ def test_second_trainer_refused_and_killing_torchrun_ends_every_process(tiny_mod
 
     rd = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", tiny_models, skewed_shards, rd, max_steps=400, ckpt_every=1000)
-    a = subprocess.Popen(torchrun_cmd(2, cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
+    a = subprocess.Popen(
+        torchrun_cmd(2, cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.time() + 300
         while not ((rd / "metrics.jsonl").exists() and metrics(rd)) and a.poll() is None and time.time() < deadline:
@@ -416,8 +425,9 @@ def _listening_child(tmp: Path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-c", _LISTENER], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "TMPDIR": str(tmp)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LISTENER], stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp)}
+    )
     return proc, Path(proc.stdout.readline().strip())
 
 
@@ -478,8 +488,9 @@ def test_pymp_folders_are_kept_when_the_socket_table_cannot_be_read(short_tmp, m
 
 
 @pytest.mark.slow
-def test_resume_on_another_rank_count_continues_the_same_global_batches(tiny_models, skewed_shards,
-                                                                        four_steps_1rank, four_steps_2ranks, tmp_path):
+def test_resume_on_another_rank_count_continues_the_same_global_batches(
+    tiny_models, skewed_shards, four_steps_1rank, four_steps_2ranks, tmp_path
+):
     """1 -> 2 and 2 -> 1 ranks at step 2 of 4: the same global batches (tokens and images per step, exactly) and
     the losses of the uninterrupted runs on either count, within what fp32 reduction order moves
     (tests/test_train.py's 1-vs-2-rank test: 1e-4 after one Adam step).

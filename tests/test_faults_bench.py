@@ -13,10 +13,11 @@ def spec(tiny_models):
     return ImageSpec.from_pretrained(str(tiny_models / "vision"))
 
 
-def test_fuzz_counts_and_a_lost_record_is_counted(tiny_models, stage2_shards, tmp_path, spec, monkeypatch,
-                                                  load_benchmark):
-    from fastross.data import convert
+def test_fuzz_counts_and_a_lost_record_is_counted(
+    tiny_models, stage2_shards, tmp_path, spec, monkeypatch, load_benchmark
+):
     from devtools import faults
+    from fastross.data import convert
 
     bench = load_benchmark("faults")
     c = bench.Campaign(tmp_path, 0, tiny_models, stage2_shards)
@@ -24,8 +25,12 @@ def test_fuzz_counts_and_a_lost_record_is_counted(tiny_models, stage2_shards, tm
     drawn = faults.fuzz_records(30, 3 * 1_000_003, tmp_path, 0, base)  # the records fuzz(seed 3) converts
     kinds = {f.kind.split(":")[0] for f in drawn}
     assert {"text", "image", "escape"} <= kinds and len(kinds) >= 10  # the seed really draws a mix
-    assert bench.fuzz(c, 30, 3, spec, chunk=30, kinds=base) == {"records": 30, "crashes": 0, "lost": 0,
-                                                                 "silent_corruption": 0}
+    assert bench.fuzz(c, 30, 3, spec, chunk=30, kinds=base) == {
+        "records": 30,
+        "crashes": 0,
+        "lost": 0,
+        "silent_corruption": 0,
+    }
     assert not (tmp_path / "fuzz").exists()
 
     # A converter that drops one valid record: counted as lost, not passed.
@@ -49,8 +54,9 @@ def test_converter_escapes_are_refused(tiny_models, stage2_shards, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_kill_between_rename_and_latest_resumes_exactly(tiny_models, stage2_shards, tmp_path, capsys, monkeypatch,
-                                                        load_benchmark):
+def test_kill_between_rename_and_latest_resumes_exactly(
+    tiny_models, stage2_shards, tmp_path, capsys, monkeypatch, load_benchmark
+):
     """One rank, 4 steps: the reference run, then SIGKILL after step 2's checkpoint folder is renamed and before
     `latest` names it; the resume must start from step 2 (the newest complete checkpoint) and match bit for bit."""
     bench = load_benchmark("faults")
@@ -68,8 +74,8 @@ def test_kill_between_rename_and_latest_resumes_exactly(tiny_models, stage2_shar
 def test_judge_classifies_by_exit_and_the_files_name(load_benchmark):
     """Fake entry points: one that reads the file and says nothing, one that refuses naming it, one with a bare
     error, one that recovers. The verdict depends on the exit and the file's name only, not on the wording."""
-    from fastross.checkpoint import CheckpointError
     from devtools import faults
+    from fastross.checkpoint import CheckpointError
 
     bench = load_benchmark("faults")
 
@@ -88,12 +94,24 @@ def test_judge_classifies_by_exit_and_the_files_name(load_benchmark):
             raise CheckpointException("load", {0: _wrap_exception(e)}) from None
 
     verdicts = {}
-    for name, fn, same in (("refuses", refuses, True), ("bare", bare, True), ("dcp", dcp_wrapped, True),
-                           ("exit2", lambda: 2, True), ("silent", lambda: 0, False), ("recovered", lambda: 0, True)):
+    for name, fn, same in (
+        ("refuses", refuses, True),
+        ("bare", bare, True),
+        ("dcp", dcp_wrapped, True),
+        ("exit2", lambda: 2, True),
+        ("silent", lambda: 0, False),
+        ("recovered", lambda: 0, True),
+    ):
         rc, said = bench.in_process(fn)
         verdicts[name] = faults.judge(rc, said, ["trainer.json"], lambda same=same: same)
-    assert verdicts == {"refuses": faults.CAUGHT, "bare": faults.UNNAMED, "dcp": faults.CAUGHT,
-                        "exit2": faults.UNNAMED, "silent": faults.SILENT, "recovered": faults.RECOVERED}
+    assert verdicts == {
+        "refuses": faults.CAUGHT,
+        "bare": faults.UNNAMED,
+        "dcp": faults.CAUGHT,
+        "exit2": faults.UNNAMED,
+        "silent": faults.SILENT,
+        "recovered": faults.RECOVERED,
+    }
     rc, said = bench.in_process(lambda: print("hello") or 0)
     assert (rc, said) == (0, "hello\n")
 
@@ -125,8 +143,8 @@ def test_planted_bytes_item_passes_the_metadata_check_and_runs_under_dcps_own_re
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from fastross import checkpoint
     from devtools import faults
+    from fastross import checkpoint
     from test_checkpoint import tiny_trained
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
@@ -136,8 +154,9 @@ def test_planted_bytes_item_passes_the_metadata_check_and_runs_under_dcps_own_re
         ck.save(1, model, opt, {"step": 1}, "x: 1\n")
         ckpt, marker = ck.latest(), tmp_path / "ran"
         key = faults.plant_bytes_item(ckpt, marker, kind)
-        assert checkpoint.verify(ckpt) is None and key in checkpoint.read_metadata(ckpt / ".metadata") \
-            .state_dict_metadata
+        assert (
+            checkpoint.verify(ckpt) is None and key in checkpoint.read_metadata(ckpt / ".metadata").state_dict_metadata
+        )
         msd, osd = get_state_dict(model, opt)
         state = {"model": msd, "optim": osd}
         if kind == "extra_model":
@@ -164,11 +183,12 @@ def test_fuzz_families_are_what_they_claim(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from fastross.data.images import to_rgb8
     from devtools import faults
+    from fastross.data.images import to_rgb8
 
-    drawn = [faults._json_family(__import__("random").Random(s), f"f{s}", k) for s in range(40)
-             for k in faults.JSON_FAMILIES]
+    drawn = [
+        faults._json_family(__import__("random").Random(s), f"f{s}", k) for s in range(40) for k in faults.JSON_FAMILIES
+    ]
     seen = set()
     for f in drawn:
         text = f.text()
@@ -187,11 +207,28 @@ def test_fuzz_families_are_what_they_claim(tmp_path):
             assert text.count('"conversations"') == 2 or text.count('"id"') == 2
         if f.kind.startswith("wrong_types"):
             assert f.expect == faults.INVALID
-    assert {"lone_surrogate:id", "lone_surrogate:value", "deep_nesting:conversations", "deep_nesting:value",
-            "duplicate_keys", "wrong_types:from", "wrong_types:turn", "wrong_types:id"} <= seen
+    assert {
+        "lone_surrogate:id",
+        "lone_surrogate:value",
+        "deep_nesting:conversations",
+        "deep_nesting:value",
+        "duplicate_keys",
+        "wrong_types:from",
+        "wrong_types:turn",
+        "wrong_types:id",
+    } <= seen
 
-    formats = {"EPS": None, "PDF": None, "SVG": None, "ICO": "ICO", "GIF_animated": "GIF", "WEBP_animated": "WEBP",
-               "APNG": "PNG", "TIFF16": "TIFF", "TIFF_float": "TIFF"}
+    formats = {
+        "EPS": None,
+        "PDF": None,
+        "SVG": None,
+        "ICO": "ICO",
+        "GIF_animated": "GIF",
+        "WEBP_animated": "WEBP",
+        "APNG": "PNG",
+        "TIFF16": "TIFF",
+        "TIFF_float": "TIFF",
+    }
     assert formats.keys() == faults.EXOTIC.keys()
     for fmt, pil in formats.items():
         data, rgb, expect = faults.make_exotic(fmt, 9, 14, 3)
@@ -209,8 +246,13 @@ def test_fuzz_families_are_what_they_claim(tmp_path):
         assert (expect == faults.VALID) == (rgb is not None)
         if rgb is not None:
             assert np.array_equal(np.asarray(to_rgb8(Image.open(io.BytesIO(data)))), rgb), fmt
-        assert expect == {"EPS": faults.INVALID, "PDF": faults.INVALID, "SVG": faults.INVALID, "ICO": faults.INVALID,
-                          "TIFF_float": faults.EITHER}.get(fmt, faults.VALID)
+        assert expect == {
+            "EPS": faults.INVALID,
+            "PDF": faults.INVALID,
+            "SVG": faults.INVALID,
+            "ICO": faults.INVALID,
+            "TIFF_float": faults.EITHER,
+        }.get(fmt, faults.VALID)
 
 
 def test_tamper_cases_cover_every_file(tmp_path, load_benchmark):
@@ -237,24 +279,43 @@ def test_tamper_cases_cover_every_file(tmp_path, load_benchmark):
         (d / name).write_bytes(before)
     assert json.loads((d / "fastross.json").read_text())["latent_scale"] == 0.3611
     names = {f for f, _, _ in bench.checkpoint_tamper_cases(0)}
-    assert names == {".metadata", "__0_0.distcp", "trainer.json", "rng_rank0.pt", "config.yaml", "manifest.json",
-                     "latest"}
+    assert names == {
+        ".metadata",
+        "__0_0.distcp",
+        "trainer.json",
+        "rng_rank0.pt",
+        "config.yaml",
+        "manifest.json",
+        "latest",
+    }
 
 
 def test_final_line_format(load_benchmark):
     import re
 
     bench = load_benchmark("faults")
-    line = bench.final_line(10, 10, 9, 10, {"records": 1000, "crashes": 0, "lost": 0, "silent_corruption": 0}, 0, 3,
-                            3, 5, 5, 0, 24, 22, 22)
-    assert line == ("faults: resume_exact 10/10 save_kill_ok 9/10 fuzz_records 1000 crashes 0 lost 0 "
-                    "silent_corruption 0 escapes 0 disk_full_ok 3/3 corrupt_ckpt_ok 5/5 pickle_executed 0/24 "
-                    "tamper_caught 22/22")
-    assert re.fullmatch(r"faults: resume_exact \d+/\d+ save_kill_ok \d+/\d+ fuzz_records \d+ crashes \d+ lost \d+ "
-                        r"silent_corruption \d+ escapes \d+ disk_full_ok \d+/\d+ corrupt_ckpt_ok \d+/\d+ "
-                        r"pickle_executed \d+/\d+ tamper_caught \d+/\d+", line)
+    line = bench.final_line(
+        10, 10, 9, 10, {"records": 1000, "crashes": 0, "lost": 0, "silent_corruption": 0}, 0, 3, 3, 5, 5, 0, 24, 22, 22
+    )
+    assert line == (
+        "faults: resume_exact 10/10 save_kill_ok 9/10 fuzz_records 1000 crashes 0 lost 0 "
+        "silent_corruption 0 escapes 0 disk_full_ok 3/3 corrupt_ckpt_ok 5/5 pickle_executed 0/24 "
+        "tamper_caught 22/22"
+    )
+    assert re.fullmatch(
+        r"faults: resume_exact \d+/\d+ save_kill_ok \d+/\d+ fuzz_records \d+ crashes \d+ lost \d+ "
+        r"silent_corruption \d+ escapes \d+ disk_full_ok \d+/\d+ corrupt_ckpt_ok \d+/\d+ "
+        r"pickle_executed \d+/\d+ tamper_caught \d+/\d+",
+        line,
+    )
     assert len(bench.PAYLOAD_TRIALS) >= 12 and {e for e, _ in bench.PAYLOAD_TRIALS} == {
-        "resume", "init_from", "export", "generate", "eval", "reference"}
+        "resume",
+        "init_from",
+        "export",
+        "generate",
+        "eval",
+        "reference",
+    }
 
 
 @pytest.mark.slow

@@ -35,11 +35,16 @@ MIXES = {
 }
 
 
-@pytest.mark.parametrize("trainable,policy,mix", [
-    (STAGE2, "none", "text_only"), (STAGE2, "none", "mixed_long"),
-    (STAGE2, "full", "mixed_long"), (STAGE2, ["full*8", "selective*8", "none*12"], "images"),
-    (STAGE1, "full", "images"),
-])
+@pytest.mark.parametrize(
+    "trainable,policy,mix",
+    [
+        (STAGE2, "none", "text_only"),
+        (STAGE2, "none", "mixed_long"),
+        (STAGE2, "full", "mixed_long"),
+        (STAGE2, ["full*8", "selective*8", "none*12"], "images"),
+        (STAGE1, "full", "images"),
+    ],
+)
 def test_formula_within_2pct_of_counter(fake_models, trainable, policy, mix):
     fake = fake_models(trainable, policy)
     lengths, images, supervised = MIXES[mix]
@@ -75,10 +80,18 @@ def test_model_flops_follow_six_n():
     assert f.model["vision"] == f.model["denoiser"] == f.model["lm_head"] == 0
 
 
-@pytest.mark.parametrize("name,tflops", [
-    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L40S", 362.0), ("NVIDIA B200", 2250.0), ("Tesla T4", None),
-])
+@pytest.mark.parametrize(
+    "name,tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA B200", 2250.0),
+        ("Tesla T4", None),
+    ],
+)
 def test_peak_table(name, tflops):
     assert flops.table_peak_tflops(name) == tflops
 
@@ -92,9 +105,14 @@ def test_peak_and_mfu_on_cpu():
 
 def test_peak_tflops_config_key():
     with pytest.raises(config.ConfigError, match="train.peak_tflops"):
-        config.validate(config.Config(
-            model=config.ModelConfig(vision_path=".", llm_path="."), data=config.DataConfig(shards="."),
-            train=config.TrainConfig(peak_tflops=-1.0)), check_paths=False)
+        config.validate(
+            config.Config(
+                model=config.ModelConfig(vision_path=".", llm_path="."),
+                data=config.DataConfig(shards="."),
+                train=config.TrainConfig(peak_tflops=-1.0),
+            ),
+            check_paths=False,
+        )
 
 
 def test_preset_pick():

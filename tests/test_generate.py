@@ -16,8 +16,12 @@ def model(tiny_models):
     from fastross.config import DenoiserConfig, ModelConfig
     from fastross.model.ross import RossModel
 
-    cfg = ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
-                      denoiser=DenoiserConfig(depth=1, width=32, heads=4))
+    cfg = ModelConfig(
+        vision_path=str(tiny_models / "vision"),
+        llm_path=str(tiny_models / "llm"),
+        fused_ce=False,
+        denoiser=DenoiserConfig(depth=1, width=32, heads=4),
+    )
     model = RossModel(cfg, "sdpa", seed=0).eval()
     # make_tiny's weights (std 0.02) answer every prompt with one repeated token: redraw the LLM's and the projector's
     # matrices at unit gain, the embedding and an untied head with rows of norm 1, so that no token wins every argmax
@@ -126,8 +130,11 @@ def test_cli_on_a_run_folder(run_dir, synth_data, tmp_path, capsys):
     assert single == answer(loaded, [(QUESTIONS[0], image)], Sampling(6))[0]
 
     batch = tmp_path / "batch.jsonl"
-    rows = [{"id": "a", "image": str(image), "prompt": QUESTIONS[0]}, {"prompt": "What is 2 plus 3?"},
-            {"id": "c", "image": str(synth_data / "images" / "photo_coffee.png"), "prompt": QUESTIONS[2]}]
+    rows = [
+        {"id": "a", "image": str(image), "prompt": QUESTIONS[0]},
+        {"prompt": "What is 2 plus 3?"},
+        {"id": "c", "image": str(synth_data / "images" / "photo_coffee.png"), "prompt": QUESTIONS[2]},
+    ]
     batch.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "answers.jsonl"
     assert main([*args, "--batch", str(batch), "--batch-size", "2", "--out", str(out)]) == 0
@@ -146,6 +153,19 @@ def test_cli_on_a_run_folder(run_dir, synth_data, tmp_path, capsys):
     capsys.readouterr()
     exported = load(tmp_path / "llava")
     assert (exported.template, exported.aspect, exported.image_token_id) == ("qwen2_ross", "pad", loaded.image_token_id)
-    assert main(["--model", str(tmp_path / "llava"), "--max-new-tokens", "6", "--image", str(image),
-                 "--prompt", QUESTIONS[0]]) == 0
+    assert (
+        main(
+            [
+                "--model",
+                str(tmp_path / "llava"),
+                "--max-new-tokens",
+                "6",
+                "--image",
+                str(image),
+                "--prompt",
+                QUESTIONS[0],
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == single

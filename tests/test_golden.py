@@ -54,4 +54,6 @@ def test_variant_reproduces_the_golden_losses(variant, tiny_models, stage2_shard
     assert worst <= tol, (variant, worst, got, want)
     # and the recipe learns: the golden curve itself falls (a broken golden file would not)
     if variant == "recipe":
-        assert want[-1]["text_loss"] < 0.9 * want[0]["text_loss"] and want[-1]["recon_loss"] < 0.95 * want[0]["recon_loss"]
+        assert (
+            want[-1]["text_loss"] < 0.9 * want[0]["text_loss"] and want[-1]["recon_loss"] < 0.95 * want[0]["recon_loss"]
+        )

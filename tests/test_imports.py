@@ -73,7 +73,7 @@ def find_cycle(g: dict[str, dict[str, int]]) -> list[str] | None:
         path.append(node)
         for dep in sorted(g[node]):
             if state.get(dep) == 1:
-                return path[path.index(dep):] + [dep]
+                return path[path.index(dep) :] + [dep]
             if dep not in state and (found := visit(dep)):
                 return found
         state[node] = 2
@@ -118,8 +118,9 @@ def test_config_imports_nothing_of_the_data_side_or_the_model():
 def test_config_imports_light():
     """`import fastross.config` (the data side's and every tool's first import) pulls in no torch, no model, no
     data module."""
-    code = ("import sys, fastross.config\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastross')))")
+    code = (
+        "import sys, fastross.config\nprint(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'fastross')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == repr(["fastross", "fastross.config", "fastross.towers"])
@@ -141,9 +142,10 @@ def test_each_import_of_fastross_inside_a_function_says_why():
                     continue
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 if not any(n.split(".")[0] == "fastross" for n in names) and not (
-                        isinstance(node, ast.ImportFrom) and node.level):
+                    isinstance(node, ast.ImportFrom) and node.level
+                ):
                     continue
-                own = lines[node.lineno - 1: node.end_lineno]
+                own = lines[node.lineno - 1 : node.end_lineno]
                 i = node.lineno - 2  # the comment may stand above a group of such imports
                 while i >= 0 and lines[i].strip().startswith(("from ", "import ")):
                     i -= 1

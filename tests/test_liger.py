@@ -21,8 +21,13 @@ def restore_rope(monkeypatch):
 
 
 def cfg(tiny_models, **kw):
-    return ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
-                       denoiser=DenoiserConfig(kind="dit", depth=1, width=32, heads=4), **kw)
+    return ModelConfig(
+        vision_path=str(tiny_models / "vision"),
+        llm_path=str(tiny_models / "llm"),
+        fused_ce=False,
+        denoiser=DenoiserConfig(kind="dit", depth=1, width=32, heads=4),
+        **kw,
+    )
 
 
 def test_modules_are_swapped_and_the_state_dict_is_unchanged(tiny_models, restore_rope):
@@ -31,9 +36,10 @@ def test_modules_are_swapped_and_the_state_dict_is_unchanged(tiny_models, restor
     torch.manual_seed(0)
     swapped = RossModel(cfg(tiny_models, liger_kernels=True))
     layers = swapped.llm.model.layers
-    assert [type(m).__name__ for m in (layers[0].input_layernorm, layers[0].post_attention_layernorm,
-                                       layers[0].mlp, swapped.llm.model.norm)] == \
-        ["LigerRMSNorm", "LigerRMSNorm", "LigerSwiGLUMLP", "LigerRMSNorm"]
+    assert [
+        type(m).__name__
+        for m in (layers[0].input_layernorm, layers[0].post_attention_layernorm, layers[0].mlp, swapped.llm.model.norm)
+    ] == ["LigerRMSNorm", "LigerRMSNorm", "LigerSwiGLUMLP", "LigerRMSNorm"]
     assert all(type(layer.mlp).__name__ == "LigerSwiGLUMLP" for layer in layers)
     assert modeling_qwen2.apply_rotary_pos_emb is not restore_rope  # the modeling module's RoPE is Liger's
     a, b = plain.state_dict(), swapped.state_dict()
@@ -102,8 +108,10 @@ def test_liger_rmsnorm_and_swiglu_equal_hf_on_gpu(dtype):
     torch.manual_seed(0)
     config = AutoConfig.for_model("qwen2", hidden_size=896, intermediate_size=4864, hidden_act="silu")
     x = torch.randn(3, 517, 896, device="cuda", dtype=dtype)
-    for make, swap in ((lambda: modeling_qwen2.Qwen2RMSNorm(896, eps=1e-6), liger._norm),
-                       (lambda: modeling_qwen2.Qwen2MLP(config), lambda m: liger._mlp(m, config))):
+    for make, swap in (
+        (lambda: modeling_qwen2.Qwen2RMSNorm(896, eps=1e-6), liger._norm),
+        (lambda: modeling_qwen2.Qwen2MLP(config), lambda m: liger._mlp(m, config)),
+    ):
         ref = make().to("cuda", dtype)
         with torch.no_grad():
             for p in ref.parameters():

@@ -85,8 +85,9 @@ def test_torchvision_path_is_within_two_levels_and_falls_back_for_non_jpeg():
 def test_data_modules_import_without_model_kernels_or_triton_switch():
     import fastross.data
 
-    names = sorted(f"fastross.data.{p.stem}" for p in Path(fastross.data.__file__).parent.glob("*.py")
-                   if p.stem != "__init__")
+    names = sorted(
+        f"fastross.data.{p.stem}" for p in Path(fastross.data.__file__).parent.glob("*.py") if p.stem != "__init__"
+    )
     assert "fastross.data.loader" in names and "fastross.data.images" in names
     code = (
         "import importlib, os, sys\n"
@@ -105,8 +106,17 @@ def loader(shards, tiny_models, rank: int = 0, world: int = 2, **data):
     from fastross.data.loader import Loader
 
     cfg = DataConfig(shards=str(shards), global_batch=8, max_tokens=300, shuffle=True, seed=3, **data)
-    return Loader(cfg, rank=rank, world=world, attn_tokens=1e4, image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
-                  latent_channels=16, replicas=4, seed=5, device=torch.device("cpu"))
+    return Loader(
+        cfg,
+        rank=rank,
+        world=world,
+        attn_tokens=1e4,
+        image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
+        latent_channels=16,
+        replicas=4,
+        seed=5,
+        device=torch.device("cpu"),
+    )
 
 
 def flatten(batch) -> list:
@@ -154,8 +164,10 @@ def test_loader_is_identical_with_0_1_and_4_workers_and_from_any_resume_point(sk
     ld = loader(skewed_shards, tiny_models, rank=1, workers=0)
     per_epoch = ld.steps_per_epoch
     total = per_epoch + 3  # across an epoch boundary
-    runs = {w: [flatten(b) for b in loader(skewed_shards, tiny_models, rank=1, workers=w).steps(Position(), 0, total)]
-            for w in (0, 1, 4)}
+    runs = {
+        w: [flatten(b) for b in loader(skewed_shards, tiny_models, rank=1, workers=w).steps(Position(), 0, total)]
+        for w in (0, 1, 4)
+    }
     assert len(runs[0]) == total
     assert runs[1] == runs[0] and runs[4] == runs[0]
 
@@ -174,7 +186,10 @@ def test_loader_is_identical_with_0_1_and_4_workers_and_from_any_resume_point(sk
 
     # Resuming at a data position (run step = data step here) gives the tail of the same run.
     for k in (1, per_epoch, per_epoch + 1):
-        tail = [flatten(b) for b in loader(skewed_shards, tiny_models, rank=1, workers=2).steps(ld.stream.position(k), k, total)]
+        tail = [
+            flatten(b)
+            for b in loader(skewed_shards, tiny_models, rank=1, workers=2).steps(ld.stream.position(k), k, total)
+        ]
         assert tail == runs[0][k:]
 
 

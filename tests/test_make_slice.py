@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from devtools import make_slice
 from fastross import config
 from fastross.data.schema import ShardMeta
 from fastross.data.shards import MDSShards
 from fastross.model import presets
-from devtools import make_slice
 
 
 def test_full_width_slice_is_the_presets_with_k_layers():
@@ -24,8 +24,13 @@ def test_full_width_slice_is_the_presets_with_k_layers():
 
 def test_shrink_divides_widths_and_keeps_heads_depths_and_vocabulary():
     a = make_slice.archs(2, shrink=8)
-    assert (a["llm"]["hidden_size"], a["llm"]["intermediate_size"], a["llm"]["num_attention_heads"],
-            a["llm"]["num_key_value_heads"], a["llm"]["vocab_size"]) == (448, 2368, 28, 4, 152064)
+    assert (
+        a["llm"]["hidden_size"],
+        a["llm"]["intermediate_size"],
+        a["llm"]["num_attention_heads"],
+        a["llm"]["num_key_value_heads"],
+        a["llm"]["vocab_size"],
+    ) == (448, 2368, 28, 4, 152064)
     assert (a["vision"]["hidden_size"], a["vision"]["num_hidden_layers"], a["vision"]["image_size"]) == (144, 27, 384)
     assert a["vae"]["block_out_channels"] == [16, 32, 64, 64] and a["vae"]["norm_num_groups"] == 16
     with pytest.raises(ValueError, match="--shrink 5 does not divide the LLM's head dim"):
@@ -42,10 +47,19 @@ def test_shrunken_slice_loads_and_its_data_has_the_7b_grid(tmp_path):
     assert make_slice.prepare(tmp_path, layers=1, shrink=8, n_train=4) == (models, latents, pixels)  # reused
     with pytest.raises(ValueError, match="holds something other than this slice"):
         make_slice.prepare(tmp_path, layers=2, shrink=8, n_train=4)
-    cfg = config.load("configs/7b.yaml", [f"model.vision_path={models / 'vision'}", f"model.llm_path={models / 'llm'}",
-                                          f"model.vae_path={models / 'vae'}", "model.init_from=''",
-                                          "model.denoiser.width=128", f"data.shards={latents}",
-                                          "train.activation_checkpointing=full"], check_paths=False)
+    cfg = config.load(
+        "configs/7b.yaml",
+        [
+            f"model.vision_path={models / 'vision'}",
+            f"model.llm_path={models / 'llm'}",
+            f"model.vae_path={models / 'vae'}",
+            "model.init_from=''",
+            "model.denoiser.width=128",
+            f"data.shards={latents}",
+            "train.activation_checkpointing=full",
+        ],
+        check_paths=False,
+    )
     model = RossModel(cfg.model, meta=True)
     assert len(model.llm.model.layers) == 1 and model.llm.lm_head.weight.shape == (152064, 448)
     assert model.num_visual_tokens == 27 * 27  # SigLIP so400m-384's patch grid

@@ -15,8 +15,11 @@ SAMPLES = ([150, 90], [True, False], [20, 40])  # one micro-batch: an image samp
 
 @pytest.fixture(scope="module")
 def tiny_cfg(tiny_models):
-    return config.load("configs/tiny.yaml", [f"model.vision_path={tiny_models / 'vision'}",
-                                             f"model.llm_path={tiny_models / 'llm'}"], check_paths=False)
+    return config.load(
+        "configs/tiny.yaml",
+        [f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={tiny_models / 'llm'}"],
+        check_paths=False,
+    )
 
 
 def test_simulated_state_equals_hand_arithmetic(tiny_cfg):
@@ -49,15 +52,24 @@ def test_checkpointing_cost_is_per_layer(tiny_cfg, tmp_path):
     between all-full and all-none (2 decoder layers), and none keeps more than full. A 512-word vocabulary,
     so that activations, not the vocabulary, make the peak."""
     (tmp_path / "llm").mkdir()
-    small = dict(presets.QWEN2_7B, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512)
+    small = dict(
+        presets.QWEN2_7B,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    )
     (tmp_path / "llm" / "config.json").write_text(json.dumps(small))
     world = memory_plan.init_fake_world(2)
     samples = ([400, 400], [True, True], [8, 8])
     try:
         with presets.arch_folders(dataclasses.replace(tiny_cfg.model, llm_path=str(tmp_path / "llm"))) as (mc, _):
-            peaks = {str(p): memory_plan.simulate(tiny_cfg, mc, world, p, samples).kinds["Activation"]
-                     for p in ("full", "none", ["full", "none"])}
+            peaks = {
+                str(p): memory_plan.simulate(tiny_cfg, mc, world, p, samples).kinds["Activation"]
+                for p in ("full", "none", ["full", "none"])
+            }
     finally:
         memory_plan.dist.destroy_process_group()
     assert peaks["none"] > peaks["full"]
@@ -78,8 +90,17 @@ def test_choose_policy_by_hand():
 
 
 def test_cli_final_line(tiny_models, capsys):
-    memory_plan.main(["configs/tiny.yaml", "--gpus", "2", "--gpu-gib", "8",
-                      f"model.vision_path={tiny_models / 'vision'}", f"model.llm_path={tiny_models / 'llm'}"])
+    memory_plan.main(
+        [
+            "configs/tiny.yaml",
+            "--gpus",
+            "2",
+            "--gpu-gib",
+            "8",
+            f"model.vision_path={tiny_models / 'vision'}",
+            f"model.llm_path={tiny_models / 'llm'}",
+        ]
+    )
     out = capsys.readouterr().out
     assert "chosen (least recompute within the budget): train.activation_checkpointing=" in out
     last = out.strip().splitlines()[-1].split()
@@ -111,8 +132,12 @@ def test_padded_micro_batch_by_hand(tiny_cfg):
     padded to the longest of its micro-batch, and the largest is the one of most padded tokens: [300, 300]."""
     import numpy as np
 
-    m = memory_plan.Mix(np.array([100, 300, 50, 200, 120, 120, 90, 10]), np.array([1, 0, 1, 1, 0, 0, 1, 1], bool),
-                 np.array([5, 6, 7, 8, 9, 10, 11, 12]), "by hand")
+    m = memory_plan.Mix(
+        np.array([100, 300, 50, 200, 120, 120, 90, 10]),
+        np.array([1, 0, 1, 1, 0, 0, 1, 1], bool),
+        np.array([5, 6, 7, 8, 9, 10, 11, 12]),
+        "by hand",
+    )
     padded = dataclasses.replace(tiny_cfg, data=dataclasses.replace(tiny_cfg.data, packing="padded", padded_samples=2))
     assert memory_plan.step_micro_batch(padded, m, 2, 1000.0) == ([300, 300], [True, False], [5, 6])
     lengths, _, _ = memory_plan.step_micro_batch(tiny_cfg, m, 2, 1000.0)  # packed: real lengths, within max_tokens

@@ -22,7 +22,9 @@ WORKER = Path(__file__).with_name("meta_load_worker.py")
 
 def model_cfg(models: Path, llm: Path | None = None, depth: int = 2) -> ModelConfig:
     return ModelConfig(
-        vision_path=str(models / "vision"), llm_path=str(llm or models / "llm"), vae_path=str(models / "vae"),
+        vision_path=str(models / "vision"),
+        llm_path=str(llm or models / "llm"),
+        vae_path=str(models / "vae"),
         denoiser=DenoiserConfig(kind="dit", depth=depth, width=32, heads=4),
     )
 
@@ -42,8 +44,19 @@ def ranks_run(request, tiny_models, tmp_path_factory):
     n = request.param
     out = tmp_path_factory.mktemp(f"meta{n}")
     p = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", str(WORKER),
-         str(tiny_models), str(out)], capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            str(WORKER),
+            str(tiny_models),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     files = sorted(out.glob("rank*.json"))
     assert len(files) == n, (p.stdout + p.stderr)[-4000:]
@@ -103,9 +116,9 @@ def test_bf16_sharded_folder_loads_like_from_pretrained(tiny_models, tmp_path):
 
 
 def test_missing_tensor_is_named(tiny_models, tmp_path):
-    from safetensors.torch import load_file, save_file
-
     import shutil
+
+    from safetensors.torch import load_file, save_file
 
     shutil.copytree(tiny_models / "llm", tmp_path / "llm")
     f = tmp_path / "llm" / "model.safetensors"
@@ -152,7 +165,6 @@ def test_footprint_matches_fsdp_shards_arithmetic():
     assert fp.full_bytes == (15 + 3) * 4
     assert fp.shard_bytes == (2 * 5 + 2) * 4  # ceil(3 / 2) = 2 rows of each
     assert fp.largest_bytes == 15 * 4
-
 
 
 def test_training_docs_state_the_7b_figures():

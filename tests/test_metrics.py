@@ -95,10 +95,24 @@ def test_a_cpu_run_has_no_gpu_keys(tmp_path, clock):  # even on a host with GPUs
 
 
 def test_console_line_shows_the_split_memory_and_gpu(clock):
-    rec = {**LOSSES, "step": 5, "samples_per_s": 3.0, "tokens_per_s_per_rank": 900.0, "data_wait_s": 0.01,
-           "compute_s": 0.2, "ckpt_blocked_s": 0.05, "step_s": 0.3, "host_peak_rss_gib": 1.5,
-           "mem_peak_allocated_gib": 10.0, "mem_peak_reserved_gib": 12.0, "gpu_util": 97, "gpu_power_w": 650.4,
-           "gpu_sm_clock_mhz": 1980, "gpu_temp_c": 61, "gpu_mem_used_gib": 13.2}
+    rec = {
+        **LOSSES,
+        "step": 5,
+        "samples_per_s": 3.0,
+        "tokens_per_s_per_rank": 900.0,
+        "data_wait_s": 0.01,
+        "compute_s": 0.2,
+        "ckpt_blocked_s": 0.05,
+        "step_s": 0.3,
+        "host_peak_rss_gib": 1.5,
+        "mem_peak_allocated_gib": 10.0,
+        "mem_peak_reserved_gib": 12.0,
+        "gpu_util": 97,
+        "gpu_power_w": 650.4,
+        "gpu_sm_clock_mhz": 1980,
+        "gpu_temp_c": 61,
+        "gpu_mem_used_gib": 13.2,
+    }
     line = metrics.format_line(rec, 10)
     assert "step 0.300 s (data_wait 0.010 + compute 0.200 + ckpt 0.050)" in line
     assert "mem peak 10.0/12.0 GiB alloc/res" in line and "rss 1.5 GiB" in line
@@ -191,8 +205,11 @@ def test_a_missing_extra_is_named(tmp_path, monkeypatch):
 
 
 def test_config_rejects_bad_loggers_and_profile(tiny_models, tmp_path):
-    base = ["model.vision_path=" + str(tiny_models / "vision"), "model.llm_path=" + str(tiny_models / "llm"),
-            "data.shards=" + str(tmp_path)]
+    base = [
+        "model.vision_path=" + str(tiny_models / "vision"),
+        "model.llm_path=" + str(tiny_models / "llm"),
+        "data.shards=" + str(tmp_path),
+    ]
     with pytest.raises(config.ConfigError, match=r"train.loggers\[0\] must be one of 'tensorboard', 'wandb'"):
         config.load(None, base + ["train.loggers=[mlflow]"])
     with pytest.raises(config.ConfigError, match="train.profile"):
@@ -231,8 +248,9 @@ from test_train import metrics as read_metrics, run, write_config  # noqa: E402
 
 
 @pytest.mark.slow
-def test_training_logs_the_split_tensorboard_profile_and_resumes(tiny_models, skewed_shards, four_steps_1rank,
-                                                                 tmp_path):
+def test_training_logs_the_split_tensorboard_profile_and_resumes(
+    tiny_models, skewed_shards, four_steps_1rank, tmp_path
+):
     """The session's four_steps_1rank run (test_train.FOUR_STEPS with TELEMETRY: TensorBoard, a profile of step 3),
     then a copy of it resumed as after a crash."""
     from test_train import FOUR_STEPS, TELEMETRY

@@ -14,8 +14,9 @@ from fastross.data.stream import Position, StepStream
 
 def mixture(a, b, wa, wb, rank=0, world=1, batch=8, seed=5):
     d = DataConfig(sources=[SourceConfig(str(a), wa), SourceConfig(str(b), wb)])
-    return StepStream(open_sources(d, check=False), batch, rank, world, "global", seed, max_tokens=10**6,
-                      attn_tokens=1e4)
+    return StepStream(
+        open_sources(d, check=False), batch, rank, world, "global", seed, max_tokens=10**6, attn_tokens=1e4
+    )
 
 
 def test_mixture_proportions_hold_within_sampling_error(stage2_shards, skewed_shards):
@@ -94,8 +95,9 @@ def test_mixture_config_keys_are_checked(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'data.sources\[0\].path'"):
         config.load(None, ["data.sources=[{path: a}]"], check_paths=False)
     # A missing local source is named by its key (an error, or a warning under --check); a URL is the loader's.
-    cfg = config.load(None, [f"data.sources=[{{shards: {tmp_path / 'none'}}}, {{shards: 's3://b/x'}}]"],
-                      check_paths=False)
+    cfg = config.load(
+        None, [f"data.sources=[{{shards: {tmp_path / 'none'}}}, {{shards: 's3://b/x'}}]"], check_paths=False
+    )
     missing = [m for m in config.missing_folders(cfg) if m.startswith("data.")]
     assert missing == [f"data.sources[0].shards: {tmp_path / 'none'} is not a folder"]
     with pytest.raises(ConfigError, match="data.cache_limit"):
@@ -121,8 +123,9 @@ def test_mixture_memory_planner_draws_the_union_by_weight(tmp_path):
             (tmp_path / name / other).write_text("{}")
         write_manifest(tmp_path / name)
     sources = f"[{{shards: {tmp_path / 'a'}, weight: 1}}, {{shards: {tmp_path / 'b'}, weight: 3}}]"
-    cfg = config.load("configs/7b.yaml", ["data.shards=''", f"data.sources={sources}", "data.global_batch=2000"],
-                      check_paths=False)
+    cfg = config.load(
+        "configs/7b.yaml", ["data.shards=''", f"data.sources={sources}", "data.global_batch=2000"], check_paths=False
+    )
     m = memory_plan.sample_mix(cfg, visual_tokens=729)
     long = int((m.lengths == 2000).sum())
     assert set(m.lengths.tolist()) == {100, 2000} and str(tmp_path / "b") in m.source

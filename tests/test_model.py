@@ -14,8 +14,11 @@ from fastross.model.ross import RossModel
 def model(tiny_models):
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), vae_path=str(tiny_models / "vae"),
-        denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4), fused_ce=False,
+        vision_path=str(tiny_models / "vision"),
+        llm_path=str(tiny_models / "llm"),
+        vae_path=str(tiny_models / "vae"),
+        denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4),
+        fused_ce=False,
     )
     m = RossModel(cfg)
     # Open the adaLN-Zero gates so the denoiser's output depends on everything it sees.
@@ -28,8 +31,13 @@ def model(tiny_models):
 
 @pytest.fixture(scope="module")
 def collate(stage2_shards, tiny_models, model):
-    return Collator(meta=ShardMeta.read(stage2_shards), image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
-                    latent_channels=16, replicas=4, seed=0)
+    return Collator(
+        meta=ShardMeta.read(stage2_shards),
+        image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
+        latent_channels=16,
+        replicas=4,
+        seed=0,
+    )
 
 
 def pick(samples, with_image: int, without: int):

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from fastross.data.packing_planner import attention_cost_tokens, plan_step
 from fastross.model.attention import _flex, _sdpa, build_mask
@@ -111,16 +110,27 @@ def test_stream_positions_are_exact_and_partition_the_batch(skewed_shards):
 def test_same_global_batch_split_any_way_gives_same_losses_and_grads(tiny_models, skewed_shards):
     from fastross.config import DenoiserConfig, ModelConfig
     from fastross.data.batch import Collator
+    from fastross.data.images import ImageSpec
     from fastross.data.schema import ShardMeta
     from fastross.data.stream import StepStream
     from fastross.model.ross import RossModel
-    from fastross.data.images import ImageSpec
 
     torch.manual_seed(0)
-    model = RossModel(ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
-                                  denoiser=DenoiserConfig(depth=1, width=32, heads=4)))
-    collate = Collator(meta=ShardMeta.read(skewed_shards), image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
-                       latent_channels=16, replicas=4, seed=0)
+    model = RossModel(
+        ModelConfig(
+            vision_path=str(tiny_models / "vision"),
+            llm_path=str(tiny_models / "llm"),
+            fused_ce=False,
+            denoiser=DenoiserConfig(depth=1, width=32, heads=4),
+        )
+    )
+    collate = Collator(
+        meta=ShardMeta.read(skewed_shards),
+        image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
+        latent_channels=16,
+        replicas=4,
+        seed=0,
+    )
     ref = StepStream(str(skewed_shards), 12, 0, 1, True, 0, max_tokens=10**6, attn_tokens=1e4)
     ids, _ = ref.plan(0, 2)
     samples = {int(i): ref.read(int(i)) for i in ids}

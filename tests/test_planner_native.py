@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from fastross import _native as native  # built by `pip install -e .` (make test): its absence is a failure
 from fastross.data import packing_planner

@@ -54,9 +54,22 @@ def test_converter_writes_lines_to_a_log(tmp_path, tiny_models, synth_data, caps
     records = json.loads((synth_data / "stage2.json").read_text())[:25]
     src = tmp_path / "s2.json"
     src.write_text(json.dumps(records))
-    argv = ["--json", str(src), "--images", str(synth_data / "images"), "--tokenizer", str(tiny_models / "llm"),
-            "--template", "qwen2_ross", "--vision", str(tiny_models / "vision"), "--out", str(tmp_path / "out"),
-            "--progress-every", "10"]
+    argv = [
+        "--json",
+        str(src),
+        "--images",
+        str(synth_data / "images"),
+        "--tokenizer",
+        str(tiny_models / "llm"),
+        "--template",
+        "qwen2_ross",
+        "--vision",
+        str(tiny_models / "vision"),
+        "--out",
+        str(tmp_path / "out"),
+        "--progress-every",
+        "10",
+    ]
     assert convert.main(argv) == 0
     err = capsys.readouterr().err
     assert "\r" not in err

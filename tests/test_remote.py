@@ -104,8 +104,15 @@ def test_remote_mixture_trains_with_a_cache_limit(tiny_models, skewed_shards, re
     rd, cache = tmp_path / "run", tmp_path / "cache"
     cfg = write_config(tmp_path / "c.yaml", tiny_models, skewed_shards, rd, max_steps=1, ckpt_every=10)
     sources = f"[{{shards: {skewed_shards}, weight: 1}}, {{shards: 'file://{resharded}', weight: 3}}]"
-    out = run(1, cfg, "data.shards=''", f"data.sources={sources}", f"data.cache_dir={cache}",
-              f"data.cache_limit={limit}", "data.shuffle_window=2")
+    out = run(
+        1,
+        cfg,
+        "data.shards=''",
+        f"data.sources={sources}",
+        f"data.cache_dir={cache}",
+        f"data.cache_limit={limit}",
+        "data.shuffle_window=2",
+    )
     m = metrics(rd)
     assert [x["step"] for x in m] == [1], out[-2000:]
     assert all(math.isfinite(x["text_loss"]) and math.isfinite(x["recon_loss"]) for x in m)

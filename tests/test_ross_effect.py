@@ -38,8 +38,12 @@ def test_paired_interval_matches_scipys_paired_t_interval(load_benchmark):
 
 def test_majority_baseline_takes_each_answer_types_most_frequent_answer(load_benchmark):
     e = load_benchmark("ross_effect")
-    rows = ([{"type": "yesno", "gold": "yes"}] * 3 + [{"type": "yesno", "gold": "no"}] * 1
-            + [{"type": "number", "gold": 2}] * 2 + [{"type": "number", "gold": 3}] * 2)
+    rows = (
+        [{"type": "yesno", "gold": "yes"}] * 3
+        + [{"type": "yesno", "gold": "no"}] * 1
+        + [{"type": "number", "gold": 2}] * 2
+        + [{"type": "number", "gold": 3}] * 2
+    )
     assert e.majority_baseline(rows) == pytest.approx((3 + 2) / 8)
 
 
@@ -75,8 +79,12 @@ def test_probe_is_at_chance_on_noise(load_benchmark):
 
 def test_targets_are_the_generators_ground_truth(load_benchmark):
     e = load_benchmark("ross_effect")
-    scene = {"shapes": [{"shape": "circle", "colour": "red", "row": "top", "col": "left"},
-                        {"shape": "circle", "colour": "blue", "row": "bottom", "col": "right"}]}
+    scene = {
+        "shapes": [
+            {"shape": "circle", "colour": "red", "row": "top", "col": "left"},
+            {"shape": "circle", "colour": "blue", "row": "bottom", "col": "right"},
+        ]
+    }
     t = e.targets([scene])
     assert t["count"].tolist() == [[1]]  # two shapes -> class 1
     assert t["colour"].tolist() == [[1, 0, 1, 0]]  # sorted colours: blue, green, red, yellow
@@ -99,8 +107,32 @@ def test_toy_run_trains_both_lambdas_probes_and_saves(tmp_path, monkeypatch, loa
     monkeypatch.setattr(e.R, "RESULTS", tmp_path / "results")  # never into the repository
     work = tmp_path / "work"
     # one seed on one rank keeps it to 4 torchrun launches (the interval's statistics are the tests above)
-    assert e.main(["--seeds", "1", "--epochs1", "1", "--epochs2", "1", "--eval-images", "1", "--train-images", "20",
-                   "--probe-images", "20", "--ranks", "1", "--vocab", "0", "--work", str(work), "--save"]) == 0
+    assert (
+        e.main(
+            [
+                "--seeds",
+                "1",
+                "--epochs1",
+                "1",
+                "--epochs2",
+                "1",
+                "--eval-images",
+                "1",
+                "--train-images",
+                "20",
+                "--probe-images",
+                "20",
+                "--ranks",
+                "1",
+                "--vocab",
+                "0",
+                "--work",
+                str(work),
+                "--save",
+            ]
+        )
+        == 0
+    )
     for lam in (0, 1):
         for stage in (1, 2):
             cfg = yaml.safe_load((work / f"seed0_lambda{lam}" / f"stage{stage}" / "config.yaml").read_text())
@@ -109,8 +141,9 @@ def test_toy_run_trains_both_lambdas_probes_and_saves(tmp_path, monkeypatch, loa
         assert summary["questions"] >= 9  # one held-out image: its own question, 6 POPE, an MMVP pair
     text = (tmp_path / "results" / "ross_effect.md").read_text()
     final = text.strip().splitlines()[-1].strip()
-    assert re.fullmatch(r"ross_effect: acc \d\.\d{3}->\d\.\d{3} baseline \d\.\d{3} probe \d\.\d{3}->\d\.\d{3} seeds 1",
-                        final), final
+    assert re.fullmatch(
+        r"ross_effect: acc \d\.\d{3}->\d\.\d{3} baseline \d\.\d{3} probe \d\.\d{3}->\d\.\d{3} seeds 1", final
+    ), final
     assert "| acc |" in text and "| probe_position |" in text
     assert "+- nan |" in text  # one seed: no interval, said so rather than a zero width
 

@@ -58,10 +58,16 @@ def test_fastross_to_ross_to_fastross_is_exact(run_dir, checkpoint, tmp_path):
     assert cfg["mm_inv_projector_type"] == "denoiser_vit1x" and cfg["mm_vision_select_layer"] == -2
     assert cfg["mm_inv_hidden_size"] == 64 and cfg["image_aspect_ratio"] == "pad" and cfg["mm_inv_num_heads"] == 4
     keys = set(index["weight_map"])
-    assert {NET + "x_embedder.proj.weight", NET + "pos_embed", NET + "blocks.0.mlp.fc1.weight",
-            "model.mm_projector.2.weight", "model.vision_tower.vision_tower.vision_model.post_layernorm.weight",
-            "model.vision_tower.vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight",
-            "model.pixel_decoder.pixel_decoder.encoder.conv_in.weight", "model.embed_tokens.weight"} <= keys
+    assert {
+        NET + "x_embedder.proj.weight",
+        NET + "pos_embed",
+        NET + "blocks.0.mlp.fc1.weight",
+        "model.mm_projector.2.weight",
+        "model.vision_tower.vision_tower.vision_model.post_layernorm.weight",
+        "model.vision_tower.vision_tower.vision_model.encoder.layers.2.mlp.fc1.weight",
+        "model.pixel_decoder.pixel_decoder.encoder.conv_in.weight",
+        "model.embed_tokens.weight",
+    } <= keys
     assert (out / "tokenizer.json").is_file()
 
     _, run_cfg, state = checkpoint
@@ -99,9 +105,14 @@ def test_bf16_export_reads_back_rounded(run_dir, checkpoint, tmp_path):
 
 # --- a checkpoint as the reference code saves one, written here from the layout's facts -----------------------------
 
+
 def model_cfg(tiny_models, **denoiser) -> ModelConfig:
-    return ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
-                       denoiser=DenoiserConfig(**{"depth": DEPTH, "width": WIDTH, "heads": HEADS} | denoiser))
+    return ModelConfig(
+        vision_path=str(tiny_models / "vision"),
+        llm_path=str(tiny_models / "llm"),
+        fused_ce=False,
+        denoiser=DenoiserConfig(**{"depth": DEPTH, "width": WIDTH, "heads": HEADS} | denoiser),
+    )
 
 
 def sincos_table(width: int, grid: int) -> np.ndarray:
@@ -127,27 +138,50 @@ def reference_tensors(tiny_models, seed=0) -> dict[str, torch.Tensor]:
     vision = SiglipVisionConfig.from_pretrained(tiny_models / "vision")
     h, v, grid, c = llm.hidden_size, vision.hidden_size, vision.image_size // vision.patch_size, 64
     out = {k: t + rnd(*t.shape, s=0.01) for k, t in load_file(tiny_models / "llm" / "model.safetensors").items()}
-    out |= {"model.vision_tower.vision_tower." + k: t + rnd(*t.shape, s=0.01) for k, t in
-            load_file(tiny_models / "vision" / "model.safetensors").items()}
-    out |= {"model.pixel_decoder.pixel_decoder." + k: t for k, t in
-            load_file(tiny_models / "vae" / "diffusion_pytorch_model.safetensors").items()}
-    out |= {"model.mm_projector.0.weight": rnd(h, v), "model.mm_projector.0.bias": rnd(h),
-            "model.mm_projector.2.weight": rnd(h, h), "model.mm_projector.2.bias": rnd(h)}
+    out |= {
+        "model.vision_tower.vision_tower." + k: t + rnd(*t.shape, s=0.01)
+        for k, t in load_file(tiny_models / "vision" / "model.safetensors").items()
+    }
+    out |= {
+        "model.pixel_decoder.pixel_decoder." + k: t
+        for k, t in load_file(tiny_models / "vae" / "diffusion_pytorch_model.safetensors").items()
+    }
+    out |= {
+        "model.mm_projector.0.weight": rnd(h, v),
+        "model.mm_projector.0.bias": rnd(h),
+        "model.mm_projector.2.weight": rnd(h, h),
+        "model.mm_projector.2.bias": rnd(h),
+    }
     w = WIDTH
-    net = {"x_embedder.proj.weight": rnd(w, c, 1, 1), "x_embedder.proj.bias": rnd(w),
-           "pos_embed": torch.from_numpy(sincos_table(w, grid)),
-           "t_embedder.mlp.0.weight": rnd(w, 256), "t_embedder.mlp.0.bias": rnd(w),
-           "t_embedder.mlp.2.weight": rnd(w, w), "t_embedder.mlp.2.bias": rnd(w),
-           "z_embedder.1.weight": rnd(w, h), "z_embedder.1.bias": rnd(w),
-           "final_layer.adaLN_modulation.1.weight": rnd(2 * w, w), "final_layer.adaLN_modulation.1.bias": rnd(2 * w),
-           "final_layer.linear.weight": rnd(c, w), "final_layer.linear.bias": rnd(c)}
+    net = {
+        "x_embedder.proj.weight": rnd(w, c, 1, 1),
+        "x_embedder.proj.bias": rnd(w),
+        "pos_embed": torch.from_numpy(sincos_table(w, grid)),
+        "t_embedder.mlp.0.weight": rnd(w, 256),
+        "t_embedder.mlp.0.bias": rnd(w),
+        "t_embedder.mlp.2.weight": rnd(w, w),
+        "t_embedder.mlp.2.bias": rnd(w),
+        "z_embedder.1.weight": rnd(w, h),
+        "z_embedder.1.bias": rnd(w),
+        "final_layer.adaLN_modulation.1.weight": rnd(2 * w, w),
+        "final_layer.adaLN_modulation.1.bias": rnd(2 * w),
+        "final_layer.linear.weight": rnd(c, w),
+        "final_layer.linear.bias": rnd(c),
+    }
     for i in range(DEPTH):
         b = f"blocks.{i}."
-        net |= {b + "adaLN_modulation.1.weight": rnd(6 * w, w), b + "adaLN_modulation.1.bias": rnd(6 * w),
-                b + "attn.qkv.weight": rnd(3 * w, w), b + "attn.qkv.bias": rnd(3 * w),
-                b + "attn.proj.weight": rnd(w, w), b + "attn.proj.bias": rnd(w),
-                b + "mlp.fc1.weight": rnd(4 * w, w), b + "mlp.fc1.bias": rnd(4 * w),
-                b + "mlp.fc2.weight": rnd(w, 4 * w), b + "mlp.fc2.bias": rnd(w)}
+        net |= {
+            b + "adaLN_modulation.1.weight": rnd(6 * w, w),
+            b + "adaLN_modulation.1.bias": rnd(6 * w),
+            b + "attn.qkv.weight": rnd(3 * w, w),
+            b + "attn.qkv.bias": rnd(3 * w),
+            b + "attn.proj.weight": rnd(w, w),
+            b + "attn.proj.bias": rnd(w),
+            b + "mlp.fc1.weight": rnd(4 * w, w),
+            b + "mlp.fc1.bias": rnd(4 * w),
+            b + "mlp.fc2.weight": rnd(w, 4 * w),
+            b + "mlp.fc2.bias": rnd(w),
+        }
     out |= {NET + k: t for k, t in net.items()}
     return {k: t.to(torch.bfloat16).contiguous() for k, t in out.items()}
 
@@ -159,16 +193,27 @@ def write_reference(folder, tensors, tiny_models, **config):
     folder.mkdir(parents=True)
     keys = sorted(tensors)
     weight_map = {}
-    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):
         name = f"model-{i + 1:05d}-of-00002.safetensors"
         save_file({k: tensors[k] for k in part}, str(folder / name), metadata={"format": "pt"})
         weight_map |= {k: name for k in part}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    cfg = AutoConfig.from_pretrained(tiny_models / "llm").to_dict() | {
-        "model_type": "ross_qwen2", "architectures": ["RossQwen2ForCausalLM"], "mm_projector_type": "mlp2x_gelu",
-        "mm_inv_projector_type": f"denoiser_vit{DEPTH}x", "mm_vision_select_layer": -2, "mm_inv_hidden_size": 64,
-        "mm_vision_tower": str(tiny_models / "vision"), "mm_pixel_decoder": str(tiny_models / "vae"),
-        "image_aspect_ratio": "pad", "torch_dtype": "bfloat16"} | config
+    cfg = (
+        AutoConfig.from_pretrained(tiny_models / "llm").to_dict()
+        | {
+            "model_type": "ross_qwen2",
+            "architectures": ["RossQwen2ForCausalLM"],
+            "mm_projector_type": "mlp2x_gelu",
+            "mm_inv_projector_type": f"denoiser_vit{DEPTH}x",
+            "mm_vision_select_layer": -2,
+            "mm_inv_hidden_size": 64,
+            "mm_vision_tower": str(tiny_models / "vision"),
+            "mm_pixel_decoder": str(tiny_models / "vae"),
+            "image_aspect_ratio": "pad",
+            "torch_dtype": "bfloat16",
+        }
+        | config
+    )
     (folder / "config.json").write_text(json.dumps(cfg))
     return folder
 
@@ -176,7 +221,7 @@ def write_reference(folder, tensors, tiny_models, **config):
 def reference_dit(w: dict, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
     """ROSS_SPEC.md section 3 on the reference's tensors, in its image layout: x (n, 64, g, g) noisy latents,
     t (n,) integer timesteps, context (n, H, g, g) the normed hidden states -> predicted eps (n, 64, g, g)."""
-    p = {k[len(NET):]: v.float() for k, v in w.items() if k.startswith(NET)}
+    p = {k[len(NET) :]: v.float() for k, v in w.items() if k.startswith(NET)}
     lin = lambda y, name: F.linear(y, p[name + ".weight"], p[name + ".bias"])  # noqa: E731
     n, c, g, _ = x.shape
     tok = F.conv2d(x, p["x_embedder.proj.weight"], p["x_embedder.proj.bias"]).flatten(2).transpose(1, 2)
@@ -210,13 +255,16 @@ def reference_logits(tensors: dict, tiny_models, ids: list[int], pixel_values: t
     from transformers import AutoConfig, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
     def part(prefix):
-        return {k[len(prefix):]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
+        return {k[len(prefix) :]: v.float() for k, v in tensors.items() if k.startswith(prefix)}
 
     tower = SiglipVisionModel(SiglipVisionConfig.from_pretrained(tiny_models / "vision")).eval()
     tower.load_state_dict(part("model.vision_tower.vision_tower."), strict=True)
     llm = Qwen2ForCausalLM(AutoConfig.from_pretrained(tiny_models / "llm")).eval()
-    lm = {k: v.float() for k, v in tensors.items() if not k.startswith(("model.mm_", "model.vision_tower.",
-                                                                          "model.pixel_decoder."))}
+    lm = {
+        k: v.float()
+        for k, v in tensors.items()
+        if not k.startswith(("model.mm_", "model.vision_tower.", "model.pixel_decoder."))
+    }
     assert llm.load_state_dict(lm, strict=False).missing_keys == ["lm_head.weight"]  # tied: not saved
     p = part("model.mm_projector.")
     with torch.no_grad():
@@ -224,7 +272,7 @@ def reference_logits(tensors: dict, tiny_models, ids: list[int], pixel_values: t
         vis = F.linear(F.gelu(F.linear(feats, p["0.weight"], p["0.bias"])), p["2.weight"], p["2.bias"])
         at = ids.index(ross_format.IMAGE_TOKEN_INDEX)
         emb = llm.get_input_embeddings()
-        embeds = torch.cat([emb(torch.tensor(ids[:at])), vis, emb(torch.tensor(ids[at + 1:]))])[None]
+        embeds = torch.cat([emb(torch.tensor(ids[:at])), vis, emb(torch.tensor(ids[at + 1 :]))])[None]
         return llm(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long)).logits[0]
 
 
@@ -241,10 +289,14 @@ def test_imported_reference_checkpoint_computes_the_reference_denoiser(reference
     model = fresh_model(model_cfg(tiny_models), seed=0)
     assert load_model_weights(folder, model) == folder  # model.init_from's dispatch
     state = model.state_dict()
-    for name, key in (("llm.model.embed_tokens.weight", "model.embed_tokens.weight"),
-                      ("projector.2.weight", "model.mm_projector.2.weight"),
-                      ("vision.encoder.layers.1.mlp.fc1.weight",
-                       "model.vision_tower.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight")):
+    for name, key in (
+        ("llm.model.embed_tokens.weight", "model.embed_tokens.weight"),
+        ("projector.2.weight", "model.mm_projector.2.weight"),
+        (
+            "vision.encoder.layers.1.mlp.fc1.weight",
+            "model.vision_tower.vision_tower.vision_model.encoder.layers.1.mlp.fc1.weight",
+        ),
+    ):
         assert torch.equal(state[name], tensors[key].float()), name
     assert torch.equal(state["llm.lm_head.weight"], state["llm.model.embed_tokens.weight"])  # the tiny LLM ties
 
@@ -272,7 +324,7 @@ def test_mm_projector_bin_is_stage1_init(tiny_models, tmp_path):
     got = model.state_dict()
     for k in got:
         if k.startswith("projector."):
-            assert torch.equal(got[k], proj["model.mm_projector." + k[len("projector."):]].float()), k
+            assert torch.equal(got[k], proj["model.mm_projector." + k[len("projector.") :]].float()), k
             assert not torch.equal(got[k], fresh[k]), k
         else:
             assert torch.equal(got[k], fresh[k]), k
@@ -311,22 +363,26 @@ def test_bad_files_are_refused_naming_the_key(reference_folder, tiny_models, tmp
     with pytest.raises(KeyError, match="model.mm_projector.7.weight"):
         ross_format.load_into(bad_bin(tmp_path, tensors, **{"model.mm_projector.7.weight": torch.zeros(1)}), model)
     with pytest.raises(KeyError, match="model.mm_inv_projector.ln_pre.weight"):
-        ross_format.load_into(bad_bin(tmp_path, tensors, **{"model.mm_inv_projector.ln_pre.weight": torch.zeros(1)}),
-                              model)
+        ross_format.load_into(
+            bad_bin(tmp_path, tensors, **{"model.mm_inv_projector.ln_pre.weight": torch.zeros(1)}), model
+        )
     with pytest.raises(KeyError, match="model.mm_projector.2.bias"):  # missing
         ross_format.load_into(bad_bin(tmp_path, {k: v for k, v in tensors.items() if not k.endswith("2.bias")}), model)
     conv = NET + "x_embedder.proj.weight"
     with pytest.raises(ValueError, match=f"{conv}.*1x1 convolution"):
         ross_format.load_into(bad_bin(tmp_path, tensors, **{conv: torch.zeros(WIDTH, 16, 2, 2)}), model)
     with pytest.raises(ValueError, match=f"{NET}pos_embed"):  # a learned (not sin-cos) position embedding
-        ross_format.load_into(bad_bin(tmp_path, tensors, **{NET + "pos_embed": tensors[NET + "pos_embed"] * 1.1}),
-                              model)
+        ross_format.load_into(
+            bad_bin(tmp_path, tensors, **{NET + "pos_embed": tensors[NET + "pos_embed"] * 1.1}), model
+        )
     # config.json facts no shape shows
-    for cfg, name in (({"mm_inv_projector_type": "denoiser_vit3x"}, "mm_inv_projector_type"),
-                      ({"mm_projector_type": "linear"}, "mm_projector_type"),
-                      ({"mm_inv_num_heads": 4}, "mm_inv_num_heads"),
-                      ({"mm_vision_select_layer": -1}, "mm_vision_select_layer"),
-                      ({"model_type": "llava_qwen2"}, "model_type")):
+    for cfg, name in (
+        ({"mm_inv_projector_type": "denoiser_vit3x"}, "mm_inv_projector_type"),
+        ({"mm_projector_type": "linear"}, "mm_projector_type"),
+        ({"mm_inv_num_heads": 4}, "mm_inv_num_heads"),
+        ({"mm_vision_select_layer": -1}, "mm_vision_select_layer"),
+        ({"model_type": "llava_qwen2"}, "model_type"),
+    ):
         bad = tmp_path / name
         bad.mkdir()
         for f in folder.iterdir():
@@ -340,20 +396,23 @@ def test_bad_files_are_refused_naming_the_key(reference_folder, tiny_models, tmp
 
 
 @pytest.mark.slow
-def test_training_starts_from_the_ross_layout_as_from_the_checkpoint(run_dir, first_step_from_run, tiny_models,
-                                                                    stage2_shards, tmp_path):
+def test_training_starts_from_the_ross_layout_as_from_the_checkpoint(
+    run_dir, first_step_from_run, tiny_models, stage2_shards, tmp_path
+):
     """model.init_from = the reference-layout export (fp32) or the checkpoint it came from (first_step_from_run), on
     2 ranks (each keeps its FSDP shards): the same first step, bit for bit."""
-    from test_train import metrics, run, write_config
-
     from fastross.export import main
+    from test_train import metrics, run, write_config
 
     ross = tmp_path / "ross"
     with pytest.warns(UserWarning, match="the reference code cannot load its denoiser"):
         assert main([str(run_dir), "--out", str(ross), "--format", "ross"]) == 0
     rd = tmp_path / "from_ross"
-    out = run(2, write_config(tmp_path / "from_ross.yaml", tiny_models, stage2_shards, rd, max_steps=1,
-                              ckpt_every=10), f"model.init_from={ross}")
+    out = run(
+        2,
+        write_config(tmp_path / "from_ross.yaml", tiny_models, stage2_shards, rd, max_steps=1, ckpt_every=10),
+        f"model.init_from={ross}",
+    )
     assert f"model weights from {ross}" in out
     for key in ("text_loss", "recon_loss", "grad_norm"):
         assert metrics(rd)[0][key] == first_step_from_run[key], key
@@ -366,8 +425,16 @@ def test_name_table_is_a_bijection_ready_for_llama(tiny_models):
 
     names = list(fresh_model(model_cfg(tiny_models), seed=0).state_dict())
     with torch.device("meta"):
-        llama = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                             num_attention_heads=4, vocab_size=128, tie_word_embeddings=False))
+        llama = LlamaForCausalLM(
+            LlamaConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                vocab_size=128,
+                tie_word_embeddings=False,
+            )
+        )
     hf = list(llama.state_dict())
     for ours in (names, ["llm." + k for k in hf]):
         theirs = [ross_format.reference_name(n) for n in ours]

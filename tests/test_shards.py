@@ -46,8 +46,11 @@ def test_writer_writes_streamings_bytes_across_several_shards(stage2_shards, tmp
     # every encoding the MDS format has that fastross may meet: scalars, dtype left open, a fixed shape
     columns = {**COLUMNS, "f": "float32", "open": "ndarray", "fixed": "ndarray:int16:2,3"}
     for k, s in enumerate(samples):
-        s.update(f=np.float32(k / 3), open=np.arange(k + 1, dtype=np.float16).reshape(-1, 1),
-                 fixed=np.full((2, 3), k, np.int16))
+        s.update(
+            f=np.float32(k / 3),
+            open=np.arange(k + 1, dtype=np.float16).reshape(-1, 1),
+            fixed=np.full((2, 3), k, np.int16),
+        )
     limit = 3 * max(len(s["image"]) + len(s["latent_mean"]) * 2 for s in samples)  # forces several shards
     with StreamingWriter(out=str(tmp_path / "theirs"), columns=columns, size_limit=limit, hashes=["xxh64"]) as w:
         for s in samples:
@@ -85,9 +88,9 @@ import sys
 sys.modules['streaming'] = None  # import streaming raises ImportError
 import fastross.data.index as index
 index.native_layout = lambda shards: None  # the python reader, not the native one
-lengths = index.build({str(tmp_path / 's')!r})
+lengths = index.build({str(tmp_path / "s")!r})
 from fastross.data.stream import StepStream
-step = StepStream({str(tmp_path / 's')!r}, 8, 0, 1, True, 0, 4096, 0.0).step(0)
+step = StepStream({str(tmp_path / "s")!r}, 8, 0, 1, True, 0, 4096, 0.0).step(0)
 print(int(lengths.sum()), sum(len(mb) for mb in step.micro_batches))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -21,8 +21,10 @@ from fastross.model.ross import RossModel
 def build(tiny_models, repeat_cond: bool = False, **kw):
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"),
-        denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4, repeat_cond=repeat_cond), **kw,
+        vision_path=str(tiny_models / "vision"),
+        llm_path=str(tiny_models / "llm"),
+        denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4, repeat_cond=repeat_cond),
+        **kw,
     )
     m = RossModel(cfg)
     with torch.no_grad():  # open the adaLN-Zero gates so the denoiser's gradients are not all zero
@@ -34,8 +36,13 @@ def build(tiny_models, repeat_cond: bool = False, **kw):
 
 @pytest.fixture(scope="module")
 def collate(stage2_shards, tiny_models):
-    return Collator(meta=ShardMeta.read(stage2_shards), image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
-                    latent_channels=16, replicas=4, seed=0)
+    return Collator(
+        meta=ShardMeta.read(stage2_shards),
+        image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
+        latent_channels=16,
+        replicas=4,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +57,11 @@ def loss_and_grads(model, mb, text_scale: float = 1.0):
     model.zero_grad(set_to_none=True)
     out = model(mb)
     (out.text * text_scale + out.recon).backward()
-    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
-             for n, p in model.named_parameters() if p.grad is not None}
+    grads = {
+        n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
     return torch.stack([out.text.detach(), out.recon.detach()]), grads
 
 
@@ -62,8 +72,9 @@ def test_checkpoint_policies_give_the_same_losses_and_gradients(tiny_models, bat
     want, want_g = loss_and_grads(model, batch)
     ac = copy.deepcopy(model)
     policies = apply_activation_checkpointing(ac.llm.model.layers, spec)
-    assert len(policies) == 2 and all(type(layer).__name__ == "CheckpointWrapper"
-                                      for layer, p in zip(ac.llm.model.layers, policies) if p != "none")
+    assert len(policies) == 2 and all(
+        type(layer).__name__ == "CheckpointWrapper" for layer, p in zip(ac.llm.model.layers, policies) if p != "none"
+    )
     got, got_g = loss_and_grads(ac, batch)
     # Recomputation in fp32 runs the same ops on the same inputs on the CPU: bit-identical.
     assert torch.equal(got, want)
@@ -148,14 +159,14 @@ def test_fused_ce_on_two_fsdp2_ranks_matches_plain_ce_on_one(tiny_models, stage2
 
     Two samples per step keep the supervised rows, which Liger's kernel walks one by one in Triton's interpreter
     (~40 ms each at the 152k vocabulary: `python benchmarks/text_loss.py`), to a few hundred."""
-    from test_train import metrics as records
-    from test_train import run, write_config
+    from test_train import metrics as records, run, write_config
 
     metrics = {}
     for fused, ranks in ((False, 1), (True, 2)):
         run_dir = tmp_path / f"fused{fused}"
-        cfg = write_config(tmp_path / f"fused{fused}.yaml", tiny_models, stage2_shards, run_dir, max_steps=2,
-                           ckpt_every=10)
+        cfg = write_config(
+            tmp_path / f"fused{fused}.yaml", tiny_models, stage2_shards, run_dir, max_steps=2, ckpt_every=10
+        )
         run(ranks, cfg, f"model.fused_ce={str(fused).lower()}", "data.global_batch=2", "data.workers=0")
         metrics[fused] = records(run_dir)
     assert [m["step"] for m in metrics[True]] == [m["step"] for m in metrics[False]] == [1, 2]
@@ -176,8 +187,9 @@ def test_the_reference_recipes_switches_train_the_same_model(tiny_models, collat
     txt = [s for s in stage2_samples if not len(s["image"])][:1]
     samples = [img[0], txt[0], img[1]]
     packed = collate(samples, step=5)
-    padded = Collator(meta=ShardMeta.read(stage2_shards), image=collate.image, latent_channels=16, replicas=4, seed=0,
-                      pad=True)(samples, step=5)
+    padded = Collator(
+        meta=ShardMeta.read(stage2_shards), image=collate.image, latent_channels=16, replicas=4, seed=0, pad=True
+    )(samples, step=5)
     lengths = packed.cu_seqlens.diff()
     assert padded.input_ids.shape[1] == 3 * int(lengths.max()) > packed.input_ids.shape[1]  # padded to the longest
     assert padded.num_text_tokens == packed.num_text_tokens and torch.equal(padded.text_targets, packed.text_targets)

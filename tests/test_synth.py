@@ -328,8 +328,7 @@ def test_benchmark_items(data):
         # the images differ only inside the cells of the shapes that changed
         pa = np.asarray(Image.open(out / "images" / a["image"]), dtype=int)
         pb = np.asarray(Image.open(out / "images" / b["image"]), dtype=int)
-        cells = {(s["cy"] // 32, s["cx"] // 32) for s in [*sa, *sb]
-                 if s not in sa or s not in sb}
+        cells = {(s["cy"] // 32, s["cx"] // 32) for s in [*sa, *sb] if s not in sa or s not in sb}
         diff = np.argwhere((pa != pb).any(-1))
         assert len(diff) > 0 and all((r // 32, c // 32) in cells for r, c in diff), a["pair"]
     assert attributes == set(synth.MMVP_ATTRIBUTES)

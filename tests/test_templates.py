@@ -19,10 +19,14 @@ import pytest
 from fastross.data import convert
 
 IGNORE = -100
-VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-ROSS_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
-               "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+ROSS_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
 
 
 def h(value):
@@ -34,8 +38,11 @@ def g(value):
 
 
 RECORDS = [
-    {"id": "multi", "image": "a.png", "conversations": [
-        h("What colour is the square?\n<image>"), g("Red."), h("And the circle?"), g("Green.")]},
+    {
+        "id": "multi",
+        "image": "a.png",
+        "conversations": [h("What colour is the square?\n<image>"), g("Red."), h("And the circle?"), g("Green.")],
+    },
     {"id": "later", "image": "a.png", "conversations": [h("Hi."), g("Hello."), h("<image> What is this?"), g("3")]},
     {"id": "text", "conversations": [h("Spell lamp backwards."), g("pmal."), h("And cat?"), g("tac.")]},
     {"id": "gptfirst", "image": "a.png", "conversations": [g("Hello there."), h("<image>"), g("A photo.")]},
@@ -47,8 +54,15 @@ RECORDS = [
 
 def ref_move_image(conv: list[dict]) -> list[tuple[str, str]]:
     """preprocess_multimodal, then "skip the first one if it is not from human"."""
-    turns = [(t["from"], ("<image>\n" + t["value"].replace("<image>", "").strip()).strip()
-              if "<image>" in t["value"] else t["value"]) for t in conv]
+    turns = [
+        (
+            t["from"],
+            ("<image>\n" + t["value"].replace("<image>", "").strip()).strip()
+            if "<image>" in t["value"]
+            else t["value"],
+        )
+        for t in conv
+    ]
     return turns[1:] if turns[0][0] != "human" else turns
 
 
@@ -65,8 +79,20 @@ def ref_tokens(text: str, tok, image_id: int) -> list[int]:
     return out
 
 
-def ref_labels(ids, text: str, end: str, split_at: str, tok, image_id: int, first: int, minus: int, step: int,
-               common_prefix: bool = False, keep_previous_end: bool = False, last: int = 0) -> np.ndarray:
+def ref_labels(
+    ids,
+    text: str,
+    end: str,
+    split_at: str,
+    tok,
+    image_id: int,
+    first: int,
+    minus: int,
+    step: int,
+    common_prefix: bool = False,
+    keep_previous_end: bool = False,
+    last: int = 0,
+) -> np.ndarray:
     """The reference's round counting: split the prompt at `end`, then each round at `split_at`; mask `first` leading
     tokens and each round's instruction (its own token count minus `minus`, or, for qwen_2, the tokens it shares
     with the round); advance by the round's token count; rounds after the first are shifted by `step` (the BOS or
@@ -87,7 +113,7 @@ def ref_labels(ids, text: str, end: str, split_at: str, tok, image_id: int, firs
         n_round = len(r_ids)
         if i:
             n_round, n_instr = n_round + step, n_instr + step
-        target[cur + (1 if keep_previous_end and i else 0): cur + n_instr] = IGNORE
+        target[cur + (1 if keep_previous_end and i else 0) : cur + n_instr] = IGNORE
         cur += n_round
     target[cur:] = IGNORE
     assert cur == len(ids) - last, f"the reference would mask this sample whole: {cur} vs {len(ids) - last}"
@@ -124,8 +150,24 @@ def ref_qwen2(conv, tok, image_id):
     for i, (who, value) in enumerate(ref_move_image(conv)):
         text += ("USER" if who == "human" else "ASSISTANT") + ": " + value + (" ", "<|im_end|>")[i % 2]
     ids = ref_tokens(text, tok, image_id)
-    return text, ids, ref_labels(ids, text, "<|im_end|>", " ASSISTANT: ", tok, image_id, first=0, minus=0, step=1,
-                                 common_prefix=True, keep_previous_end=True, last=1)
+    return (
+        text,
+        ids,
+        ref_labels(
+            ids,
+            text,
+            "<|im_end|>",
+            " ASSISTANT: ",
+            tok,
+            image_id,
+            first=0,
+            minus=0,
+            step=1,
+            common_prefix=True,
+            keep_previous_end=True,
+            last=1,
+        ),
+    )
 
 
 # helpers -------------------------------------------------------------------------------------------------------
@@ -142,9 +184,24 @@ def run(tmp_path, tiny_models, images, tokenizer_dir, template, records, *extra)
     tmp_path.mkdir(parents=True, exist_ok=True)
     src, out = tmp_path / "data.json", tmp_path / "out"
     src.write_text(json.dumps(records))
-    rc = convert.main(["--json", str(src), "--images", str(images), "--tokenizer", str(tokenizer_dir),
-                       "--vision", str(tiny_models / "vision"), "--template", template, "--out", str(out),
-                       "--quiet", *extra])
+    rc = convert.main(
+        [
+            "--json",
+            str(src),
+            "--images",
+            str(images),
+            "--tokenizer",
+            str(tokenizer_dir),
+            "--vision",
+            str(tiny_models / "vision"),
+            "--template",
+            template,
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ]
+    )
     return rc, out
 
 
@@ -191,11 +248,14 @@ def supervised_text(tok, sample) -> list[str]:
 
 
 def test_vicuna_v1_round_trip_is_the_references(tmp_path, tiny_models, images, llama_tokenizers):
-    tok, samples, texts = assert_reference(tmp_path, tiny_models, images, llama_tokenizers / "llama", "vicuna_v1",
-                                           ref_vicuna)
+    tok, samples, texts = assert_reference(
+        tmp_path, tiny_models, images, llama_tokenizers / "llama", "vicuna_v1", ref_vicuna
+    )
     # the separators, written out by hand
-    assert texts[0] == (VICUNA_SYSTEM + " USER: <image>\nWhat colour is the square? ASSISTANT: Red.</s>"
-                        "USER: And the circle? ASSISTANT: Green.</s>")
+    assert texts[0] == (
+        VICUNA_SYSTEM + " USER: <image>\nWhat colour is the square? ASSISTANT: Red.</s>"
+        "USER: And the circle? ASSISTANT: Green.</s>"
+    )
     assert texts[1].endswith(" USER: Hi. ASSISTANT: Hello.</s>USER: <image>\nWhat is this? ASSISTANT: 3</s>")
     assert texts[3] == VICUNA_SYSTEM + " USER: <image> ASSISTANT: A photo.</s>"  # a bare placeholder keeps no "\n"
     ids = [np.asarray(s["input_ids"]).tolist() for s in samples]
@@ -203,13 +263,13 @@ def test_vicuna_v1_round_trip_is_the_references(tmp_path, tiny_models, images, l
     assert all(i[0] == tok.bos_token_id and i.count(tok.bos_token_id) == 1 for i in ids)
     # LLaVA-1.5's lone "▁" after the image: the chunk after <image> is encoded on its own, with its word marker
     at = ids[0].index(image_id)
-    assert ids[0][at + 1: at + 3] == [space, tok.convert_tokens_to_ids("<0x0A>")]
+    assert ids[0][at + 1 : at + 3] == [space, tok.convert_tokens_to_ids("<0x0A>")]
     # the joint after </s> is non-legacy ("USER", not "▁USER"), and the answers and each </s> are what is learnt
     assert supervised_text(tok, samples[0]) == ["Red.</s>", "Green.</s>"]
     assert supervised_text(tok, samples[1]) == ["Hello.</s>", "3</s>"]  # "3" with its lone "▁" (decoded away)
     last_end = len(ids[1]) - 1
-    assert ids[1][last_end - 2:] == [space, tok.convert_tokens_to_ids("<0x33>"), tok.eos_token_id]
-    assert np.asarray(samples[1]["labels"])[last_end - 2:].tolist() == ids[1][last_end - 2:]
+    assert ids[1][last_end - 2 :] == [space, tok.convert_tokens_to_ids("<0x33>"), tok.eos_token_id]
+    assert np.asarray(samples[1]["labels"])[last_end - 2 :].tolist() == ids[1][last_end - 2 :]
 
 
 def test_vicuna_v1_marker_missing_is_an_error(tmp_path, tiny_models, images, llama_tokenizers, capsys):
@@ -226,12 +286,15 @@ def test_vicuna_v1_marker_missing_is_an_error(tmp_path, tiny_models, images, lla
 
 
 def test_llama3_round_trip_is_the_references(tmp_path, tiny_models, images, llama_tokenizers, capsys):
-    tok, samples, texts = assert_reference(tmp_path, tiny_models, images, llama_tokenizers / "llama3", "llama3",
-                                           ref_llama3)
-    assert texts[0] == ("<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat colour is the square?<|eot_id|>"
-                        "<|start_header_id|>assistant<|end_header_id|>\n\nRed.<|eot_id|>"
-                        "<|start_header_id|>user<|end_header_id|>\n\nAnd the circle?<|eot_id|>"
-                        "<|start_header_id|>assistant<|end_header_id|>\n\nGreen.<|eot_id|>")
+    tok, samples, texts = assert_reference(
+        tmp_path, tiny_models, images, llama_tokenizers / "llama3", "llama3", ref_llama3
+    )
+    assert texts[0] == (
+        "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat colour is the square?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nRed.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAnd the circle?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\nGreen.<|eot_id|>"
+    )
     assert all(np.asarray(s["input_ids"])[0] == tok.bos_token_id for s in samples)
     assert supervised_text(tok, samples[0]) == ["Red.<|eot_id|>", "Green.<|eot_id|>"]
     assert supervised_text(tok, samples[2]) == ["pmal.<|eot_id|>", "tac.<|eot_id|>"]
@@ -248,17 +311,24 @@ def test_hf_llama3_chat_template_by_prefixes(tmp_path, tiny_models, images, llam
     answers occur in its markup; the spans still follow from rendering the conversation prefix by prefix."""
     from fastross.data.templates import load_tokenizer
 
-    records = [{"id": "trim", "image": "a.png", "conversations": [
-        h("<image>\nWhat colour is the square?"), g("  Red. "), h("Pick a or b."), g("a")]}]
+    records = [
+        {
+            "id": "trim",
+            "image": "a.png",
+            "conversations": [h("<image>\nWhat colour is the square?"), g("  Red. "), h("Pick a or b."), g("a")],
+        }
+    ]
     folder = llama_tokenizers / "llama3"
     rc, out = run(tmp_path, tiny_models, images, folder, "hf", records)
     assert rc == 0
     tok = load_tokenizer(str(folder))
     (s,) = read(out)
-    text = ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat colour is the square?"
-            "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nRed.<|eot_id|>"
-            "<|start_header_id|>user<|end_header_id|>\n\nPick a or b.<|eot_id|>"
-            "<|start_header_id|>assistant<|end_header_id|>\n\na<|eot_id|>")
+    text = (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat colour is the square?"
+        "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nRed.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nPick a or b.<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\na<|eot_id|>"
+    )
     assert np.asarray(s["input_ids"]).tolist() == tok(text, add_special_tokens=False).input_ids
     assert supervised_text(tok, s) == ["Red.<|eot_id|>", "a<|eot_id|>"]
     n_sup = len(tok("Red.<|eot_id|>a<|eot_id|>", add_special_tokens=False).input_ids)
@@ -282,16 +352,19 @@ def test_hf_without_an_end_of_turn_token_is_an_error(tmp_path, tiny_models, imag
     rc, _ = run(tmp_path, tiny_models, images, folder, "hf", RECORDS)
     err = capsys.readouterr().err
     assert rc == 2 and "cannot render" in err and "a system message first" in err
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
-                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
+    )
     tok.save_pretrained(folder)
     rc, _ = run(tmp_path, tiny_models, images, folder, "hf", RECORDS)
     err = capsys.readouterr().err
     assert rc == 2 and "ends an assistant turn with ''" in err and "never learn where an answer ends" in err
 
 
-def test_hf_template_that_rewrites_earlier_turns_is_a_counted_skip(tmp_path, tiny_models, images, llama_tokenizers,
-                                                                    capsys):
+def test_hf_template_that_rewrites_earlier_turns_is_a_counted_skip(
+    tmp_path, tiny_models, images, llama_tokenizers, capsys
+):
     """A template that renders a turn one way while it is the last and another once a turn follows (as templates
     that drop earlier reasoning do) has no stable span for it: such records are skipped and counted, by reason."""
     from fastross.data.schema import read_meta
@@ -299,9 +372,10 @@ def test_hf_template_that_rewrites_earlier_turns_is_a_counted_skip(tmp_path, tin
 
     folder = tmp_path / "rewrites"
     tok = load_tokenizer(str(llama_tokenizers / "llama3"))
-    tok.chat_template = tok.chat_template.replace("message['content'] | trim",
-                                                  "(message['content'] | upper if message['role'] == 'assistant' and "
-                                                  "not loop.last else message['content'])")
+    tok.chat_template = tok.chat_template.replace(
+        "message['content'] | trim",
+        "(message['content'] | upper if message['role'] == 'assistant' and not loop.last else message['content'])",
+    )
     tok.save_pretrained(folder)
     rc, out = run(tmp_path, tiny_models, images, folder, "hf", RECORDS)
     assert rc == 0
@@ -317,6 +391,7 @@ def test_hf_template_that_rewrites_earlier_turns_is_a_counted_skip(tmp_path, tin
 def test_plain_vicuna_is_the_references(tmp_path, tiny_models, images, llama_tokenizers):
     """preprocess_plain: "<image>" + caption + "\n", the question dropped; masked: the tokens of "<image>" alone
     (the BOS and the image)."""
+
     def ref_plain(conv, tok, image_id):
         text = "<image>" + conv[1]["value"] + "\n"
         ids = ref_tokens(text, tok, image_id)
@@ -324,20 +399,34 @@ def test_plain_vicuna_is_the_references(tmp_path, tiny_models, images, llama_tok
         labels[: len(ref_tokens("<image>", tok, image_id))] = IGNORE
         return text, ids, labels
 
-    records = [{"id": f"cap{i}", "image": "a.png", "conversations": [h(q), g(c)]} for i, (q, c) in enumerate([
-        ("<image>\nDescribe the picture.", "A red square at the top left."), ("Describe.<image>", "3 circles.")])]
-    tok, samples, _ = assert_reference(tmp_path, tiny_models, images, llama_tokenizers / "llama", "plain", ref_plain,
-                                       records=records)
-    assert [np.asarray(s["input_ids"])[:2].tolist() for s in samples] == [[tok.bos_token_id,
-                                                                           tok.convert_tokens_to_ids("<image>")]] * 2
+    records = [
+        {"id": f"cap{i}", "image": "a.png", "conversations": [h(q), g(c)]}
+        for i, (q, c) in enumerate(
+            [("<image>\nDescribe the picture.", "A red square at the top left."), ("Describe.<image>", "3 circles.")]
+        )
+    ]
+    tok, samples, _ = assert_reference(
+        tmp_path, tiny_models, images, llama_tokenizers / "llama", "plain", ref_plain, records=records
+    )
+    assert [np.asarray(s["input_ids"])[:2].tolist() for s in samples] == [
+        [tok.bos_token_id, tok.convert_tokens_to_ids("<image>")]
+    ] * 2
 
 
 # qwen2_ross --reference-labels ---------------------------------------------------------------------------------
 
 
 def test_qwen2_reference_labels_are_the_references(tmp_path, tiny_models, images, tokenizer):
-    tok, samples, _ = assert_reference(tmp_path, tiny_models, images, tiny_models / "llm", "qwen2_ross", ref_qwen2,
-                                       extra=["--reference-labels"], tok=tokenizer)
+    tok, samples, _ = assert_reference(
+        tmp_path,
+        tiny_models,
+        images,
+        tiny_models / "llm",
+        "qwen2_ross",
+        ref_qwen2,
+        extra=["--reference-labels"],
+        tok=tokenizer,
+    )
     from fastross.data.schema import read_meta
 
     assert read_meta(tmp_path / "out")["reference_labels"] is True

@@ -48,8 +48,12 @@ def test_two_ranks_match_one_rank(tiny_models, skewed_shards, four_steps_2ranks,
     four_steps_2ranks): the first 2 of 4 steps (train.stop_after=2 keeps the 4-step schedule) and the weights of
     the step-2 checkpoints."""
     runs = {1: tmp_path / "run1", 2: four_steps_2ranks}
-    run(1, write_config(tmp_path / "c1.yaml", tiny_models, skewed_shards, runs[1], **FOUR_STEPS),
-        "data.max_tokens=100000", "train.stop_after=2")
+    run(
+        1,
+        write_config(tmp_path / "c1.yaml", tiny_models, skewed_shards, runs[1], **FOUR_STEPS),
+        "data.max_tokens=100000",
+        "train.stop_after=2",
+    )
     m1, m2 = metrics(runs[1]), metrics(runs[2])[:2]
     assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2]
     # Step 1 sees identical weights: fp32 tolerance. Step 2 sees weights after one Adam step,
@@ -79,8 +83,9 @@ def test_two_ranks_match_one_rank(tiny_models, skewed_shards, four_steps_2ranks,
 def final_weights_at_start(models: Path) -> dict:
     from safetensors.torch import load_file
 
-    return {"llm." + k: v for k, v in load_file(models / "llm" / "model.safetensors").items()
-            if not k.startswith("lm_head")}  # tied to the embedding
+    return {
+        "llm." + k: v for k, v in load_file(models / "llm" / "model.safetensors").items() if not k.startswith("lm_head")
+    }  # tied to the embedding
 
 
 def test_sigkill_and_resume_is_exact(tiny_models, skewed_shards, nine_steps_2ranks, tmp_path):
@@ -89,8 +94,9 @@ def test_sigkill_and_resume_is_exact(tiny_models, skewed_shards, nine_steps_2ran
     ref_dir = nine_steps_2ranks
     rd = tmp_path / "killed"
     cfg = write_config(tmp_path / "killed.yaml", tiny_models, skewed_shards, rd, **NINE_STEPS)
-    proc = subprocess.Popen(torchrun_cmd(2, cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        torchrun_cmd(2, cfg), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     latest = rd / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not latest.exists() and proc.poll() is None and time.time() < deadline:
@@ -100,7 +106,7 @@ def test_sigkill_and_resume_is_exact(tiny_models, skewed_shards, nine_steps_2ran
     assert killed_at < 9, "the run finished before it could be killed: the test proved nothing"
 
     out = run(2, cfg)
-    assert f"resumed from" in out and f"at step {killed_at}" in out
+    assert "resumed from" in out and f"at step {killed_at}" in out
     ref, got = metrics(ref_dir), metrics(rd)
     assert [m["step"] for m in got] == list(range(1, 10))
     for a, b in zip(ref, got):
@@ -111,8 +117,9 @@ def test_sigkill_and_resume_is_exact(tiny_models, skewed_shards, nine_steps_2ran
         assert torch.equal(w_ref[k], w_got[k]), k
 
 
-def test_stop_after_ends_early_and_the_restart_follows_the_full_schedule(tiny_models, skewed_shards,
-                                                                          four_steps_1rank, tmp_path):
+def test_stop_after_ends_early_and_the_restart_follows_the_full_schedule(
+    tiny_models, skewed_shards, four_steps_1rank, tmp_path
+):
     """train.stop_after=2 of 4 steps: checkpointed at step 2 with the 4-step learning-rate schedule; started again,
     the run finishes exactly as an uninterrupted one (the session's four_steps_1rank; bit for bit, on 1 rank).
     Checkpoints every 10 steps, so the step-2 checkpoint can only be stop_after's."""

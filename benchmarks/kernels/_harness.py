@@ -20,9 +20,9 @@ import datetime
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -34,8 +34,22 @@ from devtools import results as R  # noqa: E402
 PROVIDERS = ("reference", "torch_bf16", "fastross", "torch_bf16_compiled")  # run in this order: compiling is slowest
 MODES = ("forward", "backward", "full")
 RESULTS = R.RESULTS / "kernels.csv"
-FIELDS = ["date", "commit", "device", "bench", "shape", "provider", "mode", "ms", "peak_mib", "tflops", "gbps",
-          "floor_ms", "copy_gbps", "matmul_tflops"]
+FIELDS = [
+    "date",
+    "commit",
+    "device",
+    "bench",
+    "shape",
+    "provider",
+    "mode",
+    "ms",
+    "peak_mib",
+    "tflops",
+    "gbps",
+    "floor_ms",
+    "copy_gbps",
+    "matmul_tflops",
+]
 
 
 def parse_args(description: str, shapes: list[str], argv=None) -> argparse.Namespace:
@@ -52,14 +66,20 @@ def parse_args(description: str, shapes: list[str], argv=None) -> argparse.Names
     a.shapes = ["smoke"] if a.smoke else a.shapes.split(",")
     a.providers = a.providers.split(",")
     a.modes = a.modes.split(",")
-    for name, got, known in (("--shapes", a.shapes, shapes + ["smoke"]), ("--providers", a.providers, PROVIDERS),
-                             ("--modes", a.modes, MODES)):
+    for name, got, known in (
+        ("--shapes", a.shapes, shapes + ["smoke"]),
+        ("--providers", a.providers, PROVIDERS),
+        ("--modes", a.modes, MODES),
+    ):
         bad = [x for x in got if x not in known]
         if bad:
             p.error(f"{name}: unknown {bad}; choose from {', '.join(known)}")
     if not torch.cuda.is_available() and not a.smoke:
-        print(f"{Path(sys.argv[0]).name}: needs a CUDA GPU for real numbers; run with --smoke for a tiny CPU run "
-              "(Triton interpreter) that only exercises the code", file=sys.stderr)
+        print(
+            f"{Path(sys.argv[0]).name}: needs a CUDA GPU for real numbers; run with --smoke for a tiny CPU run "
+            "(Triton interpreter) that only exercises the code",
+            file=sys.stderr,
+        )
         sys.exit(2)
     return a
 
@@ -187,8 +207,16 @@ class Report:
         return None
 
     def print_table(self) -> None:
-        cols = [("shape", 10), ("provider", 20), ("mode", 9), ("ms", 10), ("peak_mib", 10), ("tflops", 8),
-                ("gbps", 8), ("floor_ms", 9)]
+        cols = [
+            ("shape", 10),
+            ("provider", 20),
+            ("mode", 9),
+            ("ms", 10),
+            ("peak_mib", 10),
+            ("tflops", 8),
+            ("gbps", 8),
+            ("floor_ms", 9),
+        ]
         print(f"\n{self.bench} on {self.device} (commit {self.commit}, {self.date})")
         print("  ".join(f"{c:>{w}}" for c, w in cols))
         for r in self.rows:
@@ -204,9 +232,14 @@ class Report:
             print(f"{len(self.rows)} rows appended to {self.csv_path}")
 
 
-def run_all(args, bench: str, cases: Callable[[str, str], Case | None], matmul_flops: Callable[[str, str], float],
-            bytes_moved: Callable[[str, str], float] | None = None,
-            after_shape: Callable[[Report, str], None] | None = None) -> Report:
+def run_all(
+    args,
+    bench: str,
+    cases: Callable[[str, str], Case | None],
+    matmul_flops: Callable[[str, str], float],
+    bytes_moved: Callable[[str, str], float] | None = None,
+    after_shape: Callable[[Report, str], None] | None = None,
+) -> Report:
     """Every (shape, provider, mode) of the arguments, with the floor and bandwidth columns filled in.
 
     after_shape(report, shape) runs when a shape is done (a summary printed early survives a timeout)."""
@@ -222,9 +255,17 @@ def run_all(args, bench: str, cases: Callable[[str, str], Case | None], matmul_f
             for mode in args.modes:
                 ms, peak = measure(case, mode)
                 flops = matmul_flops(shape, mode)
-                row = dict(shape=shape, provider=provider, mode=mode, ms=ms, peak_mib=peak,
-                           tflops=flops / (ms * 1e-3) / 1e12 if flops else float("nan"),
-                           floor_ms=flops / (rate * 1e12) * 1e3, copy_gbps=bw, matmul_tflops=rate)
+                row = dict(
+                    shape=shape,
+                    provider=provider,
+                    mode=mode,
+                    ms=ms,
+                    peak_mib=peak,
+                    tflops=flops / (ms * 1e-3) / 1e12 if flops else float("nan"),
+                    floor_ms=flops / (rate * 1e12) * 1e3,
+                    copy_gbps=bw,
+                    matmul_tflops=rate,
+                )
                 if bytes_moved is not None:
                     row["gbps"] = bytes_moved(shape, mode) / (ms * 1e-3) / 1e9
                 rep.add(**row)
@@ -243,8 +284,18 @@ def compiled(module_or_fn):
     return torch.compile(module_or_fn)
 
 
-def report_main(description: str, bench: str, shapes: dict, cases, matmul_flops, bytes_moved, label: str,
-                metric, argv=None, setup=None) -> int:
+def report_main(
+    description: str,
+    bench: str,
+    shapes: dict,
+    cases,
+    matmul_flops,
+    bytes_moved,
+    label: str,
+    metric,
+    argv=None,
+    setup=None,
+) -> int:
     """main() of a kernel benchmark: every provider, then one summary line per shape for fastross.
 
     metric(row) -> str formats one mode's figure (share of copy bandwidth, or of the matmul floor).
@@ -261,5 +312,14 @@ def report_main(description: str, bench: str, shapes: dict, cases, matmul_flops,
 
 def memory_bound_main(description: str, bench: str, shapes: dict, cases, bytes_moved, argv=None) -> int:
     """main() of a memory-bound kernel's benchmark: fastross's share of the copy bandwidth."""
-    return report_main(description, bench, shapes, cases, lambda shape, mode: 0.0, bytes_moved, "",
-                       lambda row: f"{row['gbps']:.0f} GB/s = {100 * row['gbps'] / row['copy_gbps']:.0f}% of copy", argv)
+    return report_main(
+        description,
+        bench,
+        shapes,
+        cases,
+        lambda shape, mode: 0.0,
+        bytes_moved,
+        "",
+        lambda row: f"{row['gbps']:.0f} GB/s = {100 * row['gbps'] / row['copy_gbps']:.0f}% of copy",
+        argv,
+    )

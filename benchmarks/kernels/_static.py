@@ -128,8 +128,17 @@ try:
 except ImportError:  # older or newer Triton: the same rules in Python
     _native = None
 
-_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.int64: "i64",
-           torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "i1", torch.float64: "fp64"}
+_DTYPES = {
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "i1",
+    torch.float64: "fp64",
+}
 
 
 def _spec(value, specialize: bool, align: bool):
@@ -186,8 +195,11 @@ def compile_for(launch: Launch, config: dict, arch: str):
 
 
 def bound_args(launch: Launch, config: dict) -> dict:
-    kwargs = {k: v for k, v in dict(launch.kwargs, **config).items() if k not in ("num_warps", "num_stages",
-                                                                                    "num_ctas", "maxnreg")}
+    kwargs = {
+        k: v
+        for k, v in dict(launch.kwargs, **config).items()
+        if k not in ("num_warps", "num_stages", "num_ctas", "maxnreg")
+    }
     b = launch.fn.signature.bind(*launch.args, **kwargs)
     b.apply_defaults()
     return dict(b.arguments, **config)
@@ -252,8 +264,12 @@ def occupancy(regs: int, smem: int, warps: int, gpu: dict = H100) -> dict:
         limits["smem" if smem > gpu["smem_per_block"] else "regs"] = 0
     blocks = min(limits.values())
     limiter = min(limits, key=lambda k: (limits[k], k != "regs"))
-    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps,
-            "occupancy": blocks * warps / gpu["max_warps_per_sm"], "limiter": limiter}
+    return {
+        "blocks_per_sm": blocks,
+        "warps_per_sm": blocks * warps,
+        "occupancy": blocks * warps / gpu["max_warps_per_sm"],
+        "limiter": limiter,
+    }
 
 
 def roofline_us(flops: float, nbytes: float, tensor_core: bool, gpu: dict = H100) -> tuple[float, str]:
@@ -297,10 +313,19 @@ def fake_cuda_inductor(arch: str = "sm_90a"):
     from triton.runtime import driver
 
     props = types.SimpleNamespace(
-        name="NVIDIA H100 80GB HBM3 (no device: compile only)", major=ARCHS[arch] // 10, minor=0,
-        multi_processor_count=H100["sms"], regs_per_multiprocessor=H100["regs_per_sm"],
-        max_threads_per_multi_processor=2048, max_threads_per_block=1024, warp_size=32, total_memory=80 * 2**30,
-        L2_cache_size=50 * 2**20, shared_memory_per_block_optin=H100["smem_per_block"], gcnArchName="")
+        name="NVIDIA H100 80GB HBM3 (no device: compile only)",
+        major=ARCHS[arch] // 10,
+        minor=0,
+        multi_processor_count=H100["sms"],
+        regs_per_multiprocessor=H100["regs_per_sm"],
+        max_threads_per_multi_processor=2048,
+        max_threads_per_block=1024,
+        warp_size=32,
+        total_memory=80 * 2**30,
+        L2_cache_size=50 * 2**20,
+        shared_memory_per_block_optin=H100["smem_per_block"],
+        gcnArchName="",
+    )
     tgt = target(arch)
 
     class _Driver:
@@ -323,12 +348,21 @@ def fake_cuda_inductor(arch: str = "sm_90a"):
             compiled.append((self.fn.__name__, r.config, r.kernel))
 
     saved = [
-        (torch.cuda, "get_device_properties"), (torch.cuda, "get_device_capability"), (torch.cuda, "current_device"),
-        (DI.CudaInterface, "get_device_properties"), (DI.CudaInterface, "current_device"),
-        (DI.CudaInterface, "device_count"), (DI.CudaInterface, "is_bf16_supported"),
-        (DI.CudaInterface, "is_available"), (triton_helpers, "set_driver_to_gpu"),
-        (CachingAutotuner, "_make_launchers"), (IC, "use_static_cuda_launcher"), (IC, "compile_threads"),
-        (IC, "joint_graph_constant_folding"), (IC, "fx_graph_cache"), (IC, "shape_padding"),
+        (torch.cuda, "get_device_properties"),
+        (torch.cuda, "get_device_capability"),
+        (torch.cuda, "current_device"),
+        (DI.CudaInterface, "get_device_properties"),
+        (DI.CudaInterface, "current_device"),
+        (DI.CudaInterface, "device_count"),
+        (DI.CudaInterface, "is_bf16_supported"),
+        (DI.CudaInterface, "is_available"),
+        (triton_helpers, "set_driver_to_gpu"),
+        (CachingAutotuner, "_make_launchers"),
+        (IC, "use_static_cuda_launcher"),
+        (IC, "compile_threads"),
+        (IC, "joint_graph_constant_folding"),
+        (IC, "fx_graph_cache"),
+        (IC, "shape_padding"),
     ]
     saved = [(obj, name, obj.__dict__.get(name, getattr(obj, name))) for obj, name in saved]
     old_props = DI.caching_worker_device_properties.get("cuda")

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from fastross.kernels.adaln import silu_cond
 
 import _harness as H
-from fastross.kernels.adaln import silu_cond
 
 SHAPES = {"7b": dict(n=16, r=4, tokens=729, w=1024, modules=4), "smoke": dict(n=2, r=3, tokens=11, w=40, modules=2)}
 
@@ -36,16 +36,20 @@ def cases(shape: str, provider: str) -> H.Case:
     te = torch.randn(n, r, s["w"], generator=g).to(H.device(), dt).requires_grad_(True)
 
     if provider == "reference":
+
         def fn(cc, te):  # the condition repeated per replica; SiLU inside each adaLN module
             c = cc.repeat_interleave(r, dim=0).view(n, r, *cc.shape[1:]) + te[:, :, None]
             return tuple(F.silu(c) for _ in range(k))
     elif provider == "fastross":
+
         def fn(cc, te):  # once, read by all k projections (their gradients summed by autograd)
             return (silu_cond(cc, te),) * k
     else:
+
         def fn(cc, te):  # fastross's torch path: one broadcast add, SiLU inside each module
             c = cc[:, None] + te[:, :, None]
             return tuple(F.silu(c) for _ in range(k))
+
         if provider == "torch_bf16_compiled":
             fn = H.compiled(fn)
     return H.Case(lambda: fn(cc, te), [cc, te])

@@ -82,6 +82,7 @@ def cases(shape: str, provider: str) -> H.Case:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         cond = cond.requires_grad_(True)
+
         def fwd():  # every replica carries its own copy of the condition, as the reference code does
             with sdpa_kernel(SDPBackend.MATH) if s["kind"] == "dit" else contextlib.nullcontext():
                 return model(x_t.view(n * r, 1, tokens, -1), t.view(n * r, 1), cond.repeat_interleave(r, dim=0))
@@ -108,9 +109,12 @@ def main(argv=None) -> int:
 
         fast = row("fastross")["ms"]
         floor = matmul_flops(shape, "full") / (rep.rows[0]["matmul_tflops"] * 1e12) * 1e3
-        print(f"denoiser: vs_reference {row('reference')['ms'] / fast:.2f} vs_bf16 {row('torch_bf16')['ms'] / fast:.2f} "
-              f"vs_compiled {row('torch_bf16_compiled')['ms'] / fast:.2f} of_floor {floor / fast:.2f} "
-              f"mem_vs_bf16 {row('fastross')['peak_mib'] / row('torch_bf16')['peak_mib']:.2f}", flush=True)
+        print(
+            f"denoiser: vs_reference {row('reference')['ms'] / fast:.2f} vs_bf16 {row('torch_bf16')['ms'] / fast:.2f} "
+            f"vs_compiled {row('torch_bf16_compiled')['ms'] / fast:.2f} of_floor {floor / fast:.2f} "
+            f"mem_vs_bf16 {row('fastross')['peak_mib'] / row('torch_bf16')['peak_mib']:.2f}",
+            flush=True,
+        )
 
     rep = H.run_all(args, "denoiser", cases, matmul_flops, after_shape=summary)
     summary(rep, first)  # again, as the last line

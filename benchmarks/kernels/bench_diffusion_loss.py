@@ -15,9 +15,9 @@ backward eps_hat read and its gradient written) against the copy bandwidth of th
 from __future__ import annotations
 
 import torch
+from fastross.kernels.diffusion_loss import diffusion_xt, eps_loss, fold_ref
 
 import _harness as H
-from fastross.kernels.diffusion_loss import diffusion_xt, eps_loss, fold_ref
 
 SHAPES = {"7b": dict(n=16, r=4, grid=27, c=16), "smoke": dict(n=2, r=2, grid=3, c=4)}
 SHIFT, SCALE = 0.1159, 0.3611
@@ -43,16 +43,19 @@ def cases(shape: str, provider: str) -> H.Case:
     eps_hat = torch.randn(n, r, g * g, 4 * c, generator=gen).to(dev, dt).requires_grad_(True)
 
     if provider == "fastross":
+
         def fn(eps_hat):
             x_t = diffusion_xt(mean, std, keys, sab, s1m, SHIFT, SCALE, dtype=dt)
             return x_t, eps_loss(eps_hat, keys)
     else:
+
         def fn(eps_hat):
             eps = torch.randn(n, r, g * g, 4 * c, device=dev)
             xi = torch.randn(n, c, 2 * g, 2 * g, device=dev)
             x0 = fold_ref((mean + std * xi - SHIFT) * SCALE)
             x_t = (sab[..., None, None] * x0[:, None] + s1m[..., None, None] * eps).to(dt)
             return x_t, (eps_hat.float() - eps).pow(2).mean(dim=(1, 2, 3))
+
         if provider == "torch_bf16_compiled":
             fn = H.compiled(fn)
     return H.Case(lambda: fn(eps_hat)[1], [eps_hat])

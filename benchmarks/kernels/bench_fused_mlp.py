@@ -13,9 +13,9 @@ matmul rate measured in the same run; the last line gives fastross's share of it
 from __future__ import annotations
 
 import torch
+from fastross.kernels.fused_mlp import fused_mlp_branch, fused_mlp_branch_ref
 
 import _harness as H
-from fastross.kernels.fused_mlp import fused_mlp_branch, fused_mlp_branch_ref
 
 SHAPES = {
     "7b_dit": dict(m=16 * 4 * 729, w=1024, hidden=4096, act="gelu_tanh"),
@@ -35,10 +35,17 @@ def cases(shape: str, provider: str) -> H.Case:
     m, w, hid, act = s["m"], s["w"], s["hidden"], s["act"]
     dt = torch.float32 if provider == "reference" else torch.bfloat16
     g = torch.Generator().manual_seed(0)
-    leaves = [t.to(H.device(), dt).requires_grad_(True) for t in (
-        torch.randn(m, w, generator=g), torch.randn(m, 3 * w, generator=g) * 0.5,
-        torch.randn(hid, w, generator=g) / w**0.5, torch.randn(hid, generator=g) * 0.1,
-        torch.randn(w, hid, generator=g) / hid**0.5, torch.randn(w, generator=g) * 0.1)]
+    leaves = [
+        t.to(H.device(), dt).requires_grad_(True)
+        for t in (
+            torch.randn(m, w, generator=g),
+            torch.randn(m, 3 * w, generator=g) * 0.5,
+            torch.randn(hid, w, generator=g) / w**0.5,
+            torch.randn(hid, generator=g) * 0.1,
+            torch.randn(w, hid, generator=g) / hid**0.5,
+            torch.randn(w, generator=g) * 0.1,
+        )
+    ]
     fn = fused_mlp_branch if provider == "fastross" else fused_mlp_branch_ref
     if provider == "torch_bf16_compiled":
         fn = H.compiled(fn)
@@ -54,8 +61,18 @@ def main(argv=None) -> int:
     def allow_tf32():  # the reference provider runs fp32 matmuls as the reference recipe does
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    return H.report_main(__doc__.splitlines()[0], "fused_mlp", SHAPES, cases, matmul_flops, None, "of_floor ",
-                         lambda row: f"{row['floor_ms'] / row['ms']:.2f}", argv, setup=allow_tf32)
+    return H.report_main(
+        __doc__.splitlines()[0],
+        "fused_mlp",
+        SHAPES,
+        cases,
+        matmul_flops,
+        None,
+        "of_floor ",
+        lambda row: f"{row['floor_ms'] / row['ms']:.2f}",
+        argv,
+        setup=allow_tf32,
+    )
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ dscale; dshift is dy) against the copy bandwidth measured in the same run (targe
 from __future__ import annotations
 
 import torch
+from fastross.kernels.ln_modulate import ln_modulate, ln_modulate_ref
 
 import _harness as H
-from fastross.kernels.ln_modulate import ln_modulate, ln_modulate_ref
 
 SHAPES = {"7b": dict(m=16 * 4 * 729, w=1024), "smoke": dict(m=150, w=40)}
 PASSES = {"forward": 4, "backward": 5, "full": 9}  # (M, W) tensors read or written, minimal traffic

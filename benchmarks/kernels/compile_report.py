@@ -101,44 +101,71 @@ def _no_device_check():
 def fastross_launches(shape: str, dtype: torch.dtype):
     """[(label, flops, tensor_core, launch)] for one denoiser step's kernels (forward and backward), on CPU
     tensors that are never written (torch.empty allocates no pages until touched)."""
-    from fastross.kernels import adaln as AD
-    from fastross.kernels import diffusion_loss as DL
-    from fastross.kernels import linear_epilogue as LE
-    from fastross.kernels import ln_modulate as LN
+    from fastross.kernels import adaln as AD, diffusion_loss as DL, linear_epilogue as LE, ln_modulate as LN
 
     s = DENOISER[shape]
     n, r, tokens, w, c4 = s["n"], s["r"], s["grid"] ** 2, s["width"], s["ch"]
     m = n * r * tokens
     e = lambda *shp, dt=dtype: torch.empty(*shp, dtype=dt)  # noqa: E731
     ada = e(m, 6 * w)
-    shift, scale, gate = ada[:, :w], ada[:, w:2 * w], ada[:, 2 * w:3 * w]  # adaLN chunk views (row stride 6W)
+    shift, scale, gate = ada[:, :w], ada[:, w : 2 * w], ada[:, 2 * w : 3 * w]  # adaLN chunk views (row stride 6W)
     x, keys = e(m, w), torch.zeros(n, dtype=torch.int64)
     fp32 = dtype == torch.float32
     calls = [
         ("ln_modulate fwd", 0, lambda: LN.ln_modulate_fwd(x, shift, scale, 1e-6)),
-        ("ln_modulate bwd", 0, lambda: LN.ln_modulate_bwd(e(m, w), x, scale, e(m, dt=torch.float32),
-                                                          e(m, dt=torch.float32))),
-        ("ln_modulate bwd+dres", 0, lambda: LN.ln_modulate_bwd(e(m, w), x, scale, e(m, dt=torch.float32),
-                                                               e(m, dt=torch.float32), dres=e(m, w))),
+        (
+            "ln_modulate bwd",
+            0,
+            lambda: LN.ln_modulate_bwd(e(m, w), x, scale, e(m, dt=torch.float32), e(m, dt=torch.float32)),
+        ),
+        (
+            "ln_modulate bwd+dres",
+            0,
+            lambda: LN.ln_modulate_bwd(e(m, w), x, scale, e(m, dt=torch.float32), e(m, dt=torch.float32), dres=e(m, w)),
+        ),
         ("silu_cond fwd", 0, lambda: AD.silu_cond_op(e(n, tokens, w), e(n, r, w))),
         ("silu_cond bwd", 0, lambda: AD.silu_cond_bwd_op(e(n, r, tokens, w), e(n, tokens, w), e(n, r, w))),
         ("keyed eps", 0, lambda: DL.keyed_randn_op(keys, r * tokens * c4, DL.EPS_STREAM)),
         ("keyed xi", 0, lambda: DL.keyed_randn_op(keys, tokens * c4, DL.XI_STREAM)),
-        ("diffusion_xt", 0, lambda: DL.diffusion_xt_op(
-            e(n, c4 // 4, 2 * s["grid"], 2 * s["grid"], dt=torch.float32),
-            e(n, c4 // 4, 2 * s["grid"], 2 * s["grid"], dt=torch.float32), keys,
-            e(n, r, dt=torch.float32), e(n, r, dt=torch.float32), 0.0, 1.0, dtype)),
+        (
+            "diffusion_xt",
+            0,
+            lambda: DL.diffusion_xt_op(
+                e(n, c4 // 4, 2 * s["grid"], 2 * s["grid"], dt=torch.float32),
+                e(n, c4 // 4, 2 * s["grid"], 2 * s["grid"], dt=torch.float32),
+                keys,
+                e(n, r, dt=torch.float32),
+                e(n, r, dt=torch.float32),
+                0.0,
+                1.0,
+                dtype,
+            ),
+        ),
         ("eps_loss fwd", 0, lambda: DL.eps_loss_op(e(n, r, tokens, c4), keys)),
         ("eps_loss bwd", 0, lambda: DL.eps_loss_bwd_op(e(n, dt=torch.float32), e(n, r, tokens, c4), keys)),
         # the DiT block's matmuls with epilogues (kernels/fused_mlp.py): weights are (out, in), passed transposed
-        ("fc1 bias_act", 2 * m * w * 4 * w, lambda: LE.linear_epilogue(
-            x, e(4 * w, w).t(), bias=e(4 * w), epilogue="bias_act", act="gelu_tanh")),
-        ("fc2 gate_res", 2 * m * 4 * w * w, lambda: LE.linear_epilogue(
-            e(m, 4 * w), e(w, 4 * w).t(), bias=e(w), epilogue="gate_res", aux=x, gate=gate)),
-        ("fc2 act_grad", 2 * m * w * 4 * w, lambda: LE.linear_epilogue(
-            e(m, w), e(w, 4 * w), epilogue="act_grad", act="gelu_tanh", aux=e(m, 4 * w), col_sums=True)),
-        ("proj gate_res", 2 * m * w * w, lambda: LE.linear_epilogue(
-            e(m, w), e(w, w).t(), bias=e(w), epilogue="gate_res", aux=x, gate=gate)),
+        (
+            "fc1 bias_act",
+            2 * m * w * 4 * w,
+            lambda: LE.linear_epilogue(x, e(4 * w, w).t(), bias=e(4 * w), epilogue="bias_act", act="gelu_tanh"),
+        ),
+        (
+            "fc2 gate_res",
+            2 * m * 4 * w * w,
+            lambda: LE.linear_epilogue(e(m, 4 * w), e(w, 4 * w).t(), bias=e(w), epilogue="gate_res", aux=x, gate=gate),
+        ),
+        (
+            "fc2 act_grad",
+            2 * m * w * 4 * w,
+            lambda: LE.linear_epilogue(
+                e(m, w), e(w, 4 * w), epilogue="act_grad", act="gelu_tanh", aux=e(m, 4 * w), col_sums=True
+            ),
+        ),
+        (
+            "proj gate_res",
+            2 * m * w * w,
+            lambda: LE.linear_epilogue(e(m, w), e(w, w).t(), bias=e(w), epilogue="gate_res", aux=x, gate=gate),
+        ),
         ("gate_backward", 0, lambda: LE.gate_backward(e(m, w), gate, e(m, w))),
     ]
     out = []
@@ -153,10 +180,7 @@ def fastross_launches(shape: str, dtype: torch.dtype):
 def liger_launches(shape: str, dtype: torch.dtype):
     """[(label, flops, tensor_core, launch)] for the Liger kernels fastross calls, on meta tensors (the fused CE's
     chunked logits matmuls run on meta too: cuBLAS's, not Triton's; their FLOPs are not the kernels')."""
-    from liger_kernel.ops import fused_linear_cross_entropy as FLCE
-    from liger_kernel.ops import rms_norm as RMS
-    from liger_kernel.ops import rope as ROPE
-    from liger_kernel.ops import swiglu as SW
+    from liger_kernel.ops import fused_linear_cross_entropy as FLCE, rms_norm as RMS, rope as ROPE, swiglu as SW
 
     s = LLM[shape]
     t, h, i = s["tokens"], s["hidden"], s["inter"]
@@ -171,12 +195,16 @@ def liger_launches(shape: str, dtype: torch.dtype):
 
     def ce():  # fastross: LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="sum", accum fp32)
         hidden, weight = e(t, h).requires_grad_(), e(s["vocab"], h).requires_grad_()
-        FLCE.fused_linear_cross_entropy_forward(hidden, weight, torch.zeros(t, dtype=torch.int64),
-                                                ignore_index=-100, reduction="sum",
-                                                accum_dtype=torch.float32)
+        FLCE.fused_linear_cross_entropy_forward(
+            hidden,
+            weight,
+            torch.zeros(t, dtype=torch.int64),
+            ignore_index=-100,
+            reduction="sum",
+            accum_dtype=torch.float32,
+        )
         # no backward: fastross's _PrecomputedGrads (fastross/model/text_loss.py) hands Liger's backward an incoming
         # gradient of exactly 1, so its element_mul kernel never launches
-
 
     calls = [
         ("fused linear CE", ce),
@@ -205,12 +233,18 @@ def jobs_for(shapes, dtypes, quick: bool) -> list[Job]:
                         if quick and not kept:
                             continue
                         sig, consts, attrs, opts = S.specialize(launch, config)
-                        key = (launch.fn.fn.__qualname__, launch.fn.fn.__module__, tuple(sig.items()),
-                               repr(sorted(consts.items(), key=str)), repr(sorted(attrs.items())),
-                               tuple(sorted(opts.items())))
+                        key = (
+                            launch.fn.fn.__qualname__,
+                            launch.fn.fn.__module__,
+                            tuple(sig.items()),
+                            repr(sorted(consts.items(), key=str)),
+                            repr(sorted(attrs.items())),
+                            tuple(sorted(opts.items())),
+                        )
                         if key not in jobs:
-                            jobs[key] = Job(source, launch.fn.fn.__name__, launch, config, kept, flops=flops,
-                                            tensor_core=tc)
+                            jobs[key] = Job(
+                                source, launch.fn.fn.__name__, launch, config, kept, flops=flops, tensor_core=tc
+                            )
                         job = jobs[key]
                         job.kept = job.kept or kept
                         job.uses.append(f"{label} {shape} {dname}")
@@ -260,8 +294,14 @@ def _decoder_layer():
     from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer
 
     s = LLM["7b"]
-    cfg = Qwen2Config(hidden_size=s["hidden"], intermediate_size=s["inter"], num_attention_heads=s["heads"],
-                      num_key_value_heads=s["kv"], vocab_size=s["vocab"], torch_dtype=torch.bfloat16)
+    cfg = Qwen2Config(
+        hidden_size=s["hidden"],
+        intermediate_size=s["inter"],
+        num_attention_heads=s["heads"],
+        num_key_value_heads=s["kv"],
+        vocab_size=s["vocab"],
+        torch_dtype=torch.bfloat16,
+    )
     cfg._attn_implementation = "sdpa"
     with torch.device("meta"):
         layer = Qwen2DecoderLayer(cfg, 0)
@@ -282,12 +322,13 @@ def inductor_rows(arch: str) -> list[dict]:
         try:
             with S.fake_cuda_inductor(arch) as compiled:
                 with FakeTensorMode(allow_non_fake_inputs=True):
-                    params = [torch.empty(p.shape, dtype=torch.bfloat16, device="cuda")
-                              for _, p in module.named_parameters()]
+                    params = [
+                        torch.empty(p.shape, dtype=torch.bfloat16, device="cuda") for _, p in module.named_parameters()
+                    ]
                     inputs = [torch.empty(shp, dtype=torch.bfloat16, device="cuda") for shp in shapes]
 
                 def fwd(*flat, module=module, names=names, label=label):
-                    p, a = dict(zip(names, flat[:len(names)])), flat[len(names):]
+                    p, a = dict(zip(names, flat[: len(names)])), flat[len(names) :]
                     if label.startswith("Qwen2"):
                         return torch.func.functional_call(module, p, (a[0],), {"position_embeddings": (a[1], a[2])})
                     return torch.func.functional_call(module, p, tuple(a))
@@ -297,9 +338,18 @@ def inductor_rows(arch: str) -> list[dict]:
             if os.environ.get("COMPILE_REPORT_DEBUG"):
                 raise
             msg = " ".join(str(exc).split())[:300]
-            rows.append(dict(arch=arch, source="inductor", kernel=label, config="", kept=1,
-                             error=f"{type(exc).__name__}: {msg}", uses=label,
-                             compile_s=round(time.perf_counter() - t0, 2)))
+            rows.append(
+                dict(
+                    arch=arch,
+                    source="inductor",
+                    kernel=label,
+                    config="",
+                    kept=1,
+                    error=f"{type(exc).__name__}: {msg}",
+                    uses=label,
+                    compile_s=round(time.perf_counter() - t0, 2),
+                )
+            )
             continue
         seen = set()
         for name, cfg, ck in compiled:
@@ -310,13 +360,29 @@ def inductor_rows(arch: str) -> list[dict]:
             md = ck.metadata
             occ = S.occupancy(usage["regs"], md.shared, md.num_warps)
             config = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w{md.num_warps} s{md.num_stages}"
-            rows.append(dict(arch=arch, source="inductor", kernel=name, config=config, kept=1,
-                             num_warps=md.num_warps, num_stages=md.num_stages, regs=usage["regs"],
-                             spill_bytes=usage["spill_bytes"], stack=usage["stack"], smem_bytes=md.shared,
-                             over_smem=int(md.shared > S.H100["smem_per_block"]),
-                             blocks_per_sm=occ["blocks_per_sm"], warps_per_sm=occ["warps_per_sm"],
-                             occupancy=round(occ["occupancy"], 3), limiter=occ["limiter"], error="", uses=label,
-                             compile_s=round((time.perf_counter() - t0) / max(1, len(compiled)), 2)))
+            rows.append(
+                dict(
+                    arch=arch,
+                    source="inductor",
+                    kernel=name,
+                    config=config,
+                    kept=1,
+                    num_warps=md.num_warps,
+                    num_stages=md.num_stages,
+                    regs=usage["regs"],
+                    spill_bytes=usage["spill_bytes"],
+                    stack=usage["stack"],
+                    smem_bytes=md.shared,
+                    over_smem=int(md.shared > S.H100["smem_per_block"]),
+                    blocks_per_sm=occ["blocks_per_sm"],
+                    warps_per_sm=occ["warps_per_sm"],
+                    occupancy=round(occ["occupancy"], 3),
+                    limiter=occ["limiter"],
+                    error="",
+                    uses=label,
+                    compile_s=round((time.perf_counter() - t0) / max(1, len(compiled)), 2),
+                )
+            )
     return rows
 
 
@@ -329,8 +395,14 @@ def _compile(arg):
     idx, arch = arg
     job = _JOBS[idx]
     t0 = time.perf_counter()
-    row = dict(arch=arch, source=job.source, kernel=job.kernel, config=describe(job), kept=int(job.kept),
-               uses="; ".join(dict.fromkeys(job.uses)))
+    row = dict(
+        arch=arch,
+        source=job.source,
+        kernel=job.kernel,
+        config=describe(job),
+        kept=int(job.kept),
+        uses="; ".join(dict.fromkeys(job.uses)),
+    )
     try:
         ck = S.compile_for(job.launch, job.config, arch)
         usage = S.ptxas_usage(ck.asm["ptx"], arch)
@@ -340,12 +412,26 @@ def _compile(arg):
         nbytes = S.tensor_bytes(job.launch)
         t_us, bound = S.roofline_us(job.flops, nbytes, job.tensor_core)
         waves = programs / max(1, occ["blocks_per_sm"] * S.H100["sms"])
-        row.update(num_warps=md.num_warps, num_stages=md.num_stages, regs=usage["regs"],
-                   spill_bytes=usage["spill_bytes"], stack=usage["stack"], smem_bytes=md.shared,
-                   over_smem=int(md.shared > S.H100["smem_per_block"]), blocks_per_sm=occ["blocks_per_sm"],
-                   warps_per_sm=occ["warps_per_sm"], occupancy=round(occ["occupancy"], 3), limiter=occ["limiter"],
-                   programs=programs, waves=round(waves, 2), gflop=round(job.flops / 1e9, 3),
-                   mbytes=round(nbytes / 1e6, 3), roofline_us=round(t_us, 2), bound=bound, error="")
+        row.update(
+            num_warps=md.num_warps,
+            num_stages=md.num_stages,
+            regs=usage["regs"],
+            spill_bytes=usage["spill_bytes"],
+            stack=usage["stack"],
+            smem_bytes=md.shared,
+            over_smem=int(md.shared > S.H100["smem_per_block"]),
+            blocks_per_sm=occ["blocks_per_sm"],
+            warps_per_sm=occ["warps_per_sm"],
+            occupancy=round(occ["occupancy"], 3),
+            limiter=occ["limiter"],
+            programs=programs,
+            waves=round(waves, 2),
+            gflop=round(job.flops / 1e9, 3),
+            mbytes=round(nbytes / 1e6, 3),
+            roofline_us=round(t_us, 2),
+            bound=bound,
+            error="",
+        )
     except Exception as exc:  # a compile or assembly failure is a finding: recorded, counted, not fatal
         msg = " ".join(str(exc).split())
         row.update(error=f"{type(exc).__name__}: {msg[:300]}")
@@ -353,20 +439,49 @@ def _compile(arg):
     return row
 
 
-FIELDS = ["date", "commit", "device", "arch", "source", "kernel", "config", "kept", "num_warps", "num_stages", "regs",
-          "spill_bytes", "stack",
-          "smem_bytes", "over_smem", "blocks_per_sm", "warps_per_sm", "occupancy", "limiter", "programs", "waves",
-          "gflop", "mbytes", "roofline_us", "bound", "compile_s", "error", "uses"]
+FIELDS = [
+    "date",
+    "commit",
+    "device",
+    "arch",
+    "source",
+    "kernel",
+    "config",
+    "kept",
+    "num_warps",
+    "num_stages",
+    "regs",
+    "spill_bytes",
+    "stack",
+    "smem_bytes",
+    "over_smem",
+    "blocks_per_sm",
+    "warps_per_sm",
+    "occupancy",
+    "limiter",
+    "programs",
+    "waves",
+    "gflop",
+    "mbytes",
+    "roofline_us",
+    "bound",
+    "compile_s",
+    "error",
+    "uses",
+]
 
 
 def progress(i: int, total: int, row: dict) -> str:
     head = f"[{i}/{total}] {row['arch']} {row['source']}:{row['kernel']} {row['config']}"
     if row["error"]:
         return f"{head}  FAILED {row['error'][:160]}"
-    return (f"{head}{'' if row['kept'] else ' (pruned)'}  regs {row['regs']} spills {row['spill_bytes']} B "
-            f"stack {row['stack']} smem {row['smem_bytes'] / 1024:.1f} KiB  occ {row['warps_per_sm']}/64 warps "
-            f"({row['limiter']})" + (f"  roofline {row['roofline_us']} us {row['bound']}" if row["bound"] else "")
-            + f"  [{row['compile_s']} s]")
+    return (
+        f"{head}{'' if row['kept'] else ' (pruned)'}  regs {row['regs']} spills {row['spill_bytes']} B "
+        f"stack {row['stack']} smem {row['smem_bytes'] / 1024:.1f} KiB  occ {row['warps_per_sm']}/64 warps "
+        f"({row['limiter']})"
+        + (f"  roofline {row['roofline_us']} us {row['bound']}" if row["bound"] else "")
+        + f"  [{row['compile_s']} s]"
+    )
 
 
 def summary(arch: str, rows: list[dict]) -> str:
@@ -376,37 +491,51 @@ def summary(arch: str, rows: list[dict]) -> str:
     spills = sum(1 for r in kept if r["spill_bytes"])
     over = sum(1 for r in kept if r["over_smem"])
     max_regs = max((r["regs"] for r in kept), default=0)
-    return (f"compile: arch {arch} kernels {kernels} configs {len(rows)} failed {failed} spills {spills} "
-            f"over_smem {over} max_regs {max_regs}")
+    return (
+        f"compile: arch {arch} kernels {kernels} configs {len(rows)} failed {failed} spills {spills} "
+        f"over_smem {over} max_regs {max_regs}"
+    )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--arch", default=None, help="comma-separated: sm_90a (H100/H200), sm_100a (B200); "
-                   "default both, --quick sm_90a")
+    p.add_argument(
+        "--arch", default=None, help="comma-separated: sm_90a (H100/H200), sm_100a (B200); default both, --quick sm_90a"
+    )
     p.add_argument("--quick", action="store_true", help="7B shapes in bf16, kept autotune configs only")
     p.add_argument("--save", action="store_true", help=f"overwrite {RESULTS.relative_to(REPO)}")
     p.add_argument("--once", action="store_true", help="each kernel once: tiny shapes, bf16, sm_90a (the test)")
     p.add_argument("--json", default="", help="also write the rows to this file, one JSON object a line")
-    p.add_argument("--inductor", action="store_true", help="also Inductor's forward kernels for a DiT block and a "
-                   "Qwen2-7B decoder layer (sm_90a; torch.compile's code, compiled without a device)")
+    p.add_argument(
+        "--inductor",
+        action="store_true",
+        help="also Inductor's forward kernels for a DiT block and a "
+        "Qwen2-7B decoder layer (sm_90a; torch.compile's code, compiled without a device)",
+    )
     p.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1), help="compiling processes")
     a = p.parse_args(argv)
     archs = (a.arch or ("sm_90a" if a.quick or a.once else "sm_90a,sm_100a")).split(",")
     for arch in archs:
         S.target(arch)  # unknown names fail here
     t_start = time.perf_counter()
-    shapes, dtypes = (["7b"], ["bf16"]) if a.quick else (["tiny"], ["bf16"]) if a.once else (["7b", "tiny"],
-                                                                                              ["fp32", "bf16"])
-    print(f"compile_report: triton {__import__('triton').__version__}, torch {torch.__version__}, "
-          f"archs {','.join(archs)}, shapes {','.join(shapes)}, dtypes {','.join(dtypes)}, "
-          f"{a.jobs} processes; no device is used", flush=True)
+    shapes, dtypes = (
+        (["7b"], ["bf16"]) if a.quick else (["tiny"], ["bf16"]) if a.once else (["7b", "tiny"], ["fp32", "bf16"])
+    )
+    print(
+        f"compile_report: triton {__import__('triton').__version__}, torch {torch.__version__}, "
+        f"archs {','.join(archs)}, shapes {','.join(shapes)}, dtypes {','.join(dtypes)}, "
+        f"{a.jobs} processes; no device is used",
+        flush=True,
+    )
     _JOBS[:] = jobs_for(shapes, dtypes, a.quick or a.once)
     if a.once:
         _JOBS[:] = once(_JOBS)
-    print(f"compile_report: {len(_JOBS)} distinct compilations per arch "
-          f"({sum(j.kept for j in _JOBS)} kept by the autotuners), recorded in "
-          f"{time.perf_counter() - t_start:.1f} s", flush=True)
+    print(
+        f"compile_report: {len(_JOBS)} distinct compilations per arch "
+        f"({sum(j.kept for j in _JOBS)} kept by the autotuners), recorded in "
+        f"{time.perf_counter() - t_start:.1f} s",
+        flush=True,
+    )
     missing = [arch for arch in archs if not S.ptxas_path(arch).exists()]
     if missing:
         print(f"compile_report: no ptxas for {', '.join(missing)} at {S.ptxas_path(missing[0])}", file=sys.stderr)
@@ -451,9 +580,11 @@ def main(argv=None) -> int:
         rows = all_rows[arch]
         pruned = [r for r in rows if not r["kept"] and not r["error"]]
         if pruned:
-            print(f"compile_report: {arch}: {len(pruned)} configs the autotuners prune, "
-                  f"{sum(1 for r in pruned if r['spill_bytes'])} of them spilling, "
-                  f"{sum(1 for r in pruned if r['over_smem'])} over 227 KiB")
+            print(
+                f"compile_report: {arch}: {len(pruned)} configs the autotuners prune, "
+                f"{sum(1 for r in pruned if r['spill_bytes'])} of them spilling, "
+                f"{sum(1 for r in pruned if r['over_smem'])} over 227 KiB"
+            )
         for r in rows:
             if r["error"]:
                 print(f"compile_report: {arch} FAILED {r['source']}:{r['kernel']} {r['config']}: {r['error']}")
@@ -465,10 +596,12 @@ def main(argv=None) -> int:
                 f.writelines(json.dumps(r) + "\n" for r in all_rows[arch])
     if a.inductor:
         ok = [r for r in ind if not r["error"]]
-        print(f"inductor: arch sm_90a graphs 2 kernels {len({r['kernel'] for r in ok})} configs {len(ok)} failed "
-              f"{len(ind) - len(ok)} spills {sum(1 for r in ok if r['spill_bytes'])} over_smem "
-              f"{sum(1 for r in ok if r['over_smem'])} max_regs {max((r['regs'] for r in ok), default=0)} "
-              "(forward only: a backward needs the device, docs/DEVELOPING.md)")
+        print(
+            f"inductor: arch sm_90a graphs 2 kernels {len({r['kernel'] for r in ok})} configs {len(ok)} failed "
+            f"{len(ind) - len(ok)} spills {sum(1 for r in ok if r['spill_bytes'])} over_smem "
+            f"{sum(1 for r in ok if r['over_smem'])} max_regs {max((r['regs'] for r in ok), default=0)} "
+            "(forward only: a backward needs the device, docs/DEVELOPING.md)"
+        )
     print(f"compile_report: wall {wall:.0f} s")
     for arch in archs:
         print(summary(arch, all_rows[arch]))

@@ -42,13 +42,13 @@ class MicroBatch:
     num_text_tokens: int  # supervised tokens (the dummy entry not counted)
     sample_ids: tuple[str, ...] = ()  # the samples' ids, for naming them when a step goes wrong
 
-    def map_tensors(self, fn, kind: type = torch.Tensor) -> "MicroBatch":
+    def map_tensors(self, fn, kind: type = torch.Tensor) -> MicroBatch:
         """A copy with `fn` applied to every field of type `kind` (the tensors; the loader's slots)."""
-        return MicroBatch(**{
-            f.name: fn(v) if isinstance(v := getattr(self, f.name), kind) else v for f in fields(self)
-        })
+        return MicroBatch(
+            **{f.name: fn(v) if isinstance(v := getattr(self, f.name), kind) else v for f in fields(self)}
+        )
 
-    def to(self, device, non_blocking: bool = True) -> "MicroBatch":
+    def to(self, device, non_blocking: bool = True) -> MicroBatch:
         return self.map_tensors(lambda v: v.to(device, non_blocking=non_blocking))
 
 
@@ -60,9 +60,10 @@ class TextSample:
     has_image: bool
 
     @classmethod
-    def of(cls, s: dict) -> "TextSample":
-        return cls(str(s["id"]), np.asarray(s["input_ids"], np.int64), np.asarray(s["labels"], np.int64),
-                   len(s["image"]) > 0)
+    def of(cls, s: dict) -> TextSample:
+        return cls(
+            str(s["id"]), np.asarray(s["input_ids"], np.int64), np.asarray(s["labels"], np.int64), len(s["image"]) > 0
+        )
 
 
 @dataclass
@@ -76,8 +77,9 @@ class PackedText:
     num_text_tokens: int  # K without the dummy entry
 
 
-def pack_text(samples: list[TextSample], image_token_id: int, num_visual: int, pad_to: int = 0,
-              pad_id: int = 0) -> PackedText:
+def pack_text(
+    samples: list[TextSample], image_token_id: int, num_visual: int, pad_to: int = 0, pad_id: int = 0
+) -> PackedText:
     """Concatenate samples into one sequence, each `<image>` expanded to `num_visual` tokens.
 
     pad_to (data.packing=padded): every shorter sample is right-padded with `pad_id` to that length, the padding
@@ -92,8 +94,8 @@ def pack_text(samples: list[TextSample], image_token_id: int, num_visual: int, p
             raise ValueError(f"sample {s.id!r}: {len(at)} <image> tokens for {int(s.has_image)} images")
         if s.has_image:
             p = int(at[0])
-            x = np.concatenate([x[:p], np.full(num_visual, image_token_id), x[p + 1:]])
-            y = np.concatenate([y[:p], np.full(num_visual, IGNORE), y[p + 1:]])
+            x = np.concatenate([x[:p], np.full(num_visual, image_token_id), x[p + 1 :]])
+            y = np.concatenate([y[:p], np.full(num_visual, IGNORE), y[p + 1 :]])
             vpos.append(offset + p + np.arange(num_visual))
         target = np.append(y[1:], IGNORE)  # next-token targets, never across samples
         if len(x) < pad_to:
@@ -111,8 +113,13 @@ def pack_text(samples: list[TextSample], image_token_id: int, num_visual: int, p
     if n_text == 0:  # a dummy entry keeps lm_head in the graph; target -100 adds nothing
         tpos_a, ttgt_a = np.zeros(1, np.int64), np.full(1, IGNORE)
     return PackedText(
-        np.concatenate(ids), np.concatenate(pos), np.asarray(cu, np.int32), tpos_a, ttgt_a,
-        np.concatenate(vpos) if vpos else np.zeros(0, np.int64), n_text,
+        np.concatenate(ids),
+        np.concatenate(pos),
+        np.asarray(cu, np.int32),
+        tpos_a,
+        ttgt_a,
+        np.concatenate(vpos) if vpos else np.zeros(0, np.int64),
+        n_text,
     )
 
 
@@ -127,8 +134,9 @@ class ImageBatch:
     num_images: int  # real images (0 for the dummy)
 
 
-def image_batch(samples: list[dict], step: int, *, meta: ShardMeta, spec: ImageSpec, backend: str,
-                seed: int, replicas: int) -> ImageBatch:
+def image_batch(
+    samples: list[dict], step: int, *, meta: ShardMeta, spec: ImageSpec, backend: str, seed: int, replicas: int
+) -> ImageBatch:
     """The images of `samples` (all with an image): decoded, preprocessed, keyed for `step`."""
     pix = torch.stack([preprocess(s["image"], spec, meta.image_aspect, backend) for s in samples])
     stored = [len(s["latent_mean"]) > 0 for s in samples]
@@ -146,13 +154,29 @@ def image_batch(samples: list[dict], step: int, *, meta: ShardMeta, spec: ImageS
 def dummy_images(*, spec: ImageSpec, grid: int, latent_channels: int, replicas: int) -> ImageBatch:
     """One weight-0 image sample: zero pixels, key 0, timesteps 0, zero latents."""
     lat = torch.zeros(1, latent_channels, 2 * grid, 2 * grid)
-    return ImageBatch(torch.zeros(1, 3, spec.height, spec.width), torch.zeros(1),
-                      torch.zeros(1, replicas, dtype=torch.long), torch.zeros(1, dtype=torch.long), lat, lat.clone(), 0)
+    return ImageBatch(
+        torch.zeros(1, 3, spec.height, spec.width),
+        torch.zeros(1),
+        torch.zeros(1, replicas, dtype=torch.long),
+        torch.zeros(1, dtype=torch.long),
+        lat,
+        lat.clone(),
+        0,
+    )
 
 
 class Collator:
-    def __init__(self, *, meta: ShardMeta, image: ImageSpec, latent_channels: int, replicas: int, seed: int,
-                 image_backend: str = "pil", pad: bool = False):
+    def __init__(
+        self,
+        *,
+        meta: ShardMeta,
+        image: ImageSpec,
+        latent_channels: int,
+        replicas: int,
+        seed: int,
+        image_backend: str = "pil",
+        pad: bool = False,
+    ):
         """pad: the reference's padded micro-batches (data.packing=padded; `pack_text`)."""
         self.meta, self.image, self.backend, self.pad = meta, image, image_backend, pad
         self.latent_channels, self.replicas, self.seed = latent_channels, replicas, seed
@@ -162,16 +186,24 @@ class Collator:
         text = [TextSample.of(s) for s in samples]
         with_image = [s for s in samples if len(s["image"])]
         if with_image:
-            images = image_batch(with_image, step, meta=meta, spec=self.image, backend=self.backend,
-                                 seed=self.seed, replicas=self.replicas)
+            images = image_batch(
+                with_image,
+                step,
+                meta=meta,
+                spec=self.image,
+                backend=self.backend,
+                seed=self.seed,
+                replicas=self.replicas,
+            )
         else:
             # A weight-0 dummy image sample, its visual tokens alone: the micro-batch then has the
             # same graph as any other (vision, projector scatter, LLM, denoiser on hidden states),
             # so FSDP's collectives run in the same order on every rank. An empty micro-batch
             # (a rank with less work this step) is this dummy alone. It adds nothing to any loss.
             text.append(TextSample("(dummy image)", np.full(1, meta.image_token_id), np.full(1, IGNORE), True))
-            images = dummy_images(spec=self.image, grid=meta.grid, latent_channels=self.latent_channels,
-                                  replicas=self.replicas)
+            images = dummy_images(
+                spec=self.image, grid=meta.grid, latent_channels=self.latent_channels, replicas=self.replicas
+            )
         n_vis, pad_to = meta.num_visual_tokens, 0
         if self.pad and samples:  # the longest real sample, its image expanded
             pad_to = max(len(t.input_ids) + (n_vis - 1) * t.has_image for t in text[: len(samples)])
@@ -188,7 +220,11 @@ class Collator:
             visual_pos=torch.from_numpy(packed.visual_pos),
             pixel_values=images.pixel_values,
             image_weight=images.image_weight,
-            t=images.t, noise_keys=images.noise_keys, latent_mean=images.latent_mean, latent_std=images.latent_std,
-            num_images=images.num_images, num_text_tokens=packed.num_text_tokens,
+            t=images.t,
+            noise_keys=images.noise_keys,
+            latent_mean=images.latent_mean,
+            latent_std=images.latent_std,
+            num_images=images.num_images,
+            num_text_tokens=packed.num_text_tokens,
             sample_ids=tuple(t.id for t in text[: len(samples)]),
         )

@@ -45,9 +45,21 @@ from fastross.data.shards import MDSWriter
 from fastross.towers import TowerError, read_tower
 
 SKIP_REASONS = (
-    "malformed", "missing_image", "outside_images_root", "bad_image", "image_too_small", "image_too_large",
-    "image_mismatch", "placeholder_without_image", "image_without_placeholder", "extra_placeholders",
-    "no_supervised_tokens", "template_mismatch", "too_long", "vae_error", "record_error",
+    "malformed",
+    "missing_image",
+    "outside_images_root",
+    "bad_image",
+    "image_too_small",
+    "image_too_large",
+    "image_mismatch",
+    "placeholder_without_image",
+    "image_without_placeholder",
+    "extra_placeholders",
+    "no_supervised_tokens",
+    "template_mismatch",
+    "too_long",
+    "vae_error",
+    "record_error",
 )
 
 
@@ -153,8 +165,10 @@ def load_array(path: Path) -> list:
 
     def bad(at: int, msg: str):
         line = text.count("\n", 0, at) + 1
-        return ConvertError(f"{path}: not valid JSON (line {line}, column {at - text.rfind(chr(10), 0, at)}: {msg}); "
-                            "JSON Lines files must end in .jsonl")
+        return ConvertError(
+            f"{path}: not valid JSON (line {line}, column {at - text.rfind(chr(10), 0, at)}: {msg}); "
+            "JSON Lines files must end in .jsonl"
+        )
 
     i = len(text) - len(text.lstrip(ws))
     if i == len(text) or text[i] != "[":
@@ -236,7 +250,7 @@ class Sources:
     counts: list[int]  # records per file
 
     @classmethod
-    def open(cls, paths: list[str]) -> "Sources":
+    def open(cls, paths: list[str]) -> Sources:
         paths = [Path(p) for p in paths]
         for p in paths:
             if not p.is_file():
@@ -306,8 +320,10 @@ def write_staged(out: Path, overwrite: bool, write) -> None:
         write(stage)
     except OSError as e:  # a full disk, a lost mount: the folder being written is named, OUT is as it was
         shutil.rmtree(stage, ignore_errors=True)
-        raise ConvertError(f"writing the shards into {stage} failed ({e}); {out} is as it was: free space and "
-                           "run the same command again") from e
+        raise ConvertError(
+            f"writing the shards into {stage} failed ({e}); {out} is as it was: free space and "
+            "run the same command again"
+        ) from e
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
@@ -337,8 +353,10 @@ class Converter:
         self.tokenizer = templates.load_tokenizer(a.tokenizer)
         templates.check_tokenizer(a.template, self.tokenizer, a.tokenizer)
         if a.reference_labels and templates.canonical(a.template) == "hf":
-            raise ConvertError(f"--reference-labels: the reference has no template {a.template} (the tokenizer's "
-                               "own chat template); it applies to plain, qwen2_ross, vicuna_v1 and llama3")
+            raise ConvertError(
+                f"--reference-labels: the reference has no template {a.template} (the tokenizer's "
+                "own chat template); it applies to plain, qwen2_ross, vicuna_v1 and llama3"
+            )
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(templates.IMAGE_TOKEN)
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)  # once: it sorts and serialises the whole vocabulary
         try:
@@ -366,8 +384,9 @@ class Converter:
         if image is not None and not isinstance(image, str):
             raise Skip("malformed", "'image' must be one relative path (multi-image records are not supported)")
         try:
-            rendered = templates.render(self.a.template, rec["conversations"], bool(image), self.tokenizer,
-                                        self.a.reference_labels)
+            rendered = templates.render(
+                self.a.template, rec["conversations"], bool(image), self.tokenizer, self.a.reference_labels
+            )
         except templates.TemplateError as e:
             raise Skip(e.reason, str(e)) from None
         ids, labels = templates.tokenize(rendered, self.tokenizer)
@@ -377,8 +396,11 @@ class Converter:
         if image:
             data = self.read_image(image)
             try:
-                checked = preprocess_pil(decode(data, min_side=self.a.min_image_side,
-                                                max_pixels=self.a.max_image_pixels), self.image_spec, self.aspect)
+                checked = preprocess_pil(
+                    decode(data, min_side=self.a.min_image_side, max_pixels=self.a.max_image_pixels),
+                    self.image_spec,
+                    self.aspect,
+                )
             except ImageError as e:
                 raise Skip(e.reason, f"{image}: {e}") from None
             # What the loader will compute from the stored bytes must be what was checked here.
@@ -393,8 +415,15 @@ class Converter:
             rid_out.encode("utf-8")
         except UnicodeEncodeError:
             raise Skip("malformed", "its id holds a lone surrogate") from None
-        return {"id": rid_out, "input_ids": ids, "labels": labels, "image": data, "length": length,
-                "_pixels": pixels, "_rid": rid}
+        return {
+            "id": rid_out,
+            "input_ids": ids,
+            "labels": labels,
+            "image": data,
+            "length": length,
+            "_pixels": pixels,
+            "_rid": rid,
+        }
 
     def read_image(self, image: str) -> bytes:
         """The bytes of a record's image, confined to --images unless --allow-outside-images."""
@@ -483,8 +512,14 @@ class Converter:
         with MDSWriter(out, COLUMNS, size_limit=a.shard_size, hashes=[SHARD_HASH]) as writer:
             start, stop = self.records
             desc = "convert" if self.parts == 1 else f"convert part {self.part}/{self.parts}"
-            for rid, rec in progress(self.sources.read(start, stop), total=stop - start, desc=desc, unit="rec",
-                                     disable=a.quiet, every=a.progress_every):
+            for rid, rec in progress(
+                self.sources.read(start, stop),
+                total=stop - start,
+                desc=desc,
+                unit="rec",
+                disable=a.quiet,
+                every=a.progress_every,
+            ):
                 report.read += 1
                 try:
                     pending.append(self.prepare(rid, rec))
@@ -499,20 +534,33 @@ class Converter:
         np.save(out / LENGTHS_FILE, np.asarray(lengths, dtype=np.int32))
         vae = self.vae.config if self.vae is not None else None
         meta = {
-            "source": [str(p) for p in self.sources.paths], "records": self.sources.total,
-            "part": [self.part, self.parts], "record_range": list(self.records),
-            "template": a.template, "reference_labels": a.reference_labels, "image_aspect": self.aspect,
-            "grid": self.grid, "num_visual_tokens": self.num_visual, "image_token_id": self.image_token_id,
-            "tokenizer": str(a.tokenizer), "tokenizer_fingerprint": self.fingerprint,
-            "vision": str(a.vision), "vae": str(a.vae) if a.vae else None,
+            "source": [str(p) for p in self.sources.paths],
+            "records": self.sources.total,
+            "part": [self.part, self.parts],
+            "record_range": list(self.records),
+            "template": a.template,
+            "reference_labels": a.reference_labels,
+            "image_aspect": self.aspect,
+            "grid": self.grid,
+            "num_visual_tokens": self.num_visual,
+            "image_token_id": self.image_token_id,
+            "tokenizer": str(a.tokenizer),
+            "tokenizer_fingerprint": self.fingerprint,
+            "vision": str(a.vision),
+            "vae": str(a.vae) if a.vae else None,
             "latents": vae is not None,
             "latent_channels": int(vae.latent_channels) if vae is not None else None,
             "latent_shift": float(vae.shift_factor or 0.0) if vae is not None else None,
             "latent_scale": float(vae.scaling_factor) if vae is not None else None,
-            "latent_dtype": self.latent_dtype.name, "max_length": a.max_length, "shard_hash": SHARD_HASH,
-            "min_image_side": a.min_image_side, "max_image_pixels": a.max_image_pixels,
-            "read": report.read, "written": report.written,
-            "skipped": dict(report.skipped), "skipped_examples": dict(report.examples),
+            "latent_dtype": self.latent_dtype.name,
+            "max_length": a.max_length,
+            "shard_hash": SHARD_HASH,
+            "min_image_side": a.min_image_side,
+            "max_image_pixels": a.max_image_pixels,
+            "read": report.read,
+            "written": report.written,
+            "skipped": dict(report.skipped),
+            "skipped_examples": dict(report.examples),
         }
         (out / META_FILE).write_text(json.dumps(meta, indent=2))
         write_manifest(out)  # last: it covers fastross.json, index.json and lengths.npy
@@ -520,39 +568,68 @@ class Converter:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--json", required=True, nargs="+", action="extend",
-                   help="LLaVA-format .json (array) or .jsonl; several files (or --json again) are converted as one "
-                        "sequence of records, in the order given")
+    p.add_argument(
+        "--json",
+        required=True,
+        nargs="+",
+        action="extend",
+        help="LLaVA-format .json (array) or .jsonl; several files (or --json again) are converted as one "
+        "sequence of records, in the order given",
+    )
     p.add_argument("--images", required=True, help="folder the records' 'image' paths are relative to")
     p.add_argument("--tokenizer", required=True, help="local Hugging Face folder with the tokenizer (the LLM's)")
     p.add_argument("--template", required=True, choices=templates.TEMPLATES)
-    p.add_argument("--reference-labels", action="store_true",
-                   help="the reference ROSS code's labels exactly, where fastross's differ on purpose (qwen2_ross: "
-                        "the conversation's last <|im_end|> unsupervised); for parity studies")
+    p.add_argument(
+        "--reference-labels",
+        action="store_true",
+        help="the reference ROSS code's labels exactly, where fastross's differ on purpose (qwen2_ross: "
+        "the conversation's last <|im_end|> unsupervised); for parity studies",
+    )
     p.add_argument("--vision", required=True, help="the vision tower's folder (image processor, patch grid)")
     p.add_argument("--vae", default=None, help="AutoencoderKL folder: store latent moments with each sample")
     p.add_argument("--out", required=True, help="new folder for the MDS shards")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it holds a finished conversion")
-    p.add_argument("--allow-outside-images", action="store_true",
-                   help="let image paths resolve outside --images (absolute paths, '..', symlinks leading out)")
+    p.add_argument(
+        "--allow-outside-images",
+        action="store_true",
+        help="let image paths resolve outside --images (absolute paths, '..', symlinks leading out)",
+    )
     p.add_argument("--min-image-side", type=int, default=8, help="skip images with a side below this many pixels")
-    p.add_argument("--max-image-pixels", type=int, default=1 << 26,
-                   help="skip images of more pixels than this (checked from the header, before decoding)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=1 << 26,
+        help="skip images of more pixels than this (checked from the header, before decoding)",
+    )
     p.add_argument("--max-length", type=int, default=8192, help="skip samples longer than this (visual tokens counted)")
-    p.add_argument("--image-aspect", default="auto", choices=("auto", "pad", "square"),
-                   help="auto: square for plain (stage 1), pad for the others (stage 2)")
+    p.add_argument(
+        "--image-aspect",
+        default="auto",
+        choices=("auto", "pad", "square"),
+        help="auto: square for plain (stage 1), pad for the others (stage 2)",
+    )
     p.add_argument("--latent-dtype", default="float32", choices=("float32", "float16"))
     p.add_argument("--vae-batch", type=int, default=16, help="images per VAE forward")
     p.add_argument("--device", default=None, help="where the VAE encodes (default: cuda when present, else cpu)")
-    p.add_argument("--part", type=parse_part, default=(0, 1), metavar="I/N",
-                   help="convert only part I (0 .. N-1) of N: a contiguous 1/N of the records, for separate processes "
-                        "or machines; join the parts' --out folders with `python -m fastross.data.merge`")
+    p.add_argument(
+        "--part",
+        type=parse_part,
+        default=(0, 1),
+        metavar="I/N",
+        help="convert only part I (0 .. N-1) of N: a contiguous 1/N of the records, for separate processes "
+        "or machines; join the parts' --out folders with `python -m fastross.data.merge`",
+    )
     p.add_argument("--shard-size", type=int, default=1 << 26, help="bytes per MDS shard")
     p.add_argument("--strict", action="store_true", help="stop at the first unusable record, naming it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--progress-every", type=int, default=0, metavar="N",
-                   help="when stderr is not a terminal (a log), a plain progress line every N records instead of a "
-                        "bar (default 0: ten lines per conversion)")
+    p.add_argument(
+        "--progress-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="when stderr is not a terminal (a log), a plain progress line every N records instead of a "
+        "bar (default 0: ten lines per conversion)",
+    )
     return p.parse_args(argv)
 
 
@@ -568,8 +645,10 @@ def main(argv=None) -> int:
         print(f"  {reason}: e.g. {ex[0]}")
     print(f"convert: wrote {report.written} samples to {a.out} (report in {Path(a.out) / META_FILE})")
     if a.part[1] > 1:
-        print(f"convert: this is part {a.part[0]}/{a.part[1]}: join all {a.part[1]} parts' folders with "
-              "`python -m fastross.data.merge PART_DIR... --out DIR`")
+        print(
+            f"convert: this is part {a.part[0]}/{a.part[1]}: join all {a.part[1]} parts' folders with "
+            "`python -m fastross.data.merge PART_DIR... --out DIR`"
+        )
     return 0
 
 

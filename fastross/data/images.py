@@ -48,6 +48,7 @@ from PIL import Image
 
 from fastross.towers import read_tower
 
+
 class ImageError(ValueError):
     """An image the converter skips: `reason` is its skip reason (bad_image, image_too_small, image_too_large)."""
 
@@ -69,12 +70,31 @@ FORMATS = {
 }
 # Formats refused, by their leading bytes: named in the skip reason.
 OTHER_FORMATS = (
-    (b"%!PS", "EPS/PostScript"), (b"\xc5\xd0\xd3\xc6", "EPS (DOS binary)"), (b"%PDF", "PDF"),
-    (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x02\x00", "CUR"), (b"8BPS", "PSD"), (b"II+\x00", "BigTIFF"),
-    (b"MM\x00+", "BigTIFF"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
-    (b"icns", "ICNS"), (b"DDS ", "DDS"), (b"qoif", "QOI"), (b"\x76\x2f\x31\x01", "OpenEXR"), (b"#?RADIANCE", "HDR"),
-    (b"P1", "PBM"), (b"P2", "PGM"), (b"P3", "PPM"), (b"P4", "PBM"), (b"P5", "PGM"), (b"P6", "PPM"),
-    (b"\x0a", "PCX"), (b"SIMPLE  =", "FITS"), (b"#define", "XBM"), (b"/* XPM */", "XPM"),
+    (b"%!PS", "EPS/PostScript"),
+    (b"\xc5\xd0\xd3\xc6", "EPS (DOS binary)"),
+    (b"%PDF", "PDF"),
+    (b"\x00\x00\x01\x00", "ICO"),
+    (b"\x00\x00\x02\x00", "CUR"),
+    (b"8BPS", "PSD"),
+    (b"II+\x00", "BigTIFF"),
+    (b"MM\x00+", "BigTIFF"),
+    (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"),
+    (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"icns", "ICNS"),
+    (b"DDS ", "DDS"),
+    (b"qoif", "QOI"),
+    (b"\x76\x2f\x31\x01", "OpenEXR"),
+    (b"#?RADIANCE", "HDR"),
+    (b"P1", "PBM"),
+    (b"P2", "PGM"),
+    (b"P3", "PPM"),
+    (b"P4", "PBM"),
+    (b"P5", "PGM"),
+    (b"P6", "PPM"),
+    (b"\x0a", "PCX"),
+    (b"SIMPLE  =", "FITS"),
+    (b"#define", "XBM"),
+    (b"/* XPM */", "XPM"),
 )
 
 
@@ -92,7 +112,7 @@ class ImageSpec:
     #                          centre-crop to height x width (CLIP)
 
     @classmethod
-    def from_processor(cls, processor) -> "ImageSpec":
+    def from_processor(cls, processor) -> ImageSpec:
         """From a Hugging Face image processor that resizes (SigLIP's), or resizes the shortest side and centre-crops
         (CLIP's), then rescales and normalises."""
         name = type(processor).__name__
@@ -106,22 +126,33 @@ class ImageSpec:
         shortest = 0
         if isinstance(size, dict) and "shortest_edge" in size:
             if not crop:
-                raise ValueError(f"{name}: size {size} without do_center_crop gives images of varying shape; fastross "
-                                 "needs a square crop: set do_center_crop and crop_size in preprocessor_config.json")
+                raise ValueError(
+                    f"{name}: size {size} without do_center_crop gives images of varying shape; fastross "
+                    "needs a square crop: set do_center_crop and crop_size in preprocessor_config.json"
+                )
             shortest = int(size["shortest_edge"])
             h, w = int(crop["height"]), int(crop["width"])
             if max(h, w) > shortest:
-                raise ValueError(f"{name}: crop_size {crop} is larger than the resized shortest side {shortest}; "
-                                 "Hugging Face would pad it with black, fastross does not")
+                raise ValueError(
+                    f"{name}: crop_size {crop} is larger than the resized shortest side {shortest}; "
+                    "Hugging Face would pad it with black, fastross does not"
+                )
         else:
             h, w = (size["height"], size["width"]) if isinstance(size, dict) else (int(size), int(size))
             if crop and (int(crop["height"]), int(crop["width"])) != (h, w):
                 raise ValueError(f"{name}: a centre crop {crop} after resizing to {size} is not supported")
-        return cls(h, w, tuple(map(float, processor.image_mean)), tuple(map(float, processor.image_std)),
-                   float(processor.rescale_factor), int(processor.resample), shortest)
+        return cls(
+            h,
+            w,
+            tuple(map(float, processor.image_mean)),
+            tuple(map(float, processor.image_std)),
+            float(processor.rescale_factor),
+            int(processor.resample),
+            shortest,
+        )
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "ImageSpec":
+    def from_pretrained(cls, path: str) -> ImageSpec:
         """From a vision model folder's preprocessor_config.json, read by the image processor class of the folder's
         tower (fastross.towers; transformers' defaults apply)."""
         return cls.from_processor(read_tower(path).kind.transformers_class("processor").from_pretrained(path))
@@ -189,7 +220,9 @@ def to_rgb8(img: Image.Image) -> Image.Image:
         v = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
         return Image.fromarray((v >> 8).astype(np.uint8), "L").convert("RGB")
     if img.mode == "F":
-        raise ImageError("bad_image", "floating-point images (mode F) have no agreed range; convert them to 8 or 16 bit")
+        raise ImageError(
+            "bad_image", "floating-point images (mode F) have no agreed range; convert them to 8 or 16 bit"
+        )
     if img.mode in ("La", "RGBa"):  # premultiplied alpha: Pillow converts these only to their plain-alpha modes
         img = img.convert("RGBA")
     return img.convert("RGB")
@@ -265,8 +298,7 @@ def preprocess_pil(img: Image.Image, spec: ImageSpec, aspect: Aspect) -> torch.T
 def _preprocess_torchvision(data: bytes, spec: ImageSpec, aspect: Aspect) -> torch.Tensor:
     # torchvision only for data.image_backend=torchvision: the default "pil" backend never imports it
     from torchvision.io import ImageReadMode, decode_jpeg
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
+    from torchvision.transforms.v2 import InterpolationMode, functional as TF
 
     x = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
     _, h, w = x.shape
@@ -288,7 +320,9 @@ def _preprocess_torchvision(data: bytes, spec: ImageSpec, aspect: Aspect) -> tor
     return normalise(np.ascontiguousarray(x[:, top:bottom, left:right].numpy()), spec)
 
 
-def preprocess(data: bytes, spec: ImageSpec, aspect: Aspect, backend: Literal["pil", "torchvision"] = "pil") -> torch.Tensor:
+def preprocess(
+    data: bytes, spec: ImageSpec, aspect: Aspect, backend: Literal["pil", "torchvision"] = "pil"
+) -> torch.Tensor:
     """Encoded image bytes -> normalised pixel values (3, H, W) float32.
 
     backend "torchvision" decodes RGB and greyscale JPEG with torchvision and falls back to "pil" for any other

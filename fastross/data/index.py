@@ -16,8 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from fastross.data.progress import progress
-from fastross.data.schema import (INDEX_FILE, LENGTHS_FILE, MANIFEST_FILE, META_FILE, parse_json, verified_bytes,
-                                  write_manifest)
+from fastross.data.schema import (
+    INDEX_FILE,
+    LENGTHS_FILE,
+    MANIFEST_FILE,
+    META_FILE,
+    parse_json,
+    verified_bytes,
+    write_manifest,
+)
 from fastross.data.shards import MDSShards
 
 try:  # the native twin; absent only when the package was not built (as fastross.data.planner's NATIVE)

@@ -30,20 +30,19 @@ the trainer those milliseconds and nothing else.
 from __future__ import annotations
 
 import collections
+from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
-from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from fastross.config import DataConfig
-from fastross.lifecycle import die_with_parent
+from fastross.config import DataConfig, parse_size
 from fastross.data.batch import Collator, MicroBatch
 from fastross.data.images import ImageSpec
-from fastross.config import parse_size
 from fastross.data.schema import ShardCorruptError
 from fastross.data.sources import open_sources
 from fastross.data.stream import Position, StepStream
+from fastross.lifecycle import die_with_parent
 
 
 @dataclass
@@ -76,10 +75,11 @@ class PackedStep:
     step: StepBatch
 
     @classmethod
-    def pack(cls, step: StepBatch, shared: bool) -> "PackedStep":
+    def pack(cls, step: StepBatch, shared: bool) -> PackedStep:
         """shared: allocate the buffer in shared memory (in a worker), so that sending it copies nothing more."""
-        tensors = [v for mb in step.micro_batches for f in fields(mb)
-                   if isinstance(v := getattr(mb, f.name), torch.Tensor)]
+        tensors = [
+            v for mb in step.micro_batches for f in fields(mb) if isinstance(v := getattr(mb, f.name), torch.Tensor)
+        ]
         offsets, total = [], 0
         for v in tensors:
             total = -(-total // _ALIGN) * _ALIGN
@@ -92,19 +92,24 @@ class PackedStep:
         for off, v in zip(offsets, tensors):
             _view(buffer, off, v.dtype, v.shape).copy_(v)
             slots[id(v)] = _Slot(off, v.dtype, tuple(v.shape))
-        return cls(buffer, replace(step, micro_batches=[mb.map_tensors(lambda v: slots[id(v)])
-                                                        for mb in step.micro_batches]))
+        return cls(
+            buffer, replace(step, micro_batches=[mb.map_tensors(lambda v: slots[id(v)]) for mb in step.micro_batches])
+        )
 
-    def pin_memory(self) -> "PackedStep":
+    def pin_memory(self) -> PackedStep:
         """Called by the DataLoader's pin-memory thread (CUDA only): one page-locked buffer per step."""
         return PackedStep(self.buffer.pin_memory(), self.step)
 
     def to(self, device) -> StepBatch:
         """One copy of the buffer to `device` (asynchronous from pinned memory), then views into it."""
         buffer = self.buffer.to(device, non_blocking=True)
-        return replace(self.step, micro_batches=[
-            mb.map_tensors(lambda s: _view(buffer, s.offset, s.dtype, s.shape), kind=_Slot)
-            for mb in self.step.micro_batches])
+        return replace(
+            self.step,
+            micro_batches=[
+                mb.map_tensors(lambda s: _view(buffer, s.offset, s.dtype, s.shape), kind=_Slot)
+                for mb in self.step.micro_batches
+            ],
+        )
 
 
 def _view(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch.Tensor:
@@ -115,8 +120,9 @@ def _view(buffer: torch.Tensor, offset: int, dtype: torch.dtype, shape) -> torch
 class StepDataset(Dataset):
     """Item i: the finished StepBatch of data step `first_index + i`, keyed as run step `first_step + i`."""
 
-    def __init__(self, stream: StepStream, collate: Collator, first_index: int, first_step: int, length: int,
-                 keep: int = 0):
+    def __init__(
+        self, stream: StepStream, collate: Collator, first_index: int, first_step: int, length: int, keep: int = 0
+    ):
         """keep: how many of its latest buffers a worker holds on to (see the module's docstring)."""
         self.stream, self.collate = stream, collate
         self.first_index, self.first_step, self.length = first_index, first_step, length
@@ -131,7 +137,9 @@ class StepDataset(Dataset):
         step = self.stream.step(index)
         batch = StepBatch(
             micro_batches=[self.collate(samples, run_step) for samples in step.micro_batches],
-            tokens=step.tokens, tokens_sq=step.tokens_sq, num_micro_batches=step.plan.num_micro_batches,
+            tokens=step.tokens,
+            tokens_sq=step.tokens_sq,
+            num_micro_batches=step.plan.num_micro_batches,
             imbalance=step.plan.imbalance(),
             position=self.stream.position(index + 1),
         )
@@ -152,8 +160,19 @@ def _worker_init(_worker_id: int) -> None:
 
 
 class Loader:
-    def __init__(self, cfg: DataConfig, *, rank: int, world: int, attn_tokens: float, image: ImageSpec,
-                 latent_channels: int, replicas: int, seed: int, device: torch.device):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        *,
+        rank: int,
+        world: int,
+        attn_tokens: float,
+        image: ImageSpec,
+        latent_channels: int,
+        replicas: int,
+        seed: int,
+        device: torch.device,
+    ):
         """seed: the run seed that keys the noise (train.seed); cfg.seed orders the data."""
         self.cfg, self.device = cfg, device
         # Every local shard file hash-checked once, here, before any step is planned (each rank reads them all once);
@@ -168,11 +187,27 @@ class Loader:
                 "again, or set data.corrupt_shards=skip to train without them"
             )
         padded = cfg.packing == "padded"
-        self.stream = StepStream(self.sources, cfg.global_batch, rank, world, cfg.shuffle, cfg.seed,
-                                 max_tokens=cfg.max_tokens, attn_tokens=attn_tokens,
-                                 padded_samples=cfg.padded_samples if padded else 0, window=cfg.shuffle_window)
-        self.collate = Collator(meta=self.meta, image=image, latent_channels=latent_channels, replicas=replicas,
-                                seed=seed, image_backend=cfg.image_backend, pad=padded)
+        self.stream = StepStream(
+            self.sources,
+            cfg.global_batch,
+            rank,
+            world,
+            cfg.shuffle,
+            cfg.seed,
+            max_tokens=cfg.max_tokens,
+            attn_tokens=attn_tokens,
+            padded_samples=cfg.padded_samples if padded else 0,
+            window=cfg.shuffle_window,
+        )
+        self.collate = Collator(
+            meta=self.meta,
+            image=image,
+            latent_channels=latent_channels,
+            replicas=replicas,
+            seed=seed,
+            image_backend=cfg.image_backend,
+            pad=padded,
+        )
         self.steps_per_epoch = self.stream.steps_per_epoch
 
     @property
@@ -186,30 +221,50 @@ class Loader:
         cfg, stream = self.cfg, self.stream
         notes = [f"skipped a corrupt shard ({len(ids)} samples): {problem}" for ids, problem in self.corrupt]
         if len(stream.sources) > 1 or stream.sources[0].remote:
-            notes.append("data: " + "; ".join(f"{s.name} ({len(s.lengths)} samples, weight {w:.3g}, {o.shuffle} order)"
-                                              for s, w, o in zip(stream.sources, stream.weights, stream.orders)))
-        window = sum(sum(sorted(s.shard_bytes.tolist())[-cfg.shuffle_window:]) for s in stream.sources if s.remote)
+            notes.append(
+                "data: "
+                + "; ".join(
+                    f"{s.name} ({len(s.lengths)} samples, weight {w:.3g}, {o.shuffle} order)"
+                    for s, w, o in zip(stream.sources, stream.weights, stream.orders)
+                )
+            )
+        window = sum(sum(sorted(s.shard_bytes.tolist())[-cfg.shuffle_window :]) for s in stream.sources if s.remote)
         if window > parse_size(cfg.cache_limit):  # not an error: it costs downloads, nothing else
-            notes.append(f"data.cache_limit={cfg.cache_limit} is less than a block shuffle's window of every remote "
-                         f"({window} bytes): shards will be downloaded more than once per epoch")
+            notes.append(
+                f"data.cache_limit={cfg.cache_limit} is less than a block shuffle's window of every remote "
+                f"({window} bytes): shards will be downloaded more than once per epoch"
+            )
         too_long = int((stream.lengths > cfg.max_tokens).sum())
         if too_long:
-            notes.append(f"{too_long} of {len(stream.lengths)} samples are longer than data.max_tokens={cfg.max_tokens}: "
-                         "each is planned alone in its micro-batch")
+            notes.append(
+                f"{too_long} of {len(stream.lengths)} samples are longer than data.max_tokens={cfg.max_tokens}: "
+                "each is planned alone in its micro-batch"
+            )
         return notes
 
     def dataset(self, position: Position, step: int, total_steps: int) -> StepDataset:
         # A worker's step n is still held by the trainer while the worker makes at most steps n+1..n+prefetch+1.
-        return StepDataset(self.stream, self.collate, self.stream.index(position), step, max(0, total_steps - step),
-                           keep=self.cfg.prefetch + 3)
+        return StepDataset(
+            self.stream,
+            self.collate,
+            self.stream.index(position),
+            step,
+            max(0, total_steps - step),
+            keep=self.cfg.prefetch + 3,
+        )
 
     def steps(self, position: Position, step: int, total_steps: int) -> Iterator[StepBatch]:
         """The finished steps from data `position` (run step `step`) up to run step `total_steps`, on the device."""
         workers = self.cfg.workers
         loader = DataLoader(
-            self.dataset(position, step, total_steps), batch_size=None, shuffle=False, collate_fn=_as_is,
-            num_workers=workers, prefetch_factor=self.cfg.prefetch if workers else None,
-            pin_memory=self.device.type == "cuda", worker_init_fn=_worker_init if workers else None,
+            self.dataset(position, step, total_steps),
+            batch_size=None,
+            shuffle=False,
+            collate_fn=_as_is,
+            num_workers=workers,
+            prefetch_factor=self.cfg.prefetch if workers else None,
+            pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init if workers else None,
             # Its own generator: starting the workers would otherwise draw their base seed from the global RNG,
             # so a resumed run's saved RNG state would differ from the uninterrupted run's (nothing here is random).
             generator=torch.Generator().manual_seed(0),

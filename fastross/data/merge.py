@@ -29,8 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from fastross.data.convert import ConvertError, write_staged
-from fastross.data.schema import (LENGTHS_FILE, META_FILE, SHARD_HASH, read_index, read_lengths, read_meta,
-                                   write_manifest)
+from fastross.data.schema import (
+    LENGTHS_FILE,
+    META_FILE,
+    SHARD_HASH,
+    read_index,
+    read_lengths,
+    read_meta,
+    write_manifest,
+)
 from fastross.data.shards import HASHES
 
 PER_PART = ("read", "written", "skipped", "skipped_examples", "part", "record_range")  # summed or joined
@@ -79,8 +86,9 @@ def check_parts(order: list[Path], metas: dict[Path, dict]) -> None:
     for folder in order:
         start, end = metas[folder]["record_range"]
         if start != stop:
-            raise ConvertError(f"{folder}: records {start} .. {end - 1} do not follow the previous part's "
-                               f"(up to {stop - 1})")
+            raise ConvertError(
+                f"{folder}: records {start} .. {end - 1} do not follow the previous part's (up to {stop - 1})"
+            )
         stop = end
     if stop != first["records"]:
         raise ConvertError(f"the parts convert records 0 .. {stop - 1} of {first['records']}")
@@ -102,8 +110,9 @@ def reindexed(data: bytes, shard: dict, first: int, offset: int, where: str) -> 
         at = begin + 4 * len(var) + sum(var_sizes[i] if sizes[i] is None else sizes[i] for i in range(col))
         old = int(np.frombuffer(out, np.int64, 1, at)[0])
         if old != first + j:
-            raise ConvertError(f"{where}: sample {j} carries index {old}, expected {first + j}: "
-                               "the part is inconsistent")
+            raise ConvertError(
+                f"{where}: sample {j} carries index {old}, expected {first + j}: the part is inconsistent"
+            )
         out[at : at + 8] = np.int64(old + offset).tobytes()
     return bytes(out)
 
@@ -119,8 +128,9 @@ def copy_shards(order: list[Path], stage: Path) -> None:
             path = folder / raw["basename"]
             data = path.read_bytes()
             if len(data) != raw["bytes"] or HASHES[SHARD_HASH](data) != (raw.get("hashes") or {}).get(SHARD_HASH):
-                raise ConvertError(f"{path}: its size or {SHARD_HASH} differs from {folder / 'index.json'}: "
-                                   "the part is corrupt")
+                raise ConvertError(
+                    f"{path}: its size or {SHARD_HASH} differs from {folder / 'index.json'}: the part is corrupt"
+                )
             data = reindexed(data, shard, first, offset, str(path)) if offset else data
             name = f"shard.{len(shards):05}.mds"
             (stage / name).write_bytes(data)
@@ -140,9 +150,14 @@ def merged_meta(order: list[Path], metas: dict[Path, dict]) -> dict:
         skipped.update(m["skipped"])
         for reason, ex in m["skipped_examples"].items():
             examples.setdefault(reason, []).extend(ex)
-    meta.update(read=sum(metas[f]["read"] for f in order), written=sum(metas[f]["written"] for f in order),
-                part=[0, 1], record_range=[0, meta["records"]], skipped=dict(skipped),
-                skipped_examples={r: ex[:EXAMPLES_PER_REASON] for r, ex in examples.items()})
+    meta.update(
+        read=sum(metas[f]["read"] for f in order),
+        written=sum(metas[f]["written"] for f in order),
+        part=[0, 1],
+        record_range=[0, meta["records"]],
+        skipped=dict(skipped),
+        skipped_examples={r: ex[:EXAMPLES_PER_REASON] for r, ex in examples.items()},
+    )
     return meta
 
 
@@ -158,8 +173,9 @@ def merge(parts: list[str | Path], out: str | Path, overwrite: bool = False) -> 
     lengths = [read_lengths(f) for f in order]
     for folder, n in zip(order, lengths):
         if len(n) != metas[folder]["written"]:
-            raise ConvertError(f"{folder / LENGTHS_FILE}: {len(n)} lengths, but the part wrote "
-                               f"{metas[folder]['written']}")
+            raise ConvertError(
+                f"{folder / LENGTHS_FILE}: {len(n)} lengths, but the part wrote {metas[folder]['written']}"
+            )
     meta = merged_meta(order, metas)
 
     def write(stage: Path) -> None:
@@ -184,8 +200,10 @@ def main(argv=None) -> int:
         print(f"merge: error: {e}", file=sys.stderr)
         return 2
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(meta["skipped"].items())) or "none"
-    print(f"merge: {len(a.parts)} parts, read {meta['read']}, written {meta['written']}, "
-          f"skipped {sum(meta['skipped'].values())} ({reasons}) -> {a.out}")
+    print(
+        f"merge: {len(a.parts)} parts, read {meta['read']}, written {meta['written']}, "
+        f"skipped {sum(meta['skipped'].values())} ({reasons}) -> {a.out}"
+    )
     return 0
 
 

@@ -110,11 +110,15 @@ def plan_padded_step(lengths, ranks: int, samples: int, attn_tokens: float) -> S
     micro-batch, to which it is padded."""
     n = len(lengths)
     if ranks < 1 or samples < 1 or n % ranks:
-        raise ValueError(f"padded micro-batches need data.global_batch ({n}) divisible by the ranks ({ranks}) "
-                         f"and data.padded_samples ({samples}) >= 1")
+        raise ValueError(
+            f"padded micro-batches need data.global_batch ({n}) divisible by the ranks ({ranks}) "
+            f"and data.padded_samples ({samples}) >= 1"
+        )
     per = n // ranks
-    bins = [[list(range(r * per + j, r * per + min(j + samples, per))) for j in range(0, per, samples)]
-            for r in range(ranks)]
+    bins = [
+        [list(range(r * per + j, r * per + min(j + samples, per))) for j in range(0, per, samples)]
+        for r in range(ranks)
+    ]
     costs = [sum(len(mb) * sample_cost(max(int(lengths[i]) for i in mb), attn_tokens) for mb in rank) for rank in bins]
     return StepPlan(micro_batches=bins, costs=costs)
 
@@ -141,8 +145,9 @@ def plan_epoch_ref(lengths: np.ndarray, global_batch: int, ranks: int, max_token
     return out
 
 
-def plan_epoch(lengths: np.ndarray, global_batch: int, ranks: int, max_tokens: int, attn_tokens: float,
-               threads: int = 1) -> EpochSummary:
+def plan_epoch(
+    lengths: np.ndarray, global_batch: int, ranks: int, max_tokens: int, attn_tokens: float, threads: int = 1
+) -> EpochSummary:
     """Plan every global batch of `lengths` (already in epoch order); per-step summaries only."""
     if NATIVE is None:
         return plan_epoch_ref(lengths, global_batch, ranks, max_tokens, attn_tokens)

@@ -34,8 +34,12 @@ def main(argv=None) -> int:
     p.add_argument("--epoch", type=int, default=0)
     p.add_argument("--seed", type=int, default=0, help="data.seed")
     p.add_argument("--no-shuffle", action="store_true", help="data.shuffle=false")
-    p.add_argument("--attn-tokens", type=float, default=packing_planner.attention_cost_tokens(6.53e9, 28, 3584),
-                   help="the planner's attention cost scale (default: Qwen2-7B's)")
+    p.add_argument(
+        "--attn-tokens",
+        type=float,
+        default=packing_planner.attention_cost_tokens(6.53e9, 28, 3584),
+        help="the planner's attention cost scale (default: Qwen2-7B's)",
+    )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     a = p.parse_args(argv)
 
@@ -57,8 +61,9 @@ def main(argv=None) -> int:
         for first in range(0, steps, chunk):
             last = min(steps, first + chunk)
             part = ordered[first * a.global_batch : last * a.global_batch]
-            parts.append(packing_planner.plan_epoch(part, a.global_batch, a.ranks, a.max_tokens, a.attn_tokens,
-                                                    a.threads))
+            parts.append(
+                packing_planner.plan_epoch(part, a.global_batch, a.ranks, a.max_tokens, a.attn_tokens, a.threads)
+            )
             bar.update(last - first)
     mbs = np.concatenate([x.micro_batches for x in parts])
     imb = np.concatenate([x.imbalance for x in parts])
@@ -66,13 +71,19 @@ def main(argv=None) -> int:
     slots = sum(int(x.slots.sum()) for x in parts)
     wall = time.perf_counter() - t0
     dropped = len(lengths) - steps * a.global_batch
-    print(f"plan: {len(lengths)} samples, {int(lengths.sum())} tokens, {steps} steps of {a.global_batch} "
-          f"({dropped} left over), {a.ranks} ranks, max_tokens {a.max_tokens}, "
-          f"planner {'native' if packing_planner.NATIVE is not None else 'python'} in {wall:.2f} s")
-    print(f"  micro-batches per rank per step: mean {mbs.mean():.2f}, max {mbs.max()}; total {int(mbs.sum()) * a.ranks}")
+    print(
+        f"plan: {len(lengths)} samples, {int(lengths.sum())} tokens, {steps} steps of {a.global_batch} "
+        f"({dropped} left over), {a.ranks} ranks, max_tokens {a.max_tokens}, "
+        f"planner {'native' if packing_planner.NATIVE is not None else 'python'} in {wall:.2f} s"
+    )
+    print(
+        f"  micro-batches per rank per step: mean {mbs.mean():.2f}, max {mbs.max()}; total {int(mbs.sum()) * a.ranks}"
+    )
     print(f"  packing efficiency (real tokens / computed slots): {tokens / slots:.4f}")
-    print(f"  rank imbalance (max / mean compute): mean {imb.mean():.4f}, p99 {np.percentile(imb, 99):.4f}, "
-          f"max {imb.max():.4f}")
+    print(
+        f"  rank imbalance (max / mean compute): mean {imb.mean():.4f}, p99 {np.percentile(imb, 99):.4f}, "
+        f"max {imb.max():.4f}"
+    )
     return 0
 
 

@@ -27,8 +27,15 @@ def is_tty(stream: TextIO) -> bool:
 class Lines:
     """tqdm's part that the data tools use (iteration, update, close, a context manager), as plain lines."""
 
-    def __init__(self, iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it",
-                 every: int = 0, stream: TextIO | None = None):
+    def __init__(
+        self,
+        iterable: Iterable | None = None,
+        total: int | None = None,
+        desc: str = "",
+        unit: str = "it",
+        every: int = 0,
+        stream: TextIO | None = None,
+    ):
         self.iterable, self.desc, self.unit, self.stream = iterable, desc, unit, stream or sys.stderr
         self.total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
         self.every = every or (max(1, -(-self.total // LINES)) if self.total else 1000)
@@ -42,8 +49,10 @@ class Lines:
         head = f"{self.desc}: " if self.desc else ""
         if self.total:
             eta = f", eta {(self.total - self.n) / rate:.0f} s" if rate > 0 and self.n < self.total else ""
-            return (f"{head}{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%), {rate:.1f} "
-                    f"{self.unit}/s, {dt:.0f} s{eta}")
+            return (
+                f"{head}{self.n}/{self.total} {self.unit} ({100 * self.n / self.total:.0f}%), {rate:.1f} "
+                f"{self.unit}/s, {dt:.0f} s{eta}"
+            )
         return f"{head}{self.n} {self.unit}, {rate:.1f} {self.unit}/s, {dt:.0f} s"
 
     def _say(self) -> None:
@@ -76,8 +85,15 @@ class Lines:
         self.close()
 
 
-def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it",
-             disable: bool = False, every: int = 0, stream: TextIO | None = None):
+def progress(
+    iterable: Iterable | None = None,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    disable: bool = False,
+    every: int = 0,
+    stream: TextIO | None = None,
+):
     """A tqdm bar on `stream` (stderr by default) when it is a terminal, else `Lines` every `every` items (0: ten
     lines per run, or every 1000 when the total is unknown); nothing when `disable`."""
     stream = stream or sys.stderr

@@ -107,15 +107,18 @@ class RemoteShards:
                 return open(path, "rb", buffering=0)
             except FileNotFoundError:
                 continue
-        raise FileNotFoundError(f"{self.url}: {name} keeps being evicted from {self.local}: raise data.cache_limit "
-                                f"({self.limit} bytes)")
+        raise FileNotFoundError(
+            f"{self.url}: {name} keeps being evicted from {self.local}: raise data.cache_limit ({self.limit} bytes)"
+        )
 
     def _download_shard(self, name: str) -> None:
         info = self.infos[name]
         size = int(info["raw_data"]["bytes"])
         if size > self.limit:
-            raise ValueError(f"{self.url}: shard {name} is {size} bytes, more than data.cache_limit ({self.limit} "
-                             "bytes): raise the limit")
+            raise ValueError(
+                f"{self.url}: shard {name} is {size} bytes, more than data.cache_limit ({self.limit} "
+                "bytes): raise the limit"
+            )
         part = self.local / f".{name}.{os.getpid()}.part"
         part.unlink(missing_ok=True)
         self.downloader.download(name, part)

@@ -71,30 +71,41 @@ def tokenizer_fingerprint(tokenizer) -> dict:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer: fastross needs a folder with "
-                         "tokenizer.json")
+        raise ValueError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer: fastross needs a folder with tokenizer.json"
+        )
     spec = json.loads(backend.to_str())
     template = getattr(tokenizer, "chat_template", None)
-    special = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in sorted(tokenizer.special_tokens_map.items())
-               if isinstance(tok, str)}
-    whole = {"tokenizer": {k: spec.get(k) for k in TOKENIZER_PARTS}, "chat_template": template,
-             "special_ids": special}
-    return {"version": FINGERPRINT_VERSION, "sha256": hashlib.sha256(canonical_json(whole)).hexdigest(),
-            "vocab_size": len(tokenizer), "special_ids": special}
+    special = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in sorted(tokenizer.special_tokens_map.items())
+        if isinstance(tok, str)
+    }
+    whole = {"tokenizer": {k: spec.get(k) for k in TOKENIZER_PARTS}, "chat_template": template, "special_ids": special}
+    return {
+        "version": FINGERPRINT_VERSION,
+        "sha256": hashlib.sha256(canonical_json(whole)).hexdigest(),
+        "vocab_size": len(tokenizer),
+        "special_ids": special,
+    }
 
 
 def fingerprint_problem(stored, ours: dict, where: str, tokenizer: str) -> str | None:
     """None when the data's tokenizer fingerprint (`stored`, recorded in `where`) equals `ours`, that of the
     tokenizer folder `tokenizer`; else what to say."""
     if not isinstance(stored, dict) or stored.get("version") != FINGERPRINT_VERSION:
-        return (f"{where} records a tokenizer fingerprint of an older fastross (of the vocabulary only, not the "
-                "normalizer, pre-tokenizer, merges or chat template), so whether the tokenizer in "
-                f"{tokenizer} gives the same ids cannot be checked: convert the data again with --tokenizer {tokenizer}")
+        return (
+            f"{where} records a tokenizer fingerprint of an older fastross (of the vocabulary only, not the "
+            "normalizer, pre-tokenizer, merges or chat template), so whether the tokenizer in "
+            f"{tokenizer} gives the same ids cannot be checked: convert the data again with --tokenizer {tokenizer}"
+        )
     if stored != ours:
-        return (f"{where} was tokenised by another tokenizer than the one in {tokenizer} (fingerprint "
-                f"{str(stored.get('sha256'))[:16]}, vocabulary {stored.get('vocab_size')}, special ids "
-                f"{stored.get('special_ids')}; {tokenizer}: {ours['sha256'][:16]}, {ours['vocab_size']}, "
-                f"{ours['special_ids']}): convert the data again with --tokenizer {tokenizer}")
+        return (
+            f"{where} was tokenised by another tokenizer than the one in {tokenizer} (fingerprint "
+            f"{str(stored.get('sha256'))[:16]}, vocabulary {stored.get('vocab_size')}, special ids "
+            f"{stored.get('special_ids')}; {tokenizer}: {ours['sha256'][:16]}, {ours['vocab_size']}, "
+            f"{ours['special_ids']}): convert the data again with --tokenizer {tokenizer}"
+        )
     return None
 
 
@@ -123,8 +134,9 @@ def parse_json(path: Path, data: bytes | None = None):
     except UnicodeDecodeError as e:
         raise ShardCorruptError(f"{path}: not UTF-8 text (byte {e.start}): the file is corrupt") from None
     except json.JSONDecodeError as e:
-        raise ShardCorruptError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): the file "
-                                "is corrupt") from None
+        raise ShardCorruptError(
+            f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}): the file is corrupt"
+        ) from None
     except RecursionError:
         raise ShardCorruptError(f"{path}: JSON nested too deeply: the file is corrupt") from None
 
@@ -141,10 +153,15 @@ def read_manifest(folder: str | Path) -> dict[str, str]:
         )
     manifest = parse_json(path)
     hashes = manifest.get("sha256") if isinstance(manifest, dict) else None
-    if (manifest.get("version") if isinstance(manifest, dict) else None) != MANIFEST_VERSION or not isinstance(
-            hashes, dict) or META_FILE not in hashes or not set(hashes) <= set(MANIFEST_COVERS):
-        raise ShardCorruptError(f"{path}: not a version-{MANIFEST_VERSION} manifest of {', '.join(MANIFEST_COVERS)}; "
-                                "convert the data again")
+    if (
+        (manifest.get("version") if isinstance(manifest, dict) else None) != MANIFEST_VERSION
+        or not isinstance(hashes, dict)
+        or META_FILE not in hashes
+        or not set(hashes) <= set(MANIFEST_COVERS)
+    ):
+        raise ShardCorruptError(
+            f"{path}: not a version-{MANIFEST_VERSION} manifest of {', '.join(MANIFEST_COVERS)}; convert the data again"
+        )
     return hashes
 
 
@@ -153,17 +170,24 @@ def verified_bytes(folder: str | Path, name: str) -> bytes:
     path = Path(folder) / name
     expected = read_manifest(folder).get(name)
     if expected is None:  # a folder of prompt facts only (write_manifest)
-        raise ShardCorruptError(f"{path}: not listed in {Path(folder) / MANIFEST_FILE}: {folder} holds no samples "
-                                "(or its manifest was edited); convert the data again")
+        raise ShardCorruptError(
+            f"{path}: not listed in {Path(folder) / MANIFEST_FILE}: {folder} holds no samples "
+            "(or its manifest was edited); convert the data again"
+        )
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        fix = f"rebuild it with `python -m fastross.data.index {folder}`" if name == LENGTHS_FILE else \
-            "convert the data again"
+        fix = (
+            f"rebuild it with `python -m fastross.data.index {folder}`"
+            if name == LENGTHS_FILE
+            else "convert the data again"
+        )
         raise FileNotFoundError(f"{path} is missing: {Path(folder) / MANIFEST_FILE} lists it; {fix}") from None
     if _sha256(data) != expected:
-        raise ShardCorruptError(f"{path}: its sha256 differs from {Path(folder) / MANIFEST_FILE}'s: the file was "
-                                "changed after conversion; restore it or convert the data again")
+        raise ShardCorruptError(
+            f"{path}: its sha256 differs from {Path(folder) / MANIFEST_FILE}'s: the file was "
+            "changed after conversion; restore it or convert the data again"
+        )
     return data
 
 
@@ -188,8 +212,9 @@ def read_lengths(folder: str | Path) -> np.ndarray:
     except (ValueError, OSError, EOFError) as e:
         raise ShardCorruptError(f"{path}: not a numpy array file ({e})") from None
     if lengths.ndim != 1 or lengths.dtype.kind not in "iu":
-        raise ShardCorruptError(f"{path}: a {lengths.dtype} array of shape {lengths.shape}, expected one integer "
-                                "per sample")
+        raise ShardCorruptError(
+            f"{path}: a {lengths.dtype} array of shape {lengths.shape}, expected one integer per sample"
+        )
     return lengths
 
 
@@ -245,9 +270,7 @@ def read_meta(shards: str | Path) -> dict:
     """The folder's fastross.json, verified against its manifest."""
     path = Path(shards) / META_FILE
     if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing: {shards} was not written by `python -m fastross.data.convert`"
-        )
+        raise FileNotFoundError(f"{path} is missing: {shards} was not written by `python -m fastross.data.convert`")
     meta = parse_json(path, verified_bytes(shards, META_FILE))
     if not isinstance(meta, dict):
         raise ShardCorruptError(f"{path}: expected a JSON object, got {type(meta).__name__}")
@@ -275,7 +298,7 @@ class ShardMeta:
         return self.grid * self.grid
 
     @classmethod
-    def read(cls, shards: str | Path) -> "ShardMeta":
+    def read(cls, shards: str | Path) -> ShardMeta:
         meta = read_meta(shards)
         try:
             return cls(**{f.name: meta[f.name] for f in fields(cls)})
@@ -289,4 +312,3 @@ class ShardMeta:
         """Stored latent moment bytes -> float32 array (C, 2g, 2g)."""
         side = 2 * self.grid
         return np.frombuffer(raw, dtype=self.latent_dtype).reshape(self.latent_channels, side, side).astype(np.float32)
-

@@ -27,12 +27,34 @@ import xxhash
 from fastross.data.schema import parse_json
 
 # Fixed-size scalar encodings: numpy dtype of each.
-SCALARS = {"int": "int64", "uint8": "uint8", "uint16": "uint16", "uint32": "uint32", "uint64": "uint64",
-           "int8": "int8", "int16": "int16", "int32": "int32", "int64": "int64", "float16": "float16",
-           "float32": "float32", "float64": "float64"}
+SCALARS = {
+    "int": "int64",
+    "uint8": "uint8",
+    "uint16": "uint16",
+    "uint32": "uint32",
+    "uint64": "uint64",
+    "int8": "int8",
+    "int16": "int16",
+    "int32": "int32",
+    "int64": "int64",
+    "float16": "float16",
+    "float32": "float32",
+    "float64": "float64",
+}
 # ndarray value dtypes by the code streaming writes before the values when the encoding leaves the dtype open.
-NDARRAY_DTYPES = {8: "uint8", 9: "int8", 16: "uint16", 17: "int16", 18: "float16", 32: "uint32", 33: "int32",
-                  34: "float32", 64: "uint64", 65: "int64", 66: "float64"}
+NDARRAY_DTYPES = {
+    8: "uint8",
+    9: "int8",
+    16: "uint16",
+    17: "int16",
+    18: "float16",
+    32: "uint32",
+    33: "int32",
+    34: "float32",
+    64: "uint64",
+    65: "int64",
+    66: "float64",
+}
 SHAPE_DTYPES = ("uint8", "uint16", "uint32", "uint64")  # by the low 2 bits of an ndarray's ndim byte
 
 
@@ -123,14 +145,16 @@ class MDSShard:
     @staticmethod
     def _missing(path: Path, info: dict) -> str:
         what = f"compressed ({info.get('compression')}); " if info.get("compression") else ""
-        return (f"{path} is missing ({what}fastross reads uncompressed local MDS shards, as its converter writes "
-                "them): convert again, or decompress the shards into this folder")
+        return (
+            f"{path} is missing ({what}fastross reads uncompressed local MDS shards, as its converter writes "
+            "them): convert again, or decompress the shards into this folder"
+        )
 
     def raw(self, i: int) -> bytes:
         """Sample i's bytes as stored (variable sizes, then columns)."""
         if self.missing:
             raise FileNotFoundError(self.missing)
-        with (open(self.path, "rb", buffering=0) if self.remote is None else self.remote.open(self.path.name)) as f:
+        with open(self.path, "rb", buffering=0) if self.remote is None else self.remote.open(self.path.name) as f:
             f.seek(4 + 4 * i)
             begin, end = np.frombuffer(f.read(8), np.uint32)
             f.seek(begin)
@@ -194,8 +218,16 @@ class MDSWriter:
         self.names = sorted(columns)
         self.encodings = [columns[n] for n in self.names]
         self.sizes = [encoded_size(e) for e in self.encodings]
-        self.config = {"version": 2, "format": "mds", "compression": None, "hashes": self.hashes, "size_limit": size_limit,
-                       "column_names": self.names, "column_encodings": self.encodings, "column_sizes": self.sizes}
+        self.config = {
+            "version": 2,
+            "format": "mds",
+            "compression": None,
+            "hashes": self.hashes,
+            "size_limit": size_limit,
+            "column_names": self.names,
+            "column_encodings": self.encodings,
+            "column_sizes": self.sizes,
+        }
         self.config_bytes = json.dumps(self.config, sort_keys=True).encode("utf-8")
         self.shards: list[dict] = []
         self.pending: list[bytes] = []
@@ -222,9 +254,14 @@ class MDSWriter:
         data = np.uint32(n).tobytes() + offsets.astype(np.uint32).tobytes() + self.config_bytes + b"".join(self.pending)
         name = f"shard.{len(self.shards):05}.mds"
         (self.out / name).write_bytes(data)
-        self.shards.append({"samples": n, "raw_data": {"basename": name, "bytes": len(data),
-                                                 "hashes": {h: HASHES[h](data) for h in self.hashes}},
-                            "zip_data": None, **self.config})
+        self.shards.append(
+            {
+                "samples": n,
+                "raw_data": {"basename": name, "bytes": len(data), "hashes": {h: HASHES[h](data) for h in self.hashes}},
+                "zip_data": None,
+                **self.config,
+            }
+        )
         self.pending, self.pending_size = [], 8 + len(self.config_bytes)
 
     def finish(self) -> None:
@@ -232,7 +269,7 @@ class MDSWriter:
             self.flush()
         (self.out / "index.json").write_text(json.dumps({"version": 2, "shards": self.shards}, sort_keys=True))
 
-    def __enter__(self) -> "MDSWriter":
+    def __enter__(self) -> MDSWriter:
         return self
 
     def __exit__(self, exc_type, *_) -> None:

@@ -17,8 +17,16 @@ import numpy as np
 
 from fastross.config import ConfigError, DataConfig, SourceConfig, data_sources, parse_size
 from fastross.data.remote import RemoteShards, is_remote
-from fastross.data.schema import (LENGTHS_FILE, META_FILE, ShardMeta, corrupt_shards, read_index, read_lengths,
-                                  read_meta, verify_folder)
+from fastross.data.schema import (
+    LENGTHS_FILE,
+    META_FILE,
+    ShardMeta,
+    corrupt_shards,
+    read_index,
+    read_lengths,
+    read_meta,
+    verify_folder,
+)
 from fastross.data.shards import MDSShards
 
 # ShardMeta fields that may differ between mixed sources: the tokenizer folder's path (its fingerprint must agree).
@@ -74,13 +82,16 @@ def check_shard_facts(d: DataConfig) -> None:
     except (ValueError, OSError) as e:
         raise ConfigError(f"data: {e}") from None
     if len(counts) == len(data_sources(d)) and d.global_batch > sum(counts):
-        raise ConfigError(f"data.global_batch={d.global_batch} is larger than {', '.join(local)}'s {sum(counts)} "
-                          "samples")
+        raise ConfigError(
+            f"data.global_batch={d.global_batch} is larger than {', '.join(local)}'s {sum(counts)} samples"
+        )
     for p, meta in metas.items():
         visual = meta.get("num_visual_tokens", 0)
         if d.max_tokens < visual + 1:
-            raise ConfigError(f"data.max_tokens={d.max_tokens} holds no image sample: one image is {visual} visual "
-                              f"tokens, plus at least one text token ({p})")
+            raise ConfigError(
+                f"data.max_tokens={d.max_tokens} holds no image sample: one image is {visual} visual "
+                f"tokens, plus at least one text token ({p})"
+            )
 
 
 def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str | int = 0, check: bool = True) -> Source:
@@ -102,9 +113,18 @@ def open_source(cfg: SourceConfig, cache_dir: str = "", cache_limit: str | int =
             f"{len(reader)}: rebuild it with `python -m fastross.data.index {cfg.shards}`"
         )
     shards = read_index(folder)["shards"]
-    return Source(cfg.shards, cfg.weight, folder, remote, reader, lengths,
-                  np.array([s["samples"] for s in shards], np.int64),
-                  np.array([s["raw_data"]["bytes"] for s in shards], np.int64), corrupt, ShardMeta.read(folder))
+    return Source(
+        cfg.shards,
+        cfg.weight,
+        folder,
+        remote,
+        reader,
+        lengths,
+        np.array([s["samples"] for s in shards], np.int64),
+        np.array([s["raw_data"]["bytes"] for s in shards], np.int64),
+        corrupt,
+        ShardMeta.read(folder),
+    )
 
 
 def open_sources(d: DataConfig, check: bool = True) -> list[Source]:

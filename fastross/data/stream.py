@@ -138,8 +138,19 @@ def check_length(sample: dict, planned: int, num_visual: int, where: str) -> Non
 
 
 class StepStream:
-    def __init__(self, sources: str | list[Source], global_batch: int, rank: int, world: int, shuffle: str | bool,
-                 seed: int, max_tokens: int, attn_tokens: float, padded_samples: int = 0, window: int = 8):
+    def __init__(
+        self,
+        sources: str | list[Source],
+        global_batch: int,
+        rank: int,
+        world: int,
+        shuffle: str | bool,
+        seed: int,
+        max_tokens: int,
+        attn_tokens: float,
+        padded_samples: int = 0,
+        window: int = 8,
+    ):
         """sources: opened sources (fastross.data.sources), or one local folder's path, opened here unchecked.
 
         shuffle: data.shuffle (auto, global, block, none; true/false as global/none), resolved per source.
@@ -151,8 +162,10 @@ class StepStream:
             sources = [open_source(SourceConfig(str(sources)), check=False)]
         self.sources = sources
         # The first source's orders are keyed by data.seed alone, as a single folder's always were.
-        self.orders = [SourceOrder(s, resolve_shuffle(shuffle, s.remote), [seed] if k == 0 else [seed, k], window)
-                       for k, s in enumerate(sources)]
+        self.orders = [
+            SourceOrder(s, resolve_shuffle(shuffle, s.remote), [seed] if k == 0 else [seed, k], window)
+            for k, s in enumerate(sources)
+        ]
         sizes = np.array([len(s.lengths) for s in sources], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.lengths = np.concatenate([s.lengths for s in sources])  # mixture-wide ids
@@ -228,8 +241,7 @@ class StepStream:
         source = self.sources[k]
         s = source.reader.read(local)
         if s["index"] != local:
-            raise ValueError(f"sample {local} of {source.name} carries index {s['index']}: the shards are "
-                             "inconsistent")
+            raise ValueError(f"sample {local} of {source.name} carries index {s['index']}: the shards are inconsistent")
         check_length(s, int(source.lengths[local]), source.meta.num_visual_tokens, f"sample {local} of {source.name}")
         s["index"] = int(sample_id)
         return s
@@ -240,5 +252,6 @@ class StepStream:
         ids, plan = self.plan(pos.epoch, pos.step_in_epoch)
         mine = [[self.read(ids[i]) for i in mb] for mb in plan.micro_batches[self.rank]]
         lengths = self.lengths[ids].astype(np.int64)
-        return Step(ids=ids, plan=plan, micro_batches=mine, tokens=int(lengths.sum()),
-                    tokens_sq=int((lengths * lengths).sum()))
+        return Step(
+            ids=ids, plan=plan, micro_batches=mine, tokens=int(lengths.sum()), tokens_sq=int((lengths * lengths).sum())
+        )

@@ -87,8 +87,26 @@ CAPTION_PROMPTS = (
     "Provide a concise description of the picture.",
 )
 WORDS = (
-    "cat", "dog", "sun", "tree", "book", "fish", "bird", "moon", "star", "cake",
-    "lamp", "ship", "rain", "milk", "door", "frog", "kite", "ring", "shoe", "wolf",
+    "cat",
+    "dog",
+    "sun",
+    "tree",
+    "book",
+    "fish",
+    "bird",
+    "moon",
+    "star",
+    "cake",
+    "lamp",
+    "ship",
+    "rain",
+    "milk",
+    "door",
+    "frog",
+    "kite",
+    "ring",
+    "shoe",
+    "wolf",
 )
 
 
@@ -289,9 +307,7 @@ def load_photos() -> list[tuple[str, Image.Image, str]]:
         seen.append(array)
         image = Image.fromarray(array).convert("RGB")
         w, h = image.size
-        image = image.crop(
-            (round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h))
-        )
+        image = image.crop((round(box[0] * w), round(box[1] * h), round(box[2] * w), round(box[3] * h)))
         w, h = image.size
         scale = min(1.0, PHOTO_MAX / max(w, h))
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
@@ -311,8 +327,13 @@ OBJECTS = tuple((c, k) for c in sorted(COLOURS) for k in SHAPES)  # what POPE as
 POPE_KINDS = ("pope-random", "pope-popular", "pope-adversarial")
 MMVP_ATTRIBUTES = ("colour", "position", "count")
 # The legacy held-out question's kind (drawn with the training stream, one per image) -> the benchmark's kind.
-LEGACY_KIND = {"existence": "existence", "colour": "colour", "count": "count", "relative": "position",
-               "absolute": "position"}
+LEGACY_KIND = {
+    "existence": "existence",
+    "colour": "colour",
+    "count": "count",
+    "relative": "position",
+    "absolute": "position",
+}
 
 
 def answer_type(question: str, answer: str) -> str:
@@ -357,8 +378,13 @@ def _place(s: dict, cell: int) -> dict:
     old_row, old_col = ROWS.index(s["row"]), COLS.index(s["col"])
     dx = s["cx"] - (old_col * CELL + CELL // 2)
     dy = s["cy"] - (old_row * CELL + CELL // 2)
-    return {**s, "row": ROWS[row], "col": COLS[col], "cx": col * CELL + CELL // 2 + dx,
-            "cy": row * CELL + CELL // 2 + dy}
+    return {
+        **s,
+        "row": ROWS[row],
+        "col": COLS[col],
+        "cx": col * CELL + CELL // 2 + dx,
+        "cy": row * CELL + CELL // 2 + dy,
+    }
 
 
 def _cell(s: dict) -> int:
@@ -377,15 +403,28 @@ def mmvp_variant(shapes: list[dict], want: str, rng: random.Random) -> tuple[str
         if attribute == "colour" and by_kind:
             s = rng.choice(by_kind)
             new = rng.choice([c for c in sorted(COLOURS) if c != s["colour"]])
-            return attribute, [{**x, "colour": new} if x is s else x for x in shapes], f"What colour is the {s['shape']}?"
+            return (
+                attribute,
+                [{**x, "colour": new} if x is s else x for x in shapes],
+                f"What colour is the {s['shape']}?",
+            )
         if attribute == "position" and named and empty:
             s = rng.choice(named)
             moved = [_place(x, rng.choice(empty)) if x is s else x for x in shapes]
             return attribute, sorted(moved, key=_cell), f"Where is the {name(s)}?"
         if attribute == "count" and empty:
-            extra = _place({"shape": rng.choice(SHAPES), "colour": rng.choice(sorted(COLOURS)), "row": ROWS[1],
-                            "col": COLS[1], "cx": CELL + CELL // 2, "cy": CELL + CELL // 2,
-                            "size": rng.randint(9, 12)}, rng.choice(empty))
+            extra = _place(
+                {
+                    "shape": rng.choice(SHAPES),
+                    "colour": rng.choice(sorted(COLOURS)),
+                    "row": ROWS[1],
+                    "col": COLS[1],
+                    "cx": CELL + CELL // 2,
+                    "cy": CELL + CELL // 2,
+                    "size": rng.randint(9, 12),
+                },
+                rng.choice(empty),
+            )
             return attribute, sorted([*shapes, extra], key=_cell), "How many shapes are there?"
     raise ValueError(f"no attribute of {shapes} can be changed")
 
@@ -406,12 +445,19 @@ def truth(question: str, shapes: list[dict]) -> str:
 
 
 def _item(id_: str, image: str, kind: str, q: str, a: str, **extra) -> dict:
-    return {"id": id_, "image": image, "kind": kind, "type": answer_type(q, a), **extra,
-            "conversations": _conversation([(q, a)], True)}
+    return {
+        "id": id_,
+        "image": image,
+        "kind": kind,
+        "type": answer_type(q, a),
+        **extra,
+        "conversations": _conversation([(q, a)], True),
+    }
 
 
-def benchmark(held: list[tuple[str, list[dict], tuple]], scenes: list[dict], images: Path, seed: int
-              ) -> tuple[list[dict], list[dict]]:
+def benchmark(
+    held: list[tuple[str, list[dict], tuple]], scenes: list[dict], images: Path, seed: int
+) -> tuple[list[dict], list[dict]]:
     """The held-out images' POPE questions and MMVP pairs (the partner images written under `images`), and the
     partners' scenes. Drawn from their own stream, so that the training records do not depend on them."""
     rng = random.Random(f"fastross-heldout-{seed}")
@@ -433,8 +479,9 @@ def benchmark(held: list[tuple[str, list[dict], tuple]], scenes: list[dict], ima
         save_png(draw_scene(changed, r, n), images / partner)  # the same background and noise: one attribute differs
         partners.append({"image": partner, "shapes": changed})
         for side, img, sc in (("a", file, shapes), ("b", partner, changed)):
-            items.append(_item(f"mmvp_{stem}_{side}", img, "mmvp", q, truth(q, sc), pair=f"mmvp_{stem}",
-                               attribute=attribute))
+            items.append(
+                _item(f"mmvp_{stem}_{side}", img, "mmvp", q, truth(q, sc), pair=f"mmvp_{stem}", attribute=attribute)
+            )
     return items, partners
 
 
@@ -489,12 +536,14 @@ def write_dataset(out, seed: int = 0, n_train: int = 600, n_eval: int = 500) -> 
         save_png(image, images / file)
         prompt = rng.choice(CAPTION_PROMPTS)
         stage1.append(
-            {"id": f"s1_photo_{pname}", "image": file,
-             "conversations": _conversation([(prompt, text)], True)}
+            {"id": f"s1_photo_{pname}", "image": file, "conversations": _conversation([(prompt, text)], True)}
         )
         stage2.append(
-            {"id": f"s2_photo_{pname}", "image": file,
-             "conversations": _conversation([(rng.choice(PHOTO_QUESTIONS), text)], True)}
+            {
+                "id": f"s2_photo_{pname}",
+                "image": file,
+                "conversations": _conversation([(rng.choice(PHOTO_QUESTIONS), text)], True),
+            }
         )
 
     n_text = round(len(stage2) * 15 / 85)  # ~15% of stage 2 is text-only

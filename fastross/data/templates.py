@@ -75,30 +75,40 @@ def check_tokenizer(template: str, tokenizer, folder: str) -> None:
     name = canonical(template)
     for marker in MARKERS.get(name, ()):
         if len(tokenizer(marker, add_special_tokens=False).input_ids) != 1:
-            raise ValueError(f"template {template}: the tokenizer in {folder} has no special token {marker!r} (it "
-                             f"encodes it as several tokens), so the end of each turn would not be learnt as one "
-                             f"token; choose the template of that LLM (or add {marker!r} as a special token)")
+            raise ValueError(
+                f"template {template}: the tokenizer in {folder} has no special token {marker!r} (it "
+                f"encodes it as several tokens), so the end of each turn would not be learnt as one "
+                f"token; choose the template of that LLM (or add {marker!r} as a special token)"
+            )
     if name == "hf":
         if not tokenizer.chat_template:
-            raise ValueError(f"template {template}: the tokenizer in {folder} has no chat template "
-                             "(tokenizer_config.json 'chat_template' or chat_template.jinja)")
+            raise ValueError(
+                f"template {template}: the tokenizer in {folder} has no chat template "
+                "(tokenizer_config.json 'chat_template' or chat_template.jinja)"
+            )
         answer = "Hello."
         try:
             head = _chat(tokenizer, [("user", "Hi.")], True)
             whole = _chat(tokenizer, [("user", "Hi."), ("assistant", answer)])
         except Exception as e:  # Jinja's errors, raise_exception's included, are no ValueError
-            raise ValueError(f"template {template}: the chat template of the tokenizer in {folder} cannot render a "
-                             f"user turn and an answer: {type(e).__name__}: {e}") from None
+            raise ValueError(
+                f"template {template}: the chat template of the tokenizer in {folder} cannot render a "
+                f"user turn and an answer: {type(e).__name__}: {e}"
+            ) from None
         if not whole.startswith(head + answer):
-            raise ValueError(f"template {template}: the chat template of the tokenizer in {folder} renders "
-                             f"{whole!r}, not its generation prompt {head!r} followed by the answer {answer!r}: a "
-                             "generated answer would not start where a trained one does")
-        marker = whole[len(head + answer):].strip()
+            raise ValueError(
+                f"template {template}: the chat template of the tokenizer in {folder} renders "
+                f"{whole!r}, not its generation prompt {head!r} followed by the answer {answer!r}: a "
+                "generated answer would not start where a trained one does"
+            )
+        marker = whole[len(head + answer) :].strip()
         ids = tokenizer(marker, add_special_tokens=False).input_ids
         if not ids or ids[0] not in set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values()):
-            raise ValueError(f"template {template}: the chat template of the tokenizer in {folder} ends an "
-                             f"assistant turn with {marker!r}, which does not start with a special token of that "
-                             "tokenizer: the model would never learn where an answer ends")
+            raise ValueError(
+                f"template {template}: the chat template of the tokenizer in {folder} ends an "
+                f"assistant turn with {marker!r}, which does not start with a special token of that "
+                "tokenizer: the model would never learn where an answer ends"
+            )
 
 
 @dataclass
@@ -134,8 +144,10 @@ def normalise_turns(conversations, has_image: bool) -> list[tuple[str, str]]:
         raise TemplateError(reason, f"record has an image but {count} '{IMAGE_TOKEN}' placeholders (need exactly 1)")
     if not has_image and count:
         raise TemplateError("placeholder_without_image", f"'{IMAGE_TOKEN}' placeholder without an image")
-    return [(r, (IMAGE_TOKEN + "\n" + v.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in v else v)
-            for r, v in turns]
+    return [
+        (r, (IMAGE_TOKEN + "\n" + v.replace(IMAGE_TOKEN, "").strip()).strip() if IMAGE_TOKEN in v else v)
+        for r, v in turns
+    ]
 
 
 def render_plain(turns) -> Rendered:
@@ -198,8 +210,11 @@ def render_hf(turns, tokenizer) -> Rendered:
             continue
         head, upto = _chat(tokenizer, turns[:k], True), _chat(tokenizer, turns[: k + 1]).rstrip()
         if not (text.startswith(head) and text.startswith(upto) and len(upto) > len(head)):
-            raise TemplateError("template_mismatch", f"the tokenizer's chat template renders turn {k} differently "
-                                "once later turns follow (or its generation prompt is not how an answer starts)")
+            raise TemplateError(
+                "template_mismatch",
+                f"the tokenizer's chat template renders turn {k} differently "
+                "once later turns follow (or its generation prompt is not how an answer starts)",
+            )
         spans.append((len(head), len(upto)))
     return Rendered(text, spans, pieces=False)
 

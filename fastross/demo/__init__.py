@@ -56,9 +56,28 @@ def prepare(work: Path, synth_args: list[str], vocab: int = 0) -> None:
     corpus = ["--corpus", str(data / "stage1.json"), str(data / "stage2.json"), "--vocab", str(vocab)] if vocab else []
     run([py, "-m", "fastross.demo.make_tiny", str(models), *corpus])
     for stage, template in ((1, "plain"), (2, "qwen2_ross")):
-        run([py, "-m", "fastross.data.convert", "--json", str(data / f"stage{stage}.json"),
-             "--images", str(data / "images"), "--tokenizer", str(models / "llm"), "--vision", str(models / "vision"),
-             "--vae", str(models / "vae"), "--template", template, "--out", str(shards / f"stage{stage}"), "--quiet"])
+        run(
+            [
+                py,
+                "-m",
+                "fastross.data.convert",
+                "--json",
+                str(data / f"stage{stage}.json"),
+                "--images",
+                str(data / "images"),
+                "--tokenizer",
+                str(models / "llm"),
+                "--vision",
+                str(models / "vision"),
+                "--vae",
+                str(models / "vae"),
+                "--template",
+                template,
+                "--out",
+                str(shards / f"stage{stage}"),
+                "--quiet",
+            ]
+        )
 
 
 def majority_baseline(rows: list[dict]) -> float:
@@ -82,32 +101,56 @@ def show_answers(rows: list[dict], n: int = 6) -> list[str]:
             if k < len(of_kind) and len(picked) < n:
                 picked.append(of_kind[k])
     width = max(len(r["question"]) for r in picked)
-    return [f"demo:   {r['image']}  {r['question']:<{width}}  -> {r['prediction'] or '(nothing)'!s:<14} "
-            f"gold {r['answer']:<14} {'right' if r['correct'] else 'wrong'}" for r in picked]
+    return [
+        f"demo:   {r['image']}  {r['question']:<{width}}  -> {r['prediction'] or '(nothing)'!s:<14} "
+        f"gold {r['answer']:<14} {'right' if r['correct'] else 'wrong'}"
+        for r in picked
+    ]
 
 
 def answers(work: Path, model: Path, out: Path) -> float:
     """Ask the export every held-out question in a fresh process (fastross.eval); print a few, then the accuracy
     beside the majority-answer baseline. Returns the accuracy."""
-    run([sys.executable, "-m", "fastross.eval", "--model", str(model), "--data", str(work / "data" / "eval.json"),
-         "--out", str(out), "--max-new-tokens", "8"])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "fastross.eval",
+            "--model",
+            str(model),
+            "--data",
+            str(work / "data" / "eval.json"),
+            "--out",
+            str(out),
+            "--max-new-tokens",
+            "8",
+        ]
+    )
     rows = [json.loads(line) for line in (out / "items.jsonl").read_text().splitlines()]
     accuracy = sum(r["correct"] for r in rows) / len(rows)
     print(f"demo: the stage-2 export, loaded in a fresh process, answers {len(rows)} held-out questions; a few:")
     for line in show_answers(rows):
         print(line)
-    print(f"demo: held-out accuracy {accuracy:.3f} over {len(rows)} questions, majority-answer baseline "
-          f"{majority_baseline(rows):.3f}", flush=True)
+    print(
+        f"demo: held-out accuracy {accuracy:.3f} over {len(rows)} questions, majority-answer baseline "
+        f"{majority_baseline(rows):.3f}",
+        flush=True,
+    )
     return accuracy
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m fastross.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m fastross.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--work", default="runs/demo", help="work folder (must match the paths in configs/tiny*.yaml)")
     p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--vocab", type=int, default=768,
-                   help="the tiny LLM's tokenizer size at most, trained on the data's text (0: Qwen2's, 151k ids)")
+    p.add_argument(
+        "--vocab",
+        type=int,
+        default=768,
+        help="the tiny LLM's tokenizer size at most, trained on the data's text (0: Qwen2's, 151k ids)",
+    )
     p.add_argument("--epochs1", type=int, default=20, help="stage 1's epochs (configs/tiny_pretrain.yaml has 2)")
     p.add_argument("--epochs2", type=int, default=8, help="stage 2's epochs (configs/tiny.yaml has 2)")
     p.add_argument("--lr", type=float, default=3e-3, help="both stages' learning rates (the configs have 1e-3)")
@@ -131,8 +174,20 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastross-demo-") as tmp:
         env = {**os.environ, "TMPDIR": tmp}  # streaming's shared-memory lock files stay in here
         for stage, cfg, extra in ((1, "configs/tiny_pretrain.yaml", stage1), (2, "configs/tiny.yaml", stage2)):
-            run([py, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={a.ranks}",
-                 "-m", "fastross.train", cfg, *extra], env=env)
+            run(
+                [
+                    py,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc-per-node={a.ranks}",
+                    "-m",
+                    "fastross.train",
+                    cfg,
+                    *extra,
+                ],
+                env=env,
+            )
             recs = [r for r in read_metrics(work / f"stage{stage}") if not r.get("eval")]
             records += recs
             print(
@@ -153,4 +208,3 @@ def main(argv=None) -> int:
         flush=True,
     )
     return 0
-

@@ -76,8 +76,13 @@ def make_tiny(out: str | Path, seed: int = 0, tokenizer=None) -> Path:
     torch.manual_seed(seed)
 
     vcfg = SiglipVisionConfig(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-        image_size=64, patch_size=8, vision_use_head=False,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
+        vision_use_head=False,
     )
     SiglipVisionModel(vcfg).save_pretrained(out / "vision")
     SiglipImageProcessor(
@@ -86,20 +91,36 @@ def make_tiny(out: str | Path, seed: int = 0, tokenizer=None) -> Path:
 
     tok = tokenizer if tokenizer is not None else build_qwen2_tokenizer()
     lcfg = Qwen2Config(
-        vocab_size=(len(tok) + 63) // 64 * 64, hidden_size=64, intermediate_size=160,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
+        vocab_size=(len(tok) + 63) // 64 * 64,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
     )
     Qwen2ForCausalLM(lcfg).save_pretrained(out / "llm")
     tok.save_pretrained(out / "llm")
 
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 32, 32), layers_per_block=1, norm_num_groups=32,
-        sample_size=128, scaling_factor=0.3611, shift_factor=0.1159,
-        use_quant_conv=False, use_post_quant_conv=False,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=32,
+        sample_size=128,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
     )
     vae.save_pretrained(out / "vae")
     return out
@@ -113,16 +134,22 @@ def corpus_texts(paths) -> list[str]:
     for path in map(Path, paths):
         raw = path.read_text(encoding="utf-8")
         try:
-            records = json.loads(raw) if raw.lstrip().startswith("[") else [json.loads(x) for x in raw.splitlines()
-                                                                             if x.strip()]
+            records = (
+                json.loads(raw)
+                if raw.lstrip().startswith("[")
+                else [json.loads(x) for x in raw.splitlines() if x.strip()]
+            )
         except json.JSONDecodeError as e:
             raise ValueError(f"--corpus {path}: not JSON or JSONL: {e}") from None
         for n, r in enumerate(records):
             conv = r.get("conversations") if isinstance(r, dict) else None
             if not isinstance(conv, list):
                 raise ValueError(f"--corpus {path}: record {n} has no 'conversations' list")
-            texts += [t["value"].replace(IMAGE_TOKEN, "").strip() for t in conv
-                      if isinstance(t, dict) and isinstance(t.get("value"), str)]
+            texts += [
+                t["value"].replace(IMAGE_TOKEN, "").strip()
+                for t in conv
+                if isinstance(t, dict) and isinstance(t.get("value"), str)
+            ]
     return texts
 
 
@@ -140,13 +167,19 @@ def build_corpus_tokenizer(texts: list[str], vocab: int = 512):
         raise ValueError(f"--vocab {vocab}: a byte-level BPE needs at least {256 + len(specials)} ids")
     backend = Tokenizer(models.BPE())
     backend.normalizer = normalizers.NFC()
-    backend.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     # the templates' own text as often as the samples hold it (once per two turns), so that it merges as a real
     # tokenizer's does instead of taking a token per letter
     frame = [ROSS_SYSTEM, VICUNA_SYSTEM, "USER: ASSISTANT:"] * max(1, len(texts) // 2)
@@ -154,8 +187,13 @@ def build_corpus_tokenizer(texts: list[str], vocab: int = 512):
     # the space before it, as in Qwen2's vocabulary, and is the first token the model learns to answer with (a space
     # token of its own would stay unsupervised, and a prompt ending at "ASSISTANT:" would ask for it)
     backend.train_from_iterator([*frame, *(" " + t for t in texts)], trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token=None, model_max_length=32768)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        model_max_length=32768,
+    )
     key = "additional_special_tokens" if transformers.__version__.startswith("4.") else "extra_special_tokens"
     tok.add_special_tokens({key: [IMAGE_TOKEN]})
     tok.chat_template = CHATML_TEMPLATE
@@ -172,11 +210,22 @@ def make_tiny_clip(out: str | Path, seed: int = 0) -> Path:
 
     out = Path(out) / "clip"
     torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                           image_size=64, patch_size=8, projection_dim=32)
+    cfg = CLIPVisionConfig(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        image_size=64,
+        patch_size=8,
+        projection_dim=32,
+    )
     CLIPVisionModel(cfg).save_pretrained(out)
-    CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64},
-                       image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD).save_pretrained(out)
+    CLIPImageProcessor(
+        size={"shortest_edge": 64},
+        crop_size={"height": 64, "width": 64},
+        image_mean=OPENAI_CLIP_MEAN,
+        image_std=OPENAI_CLIP_STD,
+    ).save_pretrained(out)
     return out
 
 
@@ -185,11 +234,16 @@ def main() -> None:
     p.add_argument("out", help="folder to write vision/, llm/ and vae/ into")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip", action="store_true", help="also write OUT/clip, a tiny CLIP vision tower")
-    p.add_argument("--corpus", nargs="+", metavar="FILE",
-                   help="LLaVA-format files: train the LLM's tokenizer on their text (a byte-level BPE of --vocab "
-                        "ids) instead of using Qwen2's")
-    p.add_argument("--vocab", type=int, default=512,
-                   help="with --corpus: the tokenizer's size at most, special tokens included")
+    p.add_argument(
+        "--corpus",
+        nargs="+",
+        metavar="FILE",
+        help="LLaVA-format files: train the LLM's tokenizer on their text (a byte-level BPE of --vocab "
+        "ids) instead of using Qwen2's",
+    )
+    p.add_argument(
+        "--vocab", type=int, default=512, help="with --corpus: the tokenizer's size at most, special tokens included"
+    )
     a = p.parse_args()
     tok = build_corpus_tokenizer(corpus_texts(a.corpus), a.vocab) if a.corpus else None
     out = make_tiny(a.out, a.seed, tok)

@@ -129,7 +129,9 @@ def make_forward(backend: str):
         cu, max_len = kwargs.get("fastross_cu_seqlens"), kwargs.get("fastross_max_seqlen")
         mask = kwargs.get("fastross_mask")
         if cu is None or (backend in ("sdpa", "flex") and mask is None):
-            raise ValueError("packed attention needs fastross_cu_seqlens and fastross_mask: call the LLM through RossModel")
+            raise ValueError(
+                "packed attention needs fastross_cu_seqlens and fastross_mask: call the LLM through RossModel"
+            )
         if backend == "sdpa":
             out = _sdpa(query, key, value, scaling, mask)
         elif backend == "flex":

@@ -33,8 +33,8 @@ benchmarks/kernels/bench_denoiser.py measures both against the floor on a lent G
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,7 @@ def compile_block(block: nn.Module, **compile_kw) -> nn.Module:
     return block
 
 
-def compile_blocks(denoiser: "Denoiser", **compile_kw) -> "Denoiser":
+def compile_blocks(denoiser: Denoiser, **compile_kw) -> Denoiser:
     """Compile each block and the final layer one by one, in place (call before fully_shard, as torchtitan
     does). The embedders and SiLU(c) stay eager: they run once per step and are small."""
     for block in (*denoiser.blocks, denoiser.final):
@@ -220,8 +220,19 @@ class FinalLayer(nn.Module):
 class Denoiser(nn.Module):
     """kind="dit": adaLN-Zero DiT blocks with attention over one image; kind="mlp": per-token blocks."""
 
-    def __init__(self, kind: str, cond_width: int, width: int, depth: int, heads: int, grid: int, channels: int = 64,
-                 impl: str = "torch", dtype: str = "fp32", repeat_cond: bool = False):
+    def __init__(
+        self,
+        kind: str,
+        cond_width: int,
+        width: int,
+        depth: int,
+        heads: int,
+        grid: int,
+        channels: int = 64,
+        impl: str = "torch",
+        dtype: str = "fp32",
+        repeat_cond: bool = False,
+    ):
         """repeat_cond: the reference's way, the condition repeated per replica and embedded R times
         (model.denoiser.repeat_cond; the same numbers, more work)."""
         super().__init__()
@@ -257,8 +268,11 @@ class Denoiser(nn.Module):
         rules = {}
         for name, m in self.named_modules():
             if isinstance(m, nn.Linear):
-                weight = init.zeros if any(m is z for z in zero) else (
-                    init.normal(0.02) if any(m is t for t in t_mlp) else init.xavier_uniform)
+                weight = (
+                    init.zeros
+                    if any(m is z for z in zero)
+                    else (init.normal(0.02) if any(m is t for t in t_mlp) else init.xavier_uniform)
+                )
                 rules[f"{name}.weight"], rules[f"{name}.bias"] = weight, init.zeros
         return rules
 

@@ -18,10 +18,11 @@ import math
 
 import torch
 
-from fastross.kernels import diffusion_loss
 from fastross.data.images import latent_moments, vae_input  # noqa: F401  (re-exported; they live on the data side)
 from fastross.data.noise import NUM_STEPS, draw_timesteps, noise_key  # noqa: F401  (likewise)
+from fastross.kernels import diffusion_loss
 from fastross.kernels.diffusion_loss import keyed_eps, keyed_xi  # noqa: F401  (re-exported for the model)
+
 
 def cosine_alphas_cumprod(num_steps: int = NUM_STEPS) -> torch.Tensor:
     """alpha_bar_t for t = 0 .. num_steps - 1 of the cosine schedule, computed in float64."""
@@ -35,6 +36,7 @@ def cosine_alphas_cumprod(num_steps: int = NUM_STEPS) -> torch.Tensor:
     )
     return torch.cumprod(1 - betas, dim=0)
 
+
 def fold_latents(z: torch.Tensor) -> torch.Tensor:
     """(n, C, 2g, 2g) latents -> (n, g * g, 4C) tokens.
 
@@ -46,6 +48,7 @@ def fold_latents(z: torch.Tensor) -> torch.Tensor:
     z = z.reshape(n, c, g, 2, g, 2).permute(0, 2, 4, 1, 3, 5)  # n, gy, gx, c, dy, dx
     return z.reshape(n, g * g, c * 4)
 
+
 def latent_target(mean: torch.Tensor, std: torch.Tensor, xi: torch.Tensor, shift: float, scale: float) -> torch.Tensor:
     """One posterior draw, shifted and scaled, as tokens (n, g * g, 4C).
 
@@ -53,6 +56,7 @@ def latent_target(mean: torch.Tensor, std: torch.Tensor, xi: torch.Tensor, shift
     layout (as keyed_xi gives it). Equal to fold_latents((mean + std * unfold(xi) - shift) * scale).
     """
     return (fold_latents(mean) + fold_latents(std) * xi - shift) * scale
+
 
 def eps_loss_per_image(eps_hat: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """(n, R, tokens, C) prediction and noise -> per-image loss (n,): mean over elements, then replicas."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -77,8 +77,9 @@ def apply_rules(module: nn.Module, rules: dict[str, Rule], seed: int | None, pre
     """
     params = dict(module.named_parameters())
     if set(params) != set(rules):
-        raise ValueError(f"init rules do not match {type(module).__name__}'s parameters: "
-                         f"{sorted(set(params) ^ set(rules))}")
+        raise ValueError(
+            f"init rules do not match {type(module).__name__}'s parameters: {sorted(set(params) ^ set(rules))}"
+        )
     for name, p in params.items():
         rule = rules[name]
         value = rule(tuple(p.shape), None) if seed is None else fresh(rule, p.shape, seed, prefix + name)

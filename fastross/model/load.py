@@ -60,7 +60,9 @@ class SafetensorsFolder:
         if indexes:
             self.where = {k: self.folder / f for k, f in json.loads(indexes[0].read_text())["weight_map"].items()}
         else:
-            self.where = {k: path for path in sorted(self.folder.glob("*.safetensors")) for k in self.handle(path).keys()}
+            self.where = {
+                k: path for path in sorted(self.folder.glob("*.safetensors")) for k in self.handle(path).keys()
+            }
         if not self.where:
             raise FileNotFoundError(
                 f"{folder} holds no *.safetensors files: save the model with save_pretrained(safe_serialization=True)"
@@ -124,19 +126,23 @@ def file_key(names: list[str], sources: list[Source], folders: dict[str, Safeten
     for name in names:
         for src in sources:
             if name.startswith(src.prefix):
-                key = src.key_prefix + name[len(src.prefix):]
+                key = src.key_prefix + name[len(src.prefix) :]
                 if key in folders[src.folder].where:
                     return folders[src.folder], key
                 tried.append(f"{key} in {src.folder}")
     if tried:
-        raise KeyError(f"{' / '.join(names)}: not found ({'; '.join(tried)}); is the folder the model its config names?")
+        raise KeyError(
+            f"{' / '.join(names)}: not found ({'; '.join(tried)}); is the folder the model its config names?"
+        )
     return None
 
 
 def non_persistent(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     return {
         f"{mname}.{b}".lstrip("."): (m, b)
-        for mname, m in model.named_modules() for b in m._buffers if b in m._non_persistent_buffers_set
+        for mname, m in model.named_modules()
+        for b in m._buffers
+        if b in m._non_persistent_buffers_set
     }
 
 
@@ -163,8 +169,10 @@ def recompute_buffers(model: nn.Module) -> int:
             done.update(prefix + b for b in m._buffers if b in m._non_persistent_buffers_set)
     missing = sorted(set(todo) - done)
     if missing:
-        raise NotImplementedError(f"no recipe recomputes the non-persistent buffers {missing}: add one to "
-                                  "fastross/model/load.py::recompute_buffers")
+        raise NotImplementedError(
+            f"no recipe recomputes the non-persistent buffers {missing}: add one to "
+            "fastross/model/load.py::recompute_buffers"
+        )
     return len(done)
 
 
@@ -179,8 +187,9 @@ def storage_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def load_sharded(model: nn.Module, sources: list[Source], fresh_rules: dict[str, init.Rule], seed: int,
-                 device: torch.device) -> LoadReport:
+def load_sharded(
+    model: nn.Module, sources: list[Source], fresh_rules: dict[str, init.Rule], seed: int, device: torch.device
+) -> LoadReport:
     """Materialise `model` (built on meta, sharded or not) on `device` and fill it; see the module's header."""
     fresh_rules = {plain_name(n): rule for n, rule in fresh_rules.items()}
     names = aliases(model)
@@ -203,13 +212,16 @@ def load_sharded(model: nn.Module, sources: list[Source], fresh_rules: dict[str,
                 continue
             found = file_key(tnames, sources, folders)
             if found is None:
-                raise KeyError(f"{' / '.join(tnames)}: neither a fresh parameter nor under any of "
-                               f"{[s.prefix for s in sources]}")
+                raise KeyError(
+                    f"{' / '.join(tnames)}: neither a fresh parameter nor under any of {[s.prefix for s in sources]}"
+                )
             folder, key = found
             sl = folder.get_slice(key)
             if tuple(sl.get_shape()) != tuple(t.shape):
-                raise ValueError(f"{key} in {folder.folder} has shape {tuple(sl.get_shape())}, the model's "
-                                 f"{tnames[0]} {tuple(t.shape)}: the folder's config and weights disagree")
+                raise ValueError(
+                    f"{key} in {folder.folder} has shape {tuple(sl.get_shape())}, the model's "
+                    f"{tnames[0]} {tuple(t.shape)}: the folder's config and weights disagree"
+                )
             n_files += 1
             if local.numel():
                 part = sl[where] if where else folder.get_tensor(key)  # a 0-d tensor has no slice
@@ -223,7 +235,9 @@ def load_sharded(model: nn.Module, sources: list[Source], fresh_rules: dict[str,
 @dataclass
 class Footprint:
     full_bytes: int  # the whole model in its parameters' dtypes, what a rank held before meta loading
-    shard_bytes: int  # what one rank holds after loading: FSDP2's padded Shard(0) chunk of every parameter, buffers whole
+    shard_bytes: (
+        int  # what one rank holds after loading: FSDP2's padded Shard(0) chunk of every parameter, buffers whole
+    )
     largest_bytes: int  # the largest single tensor, counted at fp32 or its own dtype if wider (a fresh draw is fp32)
 
     @property

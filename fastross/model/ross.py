@@ -15,8 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastross.model import diffusion, init, liger, load, text_loss
-from fastross.model.attention import build_mask
-from fastross.model.attention import register as register_attention
+from fastross.model.attention import build_mask, register as register_attention
 from fastross.model.denoiser import Denoiser
 from fastross.model.projector import Projector
 from fastross.model.vision import VisionTower
@@ -92,8 +91,16 @@ class RossModel(nn.Module):
         with on_meta:
             self.projector = Projector(self.vision.hidden_size, hidden)
             self.denoiser = Denoiser(
-                d.kind, hidden, d.width, d.depth, d.heads, self.vision.grid, channels=4 * self.latent_channels,
-                impl=impl, dtype=d.dtype, repeat_cond=d.repeat_cond,
+                d.kind,
+                hidden,
+                d.width,
+                d.depth,
+                d.heads,
+                self.vision.grid,
+                channels=4 * self.latent_channels,
+                impl=impl,
+                dtype=d.dtype,
+                repeat_cond=d.repeat_cond,
             )
             self.register_buffer("sqrt_ab", torch.empty(diffusion.NUM_STEPS), persistent=False)
             self.register_buffer("sqrt_1m_ab", torch.empty(diffusion.NUM_STEPS), persistent=False)
@@ -106,7 +113,9 @@ class RossModel(nn.Module):
 
     def fresh_rules(self) -> dict[str, init.Rule]:
         """The init rule of every fresh parameter, by its name in this model."""
-        return {n: r for part in self.FRESH for n, r in init.prefixed(f"{part}.", getattr(self, part).init_rules()).items()}
+        return {
+            n: r for part in self.FRESH for n, r in init.prefixed(f"{part}.", getattr(self, part).init_rules()).items()
+        }
 
     @torch.no_grad()
     def reset_buffers(self) -> None:
@@ -136,8 +145,12 @@ class RossModel(nn.Module):
         merged = embeds.index_copy(1, mb.visual_pos, vis.flatten(0, 1)[None].to(embeds.dtype))
         # fastross's attention keeps every packed sample to itself (fastross/model/attention.py)
         h = llm.model(
-            inputs_embeds=merged, position_ids=mb.position_ids, attention_mask=None, use_cache=False,
-            fastross_cu_seqlens=mb.cu_seqlens, fastross_max_seqlen=mb.max_seqlen,
+            inputs_embeds=merged,
+            position_ids=mb.position_ids,
+            attention_mask=None,
+            use_cache=False,
+            fastross_cu_seqlens=mb.cu_seqlens,
+            fastross_max_seqlen=mb.max_seqlen,
             fastross_mask=build_mask(self.attention, mb.doc_ids),  # once, for all layers
         )
         return h.last_hidden_state[0]
@@ -168,8 +181,18 @@ class RossModel(nn.Module):
         fused kernels, never stored; `torch` materialised, as the reference.
         """
         mean, std = self.latent_moments(mb)
-        return self.eps_loss(self.denoiser, mean, std, mb.noise_keys, mb.t, self.sqrt_ab[mb.t], self.sqrt_1m_ab[mb.t],
-                             cond, self.latent_shift, self.latent_scale)
+        return self.eps_loss(
+            self.denoiser,
+            mean,
+            std,
+            mb.noise_keys,
+            mb.t,
+            self.sqrt_ab[mb.t],
+            self.sqrt_1m_ab[mb.t],
+            cond,
+            self.latent_shift,
+            self.latent_scale,
+        )
 
     def latent_moments(self, mb) -> tuple[torch.Tensor, torch.Tensor]:
         """The posterior's mean and std (n, C, 2g, 2g) fp32: stored with the sample, or from the VAE."""

@@ -34,8 +34,9 @@ IGNORE = -100  # targets that add nothing (the dummy entry of a micro-batch with
 
 
 class LinearCrossEntropy(nn.Module):
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    ) -> torch.Tensor:
         logits = F.linear(hidden, weight, bias).float()
         return F.cross_entropy(logits, targets, reduction="sum", ignore_index=IGNORE)
 
@@ -64,8 +65,9 @@ class _PrecomputedGrads(torch.autograd.Function):
 CHUNK_ELEMENTS = 1 << 24  # logits per chunk of the torch path: 64 MB in fp32 (110 rows at the 152k vocabulary)
 
 
-def chunked_linear_cross_entropy(weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor,
-                                 bias: torch.Tensor | None = None) -> torch.Tensor:
+def chunked_linear_cross_entropy(
+    weight: torch.Tensor, hidden: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """sum over rows of CE(hidden @ weight^T + bias, targets), with the gradients formed chunk by chunk in forward.
 
     Liger's signature and algorithm in torch: each chunk's logits are made in fp32, reduced to the loss, and turned at
@@ -80,7 +82,7 @@ def chunked_linear_cross_entropy(weight: torch.Tensor, hidden: torch.Tensor, tar
     d_bias = torch.zeros_like(bias, dtype=torch.float32) if bias is not None and bias.requires_grad else None
     with torch.no_grad():
         for start in range(0, hidden.shape[0], rows):
-            h, t = hidden[start:start + rows], targets[start:start + rows]
+            h, t = hidden[start : start + rows], targets[start : start + rows]
             logits = F.linear(h, weight, bias).float()
             kept = t != IGNORE
             safe = torch.where(kept, t, 0)
@@ -90,7 +92,7 @@ def chunked_linear_cross_entropy(weight: torch.Tensor, hidden: torch.Tensor, tar
             d_logits[torch.arange(len(t)), safe] -= 1.0
             d_logits *= kept[:, None]
             if d_hidden is not None:
-                d_hidden[start:start + rows] = (d_logits.to(weight.dtype) @ weight).to(hidden.dtype)
+                d_hidden[start : start + rows] = (d_logits.to(weight.dtype) @ weight).to(hidden.dtype)
             if d_weight is not None:
                 d_weight.addmm_(d_logits.t(), h.float())
             if d_bias is not None:
@@ -129,12 +131,14 @@ class FusedLinearCrossEntropy(nn.Module):
         if self._liger is None:
             from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
 
-            self._liger = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum",
-                                                           accum_dtype=torch.float32)
+            self._liger = LigerFusedLinearCrossEntropyLoss(
+                ignore_index=IGNORE, reduction="sum", accum_dtype=torch.float32
+            )
         return self._liger
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor
+    ) -> torch.Tensor:
         use_liger = self.backend == "liger" or (self.backend == "auto" and hidden.device.type == "cuda")
         loss_fn = self.liger() if use_liger else chunked_linear_cross_entropy
         return _PrecomputedGrads.apply(loss_fn, hidden, weight, bias, targets).float()

@@ -76,4 +76,4 @@ class VisionTower(nn.Module):
         for layer in self.encoder.layers:
             x = layer(x, **masks)
             x = x[0] if isinstance(x, tuple) else x
-        return x[:, self.kind.class_tokens:]
+        return x[:, self.kind.class_tokens :]

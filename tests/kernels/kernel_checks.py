@@ -17,8 +17,9 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 def run_with_grads(fn, inputs, needs_grad, grad_out):
     """Call fn on leaf copies of inputs; backprop grad_out; return (output, [grads of the inputs needing one])."""
-    leaves = [x.detach().clone().requires_grad_(g) if isinstance(x, torch.Tensor) else x
-              for x, g in zip(inputs, needs_grad)]
+    leaves = [
+        x.detach().clone().requires_grad_(g) if isinstance(x, torch.Tensor) else x for x, g in zip(inputs, needs_grad)
+    ]
     out = fn(*leaves)
     out.backward(grad_out.to(out.dtype))
     grads = [x.grad for x, g in zip(leaves, needs_grad) if g]
@@ -26,24 +27,29 @@ def run_with_grads(fn, inputs, needs_grad, grad_out):
     return out.detach(), grads
 
 
-def check_against_ref(fn, ref, inputs, needs_grad, dtype, atol_frac=1e-3, seed=0, prep=None, device="cpu",
-                      fp32_rtol=1e-5):
+def check_against_ref(
+    fn, ref, inputs, needs_grad, dtype, atol_frac=1e-3, seed=0, prep=None, device="cpu", fp32_rtol=1e-5
+):
     """fn and ref on inputs (fp32 CPU tensors, moved to device and cast to dtype), output and every gradient compared.
 
     prep(leaves) -> args may turn the leaf tensors into the call's arguments (views, chunks);
     it is applied to the leaves of each run.
     """
     g = torch.Generator().manual_seed(seed)
-    cast = [(x.to(device, dtype) if x.is_floating_point() else x.to(device)) if isinstance(x, torch.Tensor) else x
-            for x in inputs]
-    call = (lambda f: (lambda *xs: f(*prep(list(xs))))) if prep else (lambda f: f)
+    cast = [
+        (x.to(device, dtype) if x.is_floating_point() else x.to(device)) if isinstance(x, torch.Tensor) else x
+        for x in inputs
+    ]
+    call = (lambda f: lambda *xs: f(*prep(list(xs)))) if prep else (lambda f: f)
     with torch.no_grad():
         shape = call(ref)(*cast).shape
     grad_out = torch.randn(shape, generator=g).to(device)
     got, got_g = run_with_grads(call(fn), cast, needs_grad, grad_out)
     if dtype == torch.float32:
         want, want_g = run_with_grads(call(ref), cast, needs_grad, grad_out)
-        pairs = [("output", got, want, None)] + [(f"grad {i}", a, b, None) for i, (a, b) in enumerate(zip(got_g, want_g))]
+        pairs = [("output", got, want, None)] + [
+            (f"grad {i}", a, b, None) for i, (a, b) in enumerate(zip(got_g, want_g))
+        ]
         for name, a, b, _ in pairs:
             assert a.dtype == b.dtype and a.shape == b.shape, (name, a.dtype, b.dtype, a.shape, b.shape)
             err = rel_err(a, b)
@@ -59,4 +65,6 @@ def check_against_ref(fn, ref, inputs, needs_grad, dtype, atol_frac=1e-3, seed=0
         fused = (a.double() - hi.double()).abs().max().item()
         torch_err = (lo.double() - hi.double()).abs().max().item()
         atol = atol_frac * hi.abs().max().item()
-        assert fused <= 2 * torch_err + atol, f"{name}: bf16 error {fused:.3g} > 2 x torch's {torch_err:.3g} + {atol:.3g}"
+        assert fused <= 2 * torch_err + atol, (
+            f"{name}: bf16 error {fused:.3g} > 2 x torch's {torch_err:.3g} + {atol:.3g}"
+        )

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from fastross.kernels.adaln import silu_cond, silu_cond_ref
 
 

@@ -32,8 +32,14 @@ def test_each_kernel_compiles_for_sm90a_without_spills(tmp_path):
         pytest.skip(f"Triton's bundled ptxas is missing ({ptxas}): cannot assemble for sm_90a")
     out = tmp_path / "rows.jsonl"
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path / "cache"))
-    r = subprocess.run([sys.executable, str(BENCH / "compile_report.py"), "--once", "--json", str(out), "--jobs", "2"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(
+        [sys.executable, str(BENCH / "compile_report.py"), "--once", "--json", str(out), "--jobs", "2"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == KERNELS, [f"{x['source']}:{x['kernel']}" for x in rows]
@@ -48,8 +54,11 @@ def test_each_kernel_compiles_for_sm90a_without_spills(tmp_path):
         assert x["warps_per_sm"] >= x["num_warps"], f"{where}: cannot be resident on an SM"
     matmul = next(x for x in rows if x["kernel"] == "_linear_kernel")
     assert "EPILOGUE=3" in matmul["config"] and matmul["smem_bytes"] > 0  # act_grad, pipelined through smem
-    assert r.stdout.strip().splitlines()[-1].startswith(f"compile: arch sm_90a kernels {KERNELS} configs {KERNELS} "
-                                                        "failed 0 spills 0 over_smem 0 max_regs ")
+    assert (
+        r.stdout.strip()
+        .splitlines()[-1]
+        .startswith(f"compile: arch sm_90a kernels {KERNELS} configs {KERNELS} failed 0 spills 0 over_smem 0 max_regs ")
+    )
 
 
 def test_act_grad_keeps_only_tiles_that_do_not_spill():
@@ -66,13 +75,16 @@ def test_act_grad_keeps_only_tiles_that_do_not_spill():
         assert at.early_config_prune(at.configs, {}, EPILOGUE=EPILOGUES[ep]) == at.configs
 
 
-@pytest.mark.parametrize("regs,smem,warps,expect", [
-    (115, 64, 4, (16, "regs")),  # 115 -> 120 regs a thread, 3840 a warp: 17 warps' worth, 4 blocks of 4
-    (255, 128 * 1024, 8, (8, "regs")),  # 256 x 32 = 8192 a warp: 8 warps, one block
-    (128, 144 * 1024, 4, (4, "smem")),  # 228 KiB / (144 + 1) KiB: one block
-    (24, 0, 4, (64, "warps")),  # 768 regs a warp would allow 85 warps: 16 blocks of 4 fill the 64
-    (16, 0, 1, (32, "blocks")),  # at most 32 blocks an SM
-])
+@pytest.mark.parametrize(
+    "regs,smem,warps,expect",
+    [
+        (115, 64, 4, (16, "regs")),  # 115 -> 120 regs a thread, 3840 a warp: 17 warps' worth, 4 blocks of 4
+        (255, 128 * 1024, 8, (8, "regs")),  # 256 x 32 = 8192 a warp: 8 warps, one block
+        (128, 144 * 1024, 4, (4, "smem")),  # 228 KiB / (144 + 1) KiB: one block
+        (24, 0, 4, (64, "warps")),  # 768 regs a warp would allow 85 warps: 16 blocks of 4 fill the 64
+        (16, 0, 1, (32, "blocks")),  # at most 32 blocks an SM
+    ],
+)
 def test_occupancy_arithmetic(regs, smem, warps, expect):
     occ = S.occupancy(regs, smem, warps)
     assert (occ["warps_per_sm"], occ["limiter"]) == expect

@@ -95,6 +95,10 @@ def test_compile_blocks_in_place_keeps_the_state_dict_and_the_numbers():
     compile_blocks(m, backend=counter, fullgraph=True)
     assert list(m.state_dict()) == keys
     g = torch.Generator().manual_seed(3)
-    x, t, cond = torch.randn(2, 4, 9, 20, generator=g), torch.randint(0, 1000, (2, 4), generator=g), torch.randn(2, 9, 24, generator=g)
+    x, t, cond = (
+        torch.randn(2, 4, 9, 20, generator=g),
+        torch.randint(0, 1000, (2, 4), generator=g),
+        torch.randn(2, 9, 24, generator=g),
+    )
     assert torch.equal(m(x, t, cond), ref(x, t, cond))
     assert counter.frame_count == 2  # blocks 0 and 1 share one graph (same code, parameters are inputs), + final

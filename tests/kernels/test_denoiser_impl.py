@@ -135,23 +135,33 @@ def test_tiny_ross_trains_the_same_with_triton_and_torch(tiny_models, stage2_sha
     """20 optimizer steps of the tiny ROSS model, fp32, same data and keys: the losses agree step by step."""
     from fastross.config import DenoiserConfig, ModelConfig
     from fastross.data.batch import Collator
+    from fastross.data.images import ImageSpec
     from fastross.data.schema import ShardMeta
     from fastross.model.ross import RossModel
-    from fastross.data.images import ImageSpec
 
     torch.manual_seed(0)
-    cfg = ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
-                      denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4, impl="torch"))
+    cfg = ModelConfig(
+        vision_path=str(tiny_models / "vision"),
+        llm_path=str(tiny_models / "llm"),
+        fused_ce=False,
+        denoiser=DenoiserConfig(kind="dit", depth=2, width=32, heads=4, replicas=4, impl="torch"),
+    )
     models = {"torch": RossModel(cfg)}
     models["triton"] = RossModel(replace(cfg, denoiser=replace(cfg.denoiser, impl="triton")))
     models["triton"].load_state_dict(models["torch"].state_dict())
-    collate = Collator(meta=ShardMeta.read(stage2_shards), image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
-                       latent_channels=16, replicas=4, seed=0)
+    collate = Collator(
+        meta=ShardMeta.read(stage2_shards),
+        image=ImageSpec.from_pretrained(str(tiny_models / "vision")),
+        latent_channels=16,
+        replicas=4,
+        seed=0,
+    )
     img = [s for s in stage2_samples if len(s["image"])]
     txt = [s for s in stage2_samples if not len(s["image"])]
     # micro-batches of 2 images + 1 text sample; every 7th is text-only (the dummy image, weight 0)
-    batches = [collate(txt[i : i + 2] if i % 7 == 6 else img[2 * i : 2 * i + 2] + txt[i : i + 1], step=i)
-               for i in range(20)]
+    batches = [
+        collate(txt[i : i + 2] if i % 7 == 6 else img[2 * i : 2 * i + 2] + txt[i : i + 1], step=i) for i in range(20)
+    ]
     losses = {}
     for impl, model in models.items():
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
@@ -185,18 +195,40 @@ def test_triton_impl_on_two_fsdp2_ranks_matches_torch_on_one(tiny_models, stage2
     for impl, ranks in (("torch", 1), ("triton", 2)):
         run_dir = tmp_path / impl
         cfg = {
-            "model": {"vision_path": str(tiny_models / "vision"), "llm_path": str(tiny_models / "llm"),
-                      "denoiser": {"kind": "dit", "depth": 1, "width": 32, "heads": 4, "replicas": 4, "impl": impl},
-                      "fused_ce": False},  # Liger's CE is ~35x slower in Triton's CPU interpreter
+            "model": {
+                "vision_path": str(tiny_models / "vision"),
+                "llm_path": str(tiny_models / "llm"),
+                "denoiser": {"kind": "dit", "depth": 1, "width": 32, "heads": 4, "replicas": 4, "impl": impl},
+                "fused_ce": False,
+            },  # Liger's CE is ~35x slower in Triton's CPU interpreter
             "data": {"shards": str(stage2_shards), "global_batch": 8, "max_tokens": 256},
             "optim": {"lr_projector": 1e-3, "lr_denoiser": 1e-3, "lr_llm": 1e-3, "warmup_ratio": 0.0},
-            "train": {"trainable": ["projector", "llm", "denoiser"], "dtype": "fp32", "log_every": 1,
-                      "max_steps": 2, "ckpt_every": 10, "run_dir": str(run_dir)},
+            "train": {
+                "trainable": ["projector", "llm", "denoiser"],
+                "dtype": "fp32",
+                "log_every": 1,
+                "max_steps": 2,
+                "ckpt_every": 10,
+                "run_dir": str(run_dir),
+            },
         }
         path = tmp_path / f"{impl}.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-                            "-m", "fastross.train", str(path)], capture_output=True, text=True, timeout=600)
+        p = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc-per-node={ranks}",
+                "-m",
+                "fastross.train",
+                str(path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert "train: done" in p.stdout + p.stderr, (p.stdout + p.stderr)[-4000:]
         metrics[impl] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics["triton"]] == [m["step"] for m in metrics["torch"]] == [1, 2]
@@ -227,8 +259,12 @@ def test_auto_impl_builds_the_ops_of_the_device(tiny_models):
     from fastross.model import diffusion
     from fastross.model.ross import RossModel
 
-    cfg = ModelConfig(vision_path=str(tiny_models / "vision"), llm_path=str(tiny_models / "llm"), fused_ce=False,
-                      denoiser=DenoiserConfig(kind="dit", depth=1, width=32, heads=4, replicas=4, impl="auto"))
+    cfg = ModelConfig(
+        vision_path=str(tiny_models / "vision"),
+        llm_path=str(tiny_models / "llm"),
+        fused_ce=False,
+        denoiser=DenoiserConfig(kind="dit", depth=1, width=32, heads=4, replicas=4, impl="auto"),
+    )
     for device, want in (("cpu", "torch"), ("cuda", "triton")):
         model = build.meta(cfg, "sdpa", device)
         assert model.denoiser.impl == want and all(blk.ops is OPS[want] for blk in model.denoiser.blocks)

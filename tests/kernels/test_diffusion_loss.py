@@ -4,8 +4,8 @@ import math
 
 import pytest
 import torch
-
 from fastross.kernels import diffusion_loss as D
+
 from kernel_checks import rel_err
 
 KEYS = torch.tensor([2**62 + 12345, 7, 123456789012345], dtype=torch.int64)  # 63-bit, as noise_key gives

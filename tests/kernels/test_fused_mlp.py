@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from fastross.kernels.fused_mlp import fused_mlp_branch, fused_mlp_branch_ref, gated_linear, gated_linear_ref
 
 

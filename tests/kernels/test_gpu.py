@@ -10,12 +10,12 @@ import os
 
 import pytest
 import torch
-
 from fastross.kernels import diffusion_loss as D
 from fastross.kernels.adaln import silu_cond, silu_cond_ref
 from fastross.kernels.fused_mlp import fused_mlp_branch, fused_mlp_branch_ref, gated_linear, gated_linear_ref
 from fastross.kernels.linear_epilogue import linear_epilogue, linear_epilogue_ref
 from fastross.kernels.ln_modulate import ln_modulate, ln_modulate_ref
+
 from kernel_checks import rel_err
 
 pytestmark = pytest.mark.gpu
@@ -33,15 +33,28 @@ def compiled_kernels():
 def test_ln_modulate_gpu(check, rows, w, dtype):
     g = torch.Generator().manual_seed(0)
     x, ada = torch.randn(rows, w, generator=g) * 2 + 1, torch.randn(rows, 6 * w, generator=g)
-    check(ln_modulate, ln_modulate_ref, [x, ada], [True, True], dtype, device="cuda",
-          prep=lambda xs: (xs[0], *xs[1].chunk(6, dim=-1)[:2]))
+    check(
+        ln_modulate,
+        ln_modulate_ref,
+        [x, ada],
+        [True, True],
+        dtype,
+        device="cuda",
+        prep=lambda xs: (xs[0], *xs[1].chunk(6, dim=-1)[:2]),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_silu_cond_gpu(check, dtype):
     g = torch.Generator().manual_seed(1)
-    check(silu_cond, silu_cond_ref, [torch.randn(3, 729, 1024, generator=g), torch.randn(3, 4, 1024, generator=g)],
-          [True, True], dtype, device="cuda")
+    check(
+        silu_cond,
+        silu_cond_ref,
+        [torch.randn(3, 729, 1024, generator=g), torch.randn(3, 4, 1024, generator=g)],
+        [True, True],
+        dtype,
+        device="cuda",
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -53,13 +66,19 @@ def test_linear_epilogue_gpu(epilogue, dtype):
     w = (torch.randn(n, k, generator=g) / k**0.5).cuda().to(dtype)
     bias, aux = torch.randn(n, generator=g).cuda().to(dtype), torch.randn(m, n, generator=g).cuda().to(dtype)
     gate = torch.randn(m, 3 * n, generator=g).cuda().to(dtype)[:, n : 2 * n]
-    kw = dict(epilogue=epilogue, bias=None if epilogue == "act_grad" else bias,
-              aux=aux if epilogue in ("gate_res", "act_grad") else None, gate=gate if epilogue == "gate_res" else None)
+    kw = dict(
+        epilogue=epilogue,
+        bias=None if epilogue == "act_grad" else bias,
+        aux=aux if epilogue in ("gate_res", "act_grad") else None,
+        gate=gate if epilogue == "gate_res" else None,
+    )
     got = linear_epilogue(a, w.t(), **kw)
     got = got if isinstance(got, tuple) else (got,)
     low = linear_epilogue_ref(a, w.t(), **kw)
     low = low if isinstance(low, tuple) else (low,)
-    want = linear_epilogue_ref(a.float(), w.t().float(), **{k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()})
+    want = linear_epilogue_ref(
+        a.float(), w.t().float(), **{k: v.float() if torch.is_tensor(v) else v for k, v in kw.items()}
+    )
     want = want if isinstance(want, tuple) else (want,)
     for x, lo, hi in zip(got, low, want):
         if dtype == torch.float32:
@@ -73,20 +92,44 @@ def test_linear_epilogue_gpu(epilogue, dtype):
 def test_fused_mlp_branch_gpu(check, act, hidden, dtype):
     g = torch.Generator().manual_seed(3)
     w, rows = 1024, 3001
-    inputs = [torch.randn(rows, w, generator=g), torch.randn(rows, 3 * w, generator=g) * 0.5,
-              torch.randn(hidden, w, generator=g) / w**0.5, torch.randn(hidden, generator=g) * 0.1,
-              torch.randn(w, hidden, generator=g) / hidden**0.5, torch.randn(w, generator=g) * 0.1]
-    check(lambda *a: fused_mlp_branch(*a, act=act), lambda *a: fused_mlp_branch_ref(*a, act=act), inputs, [True] * 6,
-          dtype, device="cuda", prep=lambda xs: [xs[0], *xs[1].chunk(3, dim=-1), *xs[2:]])
+    inputs = [
+        torch.randn(rows, w, generator=g),
+        torch.randn(rows, 3 * w, generator=g) * 0.5,
+        torch.randn(hidden, w, generator=g) / w**0.5,
+        torch.randn(hidden, generator=g) * 0.1,
+        torch.randn(w, hidden, generator=g) / hidden**0.5,
+        torch.randn(w, generator=g) * 0.1,
+    ]
+    check(
+        lambda *a: fused_mlp_branch(*a, act=act),
+        lambda *a: fused_mlp_branch_ref(*a, act=act),
+        inputs,
+        [True] * 6,
+        dtype,
+        device="cuda",
+        prep=lambda xs: [xs[0], *xs[1].chunk(3, dim=-1), *xs[2:]],
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gated_linear_gpu(check, dtype):
     g = torch.Generator().manual_seed(4)
-    inputs = [torch.randn(2, 729, 1024, generator=g), torch.randn(1024, 1024, generator=g) / 32,
-              torch.randn(1024, generator=g), torch.randn(2, 729, 3072, generator=g), torch.randn(2, 729, 1024, generator=g)]
-    check(gated_linear, gated_linear_ref, inputs, [True] * 5, dtype, device="cuda",
-          prep=lambda xs: (xs[0], xs[1], xs[2], xs[3].chunk(3, dim=-1)[2], xs[4]))
+    inputs = [
+        torch.randn(2, 729, 1024, generator=g),
+        torch.randn(1024, 1024, generator=g) / 32,
+        torch.randn(1024, generator=g),
+        torch.randn(2, 729, 3072, generator=g),
+        torch.randn(2, 729, 1024, generator=g),
+    ]
+    check(
+        gated_linear,
+        gated_linear_ref,
+        inputs,
+        [True] * 5,
+        dtype,
+        device="cuda",
+        prep=lambda xs: (xs[0], xs[1], xs[2], xs[3].chunk(3, dim=-1)[2], xs[4]),
+    )
 
 
 def test_generator_on_gpu():
@@ -119,8 +162,9 @@ def test_diffusion_xt_gpu(dtype):
     sab, s1m = torch.rand(n, r, generator=g).cuda(), torch.rand(n, r, generator=g).cuda()
     keys = torch.tensor([1, 2, 3], device="cuda")
     got = D.diffusion_xt(mean, std, keys, sab, s1m, 0.1159, 0.3611, dtype=dtype)
-    want = D.diffusion_xt_ref(mean, std, D.keyed_xi(keys, 729, 64), D.keyed_eps(keys, r, 729, 64), sab, s1m, 0.1159,
-                              0.3611)
+    want = D.diffusion_xt_ref(
+        mean, std, D.keyed_xi(keys, 729, 64), D.keyed_eps(keys, r, 729, 64), sab, s1m, 0.1159, 0.3611
+    )
     if dtype == torch.float32:
         assert rel_err(got, want) <= 1e-5
     else:

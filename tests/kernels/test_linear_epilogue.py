@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from fastross.kernels.linear_epilogue import gate_backward, linear_epilogue, linear_epilogue_ref
+
 from kernel_checks import rel_err
 
 M, K, N = 150, 100, 130  # several tiles each way (K too), none a multiple of the block sizes
@@ -24,8 +24,13 @@ def inputs(dtype, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_epilogues_match_reference(epilogue, act, dtype):
     a, w, bias, aux, gate = inputs(dtype)
-    kw = dict(epilogue=epilogue, act=act, bias=None if epilogue == "act_grad" else bias,
-              aux=aux if epilogue in ("gate_res", "act_grad") else None, gate=gate if epilogue == "gate_res" else None)
+    kw = dict(
+        epilogue=epilogue,
+        act=act,
+        bias=None if epilogue == "act_grad" else bias,
+        aux=aux if epilogue in ("gate_res", "act_grad") else None,
+        gate=gate if epilogue == "gate_res" else None,
+    )
     got = linear_epilogue(a, w.t(), **kw)
     got = got if isinstance(got, tuple) else (got,)
     low = linear_epilogue_ref(a, w.t(), **kw)

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from fastross.kernels.ln_modulate import ln_modulate, ln_modulate_ref
 
 SHAPES = [(37, 48), (3, 7, 100), (2, 130, 33)]  # rows and widths that are not multiples of the blocks
