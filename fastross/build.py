@@ -6,13 +6,14 @@
     loaded = build.load(model, world.device, cfg)                # each rank's shards, frozen parts cast, init_from
 
 `model.denoiser.impl: auto` is resolved here (`resolve`), once, for the type of device the model will run on:
-the trainer for its ranks' device, the planner (fastross.plan) for the device it plans for, the FLOP counter
+the trainer for its ranks' device, the planner (fastross.memory_plan) for the device it plans for, the FLOP counter
 (fastross.flops) for the device it counts for, and the tools (export and generate build the whole model on the host
 with `host`, convert_checkpoint and --check the architecture with `meta`) for the device that runs the model.
 RossModel itself takes a resolved impl and refuses auto.
 
 The planner and the FLOP counter stop short of `load`: `fake` gives the built model fake tensors in its place
-(shapes only, no memory), under the FakeTensorMode it returns.
+(shapes only, no memory), under the FakeTensorMode it returns. `checkpoint_model` is a checkpoint as a model on the
+host, what an export is compared with.
 """
 
 from __future__ import annotations
