@@ -27,7 +27,7 @@ from fastross.data.schema import (
 )
 from fastross.data.shards import MDSShards
 
-try:  # the native twin; absent only when the package was not built (as fastross.data.planner's NATIVE)
+try:  # the native twin; absent only when the package was not built (as fastross.data.packing_planner's NATIVE)
     from fastross import _native
 except ImportError:
     _native = None
