@@ -266,3 +266,38 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_temporary_folder_too_long_for_the_workers_sockets_is_refused():
+    """Seen under pytest-xdist: a TMPDIR of 89 bytes made multiprocessing's listener path 120 bytes, the workers'
+    bind failed in their queue threads, and the run waited for its first step for ever. The check's limit is the
+    kernel's: a fresh process binds its first listener with a TMPDIR of the longest length allowed, and fails one
+    byte above it."""
+    import shutil
+    import tempfile
+
+    from fastross.config import ConfigError
+    from fastross.data.loader import check_worker_tmpdir
+
+    bind = "from multiprocessing.connection import Listener; Listener(family='AF_UNIX').close()"
+    root = tempfile.mkdtemp(prefix="fr-", dir="/tmp")  # short: the session's own folder may be longer than 74 bytes
+    allowed, bound = {}, {}
+    try:
+        for n in (74, 75, 76, 77):
+            folder = os.path.join(root, "t").ljust(n, "x")
+            os.mkdir(folder)
+            ran = subprocess.run(
+                [sys.executable, "-c", bind], env={**os.environ, "TMPDIR": folder}, capture_output=True, text=True
+            )
+            bound[n] = ran.returncode == 0
+            assert bound[n] or "AF_UNIX path too long" in ran.stderr, ran.stderr[-300:]
+            try:
+                check_worker_tmpdir(2, folder)
+                allowed[n] = True
+            except ConfigError as e:
+                assert f"the temporary folder {folder} ({n} bytes) is too long" in str(e) and "data.workers=0" in str(e)
+                allowed[n] = False
+            check_worker_tmpdir(0, folder)  # no workers, no sockets: any folder
+    finally:
+        shutil.rmtree(root)
+    assert allowed == bound == {74: True, 75: True, 76: False, 77: False}

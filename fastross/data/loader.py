@@ -30,13 +30,15 @@ the trainer those milliseconds and nothing else.
 from __future__ import annotations
 
 import collections
+import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
 
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from fastross.config import DataConfig, parse_size
+from fastross.config import ConfigError, DataConfig, parse_size
 from fastross.data.batch import Collator, MicroBatch
 from fastross.data.images import ImageSpec
 from fastross.data.schema import ShardCorruptError
@@ -150,6 +152,26 @@ class StepDataset(Dataset):
         return packed
 
 
+# A worker sends each step's buffer by passing its file descriptor over an AF_UNIX socket that multiprocessing binds at
+# TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX. Linux holds at most 107 bytes of such a path: with a longer TMPDIR the bind
+# fails inside the worker's queue thread, the step is never sent, and the trainer would wait for it for ever.
+SOCKET_PATH_MAX = 107
+WORKER_SOCKET = os.path.join("pymp-XXXXXXXX", "listener-XXXXXXXX")
+
+
+def check_worker_tmpdir(workers: int, tmp: str | None = None) -> None:
+    """Refuse loader workers when the temporary folder is too long for their sockets (ConfigError, TMPDIR named)."""
+    tmp = tmp or tempfile.gettempdir()
+    n = len(os.fsencode(os.path.join(tmp, WORKER_SOCKET)))
+    if workers and n > SOCKET_PATH_MAX:
+        room = SOCKET_PATH_MAX - len(os.fsencode(os.path.join("", WORKER_SOCKET))) - 1
+        raise ConfigError(
+            f"data.workers={workers}: the temporary folder {tmp} ({len(os.fsencode(tmp))} bytes) is too long for the "
+            f"loader workers' sockets (multiprocessing binds them at TMPDIR/{WORKER_SOCKET}, at most "
+            f"{SOCKET_PATH_MAX} bytes): set TMPDIR to a folder of at most {room} bytes, or data.workers=0"
+        )
+
+
 def _as_is(item):
     return item
 
@@ -175,6 +197,7 @@ class Loader:
     ):
         """seed: the run seed that keys the noise (train.seed); cfg.seed orders the data."""
         self.cfg, self.device = cfg, device
+        check_worker_tmpdir(cfg.workers)
         # Every local shard file hash-checked once, here, before any step is planned (each rank reads them all once);
         # a remote's as each is downloaded (fastross.data.remote).
         self.sources = open_sources(cfg)
