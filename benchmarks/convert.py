@@ -23,6 +23,7 @@ from pathlib import Path
 
 from fastross.data.convert import main as convert
 from fastross.data.synth import write_dataset
+from fastross.demo import convert_args
 from fastross.demo.make_tiny import make_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
@@ -31,22 +32,7 @@ from devtools import results as R  # noqa: E402
 
 def timed_convert(models: Path, data: Path, out: Path, extra: list[str]) -> float:
     """Seconds one conversion of data/stage2.json takes."""
-    argv = [
-        "--json",
-        str(data / "stage2.json"),
-        "--images",
-        str(data / "images"),
-        "--tokenizer",
-        str(models / "llm"),
-        "--vision",
-        str(models / "vision"),
-        "--template",
-        "qwen2_ross",
-        "--out",
-        str(out),
-        "--quiet",
-        *extra,
-    ]
+    argv = convert_args(models, data / "stage2.json", data / "images", out, "qwen2_ross", *extra, vae=False)
     start = time.perf_counter()
     if convert(argv) != 0:
         raise RuntimeError(f"benchmark: the conversion {' '.join(argv)} failed")

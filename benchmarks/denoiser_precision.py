@@ -46,6 +46,8 @@ from pathlib import Path
 
 import yaml
 
+from fastross.demo import convert_args
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
 from devtools import results as R  # noqa: E402
 
@@ -71,21 +73,7 @@ def prepare(work: Path) -> Path:
                 py,
                 "-m",
                 "fastross.data.convert",
-                "--json",
-                str(data / "stage1.json"),
-                "--images",
-                str(data / "images"),
-                "--tokenizer",
-                str(models / "llm"),
-                "--vision",
-                str(models / "vision"),
-                "--vae",
-                str(models / "vae"),
-                "--template",
-                "plain",
-                "--out",
-                str(shards),
-                "--quiet",
+                *convert_args(models, data / "stage1.json", data / "images", shards, "plain"),
             ]
         )
     return shards

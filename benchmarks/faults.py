@@ -63,6 +63,8 @@ from unittest import mock
 import fastross.kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET before Liger imports Triton)
 import numpy as np
 
+from fastross.demo import convert_args
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo root: devtools/ is never installed
 from devtools import faults  # noqa: E402
@@ -299,25 +301,7 @@ def disk_full_in_conversion(c: Campaign, i: int) -> tuple[bool, Path]:
 
     out = c.work / "multi_shards"
     synth = c.shards.parent / "synth"  # devtools.golden.prepare's layout
-    argv = [
-        "--json",
-        str(synth / "stage2.json"),
-        "--images",
-        str(synth / "images"),
-        "--tokenizer",
-        str(c.models / "llm"),
-        "--vision",
-        str(c.models / "vision"),
-        "--vae",
-        str(c.models / "vae"),
-        "--template",
-        "qwen2_ross",
-        "--out",
-        str(out),
-        "--quiet",
-        "--shard-size",
-        "65536",
-    ]
+    argv = convert_args(c.models, synth / "stage2.json", synth / "images", out, "qwen2_ross", "--shard-size", "65536")
     real = P.write_bytes
 
     def full(path, data):
@@ -433,7 +417,7 @@ def corrupt_shard_trials(c: Campaign, multi: Path, spec) -> int:
         problems = []
         for mode in ("error", "skip"):
             try:
-                got = loader(d, mode, spec)
+                got = faults.shard_loader(d, spec, mode)
             except ShardCorruptError as e:
                 if str(victim) not in str(e):
                     problems.append(f"{mode}: the error does not name {victim}: {e}")
@@ -464,29 +448,6 @@ def _has_latents(d: Path, k: int) -> bool:
     from fastross.data.shards import MDSShards
 
     return len(MDSShards(d).read(k)["latent_mean"]) > 0
-
-
-def loader(shards: Path, mode: str, spec):
-    import torch
-
-    from fastross.config import DataConfig
-    from fastross.data.loader import Loader
-
-    cfg = DataConfig(shards=str(shards), global_batch=4, corrupt_shards=mode, workers=0)
-    return Loader(
-        cfg,
-        rank=0,
-        world=1,
-        attn_tokens=1e4,
-        image=spec,
-        latent_channels=16,
-        replicas=1,
-        seed=0,
-        device=torch.device("cpu"),
-    )
-
-
-# ---------------------------------------------------------------- corrupt checkpoints, escapes through a checkpoint
 
 
 def crafted(ckpt: Path, name: str, marker: Path) -> None:
@@ -563,23 +524,7 @@ def converter_escapes(c: Campaign) -> int:
     (root / "records.json").write_text(json.dumps(records))
     out = root / "shards"
     with contextlib.redirect_stdout(io.StringIO()):
-        rc = convert.main(
-            [
-                "--json",
-                str(root / "records.json"),
-                "--images",
-                str(images),
-                "--tokenizer",
-                str(c.models / "llm"),
-                "--vision",
-                str(c.models / "vision"),
-                "--template",
-                "qwen2_ross",
-                "--out",
-                str(out),
-                "--quiet",
-            ]
-        )
+        rc = convert.main(convert_args(c.models, root / "records.json", images, out, vae=False))
     from fastross.data.schema import read_meta
     from fastross.data.shards import MDSShards
 
@@ -1075,27 +1020,9 @@ def parts_conversion(c: Campaign, root: Path) -> tuple[Path, Path, Path]:
         out = root / f"part{i}"
         rc, said = in_process(
             convert.main,
-            [
-                "--json",
-                str(src),
-                "--images",
-                str(synth / "images"),
-                "--tokenizer",
-                str(c.models / "llm"),
-                "--vision",
-                str(c.models / "vision"),
-                "--vae",
-                str(c.models / "vae"),
-                "--template",
-                "qwen2_ross",
-                "--out",
-                str(out),
-                "--quiet",
-                "--shard-size",
-                "65536",
-                "--part",
-                f"{i}/2",
-            ],
+            convert_args(
+                c.models, src, synth / "images", out, "qwen2_ross", "--shard-size", "65536", "--part", f"{i}/2"
+            ),
         )
         if rc != 0:
             raise RuntimeError(f"faults: converting part {i}/2 failed:\n{said[-2000:]}")
@@ -1195,27 +1122,7 @@ def fuzz(c: Campaign, n: int, seed: int, spec, chunk: int = 100, kinds: tuple = 
     images = root / "images"
     images.mkdir(parents=True)
     (root / "outside.png").write_bytes(faults.png(faults.rgb_image(16, 16, 0)))
-    args = convert.parse_args(
-        [
-            "--json",
-            "-",
-            "--images",
-            str(images),
-            "--tokenizer",
-            str(c.models / "llm"),
-            "--template",
-            "qwen2_ross",
-            "--vision",
-            str(c.models / "vision"),
-            "--vae",
-            str(c.models / "vae"),
-            "--out",
-            "-",
-            "--image-aspect",
-            "square",
-            "--quiet",
-        ]
-    )
+    args = convert.parse_args(convert_args(c.models, "-", images, "-", "qwen2_ross", "--image-aspect", "square"))
     conv = convert.Converter(args)
     counts = {"records": 0, "crashes": 0, "lost": 0, "silent_corruption": 0}
     for start in range(0, n, chunk):

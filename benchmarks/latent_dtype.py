@@ -36,6 +36,7 @@ from fastross.data.noise import draw_timesteps, noise_key
 from fastross.data.schema import ShardMeta
 from fastross.data.shards import MDSShards
 from fastross.data.synth import write_dataset
+from fastross.demo import convert_args
 from fastross.demo.make_tiny import make_tiny
 from fastross.model import diffusion
 from fastross.model.denoiser import Denoiser
@@ -48,27 +49,10 @@ def moments(
     models: Path, vae: str, vision: str, data: Path, out: Path, dtype: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, ShardMeta]:
     """Convert data/stage2.json with --latent-dtype `dtype`: (mean, std, sample indices) of its images, in fp32."""
-    argv = [
-        "--json",
-        str(data / "stage2.json"),
-        "--images",
-        str(data / "images"),
-        "--tokenizer",
-        str(models / "llm"),
-        "--vision",
-        vision,
-        "--vae",
-        vae,
-        "--template",
-        "qwen2_ross",
-        "--latent-dtype",
-        dtype,
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-        "--quiet",
-    ]
+    extra = ("--latent-dtype", dtype, "--device", "cpu")
+    argv = convert_args(
+        models, data / "stage2.json", data / "images", out, "qwen2_ross", *extra, vision=vision, vae=vae
+    )
     if convert(argv) != 0:
         raise RuntimeError(f"benchmark: converting with --latent-dtype {dtype} failed")
     meta, shards = ShardMeta.read(out), MDSShards(out)

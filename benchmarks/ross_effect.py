@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from fastross.demo import majority_baseline  # the demo's accuracy line uses the same baseline
+from fastross import demo  # its prepare and its majority-answer baseline, which the demo's accuracy line uses too
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
 from devtools import results as R  # noqa: E402
@@ -219,60 +219,13 @@ def visual_features(run_dir: Path, images: list[Path], layer: int, pool: str = "
 
 
 def prepare(work: Path, a) -> None:
-    """The generator's data in WORK/data, the probe images in WORK/probe, tiny models in WORK/models, both stages'
-    shards in WORK/shards."""
+    """The demo's preparation (fastross.demo.prepare: the generator's data in WORK/data, tiny models in WORK/models,
+    both stages' shards in WORK/shards) at this run's sizes, and the probe images in WORK/probe."""
     from fastross.data.synth import write_dataset
-    from fastross.demo import make_tiny
 
-    if a.vocab and not hasattr(make_tiny, "build_corpus_tokenizer"):
-        raise SystemExit(
-            "ross_effect: --vocab needs fastross.demo.make_tiny --corpus (a tokenizer trained on the "
-            "data's text), which this checkout lacks; --vocab 0 uses Qwen2's tokenizer"
-        )
-    py = sys.executable
-    models, data, shards = work / "models", work / "data", work / "shards"
-    run(
-        [
-            py,
-            "-m",
-            "fastross.data.synth",
-            str(data),
-            "--seed",
-            "0",
-            "--train",
-            str(a.train_images),
-            "--eval",
-            str(a.eval_images),
-        ]
-    )
+    synth = ["--seed", "0", "--train", str(a.train_images), "--eval", str(a.eval_images)]
+    demo.prepare(work, synth, vocab=a.vocab)
     write_dataset(work / "probe", seed=PROBE_SEED, n_train=a.probe_images, n_eval=0)
-    corpus = (
-        ["--corpus", str(data / "stage1.json"), str(data / "stage2.json"), "--vocab", str(a.vocab)] if a.vocab else []
-    )
-    run([py, "-m", "fastross.demo.make_tiny", str(models), *corpus])
-    for stage, template in ((1, "plain"), (2, "qwen2_ross")):
-        run(
-            [
-                py,
-                "-m",
-                "fastross.data.convert",
-                "--json",
-                str(data / f"stage{stage}.json"),
-                "--images",
-                str(data / "images"),
-                "--tokenizer",
-                str(models / "llm"),
-                "--vision",
-                str(models / "vision"),
-                "--vae",
-                str(models / "vae"),
-                "--template",
-                template,
-                "--out",
-                str(shards / f"stage{stage}"),
-                "--quiet",
-            ]
-        )
 
 
 def train_pair(work: Path, seed: int, lam: float, a, env: dict) -> Path:
@@ -391,7 +344,7 @@ def main(argv=None) -> int:
                 run_dir = train_pair(work, seed, lam, a, env)
                 evaluate(run_dir, work / "data" / "eval.json", run_dir.parent / "eval", max_new_tokens=8)
                 rows = [json.loads(x) for x in (run_dir.parent / "eval" / "items.jsonl").read_text().splitlines()]
-                baselines.append(majority_baseline(rows))
+                baselines.append(demo.majority_baseline(rows))
                 got = probe(visual_features(run_dir, probe_images, a.probe_layer, a.pool), truth)
                 chance = {k: v[1] for k, v in got.items()}
                 v = values[lam]

@@ -112,27 +112,14 @@ def prepare(work: Path) -> tuple[Path, Path, Path]:
     from devtools.golden import SYNTH
     from fastross.data.convert import main as convert
     from fastross.data.synth import write_dataset
+    from fastross.demo import convert_args
     from fastross.demo.make_tiny import make_tiny
 
     models = make_tiny(work / "models")
     write_dataset(work / "synth", **SYNTH)
     out = {}
     for name, vae in (("latents", True), ("pixels", False)):
-        argv = [
-            "--json",
-            str(work / "synth" / "stage2.json"),
-            "--images",
-            str(work / "synth" / "images"),
-            "--tokenizer",
-            str(models / "llm"),
-            "--vision",
-            str(models / "vision"),
-            "--template",
-            "qwen2_ross",
-            "--out",
-            str(work / name),
-            "--quiet",
-        ] + (["--vae", str(models / "vae")] if vae else [])
+        argv = convert_args(models, work / "synth" / "stage2.json", work / "synth" / "images", work / name, vae=vae)
         if convert(argv) != 0:
             raise RuntimeError(f"throughput: converting the tiny data set ({name}) failed")
         out[name] = work / name

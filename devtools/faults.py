@@ -79,6 +79,19 @@ def torchrun_cmd(nproc: int, config: Path, *overrides: str, module: str = "fastr
     ]
 
 
+def shard_loader(shards: Path, spec, corrupt_shards: str = "error"):
+    """The trainer's data path over SHARDS on one rank (global batch 4, no loader workers), as the corrupt-shard
+    trials and tests read it; spec: the tower's fastross.data.images.ImageSpec."""
+    import torch
+
+    from fastross.config import DataConfig
+    from fastross.data.loader import Loader
+
+    cfg = DataConfig(shards=str(shards), global_batch=4, corrupt_shards=corrupt_shards, workers=0)
+    kw = dict(rank=0, world=1, attn_tokens=1e4, image=spec, latent_channels=16, replicas=1, seed=0)
+    return Loader(cfg, **kw, device=torch.device("cpu"))
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid` (torchrun's workers start sessions of their own: a process group kill misses them)."""
     children: dict[int, list[int]] = {}

@@ -34,29 +34,13 @@ def prepare(work: Path) -> tuple[Path, Path]:
     """Tiny model folders and stage-2 shards, made exactly as the test fixtures make them."""
     from fastross.data.convert import main as convert
     from fastross.data.synth import write_dataset
+    from fastross.demo import convert_args
     from fastross.demo.make_tiny import make_tiny
 
     models = make_tiny(work / "models")
     write_dataset(work / "synth", **SYNTH)
     shards = work / "shards"
-    argv = [
-        "--json",
-        str(work / "synth" / "stage2.json"),
-        "--images",
-        str(work / "synth" / "images"),
-        "--tokenizer",
-        str(models / "llm"),
-        "--vision",
-        str(models / "vision"),
-        "--vae",
-        str(models / "vae"),
-        "--template",
-        "qwen2_ross",
-        "--out",
-        str(shards),
-        "--quiet",
-    ]
-    if convert(argv) != 0:
+    if convert(convert_args(models, work / "synth" / "stage2.json", work / "synth" / "images", shards)) != 0:
         raise RuntimeError("golden: converting the tiny data set failed")
     return models, shards
 

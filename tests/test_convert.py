@@ -16,6 +16,7 @@ from PIL import Image
 
 from fastross.data import convert
 from fastross.data.schema import ShardMeta, read_meta
+from fastross.demo import convert_args
 
 IGNORE = -100
 END = "<|im_end|>"
@@ -71,23 +72,7 @@ def run_convert(
     else:
         src.write_text(json.dumps(records), encoding="utf-8")
     out = tmp_path / out_name
-    argv = [
-        "--json",
-        str(src),
-        "--images",
-        str(images),
-        "--tokenizer",
-        str(tiny_models / "llm"),
-        "--template",
-        template,
-        "--vision",
-        str(tiny_models / "vision"),
-        "--out",
-        str(out),
-        "--quiet",
-        *extra,
-    ]
-    return convert.main(argv), out
+    return convert.main(convert_args(tiny_models, src, images, out, template, *extra, vae=False)), out
 
 
 def read_samples(out: Path) -> list[dict]:

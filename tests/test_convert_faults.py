@@ -19,10 +19,11 @@ import pytest
 import torch
 from PIL import Image
 
-from devtools.faults import IMAGE_MODES, expected_pixels, make_image, png, png_rgb16, rgb_image
+from devtools.faults import IMAGE_MODES, expected_pixels, make_image, png, png_rgb16, rgb_image, shard_loader
 from fastross.data import convert
 from fastross.data.images import ImageSpec, preprocess
 from fastross.data.schema import ShardMeta, check_shard_file, corrupt_shards, read_meta, write_manifest
+from fastross.demo import convert_args
 
 ASK = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Shapes."}]
 
@@ -39,24 +40,7 @@ def run(
     src = tmp_path / f"{out_name}.json"
     src.write_text(json.dumps(records), encoding="utf-8")
     out = tmp_path / out_name
-    argv = [
-        "--json",
-        str(src),
-        "--images",
-        str(images),
-        "--tokenizer",
-        str(tiny_models / "llm"),
-        "--template",
-        "qwen2_ross",
-        "--vision",
-        str(tiny_models / "vision"),
-        "--out",
-        str(out),
-        "--quiet",
-        *(["--vae", str(tiny_models / "vae")] if vae else []),
-        *extra,
-    ]
-    return convert.main(argv), out
+    return convert.main(convert_args(tiny_models, src, images, out, "qwen2_ross", *extra, vae=vae)), out
 
 
 def samples(out: Path) -> list[dict]:
@@ -327,8 +311,6 @@ def many_shards(tiny_models, tmp_path_factory) -> Path:
 def test_corrupt_shard_is_named_or_skipped(many_shards, tmp_path, spec):
     import shutil
 
-    from fastross.config import DataConfig
-    from fastross.data.loader import Loader
     from fastross.data.schema import ShardCorruptError
 
     shards = tmp_path / "shards"
@@ -349,23 +331,9 @@ def test_corrupt_shard_is_named_or_skipped(many_shards, tmp_path, spec):
         )
     ]
 
-    def loader(mode: str) -> Loader:
-        cfg = DataConfig(shards=str(shards), global_batch=4, corrupt_shards=mode, workers=0)
-        return Loader(
-            cfg,
-            rank=0,
-            world=1,
-            attn_tokens=1e4,
-            image=spec,
-            latent_channels=16,
-            replicas=1,
-            seed=0,
-            device=torch.device("cpu"),
-        )
-
     with pytest.raises(ShardCorruptError, match=f"{victim}: its xxh64 hash differs.*data.corrupt_shards=skip"):
-        loader("error")
-    skipping = loader("skip")
+        shard_loader(shards, spec, "error")
+    skipping = shard_loader(shards, spec, "skip")
     kept = 24 - index[1]["samples"]
     assert skipping.stream.steps_per_epoch == kept // 4
     order = np.concatenate([skipping.stream.epoch_order(e) for e in range(3)])
@@ -398,31 +366,15 @@ def test_deleted_shard_is_skipped_and_an_edited_index_refused(many_shards, tmp_p
     and an index.json whose sample count was edited passed the hash check (it shifts every later sample id)."""
     import shutil
 
-    from fastross.config import DataConfig
-    from fastross.data.loader import Loader
     from fastross.data.schema import ShardCorruptError
-
-    def loader(shards: Path, mode: str) -> Loader:
-        cfg = DataConfig(shards=str(shards), global_batch=4, corrupt_shards=mode, workers=0)
-        return Loader(
-            cfg,
-            rank=0,
-            world=1,
-            attn_tokens=1e4,
-            image=spec,
-            latent_channels=16,
-            replicas=1,
-            seed=0,
-            device=torch.device("cpu"),
-        )
 
     index = json.loads((many_shards / "index.json").read_text())["shards"]
     gone = tmp_path / "gone"
     shutil.copytree(many_shards, gone)
     (gone / index[1]["raw_data"]["basename"]).unlink()
     with pytest.raises(ShardCorruptError, match=f"{gone / index[1]['raw_data']['basename']}: cannot be read"):
-        loader(gone, "error")
-    skipping = loader(gone, "skip")
+        shard_loader(gone, spec, "error")
+    skipping = shard_loader(gone, spec, "skip")
     read = [
         s["id"]
         for i in range(skipping.stream.steps_per_epoch)
@@ -448,7 +400,7 @@ def test_deleted_shard_is_skipped_and_an_edited_index_refused(many_shards, tmp_p
             f"{index[1]['samples']} samples, .*index.json records "
             f"{index[1]['samples'] - 1}",
         ):
-            loader(edited, mode)
+            shard_loader(edited, spec, mode)
 
 
 def test_full_disk_during_conversion_names_the_folder(tmp_path, tiny_models, capsys, monkeypatch):
@@ -662,27 +614,8 @@ def prop_converter(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("prop")
     (root / "images").mkdir()
     (root / "outside.png").write_bytes(png(rgb_image(16, 16, 0)))
-    a = convert.parse_args(
-        [
-            "--json",
-            "-",
-            "--images",
-            str(root / "images"),
-            "--tokenizer",
-            str(tiny_models / "llm"),
-            "--template",
-            "qwen2_ross",
-            "--vision",
-            str(tiny_models / "vision"),
-            "--out",
-            "-",
-            "--image-aspect",
-            "square",
-            "--max-length",
-            "4000",
-            "--quiet",
-        ]
-    )
+    extra = ("--image-aspect", "square", "--max-length", "4000")
+    a = convert.parse_args(convert_args(tiny_models, "-", root / "images", "-", "qwen2_ross", *extra, vae=False))
     return convert.Converter(a), root
 
 

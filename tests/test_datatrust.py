@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from fastross.config import DataConfig, SourceConfig
+from devtools.faults import shard_loader
+from fastross.config import SourceConfig
 from fastross.data import convert, images
 from fastross.data.schema import (
     ShardCorruptError,
@@ -34,6 +34,7 @@ from fastross.data.schema import (
 )
 from fastross.data.sources import check_shard_facts, open_source
 from fastross.data.stream import StepStream
+from fastross.demo import convert_args
 
 ASK = [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "Shapes."}]
 
@@ -44,23 +45,9 @@ def text_rec(rid, text="Hi."):
 
 def run_convert(tmp_path: Path, tiny_models: Path, source: Path, images_dir: Path | None = None, *extra: str):
     out = tmp_path / "out"
-    argv = [
-        "--json",
-        str(source),
-        "--images",
-        str(images_dir or tmp_path),
-        "--tokenizer",
-        str(tiny_models / "llm"),
-        "--template",
-        "qwen2_ross",
-        "--vision",
-        str(tiny_models / "vision"),
-        "--out",
-        str(out),
-        "--quiet",
-        *extra,
-    ]
-    return convert.main(argv), out
+    return convert.main(
+        convert_args(tiny_models, source, images_dir or tmp_path, out, "qwen2_ross", *extra, vae=False)
+    ), out
 
 
 @pytest.fixture
@@ -432,21 +419,10 @@ def test_json_with_bad_utf8_is_named(tmp_path, tiny_models, capsys):
 def test_loader_refuses_an_edited_folder(shards, tiny_models):
     """The trainer's data path (fastross.data.loader) verifies before it plans a step."""
     from fastross.data.images import ImageSpec
-    from fastross.data.loader import Loader
 
     spec = ImageSpec.from_pretrained(str(tiny_models / "vision"))
     data = bytearray((shards / "index.json").read_bytes())
     data[data.index(b'"samples": ') + 11] ^= 0x01  # a sample count's first digit
     (shards / "index.json").write_bytes(bytes(data))
     with pytest.raises(ShardCorruptError, match="index.json: its sha256 differs"):
-        Loader(
-            DataConfig(shards=str(shards), global_batch=4, workers=0),
-            rank=0,
-            world=1,
-            attn_tokens=1e4,
-            image=spec,
-            latent_channels=16,
-            replicas=1,
-            seed=0,
-            device=torch.device("cpu"),
-        )
+        shard_loader(shards, spec)

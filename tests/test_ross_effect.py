@@ -36,17 +36,6 @@ def test_paired_interval_matches_scipys_paired_t_interval(load_benchmark):
     assert d - h == pytest.approx(lo, abs=1e-12) and d + h == pytest.approx(hi, abs=1e-12)
 
 
-def test_majority_baseline_takes_each_answer_types_most_frequent_answer(load_benchmark):
-    e = load_benchmark("ross_effect")
-    rows = (
-        [{"type": "yesno", "gold": "yes"}] * 3
-        + [{"type": "yesno", "gold": "no"}] * 1
-        + [{"type": "number", "gold": 2}] * 2
-        + [{"type": "number", "gold": 3}] * 2
-    )
-    assert e.majority_baseline(rows) == pytest.approx((3 + 2) / 8)
-
-
 def test_probe_recovers_a_planted_linear_signal(load_benchmark):
     e = load_benchmark("ross_effect")
     rng = np.random.default_rng(0)

@@ -38,6 +38,26 @@ def run(cmd: list[str], env: dict | None = None) -> None:
     subprocess.run(cmd, check=True, cwd=REPO, env=env)
 
 
+def convert_args(
+    models: Path,
+    source: Path,
+    images: Path,
+    out: Path,
+    template: str = "qwen2_ross",
+    *extra: str,
+    vision: Path | str | None = None,
+    vae: Path | str | bool = True,
+) -> list[str]:
+    """fastross.data.convert's arguments for the records in SOURCE (images under IMAGES) with the folders of
+    make_tiny's layout in MODELS (llm, vision, vae), written to OUT. vision, vae: other folders (vae=False: no
+    latent moments). EXTRA comes last. The demo, the benchmarks and the tests convert through it."""
+    argv = ["--json", str(source), "--images", str(images), "--tokenizer", str(models / "llm")]
+    argv += ["--vision", str(vision or models / "vision"), "--template", template, "--out", str(out), "--quiet"]
+    if vae:
+        argv += ["--vae", str(models / "vae" if vae is True else vae)]
+    return argv + list(extra)
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -56,28 +76,8 @@ def prepare(work: Path, synth_args: list[str], vocab: int = 0) -> None:
     corpus = ["--corpus", str(data / "stage1.json"), str(data / "stage2.json"), "--vocab", str(vocab)] if vocab else []
     run([py, "-m", "fastross.demo.make_tiny", str(models), *corpus])
     for stage, template in ((1, "plain"), (2, "qwen2_ross")):
-        run(
-            [
-                py,
-                "-m",
-                "fastross.data.convert",
-                "--json",
-                str(data / f"stage{stage}.json"),
-                "--images",
-                str(data / "images"),
-                "--tokenizer",
-                str(models / "llm"),
-                "--vision",
-                str(models / "vision"),
-                "--vae",
-                str(models / "vae"),
-                "--template",
-                template,
-                "--out",
-                str(shards / f"stage{stage}"),
-                "--quiet",
-            ]
-        )
+        source, out = data / f"stage{stage}.json", shards / f"stage{stage}"
+        run([py, "-m", "fastross.data.convert", *convert_args(models, source, data / "images", out, template)])
 
 
 def majority_baseline(rows: list[dict]) -> float:

@@ -67,6 +67,12 @@ def build_qwen2_tokenizer():
     return tok
 
 
+# The tiny vision towers' shape (SigLIP and CLIP alike): 64 px images in 8 px patches, an 8 x 8 grid of 48-wide tokens
+TINY_TOWER = dict(
+    hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=64, patch_size=8
+)
+
+
 def make_tiny(out: str | Path, seed: int = 0, tokenizer=None) -> Path:
     """tokenizer: the LLM's (default: build_qwen2_tokenizer()); the LLM's vocabulary is sized to it."""
     from diffusers import AutoencoderKL
@@ -75,15 +81,7 @@ def make_tiny(out: str | Path, seed: int = 0, tokenizer=None) -> Path:
     out = Path(out)
     torch.manual_seed(seed)
 
-    vcfg = SiglipVisionConfig(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=8,
-        vision_use_head=False,
-    )
+    vcfg = SiglipVisionConfig(**TINY_TOWER, vision_use_head=False)
     SiglipVisionModel(vcfg).save_pretrained(out / "vision")
     SiglipImageProcessor(
         size={"height": 64, "width": 64}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
@@ -210,15 +208,7 @@ def make_tiny_clip(out: str | Path, seed: int = 0) -> Path:
 
     out = Path(out) / "clip"
     torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        image_size=64,
-        patch_size=8,
-        projection_dim=32,
-    )
+    cfg = CLIPVisionConfig(**TINY_TOWER, projection_dim=32)
     CLIPVisionModel(cfg).save_pretrained(out)
     CLIPImageProcessor(
         size={"shortest_edge": 64},
