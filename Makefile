@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastross-installed
+# pytest-xdist workers for make test (tests/conftest.py keeps the tests that read one shared run on one worker)
+TEST_WORKERS ?= 2
 
 .PHONY: demo test install clean
 
@@ -17,7 +19,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 demo: $(STAMP)
 	$(PY) -m fastross.demo

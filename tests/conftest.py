@@ -7,6 +7,10 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Workers share the machine's cores: one intra-op thread each (and in what they launch), as torchrun gives each
+    # rank, rather than a pool per worker whose threads spin against the other worker's. Set before torch loads.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import shutil
 import tempfile
@@ -16,8 +20,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Streaming leaves shared memory and lock files in TMPDIR: give the session its own.
-_TMP = tempfile.mkdtemp(prefix="fastross-tests-")
+# Streaming leaves shared memory and lock files in TMPDIR: give the session its own. pytest-xdist's workers inherit
+# the controller's TMPDIR; their folders go beside the controller's, not inside it, so that the paths of the loader
+# workers' sockets under a run's TMPDIR stay within the kernel's 107 bytes (fastross.data.loader.check_worker_tmpdir).
+_BASE = os.environ.setdefault("FASTROSS_TESTS_BASE", tempfile.gettempdir())
+_TMP = tempfile.mkdtemp(prefix="fastross-tests-", dir=_BASE)
 os.environ["TMPDIR"] = _TMP
 tempfile.tempdir = _TMP
 
@@ -37,9 +44,42 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\nthe session's files are kept in {_TMP}")
 
 
+# Session runs that several tests read. `make test` runs the suite on 2 pytest-xdist workers (--dist loadgroup), and
+# each worker builds the session fixtures it needs: the tests reading one of these runs share a worker, so that each
+# run is made once. (tiny_models, synth_data and the shards are made on both workers: seconds each.)
+SHARED_RUNS = {
+    "four_steps_1rank": "skewed_runs",
+    "four_steps_2ranks": "skewed_runs",
+    "nine_steps_2ranks": "skewed_runs",
+    "run_dir": "run_dir",
+    "first_step_from_run": "run_dir",
+    "tiny_clip": "clip",
+}
+
+
+def xdist_group(item) -> str | None:
+    """The worker group of a test: that of the first shared run it reads, else its module's when it reads a
+    module-scoped fixture (made once per module and worker), else none (any worker)."""
+    defs = item._fixtureinfo.name2fixturedefs
+    for name, group in SHARED_RUNS.items():
+        if name in defs:
+            return group
+    if any(d[-1].scope in ("module", "class") for d in defs.values() if d):
+        return item.nodeid.split("::")[0]
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    for item in items:
+        group = xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    # The multi-process tests first: among tests without a group, xdist hands them out in this order, and a
+    # 70-second test started last would be the run's tail.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -91,25 +131,12 @@ def convert(
     vision: Path | None = None,
 ) -> Path:
     from fastross.data.convert import main
+    from fastross.demo import convert_args
 
-    argv = [
-        "--json",
-        str(data / json_name),
-        "--images",
-        str(images or data / "images"),
-        "--tokenizer",
-        str(models / "llm"),
-        "--vision",
-        str(vision or models / "vision"),
-        "--template",
-        template,
-        "--out",
-        str(out),
-        "--quiet",
-    ]
-    if vae:
-        argv += ["--vae", str(models / "vae")]
-    assert main(argv) == 0
+    assert (
+        main(convert_args(models, data / json_name, images or data / "images", out, template, vision=vision, vae=vae))
+        == 0
+    )
     return out
 
 

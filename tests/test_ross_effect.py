@@ -95,7 +95,8 @@ def test_toy_run_trains_both_lambdas_probes_and_saves(tmp_path, monkeypatch, loa
     e = load_benchmark("ross_effect")
     monkeypatch.setattr(e.R, "RESULTS", tmp_path / "results")  # never into the repository
     work = tmp_path / "work"
-    # one seed on one rank keeps it to 4 torchrun launches (the interval's statistics are the tests above)
+    # one seed on one rank keeps it to 4 torchrun launches (the interval's statistics are the tests above); a corpus
+    # tokenizer of 320 ids, as the benchmark's default is one (Qwen2's 151k ids made every step, save and answer slower)
     assert (
         e.main(
             [
@@ -114,7 +115,7 @@ def test_toy_run_trains_both_lambdas_probes_and_saves(tmp_path, monkeypatch, loa
                 "--ranks",
                 "1",
                 "--vocab",
-                "0",
+                "320",
                 "--work",
                 str(work),
                 "--save",
