@@ -46,7 +46,7 @@ from pathlib import Path
 
 import yaml
 
-from fastross.demo import convert_args
+from fastross.demo import convert_args, torchrun_cmd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
 from devtools import results as R  # noqa: E402
@@ -114,16 +114,7 @@ def launch(work: Path, shards: Path, name: str, dtype: str, seed: int, steps: in
     run_tmp = Path(tmp) / name  # streaming's shared-memory lock files stay in here
     run_tmp.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TMPDIR": str(run_tmp), "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={ranks}",
-        "-m",
-        "fastross.train",
-        str(path),
-    ]
+    cmd = torchrun_cmd(ranks, path)
     print(f"precision: $ {' '.join(cmd)}  > {log}", flush=True)
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT), run_dir, log
 

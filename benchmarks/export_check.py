@@ -77,8 +77,9 @@ def images() -> list[bytes]:
 
 def train_tiny(work: Path) -> Path:
     """The tests' one-step run (tests/conftest.py `run_dir`): returns the run folder, holding its checkpoint."""
-    from devtools.faults import torchrun_cmd, write_config
+    from devtools.faults import write_config
     from devtools.golden import prepare
+    from fastross.demo import torchrun_cmd
 
     models, shards = prepare(work)
     run = work / "run"

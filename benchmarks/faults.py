@@ -63,7 +63,7 @@ from unittest import mock
 import fastross.kernels  # noqa: F401  (without a GPU it sets TRITON_INTERPRET before Liger imports Triton)
 import numpy as np
 
-from fastross.demo import convert_args
+from fastross.demo import convert_args, torchrun_cmd
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo root: devtools/ is never installed
@@ -125,7 +125,7 @@ class Campaign:
             env.update(FASTROSS_FAULT=fault, FASTROSS_FAULT_MARKERS=str(markers), PYTHONPATH=path)
             module = "devtools.fault_train"
         return subprocess.Popen(
-            faults.torchrun_cmd(self.ranks, cfg, *overrides, module=module),
+            torchrun_cmd(self.ranks, cfg, *overrides, module=module),
             stdout=open(log, "w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -1300,63 +1300,26 @@ def campaign(work: Path, seed: int, a) -> str:
     left = lifecycle.clean_dead_multiprocessing_dirs(work, say=lambda m: None)  # the killed runs' pymp-* folders
     print(f"faults: removed {len(left)} pymp-* folder(s) the SIGKILLed runs left in {work}", flush=True)
     return final_line(
-        exact,
-        kills,
-        save_ok,
-        save_kills,
-        f,
-        escaped,
-        full,
-        full_n,
-        ckpt_ok,
-        ckpt_n,
-        executed,
-        payloads,
-        tampered,
-        tampers,
+        resume_exact=(exact, kills),
+        save_kill_ok=(save_ok, save_kills),
+        fuzz=f,
+        escapes=escaped,
+        disk_full_ok=(full, full_n),
+        corrupt_ckpt_ok=(ckpt_ok, ckpt_n),
+        pickle_executed=(executed, payloads),
+        tamper_caught=(tampered, tampers),
     )
 
 
-LINE = (
-    "faults: resume_exact {}/{} save_kill_ok {}/{} fuzz_records {} crashes {} lost {} silent_corruption {} "
-    "escapes {} disk_full_ok {}/{} corrupt_ckpt_ok {}/{} pickle_executed {}/{} tamper_caught {}/{}"
-)
-
-
-def final_line(
-    exact,
-    kills,
-    save_ok,
-    save_kills,
-    f: dict,
-    escaped,
-    full,
-    full_n,
-    ckpt_ok,
-    ckpt_n,
-    executed,
-    payloads,
-    tampered,
-    tampers,
-) -> str:
-    return LINE.format(
-        exact,
-        kills,
-        save_ok,
-        save_kills,
-        f["records"],
-        f["crashes"],
-        f["lost"],
-        f["silent_corruption"],
-        escaped,
-        full,
-        full_n,
-        ckpt_ok,
-        ckpt_n,
-        executed,
-        payloads,
-        tampered,
-        tampers,
+def final_line(*, fuzz: dict, escapes: int, **fractions: tuple[int, int]) -> str:
+    """The campaign's line; FRACTIONS: resume_exact, save_kill_ok, disk_full_ok, corrupt_ckpt_ok, pickle_executed,
+    tamper_caught as (count, trials)."""
+    r = {k: f"{n}/{d}" for k, (n, d) in fractions.items()}
+    return (
+        f"faults: resume_exact {r['resume_exact']} save_kill_ok {r['save_kill_ok']} fuzz_records {fuzz['records']} "
+        f"crashes {fuzz['crashes']} lost {fuzz['lost']} silent_corruption {fuzz['silent_corruption']} "
+        f"escapes {escapes} disk_full_ok {r['disk_full_ok']} corrupt_ckpt_ok {r['corrupt_ckpt_ok']} "
+        f"pickle_executed {r['pickle_executed']} tamper_caught {r['tamper_caught']}"
     )
 
 

@@ -230,7 +230,7 @@ def prepare(work: Path, a) -> None:
 
 def train_pair(work: Path, seed: int, lam: float, a, env: dict) -> Path:
     """Stage 1 then stage 2 for one seed and lambda; returns stage 2's run folder."""
-    py, models, shards = sys.executable, work / "models", work / "shards"
+    models, shards = work / "models", work / "shards"
     out = work / f"seed{seed}_lambda{lam:g}"
     common = [
         f"model.vision_path={models / 'vision'}",
@@ -240,20 +240,11 @@ def train_pair(work: Path, seed: int, lam: float, a, env: dict) -> Path:
         f"data.seed={seed}",
         *(f"optim.lr_{k}={a.lr}" for k in ("projector", "llm", "denoiser")),
     ]
-    torchrun = [
-        py,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={a.ranks}",
-        "-m",
-        "fastross.train",
-    ]
     # stage 2 reads stage 1's newest checkpoint; stage 2's newest one is what the scoring loads. The LLM is random
     # here: stage 1's captions are where it first learns to read the image, so it trains there too.
     run(
-        [
-            *torchrun,
+        demo.torchrun_cmd(
+            a.ranks,
             "configs/tiny_pretrain.yaml",
             *common,
             f"data.shards={shards / 'stage1'}",
@@ -261,12 +252,12 @@ def train_pair(work: Path, seed: int, lam: float, a, env: dict) -> Path:
             f"train.epochs={a.epochs1}",
             "train.ckpt_every=100000",
             "train.trainable=[projector,llm,denoiser]",
-        ],
+        ),
         env=env,
     )
     run(
-        [
-            *torchrun,
+        demo.torchrun_cmd(
+            a.ranks,
             "configs/tiny.yaml",
             *common,
             f"data.shards={shards / 'stage2'}",
@@ -274,7 +265,7 @@ def train_pair(work: Path, seed: int, lam: float, a, env: dict) -> Path:
             f"train.run_dir={out / 'stage2'}",
             f"train.epochs={a.epochs2}",
             "train.ckpt_every=100000",
-        ],
+        ),
         env=env,
     )
     return out / "stage2"

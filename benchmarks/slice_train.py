@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from fastross import config
+from fastross.demo import torchrun_cmd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
 from devtools import (
@@ -72,17 +73,7 @@ def train(args: list[str], timeout: float) -> tuple[list[dict], str]:
     """One run on one rank; its metrics records (empty when it did not finish) and its output's tail."""
     run_dir = Path(next(a.split("=", 1)[1] for a in args if a.startswith("train.run_dir=")))
     with tempfile.TemporaryDirectory(prefix="fastross-slice-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=1",
-            "-m",
-            "fastross.train",
-            str(CONFIG),
-            *args,
-        ]
+        cmd = torchrun_cmd(1, CONFIG, *args)
         try:
             p = subprocess.run(
                 cmd, cwd=REPO, env={**os.environ, "TMPDIR": tmp}, capture_output=True, text=True, timeout=timeout

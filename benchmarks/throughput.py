@@ -61,6 +61,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root: devtools/ is never installed
 from devtools import results as R  # noqa: E402
+from fastross.demo import torchrun_cmd  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
@@ -175,18 +176,7 @@ def train(
     denoiser ops it ran (model.denoiser.impl as the trainer resolved it)."""
     base = base_overrides(models, shards, run_dir, steps, vae)
     with tempfile.TemporaryDirectory(prefix="fastross-ladder-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={RANKS}",
-            "-m",
-            "fastross.train",
-            str(CONFIG),
-            *base,
-            *overrides,
-        ]
+        cmd = torchrun_cmd(RANKS, CONFIG, *base, *overrides)
         p = subprocess.run(
             cmd, cwd=REPO, env={**os.environ, "TMPDIR": tmp}, capture_output=True, text=True, timeout=3600
         )

@@ -15,7 +15,6 @@ import random
 import signal
 import struct
 import subprocess
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,15 +39,18 @@ MEASURED = frozenset(
 # ---------------------------------------------------------------- torchrun runs
 
 
-def write_config(path: Path, models: Path, shards: Path, run_dir: Path, workers: int = 2, **train) -> Path:
-    """The tests' tiny recipe: a 1-block denoiser, global batch 8, micro-batches of <= 256 tokens, fp32."""
+def write_config(
+    path: Path, models: Path, shards: Path, run_dir: Path, workers: int = 2, denoiser: dict | None = None, **train
+) -> Path:
+    """The tests' tiny recipe: a 1-block denoiser, global batch 8, micro-batches of <= 256 tokens, fp32.
+    denoiser: keys that replace model.denoiser's; train: keys of train."""
     import yaml
 
     cfg = {
         "model": {
             "vision_path": str(models / "vision"),
             "llm_path": str(models / "llm"),
-            "denoiser": {"kind": "dit", "depth": 1, "width": 32, "heads": 4, "replicas": 4},
+            "denoiser": {"kind": "dit", "depth": 1, "width": 32, "heads": 4, "replicas": 4, **(denoiser or {})},
             "fused_ce": False,  # slow in Triton's CPU interpreter; tests/test_golden.py runs it on 2 ranks
         },
         "data": {"shards": str(shards), "global_batch": 8, "max_tokens": 256, "workers": workers},
@@ -63,20 +65,6 @@ def write_config(path: Path, models: Path, shards: Path, run_dir: Path, workers:
     }
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def torchrun_cmd(nproc: int, config: Path, *overrides: str, module: str = "fastross.train") -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        module,
-        str(config),
-        *overrides,
-    ]
 
 
 def shard_loader(shards: Path, spec, corrupt_shards: str = "error"):

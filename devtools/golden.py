@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from fastross.demo import torchrun_cmd
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "tiny.yaml"
 GOLDEN = REPO / "tests" / "golden" / "tiny_losses.json"
@@ -69,18 +71,7 @@ def train(
     (judged by what it wrote: about 1 gloo run in 20 aborts at interpreter exit after finishing, CPU_AND_GPU.md)."""
     with tempfile.TemporaryDirectory(prefix="fastross-golden-") as tmp:
         env = {**os.environ, "TMPDIR": tmp}  # streaming's shared-memory lock files stay in here
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={RANKS}",
-            "-m",
-            "fastross.train",
-            str(CONFIG),
-            *overrides(models, shards, run_dir, steps),
-            *variant,
-        ]
+        cmd = torchrun_cmd(RANKS, CONFIG, *overrides(models, shards, run_dir, steps), *variant)
         p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     out = p.stdout + p.stderr
     if "train: done" not in out:

@@ -295,7 +295,14 @@ def test_final_line_format(load_benchmark):
 
     bench = load_benchmark("faults")
     line = bench.final_line(
-        10, 10, 9, 10, {"records": 1000, "crashes": 0, "lost": 0, "silent_corruption": 0}, 0, 3, 3, 5, 5, 0, 24, 22, 22
+        resume_exact=(10, 10),
+        save_kill_ok=(9, 10),
+        fuzz={"records": 1000, "crashes": 0, "lost": 0, "silent_corruption": 0},
+        escapes=0,
+        disk_full_ok=(3, 3),
+        corrupt_ckpt_ok=(5, 5),
+        pickle_executed=(0, 24),
+        tamper_caught=(22, 22),
     )
     assert line == (
         "faults: resume_exact 10/10 save_kill_ok 9/10 fuzz_records 1000 crashes 0 lost 0 "

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from devtools.faults import descendants, kill_tree, metrics, torchrun_cmd, write_config  # noqa: F401  (shared)
+from devtools.faults import descendants, kill_tree, metrics, write_config  # noqa: F401  (shared)
+from fastross.demo import torchrun_cmd
 
 pytestmark = pytest.mark.slow
 

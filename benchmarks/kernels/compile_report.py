@@ -358,7 +358,6 @@ def inductor_rows(arch: str) -> list[dict]:
             seen.add((name, str(cfg)))
             usage = S.ptxas_usage(ck.asm["ptx"], arch)
             md = ck.metadata
-            occ = S.occupancy(usage["regs"], md.shared, md.num_warps)
             config = " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w{md.num_warps} s{md.num_stages}"
             rows.append(
                 dict(
@@ -367,23 +366,32 @@ def inductor_rows(arch: str) -> list[dict]:
                     kernel=name,
                     config=config,
                     kept=1,
-                    num_warps=md.num_warps,
-                    num_stages=md.num_stages,
-                    regs=usage["regs"],
-                    spill_bytes=usage["spill_bytes"],
-                    stack=usage["stack"],
-                    smem_bytes=md.shared,
-                    over_smem=int(md.shared > S.H100["smem_per_block"]),
-                    blocks_per_sm=occ["blocks_per_sm"],
-                    warps_per_sm=occ["warps_per_sm"],
-                    occupancy=round(occ["occupancy"], 3),
-                    limiter=occ["limiter"],
+                    **resource_columns(md, usage),
                     error="",
                     uses=label,
                     compile_s=round((time.perf_counter() - t0) / max(1, len(compiled)), 2),
                 )
             )
     return rows
+
+
+def resource_columns(md, usage: dict) -> dict:
+    """A compiled kernel's row columns from its metadata MD and ptxas's USAGE: warps, stages, registers, spills,
+    shared memory against the H100's limit and the occupancy they allow."""
+    occ = S.occupancy(usage["regs"], md.shared, md.num_warps)
+    return dict(
+        num_warps=md.num_warps,
+        num_stages=md.num_stages,
+        regs=usage["regs"],
+        spill_bytes=usage["spill_bytes"],
+        stack=usage["stack"],
+        smem_bytes=md.shared,
+        over_smem=int(md.shared > S.H100["smem_per_block"]),
+        blocks_per_sm=occ["blocks_per_sm"],
+        warps_per_sm=occ["warps_per_sm"],
+        occupancy=round(occ["occupancy"], 3),
+        limiter=occ["limiter"],
+    )
 
 
 # ----------------------------------------------------------------------------- compiling (in worker processes)
@@ -406,24 +414,13 @@ def _compile(arg):
     try:
         ck = S.compile_for(job.launch, job.config, arch)
         usage = S.ptxas_usage(ck.asm["ptx"], arch)
-        md = ck.metadata
-        occ = S.occupancy(usage["regs"], md.shared, md.num_warps)
+        resources = resource_columns(ck.metadata, usage)
         programs = S.grid_size(job.launch, job.config)
         nbytes = S.tensor_bytes(job.launch)
         t_us, bound = S.roofline_us(job.flops, nbytes, job.tensor_core)
-        waves = programs / max(1, occ["blocks_per_sm"] * S.H100["sms"])
+        waves = programs / max(1, resources["blocks_per_sm"] * S.H100["sms"])
         row.update(
-            num_warps=md.num_warps,
-            num_stages=md.num_stages,
-            regs=usage["regs"],
-            spill_bytes=usage["spill_bytes"],
-            stack=usage["stack"],
-            smem_bytes=md.shared,
-            over_smem=int(md.shared > S.H100["smem_per_block"]),
-            blocks_per_sm=occ["blocks_per_sm"],
-            warps_per_sm=occ["warps_per_sm"],
-            occupancy=round(occ["occupancy"], 3),
-            limiter=occ["limiter"],
+            **resources,
             programs=programs,
             waves=round(waves, 2),
             gflop=round(job.flops / 1e9, 3),

@@ -58,6 +58,22 @@ def convert_args(
     return argv + list(extra)
 
 
+def torchrun_cmd(nproc: int, config: Path | str, *overrides: str, module: str = "fastross.train") -> list[str]:
+    """The command that runs MODULE (the trainer) with CONFIG and OVERRIDES under torchrun on NPROC local ranks.
+    The demo, the benchmarks and the tests launch training through it."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        module,
+        str(config),
+        *overrides,
+    ]
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -174,20 +190,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastross-demo-") as tmp:
         env = {**os.environ, "TMPDIR": tmp}  # streaming's shared-memory lock files stay in here
         for stage, cfg, extra in ((1, "configs/tiny_pretrain.yaml", stage1), (2, "configs/tiny.yaml", stage2)):
-            run(
-                [
-                    py,
-                    "-m",
-                    "torch.distributed.run",
-                    "--standalone",
-                    f"--nproc-per-node={a.ranks}",
-                    "-m",
-                    "fastross.train",
-                    cfg,
-                    *extra,
-                ],
-                env=env,
-            )
+            run(torchrun_cmd(a.ranks, cfg, *extra), env=env)
             recs = [r for r in read_metrics(work / f"stage{stage}") if not r.get("eval")]
             records += recs
             print(

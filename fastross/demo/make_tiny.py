@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -126,8 +127,6 @@ def make_tiny(out: str | Path, seed: int = 0, tokenizer=None) -> Path:
 
 def corpus_texts(paths) -> list[str]:
     """Every turn's text of LLaVA-format files (JSON lists or JSONL), the `<image>` placeholders removed."""
-    import json
-
     texts = []
     for path in map(Path, paths):
         raw = path.read_text(encoding="utf-8")

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastross.demo import torchrun_cmd
 from fastross.model.denoiser import OPS, Denoiser
 from kernel_checks import rel_err
 
@@ -187,48 +188,15 @@ def test_triton_impl_on_two_fsdp2_ranks_matches_torch_on_one(tiny_models, stage2
     Judged by the metrics the runs wrote (CPU_AND_GPU.md: gloo runs occasionally abort at exit)."""
     import json
     import subprocess
-    import sys
 
-    import yaml
+    from devtools.faults import write_config
 
     metrics = {}
     for impl, ranks in (("torch", 1), ("triton", 2)):
         run_dir = tmp_path / impl
-        cfg = {
-            "model": {
-                "vision_path": str(tiny_models / "vision"),
-                "llm_path": str(tiny_models / "llm"),
-                "denoiser": {"kind": "dit", "depth": 1, "width": 32, "heads": 4, "replicas": 4, "impl": impl},
-                "fused_ce": False,
-            },  # Liger's CE is ~35x slower in Triton's CPU interpreter
-            "data": {"shards": str(stage2_shards), "global_batch": 8, "max_tokens": 256},
-            "optim": {"lr_projector": 1e-3, "lr_denoiser": 1e-3, "lr_llm": 1e-3, "warmup_ratio": 0.0},
-            "train": {
-                "trainable": ["projector", "llm", "denoiser"],
-                "dtype": "fp32",
-                "log_every": 1,
-                "max_steps": 2,
-                "ckpt_every": 10,
-                "run_dir": str(run_dir),
-            },
-        }
-        path = tmp_path / f"{impl}.yaml"
-        path.write_text(yaml.safe_dump(cfg))
-        p = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                f"--nproc-per-node={ranks}",
-                "-m",
-                "fastross.train",
-                str(path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
+        over = dict(denoiser={"impl": impl}, max_steps=2, ckpt_every=10)
+        path = write_config(tmp_path / f"{impl}.yaml", tiny_models, stage2_shards, run_dir, **over)
+        p = subprocess.run(torchrun_cmd(ranks, path), capture_output=True, text=True, timeout=600)
         assert "train: done" in p.stdout + p.stderr, (p.stdout + p.stderr)[-4000:]
         metrics[impl] = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics["triton"]] == [m["step"] for m in metrics["torch"]] == [1, 2]
